@@ -1,0 +1,1 @@
+"""Draft service: ONNX export of the draft model, ONNX Runtime sessions, tree expansion, gRPC server."""

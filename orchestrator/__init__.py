@@ -1,0 +1,1 @@
+"""Orchestrator: the public Generate API, the decoding loop, policies, routing, CLI."""

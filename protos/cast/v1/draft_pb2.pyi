@@ -1,0 +1,102 @@
+from cast.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CastBudget(_message.Message):
+    __slots__ = ("node_buckets", "token_counts", "normalized_cost", "breadth_threshold", "depth_threshold", "gain_mean")
+    NODE_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_COST_FIELD_NUMBER: _ClassVar[int]
+    BREADTH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GAIN_MEAN_FIELD_NUMBER: _ClassVar[int]
+    node_buckets: _containers.RepeatedScalarFieldContainer[int]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    normalized_cost: _containers.RepeatedScalarFieldContainer[float]
+    breadth_threshold: float
+    depth_threshold: float
+    gain_mean: float
+    def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ...) -> None: ...
+
+class ExpandBudget(_message.Message):
+    __slots__ = ("top_k", "max_depth", "max_breadth", "cast")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BREADTH_FIELD_NUMBER: _ClassVar[int]
+    CAST_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    max_depth: int
+    max_breadth: int
+    cast: CastBudget
+    def __init__(self, top_k: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_breadth: _Optional[int] = ..., cast: _Optional[_Union[CastBudget, _Mapping]] = ...) -> None: ...
+
+class DraftSequence(_message.Message):
+    __slots__ = ("sequence_id", "new_tokens", "start_position")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    start_position: int
+    def __init__(self, sequence_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
+
+class ExpandRequest(_message.Message):
+    __slots__ = ("sequences", "budget")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[DraftSequence]
+    budget: ExpandBudget
+    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ...) -> None: ...
+
+class DraftLayerStats(_message.Message):
+    __slots__ = ("candidates", "kept")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    candidates: int
+    kept: int
+    def __init__(self, candidates: _Optional[int] = ..., kept: _Optional[int] = ...) -> None: ...
+
+class ExpandedTree(_message.Message):
+    __slots__ = ("sequence_id", "tree", "layers")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    tree: _common_pb2.TokenTree
+    layers: _containers.RepeatedCompositeFieldContainer[DraftLayerStats]
+    def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ...) -> None: ...
+
+class ExpandResponse(_message.Message):
+    __slots__ = ("trees", "draft_seconds")
+    TREES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    trees: _containers.RepeatedCompositeFieldContainer[ExpandedTree]
+    draft_seconds: float
+    def __init__(self, trees: _Optional[_Iterable[_Union[ExpandedTree, _Mapping]]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
+
+class DraftReleaseRequest(_message.Message):
+    __slots__ = ("sequence_ids",)
+    SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    sequence_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sequence_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DraftReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class DraftDescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DraftDescribeResponse(_message.Message):
+    __slots__ = ("replica",)
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    replica: _common_pb2.ReplicaDescription
+    def __init__(self, replica: _Optional[_Union[_common_pb2.ReplicaDescription, _Mapping]] = ...) -> None: ...

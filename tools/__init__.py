@@ -1,0 +1,1 @@
+"""Project tools: proto generation, model building, training the reference pair."""
