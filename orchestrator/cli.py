@@ -1,0 +1,125 @@
+"""`cast`: run the services, generate text, train and benchmark.
+
+    cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
+    cast generate [...] PROMPT   one request to a running orchestrator
+    cast serve draft|verify|orchestrator [...]
+    cast train-reference [...]   build the project's reference model pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_up(argv: list[str]) -> int:
+    from orchestrator.stack import Stack, StackSpec, default_pair
+
+    p = argparse.ArgumentParser(prog="cast up", description="Start draft, verify and orchestrator on loopback.")
+    p.add_argument("--target", type=Path, help="target checkpoint dir (default: the reference pair)")
+    p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the reference pair)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--draft-port", type=int, default=50052)
+    p.add_argument("--verify-port", type=int, default=50053)
+    p.add_argument("--verify-dtype", default="auto")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the services to be ready")
+    a = p.parse_args(argv)
+    target, draft = (a.target, a.draft) if a.target and a.draft else default_pair()
+    spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype)
+    stack = Stack(spec)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
+    stack.start()
+    try:
+        stack.wait_ready(a.timeout)
+        print(f"ready {spec.address}", flush=True)
+        while (dead := stack.first_exit()) is None:
+            time.sleep(0.5)
+        print(f"the {dead} service exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def cmd_generate(argv: list[str]) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from cast.v1 import generation_pb2, generation_pb2_grpc
+
+    p = argparse.ArgumentParser(prog="cast generate", description="Generate a completion.")
+    p.add_argument("prompt")
+    p.add_argument("--addr", default="127.0.0.1:50051")
+    p.add_argument("--policy", default="", help="cast, eagle2, chain or ar (default: the server's)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print the whole response with its stats")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    a = p.parse_args(argv)
+    request = generation_pb2.GenerateRequest(
+        prompt=a.prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
+        return_step_stats=a.json,
+    )
+    with grpc.insecure_channel(a.addr) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            if a.stream and not a.json:
+                for chunk in stub.GenerateStream(request, timeout=a.timeout):
+                    print(chunk.text, end="", flush=True)
+                print()
+                return 0
+            response = stub.Generate(request, timeout=a.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if a.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+    else:
+        print(response.text)
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("draft", "verify", "orchestrator"):
+        print("usage: cast serve draft|verify|orchestrator [flags]", file=sys.stderr)
+        return 2
+    service, rest = argv[0], argv[1:]
+    if service == "draft":
+        from draft_service.server import main
+    elif service == "verify":
+        from verify_service.server import main
+    else:
+        from orchestrator.server import main
+    main(rest)
+    return 0
+
+
+def cmd_train_reference(argv: list[str]) -> int:
+    from tools.train_reference import main
+
+    main(argv)
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(COMMANDS[argv[0]](argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

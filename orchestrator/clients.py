@@ -1,0 +1,98 @@
+"""The one place where the orchestrator calls the draft and verify services: one channel per replica."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
+from cast_core.tree import TokenTree
+
+# Keepalive matched by the services' server options (FIELD_NOTES: else GOAWAY "too_many_pings").
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def tree_to_proto(tree: TokenTree) -> common_pb2.TokenTree:
+    return common_pb2.TokenTree(
+        tokens=tree.tokens.tolist(), parents=tree.parents.tolist(), depths=tree.depths.tolist(), values=tree.values.tolist()
+    )
+
+
+def tree_from_proto(msg: common_pb2.TokenTree, field: str = "tree") -> TokenTree:
+    return TokenTree.from_lists(msg.tokens, msg.parents, msg.depths, msg.values, field=field)
+
+
+@dataclass
+class Timed:
+    """A result and the wall time of the call that produced it, RPC included."""
+
+    value: object
+    seconds: float
+
+
+class DraftClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+
+    async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
+        return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
+
+    async def expand(
+        self, sequence_id: str, new_tokens: list[int], start_position: int, budget: draft_pb2.ExpandBudget, timeout: float | None
+    ) -> Timed:
+        """Returns Timed(TokenTree) for one sequence (the request is batched; batching across requests comes later)."""
+        request = draft_pb2.ExpandRequest(
+            sequences=[draft_pb2.DraftSequence(sequence_id=sequence_id, new_tokens=new_tokens, start_position=start_position)],
+            budget=budget,
+        )
+        start = time.perf_counter()
+        response = await self.stub.Expand(request, timeout=timeout)
+        return Timed(tree_from_proto(response.trees[0].tree, "draft tree"), time.perf_counter() - start)
+
+    async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
+        return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class VerifyClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
+
+    async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
+        return (await self.stub.Describe(verify_pb2.VerifyDescribeRequest(), timeout=timeout)).replica
+
+    async def prefill(self, sequence_id: str, token_ids: list[int], timeout: float | None) -> Timed:
+        request = verify_pb2.PrefillRequest(sequences=[verify_pb2.PrefillSequence(sequence_id=sequence_id, token_ids=token_ids)])
+        start = time.perf_counter()
+        await self.stub.Prefill(request, timeout=timeout)
+        return Timed(None, time.perf_counter() - start)
+
+    async def verify(
+        self, sequence_id: str, tree: TokenTree, sampling: verify_pb2.SamplingParams, timeout: float | None
+    ) -> Timed:
+        """Returns Timed(list of committed tokens: accepted drafts then the bonus token)."""
+        request = verify_pb2.VerifyRequest(
+            sequences=[verify_pb2.VerifySequence(sequence_id=sequence_id, tree=tree_to_proto(tree), sampling=sampling)]
+        )
+        start = time.perf_counter()
+        response = await self.stub.Verify(request, timeout=timeout)
+        return Timed(list(response.results[0].committed_tokens), time.perf_counter() - start)
+
+    async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
+        return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
+
+    async def close(self) -> None:
+        await self.channel.close()

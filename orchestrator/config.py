@@ -1,0 +1,59 @@
+"""The orchestrator's configuration: one dataclass, from flags with environment fallbacks (CAST_ORCH_*)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CAST_ORCH_{name}", default)
+
+
+@dataclass
+class OrchestratorConfig:
+    tokenizer_dir: Path                      # the target checkpoint directory (its tokenizer)
+    draft_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"])
+    verify_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
+    default_policy: str = "eagle2"
+    rpc_timeout_s: float = 60.0              # per downstream call when the client set no deadline
+    connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
+
+    def __post_init__(self) -> None:
+        self.tokenizer_dir = Path(self.tokenizer_dir)
+        if not self.draft_addrs or not self.verify_addrs:
+            raise ValueError("at least one draft and one verify address are needed")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        if self.max_new_tokens_limit < 1:
+            raise ValueError("max_new_tokens_limit must be at least 1")
+
+    @staticmethod
+    def from_args(argv: list[str] | None = None) -> OrchestratorConfig:
+        p = argparse.ArgumentParser(prog="cast serve orchestrator", description="The public Generate service.")
+        p.add_argument("--tokenizer", default=_env("TOKENIZER", ""), help="target checkpoint dir (its tokenizer)")
+        p.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50052"), help="draft address(es), comma separated")
+        p.add_argument("--verify", default=_env("VERIFY", "127.0.0.1:50053"), help="verify address(es), comma separated")
+        p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+        p.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+        p.add_argument("--max-new-tokens-limit", type=int, default=int(_env("MAX_NEW_TOKENS_LIMIT", "4096")))
+        p.add_argument("--default-policy", default=_env("DEFAULT_POLICY", "eagle2"))
+        p.add_argument("--rpc-timeout", type=float, default=float(_env("RPC_TIMEOUT", "60")))
+        a = p.parse_args(argv)
+        if not a.tokenizer:
+            p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
+        return OrchestratorConfig(
+            tokenizer_dir=Path(a.tokenizer),
+            draft_addrs=[s for s in a.draft.split(",") if s],
+            verify_addrs=[s for s in a.verify.split(",") if s],
+            host=a.host,
+            port=a.port,
+            max_new_tokens_limit=a.max_new_tokens_limit,
+            default_policy=a.default_policy,
+            rpc_timeout_s=a.rpc_timeout,
+        )

@@ -1,0 +1,91 @@
+"""Start-up of the orchestrator: tokenizer, channels to the draft and verify replicas, health, reflection, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from transformers import AutoTokenizer
+
+from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_core.identity import vocab_hash
+from orchestrator.clients import DraftClient, VerifyClient
+from orchestrator.config import OrchestratorConfig
+from orchestrator.decoding import Generator
+from orchestrator.servicer import GenerationServicer
+
+log = logging.getLogger("cast.orchestrator")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+async def wait_for_replica(client, timeout_s: float):
+    """Describe the replica, retrying while it starts (model loading can take minutes)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await client.describe(timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{client.address} did not answer Describe in {timeout_s:.0f} s: {exc.details()}") from exc
+            await asyncio.sleep(0.5)
+
+
+async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int]:
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
+    # One replica of each for now; routing across replicas comes with scaling.
+    draft, verify = DraftClient(config.draft_addrs[0]), VerifyClient(config.verify_addrs[0])
+    draft_desc, verify_desc = await asyncio.gather(
+        wait_for_replica(draft, config.connect_timeout_s), wait_for_replica(verify, config.connect_timeout_s)
+    )
+    ours = vocab_hash(tokenizer.get_vocab())
+    if not draft_desc.vocab_hash == verify_desc.vocab_hash == ours:
+        raise RuntimeError(
+            f"vocabularies differ: tokenizer {ours}, draft {draft_desc.vocab_hash} ({draft.address}), "
+            f"verify {verify_desc.vocab_hash} ({verify.address}); draft and target must share a tokenizer"
+        )
+    max_context = min(draft_desc.max_context, verify_desc.max_context)
+    generator = Generator(tokenizer, draft, verify, max_context, config.rpc_timeout_s)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(generator, config.max_new_tokens_limit, config.default_policy), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.health_servicer = health_servicer  # for graceful shutdown
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, draft.address, verify.address)
+    return server, port
+
+
+async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
+    server, _ = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(OrchestratorConfig.from_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

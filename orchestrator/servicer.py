@@ -1,0 +1,121 @@
+"""GenerationService: translates protos to the decoding loop's types and back; validation lives here."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_core.errors import CastError, InvalidArgument, OutOfRange
+from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, Generator
+from orchestrator.errors import Unimplemented, abort_with
+from orchestrator.policies import resolve_policy
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.CONTEXT: generation_pb2.FINISH_REASON_CONTEXT,
+}
+
+
+def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.GenerationStats:
+    msg = generation_pb2.GenerationStats(
+        policy=stats.policy,
+        steps=len(stats.steps),
+        mean_accepted_length=stats.mean_accepted_length,
+        draft_seconds=stats.draft_seconds,
+        verify_seconds=stats.verify_seconds,
+        other_seconds=max(stats.total_seconds - stats.draft_seconds - stats.verify_seconds, 0.0),
+        total_seconds=stats.total_seconds,
+    )
+    if with_steps:
+        msg.step_stats.extend(
+            generation_pb2.StepStats(
+                expanded_nodes=s.expanded_nodes, verified_nodes=s.verified_nodes, depth=s.depth, accepted_tokens=s.accepted_tokens
+            )
+            for s in stats.steps
+        )
+    return msg
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, generator: Generator, max_new_tokens_limit: int, default_policy: str) -> None:
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.default_policy = default_policy
+
+    def to_request(self, msg: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
+        if not msg.prompt:
+            raise InvalidArgument("must not be empty", "prompt")
+        if msg.max_new_tokens <= 0:
+            raise InvalidArgument(f"must be positive, got {msg.max_new_tokens}", "max_new_tokens")
+        if msg.max_new_tokens > self.max_new_tokens_limit:
+            raise OutOfRange(f"{msg.max_new_tokens} is above this server's limit of {self.max_new_tokens_limit}", "max_new_tokens")
+        policy = resolve_policy(msg.policy, self.default_policy)
+        if any(not s for s in msg.stop):
+            raise InvalidArgument("stop strings must not be empty", "stop")
+        if not math.isfinite(msg.temperature) or msg.temperature < 0:
+            raise InvalidArgument(f"must be >= 0, got {msg.temperature}", "temperature")
+        if not 0 <= msg.top_p <= 1:
+            raise InvalidArgument(f"must be in (0, 1], got {msg.top_p}", "top_p")
+        if msg.top_k < 0:
+            raise InvalidArgument(f"must be >= 0, got {msg.top_k}", "top_k")
+        if msg.temperature > 0:
+            raise Unimplemented("sampling is not served yet; use temperature 0 (greedy)", "temperature")
+        prompt_ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False)
+        if not prompt_ids:
+            raise InvalidArgument("encodes to no tokens", "prompt")
+        limit = self.generator.max_context - 1
+        if len(prompt_ids) > limit:
+            raise OutOfRange(f"{len(prompt_ids)} tokens; the model's context leaves room for {limit}", "prompt")
+        return GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=msg.max_new_tokens,
+            policy=policy,
+            stop=tuple(msg.stop),
+            ignore_eos=msg.ignore_eos,
+            temperature=msg.temperature,
+            top_p=msg.top_p or 1.0,
+            top_k=msg.top_k,
+            seed=msg.seed if msg.HasField("seed") else None,
+            timeout_s=context.time_remaining(),
+        )
+
+    async def Generate(self, request, context):
+        text: list[str] = []
+        token_ids: list[int] = []
+        final: Chunk | None = None
+        try:
+            domain = self.to_request(request, context)
+            async for chunk in self.generator.generate(domain):
+                text.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
+                final = chunk
+        except (CastError, grpc.aio.AioRpcError) as exc:
+            await abort_with(context, exc)
+        assert final is not None and final.stats is not None
+        return generation_pb2.GenerateResponse(
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=FINISH_REASONS[final.finish_reason],
+            usage=generation_pb2.Usage(prompt_tokens=len(domain.prompt_ids), completion_tokens=final.completion_tokens),
+            stats=stats_to_proto(final.stats, request.return_step_stats),
+        )
+
+    async def GenerateStream(self, request, context):
+        try:
+            domain = self.to_request(request, context)
+            async for chunk in self.generator.generate(domain):
+                msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
+                    msg.usage.CopyFrom(
+                        generation_pb2.Usage(prompt_tokens=len(domain.prompt_ids), completion_tokens=chunk.completion_tokens)
+                    )
+                    msg.stats.CopyFrom(stats_to_proto(chunk.stats, request.return_step_stats))
+                yield msg
+        except (CastError, grpc.aio.AioRpcError) as exc:
+            await abort_with(context, exc)

@@ -1,0 +1,138 @@
+"""A local stack: the draft, verify and orchestrator services as three processes on loopback (`cast up`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PAIR = REPO_ROOT / "models" / "reference"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAST_CACHE_DIR", Path.home() / ".cache" / "cast-serve"))
+
+
+def default_pair() -> tuple[Path, Path]:
+    """The project's reference pair when present, else a tiny random pair made once on first start."""
+    if (REFERENCE_PAIR / "target" / "config.json").exists():
+        return REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
+    from tools.tiny_models import make_tiny_pair
+
+    return make_tiny_pair(cache_dir() / "tiny-pair")
+
+
+@dataclass
+class StackSpec:
+    target_dir: Path
+    draft_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    draft_port: int = 50052
+    verify_port: int = 50053
+    verify_dtype: str = "auto"
+    draft_args: list[str] = field(default_factory=list)
+    verify_args: list[str] = field(default_factory=list)
+    orchestrator_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None  # None: the services log to this process's stderr
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def commands(self) -> dict[str, list[str]]:
+        py = sys.executable
+        draft_addr, verify_addr = f"{self.host}:{self.draft_port}", f"{self.host}:{self.verify_port}"
+        return {
+            "draft": [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
+                      "--port", str(self.draft_port), *self.draft_args],
+            "verify": [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
+                       "--port", str(self.verify_port), "--dtype", self.verify_dtype, *self.verify_args],
+            "orchestrator": [py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
+                             "--port", str(self.port), "--draft", draft_addr, "--verify", verify_addr,
+                             *self.orchestrator_args],
+        }
+
+
+def is_serving(address: str, timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Stack:
+    """Starts the three services; `wait_ready` returns once all three answer health checks as SERVING."""
+
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs = []
+
+    def start(self) -> Stack:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name, cmd in self.spec.commands().items():
+            out = None
+            if self.spec.log_dir is not None:
+                self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.spec.log_dir / f"{name}.log", "w")
+                self._logs.append(out)
+            self.processes[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        return self
+
+    def addresses(self) -> dict[str, str]:
+        s = self.spec
+        return {"draft": f"{s.host}:{s.draft_port}", "verify": f"{s.host}:{s.verify_port}", "orchestrator": s.address}
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = dict(self.addresses())
+        while pending:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {name} service exited with code {proc.returncode}{self._log_hint(name)}")
+            for name, address in list(pending.items()):
+                if is_serving(address):
+                    del pending[name]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s:.0f} s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.3)
+
+    def _log_hint(self, name: str) -> str:
+        if self.spec.log_dir is None:
+            return ""
+        log = (self.spec.log_dir / f"{name}.log").read_text()[-3000:]
+        return f"; its log ends:\n{log}"
+
+    def first_exit(self) -> str | None:
+        return next((n for n, p in self.processes.items() if p.poll() is not None), None)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
