@@ -37,7 +37,7 @@ class CostTable(_message.Message):
     def __init__(self, device: _Optional[str] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., context_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., millis: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReplicaDescription(_message.Message):
-    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend")
+    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend", "live_sequences")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class ReplicaDescription(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COST_TABLE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_hash: str
     vocab_size: int
@@ -54,4 +55,5 @@ class ReplicaDescription(_message.Message):
     dtype: str
     cost_table: CostTable
     backend: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
+    live_sequences: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ...) -> None: ...
