@@ -1,0 +1,38 @@
+"""Stacks of the three services, started once per test session and shared by the integration tests."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from cast.v1 import generation_pb2_grpc
+from tests.integration.stacks import start_stack
+
+
+@pytest.fixture(scope="session")
+def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
+    """stack_factory("tiny-draft" | "target-as-draft") -> a running Stack (float64 verifier for exact argmax)."""
+    running = {}
+
+    def get(kind: str):
+        if kind not in running:
+            target, draft = tiny_pair
+            if kind == "target-as-draft":
+                draft = target
+            running[kind] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}"))
+        return running[kind]
+
+    yield get
+    for stack in running.values():
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(stack_factory):
+    return stack_factory("tiny-draft")
+
+
+@pytest.fixture(scope="session")
+def generation_stub(tiny_stack):
+    with grpc.insecure_channel(tiny_stack.spec.address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)

@@ -1,0 +1,44 @@
+"""Helpers to run the three services as separate processes on loopback for a test module."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from orchestrator.stack import Stack, StackSpec
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_stack(target: Path, draft: Path, log_dir: Path, verify_dtype: str = "float64", **kw) -> Stack:
+    port, draft_port, verify_port = free_ports(3)
+    spec = StackSpec(target, draft, port=port, draft_port=draft_port, verify_port=verify_port,
+                     verify_dtype=verify_dtype, log_dir=log_dir, **kw)
+    stack = Stack(spec).start()
+    try:
+        stack.wait_ready(timeout_s=600)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def prompts_for_tests(count: int = 20) -> list[str]:
+    """Prompts of varied length: code and prose, from one character to a few hundred."""
+    import sysconfig
+
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
+    out = ["d", "def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self):", "# sort a list\n"]
+    step = 97
+    for i in range(count - len(out)):
+        start = (i * 331) % (len(source) - 800)
+        out.append(source[start: start + 5 + step * (i % 8)])
+    return out[:count]

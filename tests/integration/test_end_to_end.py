@@ -1,0 +1,73 @@
+"""Generate over three real services (separate processes, real gRPC on loopback), against the target's own greedy
+decoding with transformers' `generate()`."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cast.v1 import generation_pb2, generation_pb2_grpc
+from tests.integration.stacks import prompts_for_tests
+
+MAX_NEW_TOKENS = (1, 5, 17, 40)
+
+
+@pytest.fixture(scope="module")
+def target_model(tiny_pair):
+    target_dir, _ = tiny_pair
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float64).eval()
+    return model, AutoTokenizer.from_pretrained(target_dir)
+
+
+def greedy_reference(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module", params=["tiny-draft", "target-as-draft"])
+def stack(request, stack_factory):
+    return request.param, stack_factory(request.param)
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    _, running = stack
+    with grpc.insecure_channel(running.spec.address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+def test_eagle2_is_token_for_token_the_targets_greedy_decode(stack, stub, target_model):
+    name, _ = stack
+    model, tokenizer = target_model
+    accepted = []
+    for i, prompt in enumerate(prompts_for_tests(20)):
+        n = MAX_NEW_TOKENS[i % len(MAX_NEW_TOKENS)]
+        response = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=n, policy="eagle2"))
+        expected = greedy_reference(model, tokenizer, prompt, n)
+        assert list(response.token_ids) == expected, f"prompt {i} ({name}), max_new_tokens {n}"
+        assert response.usage.completion_tokens == len(expected)
+        assert response.stats.steps >= 1
+        accepted.append(response.stats.mean_accepted_length)
+    if name == "target-as-draft":
+        mean = sum(accepted) / len(accepted)
+        assert mean > 1.5, f"the target drafting for itself should be accepted, got {mean:.2f} tokens/step"
+
+
+def test_every_policy_and_the_stream_agree(stack, stub, target_model):
+    model, tokenizer = target_model
+    prompt = "def fibonacci(n):"
+    expected = greedy_reference(model, tokenizer, prompt, 24)
+    for policy in ("eagle2", "chain", "ar"):
+        response = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy=policy))
+        assert list(response.token_ids) == expected, policy
+        assert response.stats.policy == policy
+    chunks = list(stub.GenerateStream(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy="eagle2")))
+    assert [t for c in chunks for t in c.token_ids] == expected
+    assert chunks[-1].finish_reason in (generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_EOS)
+    assert "".join(c.text for c in chunks) == stub.Generate(
+        generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy="eagle2")
+    ).text
