@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from cast_core.errors import InvalidArgument, NotFound, ResourceExhausted
+from cast_core.sessions import SessionStore
+from cast_core.tree import TokenTree
+
+
+def sample_tree() -> TokenTree:
+    #        0
+    #      /   \
+    #     1     2
+    #    / \     \
+    #   3   4     5
+    return TokenTree.from_lists(
+        tokens=[10, 11, 12, 13, 14, 15],
+        parents=[-1, 0, 0, 1, 1, 2],
+        depths=[0, 1, 1, 2, 2, 2],
+        values=[1.0, 0.6, 0.3, 0.5, 0.05, 0.2],
+    )
+
+
+def test_ancestor_mask():
+    mask = sample_tree().ancestor_mask()
+    assert mask[3].tolist() == [True, True, False, True, False, False]
+    assert mask[5].tolist() == [True, False, True, False, False, True]
+    assert mask.diagonal().all()
+
+
+def test_top_m_is_a_tree_of_the_best_values():
+    tree = sample_tree()
+    top = tree.top_m(4)
+    assert top.tokens.tolist() == [10, 11, 12, 13]
+    top.validate()
+    assert tree.top_m(1).tokens.tolist() == [10]
+    assert tree.top_m(100) is tree
+
+
+def test_top_m_breaks_ties_toward_parents():
+    tree = TokenTree.from_lists([1, 2, 3], [-1, 0, 1], [0, 1, 2], [1.0, 0.5, 0.5])
+    assert tree.top_m(2).tokens.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "parents, depths, field",
+    [
+        ([-1, 0, 5], [0, 1, 2], "tree.parents[2]"),   # out of range
+        ([-1, 2, 1], [0, 2, 1], "tree.parents[1]"),   # refers forward: a cycle 1 -> 2 -> 1
+        ([-1, 0, 0], [0, 1, 2], "tree.depths[2]"),    # depth mismatch
+        ([0, 0, 0], [0, 1, 1], "tree.parents[0]"),    # root with a parent
+    ],
+)
+def test_malformed_trees_name_the_field(parents, depths, field):
+    with pytest.raises(InvalidArgument) as info:
+        TokenTree.from_lists([1, 2, 3], parents, depths, [1, 1, 1])
+    assert info.value.field == field
+
+
+def test_tokens_outside_the_vocabulary():
+    tree = TokenTree.from_lists([1, 2, 99], [-1, 0, 1], [0, 1, 2], [1, 1, 1])
+    with pytest.raises(InvalidArgument, match=r"tokens\[2\]"):
+        tree.validate(vocab_size=50)
+
+
+def test_session_store_cap_ttl_release():
+    now = [0.0]
+    store: SessionStore[str] = SessionStore(max_sessions=2, ttl_s=10, clock=lambda: now[0])
+    store.create("a", "A")
+    store.create("b", "B")
+    with pytest.raises(ResourceExhausted):
+        store.create("c", "C")
+    now[0] = 5
+    assert store.get("a") == "A"  # touching refreshes a
+    now[0] = 12
+    assert store.expire() == ["b"]
+    store.create("c", "C")
+    assert store.release(["a", "zzz"]) == 1
+    with pytest.raises(NotFound, match="sequence_id"):
+        store.get("a")
+    with pytest.raises(InvalidArgument):
+        store.create("c", "again")
