@@ -1,0 +1,133 @@
+"""Cost tables: next-bucket-up lookups, clamping, JSON round trip, normalised draft slices, online updates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cast_core.cost_table import CostTable, NormalizedCostSlice, load, normalized_draft_slice, save
+
+
+def _table() -> CostTable:
+    # f(B, c, n) = 100*b_index + 10*c_index + n_index + 1: every cell distinct, easy to read back
+    b, c, n = np.meshgrid(np.arange(2), np.arange(3), np.arange(4), indexing="ij")
+    return CostTable(
+        device="test-gpu",
+        model_id="tiny",
+        dtype="float16",
+        batch_sizes=[1, 4],
+        context_buckets=[128, 512, 2048],
+        token_counts=[1, 2, 4, 8],
+        millis=100.0 * b + 10.0 * c + n + 1,
+    )
+
+
+def test_lookup_on_grid_points():
+    table = _table()
+    assert table.lookup(1, 128, 1) == 1.0
+    assert table.lookup(4, 2048, 8) == 124.0
+    assert table.lookup(1, 512, 4) == 13.0
+
+
+def test_lookup_takes_the_next_bucket_up():
+    table = _table()
+    assert table.lookup(2, 129, 3) == table.lookup(4, 512, 4) == 113.0
+    assert table.lookup(1, 1, 1) == 1.0  # below the smallest bucket: the smallest
+    assert table.lookup(3, 600, 5) == 124.0
+
+
+def test_lookup_clamps_at_the_largest_bucket():
+    table = _table()
+    assert table.lookup(64, 100_000, 1000) == 124.0
+    assert table.lookup(1, 4096, 9) == table.lookup(1, 2048, 8)
+
+
+def test_row_and_step_costs():
+    table = _table()
+    np.testing.assert_array_equal(table.row(3, 300), [111.0, 112.0, 113.0, 114.0])
+    np.testing.assert_array_equal(table.costs_for_counts(1, 128, 10), [1, 2, 3, 3, 4, 4, 4, 4, 4, 4])
+    np.testing.assert_allclose(table.normalized_costs(1, 128, 4), [1, 2, 3, 3])
+
+
+def test_table_is_immutable_and_validated():
+    table = _table()
+    with pytest.raises(ValueError):
+        table.millis[0, 0, 0] = 5.0  # read-only
+    with pytest.raises(ValueError):
+        CostTable("d", "m", "f", [1], [1], [2, 1], [[[1.0, 2.0]]])  # not increasing
+    with pytest.raises(ValueError):
+        CostTable("d", "m", "f", [1], [1], [1, 2], [[[1.0]]])  # wrong shape
+    with pytest.raises(ValueError):
+        CostTable("d", "m", "f", [1], [1], [1], [[[0.0]]])  # zero cost cannot be divided by
+    with pytest.raises(ValueError):
+        CostTable("d", "m", "f", [], [1], [1], np.ones((0, 1, 1)))
+
+
+def test_json_round_trip(tmp_path):
+    table = _table().observe(1, 128, 1, millis=1.0 / 3.0, weight=0.5)  # a float without a short decimal form
+    text = table.to_json()
+    data = json.loads(text)
+    assert data["format"] == "cast-cost-table/v1"
+    assert np.array(data["millis"]).shape == (2, 3, 4)  # nested [B][C][N]
+    assert CostTable.from_json(text) == table
+    path = tmp_path / "verify-cost.json"
+    save(table, path)
+    assert load(path) == table
+    assert CostTable.from_json(text) != _table()
+
+
+def test_from_json_rejects_other_documents():
+    with pytest.raises(ValueError):
+        CostTable.from_json(json.dumps({"format": "something-else"}))
+    data = json.loads(_table().to_json())
+    del data["millis"]
+    with pytest.raises(ValueError, match="millis"):
+        CostTable.from_json(json.dumps(data))
+
+
+def test_linear_table():
+    table = CostTable.linear(0.5, 2.0, batch_sizes=(1, 8), context_buckets=(256, 1024), token_counts=(1, 2, 4))
+    assert table.millis.shape == (2, 2, 3)
+    assert table.lookup(8, 1024, 4) == 4.0
+    assert table.lookup(1, 256, 1) == 2.5
+
+
+def test_observe_moves_toward_observations():
+    table = _table()
+    before = table.lookup(2, 300, 3)  # cell (4, 512, 4) = 113
+    updated = table
+    for _ in range(50):
+        updated = updated.observe(2, 300, 3, millis=50.0, weight=0.2)
+    assert table.lookup(2, 300, 3) == before  # the original is untouched
+    one_step = table.observe(2, 300, 3, millis=50.0, weight=0.2).lookup(2, 300, 3)
+    assert one_step == pytest.approx(0.8 * 113.0 + 0.2 * 50.0)
+    assert abs(updated.lookup(2, 300, 3) - 50.0) < 0.01
+    changed = np.argwhere(updated.millis != table.millis)
+    assert changed.tolist() == [[1, 1, 2]]  # only the cell that priced this forward
+    assert table.observe(1, 128, 1, 7.0, weight=1.0).lookup(1, 128, 1) == 7.0
+    with pytest.raises(ValueError):
+        table.observe(1, 128, 1, 7.0, weight=0.0)
+    with pytest.raises(ValueError):
+        table.observe(1, 128, 1, -1.0)
+
+
+def test_normalized_draft_slice():
+    verify = CostTable("gpu", "target", "bf16", [1, 4], [1024], [1, 8], [[[20.0, 25.0]], [[40.0, 50.0]]])
+    draft = CostTable.linear(1.0, 1.0, batch_sizes=(1, 4), context_buckets=(8, 64), token_counts=(1, 2, 4))
+    cut = normalized_draft_slice(draft, verify, batch=3, verify_context=900)  # B=3 -> bucket 4: S_T[1] = 40
+    assert cut.node_buckets == (8, 64) and cut.token_counts == (1, 2, 4)
+    np.testing.assert_allclose(cut.normalized_cost, [[2 / 40, 3 / 40, 5 / 40]] * 2)
+    assert cut.cost(nodes_so_far=10, tokens=3) == pytest.approx(5 / 40)
+    np.testing.assert_allclose(cut.costs_for_counts(nodes_so_far=1, max_tokens=5), np.array([2, 3, 5, 5, 5]) / 40)
+    # explicit buckets, offset by the committed length (draft table profiled with real KV lengths)
+    offset = normalized_draft_slice(
+        draft, verify, 1, 900, node_buckets=[1, 16], token_counts=[1, 4], draft_context_offset=60
+    )
+    np.testing.assert_allclose(offset.normalized_cost, [[2 / 20, 5 / 20], [2 / 20, 5 / 20]])
+
+
+def test_normalized_slice_validates_shape():
+    with pytest.raises(ValueError):
+        NormalizedCostSlice((1, 2), (1,), np.ones((1, 1)))
