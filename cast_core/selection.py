@@ -1,0 +1,273 @@
+"""The CAST selection rule and the three decisions built on it (Hu, Hong, Tan, arXiv 2510.26577, Algorithm 1).
+
+One rule, `select_count`, answers "how many of these items are worth their cost?" from cumulative utilities
+u_1..u_n and cumulative costs c_1..c_n. Three decisions use it or its ratio test:
+
+- breadth pruning (C1), in the draft: how many of a layer's candidates to keep, n_i;
+- depth pruning (C2), in the draft: whether to expand one more layer, with the gain buffer (R, alpha);
+- reranking (C3), in the orchestrator: how many expanded nodes the verifier checks, m.
+
+Units. A utility is a sum of node values v (product of draft probabilities along the path, EAGLE-2's score),
+i.e. an expected number of accepted tokens. A cost is a forward time divided by the verifier's one-token forward
+S_T(B)[ctx][1], so 1.0 is "one plain decoding step". A threshold is therefore "expected accepted tokens per
+plain-decoding-step of cost" that an extra item must bring.
+
+Batches: the B sequences of a step share one draft forward per layer and one verifier forward, so breadth and
+reranking choose one count for the whole batch, from the batch average of each sequence's top-k value sum.
+Sequences may have different trees, hence ragged candidate lists (padding adds value 0).
+
+Pure: numpy only, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The paper hand-set thresholds per model; values near these are reported. R is this project's choice.
+DEFAULT_BREADTH_THRESHOLD = 4.0  # C1
+DEFAULT_DEPTH_THRESHOLD = 3.0  # C2
+DEFAULT_RERANK_THRESHOLD = 2.5  # C3
+DEFAULT_GAIN_BUFFER_SIZE = 8  # R
+
+# Ratios that are equal on paper must not flip on rounding (Theorem 4.1 sits exactly on the boundary).
+_REL_TOL = 1e-9
+_ABS_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class CastParams:
+    """Thresholds C1, C2, C3 and gain-buffer length R. Validated on creation."""
+
+    breadth_threshold: float = DEFAULT_BREADTH_THRESHOLD  # C1
+    depth_threshold: float = DEFAULT_DEPTH_THRESHOLD  # C2
+    rerank_threshold: float = DEFAULT_RERANK_THRESHOLD  # C3
+    gain_buffer_size: int = DEFAULT_GAIN_BUFFER_SIZE  # R
+
+    def __post_init__(self) -> None:
+        for name in ("breadth_threshold", "depth_threshold", "rerank_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.gain_buffer_size, bool) or not isinstance(self.gain_buffer_size, int):
+            raise ValueError(f"gain_buffer_size must be an int, got {self.gain_buffer_size!r}")
+        if self.gain_buffer_size < 1:
+            raise ValueError(f"gain_buffer_size must be >= 1, got {self.gain_buffer_size}")
+
+
+def _worth_it(utility_gain: float, cost_gain: float, threshold: float) -> bool:
+    """The ratio test gain_u / gain_c >= threshold, written without dividing.
+
+    A step whose cost does not increase (cost_gain <= 0: tile effects, next-bucket-up lookups) is free and
+    passes, since utilities never decrease.
+    """
+    if cost_gain <= 0:
+        return True
+    needed = threshold * cost_gain
+    return utility_gain >= needed or math.isclose(utility_gain, needed, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+
+
+def select_count(utilities: np.ndarray, costs: np.ndarray, threshold: float, *, min_keep: int = 1) -> int:
+    """Algorithm 1: how many leading items to keep, k in [min_keep, n].
+
+    utilities: [n] u_1..u_n, cumulative utility of keeping the first k items (non-decreasing).
+    costs:     [n] c_1..c_n, cumulative cost of keeping the first k items (any shape: steps, plateaus).
+
+    The first `min_keep` items are kept unconditionally (the callers need at least one: a layer keeps a node,
+    the verifier checks the root) and the last accepted point k' starts there; with min_keep = 0 it starts at
+    the origin (u_0, c_0) = (0, 0). Then every k > k' is tested against k':
+
+        accept k (and set k' = k)  iff  (u_k - u_k') / (c_k - c_k') >= threshold,  or  c_k <= c_k' (free).
+
+    A failing k does not stop the scan: a later k may clear the threshold against the same k'. With a concave
+    utility and convex cost (sorted values, linear costs) this equals stopping at the first failure; with step
+    costs (GPU tiles, bucketed tables) it lets the free items after a price jump pay for the jump, which is
+    what "against the last accepted point" buys. Returns the last accepted k.
+    """
+    u = np.asarray(utilities, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    if u.ndim != 1 or u.shape != c.shape:
+        raise ValueError(f"utilities and costs must be 1-D of one length, got {u.shape} and {c.shape}")
+    n = u.shape[0]
+    if not 0 <= min_keep <= n:
+        raise ValueError(f"min_keep={min_keep} does not fit {n} items")
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(c))):
+        raise ValueError("utilities and costs must be finite")
+    if n > 1 and np.any(np.diff(u) < 0):
+        raise ValueError("utilities must be non-decreasing (cumulative sums of values >= 0)")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+
+    kept = min_keep
+    u_kept, c_kept = (float(u[kept - 1]), float(c[kept - 1])) if kept else (0.0, 0.0)
+    for k, (u_k, c_k) in enumerate(zip(u.tolist(), c.tolist()), start=1):  # plain floats: faster than numpy here
+        if k <= kept:
+            continue
+        if _worth_it(u_k - u_kept, c_k - c_kept, threshold):
+            kept, u_kept, c_kept = k, u_k, c_k
+    return kept
+
+
+def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """[max_n] u_k = (1/B) * sum_b (sum of the top-k values of sequence b), k = 1..max_n.
+
+    values_per_sequence: B arrays, sequence b with its own n_b >= 0 values in any order (ragged batch); a single
+    1-D array is one sequence (B = 1). A sequence with fewer than k values contributes all of them.
+    """
+    batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
+    if not batch:
+        raise ValueError("a batch needs at least one sequence")
+    longest = max(np.asarray(v).shape[0] for v in batch)
+    padded = np.zeros((len(batch), longest), dtype=np.float64)  # [B, max_n]; padding is value 0
+    for b, values in enumerate(batch):
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim != 1 or np.any(v < 0) or not np.all(np.isfinite(v)):
+            raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
+        padded[b, : v.shape[0]] = -np.sort(-v)  # descending
+    return np.cumsum(padded, axis=1).mean(axis=0)
+
+
+def _is_one_sequence(values: Sequence[np.ndarray] | np.ndarray) -> bool:
+    return isinstance(values, np.ndarray) and values.ndim == 1
+
+
+def _check_costs(costs: np.ndarray, needed: int, name: str) -> np.ndarray:
+    c = np.asarray(costs, dtype=np.float64)
+    if c.ndim != 1 or c.shape[0] < needed:
+        raise ValueError(f"{name} must be 1-D with at least {needed} entries (k = 1..{needed}), got {c.shape}")
+    return c[:needed]
+
+
+# ---- C1: breadth pruning ----------------------------------------------------------------------------------------
+
+
+def breadth_keep(
+    candidate_values: Sequence[np.ndarray] | np.ndarray, costs: np.ndarray, threshold: float
+) -> int:
+    """n_i: how many candidates layer i keeps, the same count for every sequence of the batch (>= 1).
+
+    candidate_values: B arrays [n_b], the values v of sequence b's candidates at layer i (the top-K children of
+                      the previous layer's kept nodes), any order; ragged across sequences.
+    costs:            [>= max n_b] normalised draft cost of a forward over k new tokens at "nodes so far",
+                      S_D(B)[nodes so far][k] / S_T(B)[ctx][1], entry k-1 for k = 1, 2, ...
+                      (NormalizedCostSlice.costs_for_counts gives it).
+    threshold:        C1.
+
+    Utility of keeping k: batch average of each sequence's top-k value sum. A sequence with fewer candidates
+    than n_i keeps all of its own. To respect the budget's max_breadth, pass at most max_breadth values per
+    sequence (clipping the result instead would keep a count the rule never tested).
+    """
+    utilities = batch_topk_utilities(candidate_values)
+    if utilities.shape[0] == 0:
+        raise ValueError("no candidates: a layer needs at least one to keep")
+    return select_count(utilities, _check_costs(costs, utilities.shape[0], "costs"), threshold, min_keep=1)
+
+
+def theorem_4_1_breadth_threshold(candidate_values: Sequence[np.ndarray] | np.ndarray, top_k: int, lam: float) -> float:
+    """C1 = sum_j v_i^(j)(K) / (B * lam): the batch's K-th largest values summed, over B * lam.
+
+    v_i^(j)(K) is the K-th largest candidate value of sequence j at layer i. Under linear cost c_k = lam*k + delta
+    this C1 makes breadth pruning keep exactly K: EAGLE-2's fixed top-K (Theorem 4.1).
+    """
+    batch = [candidate_values] if _is_one_sequence(candidate_values) else list(candidate_values)
+    if top_k < 1 or lam <= 0 or any(np.asarray(v).shape[0] < top_k for v in batch):
+        raise ValueError("Theorem 4.1 needs K >= 1, lam > 0 and at least K candidates per sequence")
+    kth = [float(-np.sort(-np.asarray(v, dtype=np.float64))[top_k - 1]) for v in batch]
+    return sum(kth) / (len(batch) * lam)
+
+
+# ---- C2: depth pruning ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GainBuffer:
+    """FIFO of the last R layer-to-layer utility gains phi = u^(i+1) / u^(i); alpha is their mean.
+
+    Starts full of 1s: before any evidence, expect the next layer to be worth as much as this one (optimistic,
+    since a node's children share at most its own value, so phi <= 1 once layers are fully kept).
+    """
+
+    gains: tuple[float, ...] = field(default_factory=lambda: (1.0,) * DEFAULT_GAIN_BUFFER_SIZE)
+
+    def __post_init__(self) -> None:
+        if not self.gains:
+            raise ValueError("a gain buffer holds at least one gain (R >= 1)")
+        if not all(math.isfinite(g) and g >= 0 for g in self.gains):
+            raise ValueError(f"gains must be finite and >= 0, got {self.gains}")
+
+    @staticmethod
+    def full_of_ones(size: int = DEFAULT_GAIN_BUFFER_SIZE) -> GainBuffer:
+        """A fresh buffer of length R = size."""
+        if size < 1:
+            raise ValueError(f"R must be >= 1, got {size}")
+        return GainBuffer((1.0,) * size)
+
+    @property
+    def size(self) -> int:
+        """R."""
+        return len(self.gains)
+
+    @property
+    def alpha(self) -> float:
+        """alpha: the mean gain, the predicted ratio u^(i+1) / u^(i)."""
+        return sum(self.gains) / len(self.gains)
+
+    def push(self, gain: float) -> GainBuffer:
+        """A buffer with `gain` appended and the oldest gain dropped."""
+        return GainBuffer((*self.gains[1:], float(gain)))
+
+    def extend(self, gains: Sequence[float]) -> GainBuffer:
+        """A buffer with each of `gains` pushed in order."""
+        buffer = self
+        for gain in gains:
+            buffer = buffer.push(gain)
+        return buffer
+
+
+def layer_utility(kept_values: Sequence[np.ndarray] | np.ndarray) -> float:
+    """u^(i): batch average of the summed values of the nodes kept at layer i (expected accepted tokens there)."""
+    batch = [kept_values] if _is_one_sequence(kept_values) else list(kept_values)
+    if not batch:
+        raise ValueError("a batch needs at least one sequence")
+    return sum(float(np.sum(np.asarray(v, dtype=np.float64))) for v in batch) / len(batch)
+
+
+def layer_gains(layer_utilities: Sequence[float]) -> list[float]:
+    """[D-1] phi_i = u^(i+1) / u^(i) for consecutive layers; pairs with u^(i) = 0 give no evidence and are skipped."""
+    return [after / before for before, after in zip(layer_utilities, layer_utilities[1:]) if before > 0]
+
+
+def should_expand(alpha: float, utility: float, cost: float, threshold: float) -> bool:
+    """C2 test: expand layer i+1 iff alpha * u^(i) / c^(i) >= C2.
+
+    alpha:   mean of the gain buffer, so alpha * u^(i) predicts u^(i+1), what the next layer would add.
+    utility: u^(i), `layer_utility` of the nodes kept at layer i.
+    cost:    c^(i), normalised draft cost of the forward that expands layer i+1, i.e. over the n_i kept nodes
+             of layer i at "nodes so far": S_D(B)[nodes so far][n_i] / S_T(B)[ctx][1].
+    A cost <= 0 is free: expand.
+    """
+    return _worth_it(alpha * utility, cost, threshold)
+
+
+# ---- C3: reranking ----------------------------------------------------------------------------------------------
+
+
+def rerank_count(values: Sequence[np.ndarray] | np.ndarray, costs: np.ndarray, threshold: float) -> int:
+    """m: how many nodes of each tree, root included, the verifier checks (>= 1; 1 is plain decoding).
+
+    values:    [N] values of all expanded nodes of one tree, root (value 1) included, any order; or B such
+               arrays for a batch verified in one forward (ragged), which then share one m.
+    costs:     [>= max N] c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1], entry k-1 for k = 1, 2, ...
+               (CostTable.normalized_costs gives it; c_1 = 1).
+    threshold: C3.
+
+    u_k is the (batch average of the) sum of the top-k values. Keep the top-m nodes by value with
+    TokenTree.top_m(m): values never grow from parent to child, so they form a tree.
+    """
+    utilities = batch_topk_utilities(values)
+    if utilities.shape[0] == 0:
+        raise ValueError("a tree has at least its root")
+    return select_count(utilities, _check_costs(costs, utilities.shape[0], "costs"), threshold, min_keep=1)
