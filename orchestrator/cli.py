@@ -3,6 +3,7 @@
     cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
     cast generate [...] PROMPT   one request to a running orchestrator
     cast serve draft|verify|orchestrator [...]
+    cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
     cast train-reference [...]   build the project's reference model pair
 """
 
@@ -110,7 +111,13 @@ def cmd_train_reference(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference}
+def cmd_bench(argv: list[str]) -> int:
+    from orchestrator.bench import main
+
+    return main(argv)
+
+
+COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,184 @@
+"""`cast bench`: a bounded load generator over real gRPC against a running orchestrator.
+
+For each policy and concurrency level it sends HumanEval prompts (or a file's) through `GenerateStream`, bounded in
+requests and time, and reports throughput, time to first token, time per output token and mean accepted length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from cast.v1 import generation_pb2, generation_pb2_grpc
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    steps: int
+    mean_accepted_length: float
+
+
+@dataclass
+class LevelResult:
+    policy: str
+    concurrency: int
+    requests: int
+    completion_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    latency_p50_s: float
+    mean_accepted_length: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(round(q / 100 * (len(ordered) - 1))), len(ordered) - 1)]
+
+
+async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float) -> RequestResult:
+    request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy)
+    start = time.perf_counter()
+    first = None
+    last = None
+    async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter()
+        last = chunk
+    end = time.perf_counter()
+    return RequestResult(
+        ttft_s=(first or end) - start,
+        total_s=end - start,
+        completion_tokens=last.usage.completion_tokens,
+        steps=last.stats.steps,
+        mean_accepted_length=last.stats.mean_accepted_length,
+    )
+
+
+async def run_level(
+    address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int, max_seconds: float
+) -> LevelResult:
+    results: list[RequestResult] = []
+    queue = list(reversed(prompts[:max_requests]))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        start = time.perf_counter()
+        deadline = start + max_seconds
+
+        async def worker() -> None:
+            while queue and time.perf_counter() < deadline:
+                results.append(await one_request(stub, queue.pop(), policy, max_new_tokens, timeout_s=max(max_seconds, 60)))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    tokens = sum(r.completion_tokens for r in results)
+    tpots = [(r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in results if r.completion_tokens > 1]
+    steps = sum(r.steps for r in results)
+    return LevelResult(
+        policy=policy,
+        concurrency=concurrency,
+        requests=len(results),
+        completion_tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=tokens / wall if wall else 0.0,
+        ttft_p50_ms=percentile([r.ttft_s * 1e3 for r in results], 50),
+        ttft_p99_ms=percentile([r.ttft_s * 1e3 for r in results], 99),
+        tpot_p50_ms=percentile([t * 1e3 for t in tpots], 50),
+        tpot_p99_ms=percentile([t * 1e3 for t in tpots], 99),
+        latency_p50_s=statistics.median(r.total_s for r in results) if results else float("nan"),
+        mean_accepted_length=tokens / steps if steps else 0.0,
+    )
+
+
+def write_csv(rows: list[LevelResult], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def plot(rows: list[LevelResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for policy in dict.fromkeys(r.policy for r in rows):
+        mine = [r for r in rows if r.policy == policy]
+        xs = [r.concurrency for r in mine]
+        axes[0].plot(xs, [r.tokens_per_s for r in mine], marker="o", label=policy)
+        axes[1].plot(xs, [r.tpot_p50_ms for r in mine], marker="o", label=policy)
+        axes[2].plot(xs, [r.mean_accepted_length for r in mine], marker="o", label=policy)
+    for ax, label in zip(axes, ("throughput (tokens/s)", "time per output token p50 (ms)", "tokens per step")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def load_prompts(source: str) -> list[str]:
+    if source == "humaneval":
+        from tools.humaneval import load_prompts as humaneval
+
+        return humaneval()
+    return [json.loads(line)["prompt"] for line in Path(source).read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cast bench", description=__doc__)
+    p.add_argument("--addr", default="127.0.0.1:50051")
+    p.add_argument("--policies", default="cast,eagle2,chain,ar")
+    p.add_argument("--concurrency", default="1,2,4,8")
+    p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL file with a 'prompt' field")
+    p.add_argument("--requests", type=int, default=32, help="requests per level at most")
+    p.add_argument("--seconds", type=float, default=120.0, help="time per level at most")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--title", default="cast bench")
+    a = p.parse_args(argv)
+    prompts = load_prompts(a.prompts)
+    rows = []
+    for policy in a.policies.split(","):
+        for concurrency in (int(c) for c in a.concurrency.split(",")):
+            row = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests, a.seconds))
+            print(
+                f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
+                f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  ({row.requests} req)",
+                file=sys.stderr,
+                flush=True,
+            )
+            rows.append(row)
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, a.out / "bench.csv")
+    try:
+        plot(rows, a.out / "bench.png", a.title)
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(a.out / "bench.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
