@@ -1,0 +1,131 @@
+"""Verify service entry points: `start_server(config)` for tests and embedding, `main(argv)` for the CLI.
+
+    python -m verify_service.server --model DIR --port 50053
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from cast.v1 import verify_pb2, verify_pb2_grpc
+from verify_service.config import VerifyConfig
+from verify_service.servicer import VerifyServicer, expire_sessions_until_stopped
+from verify_service.target import TargetModel
+from verify_service.verifier import Verifier
+
+log = logging.getLogger("verify_service")
+
+SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name  # "cast.v1.VerifyService"
+
+SERVER_OPTIONS = [
+    # Let orchestrators keep idle channels alive with pings instead of being sent GOAWAY "too_many_pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # Long prompts in one Prefill can pass the 4 MiB default.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    servicer: VerifyServicer
+    expiry: asyncio.Task
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start(config: VerifyConfig) -> RunningServer:
+    """Bind, load and warm the model, start serving, then report SERVING."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    # Bind before the (slow) model load, so a taken port fails at once.
+    port = server.add_insecure_port(bind_address(config.host, config.port))
+    if port == 0:
+        raise RuntimeError(f"could not bind {bind_address(config.host, config.port)}")
+
+    health = health_aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+
+    # One worker thread: it loads the model and then runs every domain call (see servicer.py).
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
+    loop = asyncio.get_running_loop()
+
+    def load() -> Verifier:
+        target = TargetModel.load(
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            attn_implementation=config.attn_implementation,
+            max_context=config.max_context,
+            model_name=config.model_name,
+        )
+        verifier = Verifier(target, max_sessions=config.max_sessions, session_ttl_s=config.session_ttl_s)
+        if config.warmup:
+            verifier.warm_up()
+        return verifier
+
+    try:
+        verifier = await loop.run_in_executor(executor, load)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    servicer = VerifyServicer(verifier, executor)
+    verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    await server.start()
+    expiry = asyncio.create_task(expire_sessions_until_stopped(server, servicer, config.expire_interval_s))
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    target = verifier.target
+    log.info(
+        "verify service on %s: %s (%s, %s, max_context %d)",
+        bind_address(config.host, port), target.model_name, target.device, target.dtype_name, target.max_context,
+    )
+    return RunningServer(server=server, port=port, health=health, servicer=servicer, expiry=expiry)
+
+
+async def start_server(config: VerifyConfig) -> tuple[grpc.aio.Server, int]:
+    """Start a serving verify service; returns the server and the bound port (config.port may be 0)."""
+    running = await start(config)
+    return running.server, running.port
+
+
+async def serve(config: VerifyConfig) -> None:
+    """Serve until SIGTERM or SIGINT; then report NOT_SERVING and give in-flight calls config.grace_s to finish."""
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", config.grace_s)
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(config.grace_s)
+    await running.expiry
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(VerifyConfig.from_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

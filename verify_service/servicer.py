@@ -1,0 +1,94 @@
+"""gRPC servicer: translates protos to the domain (verifier.py) and back; nothing else.
+
+All domain calls run on one worker thread: model work stays off the event loop, and the Verifier, which is not
+thread-safe, is only ever touched by that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from cast_core.tree import TokenTree
+from verify_service.errors import abort_on_domain_error
+from verify_service.target import device_name
+from verify_service.verifier import PrefillItem, Verifier, VerifyItem
+
+
+def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
+    """Unvalidated: the Verifier validates it, naming the request field at fault."""
+    return TokenTree(
+        tokens=np.asarray(msg.tokens, dtype=np.int64),
+        parents=np.asarray(msg.parents, dtype=np.int64),
+        depths=np.asarray(msg.depths, dtype=np.int64),
+        values=np.asarray(msg.values, dtype=np.float32),
+    )
+
+
+class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
+    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
+        self.verifier = verifier
+        self.executor = executor
+        target = verifier.target
+        self.description = common_pb2.ReplicaDescription(
+            model_name=target.model_name,
+            vocab_hash=target.vocab_hash,
+            vocab_size=target.vocab_size,
+            max_context=target.max_context,
+            device=device_name(target.device),
+            dtype=target.dtype_name,
+            backend="torch",
+            # cost_table: filled once profiling exists (a later issue).
+        )
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+    @abort_on_domain_error
+    async def Prefill(self, request: verify_pb2.PrefillRequest, context) -> verify_pb2.PrefillResponse:
+        items = [PrefillItem(s.sequence_id, list(s.token_ids)) for s in request.sequences]
+        seconds = await self._in_worker(self.verifier.prefill, items)
+        return verify_pb2.PrefillResponse(verify_seconds=seconds)
+
+    @abort_on_domain_error
+    async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
+        items = [
+            VerifyItem(s.sequence_id, tree_from_proto(s.tree), temperature=s.sampling.temperature)
+            for s in request.sequences
+        ]
+        accepted, seconds = await self._in_worker(self.verifier.verify, items)
+        results = [
+            verify_pb2.VerifyResult(
+                sequence_id=item.sequence_id,
+                committed_tokens=a.committed_tokens,
+                accepted_nodes=a.accepted_nodes,
+            )
+            for item, a in zip(items, accepted, strict=True)
+        ]
+        return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds)
+
+    @abort_on_domain_error
+    async def Release(self, request: verify_pb2.VerifyReleaseRequest, context) -> verify_pb2.VerifyReleaseResponse:
+        released = await self._in_worker(self.verifier.release, list(request.sequence_ids))
+        return verify_pb2.VerifyReleaseResponse(released=released)
+
+    async def Describe(self, request: verify_pb2.VerifyDescribeRequest, context) -> verify_pb2.VerifyDescribeResponse:
+        return verify_pb2.VerifyDescribeResponse(replica=self.description)
+
+    async def expire_idle_sessions(self) -> list[str]:
+        return await self._in_worker(self.verifier.expire)
+
+
+async def expire_sessions_until_stopped(server: grpc.aio.Server, servicer: VerifyServicer, interval_s: float) -> None:
+    """Drop idle sequences every interval_s until the server stops, then let the worker thread go."""
+    try:
+        # wait_for_termination returns True when it timed out, i.e. the server is still running.
+        while await server.wait_for_termination(timeout=interval_s):
+            await servicer.expire_idle_sessions()
+    finally:
+        servicer.executor.shutdown(wait=False)

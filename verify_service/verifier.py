@@ -1,0 +1,157 @@
+"""The verify service's domain: sequences, their KV caches and pending tokens, Prefill / Verify / Release.
+
+No gRPC here. A Verifier is not thread-safe: the servicer calls it from one worker thread only, which also
+serialises model work. Each batched call validates every sequence first and only then touches the model, so a
+bad sequence leaves the others of its request untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cast_core.errors import CastError, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from cast_core.sessions import SessionStore
+from cast_core.tree import TokenTree
+from verify_service.acceptance import Acceptance, accept_greedy
+from verify_service.kv_cache import SequenceKV
+from verify_service.target import TargetModel
+
+
+class Unimplemented(CastError):
+    """A feature this service does not have yet (UNIMPLEMENTED)."""
+
+
+@dataclass
+class Session:
+    kv: SequenceKV  # every committed token but the last
+    pending: int  # the last committed token: the root of the next tree
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    sequence_id: str
+    token_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    sequence_id: str
+    tree: TokenTree  # as received: validated here
+    temperature: float = 0.0  # 0: greedy
+
+
+class Verifier:
+    def __init__(self, target: TargetModel, max_sessions: int, session_ttl_s: float, clock=time.monotonic) -> None:
+        self.target = target
+        self.sessions: SessionStore[Session] = SessionStore(max_sessions=max_sessions, ttl_s=session_ttl_s, clock=clock)
+
+    def prefill(self, items: Sequence[PrefillItem]) -> float:
+        """Create one session per item; returns the seconds spent in the model."""
+        self._check_prefill(items)
+        created: list[str] = []
+        start = time.perf_counter()
+        try:
+            for item in items:
+                kv = SequenceKV()
+                # Create first: the store's cap check is cheaper than a forward that would be thrown away.
+                self.sessions.create(item.sequence_id, Session(kv=kv, pending=int(item.token_ids[-1])))
+                created.append(item.sequence_id)
+                self.target.prefill(kv, item.token_ids[:-1])
+        except BaseException:
+            self.sessions.release(created)  # all or nothing
+            raise
+        return time.perf_counter() - start
+
+    def verify(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float]:
+        """One tree forward per sequence, greedy acceptance, KV compaction. Returns results in order and model seconds."""
+        sessions = self._check_verify(items)
+        start = time.perf_counter()
+        kvs = [s.kv for s in sessions]
+        prefix_lengths = [kv.length for kv in kvs]
+        try:
+            all_logits = self.target.tree_logits(kvs, [item.tree for item in items])
+            accepted = [accept_greedy(item.tree, self.target.greedy_tokens(logits)) for item, logits in zip(items, all_logits)]
+        except BaseException:
+            for kv, prefix_length in zip(kvs, prefix_lengths):
+                kv.truncate(prefix_length)  # a failed step leaves every cache as it was
+            raise
+        for session, prefix_length, acceptance in zip(sessions, prefix_lengths, accepted, strict=True):
+            # Keep the root (now committed) and the accepted nodes; the bonus token becomes the next root.
+            session.kv.keep(prefix_length, [0, *acceptance.accepted_nodes])
+            session.pending = acceptance.bonus_token
+        return accepted, time.perf_counter() - start
+
+    def release(self, sequence_ids: Sequence[str]) -> int:
+        return self.sessions.release(sequence_ids)
+
+    def expire(self) -> list[str]:
+        return self.sessions.expire()
+
+    def warm_up(self) -> None:
+        """One prefill and one two-node verify, so first-call costs (allocator, kernels) are paid before serving."""
+        warm_id = "__verify_service_warmup__"
+        token = 0
+        self.prefill([PrefillItem(warm_id, [token, token])])
+        try:
+            tree = TokenTree.from_lists([token, token], [-1, 0], [0, 1], [1.0, 1.0])
+            self.verify([VerifyItem(warm_id, tree)])
+        finally:
+            self.release([warm_id])
+
+    def _check_prefill(self, items: Sequence[PrefillItem]) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            field = f"sequences[{i}]"
+            if not item.sequence_id:
+                raise InvalidArgument("must not be empty", f"{field}.sequence_id")
+            if item.sequence_id in seen:
+                raise InvalidArgument(f"sequence {item.sequence_id!r} appears twice in one request", f"{field}.sequence_id")
+            seen.add(item.sequence_id)
+            if item.sequence_id in self.sessions:
+                raise InvalidArgument(f"sequence {item.sequence_id!r} already exists", f"{field}.sequence_id")
+            if len(item.token_ids) == 0:
+                raise InvalidArgument("a prompt needs at least one token", f"{field}.token_ids")
+            if len(item.token_ids) > self.target.max_context:
+                raise OutOfRange(
+                    f"{len(item.token_ids)} tokens exceed the context limit of {self.target.max_context}",
+                    f"{field}.token_ids",
+                )
+            for j, token in enumerate(item.token_ids):
+                if not 0 <= token < self.target.vocab_size:
+                    raise InvalidArgument(
+                        f"token {token} is outside the vocabulary [0, {self.target.vocab_size})", f"{field}.token_ids[{j}]"
+                    )
+
+    def _check_verify(self, items: Sequence[VerifyItem]) -> list[Session]:
+        sessions = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            field = f"sequences[{i}]"
+            if item.sequence_id in seen:
+                raise InvalidArgument(f"sequence {item.sequence_id!r} appears twice in one request", f"{field}.sequence_id")
+            seen.add(item.sequence_id)
+            try:
+                session = self.sessions.get(item.sequence_id)
+            except NotFound as e:
+                raise NotFound(str(e).removeprefix(f"{e.field}: "), f"{field}.sequence_id") from None
+            item.tree.validate(field=f"{field}.tree", vocab_size=self.target.vocab_size)
+            if int(item.tree.tokens[0]) != session.pending:
+                raise FailedPrecondition(
+                    f"the root must be the sequence's last committed token {session.pending}, "
+                    f"not {int(item.tree.tokens[0])}",
+                    f"{field}.tree.tokens[0]",
+                )
+            if session.kv.length + item.tree.max_depth + 1 > self.target.max_context:
+                raise OutOfRange(
+                    f"{session.kv.length} cached tokens + a tree of depth {item.tree.max_depth} + 1 exceed the "
+                    f"context limit of {self.target.max_context}",
+                    f"{field}.tree.depths",
+                )
+            if not item.temperature >= 0:  # also catches NaN
+                raise InvalidArgument(f"{item.temperature} must be 0 (greedy) or positive", f"{field}.sampling.temperature")
+            if item.temperature > 0:
+                raise Unimplemented("sampling (temperature > 0) is not supported yet", f"{field}.sampling.temperature")
+            sessions.append(session)
+        return sessions
