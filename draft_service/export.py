@@ -1,0 +1,266 @@
+"""Export a transformers causal LM to ONNX for tree drafting, cached by content hash.
+
+The graph takes a KV cache in and gives the updated one out, and ends in softmax + top-K, so only K
+probabilities and ids per token leave the device, never the [vocab] logits. Inputs and outputs:
+
+    input_ids        [B, T]            int64
+    position_ids     [B, T]            int64     (always explicit: tree nodes share positions)
+    attention_mask   [B, 1, T, P+T]    additive float (0 = see, large negative = hide)
+    past.{l}.key     [B, Hkv, P, D]    one pair per decoder layer
+    past.{l}.value   [B, Hkv, P, D]
+ -> topk_probs       [B, T, K]         float32, descending
+    topk_ids         [B, T, K]         int64
+    present.{l}.key  [B, Hkv, P+T, D]
+    present.{l}.value[B, Hkv, P+T, D]
+
+The cache lives in $CAST_CACHE_DIR/onnx/<hash>/ (default ~/.cache/cast-serve), the hash covering the checkpoint
+files, K, dtype and the exporter's versions. A hit reads one small JSON file and imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+# Bump when the graph's interface or the wrapper changes: old cache entries then miss.
+EXPORT_FORMAT = 1
+DTYPES = ("float32", "float16")
+MODEL_FILE = "model.onnx"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """What the runner needs to know about an exported graph (saved next to it as meta.json)."""
+
+    model_dir: str
+    top_k: int
+    dtype: str           # of the KV cache and the mask; probs are always float32
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int     # the model's max_position_embeddings
+    export_seconds: float
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast-serve")
+
+
+def export_key(model_dir: str | Path, top_k: int, dtype: str) -> str:
+    """Content hash of everything that shapes the graph: checkpoint files, K, dtype, exporter versions."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": EXPORT_FORMAT, "top_k": top_k, "dtype": dtype, **_exporter_versions()}).encode())
+    root = Path(model_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def _exporter_versions() -> dict[str, str]:
+    # Versions from package metadata, so that a cache hit never imports torch.
+    return {name: metadata.version(name) for name in ("torch", "transformers", "onnx", "onnxscript")}
+
+
+def export_draft(
+    model_dir: str | Path,
+    top_k: int = 8,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    verify: bool = True,
+) -> tuple[Path, ExportMeta]:
+    """Return (path of model.onnx, meta) for the checkpoint, exporting it on a cache miss."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    out_dir = Path(cache_dir or default_cache_dir()) / "onnx" / export_key(model_dir, top_k, dtype)
+    if (out_dir / META_FILE).exists():
+        return out_dir / MODEL_FILE, load_meta(out_dir)
+
+    # Export into a private directory, then rename: a crash or a concurrent export never leaves half a cache entry.
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        meta = _export(Path(model_dir), tmp_dir, top_k, dtype)
+        if verify:
+            check_export(model_dir, tmp_dir / MODEL_FILE, meta)
+        (tmp_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        try:
+            tmp_dir.rename(out_dir)
+        except OSError:  # another process finished the same export first: use theirs
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir / MODEL_FILE, load_meta(out_dir)
+
+
+def load_meta(onnx_dir: str | Path) -> ExportMeta:
+    return ExportMeta(**json.loads((Path(onnx_dir) / META_FILE).read_text()))
+
+
+def _load_model(model_dir: Path, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # sdpa takes the additive 4D mask as-is; eager would too, but sdpa is what the model runs with elsewhere.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.eval()
+
+
+def _model_dims(config) -> dict[str, int]:
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {
+        "num_layers": text.num_hidden_layers,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "head_dim": head_dim,
+        "vocab_size": text.vocab_size,
+        "max_context": getattr(text, "max_position_embeddings", 0) or 0,
+    }
+
+
+def _wrapper(model, top_k: int):
+    """The module that is exported: flat KV tensors in and out, softmax + top-K at the end."""
+    import torch
+    from transformers import DynamicCache
+
+    class TopKDraft(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.top_k = top_k
+
+        def forward(self, input_ids, position_ids, attention_mask, *past):
+            # past: key0, value0, key1, value1, ...  each [B, Hkv, P, D]
+            cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            probs = torch.softmax(out.logits.float(), dim=-1)  # [B, T, V], fp32 whatever the model's dtype
+            topk = torch.topk(probs, self.top_k, dim=-1)        # [B, T, K], sorted descending
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]          # [B, Hkv, P+T, D]
+            return (topk.values, topk.indices, *presents)
+
+    return TopKDraft().eval()
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past.{l}.{kv}" for l in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{l}.{kv}" for l in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "attention_mask", *past], ["topk_probs", "topk_ids", *present]
+
+
+def sample_inputs(dims: dict[str, int], dtype: str, batch: int = 2, past_len: int = 3, new: int = 4, seed: int = 0):
+    """A tree-shaped sample with past KV, as numpy: for export (B, T, P >= 2) and for checking ORT against torch.
+
+    Each sequence: `past_len` committed tokens, then a root and a small tree whose nodes see only their ancestors.
+    """
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(dtype)
+    # new tokens: node 0 = root (parent -1), then children: 1 <- 0, 2 <- 0, 3 <- 1, ...
+    parents = [-1] + [(i - 1) // 2 for i in range(1, new)]
+    depth = [0] * new
+    visible = np.zeros((new, new), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            depth[i] = depth[p] + 1
+            visible[i] = visible[p]
+        visible[i, i] = True
+    mask = np.full((batch, 1, new, past_len + new), np.finfo(np_dtype).min, dtype=np_dtype)
+    mask[:, :, :, :past_len] = 0.0
+    mask[:, :, :, past_len:][:, :, visible] = 0.0
+    feeds = {
+        "input_ids": rng.integers(0, dims["vocab_size"], size=(batch, new), dtype=np.int64),
+        "position_ids": np.tile(past_len + np.array(depth, dtype=np.int64), (batch, 1)),
+        "attention_mask": mask,
+    }
+    shape = (batch, dims["num_kv_heads"], past_len, dims["head_dim"])
+    for l in range(dims["num_layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past.{l}.{kv}"] = rng.standard_normal(shape).astype(np_dtype)
+    return feeds
+
+
+def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMeta:
+    import torch
+
+    t0 = time.perf_counter()
+    model = _load_model(model_dir, dtype)
+    dims = _model_dims(model.config)
+    if top_k > dims["vocab_size"]:
+        raise ValueError(f"top_k {top_k} exceeds the vocabulary ({dims['vocab_size']})")
+    wrapper = _wrapper(model, top_k)
+    inputs, outputs = io_names(dims["num_layers"])
+    feeds = sample_inputs(dims, dtype)
+    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
+
+    # Sample sizes are >= 2 everywhere: the exporter specialises dims it sees as 0 or 1.
+    batch, new, past, total = (torch.export.Dim(n) for n in ("batch", "new", "past", "total"))
+    # *past arrives as one tuple: its shapes go in one nested tuple.
+    kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
+    dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            optimize=True,
+        )
+    program.save(str(out_dir / MODEL_FILE))
+    return ExportMeta(
+        model_dir=str(Path(model_dir).resolve()),
+        top_k=top_k,
+        dtype=dtype,
+        export_seconds=round(time.perf_counter() - t0, 3),
+        **dims,
+    )
+
+
+def check_export(model_dir: str | Path, onnx_path: str | Path, meta: ExportMeta, atol: float = 1e-4) -> None:
+    """Run torch and ONNX Runtime (CPU) on a tree-shaped input with past KV; raise unless they agree.
+
+    Top-K ids must be equal and probabilities within atol (fp32; fp16 gets a looser bound).
+    """
+    import onnxruntime as ort
+    import torch
+
+    model = _load_model(Path(model_dir), meta.dtype)
+    dims = _model_dims(model.config)
+    inputs, _ = io_names(meta.num_layers)
+    feeds = sample_inputs(dims, meta.dtype, seed=1)
+    with torch.no_grad():
+        expected = _wrapper(model, meta.top_k)(*(torch.from_numpy(feeds[n]) for n in inputs))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    tol = atol if meta.dtype == "float32" else 1e-2
+    want_probs, want_ids = expected[0].numpy(), expected[1].numpy()
+    if not np.array_equal(got[1], want_ids):
+        raise RuntimeError("ONNX export check: top-K ids differ from PyTorch")
+    if not np.allclose(got[0], want_probs, atol=tol):
+        raise RuntimeError(f"ONNX export check: top-K probs differ from PyTorch by {np.abs(got[0] - want_probs).max():.2e}")
+    for want, have in zip(expected[2:], got[2:]):
+        if not np.allclose(have, want.numpy(), atol=tol * 10):
+            raise RuntimeError("ONNX export check: present KV differs from PyTorch")
