@@ -1,0 +1,137 @@
+"""The draft service's process: export (or load from cache), warm up, then serve gRPC until SIGTERM/SIGINT.
+
+    python -m draft_service.server --model DIR --port 50052
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from cast_core.identity import vocab_hash
+from cast_core.sessions import SessionStore
+from draft_service.config import DraftConfig
+from draft_service.expansion import Budget, Expander, SequenceInput
+from draft_service.export import export_draft
+from draft_service.runner import DraftRunner
+from draft_service.servicer import DraftServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: DraftServicer
+
+
+def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
+    """The tokenizer's vocabulary (added tokens included), as PreTrainedTokenizerFast.get_vocab() gives it.
+
+    From tokenizer.json with the `tokenizers` library when there is one, so that a cached start imports no torch.
+    """
+    if (model_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).get_vocab()
+
+
+def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
+    """Export or load the graph, open the ORT session, warm it up; describe the replica."""
+    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=config.dtype, cache_dir=config.cache_dir)
+    runner = DraftRunner(onnx_path, meta, provider=config.provider)
+    max_context = config.max_context or meta.max_context
+    if meta.max_context and max_context > meta.max_context:
+        raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
+    expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
+    warm_up(expander)
+    vocab = checkpoint_vocab(config.model)
+    replica = common_pb2.ReplicaDescription(
+        model_name=config.model.resolve().name,
+        vocab_hash=vocab_hash(vocab),
+        vocab_size=meta.vocab_size,
+        max_context=max_context,
+        device="cuda:0" if runner.provider == "CUDAExecutionProvider" else "cpu",
+        dtype=meta.dtype,
+        backend=runner.backend,
+    )
+    return expander, replica
+
+
+def warm_up(expander: Expander) -> None:
+    """One small expansion with a prompt, then one incremental: the first real call pays no first-run costs."""
+    k = expander.runner.meta.top_k
+    sid = "__warmup__"
+    tokens = np.arange(4, dtype=np.int64) % expander.runner.meta.vocab_size
+    budget = Budget(top_k=min(2, k), max_depth=2, max_breadth=2)
+    try:
+        expander.expand([SequenceInput(sid, tokens, 0)], budget)
+        expander.expand([SequenceInput(sid, tokens[:1], len(tokens))], budget)
+    finally:
+        expander.release([sid])
+
+
+async def start(config: DraftConfig) -> Running:
+    # Export and warm-up are seconds of CPU work: keep them off the event loop.
+    expander, replica = await asyncio.to_thread(build_expander, config)
+    servicer = DraftServicer(expander, replica)
+    server = grpc.aio.server()
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if not port:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # The task ends by itself once the server terminates; keep a reference so it is not garbage-collected.
+    servicer.expiry_task = asyncio.create_task(
+        servicer.expire_until_stopped(server, interval_s=min(config.session_ttl_s / 2, 10.0))
+    )
+    log.info("draft service on %s:%d (%s, %s)", config.host, port, replica.backend, replica.model_name)
+    return Running(server, port, health_servicer, servicer)
+
+
+async def start_server(config: DraftConfig) -> tuple[grpc.aio.Server, int]:
+    """Export/load and warm up the model, then serve; returns the server and its bound port (port 0: any)."""
+    running = await start(config)
+    return running.server, running.port
+
+
+async def serve(config: DraftConfig) -> None:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, then %.1f s for in-flight calls", config.grace_s)
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(config.grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cast serve draft ...` and `python -m draft_service.server ...`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(DraftConfig.from_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""cast.v1.DraftService over gRPC: proto <-> domain only; the model work runs in expansion.py.
+
+All model and session work goes to one single-thread executor: it keeps the event loop free, and it
+serialises every touch of the sessions (Expand, Release, expiry) without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from cast_core.errors import CastError, InvalidArgument
+from draft_service.errors import abort_with
+from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
+
+log = logging.getLogger(__name__)
+
+
+def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
+    cast = None
+    if budget.HasField("cast"):
+        c = budget.cast
+        rows, cols = len(c.node_buckets), len(c.token_counts)
+        if len(c.normalized_cost) != rows * cols:
+            raise InvalidArgument(f"has {len(c.normalized_cost)} entries, expected {rows} x {cols}",
+                                  "budget.cast.normalized_cost")
+        cast = CastBudget(
+            node_buckets=np.asarray(c.node_buckets, dtype=np.int64),
+            token_counts=np.asarray(c.token_counts, dtype=np.int64),
+            normalized_cost=np.asarray(c.normalized_cost, dtype=np.float32).reshape(rows, cols),
+            breadth_threshold=c.breadth_threshold,
+            depth_threshold=c.depth_threshold,
+            gain_mean=c.gain_mean,
+        )
+    return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast)
+
+
+def sequences_from_proto(sequences) -> list[SequenceInput]:
+    return [
+        SequenceInput(q.sequence_id, np.asarray(q.new_tokens, dtype=np.int64), q.start_position) for q in sequences
+    ]
+
+
+def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
+    t = e.tree
+    return draft_pb2.ExpandedTree(
+        sequence_id=e.sequence_id,
+        tree=common_pb2.TokenTree(
+            tokens=t.tokens.tolist(), parents=t.parents.tolist(), depths=t.depths.tolist(), values=t.values.tolist()
+        ),
+        layers=[draft_pb2.DraftLayerStats(candidates=s.candidates, kept=s.kept) for s in e.layers],
+    )
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription) -> None:
+        self.expander = expander
+        self.replica = replica
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
+        self.expiry_task: asyncio.Task | None = None  # set by the server
+
+    async def in_executor(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Expand(self, request: draft_pb2.ExpandRequest, context) -> draft_pb2.ExpandResponse:
+        try:
+            budget = budget_from_proto(request.budget)
+            sequences = sequences_from_proto(request.sequences)
+            trees, seconds = await self.in_executor(self.expander.expand, sequences, budget)
+        except CastError as e:
+            await abort_with(context, e)
+        return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds)
+
+    async def Release(self, request: draft_pb2.DraftReleaseRequest, context) -> draft_pb2.DraftReleaseResponse:
+        released = await self.in_executor(self.expander.release, list(request.sequence_ids))
+        return draft_pb2.DraftReleaseResponse(released=released)
+
+    async def Describe(self, request: draft_pb2.DraftDescribeRequest, context) -> draft_pb2.DraftDescribeResponse:
+        return draft_pb2.DraftDescribeResponse(replica=self.replica)
+
+    async def expire_sessions(self) -> list[str]:
+        stale = await self.in_executor(self.expander.expire)
+        if stale:
+            log.info("expired %d idle sequences", len(stale))
+        return stale
+
+    async def expire_until_stopped(self, server: grpc.aio.Server, interval_s: float) -> None:
+        """Background task: expire idle sessions every interval until the server terminates."""
+        while not await server.wait_for_termination(timeout=interval_s):
+            await self.expire_sessions()
+        self.executor.shutdown(wait=False)
