@@ -11,7 +11,7 @@ from verify_service.kv_cache import SequenceKV
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
-from conftest import greedy_reference, tree_with_path  # noqa: E402  (tests/verify_service/conftest.py)
+from verify_helpers import greedy_reference, tree_with_path
 
 NEW_TOKENS = 40
 

@@ -1,0 +1,192 @@
+"""The verify service over real gRPC on loopback: status codes, sessions, TTL, health, reflection, Describe."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoTokenizer
+
+from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from cast_core.identity import vocab_hash
+from verify_service.config import VerifyConfig
+from verify_service.server import start_server
+
+MAX_CONTEXT = 64
+
+
+def config_for(tiny_pair, **overrides) -> VerifyConfig:
+    settings = dict(
+        model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu", max_context=MAX_CONTEXT,
+        max_sessions=4, warmup=True,
+    )
+    return VerifyConfig(**(settings | overrides))
+
+
+@pytest.fixture
+async def serve(tiny_pair):
+    """serve(**config overrides) -> a VerifyService stub on a fresh server; everything stops at teardown."""
+    servers, channels = [], []
+
+    async def start(**overrides):
+        server, port = await start_server(config_for(tiny_pair, **overrides))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        servers.append(server)
+        channels.append(channel)
+        return verify_pb2_grpc.VerifyServiceStub(channel)
+
+    yield start
+    for channel in channels:
+        await channel.close()
+    for server in servers:
+        await server.stop(None)
+
+
+def tree(tokens, parents):
+    depths = [0] * len(tokens)
+    for i in range(1, len(tokens)):
+        depths[i] = depths[parents[i]] + 1
+    return common_pb2.TokenTree(tokens=tokens, parents=parents, depths=depths, values=[1.0] * len(tokens))
+
+
+def prefill(sequence_id, tokens):
+    return verify_pb2.PrefillRequest(sequences=[verify_pb2.PrefillSequence(sequence_id=sequence_id, token_ids=tokens)])
+
+
+def verify(*sequences):
+    return verify_pb2.VerifyRequest(sequences=[verify_pb2.VerifySequence(**s) for s in sequences])
+
+
+PROMPT = [5, 6, 7]  # pending token 7
+
+
+def root(sequence_id="s", token=7, **extra):
+    return dict(sequence_id=sequence_id, tree=tree([token], [-1]), **extra)
+
+
+# (name, extra setup requests, bad request method, bad request, code, field named in the message)
+BAD_REQUESTS = [
+    ("empty prompt", "Prefill", prefill("new", []), grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].token_ids"),
+    ("prompt too long", "Prefill", prefill("new", [1] * (MAX_CONTEXT + 1)), grpc.StatusCode.OUT_OF_RANGE,
+     "sequences[0].token_ids"),
+    ("existing id", "Prefill", prefill("s", [1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sequence_id"),
+    ("duplicate prefill ids", "Prefill",
+     verify_pb2.PrefillRequest(sequences=[verify_pb2.PrefillSequence(sequence_id="x", token_ids=[1])] * 2),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[1].sequence_id"),
+    ("prompt token outside vocab", "Prefill", prefill("new", [1, 10_000]), grpc.StatusCode.INVALID_ARGUMENT,
+     "sequences[0].token_ids[1]"),
+    ("unknown id", "Verify", verify(root("nope")), grpc.StatusCode.NOT_FOUND, "sequences[0].sequence_id"),
+    ("duplicate verify ids", "Verify", verify(root(), root()), grpc.StatusCode.INVALID_ARGUMENT,
+     "sequences[1].sequence_id"),
+    ("parent after child", "Verify", verify(dict(sequence_id="s", tree=common_pb2.TokenTree(
+        tokens=[7, 8, 9], parents=[-1, 2, 0], depths=[0, 1, 1], values=[1, 1, 1]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.parents[1]"),
+    ("tree token outside vocab", "Verify", verify(dict(sequence_id="s", tree=tree([7, 99_999], [-1, 0]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.tokens[1]"),
+    ("root is not the pending token", "Verify", verify(root(token=8)), grpc.StatusCode.FAILED_PRECONDITION,
+     "sequences[0].tree.tokens[0]"),
+    ("context overflow", "Verify",
+     verify(dict(sequence_id="s", tree=tree([7] + [1] * (MAX_CONTEXT - 2), [-1] + list(range(MAX_CONTEXT - 2))))),
+     grpc.StatusCode.OUT_OF_RANGE, "sequences[0].tree.depths"),
+    ("sampling", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=0.7))),
+     grpc.StatusCode.UNIMPLEMENTED, "sequences[0].sampling.temperature"),
+    ("second of a batch is bad", "Verify", verify(root(), root("nope")), grpc.StatusCode.NOT_FOUND,
+     "sequences[1].sequence_id"),
+]
+
+
+@pytest.mark.parametrize("method, request_, code, field", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_request_gets_its_code_and_the_service_still_serves(serve, method, request_, code, field):
+    stub = await serve()
+    await stub.Prefill(prefill("s", PROMPT))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await getattr(stub, method)(request_)
+    assert info.value.code() == code
+    assert field in info.value.details()
+    # The sequence is untouched (same pending token) and a good request works.
+    response = await stub.Verify(verify(root()))
+    assert len(response.results[0].committed_tokens) == 1 and response.verify_seconds > 0
+    await stub.Prefill(prefill("another", [1, 2]))
+
+
+async def test_session_cap_is_resource_exhausted(serve):
+    stub = await serve(max_sessions=2)
+    await stub.Prefill(prefill("a", [1]))
+    await stub.Prefill(prefill("b", [1]))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Prefill(prefill("c", [1]))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=["a"]))
+    await stub.Prefill(prefill("c", [1]))
+
+
+async def test_verify_commits_tokens_and_reports_accepted_nodes(serve):
+    stub = await serve()
+    await stub.Prefill(prefill("s", PROMPT))
+    first = (await stub.Verify(verify(root()))).results[0]
+    (bonus,) = first.committed_tokens
+    # Next step: the root is the bonus token; guess right with the first AR step's own output chain.
+    second = (await stub.Verify(verify(root(token=bonus)))).results[0]
+    (after,) = second.committed_tokens
+    await stub.Prefill(prefill("t", PROMPT))
+    result = (await stub.Verify(verify(dict(sequence_id="t", tree=tree([7, 1, bonus, after], [-1, 0, 0, 2]))))).results[0]
+    assert result.sequence_id == "t"
+    assert list(result.accepted_nodes) == [2, 3]
+    assert list(result.committed_tokens)[:2] == [bonus, after] and len(result.committed_tokens) == 3
+
+
+async def test_release_frees_the_session(serve):
+    stub = await serve()
+    await stub.Prefill(prefill("s", PROMPT))
+    released = await stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=["s", "never-existed"]))
+    assert released.released == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Verify(verify(root()))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.Prefill(prefill("s", PROMPT))  # the id can be used again
+
+
+async def test_idle_sessions_expire(serve):
+    stub = await serve(session_ttl_s=0.3, expire_interval_s=0.05)
+    await stub.Prefill(prefill("idle", PROMPT))
+    await stub.Prefill(prefill("busy", PROMPT))
+    pending = 7
+    for _ in range(8):  # keep "busy" in use while "idle" ages
+        await asyncio.sleep(0.1)
+        pending = (await stub.Verify(verify(root("busy", token=pending)))).results[0].committed_tokens[-1]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Verify(verify(root("idle")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_describe(serve, tiny_pair):
+    stub = await serve()
+    description = (await stub.Describe(verify_pb2.VerifyDescribeRequest())).replica
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    assert description.vocab_hash == vocab_hash(tokenizer.get_vocab())
+    assert description.vocab_size == len(tokenizer)
+    assert description.max_context == MAX_CONTEXT
+    assert (description.device, description.dtype, description.backend) == ("cpu", "float64", "torch")
+    assert description.model_name == "target"
+
+
+async def test_health_is_serving_and_reflection_lists_the_service(tiny_pair):
+    server, port = await start_server(config_for(tiny_pair))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "cast.v1.VerifyService"):
+                response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            call = reflection.ServerReflectionInfo()
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await call.read()
+            await call.done_writing()
+            names = {s.name for s in reply.list_services_response.service}
+            assert "cast.v1.VerifyService" in names
+    finally:
+        await server.stop(None)
