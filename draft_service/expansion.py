@@ -239,9 +239,10 @@ class Expander:
         new = [i for i, s in enumerate(found) if s is None]
         if new and len(self.sessions) + len(new) > self.sessions.max_sessions:
             self.sessions.expire()
-            if len(self.sessions) + len(new) > self.sessions.max_sessions:
+            room = self.sessions.max_sessions - len(self.sessions)
+            if len(new) > room:  # name the first sequence that does not fit
                 raise ResourceExhausted(f"{self.sessions.max_sessions} live sequences: no room for another",
-                                        f"sequences[{new[0]}].sequence_id")
+                                        f"sequences[{new[room]}].sequence_id")
         return found
 
     # model work

@@ -135,8 +135,13 @@ def _model_dims(config) -> dict[str, int]:
 
 def _wrapper(model, top_k: int):
     """The module that is exported: flat KV tensors in and out, softmax + top-K at the end."""
+    import inspect
+
     import torch
     from transformers import DynamicCache
+
+    # transformers renamed `past_key_values` to `cache` (5.2x); the GPU machine runs an older 5.x.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     class TopKDraft(torch.nn.Module):
         def __init__(self) -> None:
@@ -151,13 +156,13 @@ def _wrapper(model, top_k: int):
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_arg: cache},
             )
             probs = torch.softmax(out.logits.float(), dim=-1)  # [B, T, V], fp32 whatever the model's dtype
             topk = torch.topk(probs, self.top_k, dim=-1)        # [B, T, K], sorted descending
             presents = []
-            for layer in out.past_key_values.layers:
+            for layer in cache.layers:  # updated in place by the forward
                 presents += [layer.keys, layer.values]          # [B, Hkv, P+T, D]
             return (topk.values, topk.indices, *presents)
 

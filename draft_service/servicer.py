@@ -81,7 +81,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return draft_pb2.DraftReleaseResponse(released=released)
 
     async def Describe(self, request: draft_pb2.DraftDescribeRequest, context) -> draft_pb2.DraftDescribeResponse:
-        return draft_pb2.DraftDescribeResponse(replica=self.replica)
+        replica = common_pb2.ReplicaDescription()
+        replica.CopyFrom(self.replica)
+        replica.live_sequences = len(self.expander.sessions)  # a len() read: no need to queue behind the model
+        return draft_pb2.DraftDescribeResponse(replica=replica)
 
     async def expire_sessions(self) -> list[str]:
         stale = await self.in_executor(self.expander.expire)
