@@ -44,10 +44,10 @@ def device_name(device: torch.device) -> str:
 def tree_attention_mask(prefix_length: int, tree: TokenTree, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1, 1, N, prefix_length + N] additive mask: every node sees the whole prefix, its ancestors and itself."""
     n = len(tree)
-    allowed = torch.ones(n, prefix_length + n, dtype=torch.bool)
-    allowed[:, prefix_length:] = torch.from_numpy(tree.ancestor_mask())
-    mask = torch.zeros(n, prefix_length + n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.to(device)[None, None]
+    mask = torch.zeros(n, prefix_length + n, dtype=dtype, device=device)  # the prefix part stays 0: visible
+    hidden = torch.from_numpy(~tree.ancestor_mask()).to(device)  # [N, N], only this crosses to the device
+    mask[:, prefix_length:].masked_fill_(hidden, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 @dataclass
