@@ -29,3 +29,7 @@ class FailedPrecondition(CastError):
 
 class ResourceExhausted(CastError):
     """No room for another sequence (RESOURCE_EXHAUSTED)."""
+
+
+class Unimplemented(CastError):
+    """A request option this release does not serve (UNIMPLEMENTED)."""

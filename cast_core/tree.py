@@ -31,15 +31,16 @@ class TokenTree:
         )
 
     @staticmethod
-    def from_lists(tokens, parents, depths, values, field: str = "tree") -> TokenTree:
-        """Build and validate a tree from plain sequences (e.g. repeated proto fields)."""
+    def from_lists(tokens, parents, depths, values, field: str = "tree", validate: bool = True) -> TokenTree:
+        """Build a tree from plain sequences (e.g. repeated proto fields); validated unless told otherwise."""
         tree = TokenTree(
             tokens=np.asarray(list(tokens), dtype=np.int64),
             parents=np.asarray(list(parents), dtype=np.int64),
             depths=np.asarray(list(depths), dtype=np.int64),
             values=np.asarray(list(values), dtype=np.float32),
         )
-        tree.validate(field)
+        if validate:
+            tree.validate(field)
         return tree
 
     def __len__(self) -> int:

@@ -12,14 +12,8 @@ STATUS_FOR: dict[type[errors.CastError], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
-
-
-class Unimplemented(errors.CastError):
-    """A request option that this release does not serve yet."""
-
-
-STATUS_FOR[Unimplemented] = grpc.StatusCode.UNIMPLEMENTED
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:

@@ -7,9 +7,9 @@ import math
 import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from cast_core.errors import CastError, InvalidArgument, OutOfRange
+from cast_core.errors import CastError, InvalidArgument, OutOfRange, Unimplemented
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, Generator
-from orchestrator.errors import Unimplemented, abort_with
+from orchestrator.errors import abort_with
 from orchestrator.policies import resolve_policy
 
 FINISH_REASONS = {
