@@ -62,13 +62,17 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--seed", type=int, default=None, help="the same seed and request give the same output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print the whole response with its stats")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     a = p.parse_args(argv)
     request = generation_pb2.GenerateRequest(
         prompt=a.prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
-        return_step_stats=a.json,
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, return_step_stats=a.json,
     )
     with grpc.insecure_channel(a.addr) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)

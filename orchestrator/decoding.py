@@ -156,7 +156,7 @@ class Generator:
             top_p=request.top_p,
             top_k=request.top_k,
             seed=request.seed or 0,
-            has_seed=request.seed is not None,
+            has_seed=request.seed is not None,  # the servicer always sets one for sampling
         )
         tokens = list(request.prompt_ids)   # committed so far; tokens[-1] is the next tree's root
         draft_seen = 0                      # how many of `tokens` the draft has in its cache

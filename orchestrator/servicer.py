@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import secrets
 
 import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from cast_core.errors import CastError, InvalidArgument, OutOfRange, Unimplemented
+from cast_core.errors import CastError, InvalidArgument, OutOfRange
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, Generator
 from orchestrator.errors import abort_with
 from orchestrator.policies import resolve_policy
@@ -59,12 +60,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise InvalidArgument("stop strings must not be empty", "stop")
         if not math.isfinite(msg.temperature) or msg.temperature < 0:
             raise InvalidArgument(f"must be >= 0, got {msg.temperature}", "temperature")
-        if not 0 <= msg.top_p <= 1:
+        if not 0 <= msg.top_p <= 1:  # 0 is proto3's unset: it means 1 (off)
             raise InvalidArgument(f"must be in (0, 1], got {msg.top_p}", "top_p")
         if msg.top_k < 0:
             raise InvalidArgument(f"must be >= 0, got {msg.top_k}", "top_k")
-        if msg.temperature > 0:
-            raise Unimplemented("sampling is not served yet; use temperature 0 (greedy)", "temperature")
         prompt_ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False)
         if not prompt_ids:
             raise InvalidArgument("encodes to no tokens", "prompt")
@@ -80,7 +79,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             temperature=msg.temperature,
             top_p=msg.top_p or 1.0,
             top_k=msg.top_k,
-            seed=msg.seed if msg.HasField("seed") else None,
+            # Unseeded sampling still runs on a seed, drawn here, so that every step of the request uses one stream.
+            seed=msg.seed if msg.HasField("seed") else secrets.randbits(63),
             timeout_s=context.time_remaining(),
         )
 
