@@ -9,6 +9,7 @@ import grpc
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from cast_core.tree import TokenTree
+from cast_core.wire import tree_from_proto, tree_to_proto
 
 # Keepalive matched by the services' server options (FIELD_NOTES: else GOAWAY "too_many_pings").
 CHANNEL_OPTIONS = [
@@ -17,16 +18,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-
-
-def tree_to_proto(tree: TokenTree) -> common_pb2.TokenTree:
-    return common_pb2.TokenTree(
-        tokens=tree.tokens.tolist(), parents=tree.parents.tolist(), depths=tree.depths.tolist(), values=tree.values.tolist()
-    )
-
-
-def tree_from_proto(msg: common_pb2.TokenTree, field: str = "tree") -> TokenTree:
-    return TokenTree.from_lists(msg.tokens, msg.parents, msg.depths, msg.values, field=field)
 
 
 @dataclass
