@@ -101,10 +101,8 @@ async def start(config: DraftConfig) -> Running:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    # The task ends by itself once the server terminates; keep a reference so it is not garbage-collected.
-    servicer.expiry_task = asyncio.create_task(
-        servicer.expire_until_stopped(server, interval_s=min(config.session_ttl_s / 2, 10.0))
-    )
+    # Keep a reference, or the task may be garbage-collected; serve() cancels it on shutdown.
+    servicer.expiry_task = asyncio.create_task(servicer.expire_periodically(min(config.session_ttl_s / 2, 10.0)))
     log.info("draft service on %s:%d (%s, %s)", config.host, port, replica.backend, replica.model_name)
     return Running(server, port, health_servicer, servicer)
 
@@ -125,6 +123,7 @@ async def serve(config: DraftConfig) -> None:
     log.info("shutting down: NOT_SERVING, then %.1f s for in-flight calls", config.grace_s)
     await running.health.enter_graceful_shutdown()
     await running.server.stop(config.grace_s)
+    running.servicer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

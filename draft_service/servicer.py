@@ -10,7 +10,6 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
@@ -92,8 +91,15 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             log.info("expired %d idle sequences", len(stale))
         return stale
 
-    async def expire_until_stopped(self, server: grpc.aio.Server, interval_s: float) -> None:
-        """Background task: expire idle sessions every interval until the server terminates."""
-        while not await server.wait_for_termination(timeout=interval_s):
+    async def expire_periodically(self, interval_s: float) -> None:
+        """Background task: expire idle sessions every interval; runs until cancelled (server.py does on stop)."""
+        # Not server.wait_for_termination(timeout): when cancelled it returns False instead of raising,
+        # and a loop around it spins while the event loop shuts down.
+        while True:
+            await asyncio.sleep(interval_s)
             await self.expire_sessions()
+
+    def close(self) -> None:
+        if self.expiry_task is not None:
+            self.expiry_task.cancel()
         self.executor.shutdown(wait=False)
