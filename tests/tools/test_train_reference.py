@@ -112,3 +112,13 @@ def test_humaneval_prompts(monkeypatch):
     assert len(prompts) == 164 and prompts[0].startswith("from typing import List")
     monkeypatch.setenv(humaneval.ENV_VAR, str(humaneval.data_path()))
     assert humaneval.load_prompts() == prompts
+
+
+def test_llama3_pretokenizer_keeps_a_trailing_newline_on_a_token_boundary():
+    corpus = tr.build_corpus(SOURCES, seed=0, corpus_bytes=200_000, holdout_percent=10, max_file_bytes=1 << 20)
+    tok, _ = tr.train_tokenizer(corpus.train, 400, 10**6, pretokenizer="llama3")
+    prompt = 'def f(x):\n    """Return x."""\n'
+    full = prompt + "    return x\n"
+    ids = tok.encode(full).ids
+    assert ids[: len(tok.encode(prompt).ids)] == tok.encode(prompt).ids
+    assert tok.decode(ids) == full
