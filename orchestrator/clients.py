@@ -21,6 +21,25 @@ CHANNEL_OPTIONS = [
 
 
 @dataclass
+class Expanded:
+    """A draft tree and, per layer, how many candidates it had and how many of them proposed children."""
+
+    tree: TokenTree
+    candidates_per_layer: list[int]
+    kept_per_layer: list[int]
+
+    def forwards(self, new_tokens: int) -> list[tuple[int, int]]:
+        """The draft forwards this expansion took: [(tree nodes so far, new tokens)], committing ones first."""
+        out = [(0, new_tokens)]
+        nodes = 0  # tree nodes already forwarded (in the draft's KV) when a layer's forward runs
+        for kept in self.kept_per_layer:
+            if kept:
+                out.append((nodes, kept))
+                nodes += kept
+        return out
+
+
+@dataclass
 class Timed:
     """A result and the wall time of the call that produced it, RPC included."""
 
@@ -40,14 +59,21 @@ class DraftClient:
     async def expand(
         self, sequence_id: str, new_tokens: list[int], start_position: int, budget: draft_pb2.ExpandBudget, timeout: float | None
     ) -> Timed:
-        """Returns Timed(TokenTree) for one sequence (the request is batched; batching across requests comes later)."""
+        """Returns Timed(Expanded) for one sequence (the request is batched; batching across requests comes later)."""
         request = draft_pb2.ExpandRequest(
             sequences=[draft_pb2.DraftSequence(sequence_id=sequence_id, new_tokens=new_tokens, start_position=start_position)],
             budget=budget,
         )
         start = time.perf_counter()
         response = await self.stub.Expand(request, timeout=timeout)
-        return Timed(tree_from_proto(response.trees[0].tree, "draft tree"), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        result = response.trees[0]
+        expanded = Expanded(
+            tree=tree_from_proto(result.tree, "draft tree"),
+            candidates_per_layer=[layer.candidates for layer in result.layers],
+            kept_per_layer=[layer.kept for layer in result.layers],
+        )
+        return Timed(expanded, seconds)
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released

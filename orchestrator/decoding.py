@@ -15,8 +15,10 @@ from enum import Enum
 
 from cast.v1 import draft_pb2, verify_pb2
 from cast_core.tree import TokenTree
+from cast_core.selection import GainBuffer
 from orchestrator.clients import DraftClient, VerifyClient
-from orchestrator.policies import TreePolicy
+from orchestrator.costs import CostModel
+from orchestrator.policies import TreePolicy, update_gains
 
 
 class FinishReason(Enum):
@@ -132,13 +134,17 @@ class TextAssembler:
 class Generator:
     """Runs requests against one draft replica and one verify replica."""
 
-    def __init__(self, tokenizer, draft: DraftClient, verify: VerifyClient, max_context: int, rpc_timeout_s: float) -> None:
+    def __init__(
+        self, tokenizer, draft: DraftClient, verify: VerifyClient, max_context: int, rpc_timeout_s: float, costs: CostModel
+    ) -> None:
         self.tokenizer = tokenizer
         self.draft = draft
         self.verify = verify
         self.max_context = max_context
         self.rpc_timeout_s = rpc_timeout_s
         self.eos_token_id = tokenizer.eos_token_id
+        self.costs = costs  # shared by every request on this replica pair, corrected online
+        self.live = 0       # requests in flight: the batch size that prices a step
 
     def _timeout(self, request: GenerationRequest, started: float) -> float:
         if request.timeout_s is None:
@@ -161,6 +167,8 @@ class Generator:
         tokens = list(request.prompt_ids)   # committed so far; tokens[-1] is the next tree's root
         draft_seen = 0                      # how many of `tokens` the draft has in its cache
         opened_draft = False
+        gains = GainBuffer.full_of_ones(policy.cast.gain_buffer_size) if policy.cast else GainBuffer.full_of_ones(1)
+        self.live += 1
         try:
             timed = await self.verify.prefill(sequence_id, tokens, self._timeout(request, started))
             stats.verify_seconds += timed.seconds
@@ -169,20 +177,24 @@ class Generator:
                 if room < 0:
                     yield self._final(assembler, FinishReason.CONTEXT, stats, started)
                     return
+                batch, context = self.live, len(tokens)
                 expanded = TokenTree.root_only(tokens[-1])
                 depth = min(policy.max_depth, room)
                 if policy.uses_draft and depth > 0:
-                    budget = draft_pb2.ExpandBudget(top_k=policy.top_k, max_depth=depth, max_breadth=policy.max_breadth)
+                    budget = policy.budget(depth, self.costs, batch, context, gains)
                     opened_draft = True
-                    timed = await self.draft.expand(
-                        sequence_id, tokens[draft_seen:], draft_seen, budget, self._timeout(request, started)
-                    )
-                    stats.draft_seconds += timed.seconds
-                    expanded = timed.value
+                    new_tokens = tokens[draft_seen:]
+                    timed = await self.draft.expand(sequence_id, new_tokens, draft_seen, budget, self._timeout(request, started))
                     draft_seen = len(tokens)
-                selected = policy.select(expanded)
+                    stats.draft_seconds += timed.seconds
+                    expanded = timed.value.tree
+                    self.costs.observe_draft(batch, context, timed.value.forwards(len(new_tokens)), timed.seconds)
+                    if policy.cast is not None:
+                        gains = update_gains(gains, expanded, timed.value.kept_per_layer)
+                selected = policy.select(expanded, self.costs, batch, context)
                 timed = await self.verify.verify(sequence_id, selected, sampling, self._timeout(request, started))
                 stats.verify_seconds += timed.seconds
+                self.costs.observe_verify(batch, context, len(selected), timed.seconds)
                 committed: list[int] = timed.value
                 stats.steps.append(StepRecord(len(expanded), len(selected), selected.max_depth, len(committed)))
                 tokens.extend(committed)
@@ -192,6 +204,7 @@ class Generator:
                     return
                 yield Chunk(assembler.take_text(final=False), taken, completion_tokens=len(assembler.token_ids))
         finally:
+            self.live -= 1
             # Shielded: a cancelled request must still free its sessions on both services.
             await asyncio.shield(self._release(sequence_id, opened_draft))
 

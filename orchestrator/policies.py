@@ -1,44 +1,94 @@
-"""Tree policies a request may name: what the draft expands and what the verifier checks.
+"""Tree policies a request may name: what the draft expands and which nodes the verifier checks.
 
-`eagle2`: fixed depth, top-K per layer, the best `verify_tokens` nodes by value go to the verifier.
-`chain`: one child per node, a fixed length, like transformers' assisted generation.
-`ar`: no draft at all; each step verifies the root alone, which is plain autoregressive decoding.
+`cast`   (default) CAST: the draft prunes breadth (C1) and depth (C2) from its cost slice inside Expand; here the
+         reranking (C3) picks how many of the expanded nodes to verify, from the verifier's cost table at the live
+         batch size, and a buffer of the last R layer-to-layer gains predicts what another layer is worth.
+`eagle2` fixed depth, top-K per layer, the best `verify_tokens` nodes by value are verified.
+`chain`  one child per node, a fixed length, like transformers' assisted generation.
+`ar`     no draft: each step verifies the root alone, which is plain autoregressive decoding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from cast.v1 import draft_pb2
 from cast_core.errors import InvalidArgument
+from cast_core.selection import CastParams, GainBuffer, layer_gains, rerank_count
 from cast_core.tree import TokenTree
+from orchestrator.costs import CostModel
 
 
 @dataclass(frozen=True)
 class TreePolicy:
     name: str
-    top_k: int = 0          # children per kept node; 0: no draft
-    max_depth: int = 0      # layers of candidates
-    max_breadth: int = 0    # nodes kept per layer
-    verify_tokens: int = 1  # nodes sent to the verifier, root included
+    top_k: int = 0            # children per kept node; 0: no draft
+    max_depth: int = 0        # layers of candidates
+    max_breadth: int = 0      # nodes kept per layer
+    verify_tokens: int = 1    # nodes sent to the verifier at most, root included
+    cast: CastParams | None = None
 
     @property
     def uses_draft(self) -> bool:
         return self.max_depth > 0
 
-    def select(self, expanded: TokenTree) -> TokenTree:
+    def budget(self, depth: int, costs: CostModel, batch: int, context: int, gains: GainBuffer) -> draft_pb2.ExpandBudget:
+        budget = draft_pb2.ExpandBudget(top_k=self.top_k, max_depth=depth, max_breadth=self.max_breadth)
+        if self.cast is not None:
+            prices = costs.draft_slice(batch, context)
+            budget.cast.CopyFrom(
+                draft_pb2.CastBudget(
+                    node_buckets=prices.node_buckets,
+                    token_counts=prices.token_counts,
+                    normalized_cost=np.asarray(prices.normalized_cost).ravel().tolist(),
+                    breadth_threshold=self.cast.breadth_threshold,
+                    depth_threshold=self.cast.depth_threshold,
+                    gain_mean=gains.alpha,
+                )
+            )
+        return budget
+
+    def select(self, expanded: TokenTree, costs: CostModel, batch: int, context: int) -> TokenTree:
         """The nodes to verify: the root and the best nodes by value (closed under ancestors)."""
-        return expanded.top_m(self.verify_tokens)
+        m = self.verify_tokens
+        if self.cast is not None:
+            prices = costs.rerank_costs(batch, context, len(expanded))
+            m = min(rerank_count(expanded.values, prices, self.cast.rerank_threshold), m)
+        return expanded.top_m(m)
+
+
+def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list[float]:
+    """u^(i) per layer: the summed values of the nodes each layer kept (its best `kept` by value).
+
+    The last layer proposes no children (kept 0): it is priced by as many of its best as the layer above kept.
+    """
+    utilities = []
+    previous = 1
+    for depth, kept in enumerate(kept_per_layer, start=1):
+        values = np.sort(expanded.values[expanded.depths == depth])[::-1]
+        take = kept or previous
+        utilities.append(float(values[:take].sum()))
+        previous = take
+    return utilities
+
+
+def update_gains(gains: GainBuffer, expanded: TokenTree, kept_per_layer: list[int]) -> GainBuffer:
+    """Push this step's layer-to-layer gains phi = u^(i+1) / u^(i) into the buffer."""
+    return gains.extend(layer_gains(kept_layer_utilities(expanded, kept_per_layer)))
 
 
 POLICIES: dict[str, TreePolicy] = {
+    "cast": TreePolicy("cast", top_k=8, max_depth=10, max_breadth=16, verify_tokens=64, cast=CastParams()),
     "eagle2": TreePolicy("eagle2", top_k=8, max_depth=6, max_breadth=8, verify_tokens=32),
     "chain": TreePolicy("chain", top_k=1, max_depth=4, max_breadth=1, verify_tokens=5),
     "ar": TreePolicy("ar"),
 }
 
 
-def resolve_policy(name: str, default: str) -> TreePolicy:
-    policy = POLICIES.get(name or default)
+def resolve_policy(name: str, default: str, policies: dict[str, TreePolicy] = POLICIES) -> TreePolicy:
+    policy = policies.get(name or default)
     if policy is None:
-        raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}", "policy")
+        raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(policies))}", "policy")
     return policy

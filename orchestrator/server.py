@@ -13,8 +13,10 @@ from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.identity import vocab_hash
+from cast_core.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
+from orchestrator.costs import CostModel
 from orchestrator.decoding import Generator
 from orchestrator.servicer import GenerationServicer
 
@@ -48,7 +50,8 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
             f"verify {verify_desc.vocab_hash} ({verify.address}); draft and target must share a tokenizer"
         )
     max_context = min(draft_desc.max_context, verify_desc.max_context)
-    generator = Generator(tokenizer, draft, verify, max_context, config.rpc_timeout_s)
+    costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
+    generator = Generator(tokenizer, draft, verify, max_context, config.rpc_timeout_s, costs)
 
     server = grpc.aio.server(
         options=[
