@@ -78,7 +78,10 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         return verify_pb2.VerifyReleaseResponse(released=released)
 
     async def Describe(self, request: verify_pb2.VerifyDescribeRequest, context) -> verify_pb2.VerifyDescribeResponse:
-        return verify_pb2.VerifyDescribeResponse(replica=self.description)
+        replica = common_pb2.ReplicaDescription()
+        replica.CopyFrom(self.description)
+        replica.live_sequences = len(self.verifier.sessions)
+        return verify_pb2.VerifyDescribeResponse(replica=replica)
 
     async def expire_idle_sessions(self) -> list[str]:
         return await self._in_worker(self.verifier.expire)
