@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -224,7 +225,10 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMet
     # *past arrives as one tuple: its shapes go in one nested tuple.
     kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
     dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The exporter warns that axes sharing a Dim keep one name, and about its own deprecations: noise here.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
             wrapper,
             args,
@@ -233,6 +237,7 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMet
             input_names=inputs,
             output_names=outputs,
             optimize=True,
+            verbose=False,
         )
     program.save(str(out_dir / MODEL_FILE))
     return ExportMeta(

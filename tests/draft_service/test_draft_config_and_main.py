@@ -1,0 +1,106 @@
+"""DraftConfig from flags and CAST_DRAFT_* variables; `python -m draft_service.server` serves until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from draft_service.config import DraftConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_flags_override_env_and_env_overrides_defaults(draft_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAST_DRAFT_PORT", "6000")
+    monkeypatch.setenv("CAST_DRAFT_SESSION_TTL_S", "2.5")
+    monkeypatch.setenv("CAST_DRAFT_MODEL", str(draft_model_dir))
+    config = DraftConfig.from_args(["--port", "7000", "--top-k", "4", "--cache-dir", str(tmp_path)])
+    assert (config.model, config.port, config.top_k, config.session_ttl_s) == (draft_model_dir, 7000, 4, 2.5)
+    assert (config.provider, config.dtype, config.max_sessions, config.max_context) == ("auto", "float32", 1024, 0)
+    assert config.cache_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--port", "70000"], "port"),
+        (["--provider", "tpu"], "provider"),
+        (["--dtype", "int4"], "dtype"),
+        (["--top-k", "0"], "top_k"),
+        (["--max-sessions", "0"], "max_sessions"),
+        (["--session-ttl-s", "0"], "session_ttl_s"),
+    ],
+)
+def test_bad_values_are_rejected_on_creation(draft_model_dir, argv, message):
+    with pytest.raises(ValueError, match=message):
+        DraftConfig.from_args(["--model", str(draft_model_dir), *argv])
+
+
+def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAST_DRAFT_MODEL", raising=False)
+    with pytest.raises(SystemExit):
+        DraftConfig.from_args([])
+    with pytest.raises(ValueError, match="model"):
+        DraftConfig(model=tmp_path)
+    with pytest.raises(SystemExit):
+        DraftConfig.from_args(["--model", str(tmp_path), "--port", "abc"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_module_entry_point_serves_until_sigterm(draft_model_dir, onnx_cache_dir, exported):
+    port = free_port()
+    env = {**os.environ, "CAST_CACHE_DIR": str(onnx_cache_dir)}
+    cmd = [sys.executable, "-m", "draft_service.server", "--model", str(draft_model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--provider", "cpu", "--grace-s", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service="cast.v1.DraftService"), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "the service did not become SERVING"
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cached_start_imports_no_torch(draft_model_dir, onnx_cache_dir, exported):
+    """With the export cached, the service process never imports torch (nor transformers)."""
+    code = (
+        "import asyncio, sys\n"
+        "from draft_service.config import DraftConfig\n"
+        "from draft_service.server import start_server\n"
+        "async def go():\n"
+        f"    server, port = await start_server(DraftConfig(model={str(draft_model_dir)!r}, port=0, host='127.0.0.1',"
+        f" provider='cpu', cache_dir={str(onnx_cache_dir)!r}))\n"
+        "    await server.stop(None)\n"
+        "asyncio.run(go())\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
