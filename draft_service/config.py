@@ -52,7 +52,8 @@ class DraftConfig:
 
     @staticmethod
     def from_args(argv: list[str] | None = None) -> DraftConfig:
-        """Parse flags (`--model DIR --port N ...`); a flag left out falls back to CAST_DRAFT_<NAME>, then the default."""
+        """Parse flags (`--model DIR --port N ...`); a flag left out falls back to CAST_DRAFT_<NAME>, then the
+        default."""
         parser = argparse.ArgumentParser(prog="cast serve draft", description="CAST Serve draft-model service")
         for f in fields(DraftConfig):
             flag = "--" + f.name.replace("_", "-")

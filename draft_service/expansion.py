@@ -16,7 +16,7 @@ Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,9 +25,7 @@ from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from draft_service.runner import DraftRunner
 
-# Column kinds of the batched KV while expanding (tree nodes use their index >= 0).
-VISIBLE = -1  # a committed token of the sequence: every node sees it
-HIDDEN = -2   # padding between sequences of different lengths: nobody sees it
+HIDDEN = -2  # a padding entry in the batched tree columns and paths: matches no node
 
 
 @dataclass(frozen=True)
@@ -121,40 +119,60 @@ def expand_another_layer(depth: int, kept_values: list[np.ndarray], budget: Budg
 # --- the expander -------------------------------------------------------------------------------------------
 
 
-@dataclass
+def max_tree_nodes(budget: Budget) -> int:
+    """The most nodes a tree of this budget can hold: layer 1 has top_k, layer d+1 top_k per kept node of d."""
+    nodes, layer = 1, budget.top_k if budget.max_depth else 0
+    for _ in range(budget.max_depth):
+        nodes += layer
+        layer = min(layer, budget.max_breadth) * budget.top_k
+    return nodes
+
+
 class _Tree:
-    """A tree being grown: flat lists, and per node the list of its ancestors (itself included)."""
+    """A tree being grown, in preallocated arrays. paths[i] lists node i's ancestors by depth, itself included
+    (-1 past its depth): the tree mask compares KV columns against it."""
 
-    tokens: list[int] = field(default_factory=list)
-    parents: list[int] = field(default_factory=list)
-    depths: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    lineage: list[list[int]] = field(default_factory=list)
+    def __init__(self, root_token: int, capacity: int, max_depth: int) -> None:
+        self.tokens = np.zeros(capacity, dtype=np.int64)
+        self.parents = np.full(capacity, -1, dtype=np.int64)
+        self.depths = np.zeros(capacity, dtype=np.int64)
+        self.values = np.zeros(capacity, dtype=np.float32)
+        self.paths = np.full((capacity, max_depth + 1), -1, dtype=np.int64)  # [N, depth+1]
+        self.tokens[0], self.values[0], self.paths[0, 0] = root_token, 1.0, 0
+        self.size = 1
 
-    def add(self, token: int, parent: int, value: float) -> int:
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.depths.append(self.depths[parent] + 1 if parent >= 0 else 0)
-        self.values.append(value)
-        self.lineage.append((self.lineage[parent] if parent >= 0 else []) + [len(self.tokens) - 1])
-        return len(self.tokens) - 1
+    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """parents [n]; tokens, probs [n, k]: each parent's top-k. Returns the new nodes' indices [n * k]."""
+        n, k = tokens.shape
+        new = np.arange(self.size, self.size + n * k)
+        parent = np.repeat(parents, k)
+        self.tokens[new] = tokens.reshape(-1)
+        self.parents[new] = parent
+        self.depths[new] = self.depths[parent] + 1
+        # float32 product of a value and a probability <= 1: never above the parent's value.
+        self.values[new] = (self.values[parents][:, None] * probs).reshape(-1)
+        self.paths[new] = self.paths[parent]
+        self.paths[new, self.depths[new]] = new
+        self.size += n * k
+        return new
 
     def to_token_tree(self) -> TokenTree:
-        return TokenTree(
-            tokens=np.asarray(self.tokens, dtype=np.int64),
-            parents=np.asarray(self.parents, dtype=np.int64),
-            depths=np.asarray(self.depths, dtype=np.int64),
-            values=np.asarray(self.values, dtype=np.float32),
-        )
+        n = self.size
+        return TokenTree(self.tokens[:n].copy(), self.parents[:n].copy(), self.depths[:n].copy(),
+                         self.values[:n].copy())
 
 
 class Expander:
     """Owns the sessions and the runner; all calls come from one thread (the servicer's executor)."""
 
-    def __init__(self, runner: DraftRunner, sessions: SessionStore[DraftSession], max_context: int) -> None:
+    def __init__(self, runner: DraftRunner, sessions: SessionStore[DraftSession], max_context: int,
+                 max_nodes: int = 4096, max_depth: int = 64) -> None:
         self.runner = runner
         self.sessions = sessions
         self.max_context = max_context
+        # Per tree: bound the work and memory that one request can ask for.
+        self.max_nodes = max_nodes
+        self.max_depth = max_depth
         self.model_seconds = 0.0  # time inside runner.run during the current call
 
     # public API
@@ -171,8 +189,8 @@ class Expander:
             return [], 0.0
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, self.new_session())
                     for q, s in zip(sequences, sessions)]
-        root_probs, root_ids, past, columns = self.commit(sequences, sessions)
-        trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids, past, columns)
+        root_probs, root_ids, past, committed = self.commit(sequences, sessions)
+        trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids, past, committed)
         out = [Expansion(q.sequence_id, t.to_token_tree(), s) for q, t, s in zip(sequences, trees, stats)]
         return out, self.model_seconds
 
@@ -196,8 +214,15 @@ class Expander:
                                   "budget.top_k")
         if budget.max_depth < 0:
             raise InvalidArgument(f"{budget.max_depth} must be >= 0", "budget.max_depth")
+        if budget.max_depth > self.max_depth:
+            raise OutOfRange(f"{budget.max_depth} is more than this service's {self.max_depth} layers",
+                             "budget.max_depth")
         if budget.max_breadth < 1:
             raise InvalidArgument(f"{budget.max_breadth} must be >= 1", "budget.max_breadth")
+        if (nodes := max_tree_nodes(budget)) > self.max_nodes:
+            raise OutOfRange(f"top_k {budget.top_k}, max_depth {budget.max_depth} and max_breadth "
+                             f"{budget.max_breadth} allow trees of {nodes} nodes, the limit is {self.max_nodes}",
+                             "budget")
 
     def validate_sequences(self, sequences: list[SequenceInput]) -> list[DraftSession | None]:
         """Check every sequence against the request and the cache; the session of each (None: to create)."""
@@ -269,7 +294,7 @@ class Expander:
         visible = np.zeros((B, T, P + T), dtype=bool)                        # [B, T, P+T]
         past_k = [np.zeros((B, meta.num_kv_heads, P, meta.head_dim), self.runner.dtype) for _ in sessions[0].keys]
         past_v = [np.zeros_like(a) for a in past_k]                          # per layer [B, Hkv, P, D]
-        columns = np.full((B, P + T), HIDDEN, dtype=np.int64)                # [B, P+T]
+        committed = np.zeros((B, P + T), dtype=bool)                         # [B, P+T] columns of committed KV
         causal = np.tril(np.ones((T, T), dtype=bool))
         for b, (q, s, n, p) in enumerate(zip(sequences, sessions, lens, olds)):
             input_ids[b, :n] = q.new_tokens
@@ -278,8 +303,8 @@ class Expander:
             visible[b, :, P : P + T] = causal
             visible[b, n:] = False  # padding rows see only themselves
             visible[b, np.arange(n, T), P + np.arange(n, T)] = True
-            columns[b, :p] = VISIBLE
-            columns[b, P : P + n] = VISIBLE
+            committed[b, :p] = True
+            committed[b, P : P + n] = True
             for l in range(len(past_k)):
                 past_k[l][b, :, :p] = s.keys[l][:, :p]
                 past_v[l][b, :, :p] = s.values[l][:, :p]
@@ -287,74 +312,77 @@ class Expander:
         for b, (s, n) in enumerate(zip(sessions, lens)):
             s.append([k[b, :, P : P + n] for k in out.keys], [v[b, :, P : P + n] for v in out.values])
         last = np.asarray(lens) - 1
-        return out.probs[np.arange(B), last], out.ids[np.arange(B), last], (out.keys, out.values), columns
+        return out.probs[np.arange(B), last], out.ids[np.arange(B), last], (out.keys, out.values), committed
 
-    def grow_trees(self, sequences, budget: Budget, root_probs, root_ids, past, columns):
-        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children."""
-        B = len(sequences)
-        k = budget.top_k
-        roots = [q.start_position + q.new_tokens.size - 1 for q in sequences]
+    def grow_trees(self, sequences, budget: Budget, root_probs, root_ids, past, committed):
+        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.
+
+        committed: [B, L0] bool, the columns of the batched KV `past` that hold a committed token of the sequence.
+        """
+        B, k = len(sequences), budget.top_k
+        roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
-        depth_room = [min(budget.max_depth, self.max_context - 1 - r) for r in roots]
-        trees = [_Tree() for _ in range(B)]
+        depth_room = np.minimum(budget.max_depth, self.max_context - 1 - roots)
+        capacity = max_tree_nodes(budget)
+        trees = [_Tree(int(q.new_tokens[-1]), capacity, budget.max_depth) for q in sequences]
         stats: list[list[LayerStats]] = [[] for _ in range(B)]
-        layer: list[list[int]] = []  # per sequence: node indices of the current layer's candidates
-        for b, tree in enumerate(trees):
-            tree.add(int(sequences[b].new_tokens[-1]), -1, 1.0)
-            layer.append([tree.add(int(t), 0, float(p)) for t, p in zip(root_ids[b, :k], root_probs[b, :k])]
-                         if depth_room[b] >= 1 else [])
+        empty = np.zeros(0, dtype=np.int64)
+        # Per sequence, the node indices of the current layer's candidates.
+        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
+                 if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
         keys, values = past
-        forwarded = 0
-        depth = 1
-        while any(layer):
-            # Candidates by value, best first (stable: ties keep tree order).
-            ranked = [sorted(nodes, key=lambda i, t=t: -t.values[i]) for nodes, t in zip(layer, trees)]
-            n_keep = layer_keep_count([np.array([t.values[i] for i in r], np.float32) for r, t in zip(ranked, trees)],
-                                      budget, forwarded)
-            kept = [r[:n_keep] if depth < depth_room[b] else [] for b, r in enumerate(ranked)]
-            kept_values = [np.array([t.values[i] for i in kp], np.float32) for kp, t in zip(kept, trees)]
-            if not any(kept) or not expand_another_layer(depth, kept_values, budget, forwarded):
-                kept = [[] for _ in range(B)]
+        tree_columns = np.full((B, 0), HIDDEN, dtype=np.int64)  # [B, F] tree node held by each tree KV column
+        forwarded, depth = 0, 1
+        while any(nodes.size for nodes in layer):
+            # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
+            ranked = [nodes[np.argsort(-t.values[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
+            n_keep = min(layer_keep_count([t.values[r] for r, t in zip(ranked, trees)], budget, forwarded),
+                         budget.max_breadth)
+            kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
+            if not any(kp.size for kp in kept) or not expand_another_layer(
+                depth, [t.values[kp] for kp, t in zip(kept, trees)], budget, forwarded
+            ):
+                kept = [empty] * B
             for b in range(B):
-                if layer[b]:
-                    stats[b].append(LayerStats(candidates=len(layer[b]), kept=len(kept[b])))
-            if not any(kept):
+                if layer[b].size:
+                    stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
+            if not any(kp.size for kp in kept):
                 break
-            out, columns = self.forward_layer(sequences, trees, kept, roots, keys, values, columns)
+            out, tree_columns = self.forward_layer(trees, kept, roots, keys, values, committed, tree_columns)
             keys, values = out.keys, out.values
-            forwarded += sum(len(kp) for kp in kept)
-            layer = []
-            for b, (tree, nodes) in enumerate(zip(trees, kept)):
-                children = []
-                for j, node in enumerate(nodes):
-                    for t, p in zip(out.ids[b, j, :k], out.probs[b, j, :k]):
-                        children.append(tree.add(int(t), node, float(np.float32(tree.values[node]) * p)))
-                layer.append(children)
+            forwarded += sum(kp.size for kp in kept)
+            layer = [t.add_children(kp, out.ids[b, : kp.size, :k], out.probs[b, : kp.size, :k]) if kp.size else empty
+                     for b, (t, kp) in enumerate(zip(trees, kept))]
             depth += 1
         return trees, stats
 
-    def forward_layer(self, sequences, trees, kept, roots, keys, values, columns):
-        """One forward over the kept nodes of every sequence, on top of the batched KV (committed + tree so far).
-
-        A node sees the committed tokens, its ancestors in the tree and itself. Position = root position + depth.
+    def forward_layer(self, trees, kept, roots, keys, values, committed, tree_columns):
+        """One forward over the kept nodes of every sequence, on top of the batched KV: committed tokens, then
+        the tree nodes forwarded so far. A node sees the committed tokens, its ancestors and itself;
+        position = root position + depth.
         """
-        B, L = columns.shape
-        N = max(len(kp) for kp in kept)
-        input_ids = np.zeros((B, N), dtype=np.int64)                     # [B, N]
-        position_ids = np.zeros((B, N), dtype=np.int64)                  # [B, N]
-        new_columns = np.full((B, N), HIDDEN, dtype=np.int64)            # [B, N]
-        for b, (tree, nodes) in enumerate(zip(trees, kept)):
-            input_ids[b, : len(nodes)] = [tree.tokens[i] for i in nodes]
-            position_ids[b, : len(nodes)] = [roots[b] + tree.depths[i] for i in nodes]
-            new_columns[b, : len(nodes)] = nodes
-        all_columns = np.concatenate([columns, new_columns], axis=1)     # [B, L+N]
-        visible = np.zeros((B, N, L + N), dtype=bool)                    # [B, N, L+N]
-        for b, (tree, nodes) in enumerate(zip(trees, kept)):
-            for j, node in enumerate(nodes):
-                visible[b, j] = (all_columns[b] == VISIBLE) | np.isin(all_columns[b], tree.lineage[node])
-            visible[b, np.arange(len(nodes), N), L + np.arange(len(nodes), N)] = True  # padding rows: themselves
+        B, L0 = committed.shape
+        F = tree_columns.shape[1]
+        N = max(kp.size for kp in kept)
+        input_ids = np.zeros((B, N), dtype=np.int64)                      # [B, N]
+        position_ids = np.zeros((B, N), dtype=np.int64)                   # [B, N]
+        new_columns = np.full((B, N), HIDDEN, dtype=np.int64)             # [B, N]
+        paths = np.full((B, N, trees[0].paths.shape[1]), HIDDEN, dtype=np.int64)  # [B, N, depth+1]
+        for b, (t, kp) in enumerate(zip(trees, kept)):
+            n = kp.size
+            input_ids[b, :n] = t.tokens[kp]
+            position_ids[b, :n] = roots[b] + t.depths[kp]
+            new_columns[b, :n] = kp
+            paths[b, :n] = t.paths[kp]
+        real = np.arange(N)[None, :] < np.array([kp.size for kp in kept])[:, None]  # [B, N] not padding
+        visible = np.zeros((B, N, L0 + F + N), dtype=bool)                # [B, N, L0+F+N]
+        visible[:, :, :L0] = committed[:, None, :] & real[:, :, None]
+        # A tree column is visible when its node is on the query node's path.
+        on_path = (tree_columns[:, None, :, None] == paths[:, :, None, :]).any(-1)  # [B, N, F]
+        visible[:, :, L0 : L0 + F] = on_path & real[:, :, None]
+        visible[:, :, L0 + F :] = np.eye(N, dtype=bool)  # itself (same-layer nodes are never ancestors)
         out = self.run(input_ids, position_ids, self.additive(visible), keys, values)
-        return out, all_columns
+        return out, np.concatenate([tree_columns, new_columns], axis=1)
 
     def additive(self, visible: np.ndarray) -> np.ndarray:
         """[B, T, S] bool -> [B, 1, T, S] additive mask in the model's dtype."""

@@ -270,7 +270,8 @@ def check_export(model_dir: str | Path, onnx_path: str | Path, meta: ExportMeta,
     if not np.array_equal(got[1], want_ids):
         raise RuntimeError("ONNX export check: top-K ids differ from PyTorch")
     if not np.allclose(got[0], want_probs, atol=tol):
-        raise RuntimeError(f"ONNX export check: top-K probs differ from PyTorch by {np.abs(got[0] - want_probs).max():.2e}")
+        worst = np.abs(got[0] - want_probs).max()
+        raise RuntimeError(f"ONNX export check: top-K probs differ from PyTorch by {worst:.2e}")
     for want, have in zip(expected[2:], got[2:]):
         if not np.allclose(have, want.numpy(), atol=tol * 10):
             raise RuntimeError("ONNX export check: present KV differs from PyTorch")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from draft_service.expansion import Budget, SequenceInput
+from draft_service.expansion import Budget, SequenceInput, max_tree_nodes
 
 PROMPT = [5, 17, 99, 3, 200, 42, 7, 310, 64]
 
@@ -143,6 +143,8 @@ def test_tree_is_clipped_at_the_context_end(make_expander):
         (Budget(2, 3, 2), [seq("a", [1], -2)], InvalidArgument, "sequences[0].start_position"),
         (Budget(2, 3, 2), [seq("b", [1]), seq("a", [1], 5)], NotFound, "sequences[1].sequence_id"),
         (Budget(2, 3, 2), [seq("a", [1] * 1025)], OutOfRange, "sequences[0].new_tokens"),
+        (Budget(8, 10, 64), [seq("a", PROMPT)], OutOfRange, "budget"),
+        (Budget(1, 65, 1), [seq("a", PROMPT)], OutOfRange, "budget.max_depth"),
     ],
 )
 def test_bad_requests_name_the_field_and_change_nothing(make_expander, budget, sequences, error, field):
@@ -171,3 +173,12 @@ def test_no_room_for_new_sessions_is_resource_exhausted(make_expander):
     assert info.value.field == "sequences[2].sequence_id"
     assert ex.release(["a", "zzz"]) == 1
     ex.expand([seq("b", [1]), seq("c", [1])], Budget(2, 1, 2))
+
+
+def test_max_tree_nodes_bounds_every_tree(make_expander):
+    assert max_tree_nodes(Budget(2, 4, 8)) == 1 + 2 + 4 + 8 + 16
+    assert max_tree_nodes(Budget(8, 3, 2)) == 1 + 8 + 16 + 16
+    assert max_tree_nodes(Budget(8, 0, 2)) == 1
+    for budget in (Budget(3, 4, 2), Budget(1, 5, 1), Budget(8, 2, 8)):
+        [e], _ = make_expander().expand([seq("a", PROMPT)], budget)
+        assert len(e.tree) == max_tree_nodes(budget)  # EAGLE-2 never prunes below the limits

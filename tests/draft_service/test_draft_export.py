@@ -21,7 +21,8 @@ def test_ort_topk_matches_torch_on_a_tree_with_past(exported, runner, draft_mode
     inputs, _ = io_names(meta.num_layers)
     with torch.no_grad():
         want = _wrapper(model, meta.top_k)(*(torch.from_numpy(feeds[n]) for n in inputs))
-    past = [feeds[f"past.{l}.key"] for l in range(meta.num_layers)], [feeds[f"past.{l}.value"] for l in range(meta.num_layers)]
+    layers = range(meta.num_layers)
+    past = [feeds[f"past.{l}.key"] for l in layers], [feeds[f"past.{l}.value"] for l in layers]
     got = runner.run(feeds["input_ids"], feeds["position_ids"], feeds["attention_mask"], *past)
     assert got.probs.shape == got.ids.shape == (3, 7, meta.top_k)
     np.testing.assert_array_equal(got.ids, want[1].numpy())
