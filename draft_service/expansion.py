@@ -281,8 +281,8 @@ class Expander:
     def commit(self, sequences: list[SequenceInput], sessions: list[DraftSession]):
         """Forward the new tokens of every sequence (batched, padded) and append their KV to the sessions.
 
-        Returns the root's top-K per sequence ([B, K] each), and the batched KV and its column kinds, on top
-        of which the tree layers are forwarded.
+        Returns the root's top-K per sequence ([B, K] each), the batched KV on top of which the tree layers are
+        forwarded, and which of its columns hold committed tokens ([B, P+T] bool; the rest is padding).
         """
         B = len(sequences)
         lens = [q.new_tokens.size for q in sequences]
@@ -298,7 +298,8 @@ class Expander:
         causal = np.tril(np.ones((T, T), dtype=bool))
         for b, (q, s, n, p) in enumerate(zip(sequences, sessions, lens, olds)):
             input_ids[b, :n] = q.new_tokens
-            position_ids[b] = q.start_position + np.arange(T)  # padding rows: any position, their output is dropped
+            # Padding rows repeat the last position (an absolute-position model could not index past the context).
+            position_ids[b] = q.start_position + np.minimum(np.arange(T), n - 1)
             visible[b, :, :p] = True
             visible[b, :, P : P + T] = causal
             visible[b, n:] = False  # padding rows see only themselves
