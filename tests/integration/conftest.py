@@ -6,12 +6,14 @@ import grpc
 import pytest
 
 from cast.v1 import generation_pb2_grpc
+from orchestrator.stack import REFERENCE_PAIR
 from tests.integration.stacks import start_stack
 
 
 @pytest.fixture(scope="session")
 def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
-    """stack_factory("tiny-draft" | "target-as-draft") -> a running Stack (float64 verifier for exact argmax)."""
+    """stack_factory("tiny-draft" | "target-as-draft" | "reference") -> a running Stack (float64 verifier, so that
+    argmax never flips between a tree forward and the reference's one-token decode)."""
     running = {}
 
     def get(kind: str):
@@ -19,6 +21,8 @@ def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
             target, draft = tiny_pair
             if kind == "target-as-draft":
                 draft = target
+            elif kind == "reference":
+                target, draft = REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
             running[kind] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}"))
         return running[kind]
 
