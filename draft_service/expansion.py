@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from cast_core.selection import breadth_keep, layer_utility, should_expand
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from draft_service.runner import DraftRunner
@@ -32,9 +34,7 @@ HIDDEN = -2  # a padding entry in the batched tree columns and paths: matches no
 class CastBudget:
     """CAST's pruning inputs, as the orchestrator sends them (see ExpandBudget.cast in draft.proto)."""
 
-    node_buckets: np.ndarray     # [R] int
-    token_counts: np.ndarray     # [C] int
-    normalized_cost: np.ndarray  # [R, C] draft cost / verifier one-token cost
+    prices: NormalizedCostSlice  # draft forward cost / verifier one-token cost, by (nodes so far, new tokens)
     breadth_threshold: float     # C1
     depth_threshold: float       # C2
     gain_mean: float             # alpha
@@ -101,19 +101,35 @@ def layer_keep_count(layer_values: list[np.ndarray], budget: Budget, nodes_so_fa
     """How many candidates of the current layer each sequence keeps (the kept ones propose children).
 
     layer_values: per sequence, its candidates' values sorted descending. nodes_so_far: tree nodes forwarded
-    so far in this call, the draft cost table's row. EAGLE-2: a fixed max_breadth.
-    Issue 4: with budget.cast set, CAST's breadth rule (C1) on the batch-average cumulative value.
+    so far in this call, the row of the draft's cost slice. EAGLE-2: a fixed max_breadth. CAST: the breadth rule
+    (C1) on the batch-average cumulative value against the cost of forwarding k nodes, within max_breadth.
     """
-    return budget.max_breadth
+    if budget.cast is None:
+        return budget.max_breadth
+    values = [v[: budget.max_breadth] for v in layer_values]
+    widest = max((v.size for v in values), default=0)
+    if widest == 0:
+        return budget.max_breadth
+    costs = budget.cast.prices.costs_for_counts(nodes_so_far, widest)
+    return breadth_keep(values, costs, budget.cast.breadth_threshold)
 
 
 def expand_another_layer(depth: int, kept_values: list[np.ndarray], budget: Budget, nodes_so_far: int) -> bool:
     """Whether the kept nodes of layer `depth` propose children (layer depth + 1).
 
     kept_values: per sequence, the kept nodes' values sorted descending. EAGLE-2: up to max_depth layers.
-    Issue 4: with budget.cast set, also CAST's depth rule (C2): alpha * u / c >= C2.
+    CAST: also the depth rule (C2), alpha * u / c >= C2, where u is the kept nodes' batch-average value and c
+    the cost of the forward that would expand them.
     """
-    return depth < budget.max_depth
+    if depth >= budget.max_depth:
+        return False
+    if budget.cast is None:
+        return True
+    kept = max((v.size for v in kept_values), default=0)
+    if kept == 0:
+        return False
+    cost = budget.cast.prices.cost(nodes_so_far, kept)
+    return should_expand(budget.cast.gain_mean, layer_utility(kept_values), cost, budget.cast.depth_threshold)
 
 
 # --- the expander -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import CastError, InvalidArgument
 from draft_service.errors import abort_with
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
@@ -28,14 +29,15 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
         if len(c.normalized_cost) != rows * cols:
             raise InvalidArgument(f"has {len(c.normalized_cost)} entries, expected {rows} x {cols}",
                                   "budget.cast.normalized_cost")
-        cast = CastBudget(
-            node_buckets=np.asarray(c.node_buckets, dtype=np.int64),
-            token_counts=np.asarray(c.token_counts, dtype=np.int64),
-            normalized_cost=np.asarray(c.normalized_cost, dtype=np.float32).reshape(rows, cols),
-            breadth_threshold=c.breadth_threshold,
-            depth_threshold=c.depth_threshold,
-            gain_mean=c.gain_mean,
-        )
+        try:
+            prices = NormalizedCostSlice(
+                node_buckets=tuple(c.node_buckets),
+                token_counts=tuple(c.token_counts),
+                normalized_cost=np.asarray(c.normalized_cost, dtype=np.float64).reshape(rows, cols),
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), "budget.cast") from None
+        cast = CastBudget(prices, c.breadth_threshold, c.depth_threshold, c.gain_mean)
     return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast)
 
 
