@@ -20,7 +20,7 @@ class OrchestratorConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
-    default_policy: str = "eagle2"
+    default_policy: str = "cast"
     rpc_timeout_s: float = 60.0              # per downstream call when the client set no deadline
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
 
@@ -42,7 +42,7 @@ class OrchestratorConfig:
         p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
         p.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
         p.add_argument("--max-new-tokens-limit", type=int, default=int(_env("MAX_NEW_TOKENS_LIMIT", "4096")))
-        p.add_argument("--default-policy", default=_env("DEFAULT_POLICY", "eagle2"))
+        p.add_argument("--default-policy", default=_env("DEFAULT_POLICY", "cast"))
         p.add_argument("--rpc-timeout", type=float, default=float(_env("RPC_TIMEOUT", "60")))
         a = p.parse_args(argv)
         if not a.tokenizer:
