@@ -1,4 +1,7 @@
-"""The one place where the orchestrator calls the draft and verify services: one channel per replica."""
+"""The one place where the orchestrator calls the draft and verify services: one channel per replica.
+
+Every call is batched: one RPC carries all sequences of a step.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class Expanded:
     kept_per_layer: list[int]
 
     def forwards(self, new_tokens: int) -> list[tuple[int, int]]:
-        """The draft forwards this expansion took: [(tree nodes so far, new tokens)], committing ones first."""
+        """The draft forwards this expansion took: [(tree nodes so far, new tokens)], the committing one first."""
         out = [(0, new_tokens)]
         nodes = 0  # tree nodes already forwarded (in the draft's KV) when a layer's forward runs
         for kept in self.kept_per_layer:
@@ -39,12 +42,18 @@ class Expanded:
         return out
 
 
-@dataclass
-class Timed:
-    """A result and the wall time of the call that produced it, RPC included."""
+@dataclass(frozen=True)
+class DraftItem:
+    sequence_id: str
+    new_tokens: list[int]  # committed since the draft's last call
+    start_position: int    # position of new_tokens[0]
 
-    value: object
-    seconds: float
+
+@dataclass(frozen=True)
+class VerifyItem:
+    sequence_id: str
+    tree: TokenTree
+    sampling: verify_pb2.SamplingParams
 
 
 class DraftClient:
@@ -56,24 +65,21 @@ class DraftClient:
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
 
-    async def expand(
-        self, sequence_id: str, new_tokens: list[int], start_position: int, budget: draft_pb2.ExpandBudget, timeout: float | None
-    ) -> Timed:
-        """Returns Timed(Expanded) for one sequence (the request is batched; batching across requests comes later)."""
+    async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget, timeout: float | None) -> list[Expanded]:
         request = draft_pb2.ExpandRequest(
-            sequences=[draft_pb2.DraftSequence(sequence_id=sequence_id, new_tokens=new_tokens, start_position=start_position)],
+            sequences=[draft_pb2.DraftSequence(sequence_id=i.sequence_id, new_tokens=i.new_tokens,
+                                               start_position=i.start_position) for i in items],
             budget=budget,
         )
-        start = time.perf_counter()
         response = await self.stub.Expand(request, timeout=timeout)
-        seconds = time.perf_counter() - start
-        result = response.trees[0]
-        expanded = Expanded(
-            tree=tree_from_proto(result.tree, "draft tree"),
-            candidates_per_layer=[layer.candidates for layer in result.layers],
-            kept_per_layer=[layer.kept for layer in result.layers],
-        )
-        return Timed(expanded, seconds)
+        return [
+            Expanded(
+                tree=tree_from_proto(result.tree, "draft tree"),
+                candidates_per_layer=[layer.candidates for layer in result.layers],
+                kept_per_layer=[layer.kept for layer in result.layers],
+            )
+            for result in response.trees
+        ]
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
@@ -91,25 +97,30 @@ class VerifyClient:
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(verify_pb2.VerifyDescribeRequest(), timeout=timeout)).replica
 
-    async def prefill(self, sequence_id: str, token_ids: list[int], timeout: float | None) -> Timed:
-        request = verify_pb2.PrefillRequest(sequences=[verify_pb2.PrefillSequence(sequence_id=sequence_id, token_ids=token_ids)])
-        start = time.perf_counter()
-        await self.stub.Prefill(request, timeout=timeout)
-        return Timed(None, time.perf_counter() - start)
-
-    async def verify(
-        self, sequence_id: str, tree: TokenTree, sampling: verify_pb2.SamplingParams, timeout: float | None
-    ) -> Timed:
-        """Returns Timed(list of committed tokens: accepted drafts then the bonus token)."""
-        request = verify_pb2.VerifyRequest(
-            sequences=[verify_pb2.VerifySequence(sequence_id=sequence_id, tree=tree_to_proto(tree), sampling=sampling)]
+    async def prefill(self, prompts: dict[str, list[int]], timeout: float | None) -> None:
+        request = verify_pb2.PrefillRequest(
+            sequences=[verify_pb2.PrefillSequence(sequence_id=s, token_ids=ids) for s, ids in prompts.items()]
         )
-        start = time.perf_counter()
+        await self.stub.Prefill(request, timeout=timeout)
+
+    async def verify(self, items: list[VerifyItem], timeout: float | None) -> list[list[int]]:
+        """Per sequence, the committed tokens: the accepted drafts, then the bonus token."""
+        request = verify_pb2.VerifyRequest(
+            sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
+                       for i in items]
+        )
         response = await self.stub.Verify(request, timeout=timeout)
-        return Timed(list(response.results[0].committed_tokens), time.perf_counter() - start)
+        return [list(result.committed_tokens) for result in response.results]
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+async def timed(awaitable):
+    """(result, wall seconds): the RPC's time, network and serialisation included."""
+    start = time.perf_counter()
+    result = await awaitable
+    return result, time.perf_counter() - start

@@ -21,7 +21,9 @@ class OrchestratorConfig:
     port: int = 50051
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
     default_policy: str = "cast"
-    rpc_timeout_s: float = 60.0              # per downstream call when the client set no deadline
+    rpc_timeout_s: float = 60.0              # per downstream call
+    max_live: int = 64                       # sequences decoded together at most (the batch)
+    max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
 
     def __post_init__(self) -> None:
@@ -30,6 +32,8 @@ class OrchestratorConfig:
             raise ValueError("at least one draft and one verify address are needed")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
+        if self.max_live < 1 or self.max_queued < 0:
+            raise ValueError("max_live must be at least 1 and max_queued at least 0")
         if self.max_new_tokens_limit < 1:
             raise ValueError("max_new_tokens_limit must be at least 1")
 
@@ -44,6 +48,8 @@ class OrchestratorConfig:
         p.add_argument("--max-new-tokens-limit", type=int, default=int(_env("MAX_NEW_TOKENS_LIMIT", "4096")))
         p.add_argument("--default-policy", default=_env("DEFAULT_POLICY", "cast"))
         p.add_argument("--rpc-timeout", type=float, default=float(_env("RPC_TIMEOUT", "60")))
+        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
+        p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -56,4 +62,6 @@ class OrchestratorConfig:
             max_new_tokens_limit=a.max_new_tokens_limit,
             default_policy=a.default_policy,
             rpc_timeout_s=a.rpc_timeout,
+            max_live=a.max_live,
+            max_queued=a.max_queued,
         )

@@ -1,24 +1,14 @@
-"""The decoding loop of one request: prefill, then steps of draft-expand, select, verify, commit, until a stop.
+"""One request's side of decoding: what was asked, what it has produced, its stop conditions and its stats.
 
-A step always commits at least one token (the verifier's bonus token), so speculation can only help; the `ar`
-policy verifies the root alone and is plain autoregressive decoding.
+The step loop (step_loop.py) advances many of these together, one batched step at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from cast.v1 import draft_pb2, verify_pb2
-from cast_core.tree import TokenTree
-from cast_core.selection import GainBuffer
-from orchestrator.clients import DraftClient, VerifyClient
-from orchestrator.costs import CostModel
-from orchestrator.policies import TreePolicy, update_gains
+from orchestrator.policies import TreePolicy
 
 
 class FinishReason(Enum):
@@ -39,7 +29,6 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    timeout_s: float | None = None  # the client's remaining deadline, passed downstream
 
 
 @dataclass
@@ -129,98 +118,3 @@ class TextAssembler:
         out = self.text[self.emitted:end]
         self.emitted = end
         return out
-
-
-class Generator:
-    """Runs requests against one draft replica and one verify replica."""
-
-    def __init__(
-        self, tokenizer, draft: DraftClient, verify: VerifyClient, max_context: int, rpc_timeout_s: float, costs: CostModel
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.draft = draft
-        self.verify = verify
-        self.max_context = max_context
-        self.rpc_timeout_s = rpc_timeout_s
-        self.eos_token_id = tokenizer.eos_token_id
-        self.costs = costs  # shared by every request on this replica pair, corrected online
-        self.live = 0       # requests in flight: the batch size that prices a step
-
-    def _timeout(self, request: GenerationRequest, started: float) -> float:
-        if request.timeout_s is None:
-            return self.rpc_timeout_s
-        return max(request.timeout_s - (time.perf_counter() - started), 0.001)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        started = time.perf_counter()
-        sequence_id = uuid.uuid4().hex
-        policy = request.policy
-        stats = GenerationStats(policy=policy.name)
-        assembler = TextAssembler(self.tokenizer, request.prompt_ids, request, self.eos_token_id)
-        sampling = verify_pb2.SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            seed=request.seed or 0,
-            has_seed=request.seed is not None,  # the servicer always sets one for sampling
-        )
-        tokens = list(request.prompt_ids)   # committed so far; tokens[-1] is the next tree's root
-        draft_seen = 0                      # how many of `tokens` the draft has in its cache
-        opened_draft = False
-        gains = GainBuffer.full_of_ones(policy.cast.gain_buffer_size) if policy.cast else GainBuffer.full_of_ones(1)
-        self.live += 1
-        try:
-            timed = await self.verify.prefill(sequence_id, tokens, self._timeout(request, started))
-            stats.verify_seconds += timed.seconds
-            while True:
-                room = self.max_context - len(tokens) - 1  # tree depth that still fits in the context
-                if room < 0:
-                    yield self._final(assembler, FinishReason.CONTEXT, stats, started)
-                    return
-                batch, context = self.live, len(tokens)
-                expanded = TokenTree.root_only(tokens[-1])
-                depth = min(policy.max_depth, room)
-                if policy.uses_draft and depth > 0:
-                    budget = policy.budget(depth, self.costs, batch, context, gains)
-                    opened_draft = True
-                    new_tokens = tokens[draft_seen:]
-                    timed = await self.draft.expand(sequence_id, new_tokens, draft_seen, budget, self._timeout(request, started))
-                    draft_seen = len(tokens)
-                    stats.draft_seconds += timed.seconds
-                    expanded = timed.value.tree
-                    self.costs.observe_draft(batch, context, timed.value.forwards(len(new_tokens)), timed.seconds)
-                    if policy.cast is not None:
-                        gains = update_gains(gains, expanded, timed.value.kept_per_layer)
-                selected = policy.select(expanded, self.costs, batch, context)
-                timed = await self.verify.verify(sequence_id, selected, sampling, self._timeout(request, started))
-                stats.verify_seconds += timed.seconds
-                self.costs.observe_verify(batch, context, len(selected), timed.seconds)
-                committed: list[int] = timed.value
-                stats.steps.append(StepRecord(len(expanded), len(selected), selected.max_depth, len(committed)))
-                tokens.extend(committed)
-                taken, reason = assembler.add(committed)
-                if reason is not None:
-                    yield self._final(assembler, reason, stats, started, taken)
-                    return
-                yield Chunk(assembler.take_text(final=False), taken, completion_tokens=len(assembler.token_ids))
-        finally:
-            self.live -= 1
-            # Shielded: a cancelled request must still free its sessions on both services.
-            await asyncio.shield(self._release(sequence_id, opened_draft))
-
-    async def _release(self, sequence_id: str, opened_draft: bool) -> None:
-        calls = [self.verify.release([sequence_id])]
-        if opened_draft:
-            calls.append(self.draft.release([sequence_id]))
-        # A failed release is not the client's problem: the session's TTL frees it.
-        await asyncio.gather(*calls, return_exceptions=True)
-
-    def _final(self, assembler: TextAssembler, reason: FinishReason, stats: GenerationStats, started: float, taken=()) -> Chunk:
-        stats.total_seconds = time.perf_counter() - started
-        return Chunk(
-            assembler.take_text(final=True),
-            list(taken),
-            finish_reason=reason,
-            stats=stats,
-            completion_tokens=len(assembler.token_ids),
-        )

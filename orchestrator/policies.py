@@ -50,13 +50,16 @@ class TreePolicy:
             )
         return budget
 
-    def select(self, expanded: TokenTree, costs: CostModel, batch: int, context: int) -> TokenTree:
-        """The nodes to verify: the root and the best nodes by value (closed under ancestors)."""
+    def select(self, expanded: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
+        """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
+
+        CAST picks one m for the whole batch, which shares one verifier forward.
+        """
         m = self.verify_tokens
         if self.cast is not None:
-            prices = costs.rerank_costs(batch, context, len(expanded))
-            m = min(rerank_count(expanded.values, prices, self.cast.rerank_threshold), m)
-        return expanded.top_m(m)
+            prices = costs.rerank_costs(batch, context, max(len(t) for t in expanded))
+            m = min(rerank_count([t.values for t in expanded], prices, self.cast.rerank_threshold), m)
+        return [t.top_m(m) for t in expanded]
 
 
 def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list[float]:

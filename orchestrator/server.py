@@ -17,7 +17,7 @@ from cast_core.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.costs import CostModel
-from orchestrator.decoding import Generator
+from orchestrator.step_loop import StepLoop
 from orchestrator.servicer import GenerationServicer
 
 log = logging.getLogger("cast.orchestrator")
@@ -51,7 +51,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         )
     max_context = min(draft_desc.max_context, verify_desc.max_context)
     costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
-    generator = Generator(tokenizer, draft, verify, max_context, config.rpc_timeout_s, costs)
+    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
 
     server = grpc.aio.server(
         options=[
@@ -60,7 +60,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         ]
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(generator, config.max_new_tokens_limit, config.default_policy), server
+        GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

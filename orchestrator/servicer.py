@@ -9,7 +9,8 @@ import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument, OutOfRange
-from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, Generator
+from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats
+from orchestrator.step_loop import StepLoop
 from orchestrator.errors import abort_with
 from orchestrator.policies import resolve_policy
 
@@ -42,13 +43,13 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, generator: Generator, max_new_tokens_limit: int, default_policy: str) -> None:
-        self.generator = generator
-        self.tokenizer = generator.tokenizer
+    def __init__(self, loop: StepLoop, max_new_tokens_limit: int, default_policy: str) -> None:
+        self.loop = loop
+        self.tokenizer = loop.tokenizer
         self.max_new_tokens_limit = max_new_tokens_limit
         self.default_policy = default_policy
 
-    def to_request(self, msg: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
+    def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
         if not msg.prompt:
             raise InvalidArgument("must not be empty", "prompt")
         if msg.max_new_tokens <= 0:
@@ -67,7 +68,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         prompt_ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False)
         if not prompt_ids:
             raise InvalidArgument("encodes to no tokens", "prompt")
-        limit = self.generator.max_context - 1
+        limit = self.loop.max_context - 1
         if len(prompt_ids) > limit:
             raise OutOfRange(f"{len(prompt_ids)} tokens; the model's context leaves room for {limit}", "prompt")
         return GenerationRequest(
@@ -81,7 +82,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             top_k=msg.top_k,
             # Unseeded sampling still runs on a seed, drawn here, so that every step of the request uses one stream.
             seed=msg.seed if msg.HasField("seed") else secrets.randbits(63),
-            timeout_s=context.time_remaining(),
         )
 
     async def Generate(self, request, context):
@@ -89,8 +89,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         token_ids: list[int] = []
         final: Chunk | None = None
         try:
-            domain = self.to_request(request, context)
-            async for chunk in self.generator.generate(domain):
+            domain = self.to_request(request)
+            async for chunk in self.loop.generate(domain):
                 text.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 final = chunk
@@ -107,8 +107,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            domain = self.to_request(request, context)
-            async for chunk in self.generator.generate(domain):
+            domain = self.to_request(request)
+            async for chunk in self.loop.generate(domain):
                 msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason is not None:
                     msg.finish_reason = FINISH_REASONS[chunk.finish_reason]

@@ -1,0 +1,260 @@
+"""Continuous batching: one step loop per (draft replica, verify replica) pair.
+
+Requests join at the next step boundary (their prefills batched into one call) and leave when they finish or their
+client goes away. Each step sends one batched Expand per tree policy present and one batched Verify for everyone;
+CAST prices the step at the live batch size. Results reach each request through its own queue, so a slow reader
+of a stream never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from cast.v1 import verify_pb2
+from cast_core.errors import ResourceExhausted
+from cast_core.selection import GainBuffer
+from cast_core.tree import TokenTree
+from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
+from orchestrator.costs import CostModel
+from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, TextAssembler
+from orchestrator.policies import TreePolicy, update_gains
+
+log = logging.getLogger("cast.orchestrator")
+
+
+@dataclass
+class LiveSequence:
+    """A request being decoded. tokens[-1] is the root of its next tree."""
+
+    request: GenerationRequest
+    assembler: TextAssembler
+    stats: GenerationStats
+    tokens: list[int]
+    sampling: verify_pb2.SamplingParams
+    started: float = field(default_factory=time.perf_counter)
+    sequence_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Chunk, then None; or an exception
+    draft_seen: int = 0        # how many of `tokens` the draft has cached
+    opened_draft: bool = False
+    done: bool = False         # finished, failed or abandoned: leaves at the next boundary
+
+    @property
+    def policy(self) -> TreePolicy:
+        return self.request.policy
+
+    def finish(self, reason: FinishReason, taken: list[int]) -> None:
+        self.stats.total_seconds = time.perf_counter() - self.started
+        self.out.put_nowait(Chunk(self.assembler.take_text(final=True), taken, reason, self.stats,
+                                  len(self.assembler.token_ids)))
+        self.done = True
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.out.put_nowait(error)
+            self.done = True
+
+
+class StepLoop:
+    def __init__(
+        self,
+        tokenizer,
+        draft: DraftClient,
+        verify: VerifyClient,
+        max_context: int,
+        costs: CostModel,
+        rpc_timeout_s: float = 60.0,
+        max_live: int = 64,
+        max_queued: int = 256,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.draft = draft
+        self.verify = verify
+        self.max_context = max_context
+        self.costs = costs              # this replica pair's tables, corrected online
+        self.rpc_timeout_s = rpc_timeout_s
+        self.max_live = max_live
+        self.max_queued = max_queued
+        self.live: list[LiveSequence] = []
+        self.waiting: list[LiveSequence] = []
+        self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # --- the request's side ---------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if len(self.waiting) >= self.max_queued:
+            raise ResourceExhausted(
+                f"{len(self.live)} sequences live and {len(self.waiting)} queued: the server is full, retry later"
+            )
+        seq = LiveSequence(
+            request=request,
+            assembler=TextAssembler(self.tokenizer, request.prompt_ids, request, self.tokenizer.eos_token_id),
+            stats=GenerationStats(policy=request.policy.name),
+            tokens=list(request.prompt_ids),
+            sampling=verify_pb2.SamplingParams(
+                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                seed=request.seed or 0, has_seed=request.seed is not None,
+            ),
+        )
+        self.waiting.append(seq)
+        self._ensure_running()
+        self._wake.set()
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Cancelled, timed out or finished: the loop releases the sessions at the next boundary.
+            seq.done = True
+            self._wake.set()
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="step-loop")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._retire()
+            if not self.live and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._admit()
+                if self.live:
+                    await self._step([s for s in self.live if not s.done])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must fail the requests, not hang them
+                log.exception("step failed")
+                for s in self.live + self.waiting:
+                    s.fail(exc)
+
+    async def _admit(self) -> None:
+        """Prefill the waiting sequences that fit, in one call."""
+        self.waiting = [s for s in self.waiting if not s.done]
+        joining = self.waiting[: max(self.max_live - len(self.live), 0)]
+        if not joining:
+            return
+        self.waiting = self.waiting[len(joining):]
+        try:
+            _, seconds = await timed(self.verify.prefill({s.sequence_id: s.tokens for s in joining}, self.rpc_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            for s in joining:
+                s.fail(exc)
+            self.live.extend(joining)  # so that _retire releases whatever the verifier kept
+            return
+        for s in joining:
+            s.stats.verify_seconds += seconds
+        self.live.extend(joining)
+
+    async def _retire(self) -> None:
+        """Drop finished and abandoned sequences and release their sessions on both services."""
+        leaving = [s for s in self.live if s.done]
+        if not leaving:
+            return
+        self.live = [s for s in self.live if not s.done]
+        calls = [self.verify.release([s.sequence_id for s in leaving])]
+        drafted = [s.sequence_id for s in leaving if s.opened_draft]
+        if drafted:
+            calls.append(self.draft.release(drafted))
+        # A failed release is nobody's error to report: the sessions' TTL frees them.
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _step(self, batch: list[LiveSequence]) -> None:
+        for s in batch:
+            if len(s.tokens) >= self.max_context:  # no room for another tree
+                s.finish(FinishReason.CONTEXT, [])
+        batch = [s for s in batch if not s.done]
+        if not batch:
+            return
+        size = len(batch)
+        context = max(len(s.tokens) for s in batch)
+        trees: dict[str, TokenTree] = {s.sequence_id: TokenTree.root_only(s.tokens[-1]) for s in batch}
+        expanded_sizes: dict[str, int] = {s.sequence_id: 1 for s in batch}
+
+        groups: dict[str, list[LiveSequence]] = defaultdict(list)
+        for s in batch:
+            if s.policy.uses_draft:
+                groups[s.policy.name].append(s)
+        for group in groups.values():
+            selected = await self._draft_and_select(group, size, context)
+            if selected is None:
+                return
+            for s, (tree, expanded_size) in zip(group, selected):
+                trees[s.sequence_id], expanded_sizes[s.sequence_id] = tree, expanded_size
+
+        items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
+        try:
+            results, seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            for s in batch:
+                s.fail(exc)
+            return
+        self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
+        for s, item, committed in zip(batch, items, results):
+            s.stats.verify_seconds += seconds
+            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth, len(committed)))
+            s.tokens.extend(committed)
+            taken, reason = s.assembler.add(committed)
+            if reason is not None:
+                s.finish(reason, taken)
+            elif not s.done:
+                s.out.put_nowait(Chunk(s.assembler.take_text(final=False), taken,
+                                       completion_tokens=len(s.assembler.token_ids)))
+
+    async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int):
+        """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
+
+        Returns [(tree to verify, expanded size)] per sequence, or None when the draft failed the whole group.
+        """
+        policy = group[0].policy
+        gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
+        budget = policy.budget(policy.max_depth, self.costs, size, context, gains)
+        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group]
+        for s in group:
+            s.opened_draft = True
+        try:
+            expanded, seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            for s in group:
+                s.fail(exc)
+            return None
+        longest = max(items, key=lambda i: len(i.new_tokens))
+        self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)), seconds)
+        for s, e in zip(group, expanded):
+            s.draft_seen = len(s.tokens)
+            s.stats.draft_seconds += seconds
+        if policy.cast is not None:
+            for e in expanded:
+                gains = update_gains(gains, e.tree, e.kept_per_layer)
+            self.gains[policy.name] = gains
+        chosen = policy.select([e.tree for e in expanded], self.costs, size, context)
+        return [(tree, len(e.tree)) for tree, e in zip(chosen, expanded)]
+
+    def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
+        """Cut the tree's deepest layers where the context has no room for them."""
+        room = self.max_context - len(s.tokens) - 1
+        if tree.max_depth <= room:
+            return tree
+        return tree.subtree(np.nonzero(tree.depths <= room)[0])
