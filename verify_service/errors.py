@@ -7,8 +7,15 @@ import logging
 
 import grpc
 
-from cast_core.errors import CastError, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from verify_service.verifier import Unimplemented
+from cast_core.errors import (
+    CastError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unimplemented,
+)
 
 log = logging.getLogger(__name__)
 

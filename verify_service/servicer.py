@@ -16,8 +16,19 @@ import numpy as np
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.tree import TokenTree
 from verify_service.errors import abort_on_domain_error
+from verify_service.sampling import SamplingParams
 from verify_service.target import device_name
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
+
+
+def sampling_from_proto(msg: verify_pb2.SamplingParams) -> SamplingParams:
+    """Unvalidated, like the tree; proto3's unset top_p (0) means 1."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.has_seed else None,
+    )
 
 
 def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
@@ -58,7 +69,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     @abort_on_domain_error
     async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
         items = [
-            VerifyItem(s.sequence_id, tree_from_proto(s.tree), temperature=s.sampling.temperature)
+            VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
         accepted, seconds = await self._in_worker(self.verifier.verify, items)

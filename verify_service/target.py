@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,7 +141,3 @@ class TargetModel:
             **extra,
         )
         return result.logits
-
-    def greedy_tokens(self, logits: torch.Tensor) -> np.ndarray:
-        """[N, V] logits on the device -> [N] argmax on the host (only N integers cross)."""
-        return logits.argmax(dim=-1).cpu().numpy()

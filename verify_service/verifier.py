@@ -7,20 +7,19 @@ bad sequence leaves the others of its request untouched.
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cast_core.errors import CastError, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
-from verify_service.acceptance import Acceptance, accept_greedy
+from verify_service.acceptance import Acceptance, accept_matching
 from verify_service.kv_cache import SequenceKV
+from verify_service.sampling import GREEDY, SamplingParams, target_tokens
 from verify_service.target import TargetModel
-
-
-class Unimplemented(CastError):
-    """A feature this service does not have yet (UNIMPLEMENTED)."""
 
 
 @dataclass
@@ -39,7 +38,7 @@ class PrefillItem:
 class VerifyItem:
     sequence_id: str
     tree: TokenTree  # as received: validated here
-    temperature: float = 0.0  # 0: greedy
+    sampling: SamplingParams = GREEDY  # as received: validated here
 
 
 class Verifier:
@@ -65,14 +64,21 @@ class Verifier:
         return time.perf_counter() - start
 
     def verify(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float]:
-        """One tree forward per sequence, greedy acceptance, KV compaction. Returns results in order and model seconds."""
+        """One tree forward per sequence, acceptance (greedy or sampled), KV compaction. Returns results in order and
+        model seconds."""
         sessions = self._check_verify(items)
         start = time.perf_counter()
         kvs = [s.kv for s in sessions]
         prefix_lengths = [kv.length for kv in kvs]
+        # Unseeded sampling: a fresh seed per call is still exact (fresh noise), just not reproducible.
+        seeds = [item.sampling.seed if item.sampling.seed is not None else secrets.randbits(63) for item in items]
         try:
             all_logits = self.target.tree_logits(kvs, [item.tree for item in items])
-            accepted = [accept_greedy(item.tree, self.target.greedy_tokens(logits)) for item, logits in zip(items, all_logits)]
+            accepted = []
+            for item, logits, prefix_length, seed in zip(items, all_logits, prefix_lengths, seeds, strict=True):
+                # The root is token prefix_length of the sequence: depth-0 nodes predict token prefix_length + 1.
+                chosen = target_tokens(logits, item.tree.depths, prefix_length + 1, item.sampling, seed)  # [N]
+                accepted.append(accept_matching(item.tree, chosen))
         except BaseException:
             for kv, prefix_length in zip(kvs, prefix_lengths):
                 kv.truncate(prefix_length)  # a failed step leaves every cache as it was
@@ -149,9 +155,15 @@ class Verifier:
                     f"context limit of {self.target.max_context}",
                     f"{field}.tree.depths",
                 )
-            if not item.temperature >= 0:  # also catches NaN
-                raise InvalidArgument(f"{item.temperature} must be 0 (greedy) or positive", f"{field}.sampling.temperature")
-            if item.temperature > 0:
-                raise Unimplemented("sampling (temperature > 0) is not supported yet", f"{field}.sampling.temperature")
+            check_sampling(item.sampling, f"{field}.sampling")
             sessions.append(session)
         return sessions
+
+
+def check_sampling(params: SamplingParams, field: str) -> None:
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise InvalidArgument(f"must be 0 (greedy) or positive, got {params.temperature}", f"{field}.temperature")
+    if not 0 < params.top_p <= 1:  # also catches NaN
+        raise InvalidArgument(f"must be in (0, 1] (0 in the proto means 1), got {params.top_p}", f"{field}.top_p")
+    if params.top_k < 0:
+        raise InvalidArgument(f"must be 0 (off) or positive, got {params.top_k}", f"{field}.top_k")

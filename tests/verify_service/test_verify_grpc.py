@@ -91,8 +91,16 @@ BAD_REQUESTS = [
     ("context overflow", "Verify",
      verify(dict(sequence_id="s", tree=tree([7] + [1] * (MAX_CONTEXT - 2), [-1] + list(range(MAX_CONTEXT - 2))))),
      grpc.StatusCode.OUT_OF_RANGE, "sequences[0].tree.depths"),
-    ("sampling", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=0.7))),
-     grpc.StatusCode.UNIMPLEMENTED, "sequences[0].sampling.temperature"),
+    ("negative temperature", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=-0.5))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sampling.temperature"),
+    ("NaN temperature", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=float("nan")))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sampling.temperature"),
+    ("top_p above 1", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=0.7, top_p=1.5))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sampling.top_p"),
+    ("negative top_p", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=0.7, top_p=-0.1))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sampling.top_p"),
+    ("negative top_k", "Verify", verify(root(sampling=verify_pb2.SamplingParams(temperature=0.7, top_k=-1))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].sampling.top_k"),
     ("second of a batch is bad", "Verify", verify(root(), root("nope")), grpc.StatusCode.NOT_FOUND,
      "sequences[1].sequence_id"),
 ]
@@ -136,6 +144,22 @@ async def test_verify_commits_tokens_and_reports_accepted_nodes(serve):
     assert result.sequence_id == "t"
     assert list(result.accepted_nodes) == [2, 3]
     assert list(result.committed_tokens)[:2] == [bonus, after] and len(result.committed_tokens) == 3
+
+
+async def test_seeded_sampling_over_grpc_is_reproducible(serve):
+    """Two sessions with one prompt and seed commit the same tokens; top_p left unset (0) means off."""
+    stub = await serve()
+    sampling = verify_pb2.SamplingParams(temperature=1.0, top_k=50, seed=1234, has_seed=True)
+    outputs = []
+    for sequence_id in ("a", "b"):
+        await stub.Prefill(prefill(sequence_id, PROMPT))
+        pending, out = 7, []
+        for _ in range(6):
+            result = (await stub.Verify(verify(root(sequence_id, token=pending, sampling=sampling)))).results[0]
+            out += result.committed_tokens
+            pending = out[-1]
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
 
 
 async def test_release_frees_the_session(serve):
