@@ -16,9 +16,10 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_pair(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def onnx_cache_dir(tmp_path_factory) -> Path:
-    """Where draft exports are cached during the test session (kept out of the user's cache)."""
+    """Where draft exports and profiled cost tables are cached during the test session (kept out of the user's
+    cache). Autouse: every service a test starts, in process or not, profiles into it."""
     path = tmp_path_factory.mktemp("onnx-cache")
     os.environ["CAST_CACHE_DIR"] = str(path)
     return path

@@ -33,6 +33,8 @@ class VerifyConfig:
     grace_s: float = 5.0  # how long in-flight calls may finish on SIGTERM
     max_concurrent_rpcs: int | None = None  # extra calls get RESOURCE_EXHAUSTED; None: no limit
     warmup: bool = True  # run one prefill + verify before reporting SERVING
+    cost_table: Path | None = None  # a profiled table (cast profile verify) for Describe; None: cached or profiled
+    profile: bool = True  # without --cost-table and cache entry, profile a small grid at start-up; off: no table
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -56,6 +58,10 @@ class VerifyConfig:
             raise ValueError(f"grace_s: {self.grace_s} must not be negative")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs: {self.max_concurrent_rpcs} must be at least 1")
+        if self.cost_table is not None:
+            self.cost_table = Path(self.cost_table)
+            if not self.cost_table.is_file():
+                raise ValueError(f"cost_table: {self.cost_table} is not a file")
 
     @staticmethod
     def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> VerifyConfig:
@@ -71,6 +77,10 @@ class VerifyConfig:
 
 def _optional_int(text: str) -> int | None:
     return None if text in ("", "none", "None") else int(text)
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
 
 
 def _bool(text: str) -> bool:
@@ -109,4 +119,7 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("grace_s", float, 5.0, "seconds in-flight calls get on shutdown")
     flag("max_concurrent_rpcs", _optional_int, None, "admission limit; extra calls get RESOURCE_EXHAUSTED")
     flag("warmup", _bool, True, "run one step before reporting SERVING")
+    flag("cost_table", _optional_path, None, "cost table JSON for Describe (from `cast profile verify`)")
+    flag("profile", _bool, True, "without --cost-table or a cached table, profile a small grid at start-up")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="same as --profile false")
     return parser

@@ -17,7 +17,10 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
+from cast_core.cost_table import CostTable
+from cast_core.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
+from verify_service.profile import startup_cost_table
 from verify_service.servicer import VerifyServicer, expire_sessions_until_stopped
 from verify_service.target import TargetModel
 from verify_service.verifier import Verifier
@@ -66,7 +69,7 @@ async def start(config: VerifyConfig) -> RunningServer:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
     loop = asyncio.get_running_loop()
 
-    def load() -> Verifier:
+    def load() -> tuple[Verifier, CostTable | None]:
         target = TargetModel.load(
             config.model,
             dtype=config.dtype,
@@ -78,14 +81,16 @@ async def start(config: VerifyConfig) -> RunningServer:
         verifier = Verifier(target, max_sessions=config.max_sessions, session_ttl_s=config.session_ttl_s)
         if config.warmup:
             verifier.warm_up()
-        return verifier
+        return verifier, startup_cost_table(target, config)  # after the warm-up: first-run costs stay out of it
 
     try:
-        verifier = await loop.run_in_executor(executor, load)
+        verifier, cost_table = await loop.run_in_executor(executor, load)
     except BaseException:
         executor.shutdown(wait=False)
         raise
     servicer = VerifyServicer(verifier, executor)
+    if cost_table is not None:
+        servicer.description.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

@@ -1,0 +1,135 @@
+"""The verifier's cost table: profile_target on the tiny target, and the service's --cost-table / cache / profile."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cast.v1 import verify_pb2, verify_pb2_grpc
+from cast_core.cost_table import CostTable, save
+from cast_core.profiling import ProfileGrid
+from cast_core.wire import cost_table_from_proto
+from verify_service import profile as vp
+from verify_service.config import VerifyConfig
+from verify_service.server import start_server
+from verify_service.target import TargetModel
+
+GRID = ProfileGrid(batch_sizes=(1, 3), context_buckets=(16, 5000), token_counts=(1, 5), repeats=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def target32(tiny_pair) -> TargetModel:
+    return TargetModel.load(tiny_pair[0], dtype="float32", device="cpu", max_context=64)
+
+
+def test_profile_target_measures_every_cell_of_the_capped_grid(target32):
+    cells = []
+    profile = vp.profile_target(target32, GRID, model_id="tiny", on_cell=lambda *cell: cells.append(cell))
+    table = profile.table
+    # 5000 is past the service's 64 positions: that bucket becomes its last position.
+    assert (table.batch_sizes, table.context_buckets, table.token_counts) == ((1, 3), (16, 63), (1, 5))
+    assert table.millis.shape == (2, 2, 2) and np.all(table.millis > 0)
+    assert (table.device, table.model_id, table.dtype) == ("cpu", "tiny", "float32")
+    assert [c[:3] for c in cells] == [(b, c, n) for c in (16, 63) for b in (1, 3) for n in (1, 5)]
+    assert profile.forwards == 2 + 8 * 3  # one prefill per context bucket, then warm-up + repeats per cell
+    assert profile.seconds > 0
+
+
+def test_a_timed_forward_leaves_the_kv_at_its_context(target32):
+    generator = torch.Generator().manual_seed(0)
+    base = vp.prefilled_kv(target32, 10, generator)
+    cache = vp.batched_copy(base.cache, 3)
+    assert all(layer.keys.shape[0] == 3 and layer.keys.shape[2] == 10 for layer in cache.layers)
+    vp.time_tree_forward(target32, cache, 3, 10, 7, GRID, generator)
+    assert all(layer.keys.shape[2] == 10 and layer.values.shape[2] == 10 for layer in cache.layers)
+    assert all(layer.keys.shape[0] == 1 for layer in base.cache.layers)  # the original is untouched
+
+
+def test_profile_tree_is_a_binary_tree():
+    tree = vp.profile_tree(7)
+    tree.validate()
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 2] and tree.depths.tolist() == [0, 1, 1, 2, 2, 2, 2]
+
+
+def test_default_grids_cover_the_orchestrators_lookups():
+    gpu = vp.default_grid(torch.device("cuda"))
+    assert gpu.batch_sizes == (1, 2, 4, 8, 16, 32) and gpu.token_counts[-1] == 128
+    assert vp.default_grid(torch.device("cpu")).cells < gpu.cells
+    assert vp.QUICK_GRID.cells <= 12 and vp.STARTUP_GRID.batch_sizes == (1, 2, 4, 8)
+
+
+# ---- the service -------------------------------------------------------------------------------------------------
+
+
+def config_for(tiny_pair, **overrides) -> VerifyConfig:
+    settings = dict(model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float32", device="cpu", warmup=False)
+    return VerifyConfig(**(settings | overrides))
+
+
+async def describe(config: VerifyConfig):
+    server, port = await start_server(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = verify_pb2_grpc.VerifyServiceStub(channel)
+            return (await stub.Describe(verify_pb2.VerifyDescribeRequest())).replica
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+async def test_describe_returns_a_start_up_profile_and_a_second_start_reuses_its_cache(tiny_pair, cache_dir):
+    replica = await describe(config_for(tiny_pair))
+    table = cost_table_from_proto(replica.cost_table)
+    grid = vp.STARTUP_GRID
+    assert (table.batch_sizes, table.context_buckets, table.token_counts) == (
+        grid.batch_sizes, grid.context_buckets, grid.token_counts)
+    assert np.all(table.millis > 0)
+    assert (table.device, table.dtype) == (replica.device, replica.dtype) == ("cpu", "float32")
+    assert table.model_id.startswith("target@cfg:")
+    [cached] = (cache_dir / "cost-tables").glob("verify-target-*.json")
+    # Put a recognisable table in the cache entry: a second start must serve it rather than profile again.
+    marker = CostTable.linear(1.0, 2.0, token_counts=(1, 2, 4), device="cpu", model_id=table.model_id)
+    save(marker, cached)
+    again = cost_table_from_proto((await describe(config_for(tiny_pair))).cost_table)
+    assert again == marker
+    # Another dtype is another entry.
+    await describe(config_for(tiny_pair, dtype="float64"))
+    assert len(list((cache_dir / "cost-tables").glob("verify-target-*.json"))) == 2
+
+
+async def test_cost_table_flag_is_served_as_given(tiny_pair, cache_dir, tmp_path):
+    given = CostTable.linear(0.5, 4.0, batch_sizes=(1, 8), context_buckets=(64, 256), token_counts=(1, 2, 4, 8),
+                             device="NVIDIA H100 80GB HBM3", model_id="elsewhere", dtype="bfloat16")
+    path = tmp_path / "verify.json"
+    save(given, path)
+    replica = await describe(config_for(tiny_pair, cost_table=path))
+    assert cost_table_from_proto(replica.cost_table) == given
+    assert not (cache_dir / "cost-tables").exists()  # nothing profiled, nothing cached
+
+
+async def test_no_profile_serves_no_table(tiny_pair, cache_dir):
+    replica = await describe(config_for(tiny_pair, profile=False))
+    assert cost_table_from_proto(replica.cost_table) is None
+    assert not (cache_dir / "cost-tables").exists()
+
+
+def test_cost_table_and_profile_flags_and_environment(tiny_pair, tmp_path):
+    path = tmp_path / "t.json"
+    save(CostTable.linear(1.0, 1.0), path)
+    model = ["--model", str(tiny_pair[0])]
+    config = VerifyConfig.from_args([*model, "--cost-table", str(path)], environ={})
+    assert config.cost_table == path and config.profile is True
+    assert VerifyConfig.from_args([*model, "--no-profile"], environ={}).profile is False
+    env = {"CAST_VERIFY_COST_TABLE": str(path), "CAST_VERIFY_PROFILE": "0"}
+    config = VerifyConfig.from_args(model, environ=env)
+    assert (config.cost_table, config.profile) == (path, False)
+    assert VerifyConfig.from_args(model, environ={}).cost_table is None
+    with pytest.raises(SystemExit, match="cost_table"):
+        VerifyConfig.from_args([*model, "--cost-table", str(tmp_path / "missing.json")], environ={})
