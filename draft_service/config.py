@@ -25,6 +25,8 @@ class DraftConfig:
     session_ttl_s: float = 600.0    # idle sequences expire after this
     max_context: int = 0            # tokens per sequence at most; 0: the model's max_position_embeddings
     grace_s: float = 5.0            # on SIGTERM, in-flight calls get this long to finish
+    cost_table: Path | None = None  # a profiled table (cast profile draft) for Describe; None: cached or profiled
+    profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -49,6 +51,10 @@ class DraftConfig:
             raise ValueError(f"max_context: {self.max_context} must be >= 0")
         if self.grace_s < 0:
             raise ValueError(f"grace_s: {self.grace_s} must be >= 0")
+        if self.cost_table is not None:
+            self.cost_table = Path(self.cost_table)
+            if not self.cost_table.is_file():
+                raise ValueError(f"cost_table: {self.cost_table} is not a file")
 
     @staticmethod
     def from_args(argv: list[str] | None = None) -> DraftConfig:
@@ -59,11 +65,13 @@ class DraftConfig:
             flag = "--" + f.name.replace("_", "-")
             env = "CAST_DRAFT_" + f.name.upper()
             parser.add_argument(flag, dest=f.name, default=os.environ.get(env), help=f"(env {env})")
+        parser.add_argument("--no-profile", dest="profile", action="store_const", const="false",
+                            help="serve without a cost table rather than profile at start-up")
         args = vars(parser.parse_args(argv))
         if args["model"] is None:
             parser.error("--model (or CAST_DRAFT_MODEL) is required")
         types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int,
-                 "session_ttl_s": float, "grace_s": float}
+                 "session_ttl_s": float, "grace_s": float, "profile": boolean}
         kwargs = {}
         for name, value in args.items():
             if value is None:
@@ -73,3 +81,11 @@ class DraftConfig:
             except ValueError:
                 parser.error(f"--{name.replace('_', '-')}: {value!r} is not a {types[name].__name__}")
         return DraftConfig(**kwargs)
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)

@@ -19,9 +19,11 @@ from grpc_reflection.v1alpha import reflection
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_core.identity import vocab_hash
 from cast_core.sessions import SessionStore
+from cast_core.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
+from draft_service.profile import device_name, startup_cost_table
 from draft_service.runner import DraftRunner
 from draft_service.servicer import DraftServicer
 
@@ -60,16 +62,19 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
         raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
+    cost_table = startup_cost_table(runner, config)  # after the warm-up: first-run costs stay out of it
     vocab = checkpoint_vocab(config.model)
     replica = common_pb2.ReplicaDescription(
         model_name=config.model.resolve().name,
         vocab_hash=vocab_hash(vocab),
         vocab_size=meta.vocab_size,
         max_context=max_context,
-        device="cuda:0" if runner.provider == "CUDAExecutionProvider" else "cpu",
+        device=device_name(runner.provider),
         dtype=meta.dtype,
         backend=runner.backend,
     )
+    if cost_table is not None:
+        replica.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     return expander, replica
 
 

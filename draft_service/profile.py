@@ -1,0 +1,160 @@
+"""Profile the draft's cost table S_D(B): f(B, c, n) = ms of one ORT run with batch B, past KV of length c and n new
+tokens under a tree mask, as one layer of a batched expansion runs it.
+
+The past KV is random (ORT's cost does not depend on its values). DraftRunner.run is synchronous (numpy in and
+out, the device work included), so a wall-clock timer around it is enough, on the CUDA provider too.
+No torch here: a cached draft start stays torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cast_core.cost_table import CostTable
+from cast_core.profiling import (
+    Profile, ProfileGrid, cache_path, median_millis, model_identity, no_sync, select_startup_table,
+)
+from draft_service.runner import DraftRunner
+
+log = logging.getLogger(__name__)
+
+GPU_GRID = ProfileGrid(
+    batch_sizes=(1, 2, 4, 8, 16, 32),
+    context_buckets=(128, 512, 1024),
+    token_counts=(1, 2, 4, 8, 16, 32, 64),
+    repeats=5,
+    warmup=2,
+)
+CPU_GRID = ProfileGrid(
+    batch_sizes=(1, 2, 4, 8, 16, 32),
+    context_buckets=(128, 512, 1024),
+    token_counts=(1, 2, 4, 8, 16, 32, 64),
+    repeats=3,
+    warmup=1,
+)
+QUICK_GRID = ProfileGrid(
+    batch_sizes=(1, 2, 4), context_buckets=(128,), token_counts=(1, 4, 16, 64), repeats=2, warmup=1
+)
+# Rows are looked up at the committed length plus the tree so far (orchestrator/costs.py): two buckets.
+STARTUP_GRID = ProfileGrid(
+    batch_sizes=(1, 2, 4, 8), context_buckets=(128, 512), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
+)
+
+
+def default_grid(runner: DraftRunner) -> ProfileGrid:
+    return GPU_GRID if runner.provider == "CUDAExecutionProvider" else CPU_GRID
+
+
+@functools.cache  # one nvidia-smi call per process
+def device_name(provider: str) -> str:
+    """"cpu", or the GPU's name as nvidia-smi gives it (ORT does not say); "cuda:0" when it cannot be asked."""
+    if provider != "CUDAExecutionProvider":
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"  # ORT's device 0
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", visible],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "cuda:0"
+    return out.splitlines()[0].strip() if out else "cuda:0"
+
+
+def tree_mask(context: int, tokens: int, batch: int, runner: DraftRunner) -> np.ndarray:
+    """[B, 1, n, c + n] additive: every node sees the past, its ancestors in a binary tree and itself."""
+    visible = np.zeros((tokens, context + tokens), dtype=bool)
+    visible[:, :context] = True
+    for i in range(tokens):
+        parent = (i - 1) // 2
+        if i > 0:
+            visible[i, context:] = visible[parent, context:]
+        visible[i, context + i] = True
+    mask = np.where(visible, 0.0, runner.mask_min).astype(runner.dtype)
+    return np.ascontiguousarray(np.broadcast_to(mask, (batch, 1, tokens, context + tokens)))
+
+
+def time_draft_forward(runner: DraftRunner, past_keys, past_values, batch: int, context: int, tokens: int,
+                       grid: ProfileGrid, rng: np.random.Generator) -> float:
+    """Median ms of one runner.run over B x n new tokens on a past of c."""
+    meta = runner.meta
+    ids = rng.integers(0, meta.vocab_size, size=(batch, tokens), dtype=np.int64)  # [B, n]
+    depths = np.floor(np.log2(np.arange(tokens) + 1)).astype(np.int64)  # binary-tree depth of node i
+    limit = max(meta.max_context - 1, 0) if meta.max_context else context + tokens
+    positions = np.tile(np.minimum(context + depths, limit), (batch, 1))  # [B, n]
+    mask = tree_mask(context, tokens, batch, runner)
+    return median_millis(
+        lambda: runner.run(ids, positions, mask, past_keys, past_values), grid.repeats, grid.warmup, no_sync
+    )
+
+
+def profile_draft(
+    runner: DraftRunner,
+    grid: ProfileGrid,
+    model_id: str | None = None,
+    on_cell: Callable[[int, int, int, float], None] | None = None,
+    seed: int = 0,
+) -> Profile:
+    """Measure f(B, c, n) over the grid (contexts capped by the model's limit). on_cell(B, c, n, ms) after each cell."""
+    meta = runner.meta
+    if meta.max_context:
+        grid = grid.capped(meta.max_context)
+    rng = np.random.default_rng(seed)
+    millis = np.zeros((len(grid.batch_sizes), len(grid.context_buckets), len(grid.token_counts)))
+    start = time.perf_counter()
+    forwards = 0
+    for ci, context in enumerate(grid.context_buckets):
+        for bi, batch in enumerate(grid.batch_sizes):
+            shape = (batch, meta.num_kv_heads, context, meta.head_dim)  # [B, H_kv, c, D] per layer
+            keys = [rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)]
+            values = [rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)]
+            for ni, tokens in enumerate(grid.token_counts):
+                ms = time_draft_forward(runner, keys, values, batch, context, tokens, grid, rng)
+                millis[bi, ci, ni] = max(ms, 1e-6)  # the table needs > 0
+                forwards += grid.repeats + grid.warmup
+                if on_cell is not None:
+                    on_cell(batch, context, tokens, ms)
+    table = CostTable(
+        device=device_name(runner.provider),
+        model_id=model_id or Path(meta.model_dir).name,
+        dtype=meta.dtype,
+        batch_sizes=grid.batch_sizes,
+        context_buckets=grid.context_buckets,
+        token_counts=grid.token_counts,
+        millis=millis,
+    )
+    return Profile(table, time.perf_counter() - start, forwards)
+
+
+def draft_model_id(model_dir: str | Path) -> str:
+    return model_identity(Path(model_dir).resolve().name, model_dir)
+
+
+def draft_cache_path(runner: DraftRunner, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where this (device, model, dtype, provider, top-K) keeps its profiled table."""
+    return cache_path(
+        "draft", device_name(runner.provider), draft_model_id(model_dir), runner.meta.dtype,
+        extra=f"{runner.backend}/top_k={runner.meta.top_k}", cache_dir=cache_dir,
+    )
+
+
+def startup_cost_table(runner: DraftRunner, config) -> CostTable | None:
+    """The table Describe reports (config: a DraftConfig): --cost-table, else cached, else a small profile, cached."""
+    model_id = draft_model_id(config.model)
+    return select_startup_table(
+        config.cost_table,
+        config.profile,
+        draft_cache_path(runner, config.model, config.cache_dir),
+        lambda: profile_draft(runner, STARTUP_GRID, model_id=model_id),
+        device_name(runner.provider),
+        model_id,
+        log,
+    )
