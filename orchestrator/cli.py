@@ -4,6 +4,7 @@
     cast generate [...] PROMPT   one request to a running orchestrator
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
+    cast profile verify|draft    measure a service's cost table f(B, c, n) on this machine (JSON, optional plot)
     cast train-reference [...]   build the project's reference model pair
 """
 
@@ -121,7 +122,14 @@ def cmd_bench(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference}
+def cmd_profile(argv: list[str]) -> int:
+    from orchestrator.profile_cmd import main
+
+    return main(argv)
+
+
+COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference,
+            "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> None:
