@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cast_core.selection import CastParams
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"CAST_ORCH_{name}", default)
@@ -25,6 +27,7 @@ class OrchestratorConfig:
     max_live: int = 64                       # sequences decoded together at most (the batch)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
+    cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
@@ -32,6 +35,10 @@ class OrchestratorConfig:
             raise ValueError("at least one draft and one verify address are needed")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
+        from orchestrator.policies import POLICIES
+
+        if self.default_policy not in POLICIES:
+            raise ValueError(f"unknown default policy {self.default_policy!r}; choose one of {', '.join(POLICIES)}")
         if self.max_live < 1 or self.max_queued < 0:
             raise ValueError("max_live must be at least 1 and max_queued at least 0")
         if self.max_new_tokens_limit < 1:
@@ -48,6 +55,15 @@ class OrchestratorConfig:
         p.add_argument("--max-new-tokens-limit", type=int, default=int(_env("MAX_NEW_TOKENS_LIMIT", "4096")))
         p.add_argument("--default-policy", default=_env("DEFAULT_POLICY", "cast"))
         p.add_argument("--rpc-timeout", type=float, default=float(_env("RPC_TIMEOUT", "60")))
+        defaults = CastParams()
+        p.add_argument("--cast-c1", type=float, default=float(_env("CAST_C1", str(defaults.breadth_threshold))),
+                       help="CAST breadth threshold C1")
+        p.add_argument("--cast-c2", type=float, default=float(_env("CAST_C2", str(defaults.depth_threshold))),
+                       help="CAST depth threshold C2")
+        p.add_argument("--cast-c3", type=float, default=float(_env("CAST_C3", str(defaults.rerank_threshold))),
+                       help="CAST reranking threshold C3")
+        p.add_argument("--cast-r", type=int, default=int(_env("CAST_R", str(defaults.gain_buffer_size))),
+                       help="CAST gain buffer size R")
         p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         a = p.parse_args(argv)
@@ -64,4 +80,5 @@ class OrchestratorConfig:
             rpc_timeout_s=a.rpc_timeout,
             max_live=a.max_live,
             max_queued=a.max_queued,
+            cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r),
         )

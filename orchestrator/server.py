@@ -17,6 +17,7 @@ from cast_core.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.costs import CostModel
+from orchestrator.policies import make_policies
 from orchestrator.step_loop import StepLoop
 from orchestrator.servicer import GenerationServicer
 
@@ -60,7 +61,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         ]
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy), server
+        GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

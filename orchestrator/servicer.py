@@ -12,7 +12,7 @@ from cast_core.errors import CastError, InvalidArgument, OutOfRange
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats
 from orchestrator.step_loop import StepLoop
 from orchestrator.errors import abort_with
-from orchestrator.policies import resolve_policy
+from orchestrator.policies import TreePolicy, resolve_policy
 
 FINISH_REASONS = {
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
@@ -43,8 +43,9 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, loop: StepLoop, max_new_tokens_limit: int, default_policy: str) -> None:
+    def __init__(self, loop: StepLoop, max_new_tokens_limit: int, default_policy: str, policies: dict[str, TreePolicy]) -> None:
         self.loop = loop
+        self.policies = policies
         self.tokenizer = loop.tokenizer
         self.max_new_tokens_limit = max_new_tokens_limit
         self.default_policy = default_policy
@@ -56,7 +57,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise InvalidArgument(f"must be positive, got {msg.max_new_tokens}", "max_new_tokens")
         if msg.max_new_tokens > self.max_new_tokens_limit:
             raise OutOfRange(f"{msg.max_new_tokens} is above this server's limit of {self.max_new_tokens_limit}", "max_new_tokens")
-        policy = resolve_policy(msg.policy, self.default_policy)
+        policy = resolve_policy(msg.policy, self.default_policy, self.policies)
         if any(not s for s in msg.stop):
             raise InvalidArgument("stop strings must not be empty", "stop")
         if not math.isfinite(msg.temperature) or msg.temperature < 0:
