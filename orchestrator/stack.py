@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,17 @@ class StackSpec:
                              "--port", str(self.port), "--draft", draft_addr, "--verify", verify_addr,
                              *self.orchestrator_args],
         }
+
+
+def free_ports(n: int) -> list[int]:
+    """n loopback ports free right now (for tests and benchmarks that start several services)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def is_serving(address: str, timeout: float = 1.0) -> bool:

@@ -25,8 +25,7 @@ from pathlib import Path
 import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from orchestrator.stack import Stack, StackSpec, is_serving
-from tests.integration.stacks import free_ports
+from orchestrator.stack import Stack, StackSpec, free_ports, is_serving
 from tools.humaneval import load_prompts
 
 

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-from orchestrator.stack import Stack, StackSpec
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from orchestrator.stack import Stack, StackSpec, free_ports
 
 
 def start_stack(target: Path, draft: Path, log_dir: Path, verify_dtype: str = "float64", **kw) -> Stack:
