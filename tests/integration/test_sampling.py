@@ -227,9 +227,16 @@ def test_the_harness_rejects_a_planted_bug(tiny_pair, hf_target, monkeypatch):
     verifier = Verifier(TargetModel.load(tiny_pair[0], dtype="float64", device="cpu"), max_sessions=4, session_ttl_s=60)
     params = SamplingParams(setting.temperature, setting.top_p, setting.top_k)
     tree = top_k_tree(model, prompt_ids, k=4, depth=2)
-    seeds = range(SAMPLES)
-    correct = distribution_p_values(model, prompt_ids, setting, sample_in_process(verifier, prompt_ids, tree, params, seeds))
-    assert min(correct.values()) > ALPHA, correct  # the real rule passes, on the same trees and seeds
-    monkeypatch.setattr("verify_service.verifier.accept_matching", accept_first_child_always)
-    wrong = distribution_p_values(model, prompt_ids, setting, sample_in_process(verifier, prompt_ids, tree, params, seeds))
-    assert min(wrong.values()) < ALPHA, wrong
+    seeds = range(SAMPLES // 2)  # plenty: the bug is gross, and the real rule must pass on the same seeds
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards gain nothing from two threads, and two stall on a throttled shared box
+    try:
+        correct = sample_in_process(verifier, prompt_ids, tree, params, seeds)
+        monkeypatch.setattr("verify_service.verifier.accept_matching", accept_first_child_always)
+        wrong = sample_in_process(verifier, prompt_ids, tree, params, seeds)
+    finally:
+        torch.set_num_threads(threads)
+    p_correct = distribution_p_values(model, prompt_ids, setting, correct)
+    assert min(p_correct.values()) > ALPHA, p_correct
+    p_wrong = distribution_p_values(model, prompt_ids, setting, wrong)
+    assert min(p_wrong.values()) < ALPHA, p_wrong
