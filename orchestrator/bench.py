@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="cast,eagle2,chain,ar")
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--prompts", default="humaneval", help="'humaneval' or a JSONL file with a 'prompt' field")
+    p.add_argument("--rstrip-prompts", action="store_true",
+                   help="strip trailing whitespace from prompts (the reference pair's card explains why)")
     p.add_argument("--requests", type=int, default=32, help="requests per level at most")
     p.add_argument("--seconds", type=float, default=120.0, help="time per level at most")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="cast bench")
     a = p.parse_args(argv)
     prompts = load_prompts(a.prompts)
+    if a.rstrip_prompts:
+        prompts = [q.rstrip() for q in prompts]
     rows = []
     for policy in a.policies.split(","):
         for concurrency in (int(c) for c in a.concurrency.split(",")):
