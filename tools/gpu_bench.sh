@@ -16,10 +16,10 @@ python3 -c "import torch, transformers, onnxruntime, grpc; print('torch', torch.
 date -u
 
 echo "== profile verify"; t0=$SECONDS
-$CAST profile verify --model $TARGET --no-progress --out "$OUT/verify_table.json" --plot "$OUT/verify_table.png"
+$CAST profile verify --model $TARGET --no-progress ${PROFILE_ARGS:-} --out "$OUT/verify_table.json" --plot "$OUT/verify_table.png"
 echo "profile verify: $((SECONDS - t0)) s"
 echo "== profile draft"; t0=$SECONDS
-$CAST profile draft --model $DRAFT --no-progress --out "$OUT/draft_table.json" --plot "$OUT/draft_table.png"
+$CAST profile draft --model $DRAFT --no-progress ${PROFILE_ARGS:-} --out "$OUT/draft_table.json" --plot "$OUT/draft_table.png"
 echo "profile draft: $((SECONDS - t0)) s"
 
 echo "== stack"
