@@ -1,8 +1,19 @@
-"""The verifier's KV cache of one sequence: the keys and values of every committed token but the last.
+"""The verifier's KV cache: one slotted store for all sequences, each sequence owning one slot (gpt-fast style).
 
-It wraps a transformers DynamicCache (one growing tensor pair per layer) and adds the one operation speculative
-decoding needs: after a tree forward appended N entries, keep only those of the accepted path, in order.
-Static fixed-size buffers for CUDA graphs (a later issue) would replace the DynamicCache behind the same methods.
+Per layer, keys and values live in one buffer [S, H_kv, C, D]: S slots, C positions per slot. A sequence's
+committed entries are columns [0, length) of its slot. A batched tree forward over B sequences with prefix
+lengths P_b writes the N (padded) new entries of every row at the same columns [W0, W0 + N), W0 = max_b P_b, and
+attends to columns [0, W0 + N) of its slot: right padding, the columns [P_b, W0) are masked out (target.py builds
+the mask). Acceptance then moves each sequence's kept entries from W0 + kept[j] down to P_b + j (keep()).
+Nothing below a sequence's length changes before keep(), so a failed forward needs no rollback.
+
+Live sequences hold slots 0..L-1 (freeing a slot moves the last one into the hole), and target.py orders a batch
+by slot, so a Verify over all live sequences attends to a view of the buffers: no gather, no scatter. Any other
+batch gathers its slots (one copy of [B, H_kv, W0 + N, D] per layer); its new entries are written in place.
+
+The store is also the transformers Cache the model writes through: update() is the one method the attention
+layers call. Buffers grow (doubling) on demand; issue 7 (CUDA graphs) would allocate S = max sessions and
+C = max context + tree room once, so every address stays fixed.
 """
 
 from __future__ import annotations
@@ -10,38 +21,151 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 
 class SequenceKV:
-    def __init__(self) -> None:
-        # No config: every layer is a plain full-attention DynamicLayer. Layers appear on the first forward.
-        self.cache = DynamicCache()
-        # Tracked here, not read from the cache: an empty DynamicCache has no layers to ask.
+    """One sequence's share of the store: its slot and how many entries it has committed."""
+
+    __slots__ = ("store", "slot", "length", "written_at")
+
+    def __init__(self, store: KVStore, slot: int) -> None:
+        self.store = store
+        self.slot = slot  # -1 once freed
         self.length = 0
+        self.written_at = 0  # column of the first entry of the last forward over this sequence (not yet kept)
 
-    def appended(self, n: int) -> None:
-        """Record that a forward appended n entries to every layer."""
-        self.length += n
+    def free(self) -> None:
+        self.store.free(self)
 
-    def keep(self, prefix_length: int, kept: Sequence[int]) -> None:
-        """Keep the first prefix_length entries, then entries prefix_length + kept[j] for each j; drop the rest.
 
-        kept is increasing (tree indices of the root and the accepted path), so entry j moves down or stays.
-        """
-        total = prefix_length + len(kept)
-        for layer in self.cache.layers:
-            if layer.keys is None or layer.keys.numel() == 0:
-                continue
-            device = layer.keys.device
-            src = torch.as_tensor(kept, dtype=torch.long, device=device) + prefix_length  # [K]
-            # keys, values: [B=1, H_kv, length, D]; the fancy index copies, so source and target may overlap.
-            layer.keys[:, :, prefix_length:total] = layer.keys[:, :, src]
-            layer.values[:, :, prefix_length:total] = layer.values[:, :, src]
-            layer.keys = layer.keys[:, :, :total]
-            layer.values = layer.values[:, :, :total]
-        self.length = total
+class SlotLayer:
+    """One attention layer's buffers; allocated on the first forward, when H_kv, D, dtype and device are known."""
 
-    def truncate(self, length: int) -> None:
-        """Forget everything past `length` entries (rolls back a forward that failed half way)."""
-        self.keep(length, [])
+    is_sliding = False  # transformers asks every layer of a Cache
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # [S, H_kv, C, D]
+        self.values: torch.Tensor | None = None  # [S, H_kv, C, D]
+
+    def resize(self, slots: int, capacity: int) -> None:
+        if self.keys is None or self.keys.shape[0] >= slots and self.keys.shape[2] >= capacity:
+            return
+        s, h, c, d = self.keys.shape
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            # Zeros, not empty: masked columns still enter the kernels (score + dtype min, weight 0 x value),
+            # and a NaN left there by uninitialised memory would poison the row.
+            new = old.new_zeros(max(s, slots), h, max(c, capacity), d)
+            new[:s, :, :c] = old
+            setattr(self, name, new)
+
+
+class KVStore(Cache):
+    def __init__(self, slots: int = 8, capacity: int = 256) -> None:
+        super().__init__(layers=[])
+        self.slot_capacity = slots  # S of every buffer
+        self.context_capacity = capacity  # C of every buffer
+        self.owners: list[SequenceKV] = []  # owners[s]: the sequence in slot s; slots 0..len-1 are live
+        self._rows: slice | torch.Tensor | None = None  # the batch of the forward in flight: its slots, in row order
+        self.write_at = 0
+
+    # --- sequences ----------------------------------------------------------------------------------------------
+
+    def allocate(self) -> SequenceKV:
+        kv = SequenceKV(self, len(self.owners))
+        self.owners.append(kv)
+        if len(self.owners) > self.slot_capacity:
+            self._resize(max(2 * self.slot_capacity, len(self.owners)), self.context_capacity)
+        return kv
+
+    def free(self, kv: SequenceKV) -> None:
+        """Give kv's slot back; the last live sequence moves into it, so live slots stay 0..L-1. Idempotent."""
+        if kv.slot < 0:
+            return
+        last = self.owners.pop()
+        if last is not kv:
+            n = last.length
+            for layer in self.layers:
+                if layer.keys is not None:
+                    layer.keys[kv.slot, :, :n] = layer.keys[last.slot, :, :n]
+                    layer.values[kv.slot, :, :n] = layer.values[last.slot, :, :n]
+            last.slot = kv.slot
+            self.owners[kv.slot] = last
+        kv.slot = -1
+
+    def copy_into(self, src: SequenceKV, dst: SequenceKV) -> None:
+        """dst gets src's committed entries (the profiler fills a batch from one prefill)."""
+        n = src.length
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys[dst.slot, :, :n] = layer.keys[src.slot, :, :n]
+                layer.values[dst.slot, :, :n] = layer.values[src.slot, :, :n]
+        dst.length = n
+
+    def keep(self, kvs: Sequence[SequenceKV], kept: Sequence[Sequence[int]]) -> None:
+        """After a forward over kvs: sequence b keeps its new entries kept[b] (increasing node indices), appended at
+        its length, in order; the rest are forgotten. One indexed copy per layer and buffer for the whole batch."""
+        slots, src, dst = [], [], []
+        for kv, nodes in zip(kvs, kept, strict=True):
+            for j, node in enumerate(nodes):
+                if kv.written_at + node != kv.length + j:  # already in place (same column): nothing to move
+                    slots.append(kv.slot)
+                    src.append(kv.written_at + node)
+                    dst.append(kv.length + j)
+        if slots:
+            device = self.layers[0].keys.device
+            s, a, b = (torch.tensor(x, dtype=torch.long, device=device) for x in (slots, src, dst))  # [K] each
+            for layer in self.layers:
+                # [K, H_kv, D] both sides; the right side is a copy, so overlapping source and target are fine.
+                layer.keys[s, :, b] = layer.keys[s, :, a]
+                layer.values[s, :, b] = layer.values[s, :, a]
+        for kv, nodes in zip(kvs, kept, strict=True):
+            kv.length += len(nodes)
+
+    # --- one forward --------------------------------------------------------------------------------------------
+
+    def begin_forward(self, kvs: Sequence[SequenceKV], new_entries: int) -> None:
+        """Set the batch the next forward writes to: rows = kvs (in this order), N = new_entries per row."""
+        write_at = max(kv.length for kv in kvs)
+        width = write_at + new_entries
+        if width > self.context_capacity:
+            self._resize(self.slot_capacity, max(2 * self.context_capacity, width))
+        slots = [kv.slot for kv in kvs]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self._rows = slice(slots[0], slots[0] + len(slots))  # views of the buffers: no gather
+        else:
+            device = self.layers[0].keys.device if self.layers else None
+            self._rows = torch.tensor(slots, dtype=torch.long, device=device)
+        self.write_at = write_at
+        for kv in kvs:
+            kv.written_at = write_at
+
+    def end_forward(self) -> None:
+        self._rows = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key_states, value_states: [B, H_kv, N, D], the batch's new entries. Returns the [B, H_kv, W0 + N, D] keys
+        and values the batch attends to."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SlotLayer())
+        layer = self.layers[layer_idx]
+        if layer.keys is None:
+            shape = (self.slot_capacity, key_states.shape[1], self.context_capacity, key_states.shape[3])
+            layer.keys = key_states.new_zeros(shape)
+            layer.values = value_states.new_zeros(shape)
+        rows = self._rows
+        if isinstance(rows, torch.Tensor) and rows.device != key_states.device:
+            rows = self._rows = rows.to(key_states.device)  # only before the first layer exists
+        end = self.write_at + key_states.shape[2]
+        layer.keys[rows, :, self.write_at : end] = key_states
+        layer.values[rows, :, self.write_at : end] = value_states
+        return layer.keys[rows, :, :end], layer.values[rows, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.write_at  # only asked when position_ids are missing, which target.py never lets happen
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        self.slot_capacity, self.context_capacity = slots, capacity
+        for layer in self.layers:
+            layer.resize(slots, capacity)

@@ -1,13 +1,13 @@
 """Profile the verifier's cost table S_T(B): f(B, c, n) = ms of one target forward over B sequences x n new tokens
-on a KV cache of c tokens each, with a tree-shaped 4D mask, as a batched verify step runs it.
+on a KV cache of c tokens each: target.tree_logits itself, as a batched verify step runs it.
 
-The KV is a real one (one prefill of c random tokens, repeated over the batch); each timed forward appends n
-entries, which are cropped off again before the next. On CUDA every timing is bracketed by synchronize().
+The KV is a real one (one prefill of c random tokens, copied into every slot of the batch); a timed forward
+writes its n entries past the context and keeps none, so the next one sees the same. On CUDA every timing is
+bracketed by synchronize().
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -21,8 +21,8 @@ from cast_core.profiling import (
     Profile, ProfileGrid, cache_path, median_millis, model_identity, no_sync, select_startup_table,
 )
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import SequenceKV
-from verify_service.target import TargetModel, device_name, tree_attention_mask
+from verify_service.kv_cache import KVStore, SequenceKV
+from verify_service.target import TargetModel, device_name
 
 log = logging.getLogger("verify_service")
 
@@ -70,51 +70,26 @@ def profile_tree(n: int) -> TokenTree:
 
 
 @torch.no_grad()
-def prefilled_kv(target: TargetModel, context: int, generator: torch.Generator) -> SequenceKV:
-    """One sequence's KV cache over `context` random tokens."""
-    kv = SequenceKV()
-    ids = torch.randint(target.vocab_size, (context,), generator=generator).tolist()
-    target.prefill(kv, ids)
-    return kv
-
-
-def batched_copy(cache, batch: int):
-    """A copy of a one-sequence cache with every layer repeated over the batch: [1, H_kv, c, D] -> [B, H_kv, c, D]."""
-    out = copy.deepcopy(cache)
-    for layer in out.layers:  # by hand: DynamicCache's own helpers changed meaning across transformers 5.x
-        layer.keys = layer.keys.repeat_interleave(batch, dim=0)
-        layer.values = layer.values.repeat_interleave(batch, dim=0)
-    return out
-
-
-def truncate(cache, length: int) -> None:
-    """Keep the first `length` entries of every layer (views: the next forward's append copies anyway)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
+def prefilled_batch(target: TargetModel, context: int, batch: int, generator: torch.Generator) -> list[SequenceKV]:
+    """`batch` sequences in a fresh store, each with the same KV over `context` random tokens (one prefill)."""
+    store = KVStore(slots=batch, capacity=context + 1)
+    kvs = [store.allocate() for _ in range(batch)]
+    target.prefill(kvs[:1], [torch.randint(target.vocab_size, (context,), generator=generator).tolist()])
+    for kv in kvs[1:]:
+        store.copy_into(kvs[0], kv)
+    return kvs
 
 
 @torch.no_grad()
-def time_tree_forward(target: TargetModel, cache, batch: int, context: int, tokens: int, grid: ProfileGrid,
+def time_tree_forward(target: TargetModel, kvs: list[SequenceKV], tokens: int, grid: ProfileGrid,
                       generator: torch.Generator) -> float:
-    """Median ms of one batched forward: B x n tree nodes on top of `cache` ([B, H_kv, c, D] per layer)."""
-    device = target.device
+    """Median ms of one verify forward (target.tree_logits) over len(kvs) trees of n nodes on top of kvs.
+
+    tree_logits writes past the sequences' lengths and keeps nothing, so every run sees the same context."""
     tree = profile_tree(tokens)
-    ids = torch.randint(target.vocab_size, (batch, tokens), generator=generator).to(device)  # [B, n]
-    # Clamped to the last position: a bucket at the model's limit still runs (same cost, valid positions).
-    depths = torch.from_numpy(tree.depths).to(device)
-    positions = (context + depths).clamp(max=target.max_context - 1)[None].expand(batch, -1)  # [B, n]
-    mask = tree_attention_mask(context, tree, target.dtype, device).expand(batch, -1, -1, -1).contiguous()
-    # mask: [B, 1, n, c + n], one per sequence as a batched verify would pass it
-
-    def forward() -> None:
-        target.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-            **{target.cache_kwarg: cache},
-        )  # logits [B, n, V]: every node's, as tree_logits needs them
-        truncate(cache, context)  # drop the n appended entries: the next run sees the same c
-
-    return median_millis(forward, grid.repeats, grid.warmup, sync_for(device))
+    trees = [TokenTree(torch.randint(target.vocab_size, (tokens,), generator=generator).numpy(), tree.parents,
+                       tree.depths, tree.values) for _ in kvs]
+    return median_millis(lambda: target.tree_logits(kvs, trees), grid.repeats, grid.warmup, sync_for(target.device))
 
 
 def profile_target(
@@ -130,19 +105,21 @@ def profile_target(
     millis = np.zeros((len(grid.batch_sizes), len(grid.context_buckets), len(grid.token_counts)))
     start = time.perf_counter()
     forwards = 0
+    max_batch = max(grid.batch_sizes)
     for ci, context in enumerate(grid.context_buckets):
-        base = prefilled_kv(target, context, generator)
+        # Positions stay in range: a bucket at the model's limit runs on a slightly shorter context (same cost).
+        room = profile_tree(max(grid.token_counts)).max_depth + 1
+        kvs = prefilled_batch(target, min(context, target.max_context - room), max_batch, generator)
         forwards += 1
         for bi, batch in enumerate(grid.batch_sizes):
-            cache = batched_copy(base.cache, batch)
             for ni, tokens in enumerate(grid.token_counts):
-                ms = time_tree_forward(target, cache, batch, context, tokens, grid, generator)
+                # The first `batch` slots: consecutive, as a Verify over all live sequences runs.
+                ms = time_tree_forward(target, kvs[:batch], tokens, grid, generator)
                 millis[bi, ci, ni] = max(ms, 1e-6)  # the table needs > 0; a timer can read 0 for tiny work
                 forwards += grid.repeats + grid.warmup
                 if on_cell is not None:
                     on_cell(batch, context, tokens, ms)
-            del cache
-        del base
+        del kvs
     if target.device.type == "cuda":
         torch.cuda.empty_cache()  # the profile's KV copies are not the service's to keep
     table = CostTable(

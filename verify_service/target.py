@@ -5,6 +5,11 @@ attention kernel as-is (both 5.17 and 5.24 skip their own mask construction for 
 model's dtype (0 = attend, dtype min = masked): the eager kernel adds the mask to the scores, so a boolean mask would
 be silently wrong there, while sdpa takes either. position_ids are always explicit: a node's position is the
 cache length plus its depth, which the default (cache length + index) would get wrong.
+
+Batching: a Verify (or Prefill) is one forward over all its sequences, whatever their context lengths P_b and tree
+sizes N_b. Rows are padded to N_max nodes (padding nodes: token 0 at position P_b, seeing only themselves); every
+row's new entries go to the same cache columns W0 = max P_b onwards, and the columns between P_b and W0 are masked
+(kv_cache.py: the slotted store, and why a batch of all live sequences needs no gather).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,11 +48,40 @@ def device_name(device: torch.device) -> str:
 
 def tree_attention_mask(prefix_length: int, tree: TokenTree, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1, 1, N, prefix_length + N] additive mask: every node sees the whole prefix, its ancestors and itself."""
-    n = len(tree)
-    mask = torch.zeros(n, prefix_length + n, dtype=dtype, device=device)  # the prefix part stays 0: visible
-    hidden = torch.from_numpy(~tree.ancestor_mask()).to(device)  # [N, N], only this crosses to the device
-    mask[:, prefix_length:].masked_fill_(hidden, torch.finfo(dtype).min)
-    return mask[None, None]
+    return batch_attention_mask(np.array([prefix_length]), prefix_length, tree.ancestor_mask()[None], dtype, device)
+
+
+def batch_attention_mask(prefix_lengths: np.ndarray, write_at: int, visible: np.ndarray, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """[B, 1, N, write_at + N] additive mask for a batch laid out as kv_cache.py describes.
+
+    prefix_lengths: [B] P_b; write_at: W0 = the column of every row's first new entry (>= max P_b);
+    visible: [B, N, N] bool, visible[b, i, j]: new entry j is i itself or one of its ancestors (padding nodes
+    see only themselves). Row b's node i sees the columns [0, P_b) and its ancestors at W0 + j; not [P_b, W0).
+    """
+    b, n, _ = visible.shape
+    prefix = torch.arange(write_at, device=device)[None] < torch.from_numpy(prefix_lengths).to(device)[:, None]  # [B, W0]
+    seen = torch.cat([prefix[:, None].expand(b, n, write_at), torch.from_numpy(visible).to(device)], dim=2)  # [B, N, W0 + N]
+    mask = torch.zeros(b, 1, n, write_at + n, dtype=dtype, device=device)
+    return mask.masked_fill_(~seen[:, None], torch.finfo(dtype).min)
+
+
+def pad_rows(rows: Sequence[np.ndarray], fill: int) -> np.ndarray:
+    """[B, max len] int64 from B 1-D arrays, right-padded with `fill`."""
+    out = np.full((len(rows), max(len(r) for r in rows)), fill, dtype=np.int64)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out
+
+
+def padded_visibility(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """[B, N, N] bool from B ancestor masks [N_b, N_b]: padding nodes (i >= N_b) see only themselves, so no
+    softmax row is empty and their (discarded) outputs stay finite."""
+    n = max(len(m) for m in masks)
+    out = np.broadcast_to(np.eye(n, dtype=bool), (len(masks), n, n)).copy()
+    for b, m in enumerate(masks):
+        out[b, : len(m), : len(m)] = m
+    return out
 
 
 @dataclass
@@ -101,43 +136,59 @@ class TargetModel:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    @torch.no_grad()  # not inference_mode: its tensors refuse the in-place KV compaction
-    def prefill(self, kv: SequenceKV, token_ids: Sequence[int]) -> None:
-        """Append the KV entries of token_ids (a causal chain at positions kv.length...) to kv."""
-        if not token_ids:
+    @torch.no_grad()
+    def prefill(self, kvs: Sequence[SequenceKV], token_ids: Sequence[Sequence[int]]) -> None:
+        """Append the KV entries of token_ids[b] (a causal chain at positions kvs[b].length...) to kvs[b]: one
+        padded forward for the whole batch. The logits are not needed; the cache is filled as a side effect."""
+        rows = [(kv, np.asarray(ids, dtype=np.int64)) for kv, ids in zip(kvs, token_ids, strict=True) if len(ids)]
+        if not rows:
             return
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # [1, T]
-        positions = kv.length + torch.arange(ids.shape[1], device=self.device)[None]  # [1, T]
-        # No mask: on a causal chain the model builds its own (and sdpa may use its causal kernels).
-        # The logits are not needed; the cache is filled as a side effect.
-        self._forward(kv, ids, positions, attention_mask=None, last_only=True)
-        kv.appended(ids.shape[1])
+        chains = [np.tril(np.ones((len(ids), len(ids)), dtype=bool)) for _, ids in rows]  # a chain's ancestors
+        depths = [np.arange(len(ids)) for _, ids in rows]
+        self._batched_forward([kv for kv, _ in rows], [ids for _, ids in rows], depths, chains, last_only=True)
+        rows[0][0].store.keep([kv for kv, _ in rows], [range(len(ids)) for _, ids in rows])
 
-    @torch.no_grad()  # not inference_mode: its tensors refuse the in-place KV compaction
+    @torch.no_grad()
     def tree_logits(self, kvs: Sequence[SequenceKV], trees: Sequence[TokenTree]) -> list[torch.Tensor]:
-        """One forward per sequence over all nodes of its tree; returns logits [N_i, V] on the model's device.
+        """One forward over all nodes of all trees, tree b on top of kvs[b]; returns logits [N_b, V] per tree, on
+        the model's device. The new entries wait past every sequence's length: the caller keeps the accepted ones
+        (KVStore.keep); lengths do not change here."""
+        logits = self._batched_forward(
+            kvs, [t.tokens for t in trees], [t.depths for t in trees], [t.ancestor_mask() for t in trees]
+        )  # [B, N_max, V]
+        return [logits[b, : len(t)] for b, t in enumerate(trees)]
 
-        Appends N_i entries to each kv: the caller keeps the accepted ones (SequenceKV.keep). Batched interface,
-        looped for now; one ragged batched forward is a later issue.
-        """
-        out = []
-        for kv, tree in zip(kvs, trees, strict=True):
-            ids = torch.from_numpy(tree.tokens).to(self.device)[None]  # [1, N]
-            positions = (kv.length + torch.from_numpy(tree.depths)).to(self.device)[None]  # [1, N]
-            mask = tree_attention_mask(kv.length, tree, self.dtype, self.device)  # [1, 1, N, P + N]
-            logits = self._forward(kv, ids, positions, attention_mask=mask)  # [1, N, V]
-            kv.appended(len(tree))
-            out.append(logits[0])
-        return out
+    def _batched_forward(self, kvs: Sequence[SequenceKV], tokens: Sequence[np.ndarray], depths: Sequence[np.ndarray],
+                         ancestors: Sequence[np.ndarray], last_only: bool = False) -> torch.Tensor:
+        """Row b: tokens[b] at positions length_b + depths[b], node i seeing the prefix of kvs[b] and the nodes j
+        with ancestors[b][i, j]. Returns logits [B, N_max, V] in the order of kvs ([B, 1, V] if last_only)."""
+        store = kvs[0].store
+        # Rows in slot order: a batch of consecutive slots (every live sequence, usually) attends to buffer views.
+        order = sorted(range(len(kvs)), key=lambda b: kvs[b].slot)
+        kvs = [kvs[b] for b in order]
+        lengths = np.array([kv.length for kv in kvs], dtype=np.int64)  # [B]
+        ids = pad_rows([tokens[b] for b in order], fill=0)  # [B, N]; padding nodes carry token 0...
+        positions = lengths[:, None] + pad_rows([depths[b] for b in order], fill=0)  # ...at position P_b: in range
+        store.begin_forward(kvs, ids.shape[1])
+        try:
+            mask = batch_attention_mask(lengths, store.write_at, padded_visibility([ancestors[b] for b in order]),
+                                        self.dtype, self.device)  # [B, 1, N, W0 + N]
+            logits = self._forward(store, torch.from_numpy(ids).to(self.device),
+                                   torch.from_numpy(positions).to(self.device), mask, last_only)
+        finally:
+            store.end_forward()
+        if order != sorted(order):
+            logits = logits[torch.from_numpy(np.argsort(order)).to(logits.device)]  # back to the caller's order
+        return logits
 
-    def _forward(self, kv: SequenceKV, ids, positions, attention_mask, last_only: bool = False) -> torch.Tensor:
+    def _forward(self, cache, ids, positions, attention_mask, last_only: bool = False) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if last_only and self.takes_logits_to_keep else {}
         result = self.model(
             input_ids=ids,
             position_ids=positions,
             attention_mask=attention_mask,
             use_cache=True,
-            **{self.cache_kwarg: kv.cache},
+            **{self.cache_kwarg: cache},
             **extra,
         )
         return result.logits

@@ -17,7 +17,7 @@ from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutO
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from verify_service.acceptance import Acceptance, accept_matching
-from verify_service.kv_cache import SequenceKV
+from verify_service.kv_cache import KVStore, SequenceKV
 from verify_service.sampling import GREEDY, SamplingParams, target_tokens
 from verify_service.target import TargetModel
 
@@ -41,51 +41,73 @@ class VerifyItem:
     sampling: SamplingParams = GREEDY  # as received: validated here
 
 
+class Sessions(SessionStore[Session]):
+    """A SessionStore that gives a sequence's KV slot back whenever its session ends: released, expired, or
+    expired inside create()."""
+
+    def release(self, sequence_ids) -> int:
+        for sequence_id in sequence_ids:
+            entry = self._entries.get(sequence_id)
+            if entry is not None:
+                entry.state.kv.free()  # idempotent: an id repeated in one call frees once
+        return super().release(sequence_ids)
+
+    def expire(self) -> list[str]:
+        states = {sequence_id: entry.state for sequence_id, entry in self._entries.items()}
+        stale = super().expire()
+        for sequence_id in stale:
+            states[sequence_id].kv.free()
+        return stale
+
+
 class Verifier:
     def __init__(self, target: TargetModel, max_sessions: int, session_ttl_s: float, clock=time.monotonic) -> None:
         self.target = target
-        self.sessions: SessionStore[Session] = SessionStore(max_sessions=max_sessions, ttl_s=session_ttl_s, clock=clock)
+        self.kv = KVStore()  # every sequence's KV, one slot each
+        self.sessions = Sessions(max_sessions=max_sessions, ttl_s=session_ttl_s, clock=clock)
 
     def prefill(self, items: Sequence[PrefillItem]) -> float:
-        """Create one session per item; returns the seconds spent in the model."""
+        """Create one session per item, then one padded forward over all prompts; returns the seconds spent."""
         self._check_prefill(items)
         created: list[str] = []
         start = time.perf_counter()
         try:
+            kvs = []
             for item in items:
-                kv = SequenceKV()
                 # Create first: the store's cap check is cheaper than a forward that would be thrown away.
-                self.sessions.create(item.sequence_id, Session(kv=kv, pending=int(item.token_ids[-1])))
+                kv = self.kv.allocate()
+                try:
+                    self.sessions.create(item.sequence_id, Session(kv=kv, pending=int(item.token_ids[-1])))
+                except BaseException:
+                    kv.free()
+                    raise
                 created.append(item.sequence_id)
-                self.target.prefill(kv, item.token_ids[:-1])
+                kvs.append(kv)
+            self.target.prefill(kvs, [item.token_ids[:-1] for item in items])
         except BaseException:
             self.sessions.release(created)  # all or nothing
             raise
         return time.perf_counter() - start
 
     def verify(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float]:
-        """One tree forward per sequence, acceptance (greedy or sampled), KV compaction. Returns results in order and
-        model seconds."""
+        """One tree forward for all sequences, acceptance (greedy or sampled) per sequence, KV compaction. Returns
+        results in order and model seconds."""
         sessions = self._check_verify(items)
         start = time.perf_counter()
         kvs = [s.kv for s in sessions]
         prefix_lengths = [kv.length for kv in kvs]
         # Unseeded sampling: a fresh seed per call is still exact (fresh noise), just not reproducible.
         seeds = [item.sampling.seed if item.sampling.seed is not None else secrets.randbits(63) for item in items]
-        try:
-            all_logits = self.target.tree_logits(kvs, [item.tree for item in items])
-            accepted = []
-            for item, logits, prefix_length, seed in zip(items, all_logits, prefix_lengths, seeds, strict=True):
-                # The root is token prefix_length of the sequence: depth-0 nodes predict token prefix_length + 1.
-                chosen = target_tokens(logits, item.tree.depths, prefix_length + 1, item.sampling, seed)  # [N]
-                accepted.append(accept_matching(item.tree, chosen))
-        except BaseException:
-            for kv, prefix_length in zip(kvs, prefix_lengths):
-                kv.truncate(prefix_length)  # a failed step leaves every cache as it was
-            raise
-        for session, prefix_length, acceptance in zip(sessions, prefix_lengths, accepted, strict=True):
-            # Keep the root (now committed) and the accepted nodes; the bonus token becomes the next root.
-            session.kv.keep(prefix_length, [0, *acceptance.accepted_nodes])
+        # A failure before keep() leaves every cache as it was: the forward only wrote past each sequence's length.
+        all_logits = self.target.tree_logits(kvs, [item.tree for item in items])
+        accepted = []
+        for item, logits, prefix_length, seed in zip(items, all_logits, prefix_lengths, seeds, strict=True):
+            # The root is token prefix_length of the sequence: depth-0 nodes predict token prefix_length + 1.
+            chosen = target_tokens(logits, item.tree.depths, prefix_length + 1, item.sampling, seed)  # [N]
+            accepted.append(accept_matching(item.tree, chosen))
+        # Keep the root (now committed) and the accepted nodes; the bonus token becomes the next root.
+        self.kv.keep(kvs, [[0, *acceptance.accepted_nodes] for acceptance in accepted])
+        for session, acceptance in zip(sessions, accepted, strict=True):
             session.pending = acceptance.bonus_token
         return accepted, time.perf_counter() - start
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import SequenceKV
+from verify_service.kv_cache import KVStore
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
@@ -77,11 +77,13 @@ def test_kv_after_compaction_equals_a_fresh_prefill(target64: TargetModel):
     assert session.kv.length == len(sequence) - 1 and session.pending == sequence[-1]
 
     # The cache holds what a fresh prefill of the committed sequence would hold...
-    fresh = SequenceKV()
-    target64.prefill(fresh, sequence[:-1])
-    for kept, new in zip(session.kv.cache.layers, fresh.cache.layers, strict=True):
-        torch.testing.assert_close(kept.keys, new.keys, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(kept.values, new.values, rtol=1e-9, atol=1e-9)
+    fresh = KVStore().allocate()
+    target64.prefill([fresh], [sequence[:-1]])
+    n = fresh.length
+    for kept, new in zip(verifier.kv.layers, fresh.store.layers, strict=True):
+        s, f = session.kv.slot, fresh.slot
+        torch.testing.assert_close(kept.keys[s, :, :n], new.keys[f, :, :n], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(kept.values[s, :, :n], new.values[f, :, :n], rtol=1e-9, atol=1e-9)
     # ...and the next forward on it gives the logits of a full forward over the committed sequence.
     (next_logits,) = target64.tree_logits([session.kv], [TokenTree.root_only(sequence[-1])])
     with torch.no_grad():
@@ -97,11 +99,11 @@ def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, attn: str, dtyp
     target = TargetModel.load(tiny_pair[0], dtype=dtype, device="cpu", attn_implementation=attn)
     rng = np.random.default_rng(2)
     prefix = rng.integers(0, target.vocab_size, 9).tolist()
-    kv = SequenceKV()
-    target.prefill(kv, prefix)
+    kv = KVStore().allocate()
+    target.prefill([kv], [prefix])
     tree, _ = tree_with_path(rng, 11, [12, 13, 14], 15, target.vocab_size, extra_nodes=10)
     (logits,) = target.tree_logits([kv], [tree])
-    assert kv.length == len(prefix) + len(tree)
+    assert kv.length == len(prefix)  # the new entries wait for keep()
     for i in range(len(tree)):
         path = [i]
         while tree.parents[path[-1]] >= 0:
@@ -115,19 +117,24 @@ def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, attn: str, dtyp
 def test_failed_step_leaves_the_cache_as_it_was(target64: TargetModel, monkeypatch):
     verifier = Verifier(target64, max_sessions=4, session_ttl_s=60)
     verifier.prefill([PrefillItem("a", [1, 2, 3]), PrefillItem("b", [4, 5])])
-    calls = {"n": 0}
     real_forward = target64._forward
 
-    def flaky(*args, **kwargs):  # the second sequence's forward fails after the first one appended
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("device lost")
-        return real_forward(*args, **kwargs)
+    def flaky(*args, **kwargs):  # the forward runs (new entries written), then the step fails
+        real_forward(*args, **kwargs)
+        raise RuntimeError("device lost")
 
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in verifier.kv.layers]
     monkeypatch.setattr(target64, "_forward", flaky)
     with pytest.raises(RuntimeError):
         verifier.verify([VerifyItem("a", TokenTree.root_only(3)), VerifyItem("b", TokenTree.root_only(5))])
+    monkeypatch.undo()
     for sequence_id, length in (("a", 2), ("b", 1)):
         kv = verifier.sessions.get(sequence_id).kv
         assert kv.length == length
-        assert all(layer.keys.shape[-2] == length for layer in kv.cache.layers)
+        for layer, (keys, values) in zip(verifier.kv.layers, before, strict=True):
+            assert torch.equal(layer.keys[kv.slot, :, :length], keys[kv.slot, :, :length])
+            assert torch.equal(layer.values[kv.slot, :, :length], values[kv.slot, :, :length])
+    # and the next step still commits the target's greedy tokens
+    (ra, rb), _ = verifier.verify([VerifyItem("a", TokenTree.root_only(3)), VerifyItem("b", TokenTree.root_only(5))])
+    assert ra.committed_tokens == greedy_reference(target64, [1, 2, 3], 1)
+    assert rb.committed_tokens == greedy_reference(target64, [4, 5], 1)

@@ -39,12 +39,16 @@ def test_profile_target_measures_every_cell_of_the_capped_grid(target32):
 
 def test_a_timed_forward_leaves_the_kv_at_its_context(target32):
     generator = torch.Generator().manual_seed(0)
-    base = vp.prefilled_kv(target32, 10, generator)
-    cache = vp.batched_copy(base.cache, 3)
-    assert all(layer.keys.shape[0] == 3 and layer.keys.shape[2] == 10 for layer in cache.layers)
-    vp.time_tree_forward(target32, cache, 3, 10, 7, GRID, generator)
-    assert all(layer.keys.shape[2] == 10 and layer.values.shape[2] == 10 for layer in cache.layers)
-    assert all(layer.keys.shape[0] == 1 for layer in base.cache.layers)  # the original is untouched
+    kvs = vp.prefilled_batch(target32, 10, 3, generator)
+    store = kvs[0].store
+    assert [kv.length for kv in kvs] == [10, 10, 10] and [kv.slot for kv in kvs] == [0, 1, 2]
+    for layer in store.layers:  # every slot holds the one prefill
+        assert torch.equal(layer.keys[1, :, :10], layer.keys[0, :, :10])
+        assert torch.equal(layer.values[2, :, :10], layer.values[0, :, :10])
+    before = [layer.keys[:3, :, :10].clone() for layer in store.layers]
+    vp.time_tree_forward(target32, kvs, 7, GRID, generator)
+    assert [kv.length for kv in kvs] == [10, 10, 10]
+    assert all(torch.equal(layer.keys[:3, :, :10], keys) for layer, keys in zip(store.layers, before))
 
 
 def test_profile_tree_is_a_binary_tree():
