@@ -28,6 +28,10 @@ class RequestResult:
     completion_tokens: int
     steps: int
     mean_accepted_length: float
+    draft_s: float
+    verify_s: float
+    other_s: float
+    verified_nodes: float  # mean nodes sent to the verifier per step
 
 
 @dataclass
@@ -44,6 +48,10 @@ class LevelResult:
     tpot_p99_ms: float
     latency_p50_s: float
     mean_accepted_length: float
+    draft_ms_per_step: float     # the orchestrator's wall time in Expand calls (RPC included)
+    verify_ms_per_step: float    # ... in Prefill and Verify calls
+    other_ms_per_step: float     # the rest of the request's time: scheduling, policy, detokenising, queueing
+    verified_nodes_per_step: float
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,7 +62,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float) -> RequestResult:
-    request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy)
+    request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy, return_step_stats=True)
     start = time.perf_counter()
     first = None
     last = None
@@ -69,6 +77,10 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
         completion_tokens=last.usage.completion_tokens,
         steps=last.stats.steps,
         mean_accepted_length=last.stats.mean_accepted_length,
+        draft_s=last.stats.draft_seconds,
+        verify_s=last.stats.verify_seconds,
+        other_s=last.stats.other_seconds,
+        verified_nodes=statistics.mean(s.verified_nodes for s in last.stats.step_stats) if last.stats.step_stats else 0.0,
     )
 
 
@@ -104,6 +116,10 @@ async def run_level(
         tpot_p99_ms=percentile([t * 1e3 for t in tpots], 99),
         latency_p50_s=statistics.median(r.total_s for r in results) if results else float("nan"),
         mean_accepted_length=tokens / steps if steps else 0.0,
+        draft_ms_per_step=1e3 * sum(r.draft_s for r in results) / steps if steps else 0.0,
+        verify_ms_per_step=1e3 * sum(r.verify_s for r in results) / steps if steps else 0.0,
+        other_ms_per_step=1e3 * sum(r.other_s for r in results) / steps if steps else 0.0,
+        verified_nodes_per_step=statistics.mean(r.verified_nodes for r in results) if results else 0.0,
     )
 
 
@@ -169,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             row = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests, a.seconds))
             print(
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
-                f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  ({row.requests} req)",
+                f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "
+                f"step: draft {row.draft_ms_per_step:.1f} verify {row.verify_ms_per_step:.1f} "
+                f"other {row.other_ms_per_step:.1f} ms, {row.verified_nodes_per_step:.1f} nodes  ({row.requests} req)",
                 file=sys.stderr,
                 flush=True,
             )
