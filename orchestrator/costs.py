@@ -18,7 +18,7 @@ PRIOR_CONTEXTS = (128, 512, 2048, 8192)
 PRIOR_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Rows of the draft's slice: tree nodes forwarded so far in one Expand.
 NODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-ONLINE_WEIGHT = 0.1  # moving-average weight of one observation
+ONLINE_WEIGHT = 0.2  # moving-average weight of one observation: a profile off by 2x corrects in ~10 steps
 
 
 def prior_table(role: str, lam_ms: float, delta_ms: float) -> CostTable:

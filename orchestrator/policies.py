@@ -85,7 +85,8 @@ def update_gains(gains: GainBuffer, expanded: TokenTree, kept_per_layer: list[in
 def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
     """The policies a request may name; `cast` with the given thresholds (defaults: cast_core.selection's)."""
     return {
-        "cast": TreePolicy("cast", top_k=8, max_depth=10, max_breadth=16, verify_tokens=64, cast=cast or CastParams()),
+        # CAST prunes within EAGLE-2's breadth and a little more depth; what it drops depends on the cost tables.
+        "cast": TreePolicy("cast", top_k=8, max_depth=8, max_breadth=8, verify_tokens=48, cast=cast or CastParams()),
         "eagle2": TreePolicy("eagle2", top_k=8, max_depth=6, max_breadth=8, verify_tokens=32),
         "chain": TreePolicy("chain", top_k=1, max_depth=4, max_breadth=1, verify_tokens=5),
         "ar": TreePolicy("ar"),
