@@ -145,3 +145,19 @@ def test_expiry_frees_the_slots(target64: TargetModel):
     assert list(verifier.kv.owners) == [verifier.sessions.get("c").kv]
     (result,), _ = verifier.verify([VerifyItem("c", TokenTree.root_only(6))])
     assert result.committed_tokens == greedy_reference(target64, [4, 5, 6], 1)
+
+
+def test_the_packed_alternative_computes_the_same_logits(target64: TargetModel):
+    """bench_batch's packed forward (one row, block-diagonal mask) is a fair comparison: same logits as padded."""
+    from verify_service.bench_batch import pack_prefixes, packed_forward
+
+    rng = np.random.default_rng(7)
+    prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in (4, 11, 1)]
+    store = KVStore()
+    kvs = [store.allocate() for _ in prefixes]
+    target64.prefill(kvs, prefixes)
+    trees = random_trees(rng, target64.vocab_size, len(prefixes))
+    padded = target64.tree_logits(kvs, trees)
+    row = pack_prefixes(kvs, sum(map(len, prefixes)) + sum(map(len, trees)))
+    packed = packed_forward(target64, row, [len(p) for p in prefixes], trees)[0]  # [sum N, V]
+    torch.testing.assert_close(torch.cat(padded), packed, rtol=1e-9, atol=1e-9)
