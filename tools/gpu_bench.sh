@@ -33,7 +33,24 @@ echo "== one request with per-step decisions"
 $CAST generate --json --max-new-tokens 64 "def fibonacci(n):" > "$OUT/generate_cast.json" && head -c 1500 "$OUT/generate_cast.json"; echo
 
 echo "== bench"
-$CAST bench --policies cast,eagle2,chain,ar --concurrency 1,8 --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} \
-    --max-new-tokens 128 --rstrip-prompts --out "$OUT" --title "reference pair, verify on GPU, draft on ORT CPU"
+$CAST bench --policies cast,eagle2,chain,ar --concurrency ${BENCH_CONCURRENCY:-1,8} --requests ${BENCH_REQUESTS:-16} \
+    --seconds ${BENCH_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts --out "$OUT" \
+    --title "reference pair, verify on GPU, draft on ORT CPU"
+
+# CAST threshold sweep: one more orchestrator per setting on the same draft and verify services.
+# SWEEP="C1:C2:C3 ..." e.g. "1:1:1 4:3:2.5 16:9:6"
+port=50061
+for setting in ${SWEEP:-}; do
+    IFS=: read -r c1 c2 c3 <<< "$setting"
+    python3 -m orchestrator.server --tokenizer $TARGET --port $port --cast-c1 $c1 --cast-c2 $c2 --cast-c3 $c3 \
+        > "$OUT/sweep-$port.log" 2>&1 &
+    ORCH=$!
+    for _ in $(seq 1 60); do grep -q "serving on" "$OUT/sweep-$port.log" && break; sleep 0.5; done
+    echo "== sweep C1=$c1 C2=$c2 C3=$c3"
+    $CAST bench --addr 127.0.0.1:$port --policies cast --concurrency ${SWEEP_CONCURRENCY:-1,8} --requests ${SWEEP_REQUESTS:-8} \
+        --seconds ${SWEEP_SECONDS:-10} --max-new-tokens 128 --rstrip-prompts --out "$OUT/sweep-$c1-$c2-$c3" --title "C1=$c1 C2=$c2 C3=$c3"
+    kill $ORCH; wait $ORCH 2>/dev/null
+    port=$((port + 1))
+done
 kill $STACK; wait $STACK 2>/dev/null
 date -u
