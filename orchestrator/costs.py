@@ -1,24 +1,28 @@
-"""What a step costs on one (draft replica, verify replica) pair: their profiled tables, corrected online.
+"""What a step costs on one (draft replica, verify replica) pair: the replicas' profiled tables plus what a step
+costs beyond the model's forward, measured online.
 
-Each replica sends its cost table in Describe. A replica without one starts from a prior (a mild linear cost), and
-every step's measured wall time, RPC included, moves the cell it ran in toward what was observed, so a stale or
-missing profile corrects itself.
+Each replica sends its cost table in Describe: pure forward times. A real step also pays for the RPC, the
+services' own Python, masks and serialisation. That overhead hardly depends on the number of tree nodes, so it is
+learned as one moving average per batch size and added to every cell: the profiled shape of the cost curve stays,
+and its level follows what the orchestrator observes. (Moving single cells toward observations instead would make
+visited cells look dearer than unvisited ones and drive the policy away from whatever it just measured.)
+A replica without a table starts from a prior (a mild linear cost) and is corrected the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from cast_core.cost_table import CostTable, NormalizedCostSlice, normalized_draft_slice
+from cast_core.cost_table import CostTable, NormalizedCostSlice
 
 PRIOR_BATCHES = (1, 2, 4, 8, 16, 32)
 PRIOR_CONTEXTS = (128, 512, 2048, 8192)
 PRIOR_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Rows of the draft's slice: tree nodes forwarded so far in one Expand.
 NODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-ONLINE_WEIGHT = 0.2  # moving-average weight of one observation: a profile off by 2x corrects in ~10 steps
+ONLINE_WEIGHT = 0.2  # moving-average weight of one observation
 
 
 def prior_table(role: str, lam_ms: float, delta_ms: float) -> CostTable:
@@ -28,10 +32,16 @@ def prior_table(role: str, lam_ms: float, delta_ms: float) -> CostTable:
     )
 
 
+def _moving(average: float | None, sample: float) -> float:
+    return sample if average is None else (1 - ONLINE_WEIGHT) * average + ONLINE_WEIGHT * sample
+
+
 @dataclass
 class CostModel:
     verify: CostTable
     draft: CostTable
+    verify_overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: a step beyond its forward
+    draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
 
     @staticmethod
     def from_tables(verify: CostTable | None, draft: CostTable | None) -> CostModel:
@@ -40,26 +50,34 @@ class CostModel:
             draft=draft or prior_table("draft", lam_ms=0.02, delta_ms=1.0),
         )
 
+    def verify_step_ms(self, batch: int, context: int, tokens: int) -> float:
+        return self.verify.lookup(batch, context, tokens) + self.verify_overhead_ms.get(batch, 0.0)
+
+    def draft_forward_ms(self, batch: int, context: int, tokens: int) -> float:
+        return self.draft.lookup(batch, context, tokens) + self.draft_overhead_ms.get(batch, 0.0)
+
     def rerank_costs(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
-        """[max_tokens] c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1]."""
-        return self.verify.normalized_costs(batch, context, max_tokens)
+        """[max_tokens] c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1], the step overhead included in both."""
+        steps = self.verify.costs_for_counts(batch, context, max_tokens) + self.verify_overhead_ms.get(batch, 0.0)
+        return steps / steps[0]
 
     def draft_slice(self, batch: int, context: int) -> NormalizedCostSlice:
-        """The draft's prices for one Expand: its forwards run at the committed context plus the tree so far."""
-        return normalized_draft_slice(
-            self.draft, self.verify, batch, context, node_buckets=NODE_BUCKETS, draft_context_offset=context
-        )
+        """The draft's prices for one Expand, in units of a one-token verify step: its forwards run at the
+        committed context plus the tree so far."""
+        one_token_step = self.verify_step_ms(batch, context, 1)
+        counts = self.draft.token_counts
+        matrix = np.array([[self.draft_forward_ms(batch, context + r, n) for n in counts] for r in NODE_BUCKETS])
+        return NormalizedCostSlice(NODE_BUCKETS, counts, matrix / one_token_step)
 
     def observe_verify(self, batch: int, context: int, tokens: int, seconds: float) -> None:
-        self.verify = self.verify.observe(batch, context, tokens, seconds * 1e3, ONLINE_WEIGHT)
+        extra = seconds * 1e3 - self.verify.lookup(batch, context, tokens)
+        self.verify_overhead_ms[batch] = max(_moving(self.verify_overhead_ms.get(batch), extra), 0.0)
 
     def observe_draft(self, batch: int, context: int, forwards: list[tuple[int, int]], seconds: float) -> None:
-        """One Expand made `forwards` = [(nodes so far, new tokens)]; spread its wall time over them in proportion
-        to what the table predicted, then move each cell toward its share."""
-        predicted = [self.draft.lookup(batch, context + nodes, n) for nodes, n in forwards]
-        total = sum(predicted)
-        if not forwards or total <= 0:
+        """One Expand made `forwards` = [(nodes so far, new tokens)]: what it took beyond the profiled forwards is
+        spread over them."""
+        if not forwards:
             return
-        scale = seconds * 1e3 / total
-        for (nodes, n), p in zip(forwards, predicted):
-            self.draft = self.draft.observe(batch, context + nodes, n, p * scale, ONLINE_WEIGHT)
+        predicted = sum(self.draft.lookup(batch, context + nodes, n) for nodes, n in forwards)
+        extra = (seconds * 1e3 - predicted) / len(forwards)
+        self.draft_overhead_ms[batch] = max(_moving(self.draft_overhead_ms.get(batch), extra), 0.0)

@@ -1,0 +1,31 @@
+import numpy as np
+
+from cast_core.cost_table import CostTable
+from orchestrator.costs import CostModel
+
+GRID = dict(batch_sizes=(1, 8), context_buckets=(128, 1024), token_counts=(1, 8, 64))
+
+
+def model() -> CostModel:
+    return CostModel(verify=CostTable.linear(0.1, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+
+
+def test_step_overhead_is_learned_and_shifts_every_cell_alike():
+    costs = model()
+    before = costs.rerank_costs(1, 100, 64)
+    for _ in range(50):  # steps of 8 nodes that really take 20 ms more than their forward
+        costs.observe_verify(1, 100, 8, (costs.verify.lookup(1, 100, 8) + 20.0) / 1e3)
+    assert abs(costs.verify_overhead_ms[1] - 20.0) < 0.1
+    after = costs.rerank_costs(1, 100, 64)
+    # The unvisited cells carry the overhead too: relative costs shrink toward 1, never jump for unvisited sizes.
+    assert after[0] == 1.0 and (after <= before + 1e-9).all() and (np.diff(after) >= 0).all()
+    assert costs.verify_overhead_ms.get(8, 0.0) == 0.0  # another batch size keeps its own estimate
+
+
+def test_draft_overhead_makes_layers_dearer():
+    costs = model()
+    cheap = costs.draft_slice(1, 100).cost(0, 8)
+    for _ in range(50):
+        costs.observe_draft(1, 100, [(0, 3), (0, 8), (8, 8)], seconds=(3 * 4.0 + 3.0) / 1e3)
+    assert costs.draft_overhead_ms[1] > 3.0
+    assert costs.draft_slice(1, 100).cost(0, 8) > cheap
