@@ -64,9 +64,9 @@ def start_orchestrator(spec: StackSpec, args: tuple[str, ...], port: int) -> sub
 
 def sweep_configs() -> list[Config]:
     out = []
-    for c1 in (1.0, 4.0, 16.0):
-        for c2 in (1.0, 3.0, 9.0):
-            for c3 in (1.0, 2.5, 6.0):
+    for c1 in (1.0, 4.0):
+        for c2 in (1.0, 3.0):
+            for c3 in (1.0, 2.5):
                 out.append(Config(f"cast C1={c1:g} C2={c2:g} C3={c3:g}", "cast",
                                   ("--cast-c1", str(c1), "--cast-c2", str(c2), "--cast-c3", str(c3))))
     return out

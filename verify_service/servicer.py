@@ -54,7 +54,6 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             device=device_name(target.device),
             dtype=target.dtype_name,
             backend="torch",
-            # cost_table: filled once profiling exists (a later issue).
         )
 
     async def _in_worker(self, fn, *args):
