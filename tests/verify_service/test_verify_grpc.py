@@ -84,6 +84,12 @@ BAD_REQUESTS = [
     ("parent after child", "Verify", verify(dict(sequence_id="s", tree=common_pb2.TokenTree(
         tokens=[7, 8, 9], parents=[-1, 2, 0], depths=[0, 1, 1], values=[1, 1, 1]))),
      grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.parents[1]"),
+    ("parent out of range", "Verify", verify(dict(sequence_id="s", tree=common_pb2.TokenTree(
+        tokens=[7, 8], parents=[-1, 5], depths=[0, 1], values=[1, 1]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.parents[1]"),
+    ("depth mismatch", "Verify", verify(dict(sequence_id="s", tree=common_pb2.TokenTree(
+        tokens=[7, 8, 9], parents=[-1, 0, 1], depths=[0, 1, 3], values=[1, 1, 1]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.depths[2]"),
     ("tree token outside vocab", "Verify", verify(dict(sequence_id="s", tree=tree([7, 99_999], [-1, 0]))),
      grpc.StatusCode.INVALID_ARGUMENT, "sequences[0].tree.tokens[1]"),
     ("root is not the pending token", "Verify", verify(root(token=8)), grpc.StatusCode.FAILED_PRECONDITION,
