@@ -16,7 +16,7 @@ import numpy as np
 
 from cast.v1 import draft_pb2
 from cast_core.errors import InvalidArgument
-from cast_core.selection import CastParams, GainBuffer, layer_gains, rerank_count
+from cast_core.selection import CastParams, GainBuffer, batch_topk_utilities, layer_gains, rerank_count
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
 
@@ -53,13 +53,23 @@ class TreePolicy:
     def select(self, expanded: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
-        CAST picks one m for the whole batch, which shares one verifier forward.
+        CAST picks one m for the whole batch, which shares one verifier forward: the reranking rule (C3) bounds it,
+        then, within that bound, the cut with the most expected tokens per unit of step cost (u_m / c_m). A fixed
+        threshold alone keeps nodes whose value beats their marginal cost yet lowers the step's tokens per unit
+        cost, which on hardware where cost grows with batch × nodes (CPUs, large batches) loses to plain decoding.
         """
         m = self.verify_tokens
         if self.cast is not None:
             prices = costs.rerank_costs(batch, context, max(len(t) for t in expanded))
             m = min(rerank_count([t.values for t in expanded], prices, self.cast.rerank_threshold), m)
+            m = most_efficient_cut([t.values for t in expanded], prices, m)
         return [t.top_m(m) for t in expanded]
+
+
+def most_efficient_cut(values: list[np.ndarray], costs: np.ndarray, limit: int) -> int:
+    """argmax over m <= limit of u_m / c_m: u_m the batch-average sum of each tree's top-m values, c_m costs[m-1]."""
+    utilities = batch_topk_utilities(values)[:limit]  # [limit]
+    return int(np.argmax(utilities / costs[: utilities.shape[0]])) + 1
 
 
 def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list[float]:

@@ -29,3 +29,15 @@ def test_draft_overhead_makes_layers_dearer():
         costs.observe_draft(1, 100, [(0, 3), (0, 8), (8, 8)], seconds=(3 * 4.0 + 3.0) / 1e3)
     assert costs.draft_overhead_ms[1] > 3.0
     assert costs.draft_slice(1, 100).cost(0, 8) > cheap
+
+
+def test_most_efficient_cut_stops_where_tokens_per_cost_peak():
+    from orchestrator.policies import most_efficient_cut
+
+    values = [np.array([1.0, 0.9, 0.8, 0.3, 0.1, 0.05])]
+    flat = np.ones(6)
+    assert most_efficient_cut(values, flat, 6) == 6          # free nodes: take them all
+    steep = 1.0 + 0.5 * np.arange(6)                           # each node costs half a plain step
+    # u/c: 1, 1.27, 1.35, 1.2, 1.02, 0.88 -> three nodes
+    assert most_efficient_cut(values, steep, 6) == 3
+    assert most_efficient_cut(values, steep, 2) == 2           # never past the rule's bound
