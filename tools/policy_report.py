@@ -79,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--prompts", type=int, default=20, help="HumanEval prompts, in file order")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sweep", action="store_true", help="also sweep C1/C2/C3 of the cast policy")
+    p.add_argument("--sweep", action="store_true", help="also sweep C1/C2/C3 of the cast policy over a small grid")
+    p.add_argument("--settings", default="", help="also these cast settings, e.g. '1:1:1,1:3:1' (C1:C2:C3)")
     p.add_argument("--out", type=Path, default=Path("reports/cpu_policies.md"))
     a = p.parse_args(argv)
 
     configs = [Config(name, name) for name in ("cast", "eagle2", "chain", "ar")]
     if a.sweep:
         configs += sweep_configs()
+    for setting in filter(None, a.settings.split(",")):
+        c1, c2, c3 = setting.split(":")
+        configs.append(Config(f"cast C1={c1} C2={c2} C3={c3}", "cast", ("--cast-c1", c1, "--cast-c2", c2, "--cast-c3", c3)))
     prompts = [q.rstrip("\n") for q in load_prompts()[: a.prompts]]  # see the model card on trailing newlines
     ports = free_ports(3 + len(configs))
     spec = StackSpec(a.target, a.draft, port=ports[0], draft_port=ports[1], verify_port=ports[2],
