@@ -1,19 +1,10 @@
-"""The one map from exceptions to gRPC status codes for the orchestrator."""
+"""Exceptions as gRPC statuses for the orchestrator: domain errors name their own code, downstream errors map here."""
 
 from __future__ import annotations
 
 import grpc
 
 from cast_core import errors
-
-STATUS_FOR: dict[type[errors.CastError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-}
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -24,5 +15,5 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             code = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE else grpc.StatusCode.INTERNAL
         await context.abort(code, f"downstream: {exc.details()}")
-    code = STATUS_FOR.get(type(exc), grpc.StatusCode.INTERNAL)
+    code = grpc.StatusCode[exc.status] if isinstance(exc, errors.CastError) else grpc.StatusCode.INTERNAL
     await context.abort(code, str(exc))

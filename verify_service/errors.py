@@ -1,4 +1,5 @@
-"""The one map from domain errors to gRPC status codes, and the decorator that applies it to servicer methods."""
+"""Domain errors (cast_core.errors, each naming its status code) as gRPC statuses, and the decorator that applies
+them to servicer methods."""
 
 from __future__ import annotations
 
@@ -7,33 +8,13 @@ import logging
 
 import grpc
 
-from cast_core.errors import (
-    CastError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    ResourceExhausted,
-    Unimplemented,
-)
+from cast_core.errors import CastError
 
 log = logging.getLogger(__name__)
 
-STATUS_CODES: dict[type[CastError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-}
-
 
 def status_code(error: CastError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:  # the most specific class that has a code
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[error.status]
 
 
 def abort_on_domain_error(method):
