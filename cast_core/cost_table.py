@@ -69,6 +69,20 @@ def _frozen_array(values, shape: tuple[int, ...], name: str) -> np.ndarray:
     return array
 
 
+def monotone_envelope(millis: np.ndarray) -> np.ndarray:
+    """The largest table below the measured one that never decreases along any axis (batch, context, tokens).
+
+    A forward over more sequences, more context or more tokens does not cost less; a measurement that says so is
+    noise that inflated its smaller neighbour. Each cell becomes the minimum over all cells at least as large on
+    every axis (a reverse cumulative minimum per axis; each pass keeps the others' monotonicity).
+    """
+    out = np.asarray(millis, dtype=np.float64)
+    for axis in range(out.ndim):
+        flipped = np.flip(out, axis=axis)
+        out = np.flip(np.minimum.accumulate(flipped, axis=axis), axis=axis)
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class CostTable:
     """f(B, c, n) on a grid: S_T(B) for a verifier, S_D(B) for a draft."""

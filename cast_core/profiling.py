@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ class ProfileGrid:
     batch_sizes: tuple[int, ...]
     context_buckets: tuple[int, ...]
     token_counts: tuple[int, ...]
-    repeats: int = 5  # timed forwards per cell: the cell is their median
+    repeats: int = 5  # timed forwards per cell: the cell is the fastest of them
     warmup: int = 2  # untimed forwards per cell first (allocator, kernel selection, ORT arenas)
 
     def __post_init__(self) -> None:
@@ -77,22 +76,24 @@ class Profile:
     forwards: int  # forwards run, warm-up included
 
 
-def median_millis(forward: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
-    """Median wall time of `forward` in ms over `repeats` runs after `warmup` untimed ones.
+def fastest_millis(forward: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
+    """Fastest wall time of `forward` in ms over `repeats` runs after `warmup` untimed ones.
 
+    The fastest, not the median: on a shared machine other processes only ever add time, and a table inflated by
+    a burst of load would mislead CAST for as long as it is cached (the median of 2-5 runs is not enough).
     `sync` waits for the device (torch.cuda.synchronize on CUDA): without it an asynchronous launch is all a
     timer would see.
     """
     for _ in range(warmup):
         forward()
     sync()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         forward()
         sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        best = min(best, (time.perf_counter() - start) * 1e3)
+    return best
 
 
 def no_sync() -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cast_core.cost_table import CostTable
+from cast_core.cost_table import CostTable, monotone_envelope
 from cast_core.profiling import (
-    Profile, ProfileGrid, cache_path, median_millis, model_identity, no_sync, select_startup_table,
+    Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from draft_service.runner import DraftRunner
 
@@ -91,7 +91,7 @@ def time_draft_forward(runner: DraftRunner, past_keys, past_values, batch: int, 
     limit = max(meta.max_context - 1, 0) if meta.max_context else context + tokens
     positions = np.tile(np.minimum(context + depths, limit), (batch, 1))  # [B, n]
     mask = tree_mask(context, tokens, batch, runner)
-    return median_millis(
+    return fastest_millis(
         lambda: runner.run(ids, positions, mask, past_keys, past_values), grid.repeats, grid.warmup, no_sync
     )
 
@@ -129,7 +129,7 @@ def profile_draft(
         batch_sizes=grid.batch_sizes,
         context_buckets=grid.context_buckets,
         token_counts=grid.token_counts,
-        millis=millis,
+        millis=monotone_envelope(millis),
     )
     return Profile(table, time.perf_counter() - start, forwards)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cast_core.cost_table import CostTable
+from cast_core.cost_table import CostTable, monotone_envelope
 from cast_core.profiling import (
-    Profile, ProfileGrid, cache_path, median_millis, model_identity, no_sync, select_startup_table,
+    Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from cast_core.tree import TokenTree
 from verify_service.kv_cache import KVStore, SequenceKV
@@ -89,7 +89,7 @@ def time_tree_forward(target: TargetModel, kvs: list[SequenceKV], tokens: int, g
     tree = profile_tree(tokens)
     trees = [TokenTree(torch.randint(target.vocab_size, (tokens,), generator=generator).numpy(), tree.parents,
                        tree.depths, tree.values) for _ in kvs]
-    return median_millis(lambda: target.tree_logits(kvs, trees), grid.repeats, grid.warmup, sync_for(target.device))
+    return fastest_millis(lambda: target.tree_logits(kvs, trees), grid.repeats, grid.warmup, sync_for(target.device))
 
 
 def profile_target(
@@ -129,7 +129,7 @@ def profile_target(
         batch_sizes=grid.batch_sizes,
         context_buckets=grid.context_buckets,
         token_counts=grid.token_counts,
-        millis=millis,
+        millis=monotone_envelope(millis),
     )
     return Profile(table, time.perf_counter() - start, forwards)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cast_core.cost_table import CostTable, NormalizedCostSlice, load, normalized_draft_slice, save
+from cast_core.cost_table import CostTable, NormalizedCostSlice, load, monotone_envelope, normalized_draft_slice, save
 
 
 def _table() -> CostTable:
@@ -131,3 +131,16 @@ def test_normalized_draft_slice():
 def test_normalized_slice_validates_shape():
     with pytest.raises(ValueError):
         NormalizedCostSlice((1, 2), (1,), np.ones((1, 1)))
+
+
+def test_monotone_envelope_removes_noise_spikes_and_keeps_monotone_tables():
+    # Two contexts of a measured CPU table: a burst of load inflated single cells (5.97, 14.77, 20.64).
+    noisy = np.array([[[0.68, 5.97, 0.54, 0.57, 1.35], [14.77, 0.48, 20.64, 10.94, 12.08]]])  # [B=1, 2 ctx, 5 n]
+    envelope = monotone_envelope(noisy)
+    assert np.all(envelope <= noisy)
+    for axis in range(3):
+        assert np.all(np.diff(envelope, axis=axis) >= 0)
+    np.testing.assert_allclose(envelope[0, 0], [0.48, 0.48, 0.54, 0.57, 1.35])
+    np.testing.assert_allclose(envelope[0, 1], [0.48, 0.48, 10.94, 10.94, 12.08])
+    clean = CostTable.linear(1.0, 2.0, batch_sizes=(1, 4), context_buckets=(8, 64), token_counts=(1, 2, 4)).millis
+    np.testing.assert_array_equal(monotone_envelope(clean), clean)
