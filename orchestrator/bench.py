@@ -21,6 +21,27 @@ import grpc
 from cast.v1 import generation_pb2, generation_pb2_grpc
 
 
+@dataclass(frozen=True)
+class StepBreakdown:
+    """One step's milliseconds: the services' own work, the two RPCs' overhead and the orchestrator's time."""
+
+    step: float
+    draft_model: float
+    verify_model: float
+    rpc: float           # (Expand wall - draft's work) + (Verify wall - verifier's work)
+    orchestrator: float  # step wall - both RPC walls: policy, trees, bookkeeping, streaming
+
+    @staticmethod
+    def from_proto(s) -> StepBreakdown:
+        return StepBreakdown(
+            step=1e3 * s.step_seconds,
+            draft_model=1e3 * s.draft_model_seconds,
+            verify_model=1e3 * s.verify_model_seconds,
+            rpc=1e3 * (s.draft_rpc_seconds - s.draft_model_seconds + s.verify_rpc_seconds - s.verify_model_seconds),
+            orchestrator=1e3 * (s.step_seconds - s.draft_rpc_seconds - s.verify_rpc_seconds),
+        )
+
+
 @dataclass
 class RequestResult:
     ttft_s: float
@@ -32,6 +53,7 @@ class RequestResult:
     verify_s: float
     other_s: float
     verified_nodes: float  # mean nodes sent to the verifier per step
+    step_breakdowns: list[StepBreakdown]
 
 
 @dataclass
@@ -52,6 +74,13 @@ class LevelResult:
     verify_ms_per_step: float    # ... in Prefill and Verify calls
     other_ms_per_step: float     # the rest of the request's time: scheduling, policy, detokenising, queueing
     verified_nodes_per_step: float
+    # Medians over all steps (a batched step counts once per sequence in it):
+    step_ms_p50: float
+    draft_model_ms_p50: float
+    verify_model_ms_p50: float
+    rpc_ms_p50: float            # gRPC overhead of the step's Expand and Verify
+    orchestrator_ms_p50: float
+    overhead_ms_p50: float       # rpc + orchestrator: what serving adds to the models' work
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,6 +110,7 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
         verify_s=last.stats.verify_seconds,
         other_s=last.stats.other_seconds,
         verified_nodes=statistics.mean(s.verified_nodes for s in last.stats.step_stats) if last.stats.step_stats else 0.0,
+        step_breakdowns=[StepBreakdown.from_proto(s) for s in last.stats.step_stats],
     )
 
 
@@ -103,6 +133,7 @@ async def run_level(
     tokens = sum(r.completion_tokens for r in results)
     tpots = [(r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in results if r.completion_tokens > 1]
     steps = sum(r.steps for r in results)
+    steps_ms = [b for r in results for b in r.step_breakdowns]
     return LevelResult(
         policy=policy,
         concurrency=concurrency,
@@ -120,6 +151,12 @@ async def run_level(
         verify_ms_per_step=1e3 * sum(r.verify_s for r in results) / steps if steps else 0.0,
         other_ms_per_step=1e3 * sum(r.other_s for r in results) / steps if steps else 0.0,
         verified_nodes_per_step=statistics.mean(r.verified_nodes for r in results) if results else 0.0,
+        step_ms_p50=percentile([b.step for b in steps_ms], 50),
+        draft_model_ms_p50=percentile([b.draft_model for b in steps_ms], 50),
+        verify_model_ms_p50=percentile([b.verify_model for b in steps_ms], 50),
+        rpc_ms_p50=percentile([b.rpc for b in steps_ms], 50),
+        orchestrator_ms_p50=percentile([b.orchestrator for b in steps_ms], 50),
+        overhead_ms_p50=percentile([b.rpc + b.orchestrator for b in steps_ms], 50),
     )
 
 
@@ -187,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "
                 f"step: draft {row.draft_ms_per_step:.1f} verify {row.verify_ms_per_step:.1f} "
-                f"other {row.other_ms_per_step:.1f} ms, {row.verified_nodes_per_step:.1f} nodes  ({row.requests} req)",
+                f"other {row.other_ms_per_step:.1f} ms, {row.verified_nodes_per_step:.1f} nodes  ({row.requests} req)\n"
+                f"{'':>13}step p50 {row.step_ms_p50:.2f} ms = draft model {row.draft_model_ms_p50:.2f} + verify model "
+                f"{row.verify_model_ms_p50:.2f} + rpc {row.rpc_ms_p50:.2f} + orchestrator {row.orchestrator_ms_p50:.2f} "
+                f"(overhead p50 {row.overhead_ms_p50:.2f} ms)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -65,14 +65,16 @@ class DraftClient:
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
 
-    async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget, timeout: float | None) -> list[Expanded]:
+    async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget,
+                     timeout: float | None) -> tuple[list[Expanded], float]:
+        """The expanded trees in order, and the draft service's own seconds for the call."""
         request = draft_pb2.ExpandRequest(
             sequences=[draft_pb2.DraftSequence(sequence_id=i.sequence_id, new_tokens=i.new_tokens,
                                                start_position=i.start_position) for i in items],
             budget=budget,
         )
         response = await self.stub.Expand(request, timeout=timeout)
-        return [
+        trees = [
             Expanded(
                 tree=tree_from_proto(result.tree, "draft tree"),
                 candidates_per_layer=[layer.candidates for layer in result.layers],
@@ -80,6 +82,7 @@ class DraftClient:
             )
             for result in response.trees
         ]
+        return trees, response.draft_seconds
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
@@ -103,14 +106,15 @@ class VerifyClient:
         )
         await self.stub.Prefill(request, timeout=timeout)
 
-    async def verify(self, items: list[VerifyItem], timeout: float | None) -> list[list[int]]:
-        """Per sequence, the committed tokens: the accepted drafts, then the bonus token."""
+    async def verify(self, items: list[VerifyItem], timeout: float | None) -> tuple[list[list[int]], float]:
+        """Per sequence, the committed tokens (the accepted drafts, then the bonus token); and the verify service's
+        own seconds for the call."""
         request = verify_pb2.VerifyRequest(
             sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
                        for i in items]
         )
         response = await self.stub.Verify(request, timeout=timeout)
-        return [list(result.committed_tokens) for result in response.results]
+        return [list(result.committed_tokens) for result in response.results], response.verify_seconds
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released

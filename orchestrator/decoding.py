@@ -37,6 +37,18 @@ class StepRecord:
     verified_nodes: int
     depth: int
     accepted_tokens: int
+    timing: StepTiming | None = None  # shared by every sequence of the batched step
+
+
+@dataclass
+class StepTiming:
+    """Seconds of one step (see StepStats in generation.proto)."""
+
+    step: float = 0.0
+    draft_rpc: float = 0.0
+    draft_model: float = 0.0
+    verify_rpc: float = 0.0
+    verify_model: float = 0.0
 
 
 @dataclass

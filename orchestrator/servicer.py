@@ -9,7 +9,7 @@ import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument, OutOfRange
-from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats
+from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
 from orchestrator.step_loop import StepLoop
 from orchestrator.errors import abort_with
 from orchestrator.policies import TreePolicy, resolve_policy
@@ -20,6 +20,18 @@ FINISH_REASONS = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
     FinishReason.CONTEXT: generation_pb2.FINISH_REASON_CONTEXT,
 }
+
+
+def timing_fields(timing: StepTiming | None) -> dict[str, float]:
+    if timing is None:
+        return {}
+    return {
+        "step_seconds": timing.step,
+        "draft_rpc_seconds": timing.draft_rpc,
+        "draft_model_seconds": timing.draft_model,
+        "verify_rpc_seconds": timing.verify_rpc,
+        "verify_model_seconds": timing.verify_model,
+    }
 
 
 def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.GenerationStats:
@@ -35,7 +47,8 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
     if with_steps:
         msg.step_stats.extend(
             generation_pb2.StepStats(
-                expanded_nodes=s.expanded_nodes, verified_nodes=s.verified_nodes, depth=s.depth, accepted_tokens=s.accepted_tokens
+                expanded_nodes=s.expanded_nodes, verified_nodes=s.verified_nodes, depth=s.depth, accepted_tokens=s.accepted_tokens,
+                **timing_fields(s.timing),
             )
             for s in stats.steps
         )

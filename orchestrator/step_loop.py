@@ -25,7 +25,9 @@ from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
 from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
 from orchestrator.costs import CostModel
-from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, TextAssembler
+from orchestrator.decoding import (
+    Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler,
+)
 from orchestrator.policies import TreePolicy, update_gains
 
 log = logging.getLogger("cast.orchestrator")
@@ -188,6 +190,8 @@ class StepLoop:
         batch = [s for s in batch if not s.done]
         if not batch:
             return
+        started = time.perf_counter()
+        timing = StepTiming()
         size = len(batch)
         context = max(len(s.tokens) for s in batch)
         trees: dict[str, TokenTree] = {s.sequence_id: TokenTree.root_only(s.tokens[-1]) for s in batch}
@@ -198,7 +202,7 @@ class StepLoop:
             if s.policy.uses_draft:
                 groups[s.policy.name].append(s)
         for group in groups.values():
-            selected = await self._draft_and_select(group, size, context)
+            selected = await self._draft_and_select(group, size, context, timing)
             if selected is None:
                 return
             for s, (tree, expanded_size) in zip(group, selected):
@@ -206,15 +210,17 @@ class StepLoop:
 
         items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
         try:
-            results, seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
+            (results, model_seconds), seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
             for s in batch:
                 s.fail(exc)
             return
         self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
+        timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth, len(committed)))
+            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth,
+                                            len(committed), timing))
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
             if reason is not None:
@@ -222,8 +228,9 @@ class StepLoop:
             elif not s.done:
                 s.out.put_nowait(Chunk(s.assembler.take_text(final=False), taken,
                                        completion_tokens=len(s.assembler.token_ids)))
+        timing.step = time.perf_counter() - started  # the records above share this object
 
-    async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int):
+    async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
         """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
 
         Returns [(tree to verify, expanded size)] per sequence, or None when the draft failed the whole group.
@@ -235,11 +242,13 @@ class StepLoop:
         for s in group:
             s.opened_draft = True
         try:
-            expanded, seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
+            (expanded, model_seconds), seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
             for s in group:
                 s.fail(exc)
             return None
+        timing.draft_rpc += seconds
+        timing.draft_model += model_seconds
         longest = max(items, key=lambda i: len(i.new_tokens))
         self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)), seconds)
         for s, e in zip(group, expanded):

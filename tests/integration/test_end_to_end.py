@@ -71,3 +71,17 @@ def test_every_policy_and_the_stream_agree(stack, stub, target_model):
     assert "".join(c.text for c in chunks) == stub.Generate(
         generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy="eagle2")
     ).text
+
+
+def test_step_stats_break_each_step_down(stack, stub):
+    """Each step's record says where its time went, and the parts add up to no more than the step."""
+    response = stub.Generate(generation_pb2.GenerateRequest(
+        prompt="def fibonacci(n):", max_new_tokens=12, policy="eagle2", return_step_stats=True))
+    assert len(response.stats.step_stats) == response.stats.steps >= 1
+    for step in response.stats.step_stats:
+        assert 0 < step.draft_model_seconds <= step.draft_rpc_seconds
+        assert 0 < step.verify_model_seconds <= step.verify_rpc_seconds
+        assert step.draft_rpc_seconds + step.verify_rpc_seconds <= step.step_seconds
+    ar = stub.Generate(generation_pb2.GenerateRequest(
+        prompt="def fibonacci(n):", max_new_tokens=4, policy="ar", return_step_stats=True))
+    assert all(s.draft_rpc_seconds == 0 and s.verify_model_seconds > 0 for s in ar.stats.step_stats)

@@ -53,16 +53,26 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class StepStats(_message.Message):
-    __slots__ = ("expanded_nodes", "verified_nodes", "depth", "accepted_tokens")
+    __slots__ = ("expanded_nodes", "verified_nodes", "depth", "accepted_tokens", "step_seconds", "draft_rpc_seconds", "draft_model_seconds", "verify_rpc_seconds", "verify_model_seconds")
     EXPANDED_NODES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MODEL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     expanded_nodes: int
     verified_nodes: int
     depth: int
     accepted_tokens: int
-    def __init__(self, expanded_nodes: _Optional[int] = ..., verified_nodes: _Optional[int] = ..., depth: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    step_seconds: float
+    draft_rpc_seconds: float
+    draft_model_seconds: float
+    verify_rpc_seconds: float
+    verify_model_seconds: float
+    def __init__(self, expanded_nodes: _Optional[int] = ..., verified_nodes: _Optional[int] = ..., depth: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., draft_rpc_seconds: _Optional[float] = ..., draft_model_seconds: _Optional[float] = ..., verify_rpc_seconds: _Optional[float] = ..., verify_model_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
     __slots__ = ("policy", "steps", "mean_accepted_length", "draft_seconds", "verify_seconds", "other_seconds", "total_seconds", "step_stats")
