@@ -19,7 +19,7 @@ class DraftConfig:
     port: int = 50052               # 0: any free port (tests)
     provider: str = "auto"          # onnxruntime provider: auto (CUDA if available) | cpu | cuda
     top_k: int = 8                  # K fused into the exported graph: the most children a node can propose
-    dtype: str = "float32"          # export dtype; float16 for the CUDA provider
+    dtype: str = "auto"             # export dtype: float32 | float16 | auto (float16 on CUDA, float32 on CPU)
     cache_dir: Path | None = None   # export cache; None: $CAST_CACHE_DIR or ~/.cache/cast-serve
     max_sessions: int = 1024        # live sequences at most
     session_ttl_s: float = 600.0    # idle sequences expire after this
@@ -39,8 +39,8 @@ class DraftConfig:
             raise ValueError(f"port: {self.port} is outside [0, 65535]")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider: {self.provider!r} is not one of {PROVIDERS}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {('auto', *DTYPES)}")
         if self.top_k < 1:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:

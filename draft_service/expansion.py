@@ -11,6 +11,11 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
    only the committed tokens stay in the cache.
 
 Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in (issue 4).
+
+Where the KV lives: the sessions keep theirs on the host (numpy). With the runner's I/O binding (on CUDA) the
+commit's past is gathered on the host and crosses to the device once; the commit's present and every tree
+layer's stay on the device, each forward's present being the next one's past as is; only the top-K and the
+newly committed columns come back. runner.traffic counts the bytes.
 """
 
 from __future__ import annotations
@@ -326,8 +331,14 @@ class Expander:
                 past_k[l][b, :, :p] = s.keys[l][:, :p]
                 past_v[l][b, :, :p] = s.values[l][:, :p]
         out = self.run(input_ids, position_ids, self.additive(visible), past_k, past_v)
+        # The sessions keep their KV on the host. With I/O binding the gather above crossed to the device once
+        # (2 * layers * B * Hkv * P * D elements) and only the new columns come back (the same with T for P);
+        # the tree layers then run on out.keys / out.values where they are, on the device.
+        L = len(out.keys)
+        new = self.runner.columns_to_host([*out.keys, *out.values], P, P + T)  # 2L x [B, Hkv, T, D]
+        new_k, new_v = new[:L], new[L:]
         for b, (s, n) in enumerate(zip(sessions, lens)):
-            s.append([k[b, :, P : P + n] for k in out.keys], [v[b, :, P : P + n] for v in out.values])
+            s.append([k[b, :, :n] for k in new_k], [v[b, :, :n] for v in new_v])
         last = np.asarray(lens) - 1
         return out.probs[np.arange(B), last], out.ids[np.arange(B), last], (out.keys, out.values), committed
 

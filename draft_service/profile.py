@@ -1,8 +1,10 @@
 """Profile the draft's cost table S_D(B): f(B, c, n) = ms of one ORT run with batch B, past KV of length c and n new
 tokens under a tree mask, as one layer of a batched expansion runs it.
 
-The past KV is random (ORT's cost does not depend on its values). DraftRunner.run is synchronous (numpy in and
-out, the device work included), so a wall-clock timer around it is enough, on the CUDA provider too.
+The past KV is random (ORT's cost does not depend on its values). With I/O binding (the CUDA default) it is put on
+the device once per cell, as a tree layer finds the previous layer's present there. DraftRunner.run is synchronous
+(the top-K are on the host when it returns, the device work included), so a wall-clock timer around it is enough,
+on the CUDA provider too.
 No torch here: a cached draft start stays torch-free.
 """
 
@@ -114,8 +116,9 @@ def profile_draft(
     for ci, context in enumerate(grid.context_buckets):
         for bi, batch in enumerate(grid.batch_sizes):
             shape = (batch, meta.num_kv_heads, context, meta.head_dim)  # [B, H_kv, c, D] per layer
-            keys = [rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)]
-            values = [rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)]
+            keys = runner.to_device([rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)])
+            values = runner.to_device([rng.standard_normal(shape).astype(runner.dtype)
+                                       for _ in range(meta.num_layers)])
             for ni, tokens in enumerate(grid.token_counts):
                 ms = time_draft_forward(runner, keys, values, batch, context, tokens, grid, rng)
                 millis[bi, ci, ni] = max(ms, 1e-6)  # the table needs > 0

@@ -24,7 +24,7 @@ from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
-from draft_service.runner import DraftRunner
+from draft_service.runner import DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
 
 def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
     """Export or load the graph, open the ORT session, warm it up; describe the replica."""
-    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=config.dtype, cache_dir=config.cache_dir)
+    provider = choose_provider(config.provider)
+    dtype = choose_dtype(config.dtype, provider)
+    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir)
     runner = DraftRunner(onnx_path, meta, provider=config.provider)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:

@@ -25,7 +25,7 @@ def test_flags_override_env_and_env_overrides_defaults(draft_model_dir, monkeypa
     monkeypatch.setenv("CAST_DRAFT_MODEL", str(draft_model_dir))
     config = DraftConfig.from_args(["--port", "7000", "--top-k", "4", "--cache-dir", str(tmp_path)])
     assert (config.model, config.port, config.top_k, config.session_ttl_s) == (draft_model_dir, 7000, 4, 2.5)
-    assert (config.provider, config.dtype, config.max_sessions, config.max_context) == ("auto", "float32", 1024, 0)
+    assert (config.provider, config.dtype, config.max_sessions, config.max_context) == ("auto", "auto", 1024, 0)
     assert config.cache_dir == tmp_path
 
 

@@ -1,0 +1,152 @@
+"""Time one Expand of a full EAGLE-2-like tree, in process (Expander, no gRPC), with I/O binding on and off.
+
+    python -m draft_service.step_profile --model models/reference/draft --provider cuda --batch 1,8 --depth 6 \\
+        --top-k 8 --breadth 8 --context 256 --io-binding on,off --out step.json
+
+Per (batch, io-binding) cell: B sequences are prefilled to `context - new_tokens` committed tokens; each timed
+call commits `new_tokens` more (the tree's root at position `context - 1`) and grows the tree to `depth` layers,
+`breadth` nodes kept per layer, `top_k` children each; then the sessions are cut back to where they were, so
+every call sees the same context. Reports the median over `repeats` calls after `warmup`, the time inside the
+ORT runs, and the host<->device bytes of one call (runner.traffic, as the CUDA provider moves them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cast_core.sessions import SessionStore
+from draft_service.expansion import Budget, Expander, SequenceInput
+from draft_service.export import export_draft
+from draft_service.profile import device_name
+from draft_service.runner import DraftRunner, choose_dtype, choose_provider
+
+
+def time_expand(runner: DraftRunner, batch: int, context: int, new_tokens: int, budget: Budget, repeats: int,
+                warmup: int, seed: int = 0) -> dict:
+    """One cell: the median wall and model ms of Expand over `repeats` calls, and one call's traffic."""
+    meta = runner.meta
+    expander = Expander(runner, SessionStore(batch, ttl_s=1e9), meta.max_context or context)
+    rng = np.random.default_rng(seed)
+    ids = [f"s{b}" for b in range(batch)]
+    start = context - new_tokens
+    prompt = Budget(top_k=budget.top_k, max_depth=0, max_breadth=budget.max_breadth)  # commit only
+    expander.expand([SequenceInput(s, rng.integers(0, meta.vocab_size, start, dtype=np.int64), 0) for s in ids],
+                    prompt)
+    step = [SequenceInput(s, rng.integers(0, meta.vocab_size, new_tokens, dtype=np.int64), start) for s in ids]
+    wall, model, traffic, nodes, layers = [], [], None, 0, 0
+    for i in range(warmup + repeats):
+        before = replace(runner.traffic)  # a copy
+        t0 = time.perf_counter()
+        out, model_seconds = expander.expand(step, budget)
+        elapsed = time.perf_counter() - t0
+        for s in ids:  # back to `start` committed tokens: the next call appends the same columns again
+            expander.sessions.get(s).length = start
+        if i >= warmup:
+            wall.append(elapsed * 1e3)
+            model.append(model_seconds * 1e3)
+        traffic = runner.traffic.since(before)
+        nodes, layers = len(out[0].tree), len(out[0].layers)
+    return {
+        "batch": batch,
+        "io_binding": runner.io_binding,
+        "median_ms": float(np.median(wall)),
+        "p10_ms": float(np.percentile(wall, 10)),
+        "p90_ms": float(np.percentile(wall, 90)),
+        "model_median_ms": float(np.median(model)),
+        "nodes_per_tree": nodes,
+        "layers": layers,
+        "bytes_per_expand": traffic.as_dict(),
+        "kv_bytes_per_expand": traffic.kv,
+    }
+
+
+def parse_list(text: str, item=int) -> list:
+    return [item(x) for x in text.split(",") if x.strip()]
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(f"--io-binding takes on / off values, got {text!r}")
+    return text == "on"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m draft_service.step_profile", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="draft checkpoint directory (transformers format)")
+    p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16"),
+                   help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--depth", type=int, default=6, help="tree layers")
+    p.add_argument("--top-k", type=int, default=8, help="children per kept node (also the exported K)")
+    p.add_argument("--breadth", type=int, default=8, help="nodes kept per layer")
+    p.add_argument("--context", type=int, default=256, help="committed tokens before the tree's root, root included")
+    p.add_argument("--new-tokens", type=int, default=1, help="tokens each timed call commits (accepted + bonus)")
+    p.add_argument("--io-binding", default="on,off", help="on, off or on,off")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="export cache ($CAST_CACHE_DIR by default)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    try:
+        modes = [on_off(x.strip()) for x in a.io_binding.split(",")]
+        batches = parse_list(a.batch)
+    except ValueError as e:
+        p.error(str(e))
+    if not 1 <= a.new_tokens < a.context:
+        p.error("--new-tokens must be >= 1 and less than --context")
+
+    provider = choose_provider(a.provider)
+    dtype = choose_dtype(a.dtype, provider)
+    onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir)
+    if meta.max_context and a.context + a.depth > meta.max_context:
+        p.error(f"--context {a.context} + --depth {a.depth} exceeds the model's {meta.max_context} positions")
+    runner = DraftRunner(onnx_path, meta, provider=a.provider, threads=a.threads)
+    budget = Budget(top_k=a.top_k, max_depth=a.depth, max_breadth=a.breadth)
+
+    rows = []
+    print(f"{a.model} on {device_name(runner.provider)} ({provider}, {meta.dtype}), onnxruntime {ort.__version__}: "
+          f"depth {a.depth}, top-k {a.top_k}, breadth {a.breadth}, context {a.context}, {a.repeats} calls")
+    print(f"{'batch':>5} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} {'model ms':>9} "
+          f"{'nodes':>6} {'KV bytes/expand':>16} {'to device':>10} {'to host':>10}")
+    for batch in batches:
+        for mode in modes:
+            runner.io_binding = mode
+            row = time_expand(runner, batch, a.context, a.new_tokens, budget, a.repeats, a.warmup)
+            rows.append(row)
+            t = row["bytes_per_expand"]
+            print(f"{batch:>5} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} {row['p10_ms']:>8.3f} "
+                  f"{row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} {row['nodes_per_tree']:>6} "
+                  f"{row['kv_bytes_per_expand']:>16,} {t['kv_to_device']:>10,} {t['kv_to_host']:>10,}")
+            sys.stdout.flush()
+    result = {
+        "model": str(a.model),
+        "device": device_name(runner.provider),
+        "provider": provider,
+        "dtype": meta.dtype,
+        "onnxruntime": ort.__version__,
+        "budget": {"top_k": a.top_k, "max_depth": a.depth, "max_breadth": a.breadth},
+        "context": a.context,
+        "new_tokens": a.new_tokens,
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "rows": rows,
+    }
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
