@@ -27,6 +27,8 @@ class DraftConfig:
     grace_s: float = 5.0            # on SIGTERM, in-flight calls get this long to finish
     cost_table: Path | None = None  # a profiled table (cast profile draft) for Describe; None: cached or profiled
     profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
+    threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core)
+    spinning: bool = False          # let ORT's idle threads spin: faster alone, slower beside a CPU verifier
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -49,6 +51,8 @@ class DraftConfig:
             raise ValueError(f"session_ttl_s: {self.session_ttl_s} must be > 0")
         if self.max_context < 0:
             raise ValueError(f"max_context: {self.max_context} must be >= 0")
+        if self.threads < 0:
+            raise ValueError(f"threads: {self.threads} must be >= 0")
         if self.grace_s < 0:
             raise ValueError(f"grace_s: {self.grace_s} must be >= 0")
         if self.cost_table is not None:
@@ -70,8 +74,8 @@ class DraftConfig:
         args = vars(parser.parse_args(argv))
         if args["model"] is None:
             parser.error("--model (or CAST_DRAFT_MODEL) is required")
-        types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int,
-                 "session_ttl_s": float, "grace_s": float, "profile": boolean}
+        types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int, "threads": int,
+                 "session_ttl_s": float, "grace_s": float, "profile": boolean, "spinning": boolean}
         kwargs = {}
         for name, value in args.items():
             if value is None:

@@ -85,7 +85,7 @@ class DraftRunner:
     """The draft model as a function: (tokens, positions, mask, past KV) -> (top-K, present KV)."""
 
     def __init__(self, onnx_path: str | Path, meta: ExportMeta, provider: str = "auto", threads: int = 0,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, spinning: bool = False) -> None:
         self.meta = meta
         self.provider = choose_provider(provider)
         self.device = DEVICES[self.provider]
@@ -95,6 +95,9 @@ class DraftRunner:
         self.options = ort.SessionOptions()
         if threads:
             self.options.intra_op_num_threads = threads
+        # ORT's worker threads spin after each run by default. A draft's runs are short and the verifier works right
+        # after them: on a CPU shared with the verifier (2 cores here) the spinning made each Verify 2-3x slower.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(onnx_path), sess_options=self.options, providers=[self.provider])
         self.input_names, self.output_names = io_names(meta.num_layers)
         self.dtype = np.dtype(meta.dtype)

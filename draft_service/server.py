@@ -58,7 +58,7 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
     provider = choose_provider(config.provider)
     dtype = choose_dtype(config.dtype, provider)
     onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir)
-    runner = DraftRunner(onnx_path, meta, provider=config.provider)
+    runner = DraftRunner(onnx_path, meta, provider=config.provider, threads=config.threads, spinning=config.spinning)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:
         raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
