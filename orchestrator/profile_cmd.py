@@ -146,16 +146,18 @@ def profile_verify(argv: list[str]) -> int:
 def profile_draft(argv: list[str]) -> int:
     from draft_service import profile as dp
     from draft_service.export import DTYPES, export_draft
-    from draft_service.runner import DraftRunner
+    from draft_service.runner import DraftRunner, choose_dtype, choose_provider
 
     p = argparse.ArgumentParser(prog="cast profile draft", description="Profile the draft's S_D(B) table.")
     add_grid_flags(p)
     p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="onnxruntime provider")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="export dtype, as the service's --dtype")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="export dtype, as the service's --dtype (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--top-k", type=int, default=8, help="as the service's --top-k (part of the graph)")
     p.add_argument("--cache-dir", type=Path, help="as the service's --cache-dir (default $CAST_CACHE_DIR)")
     a = p.parse_args(argv)
-    onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=a.dtype, cache_dir=a.cache_dir)
+    dtype = choose_dtype(a.dtype, choose_provider(a.provider))
+    onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir)
     runner = DraftRunner(onnx_path, meta, provider=a.provider)
     grid = choose_grid(a, dp.default_grid(runner), dp.QUICK_GRID)
     if meta.max_context:
