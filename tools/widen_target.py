@@ -24,8 +24,8 @@ How (small dims h, n layers; wide dims H, L):
   `fill="zeros"`. Noise only ever meets exact zeros, so the function is unchanged; it keeps the weights from being
   ~99% zeros, since GPUs run matmuls on zeros measurably faster (lower switching power, higher clocks: ~15% on an
   A100, https://www.thonking.ai/p/strangely-matrix-multiplications), which would flatter the cost curve. About 29%
-  of the 8b's weights stay zero (v and up of dead units, writers into unused channels), not 99.6%. Activations in
-  unused channels and dead units are still exact zeros: no exact construction avoids that.
+  of the 8b's weights stay zero (v and up of dead units, writers into unused channels), not 99.6%. The activations
+  entering the matmuls are still exact zeros outside the small model's channels and units.
 
 Shapes: `8b` is Llama-3.1-8B's (untied embeddings, as in the 8B: the LM head costs 4096 x 8192). `1b` is
 Llama-3.2-1B's byte for byte per layer, with 16 heads x 128 and 4 KV heads x 128 instead of 32 x 64 and 8 x 64 (the
