@@ -15,6 +15,8 @@ DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 # Implementations that take our custom additive 4D tree mask as-is (flash-attention would ignore it).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+CUDA_GRAPHS = ("auto", "on", "off")
+DYNAMIC_SESSIONS = 256  # the session cap of the growing KV layout when --max-sessions is not given
 
 
 @dataclass
@@ -25,7 +27,7 @@ class VerifyConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     attn_implementation: str = "sdpa"
-    max_sessions: int = 256
+    max_sessions: int | None = None  # None: max_batch with the static layout, else DYNAMIC_SESSIONS
     session_ttl_s: float = 600.0  # a sequence idle this long is dropped
     expire_interval_s: float = 10.0  # how often idle sequences are looked for
     max_context: int | None = None  # None: the model's max_position_embeddings
@@ -35,6 +37,11 @@ class VerifyConfig:
     warmup: bool = True  # run one prefill + verify before reporting SERVING
     cost_table: Path | None = None  # a profiled table (cast profile verify) for Describe; None: cached or profiled
     profile: bool = True  # without --cost-table and cache entry, profile a small grid at start-up; off: no table
+    # The static KV layout (buffers allocated once, bucketed shapes; static_forward.py) with CUDA graphs on CUDA.
+    # auto: on when the device is CUDA; on: also on CPU (static layout without graphs); off: growing KV, eager.
+    cuda_graphs: str = "auto"
+    max_batch: int = 32  # static layout: KV slots S, so also the most live sequences
+    max_tree_tokens: int = 128  # static layout: the largest tree per sequence a Verify may send
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -48,8 +55,14 @@ class VerifyConfig:
             raise ValueError(f"attn_implementation: {self.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is outside 0..65535")
-        if self.max_sessions < 1:
+        if self.max_sessions is not None and self.max_sessions < 1:
             raise ValueError(f"max_sessions: {self.max_sessions} must be at least 1")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} is not one of {', '.join(CUDA_GRAPHS)}")
+        if self.max_batch < 1 or self.max_tree_tokens < 1:
+            raise ValueError("max_batch and max_tree_tokens must be at least 1")
+        if self.cuda_graphs == "on" or self.cuda_graphs == "auto" and self.device.startswith("cuda"):
+            self.session_cap(static=True)  # raises now, not after loading the model (auto + device auto: at load)
         if self.session_ttl_s <= 0 or self.expire_interval_s <= 0:
             raise ValueError("session_ttl_s and expire_interval_s must be positive")
         if self.max_context is not None and self.max_context < 1:
@@ -62,6 +75,23 @@ class VerifyConfig:
             self.cost_table = Path(self.cost_table)
             if not self.cost_table.is_file():
                 raise ValueError(f"cost_table: {self.cost_table} is not a file")
+
+    def static_layout(self, device_type: str) -> bool:
+        """Whether the verifier uses the static KV layout on a device of this type ("cuda", "cpu")."""
+        return self.cuda_graphs == "on" or self.cuda_graphs == "auto" and device_type == "cuda"
+
+    def session_cap(self, static: bool) -> int:
+        """The most live sequences. In the static layout every sequence owns one of max_batch KV slots, so the cap
+        must not exceed max_batch (ValueError)."""
+        if self.max_sessions is None:
+            return self.max_batch if static else DYNAMIC_SESSIONS
+        if static and self.max_sessions > self.max_batch:
+            raise ValueError(
+                f"max_sessions: {self.max_sessions} exceeds max_batch {self.max_batch}; with the static KV layout "
+                f"(--cuda-graphs on, or auto on CUDA) each live sequence owns one of max_batch slots: raise "
+                f"--max-batch or lower --max-sessions"
+            )
+        return self.max_sessions
 
     @staticmethod
     def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> VerifyConfig:
@@ -111,7 +141,8 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("dtype", str, "auto", "one of " + ", ".join(DTYPES))
     flag("device", str, "auto", "auto, cpu, cuda or cuda:N")
     flag("attn_implementation", str, "sdpa", "one of " + ", ".join(ATTN_IMPLEMENTATIONS))
-    flag("max_sessions", int, 256, "live sequences at most")
+    flag("max_sessions", _optional_int, None,
+         f"live sequences at most; default max_batch with the static layout, else {DYNAMIC_SESSIONS}")
     flag("session_ttl_s", float, 600.0, "seconds an idle sequence lives")
     flag("expire_interval_s", float, 10.0, "seconds between looks for idle sequences")
     flag("max_context", _optional_int, None, "context length limit; default the model's max_position_embeddings")
@@ -122,4 +153,8 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("cost_table", _optional_path, None, "cost table JSON for Describe (from `cast profile verify`)")
     flag("profile", _bool, True, "without --cost-table or a cached table, profile a small grid at start-up")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="same as --profile false")
+    flag("cuda_graphs", str, "auto", "static KV layout + CUDA graphs: auto (on with CUDA), on (CPU: static, no "
+         "graphs) or off (growing KV, eager)")
+    flag("max_batch", int, 32, "static layout: KV slots, so the most live sequences and the largest batch")
+    flag("max_tree_tokens", int, 128, "static layout: the most nodes per tree in a Verify (more: INVALID_ARGUMENT)")
     return parser

@@ -78,7 +78,17 @@ async def start(config: VerifyConfig) -> RunningServer:
             max_context=config.max_context,
             model_name=config.model_name,
         )
-        verifier = Verifier(target, max_sessions=config.max_sessions, session_ttl_s=config.session_ttl_s)
+        static = config.static_layout(target.device.type)
+        verifier = Verifier(
+            target,
+            max_sessions=config.session_cap(static),
+            session_ttl_s=config.session_ttl_s,
+            static_slots=config.max_batch if static else None,
+            max_tree_tokens=config.max_tree_tokens,
+            cuda_graphs=static,  # graphs only where the device is CUDA
+        )
+        if verifier.static is not None:
+            log.info("%s", verifier.static.describe())
         if config.warmup:
             verifier.warm_up()
         return verifier, startup_cost_table(target, config)  # after the warm-up: first-run costs stay out of it

@@ -3,6 +3,11 @@
 No gRPC here. A Verifier is not thread-safe: the servicer calls it from one worker thread only, which also
 serialises model work. Each batched call validates every sequence first and only then touches the model, so a
 bad sequence leaves the others of its request untouched.
+
+Two KV layouts: a growing store and the eager padded forward (target.py), or, with `static_slots`, the static
+layout (static_forward.py: buffers allocated once, bucketed shapes, CUDA graphs on CUDA). The static layout holds
+at most static_slots sequences (the session cap) and trees of at most max_tree_tokens nodes (larger ones are
+refused with INVALID_ARGUMENT naming the tree).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from cast_core.tree import TokenTree
 from verify_service.acceptance import Acceptance, accept_matching
 from verify_service.kv_cache import KVStore, SequenceKV
 from verify_service.sampling import GREEDY, SamplingParams, target_tokens
+from verify_service.static_forward import StaticForward, static_store
 from verify_service.target import TargetModel
 
 
 @dataclass
 class Session:
-    kv: SequenceKV  # every committed token but the last
+    kv: SequenceKV | None  # every committed token but the last (None only while prefill() creates it)
     pending: int  # the last committed token: the root of the next tree
 
 
@@ -48,7 +54,7 @@ class Sessions(SessionStore[Session]):
     def release(self, sequence_ids) -> int:
         for sequence_id in sequence_ids:
             entry = self._entries.get(sequence_id)
-            if entry is not None:
+            if entry is not None and entry.state.kv is not None:
                 entry.state.kv.free()  # idempotent: an id repeated in one call frees once
         return super().release(sequence_ids)
 
@@ -56,14 +62,26 @@ class Sessions(SessionStore[Session]):
         states = {sequence_id: entry.state for sequence_id, entry in self._entries.items()}
         stale = super().expire()
         for sequence_id in stale:
-            states[sequence_id].kv.free()
+            if states[sequence_id].kv is not None:
+                states[sequence_id].kv.free()
         return stale
 
 
 class Verifier:
-    def __init__(self, target: TargetModel, max_sessions: int, session_ttl_s: float, clock=time.monotonic) -> None:
+    def __init__(self, target: TargetModel, max_sessions: int, session_ttl_s: float, clock=time.monotonic,
+                 static_slots: int | None = None, max_tree_tokens: int = 128, cuda_graphs: bool = False) -> None:
+        """static_slots: None for the growing store; else the static layout's slots S (>= max_sessions), with
+        trees of at most max_tree_tokens nodes, captured as CUDA graphs if cuda_graphs and the device is CUDA."""
         self.target = target
-        self.kv = KVStore()  # every sequence's KV, one slot each
+        self.static: StaticForward | None = None
+        if static_slots is None:
+            self.kv = KVStore()  # every sequence's KV, one slot each
+        else:
+            if max_sessions > static_slots:
+                raise ValueError(f"max_sessions {max_sessions} exceeds the static layout's {static_slots} slots "
+                                 f"(max_batch): each live sequence owns one")
+            self.kv = static_store(target, static_slots, max_tree_tokens)
+            self.static = StaticForward(target, self.kv, max_tree_tokens, cuda_graphs)
         self.sessions = Sessions(max_sessions=max_sessions, ttl_s=session_ttl_s, clock=clock)
 
     def prefill(self, items: Sequence[PrefillItem]) -> float:
@@ -74,15 +92,12 @@ class Verifier:
         try:
             kvs = []
             for item in items:
-                # Create first: the store's cap check is cheaper than a forward that would be thrown away.
-                kv = self.kv.allocate()
-                try:
-                    self.sessions.create(item.sequence_id, Session(kv=kv, pending=int(item.token_ids[-1])))
-                except BaseException:
-                    kv.free()
-                    raise
+                # The session first: its cap check (which may expire idle sequences, freeing their slots) comes
+                # before the slot is taken, and before a forward that would be thrown away.
+                session = self.sessions.create(item.sequence_id, Session(kv=None, pending=int(item.token_ids[-1])))
                 created.append(item.sequence_id)
-                kvs.append(kv)
+                session.kv = self.kv.allocate()
+                kvs.append(session.kv)
             self.target.prefill(kvs, [item.token_ids[:-1] for item in items])
         except BaseException:
             self.sessions.release(created)  # all or nothing
@@ -99,7 +114,7 @@ class Verifier:
         # Unseeded sampling: a fresh seed per call is still exact (fresh noise), just not reproducible.
         seeds = [item.sampling.seed if item.sampling.seed is not None else secrets.randbits(63) for item in items]
         # A failure before keep() leaves every cache as it was: the forward only wrote past each sequence's length.
-        all_logits = self.target.tree_logits(kvs, [item.tree for item in items])
+        all_logits = (self.static or self.target).tree_logits(kvs, [item.tree for item in items])
         accepted = []
         for item, logits, prefix_length, seed in zip(items, all_logits, prefix_lengths, seeds, strict=True):
             # The root is token prefix_length of the sequence: depth-0 nodes predict token prefix_length + 1.
@@ -165,6 +180,12 @@ class Verifier:
             except NotFound as e:
                 raise NotFound(str(e).removeprefix(f"{e.field}: "), f"{field}.sequence_id") from None
             item.tree.validate(field=f"{field}.tree", vocab_size=self.target.vocab_size)
+            if self.static is not None and len(item.tree) > self.static.max_tree_tokens:
+                raise InvalidArgument(
+                    f"a tree of {len(item.tree)} nodes exceeds the verifier's limit of {self.static.max_tree_tokens} "
+                    f"(--max-tree-tokens)",
+                    f"{field}.tree.tokens",
+                )
             if int(item.tree.tokens[0]) != session.pending:
                 raise FailedPrecondition(
                     f"the root must be the sequence's last committed token {session.pending}, "

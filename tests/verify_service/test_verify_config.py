@@ -22,7 +22,11 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
     config = VerifyConfig.from_args(["--port", "7000"], environ=env)
     assert config.model == tiny_pair[0] and config.port == 7000 and config.dtype == "float64"
     assert config.max_context == 128 and config.warmup is False
-    assert config.host == "0.0.0.0" and config.max_sessions == 256 and config.device == "auto"
+    assert config.host == "0.0.0.0" and config.max_sessions is None and config.device == "auto"
+    assert config.cuda_graphs == "auto" and config.max_batch == 32 and config.max_tree_tokens == 128
+    # The session cap follows the layout: every live sequence owns one of max_batch slots in the static one.
+    assert (config.session_cap(static=False), config.session_cap(static=True)) == (256, 32)
+    assert config.static_layout("cuda") and not config.static_layout("cpu")
     assert VerifyConfig.from_args(["--model", str(tiny_pair[0])], environ={}).port == 50053
 
 
@@ -37,6 +41,10 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
         (["--session-ttl-s", "0"], "session_ttl_s"),
         (["--device", "tpu"], "device"),
         (["--attn-implementation", "flash_attention_2"], "attn_implementation"),
+        (["--cuda-graphs", "maybe"], "cuda_graphs"),
+        (["--max-tree-tokens", "0"], "max_tree_tokens"),
+        (["--cuda-graphs", "on", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
+        (["--device", "cuda", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
     ],
 )
 def test_bad_settings_exit_with_a_message(tiny_pair, argv, message):
