@@ -91,7 +91,9 @@ async def start(config: VerifyConfig) -> RunningServer:
             log.info("%s", verifier.static.describe())
         if config.warmup:
             verifier.warm_up()
-        return verifier, startup_cost_table(target, config)  # after the warm-up: first-run costs stay out of it
+        # After the warm-up: first-run costs stay out of it. Through the verifier: its layout and graphs are priced
+        # (and the profile's graphs stay captured for serving).
+        return verifier, startup_cost_table(target, config, verifier)
 
     try:
         verifier, cost_table = await loop.run_in_executor(executor, load)

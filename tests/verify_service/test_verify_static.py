@@ -14,6 +14,7 @@ import torch
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.errors import InvalidArgument, ResourceExhausted
 from cast_core.tree import TokenTree
+from cast_core.wire import cost_table_from_proto
 from verify_service.config import VerifyConfig
 from verify_service.kv_cache import KVStore
 from verify_service.sampling import GREEDY, SamplingParams
@@ -170,11 +171,14 @@ def test_static_limits(target64: TargetModel):
 
 async def test_static_layout_over_grpc_names_the_limits(tiny_pair):
     config = VerifyConfig(model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu",
-                          max_context=64, cuda_graphs="on", max_batch=2, max_tree_tokens=4, profile=False)
+                          max_context=64, cuda_graphs="on", max_batch=2, max_tree_tokens=4)
     server, port = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = verify_pb2_grpc.VerifyServiceStub(channel)
+            # The start-up table was profiled through the static layout: no batch or tree it cannot serve.
+            table = cost_table_from_proto((await stub.Describe(verify_pb2.VerifyDescribeRequest())).replica.cost_table)
+            assert table.batch_sizes == (1, 2) and table.token_counts == (1, 2, 4)
             for s in ("a", "b"):
                 await stub.Prefill(verify_pb2.PrefillRequest(
                     sequences=[verify_pb2.PrefillSequence(sequence_id=s, token_ids=[1, 2])]))
@@ -268,3 +272,23 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
     assert forward.graphs[(1, bucket_for(len(trees[0]), forward.token_buckets), 64)] is None
     assert forward.capture_failures == 1
     assert sum("capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_profile_through_a_static_verifier_prices_its_layout_and_leaves_its_store_empty(target64: TargetModel,
+                                                                                        tiny_pair):
+    from cast_core.profiling import ProfileGrid
+    from verify_service import profile as vp
+
+    verifier = Verifier(target64, max_sessions=2, session_ttl_s=60, static_slots=2, max_tree_tokens=4)
+    timed = []
+    real = verifier.static.tree_logits
+    verifier.static.tree_logits = lambda kvs, trees: timed.append(len(kvs)) or real(kvs, trees)
+    grid = ProfileGrid(batch_sizes=(1, 2, 3), context_buckets=(16,), token_counts=(1, 4, 8), repeats=1, warmup=1)
+    table = vp.profile_target(target64, grid, model_id="tiny", verifier=verifier).table
+    # Capped by what the layout serves: 2 slots, trees of at most 4 nodes.
+    assert (table.batch_sizes, table.token_counts) == ((1, 2), (1, 4)) and np.all(table.millis > 0)
+    assert sorted(set(timed)) == [1, 2] and verifier.kv.owners == []
+    assert vp.layout_name(verifier) == "static" and vp.layout_name(None) == ""
+    model = tiny_pair[0]
+    paths = {vp.target_cache_path(target64, model, "sdpa", layout=layout) for layout in ("", "static", "static+graphs")}
+    assert len(paths) == 3 and vp.target_cache_path(target64, model, "sdpa") in paths
