@@ -113,6 +113,39 @@ def torch_profile_table(case: Case, device: torch.device, steps: int = 10) -> st
     return "\n".join(tables)
 
 
+def profile_mode(target: TargetModel, mode: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
+                 max_tree_tokens: int, profile_tokens: int) -> tuple[list[dict], dict, list[str]]:
+    """Every (batch, tokens) cell of one mode: (result rows, the layout's summary, torch.profiler tables)."""
+    device = target.device
+    verifier = make_verifier(target, mode, slots, max_tree_tokens)
+    rows, tables = [], []
+    for batch in args.batch:
+        ids = [f"s{b}" for b in range(batch)]
+        prompts = [rng.integers(0, target.vocab_size, args.context + 1).tolist() for _ in ids]
+        verifier.prefill([PrefillItem(s, p) for s, p in zip(ids, prompts)])  # KV: `context` entries each
+        sessions = [verifier.sessions.get(s) for s in ids]
+        for n in args.tokens:
+            trees = [tree_of(s.pending, n, args.shape, rng, target.vocab_size) for s in sessions]
+            case = Case(verifier, sessions, trees)
+            verify_ms = timed(case.step, args.repeats, args.warmup, device)
+            forward_ms = timed(case.forward, args.repeats, args.warmup, device)
+            row = {"mode": mode, "batch": batch, "tokens": n, "verify_ms": summary(verify_ms),
+                   "forward_ms": summary(forward_ms)}
+            rows.append(row)
+            print(f"{mode:>6} B={batch:<3} n={n:<4} verify {row['verify_ms']['median']:8.2f} ms "
+                  f"(p10 {row['verify_ms']['p10']:.2f}, p90 {row['verify_ms']['p90']:.2f})   forward "
+                  f"{row['forward_ms']['median']:8.2f} ms", flush=True)
+            if args.torch_profile and batch == min(args.batch) and n == profile_tokens:
+                tables.append(f"=== mode {mode}, B={batch}, n={n}, context {args.context} ===\n"
+                              + torch_profile_table(case, device))
+        verifier.release(ids)
+    static = verifier.static
+    layout = {"layout": "dynamic" if static is None else static.describe(),
+              "graphs": 0 if static is None else sum(g is not None for g in static.graphs.values()),
+              "capture_failures": 0 if static is None else static.capture_failures}
+    return rows, layout, tables
+
+
 def run(args: argparse.Namespace) -> dict:
     target = TargetModel.load(args.model, dtype=args.dtype, device=args.device,
                               attn_implementation=args.attn_implementation, max_context=args.max_context)
@@ -127,33 +160,10 @@ def run(args: argparse.Namespace) -> dict:
     profile_tokens = min(args.tokens, key=lambda n: abs(n - 32))
     results, modes, profiles = [], {}, []
     for mode in args.graphs:
-        verifier = make_verifier(target, mode, slots, max_tree_tokens)
-        for batch in args.batch:
-            ids = [f"s{b}" for b in range(batch)]
-            prompts = [rng.integers(0, target.vocab_size, args.context + 1).tolist() for _ in ids]
-            verifier.prefill([PrefillItem(s, p) for s, p in zip(ids, prompts)])  # KV: `context` entries each
-            sessions = [verifier.sessions.get(s) for s in ids]
-            for n in args.tokens:
-                trees = [tree_of(s.pending, n, args.shape, rng, target.vocab_size) for s in sessions]
-                case = Case(verifier, sessions, trees)
-                verify_ms = timed(case.step, args.repeats, args.warmup, device)
-                forward_ms = timed(case.forward, args.repeats, args.warmup, device)
-                row = {"mode": mode, "batch": batch, "tokens": n, "verify_ms": summary(verify_ms),
-                       "forward_ms": summary(forward_ms)}
-                results.append(row)
-                print(f"{mode:>6} B={batch:<3} n={n:<4} verify {row['verify_ms']['median']:8.2f} ms "
-                      f"(p10 {row['verify_ms']['p10']:.2f}, p90 {row['verify_ms']['p90']:.2f})   forward "
-                      f"{row['forward_ms']['median']:8.2f} ms", flush=True)
-                if args.torch_profile and batch == min(args.batch) and n == profile_tokens:
-                    profiles.append(f"=== mode {mode}, B={batch}, n={n}, context {args.context} ===\n"
-                                    + torch_profile_table(case, device))
-            verifier.release(ids)
-        static = verifier.static
-        modes[mode] = {"layout": "dynamic" if static is None else static.describe(),
-                       "graphs": 0 if static is None else sum(g is not None for g in static.graphs.values()),
-                       "capture_failures": 0 if static is None else static.capture_failures}
-        del verifier, static, case
-        gc.collect()
+        rows, modes[mode], tables = profile_mode(target, mode, args, rng, slots, max_tree_tokens, profile_tokens)
+        results += rows
+        profiles += tables
+        gc.collect()  # the mode's store, graphs and pool go before the next mode allocates its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report = {
