@@ -24,7 +24,7 @@ class OrchestratorConfig:
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
     default_policy: str = "cast"
     rpc_timeout_s: float = 60.0              # per downstream call
-    max_live: int = 64                       # sequences decoded together at most (the batch)
+    max_live: int = 32                       # sequences decoded together at most (the batch; the verifier's --max-batch)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy

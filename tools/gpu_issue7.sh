@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Issue 7 on the GPU machine, in one call: the 8B-shaped target, the verifier's step with and without CUDA graphs,
+# transformers' generate() and assisted generation, and `cast bench` on the 8B-shaped target at batch 1 and 8.
+# Run from the repository root with the project importable:
+#   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_issue7.sh OUT_DIR
+# STAGES picks what runs (default: all, in this order):
+#   widen verify_ref verify_wide draft_step baselines bench_ref bench_wide
+# Each stage keeps going if an earlier one failed, so that whatever ran comes back.
+set -u
+OUT=${1:-gpu-issue7}
+mkdir -p "$OUT"
+export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
+STAGES=${STAGES:-widen verify_ref verify_wide draft_step baselines bench_ref bench_wide}
+SHAPE=${SHAPE:-8b}
+WIDE=${WIDE:-/tmp/wide-$SHAPE}
+REF_TARGET=models/reference/target
+DRAFT=models/reference/draft
+PROMPTS=${PROMPTS:-10}
+CAST="python3 -m orchestrator.cli"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() { echo; echo "== $1 ($(date -u +%T))"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, onnxruntime, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), 'grpc', grpc.__version__)"
+date -u
+
+if has widen; then
+    stage "widen the reference target to the $SHAPE shape"
+    python3 -m tools.widen_target --source $REF_TARGET --shape "$SHAPE" --out "$WIDE" --dtype bfloat16 --device cuda \
+        --check-prompts ${CHECK_PROMPTS:-100} --report "$OUT/widen_$SHAPE.json"
+    df -h /tmp | tail -1
+fi
+
+if has verify_ref; then
+    stage "verifier step, reference target (in-process)"
+    python3 -m verify_service.step_profile --model $REF_TARGET --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
+        --context 256 --graphs on,static,off --out "$OUT/verify_step_ref.json"
+fi
+
+if has verify_wide; then
+    stage "verifier step, $SHAPE-shaped target (in-process)"
+    python3 -m verify_service.step_profile --model "$WIDE" --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
+        --context 256 --graphs on,static,off --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
+fi
+
+if has draft_step; then
+    stage "draft expansion step (in-process)"
+    for provider in ${DRAFT_PROVIDERS:-cuda cpu}; do
+        python3 -m draft_service.step_profile --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
+            --breadth 8 --context 256 --io-binding on,off --out "$OUT/draft_step_$provider.json"
+    done
+fi
+
+if has baselines; then
+    stage "transformers generate() and assisted generation on the $SHAPE-shaped target"
+    python3 -m tools.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \
+        --batch 1,8 --dtype bfloat16 --device cuda --out "$OUT/hf_baselines.json" --md "$OUT/hf_baselines.md"
+fi
+
+if has bench_ref; then
+    stage "cast bench on the reference pair"
+    $CAST up > "$OUT/stack_ref.log" 2>&1 &
+    STACK=$!
+    for _ in $(seq 1 300); do grep -q '^ready' "$OUT/stack_ref.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
+    tail -n 3 "$OUT/stack_ref.log"
+    $CAST bench --policies ${REF_POLICIES:-cast,eagle2,chain,ar} --concurrency ${REF_CONCURRENCY:-1,8,32} \
+        --requests ${REF_REQUESTS:-32} --seconds ${REF_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts \
+        --out "$OUT/bench_ref" --title "reference pair on one GPU, draft ${CAST_DRAFT_PROVIDER:-auto}"
+    kill $STACK; wait $STACK 2>/dev/null
+fi
+
+if has bench_wide; then
+    stage "cast bench on the $SHAPE-shaped target"
+    # Tables profiled by the services at start-up (small grid): the 8B verifier's curve is what CAST prices.
+    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    $CAST up --target "$WIDE" --draft $DRAFT > "$OUT/stack_wide.log" 2>&1 &
+    STACK=$!
+    for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_wide.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
+    tail -n 5 "$OUT/stack_wide.log"
+    $CAST generate --json --max-new-tokens 64 "def fibonacci(n):" > "$OUT/generate_cast_wide.json" 2>&1 && head -c 600 "$OUT/generate_cast_wide.json"; echo
+    $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,chain,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
+        --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts \
+        --out "$OUT/bench_wide" --title "$SHAPE-shaped target (widened reference target), draft ${CAST_DRAFT_PROVIDER}"
+    kill $STACK; wait $STACK 2>/dev/null
+fi
+date -u
