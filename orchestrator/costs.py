@@ -6,6 +6,11 @@ services' own Python, masks and serialisation. That overhead hardly depends on t
 learned as one moving average per batch size and added to every cell: the profiled shape of the cost curve stays,
 and its level follows what the orchestrator observes. (Moving single cells toward observations instead would make
 visited cells look dearer than unvisited ones and drive the policy away from whatever it just measured.)
+
+The draft is paid per call and per forward. An Expand's RPC (the wall time beyond the draft service's own
+reported time) is paid once whatever the tree, so it must not price a layer: spread over the forwards, it made every
+extra layer look as dear as a whole call and CAST stopped at depth 1-2 on the GPU. Only the service's own time
+beyond its profiled forwards (its Python per layer) is spread over the forwards.
 A replica without a table starts from a prior (a mild linear cost) and is corrected the same way.
 """
 
@@ -42,6 +47,7 @@ class CostModel:
     draft: CostTable
     verify_overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: a step beyond its forward
     draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
+    draft_call_ms: dict[int, float] = field(default_factory=dict)       # per batch size: an Expand's RPC, once per call
 
     @staticmethod
     def from_tables(verify: CostTable | None, draft: CostTable | None) -> CostModel:
@@ -73,11 +79,15 @@ class CostModel:
         extra = seconds * 1e3 - self.verify.lookup(batch, context, tokens)
         self.verify_overhead_ms[batch] = max(_moving(self.verify_overhead_ms.get(batch), extra), 0.0)
 
-    def observe_draft(self, batch: int, context: int, forwards: list[tuple[int, int]], seconds: float) -> None:
-        """One Expand made `forwards` = [(nodes so far, new tokens)]: what it took beyond the profiled forwards is
-        spread over them."""
+    def observe_draft(self, batch: int, context: int, forwards: list[tuple[int, int]], seconds: float,
+                      service_seconds: float | None = None) -> None:
+        """One Expand made `forwards` = [(nodes so far, new tokens)] in `seconds` of wall time, `service_seconds` of
+        them in the draft service. The service's time beyond the profiled forwards is spread over the forwards; the
+        rest is the call's. Without the service's time (an older draft), all of it is spread over the forwards."""
         if not forwards:
             return
+        service_seconds = seconds if service_seconds is None else min(service_seconds, seconds)
         predicted = sum(self.draft.lookup(batch, context + nodes, n) for nodes, n in forwards)
-        extra = (seconds * 1e3 - predicted) / len(forwards)
+        extra = (service_seconds * 1e3 - predicted) / len(forwards)
         self.draft_overhead_ms[batch] = max(_moving(self.draft_overhead_ms.get(batch), extra), 0.0)
+        self.draft_call_ms[batch] = _moving(self.draft_call_ms.get(batch), (seconds - service_seconds) * 1e3)

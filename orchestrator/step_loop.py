@@ -250,7 +250,8 @@ class StepLoop:
         timing.draft_rpc += seconds
         timing.draft_model += model_seconds
         longest = max(items, key=lambda i: len(i.new_tokens))
-        self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)), seconds)
+        self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)), seconds,
+                                 model_seconds)
         for s, e in zip(group, expanded):
             s.draft_seen = len(s.tokens)
             s.stats.draft_seconds += seconds

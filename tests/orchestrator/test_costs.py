@@ -31,6 +31,16 @@ def test_draft_overhead_makes_layers_dearer():
     assert costs.draft_slice(1, 100).cost(0, 8) > cheap
 
 
+def test_an_expands_rpc_time_does_not_price_its_layers():
+    costs = model()
+    predicted = sum(costs.draft.lookup(1, 100 + nodes, n) for nodes, n in [(0, 3), (0, 8), (8, 8)])
+    for _ in range(50):  # the service works 1 ms per forward beyond the table; the RPC adds 6 ms to each call
+        service = predicted + 3 * 1.0
+        costs.observe_draft(1, 100, [(0, 3), (0, 8), (8, 8)], seconds=(service + 6.0) / 1e3, service_seconds=service / 1e3)
+    assert abs(costs.draft_overhead_ms[1] - 1.0) < 0.01
+    assert abs(costs.draft_call_ms[1] - 6.0) < 0.01
+
+
 def test_most_efficient_cut_stops_where_tokens_per_cost_peak():
     from orchestrator.policies import most_efficient_cut
 
