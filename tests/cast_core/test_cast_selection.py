@@ -67,7 +67,7 @@ def test_select_count_rejects_bad_input():
 
 def test_cast_params_defaults_and_validation():
     params = CastParams()
-    assert (params.breadth_threshold, params.depth_threshold, params.rerank_threshold) == (1.0, 3.0, 1.0)  # the sweeps' pick
+    assert (params.breadth_threshold, params.depth_threshold, params.rerank_threshold) == (1.0, 1.0, 1.0)  # the sweeps' pick
     assert params.gain_buffer_size >= 1
     with pytest.raises(ValueError):
         CastParams(breadth_threshold=-1.0)
