@@ -98,6 +98,10 @@ class DraftRunner:
         # ORT's worker threads spin after each run by default. A draft's runs are short and the verifier works right
         # after them: on a CPU shared with the verifier (2 cores here) the spinning made each Verify 2-3x slower.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if self.provider == PROVIDERS["cuda"] and hasattr(ort, "preload_dlls"):
+            # The CUDA provider needs cuBLAS / cuDNN loaded; without torch imported first (the service does not
+            # import it once the graph is cached), ORT finds them in the nvidia-* wheels only when asked to.
+            ort.preload_dlls()
         self.session = ort.InferenceSession(str(onnx_path), sess_options=self.options, providers=[self.provider])
         self.input_names, self.output_names = io_names(meta.num_layers)
         self.dtype = np.dtype(meta.dtype)

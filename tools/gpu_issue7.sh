@@ -40,7 +40,7 @@ fi
 if has verify_wide; then
     stage "verifier step, $SHAPE-shaped target (in-process)"
     python3 -m verify_service.step_profile --model "$WIDE" --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --graphs on,static,off --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
+        --context 256 --graphs ${GRAPH_MODES:-on,static,off} --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
 fi
 
 if has draft_step; then
