@@ -25,6 +25,7 @@ from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
 from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
 from orchestrator.costs import CostModel
+from orchestrator.draft_gate import DraftGate
 from orchestrator.decoding import (
     Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler,
 )
@@ -88,6 +89,7 @@ class StepLoop:
         self.live: list[LiveSequence] = []
         self.waiting: list[LiveSequence] = []
         self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
+        self.gates: dict[str, DraftGate] = {}   # per CAST policy: whether a step drafts at all (draft_gate.py)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -201,7 +203,12 @@ class StepLoop:
         for s in batch:
             if s.policy.uses_draft:
                 groups[s.policy.name].append(s)
-        for group in groups.values():
+        drafted: dict[str, bool] = {}
+        for name, group in groups.items():
+            gate = self.gates.setdefault(name, DraftGate()) if group[0].policy.cast is not None else None
+            drafted[name] = gate is None or gate.should_draft(size)
+            if not drafted[name]:
+                continue  # root-only trees: a plain decoding step for this group
             selected = await self._draft_and_select(group, size, context, timing)
             if selected is None:
                 return
@@ -229,6 +236,16 @@ class StepLoop:
                 s.out.put_nowait(Chunk(s.assembler.take_text(final=False), taken,
                                        completion_tokens=len(s.assembler.token_ids)))
         timing.step = time.perf_counter() - started  # the records above share this object
+        committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
+        for name, group in groups.items():
+            if name in self.gates:
+                mean = sum(committed[s.sequence_id] for s in group) / len(group)
+                gate = self.gates[name]
+                was = gate.winner_drafts(size)
+                gate.observe(size, drafted[name], mean, timing.step * 1e3)
+                if gate.winner_drafts(size) != was:
+                    log.info("%s at batch %d: %s now (%s)", name, size,
+                             "drafting" if not was else "plain decoding", gate.describe(size))
 
     async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
         """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.

@@ -1,0 +1,88 @@
+"""Whether a CAST step drafts at all: the depth rule at depth 0, decided from measured step efficiency.
+
+CAST prices every layer of the tree against the verifier's step, but the first layer is never free: an Expand
+call, its RPC and the verifier's larger forward are paid before any node is accepted. Where that outweighs what the
+tree commits (a 2-core CPU at batch 8, a verifier that costs less than the draft's call on a GPU) the best tree is
+the root alone, which is plain decoding. The gate measures both kinds of step at the live batch size, as tokens
+committed per sequence per millisecond of step, and drafts only while drafting is ahead. It keeps exploring so
+that either estimate can recover: a plain step now and then while drafting wins, a drafted step now and then
+while it loses. Both kinds of step are exact (a root-only tree verifies the target's own token), so the gate
+changes speed only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+WEIGHT = 0.2  # moving-average weight of one step
+PROBE_WEIGHT = 0.5  # ... of a probe of the losing kind: probes are rare, so each one counts for more
+
+
+@dataclass
+class Efficiency:
+    """Moving averages of tokens committed per sequence and of the step's milliseconds."""
+
+    tokens: float
+    millis: float
+
+    def add(self, tokens: float, millis: float, weight: float = WEIGHT) -> None:
+        self.tokens += weight * (tokens - self.tokens)
+        self.millis += weight * (millis - self.millis)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(self.millis, 1e-6)  # tokens per sequence per ms
+
+
+@dataclass
+class DraftGate:
+    explore_every: int = 32  # probes of the losing kind take about 1/explore_every of the time
+    first_plain_after: int = 2  # drafted steps before plain decoding is first measured at a batch size
+    drafted: dict[int, Efficiency] = field(default_factory=dict)  # per batch bucket
+    plain: dict[int, Efficiency] = field(default_factory=dict)
+    streak: dict[int, int] = field(default_factory=dict)  # steps of the winner since the other kind was last tried
+
+    def winner_drafts(self, batch: int) -> bool:
+        batch = bucket(batch)
+        drafted, plain = self.drafted.get(batch), self.plain.get(batch)
+        return drafted is None or plain is None or drafted.rate >= plain.rate
+
+    def describe(self, batch: int) -> str:
+        batch = bucket(batch)
+        parts = [f"{name} {kind[batch].tokens:.2f} tokens / {kind[batch].millis:.1f} ms"
+                 for name, kind in (("drafted", self.drafted), ("plain", self.plain)) if batch in kind]
+        return ", ".join(parts)
+
+    def should_draft(self, batch: int) -> bool:
+        """Run the winning kind, and the other one after `explore_every` steps of the winner in a row."""
+        batch = bucket(batch)
+        if batch not in self.drafted:
+            return True  # learn what drafting gives first
+        drafts = self.winner_drafts(batch)
+        if batch in self.plain:
+            # A probe of the losing kind costs its step time: probe a slow loser (a drafted step can cost five
+            # plain ones) less often, so that probing stays near 1/explore_every of the time.
+            winner, loser = (self.drafted, self.plain) if drafts else (self.plain, self.drafted)
+            period = math.ceil(self.explore_every * max(1.0, loser[batch].millis / max(winner[batch].millis, 1e-6)))
+        else:
+            period = self.first_plain_after
+        explore = self.streak.get(batch, 0) >= period
+        return drafts != explore
+
+    def observe(self, batch: int, drafted: bool, tokens_per_sequence: float, step_ms: float) -> None:
+        batch = bucket(batch)
+        kind = self.drafted if drafted else self.plain
+        probe = drafted != self.winner_drafts(batch)
+        if batch in kind:
+            kind[batch].add(tokens_per_sequence, step_ms, PROBE_WEIGHT if probe else WEIGHT)
+        else:
+            kind[batch] = Efficiency(tokens_per_sequence, step_ms)
+        # Steps of the winning kind in a row since the other was last tried.
+        self.streak[batch] = self.streak.get(batch, 0) + 1 if drafted == self.winner_drafts(batch) else 0
+
+
+def bucket(batch: int) -> int:
+    """Batch sizes share what they learn by power of two (5..8 -> 8): a batch that grows and shrinks by one
+    sequence at a time would otherwise keep exploring."""
+    return 1 << max(batch - 1, 0).bit_length()

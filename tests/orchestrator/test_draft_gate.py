@@ -1,0 +1,40 @@
+from orchestrator.draft_gate import DraftGate
+
+
+def run(gate: DraftGate, steps: int, drafted_step: tuple[float, float], plain_step: tuple[float, float], batch: int = 8):
+    """Drive the gate with fixed step outcomes (tokens per sequence, step ms); returns its choices."""
+    choices = []
+    for _ in range(steps):
+        drafts = gate.should_draft(batch)
+        choices.append(drafts)
+        gate.observe(batch, drafts, *(drafted_step if drafts else plain_step))
+    return choices
+
+
+def test_drafting_that_pays_stays_on_with_rare_plain_probes():
+    choices = run(DraftGate(), 200, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))  # 0.25 vs 0.1 tokens/ms
+    assert choices[0] is True
+    assert sum(choices) / len(choices) > 0.95
+    assert not all(choices)  # plain decoding was measured, so a change of costs would be seen
+
+
+def test_drafting_that_does_not_pay_is_switched_off_but_still_probed():
+    choices = run(DraftGate(), 200, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))  # 0.075 vs 0.1 tokens/ms
+    assert sum(choices[50:]) / 150 < 0.06
+    assert any(choices[50:])  # drafting is retried, so it can win back
+
+
+def test_batch_sizes_are_judged_separately():
+    gate = DraftGate()
+    run(gate, 100, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0), batch=8)
+    run(gate, 100, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0), batch=1)
+    assert not gate.winner_drafts(8) and gate.winner_drafts(1)
+    assert not gate.winner_drafts(5)  # 5..8 share what 8 learned
+
+
+def test_the_gate_follows_a_change_in_costs():
+    gate = DraftGate()
+    run(gate, 100, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))
+    assert not gate.winner_drafts(8)
+    choices = run(gate, 400, drafted_step=(5.0, 15.0), plain_step=(1.0, 10.0))  # drafting became cheap
+    assert gate.winner_drafts(8) and sum(choices[200:]) / 200 > 0.9
