@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 WEIGHT = 0.2  # moving-average weight of one step
-PROBE_WEIGHT = 0.5  # ... of a probe of the losing kind: probes are rare, so each one counts for more
+PROBE_WEIGHT = 1.0  # a probe of the losing kind replaces its estimate: probes are rare and the old one is stale
 
 
 @dataclass
@@ -39,9 +39,11 @@ class Efficiency:
 class DraftGate:
     explore_every: int = 32  # probes of the losing kind take about 1/explore_every of the time
     first_plain_after: int = 2  # drafted steps before plain decoding is first measured at a batch size
+    max_period: int = 128  # a loser is probed at least this often: an early misjudgement must not stick
     drafted: dict[int, Efficiency] = field(default_factory=dict)  # per batch bucket
     plain: dict[int, Efficiency] = field(default_factory=dict)
     streak: dict[int, int] = field(default_factory=dict)  # steps of the winner since the other kind was last tried
+    warmed: set[tuple[int, bool]] = field(default_factory=set)  # (bucket, drafted) whose first step was seen
 
     def winner_drafts(self, batch: int) -> bool:
         batch = bucket(batch)
@@ -64,7 +66,8 @@ class DraftGate:
             # A probe of the losing kind costs its step time: probe a slow loser (a drafted step can cost five
             # plain ones) less often, so that probing stays near 1/explore_every of the time.
             winner, loser = (self.drafted, self.plain) if drafts else (self.plain, self.drafted)
-            period = math.ceil(self.explore_every * max(1.0, loser[batch].millis / max(winner[batch].millis, 1e-6)))
+            ratio = loser[batch].millis / max(winner[batch].millis, 1e-6)
+            period = min(math.ceil(self.explore_every * max(1.0, ratio)), self.max_period)
         else:
             period = self.first_plain_after
         explore = self.streak.get(batch, 0) >= period
@@ -74,6 +77,12 @@ class DraftGate:
         batch = bucket(batch)
         kind = self.drafted if drafted else self.plain
         probe = drafted != self.winner_drafts(batch)
+        if (batch, drafted) not in self.warmed:
+            # The first step of each kind at a batch size pays one-off costs (a GPU verifier captures the CUDA
+            # graphs of new shapes): it would misjudge that kind for a long time.
+            self.warmed.add((batch, drafted))
+            self.streak[batch] = 0 if probe else self.streak.get(batch, 0) + 1
+            return
         if batch in kind:
             kind[batch].add(tokens_per_sequence, step_ms, PROBE_WEIGHT if probe else WEIGHT)
         else:

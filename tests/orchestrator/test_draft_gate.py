@@ -38,3 +38,22 @@ def test_the_gate_follows_a_change_in_costs():
     assert not gate.winner_drafts(8)
     choices = run(gate, 400, drafted_step=(5.0, 15.0), plain_step=(1.0, 10.0))  # drafting became cheap
     assert gate.winner_drafts(8) and sum(choices[200:]) / 200 > 0.9
+
+
+def test_a_slow_first_step_does_not_decide():
+    """The first drafted step at a batch size pays for CUDA-graph captures (seen at 10x a normal step on an H100)."""
+    gate = DraftGate()
+    choices = []
+    for i in range(300):
+        drafts = gate.should_draft(8)
+        choices.append(drafts)
+        slow = 10.0 if i == 0 else 1.0
+        gate.observe(8, drafts, *((5.0, 20.0 * slow) if drafts else (1.0, 10.0)))
+    assert gate.winner_drafts(8) and sum(choices[20:]) / 280 > 0.95
+
+
+def test_a_misjudged_loser_is_probed_again_within_max_period():
+    gate = DraftGate()
+    run(gate, 50, drafted_step=(5.0, 200.0), plain_step=(1.0, 10.0))  # drafting looked terrible at first
+    choices = run(gate, 2 * gate.max_period + 10, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
+    assert gate.winner_drafts(8) and choices[-1]
