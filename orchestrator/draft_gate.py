@@ -50,6 +50,11 @@ class DraftGate:
         drafted, plain = self.drafted.get(batch), self.plain.get(batch)
         return drafted is None or plain is None or drafted.rate >= plain.rate
 
+    def expect_plain(self, batch: int, step_ms: float) -> None:
+        """Until a plain step is measured at this batch size, expect what the cost tables say one costs (a one-token
+        verify step): the gate can then judge drafting from its first measured step instead of exploring."""
+        self.plain.setdefault(bucket(batch), Efficiency(1.0, step_ms))
+
     def describe(self, batch: int) -> str:
         batch = bucket(batch)
         parts = [f"{name} {kind[batch].tokens:.2f} tokens / {kind[batch].millis:.1f} ms"

@@ -206,6 +206,8 @@ class StepLoop:
         drafted: dict[str, bool] = {}
         for name, group in groups.items():
             gate = self.gates.setdefault(name, DraftGate()) if group[0].policy.cast is not None else None
+            if gate is not None:
+                gate.expect_plain(size, self.costs.verify_step_ms(size, context, 1))
             drafted[name] = gate is None or gate.should_draft(size)
             if not drafted[name]:
                 continue  # root-only trees: a plain decoding step for this group

@@ -57,3 +57,10 @@ def test_a_misjudged_loser_is_probed_again_within_max_period():
     run(gate, 50, drafted_step=(5.0, 200.0), plain_step=(1.0, 10.0))  # drafting looked terrible at first
     choices = run(gate, 2 * gate.max_period + 10, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
     assert gate.winner_drafts(8) and choices[-1]
+
+
+def test_an_expected_plain_cost_decides_from_the_first_measured_drafted_steps():
+    gate = DraftGate()
+    gate.expect_plain(8, 10.0)  # what the verifier's table says a one-token step costs
+    choices = run(gate, 10, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))
+    assert choices[:2] == [True, True] and not any(choices[2:])  # warm-up, one measured step, then plain
