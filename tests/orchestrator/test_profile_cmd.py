@@ -68,3 +68,26 @@ def test_a_service_started_after_cast_profile_serves_its_table(tiny_pair, tmp_pa
     table = cost_table_from_proto(asyncio.run(served()))
     assert table.token_counts == written.token_counts  # the quick grid, not the start-up one
     assert np.allclose(table.millis, written.millis, rtol=1e-6)  # the proto carries float32
+
+
+def test_a_static_layout_service_serves_the_table_cast_profile_made_for_its_layout(tiny_pair, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # --cuda-graphs on: the static KV layout (no graphs on a CPU), as the service on a GPU serves by default.
+    monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))
+    run_cast("profile", "verify", "--quick", "--model", str(tiny_pair[0]), "--no-progress", "--cuda-graphs", "on",
+             "--max-batch", "4")
+    written = load(capsys.readouterr().out.split("wrote ")[1].split()[0])
+
+    async def served(cuda_graphs: str):
+        config = VerifyConfig(model=tiny_pair[0], host="127.0.0.1", port=0, device="cpu", warmup=False,
+                              cuda_graphs=cuda_graphs, max_batch=4)
+        running = await start(config)
+        try:
+            return (await running.servicer.Describe(verify_pb2.VerifyDescribeRequest(), None)).replica.cost_table
+        finally:
+            await running.server.stop(None)
+
+    static = cost_table_from_proto(asyncio.run(served("on")))
+    assert static.token_counts == written.token_counts and np.allclose(static.millis, written.millis, rtol=1e-6)
+    eager = cost_table_from_proto(asyncio.run(served("off")))  # another layout: its own table, not this one
+    assert eager.token_counts != written.token_counts
