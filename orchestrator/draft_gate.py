@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 WEIGHT = 0.2  # moving-average weight of one step
 PROBE_WEIGHT = 1.0  # a probe of the losing kind replaces its estimate: probes are rare and the old one is stale
+SPIKE = 2.0  # one step counts as at most this many times the estimate: a GPU verifier captures a CUDA graph the
+             # first time a shape comes up (contexts grow into new buckets mid-request), a 10-100x step
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Efficiency:
 
     def add(self, tokens: float, millis: float, weight: float = WEIGHT) -> None:
         self.tokens += weight * (tokens - self.tokens)
-        self.millis += weight * (millis - self.millis)
+        self.millis += weight * (min(millis, SPIKE * self.millis) - self.millis)
 
     @property
     def rate(self) -> float:

@@ -64,3 +64,15 @@ def test_an_expected_plain_cost_decides_from_the_first_measured_drafted_steps():
     gate.expect_plain(8, 10.0)  # what the verifier's table says a one-token step costs
     choices = run(gate, 10, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))
     assert choices[:2] == [True, True] and not any(choices[2:])  # warm-up, one measured step, then plain
+
+
+def test_one_off_spikes_do_not_turn_drafting_off():
+    """Every 20th drafted step pays a CUDA-graph capture (50x): drafting still wins, as its typical steps do."""
+    gate = DraftGate()
+    choices = []
+    for i in range(400):
+        drafts = gate.should_draft(1)
+        choices.append(drafts)
+        spike = 50.0 if i % 20 == 5 else 1.0
+        gate.observe(1, drafts, *((5.0, 20.0 * spike) if drafts else (1.0, 10.0)))
+    assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.95
