@@ -71,9 +71,9 @@ class CostModel:
         """The draft's prices for one Expand, in units of a one-token verify step: its forwards run at the
         committed context plus the tree so far."""
         one_token_step = self.verify_step_ms(batch, context, 1)
-        counts = self.draft.token_counts
-        matrix = np.array([[self.draft_forward_ms(batch, context + r, n) for n in counts] for r in NODE_BUCKETS])
-        return NormalizedCostSlice(NODE_BUCKETS, counts, matrix / one_token_step)
+        rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
+        matrix = np.array(rows) + self.draft_overhead_ms.get(batch, 0.0)
+        return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix / one_token_step)
 
     def observe_verify(self, batch: int, context: int, tokens: int, seconds: float) -> None:
         extra = seconds * 1e3 - self.verify.lookup(batch, context, tokens)
