@@ -169,23 +169,6 @@ class CostTable:
             np.broadcast_to(lam * n + delta, shape),
         )
 
-    def observe(self, batch: int, context: int, tokens: int, millis: float, weight: float = 0.1) -> CostTable:
-        """A new table whose cell for this forward moved toward one measurement (exponential moving average).
-
-        The cell is the one `lookup(batch, context, tokens)` reads, so the estimate it refines is the price the
-        rules will use: new = (1 - weight) * old + weight * millis. weight in (0, 1]; 1 replaces the cell.
-        """
-        if not 0.0 < weight <= 1.0:
-            raise ValueError(f"weight must be in (0, 1], got {weight}")
-        if not np.isfinite(millis) or millis <= 0:
-            raise ValueError(f"millis must be finite and > 0, got {millis}")
-        updated = self.millis.copy()
-        index = self.cell(batch, context, tokens)
-        updated[index] = (1.0 - weight) * updated[index] + weight * float(millis)
-        return CostTable(
-            self.device, self.model_id, self.dtype, self.batch_sizes, self.context_buckets, self.token_counts, updated
-        )
-
     # ---- JSON ------------------------------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -254,32 +237,6 @@ class NormalizedCostSlice:
         """[max_tokens] breadth costs: entry k-1 is cost(nodes_so_far, k) for k = 1..max_tokens."""
         r = _bucket_index(self.node_buckets, nodes_so_far)
         return self.normalized_cost[r, _bucket_indices(self.token_counts, np.arange(1, max_tokens + 1))]
-
-
-def normalized_draft_slice(
-    draft: CostTable,
-    verify: CostTable,
-    batch: int,
-    verify_context: int,
-    *,
-    node_buckets: Sequence[int] | None = None,
-    token_counts: Sequence[int] | None = None,
-    draft_context_offset: int = 0,
-) -> NormalizedCostSlice:
-    """Build the CastBudget matrix: row r = S_D(B)[offset + node_buckets[r]][n] / S_T(B)[verify_context][1].
-
-    DESIGN.md indexes the draft's context axis by "nodes so far"; that is `draft_context_offset=0` (default).
-    If the draft table was profiled with real KV lengths, pass the committed length as the offset so that a
-    row prices the draft's actual context (prefix + tree). node_buckets and token_counts default to the draft
-    table's own context_buckets and token_counts.
-    """
-    nodes = _as_grid(node_buckets if node_buckets is not None else draft.context_buckets, "node_buckets")
-    counts = _as_grid(token_counts if token_counts is not None else draft.token_counts, "token_counts")
-    one_token_verify = verify.lookup(batch, verify_context, 1)
-    matrix = np.array(
-        [[draft.lookup(batch, draft_context_offset + r, n) for n in counts] for r in nodes], dtype=np.float64
-    )
-    return NormalizedCostSlice(nodes, counts, matrix / one_token_verify)
 
 
 # ---- file helpers: the only I/O in cast_core's CAST math ----------------------------------------------------
