@@ -25,10 +25,10 @@ from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
 from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
 from orchestrator.costs import CostModel
-from orchestrator.draft_gate import DraftGate
 from orchestrator.decoding import (
     Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler,
 )
+from orchestrator.draft_gate import DraftGate
 from orchestrator.policies import TreePolicy, update_gains
 
 log = logging.getLogger("cast.orchestrator")
@@ -241,13 +241,17 @@ class StepLoop:
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
         for name, group in groups.items():
             if name in self.gates:
-                mean = sum(committed[s.sequence_id] for s in group) / len(group)
-                gate = self.gates[name]
-                was = gate.winner_drafts(size)
-                gate.observe(size, drafted[name], mean, timing.step * 1e3)
-                if gate.winner_drafts(size) != was:
-                    log.info("%s at batch %d: %s now (%s)", name, size,
-                             "drafting" if not was else "plain decoding", gate.describe(size))
+                tokens = sum(committed[s.sequence_id] for s in group) / len(group)
+                self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
+
+    def _teach_gate(self, policy: str, size: int, drafted: bool, tokens_per_sequence: float, step_ms: float) -> None:
+        """Tell the policy's draft gate what this step gave; log when drafting starts or stops paying."""
+        gate = self.gates[policy]
+        was = gate.winner_drafts(size)
+        gate.observe(size, drafted, tokens_per_sequence, step_ms)
+        if gate.winner_drafts(size) != was:
+            log.info("%s at batch %d: %s now (%s)", policy, size, "plain decoding" if was else "drafting",
+                     gate.describe(size))
 
     async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
         """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
