@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from verify_service.fused_llama import FORWARDS
+
 DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 # Implementations that take our custom additive 4D tree mask as-is (flash-attention would ignore it).
@@ -27,6 +29,8 @@ class VerifyConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     attn_implementation: str = "sdpa"
+    # auto: our fused Llama forward where it applies (elementwise kernels compiled on CUDA), else transformers'
+    forward: str = "auto"
     max_sessions: int | None = None  # None: max_batch with the static layout, else DYNAMIC_SESSIONS
     session_ttl_s: float = 600.0  # a sequence idle this long is dropped
     expire_interval_s: float = 10.0  # how often idle sequences are looked for
@@ -53,6 +57,8 @@ class VerifyConfig:
             raise ValueError(f"device: {self.device!r} is not one of {', '.join(DEVICES)} or cuda:N")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation: {self.attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"forward: {self.forward!r} is not one of {', '.join(FORWARDS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is outside 0..65535")
         if self.max_sessions is not None and self.max_sessions < 1:
@@ -141,6 +147,8 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("dtype", str, "auto", "one of " + ", ".join(DTYPES))
     flag("device", str, "auto", "auto, cpu, cuda or cuda:N")
     flag("attn_implementation", str, "sdpa", "one of " + ", ".join(ATTN_IMPLEMENTATIONS))
+    flag("forward", str, "auto", "the target's forward: auto (fused where it applies, compiled on CUDA), compiled, "
+         "fused or transformers")
     flag("max_sessions", _optional_int, None,
          f"live sequences at most; default max_batch with the static layout, else {DYNAMIC_SESSIONS}")
     flag("session_ttl_s", float, 600.0, "seconds an idle sequence lives")

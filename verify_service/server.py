@@ -77,6 +77,7 @@ async def start(config: VerifyConfig) -> RunningServer:
             attn_implementation=config.attn_implementation,
             max_context=config.max_context,
             model_name=config.model_name,
+            forward=config.forward,
         )
         static = config.static_layout(target.device.type)
         verifier = Verifier(

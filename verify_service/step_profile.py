@@ -1,9 +1,10 @@
 """Time one Verify step in process, with and without the static layout and CUDA graphs (issue 7).
 
     python -m verify_service.step_profile --model DIR --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --graphs on,off --out step.json [--torch-profile step.txt]
+        --context 256 --forwards compiled,transformers --graphs on,off --out step.json [--torch-profile step.txt]
 
-For each mode (--graphs: `on` = static layout + CUDA graphs where the device is CUDA, `static` = static layout
+For each forward (--forwards: `transformers`' own, our `fused` Llama forward, the same with `compiled` elementwise
+kernels; all on the one loaded model, whose weights the fused forward shares) and each mode (--graphs: `on` = static layout + CUDA graphs where the device is CUDA, `static` = static layout
 run eagerly, `off` = the growing store and the eager padded forward), each batch size B and each tree size n:
 B sequences are prefilled with `context` random tokens, then Verifier.verify runs on a tree of n nodes per
 sequence (a binary tree, or a chain with --shape chain), `warmup` times (CUDA graphs are captured there), then
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from cast_core.tree import TokenTree
+from verify_service.fused_llama import EAGER, FORWARDS
 from verify_service.target import TargetModel, device_name
 from verify_service.verifier import PrefillItem, Session, Verifier, VerifyItem
 
@@ -43,6 +45,23 @@ def tree_of(root: int, n: int, shape: str, rng: np.random.Generator, vocab_size:
         depths[i] = depths[parents[i]] + 1
     tokens = [root] + rng.integers(0, vocab_size, n - 1).tolist()
     return TokenTree.from_lists(tokens, parents, depths, [1.0] * n)
+
+
+def load_for(args: argparse.Namespace) -> TargetModel:
+    """The target, loaded with the most fused of the forwards asked for (the others are switched to from it)."""
+    forward = next((f for f in ("compiled", "fused") if f in args.forwards), "transformers")
+    return TargetModel.load(args.model, dtype=args.dtype, device=args.device, forward=forward,
+                            attn_implementation=args.attn_implementation, max_context=args.max_context)
+
+
+def use_forward(target: TargetModel, fused, compiled_kernels, forward: str) -> str:
+    """Switch target to `forward`; returns what runs (`compiled` falls back to `fused` where compiling failed)."""
+    target.fused = None if forward == "transformers" else fused
+    if fused is not None:
+        fused.kernels = compiled_kernels if forward == "compiled" else EAGER
+    if forward == "compiled" and compiled_kernels is EAGER:
+        return "fused"
+    return forward
 
 
 def make_verifier(target: TargetModel, mode: str, slots: int, max_tree_tokens: int) -> Verifier:
@@ -113,11 +132,11 @@ def torch_profile_table(case: Case, device: torch.device, steps: int = 10) -> st
     return "\n".join(tables)
 
 
-def profile_mode(target: TargetModel, mode: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
+def profile_mode(target: TargetModel, mode: str, graphs: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
                  max_tree_tokens: int, profile_tokens: int) -> tuple[list[dict], dict, list[str]]:
     """Every (batch, tokens) cell of one mode: (result rows, the layout's summary, torch.profiler tables)."""
     device = target.device
-    verifier = make_verifier(target, mode, slots, max_tree_tokens)
+    verifier = make_verifier(target, graphs, slots, max_tree_tokens)
     rows, tables = [], []
     for batch in args.batch:
         ids = [f"s{b}" for b in range(batch)]
@@ -132,7 +151,7 @@ def profile_mode(target: TargetModel, mode: str, args: argparse.Namespace, rng: 
             row = {"mode": mode, "batch": batch, "tokens": n, "verify_ms": summary(verify_ms),
                    "forward_ms": summary(forward_ms)}
             rows.append(row)
-            print(f"{mode:>6} B={batch:<3} n={n:<4} verify {row['verify_ms']['median']:8.2f} ms "
+            print(f"{mode:>16} B={batch:<3} n={n:<4} verify {row['verify_ms']['median']:8.2f} ms "
                   f"(p10 {row['verify_ms']['p10']:.2f}, p90 {row['verify_ms']['p90']:.2f})   forward "
                   f"{row['forward_ms']['median']:8.2f} ms", flush=True)
             if args.torch_profile and batch == min(args.batch) and n == profile_tokens:
@@ -147,8 +166,8 @@ def profile_mode(target: TargetModel, mode: str, args: argparse.Namespace, rng: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    target = TargetModel.load(args.model, dtype=args.dtype, device=args.device,
-                              attn_implementation=args.attn_implementation, max_context=args.max_context)
+    target = load_for(args)
+    fused, compiled_kernels = target.fused, target.fused.kernels if target.fused else EAGER
     if args.max_context is None:  # the model's limit can be far too many KV columns for a static layout
         target.max_context = min(target.max_context, DEFAULT_MAX_CONTEXT)
     if args.context + max(args.tokens) + 1 > target.max_context:
@@ -159,13 +178,17 @@ def run(args: argparse.Namespace) -> dict:
     max_tree_tokens = max(args.max_tree_tokens, max(args.tokens))
     profile_tokens = min(args.tokens, key=lambda n: abs(n - 32))
     results, modes, profiles = [], {}, []
-    for mode in args.graphs:
-        rows, modes[mode], tables = profile_mode(target, mode, args, rng, slots, max_tree_tokens, profile_tokens)
-        results += rows
-        profiles += tables
-        gc.collect()  # the mode's store, graphs and pool go before the next mode allocates its own
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for forward in args.forwards:
+        runs = use_forward(target, fused, compiled_kernels, forward)
+        for graphs in args.graphs:
+            mode = f"{runs}+{graphs}"
+            rows, modes[mode], tables = profile_mode(target, mode, graphs, args, rng, slots, max_tree_tokens,
+                                                     profile_tokens)
+            results += rows
+            profiles += tables
+            gc.collect()  # the mode's store, graphs and pool go before the next mode allocates its own
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     report = {
         "device": device_name(device), "model": str(args.model), "dtype": target.dtype_name,
         "attn_implementation": args.attn_implementation, "context": args.context, "max_context": target.max_context,
@@ -185,21 +208,23 @@ def print_table(results: list[dict]) -> None:
     cells = {(r["mode"], r["batch"], r["tokens"]): r["verify_ms"]["median"] for r in results}
     keys = list(dict.fromkeys((r["batch"], r["tokens"]) for r in results))
     print("\nVerify step, median ms")
-    print(f"{'B':>4} {'n':>5} " + " ".join(f"{m:>9}" for m in modes))
+    print(f"{'B':>4} {'n':>5} " + " ".join(f"{m:>16}" for m in modes))
     for batch, n in keys:
-        print(f"{batch:>4} {n:>5} " + " ".join(f"{cells.get((m, batch, n), float('nan')):9.2f}" for m in modes))
+        print(f"{batch:>4} {n:>5} " + " ".join(f"{cells.get((m, batch, n), float('nan')):16.2f}" for m in modes))
 
 
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def mode_list(text: str) -> list[str]:
-    modes = [x for x in text.split(",") if x]
-    for m in modes:
-        if m not in MODES:
-            raise argparse.ArgumentTypeError(f"{m!r} is not one of {', '.join(MODES)}")
-    return modes
+def choice_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        picked = [x for x in text.split(",") if x]
+        for x in picked:
+            if x not in choices:
+                raise argparse.ArgumentTypeError(f"{x!r} is not one of {', '.join(choices)}")
+        return picked
+    return parse
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -216,7 +241,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         f"default the model's limit, at most {DEFAULT_MAX_CONTEXT}")
     p.add_argument("--max-tree-tokens", type=int, default=128, help="static layout: tree room")
     p.add_argument("--shape", choices=("tree", "chain"), default="tree")
-    p.add_argument("--graphs", type=mode_list, default=["on", "off"], help="modes: on, static, off")
+    p.add_argument("--graphs", type=choice_list(MODES), default=["on", "off"], help="modes: on, static, off")
+    p.add_argument("--forwards", type=choice_list(FORWARDS[1:]), default=["compiled"],
+                   help="forwards: compiled, fused, transformers")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

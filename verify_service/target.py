@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cast_core.identity import vocab_hash
 from cast_core.tree import TokenTree
+from verify_service.fused_llama import FusedLlama, build_fused
 from verify_service.kv_cache import SequenceKV
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,6 +96,7 @@ class TargetModel:
     dtype: torch.dtype
     cache_kwarg: str  # "cache" in transformers >= 5.2x, "past_key_values" before
     takes_logits_to_keep: bool  # most causal LMs can skip the LM head for positions we don't need
+    fused: FusedLlama | None = None  # our Llama forward (fused_llama.py); None: transformers' own
 
     @staticmethod
     def load(
@@ -104,7 +106,10 @@ class TargetModel:
         attn_implementation: str = "sdpa",
         max_context: int | None = None,
         model_name: str = "",
+        forward: str = "auto",
     ) -> TargetModel:
+        """forward: which forward runs (fused_llama.FORWARDS): auto is our fused Llama forward where it applies
+        (its elementwise kernels compiled on CUDA), else transformers' own."""
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -130,6 +135,7 @@ class TargetModel:
             dtype=torch_dtype,
             cache_kwarg="cache" if "cache" in params else "past_key_values",
             takes_logits_to_keep="logits_to_keep" in params,
+            fused=build_fused(model, forward, torch_device),
         )
 
     @property
@@ -182,6 +188,8 @@ class TargetModel:
         return logits
 
     def _forward(self, cache, ids, positions, attention_mask, last_only: bool = False) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.forward(cache, ids, positions, attention_mask, last_only)
         extra = {"logits_to_keep": 1} if last_only and self.takes_logits_to_keep else {}
         result = self.model(
             input_ids=ids,

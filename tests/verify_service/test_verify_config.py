@@ -18,10 +18,10 @@ from verify_service.config import VerifyConfig
 
 def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
     env = {"CAST_VERIFY_MODEL": str(tiny_pair[0]), "CAST_VERIFY_PORT": "6000", "CAST_VERIFY_DTYPE": "float64",
-           "CAST_VERIFY_MAX_CONTEXT": "128", "CAST_VERIFY_WARMUP": "false"}
+           "CAST_VERIFY_MAX_CONTEXT": "128", "CAST_VERIFY_WARMUP": "false", "CAST_VERIFY_FORWARD": "transformers"}
     config = VerifyConfig.from_args(["--port", "7000"], environ=env)
     assert config.model == tiny_pair[0] and config.port == 7000 and config.dtype == "float64"
-    assert config.max_context == 128 and config.warmup is False
+    assert config.max_context == 128 and config.warmup is False and config.forward == "transformers"
     assert config.host == "0.0.0.0" and config.max_sessions is None and config.device == "auto"
     assert config.cuda_graphs == "auto" and config.max_batch == 32 and config.max_tree_tokens == 128
     # The session cap follows the layout: every live sequence owns one of max_batch slots in the static one.
@@ -42,6 +42,7 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
         (["--device", "tpu"], "device"),
         (["--attn-implementation", "flash_attention_2"], "attn_implementation"),
         (["--cuda-graphs", "maybe"], "cuda_graphs"),
+        (["--forward", "fast"], "forward: 'fast'"),
         (["--max-tree-tokens", "0"], "max_tree_tokens"),
         (["--cuda-graphs", "on", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
         (["--device", "cuda", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),

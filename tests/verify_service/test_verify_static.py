@@ -206,15 +206,16 @@ def test_step_profile_runs_on_cpu(tiny_pair, tmp_path):
 
     out, table = tmp_path / "step.json", tmp_path / "profile.txt"
     main(["--model", str(tiny_pair[0]), "--device", "cpu", "--dtype", "float32", "--batch", "1,2", "--tokens", "1,4",
-          "--context", "20", "--graphs", "on,off", "--repeats", "2", "--warmup", "1", "--out", str(out),
+          "--context", "20", "--forwards", "fused,transformers", "--graphs", "on,off", "--repeats", "2", "--warmup", "1", "--out", str(out),
           "--torch-profile", str(table)])
     report = json.loads(out.read_text())
+    modes = [f"{f}+{g}" for f in ("fused", "transformers") for g in ("on", "off")]
     assert {(r["mode"], r["batch"], r["tokens"]) for r in report["results"]} == {
-        (m, b, n) for m in ("on", "off") for b in (1, 2) for n in (1, 4)}
+        (m, b, n) for m in modes for b in (1, 2) for n in (1, 4)}
     assert all(r["verify_ms"]["median"] > 0 and r["forward_ms"]["median"] > 0 for r in report["results"])
-    assert report["modes"]["on"]["layout"].startswith("static KV layout")
-    assert report["modes"]["off"]["layout"] == "dynamic"
-    assert "mode on, B=1, n=4" in table.read_text() and "self CPU" in table.read_text()
+    assert report["modes"]["fused+on"]["layout"].startswith("static KV layout")
+    assert report["modes"]["transformers+off"]["layout"] == "dynamic"
+    assert "mode fused+on, B=1, n=4" in table.read_text() and "self CPU" in table.read_text()
 
 
 def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel, monkeypatch, caplog):
