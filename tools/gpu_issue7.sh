@@ -4,13 +4,14 @@
 # Run from the repository root with the project importable:
 #   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_issue7.sh OUT_DIR
 # STAGES picks what runs (default: all, in this order):
-#   widen verify_ref verify_wide draft_step baselines bench_ref bench_wide
+#   widen rpc verify_ref verify_wide draft_step baselines bench_ref bench_wide
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
 mkdir -p "$OUT"
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
-STAGES=${STAGES:-widen verify_ref verify_wide draft_step baselines bench_ref bench_wide}
+STAGES=${STAGES:-widen rpc verify_ref verify_wide draft_step baselines bench_ref bench_wide}
+FORWARDS=${FORWARDS:-compiled,transformers}  # the verifier forwards step_profile compares
 SHAPE=${SHAPE:-8b}
 WIDE=${WIDE:-/tmp/wide-$SHAPE}
 REF_TARGET=models/reference/target
@@ -31,16 +32,21 @@ if has widen; then
     df -h /tmp | tail -1
 fi
 
+if has rpc; then
+    stage "loopback RPC latency (no models)"
+    python3 -m tools.rpc_latency --calls ${RPC_CALLS:-500} --out "$OUT/rpc_latency.csv"
+fi
+
 if has verify_ref; then
     stage "verifier step, reference target (in-process)"
     python3 -m verify_service.step_profile --model $REF_TARGET --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --graphs on,static,off --out "$OUT/verify_step_ref.json"
+        --context 256 --forwards $FORWARDS --graphs on,static,off --out "$OUT/verify_step_ref.json"
 fi
 
 if has verify_wide; then
     stage "verifier step, $SHAPE-shaped target (in-process)"
     python3 -m verify_service.step_profile --model "$WIDE" --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --graphs ${GRAPH_MODES:-on,static,off} --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
+        --context 256 --forwards $FORWARDS --graphs ${GRAPH_MODES:-on,static,off} --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
 fi
 
 if has draft_step; then

@@ -132,11 +132,31 @@ def torch_profile_table(case: Case, device: torch.device, steps: int = 10) -> st
     return "\n".join(tables)
 
 
+def fixed_case_logits(verifier: Verifier, args: argparse.Namespace, n: int) -> torch.Tensor:
+    """Logits [n, V] (float32, host) of one fixed tree over one fixed context, the same in every mode: what the
+    modes' agreement is measured on."""
+    vocab_size = verifier.target.vocab_size
+    rng = np.random.default_rng(args.seed + 1)
+    verifier.prefill([PrefillItem("check", rng.integers(0, vocab_size, args.context + 1).tolist())])
+    session = verifier.sessions.get("check")
+    tree = tree_of(session.pending, n, args.shape, rng, vocab_size)
+    logits = (verifier.static or verifier.target).tree_logits([session.kv], [tree])[0].float().cpu()
+    verifier.release(["check"])
+    return logits
+
+
+def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    return {"max_abs_diff": float((logits - reference).abs().max()),
+            "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
+
+
 def profile_mode(target: TargetModel, mode: str, graphs: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
-                 max_tree_tokens: int, profile_tokens: int) -> tuple[list[dict], dict, list[str]]:
-    """Every (batch, tokens) cell of one mode: (result rows, the layout's summary, torch.profiler tables)."""
+                 max_tree_tokens: int, profile_tokens: int) -> tuple[list[dict], dict, list[str], torch.Tensor]:
+    """Every (batch, tokens) cell of one mode: (result rows, the layout's summary, torch.profiler tables, the
+    fixed case's logits)."""
     device = target.device
     verifier = make_verifier(target, graphs, slots, max_tree_tokens)
+    logits = fixed_case_logits(verifier, args, profile_tokens)
     rows, tables = [], []
     for batch in args.batch:
         ids = [f"s{b}" for b in range(batch)]
@@ -162,7 +182,7 @@ def profile_mode(target: TargetModel, mode: str, graphs: str, args: argparse.Nam
     layout = {"layout": "dynamic" if static is None else static.describe(),
               "graphs": 0 if static is None else sum(g is not None for g in static.graphs.values()),
               "capture_failures": 0 if static is None else static.capture_failures}
-    return rows, layout, tables
+    return rows, layout, tables, logits
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -177,13 +197,17 @@ def run(args: argparse.Namespace) -> dict:
     slots = max(args.batch)
     max_tree_tokens = max(args.max_tree_tokens, max(args.tokens))
     profile_tokens = min(args.tokens, key=lambda n: abs(n - 32))
-    results, modes, profiles = [], {}, []
+    results, modes, profiles, reference = [], {}, [], None
     for forward in args.forwards:
         runs = use_forward(target, fused, compiled_kernels, forward)
         for graphs in args.graphs:
             mode = f"{runs}+{graphs}"
-            rows, modes[mode], tables = profile_mode(target, mode, graphs, args, rng, slots, max_tree_tokens,
-                                                     profile_tokens)
+            rows, modes[mode], tables, logits = profile_mode(target, mode, graphs, args, rng, slots,
+                                                             max_tree_tokens, profile_tokens)
+            # Every mode against the first one, on the same tree and context (bfloat16 kernels round differently).
+            reference = logits if reference is None else reference
+            modes[mode]["agreement_with_first_mode"] = agreement(logits, reference)
+            print(f"{mode}: logits vs the first mode {modes[mode]['agreement_with_first_mode']}", flush=True)
             results += rows
             profiles += tables
             gc.collect()  # the mode's store, graphs and pool go before the next mode allocates its own

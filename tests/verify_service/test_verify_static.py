@@ -215,6 +215,9 @@ def test_step_profile_runs_on_cpu(tiny_pair, tmp_path):
     assert all(r["verify_ms"]["median"] > 0 and r["forward_ms"]["median"] > 0 for r in report["results"])
     assert report["modes"]["fused+on"]["layout"].startswith("static KV layout")
     assert report["modes"]["transformers+off"]["layout"] == "dynamic"
+    for mode in modes:  # float32 on the CPU: every forward and layout computes the same logits
+        assert report["modes"][mode]["agreement_with_first_mode"]["max_abs_diff"] < 1e-4
+        assert report["modes"][mode]["agreement_with_first_mode"]["argmax_agreement"] == 1.0
     assert "mode fused+on, B=1, n=4" in table.read_text() and "self CPU" in table.read_text()
 
 
