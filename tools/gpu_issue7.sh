@@ -4,13 +4,13 @@
 # Run from the repository root with the project importable:
 #   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_issue7.sh OUT_DIR
 # STAGES picks what runs (default: all, in this order):
-#   widen rpc verify_ref verify_wide draft_step baselines bench_ref bench_wide
+#   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
 mkdir -p "$OUT"
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
-STAGES=${STAGES:-widen rpc verify_ref verify_wide draft_step baselines bench_ref bench_wide}
+STAGES=${STAGES:-widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines}
 FORWARDS=${FORWARDS:-compiled,transformers}  # the verifier forwards step_profile compares
 SHAPE=${SHAPE:-8b}
 WIDE=${WIDE:-/tmp/wide-$SHAPE}
@@ -57,12 +57,6 @@ if has draft_step; then
     done
 fi
 
-if has baselines; then
-    stage "transformers generate() and assisted generation on the $SHAPE-shaped target"
-    python3 -m tools.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \
-        --batch 1,8 --dtype bfloat16 --device cuda --out "$OUT/hf_baselines.json" --md "$OUT/hf_baselines.md"
-fi
-
 if has bench_ref; then
     stage "cast bench on the reference pair"
     $CAST up > "$OUT/stack_ref.log" 2>&1 &
@@ -89,4 +83,10 @@ if has bench_wide; then
         --out "$OUT/bench_wide" --title "$SHAPE-shaped target (widened reference target), draft ${CAST_DRAFT_PROVIDER}"
     kill $STACK; wait $STACK 2>/dev/null
 fi
+if has baselines; then
+    stage "transformers generate() and assisted generation on the $SHAPE-shaped target"
+    python3 -m tools.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \
+        --batch 1,8 --dtype bfloat16 --device cuda --out "$OUT/hf_baselines.json" --md "$OUT/hf_baselines.md"
+fi
+
 date -u
