@@ -16,6 +16,7 @@ A replica without a table starts from a prior (a mild linear cost) and is correc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,12 +69,29 @@ class CostModel:
         return steps / steps[0]
 
     def draft_slice(self, batch: int, context: int) -> NormalizedCostSlice:
-        """The draft's prices for one Expand, in units of a one-token verify step: its forwards run at the
-        committed context plus the tree so far."""
+        """The prices of growing the tree by k nodes after r, in units of a one-token verify step: the draft's
+        forward (at the committed context plus the tree so far) and the verifier's extra cost for checking them.
+
+        The verifier's share is what keeps CAST's breadth and depth rules from growing nodes that reranking (C3)
+        must drop: a node worth less than its verification is never verified, nor is any of its descendants (a
+        child is worth at most its parent). Where the verifier's cost is flat in tokens (a GPU at small batch) the
+        share is ~0; where it grows steeply (a CPU at batch 8) the tree stays narrow and shallow.
+        """
         one_token_step = self.verify_step_ms(batch, context, 1)
         rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
         matrix = np.array(rows) + self.draft_overhead_ms.get(batch, 0.0)
+        matrix += self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
         return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix / one_token_step)
+
+    def verify_extra_ms(self, batch: int, context: int, before: Sequence[int], added: Sequence[int]) -> np.ndarray:
+        """[len(before)] x [len(added)] the verifier's extra milliseconds for a tree of root + r + k nodes over one
+        of root + r, interpolated between the table's token counts (the marginal cost of the k nodes, not the jump
+        to the next bucket)."""
+        grid = self.verify.token_counts
+        row = self.verify.row(batch, context)
+        r = np.asarray(before, dtype=np.float64)[:, None]
+        k = np.asarray(added, dtype=np.float64)[None, :]
+        return np.interp(1 + r + k, grid, row) - np.interp(2 + r, grid, row)
 
     def observe_verify(self, batch: int, context: int, tokens: int, seconds: float) -> None:
         extra = seconds * 1e3 - self.verify.lookup(batch, context, tokens)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 WEIGHT = 0.2  # moving-average weight of one step
 PROBE_WEIGHT = 1.0  # a probe of the losing kind replaces its estimate: probes are rare and the old one is stale
+JUDGE_AFTER = 4  # drafted steps measured before drafting can lose at a batch size: they vary far more than plain
+                # ones (the first after a prompt commit the least), and CAST's own estimates warm up meanwhile
 SPIKE = 2.0  # one step counts as at most this many times the estimate: a GPU verifier captures a CUDA graph the
              # first time a shape comes up (contexts grow into new buckets mid-request), a 10-100x step
 
@@ -27,8 +29,11 @@ class Efficiency:
 
     tokens: float
     millis: float
+    samples: int = 1
 
     def add(self, tokens: float, millis: float, weight: float = WEIGHT) -> None:
+        self.samples += 1
+        weight = max(weight, 1 / self.samples)  # the first few count alike (their mean), not the first most
         self.tokens += weight * (tokens - self.tokens)
         self.millis += weight * (min(millis, SPIKE * self.millis) - self.millis)
 
@@ -50,7 +55,9 @@ class DraftGate:
     def winner_drafts(self, batch: int) -> bool:
         batch = bucket(batch)
         drafted, plain = self.drafted.get(batch), self.plain.get(batch)
-        return drafted is None or plain is None or drafted.rate >= plain.rate
+        if drafted is None or plain is None or drafted.samples < JUDGE_AFTER:
+            return True
+        return drafted.rate >= plain.rate
 
     def expect_plain(self, batch: int, step_ms: float) -> None:
         """Until a plain step is measured at this batch size, expect what the cost tables say one costs (a one-token

@@ -34,7 +34,10 @@ class TreePolicy:
     def uses_draft(self) -> bool:
         return self.max_depth > 0
 
-    def budget(self, depth: int, costs: CostModel, batch: int, context: int, gains: GainBuffer) -> draft_pb2.ExpandBudget:
+    def budget(self, depth: int, costs: CostModel, batch: int, context: int, gains: GainBuffer,
+               value_scale: float = 1.0) -> draft_pb2.ExpandBudget:
+        """What the draft may expand. value_scale: accepted tokens per unit of node value (AcceptanceScale); the
+        rules weigh value against cost, so scaling every value is dividing the thresholds C1 and C2 by it."""
         budget = draft_pb2.ExpandBudget(top_k=self.top_k, max_depth=depth, max_breadth=self.max_breadth)
         if self.cast is not None:
             prices = costs.draft_slice(batch, context)
@@ -43,32 +46,35 @@ class TreePolicy:
                     node_buckets=prices.node_buckets,
                     token_counts=prices.token_counts,
                     normalized_cost=np.asarray(prices.normalized_cost).ravel().tolist(),
-                    breadth_threshold=self.cast.breadth_threshold,
-                    depth_threshold=self.cast.depth_threshold,
+                    breadth_threshold=self.cast.breadth_threshold / value_scale,
+                    depth_threshold=self.cast.depth_threshold / value_scale,
                     gain_mean=gains.alpha,
                 )
             )
         return budget
 
-    def select(self, expanded: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
+    def select(self, expanded: list[TokenTree], costs: CostModel, batch: int, context: int,
+               value_scale: float = 1.0) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
         CAST picks one m for the whole batch, which shares one verifier forward: the reranking rule (C3) bounds it,
         then, within that bound, the cut with the most expected tokens per unit of step cost (u_m / c_m). A fixed
         threshold alone keeps nodes whose value beats their marginal cost yet lowers the step's tokens per unit
         cost, which on hardware where cost grows with batch × nodes (CPUs, large batches) loses to plain decoding.
+        Node values count value_scale accepted tokens each (the root, always committed, counts one).
         """
         m = self.verify_tokens
         if self.cast is not None:
             prices = costs.rerank_costs(batch, context, max(len(t) for t in expanded))
-            m = min(rerank_count([t.values for t in expanded], prices, self.cast.rerank_threshold), m)
-            m = most_efficient_cut([t.values for t in expanded], prices, m)
+            m = min(rerank_count([t.values for t in expanded], prices, self.cast.rerank_threshold / value_scale), m)
+            m = most_efficient_cut([t.values for t in expanded], prices, m, value_scale)
         return [t.top_m(m) for t in expanded]
 
 
-def most_efficient_cut(values: list[np.ndarray], costs: np.ndarray, limit: int) -> int:
-    """argmax over m <= limit of u_m / c_m: u_m the batch-average sum of each tree's top-m values, c_m costs[m-1]."""
-    utilities = batch_topk_utilities(values)[:limit]  # [limit]
+def most_efficient_cut(values: list[np.ndarray], costs: np.ndarray, limit: int, value_scale: float = 1.0) -> int:
+    """argmax over m <= limit of u_m / c_m: u_m the batch-average expected tokens of each tree's top m nodes (the
+    root's 1, then value_scale per unit of the others' values), c_m costs[m-1]."""
+    utilities = 1 + value_scale * (batch_topk_utilities(values)[:limit] - 1)  # [limit]
     return int(np.argmax(utilities / costs[: utilities.shape[0]])) + 1
 
 
@@ -87,9 +93,14 @@ def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list
     return utilities
 
 
-def update_gains(gains: GainBuffer, expanded: TokenTree, kept_per_layer: list[int]) -> GainBuffer:
-    """Push this step's layer-to-layer gains phi = u^(i+1) / u^(i) into the buffer."""
-    return gains.extend(layer_gains(kept_layer_utilities(expanded, kept_per_layer)))
+def update_gains(gains: GainBuffer, expanded: list[tuple[TokenTree, list[int]]]) -> GainBuffer:
+    """Push this step's layer-to-layer gains phi = u^(i+1) / u^(i) into the buffer, u^(i) the batch average
+    (the paper's: the depth rule tests the batch average too). One gain per layer, not per sequence: at batch 8 a
+    push per sequence replaced the whole buffer (R = 8) with one step's first layers."""
+    per_sequence = [kept_layer_utilities(tree, kept) for tree, kept in expanded]
+    depth = max(len(u) for u in per_sequence)
+    batch_average = [sum(u[i] for u in per_sequence if i < len(u)) / len(per_sequence) for i in range(depth)]
+    return gains.extend(layer_gains(batch_average))
 
 
 def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:

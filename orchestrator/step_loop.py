@@ -23,6 +23,7 @@ from cast.v1 import verify_pb2
 from cast_core.errors import ResourceExhausted
 from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
+from orchestrator.acceptance import AcceptanceScale
 from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
 from orchestrator.costs import CostModel
 from orchestrator.decoding import (
@@ -90,6 +91,7 @@ class StepLoop:
         self.waiting: list[LiveSequence] = []
         self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
         self.gates: dict[str, DraftGate] = {}   # per CAST policy: whether a step drafts at all (draft_gate.py)
+        self.acceptance: dict[str, AcceptanceScale] = {}  # per CAST policy: accepted tokens per unit of value
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -239,7 +241,11 @@ class StepLoop:
                                        completion_tokens=len(s.assembler.token_ids)))
         timing.step = time.perf_counter() - started  # the records above share this object
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
+        verified = {i.sequence_id: i.tree for i in items}
         for name, group in groups.items():
+            if name in self.acceptance and drafted[name]:
+                self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
+                                              sum(committed[s.sequence_id] - 1 for s in group))
             if name in self.gates:
                 tokens = sum(committed[s.sequence_id] for s in group) / len(group)
                 self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
@@ -260,7 +266,8 @@ class StepLoop:
         """
         policy = group[0].policy
         gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
-        budget = policy.budget(policy.max_depth, self.costs, size, context, gains)
+        value_scale = self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
+        budget = policy.budget(policy.max_depth, self.costs, size, context, gains, value_scale)
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group]
         for s in group:
             s.opened_draft = True
@@ -279,10 +286,8 @@ class StepLoop:
             s.draft_seen = len(s.tokens)
             s.stats.draft_seconds += seconds
         if policy.cast is not None:
-            for e in expanded:
-                gains = update_gains(gains, e.tree, e.kept_per_layer)
-            self.gains[policy.name] = gains
-        chosen = policy.select([e.tree for e in expanded], self.costs, size, context)
+            self.gains[policy.name] = update_gains(gains, [(e.tree, e.kept_per_layer) for e in expanded])
+        chosen = policy.select([e.tree for e in expanded], self.costs, size, context, value_scale)
         return [(tree, len(e.tree)) for tree, e in zip(chosen, expanded)]
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:

@@ -51,3 +51,19 @@ def test_most_efficient_cut_stops_where_tokens_per_cost_peak():
     # u/c: 1, 1.27, 1.35, 1.2, 1.02, 0.88 -> three nodes
     assert most_efficient_cut(values, steep, 6) == 3
     assert most_efficient_cut(values, steep, 2) == 2           # never past the rule's bound
+
+
+def test_a_layers_extra_nodes_pay_for_their_verification_where_the_verifier_is_steep():
+    draft = CostTable.linear(0.05, 1.0, **GRID)
+    flat = CostModel(verify=CostTable.linear(0.0001, 5.0, **GRID), draft=draft)  # a GPU at small batch
+    steep = CostModel(verify=CostTable.linear(2.0, 5.0, **GRID), draft=draft)    # a CPU at batch 8
+    for costs in (flat, steep):
+        # The first node of a layer is priced by its draft forward alone, as in the paper's depth rule.
+        assert np.isclose(costs.draft_slice(1, 100).cost(0, 1) * costs.verify_step_ms(1, 100, 1),
+                          costs.draft.lookup(1, 100, 1))
+    extra = {name: c.draft_slice(1, 100).cost(0, 8) - c.draft_slice(1, 100).cost(0, 1)
+             for name, c in (("flat", flat), ("steep", steep))}
+    draft_only = (draft.lookup(1, 100, 8) - draft.lookup(1, 100, 1)) / 5.0
+    assert abs(extra["flat"] - draft_only) < 0.01  # hardly more than the draft's own cost
+    # Seven more nodes cost seven verified tokens: 14 ms on top of a 7 ms one-token step.
+    assert abs(extra["steep"] - (14.0 + draft.lookup(1, 100, 8) - draft.lookup(1, 100, 1)) / 7.0) < 0.05

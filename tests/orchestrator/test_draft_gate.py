@@ -1,4 +1,4 @@
-from orchestrator.draft_gate import DraftGate
+from orchestrator.draft_gate import JUDGE_AFTER, DraftGate
 
 
 def run(gate: DraftGate, steps: int, drafted_step: tuple[float, float], plain_step: tuple[float, float], batch: int = 8):
@@ -62,8 +62,22 @@ def test_a_misjudged_loser_is_probed_again_within_max_period():
 def test_an_expected_plain_cost_decides_from_the_first_measured_drafted_steps():
     gate = DraftGate()
     gate.expect_plain(8, 10.0)  # what the verifier's table says a one-token step costs
-    choices = run(gate, 10, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))
-    assert choices[:2] == [True, True] and not any(choices[2:])  # warm-up, one measured step, then plain
+    choices = run(gate, 12, drafted_step=(3.0, 40.0), plain_step=(1.0, 10.0))
+    # Warm-up, JUDGE_AFTER measured drafted steps, then plain.
+    assert choices[: 1 + JUDGE_AFTER] == [True] * (1 + JUDGE_AFTER) and not any(choices[1 + JUDGE_AFTER :])
+
+
+def test_a_poor_first_drafted_step_does_not_turn_drafting_off():
+    """The first steps after a prompt commit the fewest tokens: drafting is judged on a few, not on one."""
+    gate = DraftGate()
+    gate.expect_plain(8, 10.0)
+    outcomes = iter([(1.0, 30.0), (1.0, 30.0)] + [(5.0, 30.0)] * 100)  # warm-up, one poor step, then 0.17 tokens/ms
+    choices = []
+    for _ in range(60):
+        drafts = gate.should_draft(8)
+        choices.append(drafts)
+        gate.observe(8, drafts, *(next(outcomes) if drafts else (1.0, 10.0)))
+    assert sum(choices) >= 55  # drafting wins (0.17 vs 0.1 tokens/ms) after one poor measured step
 
 
 def test_one_off_spikes_do_not_turn_drafting_off():
