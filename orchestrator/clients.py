@@ -106,15 +106,15 @@ class VerifyClient:
         )
         await self.stub.Prefill(request, timeout=timeout)
 
-    async def verify(self, items: list[VerifyItem], timeout: float | None) -> tuple[list[list[int]], float]:
-        """Per sequence, the committed tokens (the accepted drafts, then the bonus token); and the verify service's
-        own seconds for the call."""
+    async def verify(self, items: list[VerifyItem], timeout: float | None) -> tuple[list[list[int]], float, bool]:
+        """Per sequence, the committed tokens (the accepted drafts, then the bonus token); the verify service's
+        own seconds for the call; whether the call paid a one-time cost (a CUDA graph capture)."""
         request = verify_pb2.VerifyRequest(
             sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
                        for i in items]
         )
         response = await self.stub.Verify(request, timeout=timeout)
-        return [list(result.committed_tokens) for result in response.results], response.verify_seconds
+        return [list(result.committed_tokens) for result in response.results], response.verify_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released

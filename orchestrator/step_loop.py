@@ -221,12 +221,13 @@ class StepLoop:
 
         items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
         try:
-            (results, model_seconds), seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
+            (results, model_seconds, cold), seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
             for s in batch:
                 s.fail(exc)
             return
-        self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
+        if not cold:  # a step that captured a CUDA graph measures the capture, not the step
+            self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
@@ -246,7 +247,7 @@ class StepLoop:
             if name in self.acceptance and drafted[name]:
                 self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
                                               sum(committed[s.sequence_id] - 1 for s in group))
-            if name in self.gates:
+            if name in self.gates and not cold:
                 tokens = sum(committed[s.sequence_id] for s in group) / len(group)
                 self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
 

@@ -71,7 +71,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, seconds = await self._in_worker(self.verifier.verify, items)
+        accepted, seconds, cold = await self._in_worker(self.verifier.verify_noting_captures, items)
         results = [
             verify_pb2.VerifyResult(
                 sequence_id=item.sequence_id,
@@ -80,7 +80,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             )
             for item, a in zip(items, accepted, strict=True)
         ]
-        return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds)
+        return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds, cold=cold)
 
     @abort_on_domain_error
     async def Release(self, request: verify_pb2.VerifyReleaseRequest, context) -> verify_pb2.VerifyReleaseResponse:

@@ -119,6 +119,7 @@ class StaticForward:
         self.use_graphs = graphs and target.device.type == "cuda"
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
         self.capture_failures = 0
+        self.captures = 0  # capture attempts: each is a one-time cost in the step that makes it
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.logits: torch.Tensor | None = None  # flat [S * T * V] graph output, allocated at the first capture
         # Inputs of the largest bucket: int64 ids [B*N], positions [B*N], prefix lengths [B], then bool visible
@@ -196,6 +197,7 @@ class StaticForward:
         if not self.use_graphs:
             return self._forward(*key)
         if key not in self.graphs:
+            self.captures += 1
             self.graphs[key] = self._capture(*key)
         graph = self.graphs[key]
         if graph is None:

@@ -126,6 +126,17 @@ class Verifier:
             session.pending = acceptance.bonus_token
         return accepted, time.perf_counter() - start
 
+    def verify_noting_captures(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float, bool]:
+        """verify(), and whether the call captured a CUDA graph: a one-time cost (10-100x a step) that whoever
+        measures steps (the orchestrator's cost model and draft gate) must not take for a step's cost."""
+        before = self.captures
+        accepted, seconds = self.verify(items)
+        return accepted, seconds, self.captures != before
+
+    @property
+    def captures(self) -> int:
+        return self.static.captures if self.static is not None else 0
+
     def release(self, sequence_ids: Sequence[str]) -> int:
         return self.sessions.release(sequence_ids)
 

@@ -221,17 +221,18 @@ def test_step_profile_runs_on_cpu(tiny_pair, tmp_path):
     assert "mode fused+on, B=1, n=4" in table.read_text() and "self CPU" in table.read_text()
 
 
-def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel, monkeypatch, caplog):
+class StandInGraph:
+    replays = 0
+
+    def replay(self):
+        StandInGraph.replays += 1
+
+
+@pytest.fixture
+def stand_in_cuda_graphs(monkeypatch) -> list:
     """No GPU here: torch.cuda's graph API is replaced by stand-ins whose capture runs the body eagerly and whose
-    replay does nothing. Checks the bookkeeping around capture: one graph per bucket in the shared pool, the logits
-    read from the static output buffer, and a failed capture leaving its bucket eager with one warning."""
+    replay does nothing. Returns the list of captures made ((pool, capture_error_mode) each)."""
     import contextlib
-
-    class Graph:
-        replays = 0
-
-        def replay(self):
-            Graph.replays += 1
 
     class Stream:
         def wait_stream(self, other):
@@ -244,11 +245,20 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
         captures.append((pool, capture_error_mode))
         yield
 
+    StandInGraph.replays = 0
     for name, value in {"Stream": lambda *a, **k: Stream(), "stream": lambda s: contextlib.nullcontext(),
                         "current_stream": lambda *a: Stream(), "device": lambda d: contextlib.nullcontext(),
-                        "CUDAGraph": Graph, "graph": graph, "synchronize": lambda *a: None,
+                        "CUDAGraph": StandInGraph, "graph": graph, "synchronize": lambda *a: None,
                         "set_stream": lambda s: None}.items():
         monkeypatch.setattr(torch.cuda, name, value)
+    return captures
+
+
+def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel, stand_in_cuda_graphs, monkeypatch,
+                                                          caplog):
+    """Checks the bookkeeping around capture: one graph per bucket in the shared pool, the logits read from the
+    static output buffer, and a failed capture leaving its bucket eager with one warning."""
+    captures = stand_in_cuda_graphs
     rng = np.random.default_rng(23)
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in (3, 70, 5)]
     store = static_store(target64, slots=8, max_tree_tokens=32)
@@ -263,7 +273,7 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)  # written by the capture run into the static output
         assert g.data_ptr() >= forward.logits.data_ptr()
     assert list(forward.graphs) == [(4, bucket_for(max(map(len, trees)), forward.token_buckets), 128)]
-    assert captures == [("pool", "thread_local")] and Graph.replays == 1
+    assert captures == [("pool", "thread_local")] and StandInGraph.replays == 1
     assert forward.logits.numel() == 8 * 32 * target64.vocab_size
 
     def fail(*args, **kwargs):
@@ -276,6 +286,23 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
     assert forward.graphs[(1, bucket_for(len(trees[0]), forward.token_buckets), 64)] is None
     assert forward.capture_failures == 1
     assert sum("capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_a_verify_that_captures_a_graph_says_so(target64: TargetModel, stand_in_cuda_graphs):
+    """The orchestrator must not take a capture (10-100x a step on a GPU) for a step's cost: Verify says when it
+    made one, which is the first time a (batch, tree tokens, context) bucket comes up."""
+    verifier = Verifier(target64, max_sessions=4, session_ttl_s=60, static_slots=4, max_tree_tokens=16,
+                        cuda_graphs=True)
+    verifier.static.use_graphs, verifier.static.pool = True, "pool"  # as on CUDA
+    verifier.prefill([PrefillItem("a", [1, 2, 3])])
+
+    def step(extra_nodes: int) -> bool:
+        root = verifier.sessions.get("a").pending
+        tree = random_tree(np.random.default_rng(extra_nodes), root, target64.vocab_size, extra_nodes)
+        return verifier.verify_noting_captures([VerifyItem("a", tree)])[2]
+
+    assert [step(0), step(0), step(6), step(6), step(0)] == [True, False, True, False, False]
+    assert len(stand_in_cuda_graphs) == 2
 
 
 def test_profile_through_a_static_verifier_prices_its_layout_and_leaves_its_store_empty(target64: TargetModel,

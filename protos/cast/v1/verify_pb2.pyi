@@ -68,12 +68,14 @@ class VerifyResult(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., committed_tokens: _Optional[_Iterable[int]] = ..., accepted_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("results", "verify_seconds")
+    __slots__ = ("results", "verify_seconds", "cold")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COLD_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[VerifyResult]
     verify_seconds: float
-    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., verify_seconds: _Optional[float] = ...) -> None: ...
+    cold: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., verify_seconds: _Optional[float] = ..., cold: _Optional[bool] = ...) -> None: ...
 
 class VerifyReleaseRequest(_message.Message):
     __slots__ = ("sequence_ids",)
