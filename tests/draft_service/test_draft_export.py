@@ -62,3 +62,29 @@ def test_export_rejects_bad_options(draft_model_dir):
         export_draft(draft_model_dir, dtype="bfloat13")
     with pytest.raises(ValueError, match="top_k"):
         export_draft(draft_model_dir, top_k=0)
+
+
+def test_onnx_runtime_fuses_every_rms_norm(exported, tmp_path):
+    """A draft forward on the CUDA provider is launch-bound: each RMSNorm must reach ONNX Runtime in the form it
+    fuses into one node (2 per decoder layer and the final one), and the model's own modules are left as they were."""
+    import onnx
+    import onnxruntime as ort
+
+    path, meta = exported
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 2 * meta.num_layers + 1
+    assert "Reciprocal" not in ops and "ReduceMean" not in ops
+
+
+def test_fusable_rms_norms_computes_the_same_and_restores_the_modules(draft_model_dir):
+    model = _load_model(draft_model_dir, "float32")
+    norm = model.model.norm
+    x = torch.randn(2, 3, model.config.hidden_size)
+    want = norm(x)
+    with export_mod.fusable_rms_norms(model) as patched:
+        assert patched == 2 * model.config.num_hidden_layers + 1
+        torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=1e-6)
+    assert "forward" not in vars(norm)
