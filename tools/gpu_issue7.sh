@@ -81,6 +81,24 @@ if has bench_wide; then
     $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,chain,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
         --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts \
         --out "$OUT/bench_wide" --title "$SHAPE-shaped target (widened reference target), draft ${CAST_DRAFT_PROVIDER}"
+    # VARIANTS: more orchestrators on the same draft and verify services, each with its own flags, e.g.
+    #   VARIANTS="unary=--step-rpc_unary c2x2=--cast-c2_2"  (underscores become spaces); each is benched with
+    #   VARIANT_POLICIES at VARIANT_CONCURRENCY, interleaved with the main orchestrator on the same policies.
+    port=50061
+    for variant in ${VARIANTS:-}; do
+        name=${variant%%=*}; flags=${variant#*=}; flags=${flags//_/ }
+        python3 -m orchestrator.server --tokenizer "$WIDE" --port $port $flags > "$OUT/orchestrator_$name.log" 2>&1 &
+        ORCH=$!
+        for _ in $(seq 1 60); do grep -q 'serving on' "$OUT/orchestrator_$name.log" && break; sleep 1; done
+        for addr in 127.0.0.1:$port 127.0.0.1:50051 127.0.0.1:$port; do
+            echo "-- variant $name ($flags) at $addr"
+            $CAST bench --addr $addr --policies ${VARIANT_POLICIES:-ar,cast} --concurrency ${VARIANT_CONCURRENCY:-1} \
+                --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts \
+                --out "/tmp/bench_variant_$name" --title "variant $name" 2>&1 | grep -E "c=|step p50"
+        done
+        kill $ORCH; wait $ORCH 2>/dev/null
+        port=$((port + 10))
+    done
     kill $STACK; wait $STACK 2>/dev/null
 fi
 if has baselines; then
