@@ -27,7 +27,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
-
 STEP_RPC_MODES = ("stream", "unary")
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -64,7 +63,7 @@ class StepStream:
             except BaseException:  # cancelled, or the stream failed (AioRpcError): it cannot be trusted any more
                 self.drop()
                 raise
-            if reply is grpc.aio.EOF:  # the server ended the stream with OK status: not expected, but not this call's
+            if reply is grpc.aio.EOF:  # the server closed the stream without an error before answering
                 self.drop()
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=f"{self.what} ended by the server")
         if reply.HasField("error"):
