@@ -16,7 +16,7 @@ import numpy as np
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import CastError, InvalidArgument
-from draft_service.errors import abort_with
+from draft_service.errors import abort_with, status_code
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,29 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         trees, _ = self.expander.expand(sequences, budget)
         return trees, time.perf_counter() - start
 
+    async def expand(self, request: draft_pb2.ExpandRequest) -> draft_pb2.ExpandResponse:
+        """One Expand, unary or on a stream; raises CastError."""
+        budget = budget_from_proto(request.budget)
+        sequences = sequences_from_proto(request.sequences)
+        trees, seconds = await self.in_executor(self.timed_expand, sequences, budget)
+        return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds)
+
     async def Expand(self, request: draft_pb2.ExpandRequest, context) -> draft_pb2.ExpandResponse:
         try:
-            budget = budget_from_proto(request.budget)
-            sequences = sequences_from_proto(request.sequences)
-            trees, seconds = await self.in_executor(self.timed_expand, sequences, budget)
+            return await self.expand(request)
         except CastError as e:
             await abort_with(context, e)
-        return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds)
+
+    async def ExpandStream(self, requests, context):
+        """Expand each request in turn; a failed one is answered with the status the unary call would end with,
+        and the stream goes on."""
+        async for request in requests:
+            try:
+                reply = draft_pb2.ExpandStreamResponse(response=await self.expand(request))
+            except CastError as e:
+                reply = draft_pb2.ExpandStreamResponse(
+                    error=common_pb2.StepError(code=status_code(e).value[0], message=str(e)))
+            yield reply
 
     async def Release(self, request: draft_pb2.DraftReleaseRequest, context) -> draft_pb2.DraftReleaseResponse:
         released = await self.in_executor(self.expander.release, list(request.sequence_ids))

@@ -1,11 +1,16 @@
 """The one place where the orchestrator calls the draft and verify services: one channel per replica.
 
-Every call is batched: one RPC carries all sequences of a step.
+Every call is batched: one RPC carries all sequences of a step. The per-step calls (Expand, Verify) go either as
+unary calls or, by default, as messages on one long-lived bidi stream per client (ExpandStream, VerifyStream), which
+skips gRPC's per-call setup (reports/rpc_latency.md). Either way a failure is a grpc.aio.AioRpcError with the
+same status code and details.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +26,55 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+STEP_RPC_MODES = ("stream", "unary")
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class StepStream:
+    """One bidi stream for a client's per-step calls: opened on first use, one request outstanding at a time, so
+    the next message read is the answer to the request just written.
+
+    A call that times out, is cancelled or hits a transport error cancels the stream (a late answer must never be
+    read as the next call's), and the next call opens a fresh one.
+    """
+
+    def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], what: str) -> None:
+        self.open_stream = open_stream
+        self.what = what  # for error messages: "ExpandStream"
+        self.call: grpc.aio.StreamStreamCall | None = None
+        self.lock = asyncio.Lock()
+
+    async def request(self, message, timeout: float | None):
+        """The response to `message`, or AioRpcError: the service's StepError as the unary call's status, or the
+        stream's own failure (DEADLINE_EXCEEDED on a timeout, as a unary call's deadline)."""
+        async with self.lock:
+            if self.call is None or self.call.done():  # ended since the last call (e.g. the server restarted)
+                self.call = self.open_stream()
+            call = self.call
+            try:
+                async with asyncio.timeout(timeout):
+                    await call.write(message)
+                    reply = await call.read()
+            except TimeoutError:
+                self.drop()
+                raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded",
+                                           debug_error_string=f"{self.what}: no answer in {timeout} s") from None
+            except BaseException:  # cancelled, or the stream failed (AioRpcError): it cannot be trusted any more
+                self.drop()
+                raise
+            if reply is grpc.aio.EOF:  # the server closed the stream without an error before answering
+                self.drop()
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=f"{self.what} ended by the server")
+        if reply.HasField("error"):
+            code = STATUS_CODES.get(reply.error.code, grpc.StatusCode.UNKNOWN)
+            raise grpc.aio.AioRpcError(code, details=reply.error.message, debug_error_string=f"{self.what}: step error")
+        return reply.response
+
+    def drop(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
 
 
 @dataclass
@@ -57,10 +111,13 @@ class VerifyItem:
 
 
 class DraftClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, step_rpc: str = "stream") -> None:
+        if step_rpc not in STEP_RPC_MODES:
+            raise ValueError(f"step_rpc: {step_rpc!r} is not one of {', '.join(STEP_RPC_MODES)}")
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+        self.stream = StepStream(self.stub.ExpandStream, "ExpandStream") if step_rpc == "stream" else None
 
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
@@ -73,7 +130,10 @@ class DraftClient:
                                                start_position=i.start_position) for i in items],
             budget=budget,
         )
-        response = await self.stub.Expand(request, timeout=timeout)
+        if self.stream is not None:
+            response = await self.stream.request(request, timeout)
+        else:
+            response = await self.stub.Expand(request, timeout=timeout)
         trees = [
             Expanded(
                 tree=tree_from_proto(result.tree, "draft tree"),
@@ -88,14 +148,19 @@ class DraftClient:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
 
     async def close(self) -> None:
+        if self.stream is not None:
+            self.stream.drop()
         await self.channel.close()
 
 
 class VerifyClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, step_rpc: str = "stream") -> None:
+        if step_rpc not in STEP_RPC_MODES:
+            raise ValueError(f"step_rpc: {step_rpc!r} is not one of {', '.join(STEP_RPC_MODES)}")
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
+        self.stream = StepStream(self.stub.VerifyStream, "VerifyStream") if step_rpc == "stream" else None
 
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(verify_pb2.VerifyDescribeRequest(), timeout=timeout)).replica
@@ -113,13 +178,18 @@ class VerifyClient:
             sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
                        for i in items]
         )
-        response = await self.stub.Verify(request, timeout=timeout)
+        if self.stream is not None:
+            response = await self.stream.request(request, timeout)
+        else:
+            response = await self.stub.Verify(request, timeout=timeout)
         return [list(result.committed_tokens) for result in response.results], response.verify_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
 
     async def close(self) -> None:
+        if self.stream is not None:
+            self.stream.drop()
         await self.channel.close()
 
 

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from cast_core.errors import CastError
 from cast_core.tree import TokenTree
-from verify_service.errors import abort_on_domain_error
+from verify_service.errors import abort_on_domain_error, status_code
 from verify_service.sampling import SamplingParams
 from verify_service.target import device_name
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
+
+log = logging.getLogger(__name__)
 
 
 def sampling_from_proto(msg: verify_pb2.SamplingParams) -> SamplingParams:
@@ -65,8 +69,8 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         seconds = await self._in_worker(self.verifier.prefill, items)
         return verify_pb2.PrefillResponse(verify_seconds=seconds)
 
-    @abort_on_domain_error
-    async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
+    async def verify(self, request: verify_pb2.VerifyRequest) -> verify_pb2.VerifyResponse:
+        """One Verify, unary or on a stream; raises CastError."""
         items = [
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
@@ -81,6 +85,23 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             for item, a in zip(items, accepted, strict=True)
         ]
         return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds, cold=cold)
+
+    @abort_on_domain_error
+    async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
+        return await self.verify(request)
+
+    async def VerifyStream(self, requests, context):
+        """Verify each request in turn; a failed one is answered with the status the unary call would end with
+        (as abort_on_domain_error maps it), and the stream goes on."""
+        async for request in requests:
+            try:
+                reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request))
+            except CastError as e:
+                code = status_code(e)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("unmapped domain error in VerifyStream")
+                reply = verify_pb2.VerifyStreamResponse(error=common_pb2.StepError(code=code.value[0], message=str(e)))
+            yield reply
 
     @abort_on_domain_error
     async def Release(self, request: verify_pb2.VerifyReleaseRequest, context) -> verify_pb2.VerifyReleaseResponse:

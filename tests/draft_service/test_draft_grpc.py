@@ -94,6 +94,26 @@ async def test_each_bad_input_gets_its_code_and_field_and_the_server_keeps_servi
         await stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=["ok"]))
 
 
+async def test_each_bad_input_on_the_stream_gets_the_unary_status_and_the_stream_goes_on(channel):
+    stub = draft_pb2_grpc.DraftServiceStub(channel)
+    stream = stub.ExpandStream()
+    for request, code, field in BAD:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Expand(request)
+        await stream.write(request)
+        reply = await stream.read()
+        assert reply.WhichOneof("result") == "error", field
+        assert (reply.error.code, reply.error.message) == (code.value[0], unary.value.details())
+        assert reply.error.message.startswith(field + ":")
+        await stream.write(expand_request(("ok", [1, 2, 3], 0)))  # the same stream still serves
+        reply = await stream.read()
+        assert [t.sequence_id for t in reply.response.trees] == ["ok"] and reply.response.draft_seconds > 0
+        await stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=["ok"]))
+    await stream.done_writing()
+    assert await stream.read() == grpc.aio.EOF
+    assert await stream.code() == grpc.StatusCode.OK
+
+
 async def test_stale_start_is_failed_precondition(channel):
     stub = draft_pb2_grpc.DraftServiceStub(channel)
     await stub.Expand(expand_request(("a", PROMPT, 0)))

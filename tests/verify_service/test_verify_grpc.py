@@ -126,6 +126,30 @@ async def test_bad_request_gets_its_code_and_the_service_still_serves(serve, met
     await stub.Prefill(prefill("another", [1, 2]))
 
 
+async def test_bad_verify_on_the_stream_gets_the_unary_status_and_the_stream_goes_on(serve):
+    stub = await serve()
+    await stub.Prefill(prefill("s", PROMPT))
+    await stub.Prefill(prefill("good", PROMPT))
+    stream = stub.VerifyStream()
+    pending = PROMPT[-1]
+    for name, method, request_, code, field in BAD_REQUESTS:
+        if method != "Verify":
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Verify(request_)
+        await stream.write(request_)
+        reply = await stream.read()
+        assert reply.WhichOneof("result") == "error", name
+        assert (reply.error.code, reply.error.message) == (code.value[0], unary.value.details())
+        assert field in reply.error.message
+        await stream.write(verify(root("good", token=pending)))  # the same stream still serves
+        (result,) = (await stream.read()).response.results
+        pending = result.committed_tokens[-1]
+    await stream.done_writing()
+    assert await stream.read() == grpc.aio.EOF
+    assert await stream.code() == grpc.StatusCode.OK
+
+
 async def test_session_cap_is_resource_exhausted(serve):
     stub = await serve(max_sessions=2)
     await stub.Prefill(prefill("a", [1]))

@@ -57,3 +57,11 @@ class ReplicaDescription(_message.Message):
     backend: str
     live_sequences: int
     def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

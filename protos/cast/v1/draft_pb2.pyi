@@ -79,6 +79,14 @@ class ExpandResponse(_message.Message):
     draft_seconds: float
     def __init__(self, trees: _Optional[_Iterable[_Union[ExpandedTree, _Mapping]]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
 
+class ExpandStreamResponse(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: ExpandResponse
+    error: _common_pb2.StepError
+    def __init__(self, response: _Optional[_Union[ExpandResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StepError, _Mapping]] = ...) -> None: ...
+
 class DraftReleaseRequest(_message.Message):
     __slots__ = ("sequence_ids",)
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]

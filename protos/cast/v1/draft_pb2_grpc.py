@@ -40,6 +40,11 @@ class DraftServiceStub:
                 request_serializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
                 response_deserializer=cast_dot_v1_dot_draft__pb2.ExpandResponse.FromString,
                 _registered_method=True)
+        self.ExpandStream = channel.stream_stream(
+                '/cast.v1.DraftService/ExpandStream',
+                request_serializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
+                response_deserializer=cast_dot_v1_dot_draft__pb2.ExpandStreamResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/cast.v1.DraftService/Release',
                 request_serializer=cast_dot_v1_dot_draft__pb2.DraftReleaseRequest.SerializeToString,
@@ -58,6 +63,13 @@ class DraftServiceServicer:
 
     def Expand(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExpandStream(self, request_iterator, context):
+        """Expand on one long-lived stream: one response per request, in order; saves the per-call setup of each step.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -81,6 +93,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
                     servicer.Expand,
                     request_deserializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.FromString,
                     response_serializer=cast_dot_v1_dot_draft__pb2.ExpandResponse.SerializeToString,
+            ),
+            'ExpandStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExpandStream,
+                    request_deserializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.FromString,
+                    response_serializer=cast_dot_v1_dot_draft__pb2.ExpandStreamResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -121,6 +138,33 @@ class DraftService:
             '/cast.v1.DraftService/Expand',
             cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
             cast_dot_v1_dot_draft__pb2.ExpandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpandStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cast.v1.DraftService/ExpandStream',
+            cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
+            cast_dot_v1_dot_draft__pb2.ExpandStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

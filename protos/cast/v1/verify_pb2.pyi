@@ -77,6 +77,14 @@ class VerifyResponse(_message.Message):
     cold: bool
     def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., verify_seconds: _Optional[float] = ..., cold: _Optional[bool] = ...) -> None: ...
 
+class VerifyStreamResponse(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: VerifyResponse
+    error: _common_pb2.StepError
+    def __init__(self, response: _Optional[_Union[VerifyResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StepError, _Mapping]] = ...) -> None: ...
+
 class VerifyReleaseRequest(_message.Message):
     __slots__ = ("sequence_ids",)
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]

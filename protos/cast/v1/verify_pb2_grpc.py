@@ -45,6 +45,11 @@ class VerifyServiceStub:
                 request_serializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=cast_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/cast.v1.VerifyService/VerifyStream',
+                request_serializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=cast_dot_v1_dot_verify__pb2.VerifyStreamResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/cast.v1.VerifyService/Release',
                 request_serializer=cast_dot_v1_dot_verify__pb2.VerifyReleaseRequest.SerializeToString,
@@ -73,6 +78,13 @@ class VerifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """Verify on one long-lived stream: one response per request, in order; saves the per-call setup of each step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -97,6 +109,11 @@ def add_VerifyServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.FromString,
                     response_serializer=cast_dot_v1_dot_verify__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
+                    request_deserializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.FromString,
+                    response_serializer=cast_dot_v1_dot_verify__pb2.VerifyStreamResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -164,6 +181,33 @@ class VerifyService:
             '/cast.v1.VerifyService/Verify',
             cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
             cast_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cast.v1.VerifyService/VerifyStream',
+            cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
+            cast_dot_v1_dot_verify__pb2.VerifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
