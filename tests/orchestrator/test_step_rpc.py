@@ -53,7 +53,7 @@ async def decode(draft: DraftClient, verify: VerifyClient, sequence_id: str, pro
         (expanded,), draft_seconds = await draft.expand(
             [DraftItem(sequence_id, tokens[draft_seen:], draft_seen)], BUDGET, timeout=10)
         draft_seen = len(tokens)
-        (committed,), verify_seconds = await verify.verify([VerifyItem(sequence_id, expanded.tree, GREEDY)], timeout=10)
+        (committed,), verify_seconds, _ = await verify.verify([VerifyItem(sequence_id, expanded.tree, GREEDY)], timeout=10)
         assert draft_seconds > 0 and verify_seconds > 0
         out.append((tree_fields(expanded.tree), expanded.candidates_per_layer, expanded.kept_per_layer, committed))
         tokens += committed
@@ -95,7 +95,7 @@ async def test_a_bad_request_on_the_stream_fails_as_unary_and_the_stream_goes_on
         # The next requests succeed, on the same streams.
         (expanded,), _ = await draft.expand([DraftItem("d", PROMPTS["x"], 0)], BUDGET, timeout=10)
         assert expanded.tree.tokens[0] == PROMPTS["x"][-1]
-        (committed,), _ = await verify.verify([VerifyItem(f"s-{mode}", expanded.tree, GREEDY)], timeout=10)
+        (committed,), _, _ = await verify.verify([VerifyItem(f"s-{mode}", expanded.tree, GREEDY)], timeout=10)
         assert committed
         assert (draft.stream and draft.stream.call, verify.stream and verify.stream.call) == streams
         await draft.release(["d"])
@@ -131,7 +131,7 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert verify.stream.call is None
-    (committed,), _ = await verify.verify([VerifyItem("y", expanded.tree, GREEDY)], timeout=10)
+    (committed,), _, _ = await verify.verify([VerifyItem("y", expanded.tree, GREEDY)], timeout=10)
     assert committed == expected["y"][0][3]
     await draft.close()
     await verify.close()
