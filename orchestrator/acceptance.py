@@ -19,10 +19,14 @@ LIMITS = (0.25, 4.0)  # a few odd steps (a tiny summed value) must not swing the
 @dataclass
 class AcceptanceScale:
     scale: float = 1.0  # accepted draft tokens per unit of the verified nodes' summed value
+    steps: int = 0
 
     def observe(self, verified_value: float, accepted: int) -> None:
-        """One step: the verified nodes' summed value (root excluded) and the draft tokens accepted, batch-wide."""
+        """One step: the verified nodes' summed value (root excluded) and the draft tokens accepted, batch-wide.
+        The first steps count alike (their mean): the draft gate judges drafting on CAST's first few trees, which
+        must not be sized by the starting guess of 1 for long."""
         if verified_value <= 0:
             return
+        self.steps += 1
         ratio = min(max(accepted / verified_value, LIMITS[0]), LIMITS[1])
-        self.scale += WEIGHT * (ratio - self.scale)
+        self.scale += max(WEIGHT, 1 / self.steps) * (ratio - self.scale)
