@@ -105,8 +105,12 @@ def compiled_kernels() -> Kernels:
     seen to change (batch, tokens) become symbolic after the probe and the feature sizes stay constants. With
     dynamic=True every size was symbolic and the SiLU * up kernel took 35 us instead of ~2 (H100, 8B shape): the
     gate/up split's index arithmetic ran on run-time sizes."""
+    # Not fullgraph: past the recompile limit a fullgraph function raises, where this one runs eagerly (slower,
+    # still right). The probe compiles what serving needs; the limit only guards against the unforeseen.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
     def fuse(fn: Callable) -> Callable:
-        return torch.compile(fn, dynamic=None, fullgraph=True)
+        return torch.compile(fn, dynamic=None)
 
     return Kernels(fuse(add_rms_norm), fuse(rope_and_layout), fuse(silu_mul))
 
@@ -240,9 +244,10 @@ def probe_kernels(kernels: Kernels, model: torch.nn.Module, device: torch.device
         return torch.randn(*shape, dtype=dtype, device=device)
 
     for b, n in ((2, 3), (3, 5), (1, 5), (3, 1), (1, 1)):
-        # The norm weight as in serving: a Parameter (a plain tensor would compile apart).
+        # The norm weight and epsilon as in serving: a Parameter (a plain tensor would compile apart) and the
+        # model's own epsilon (a float argument is a constant of the compiled code: another value recompiles).
         kernels.add_rms_norm(rand(b, n, config.hidden_size), rand(b, n, config.hidden_size), model.model.norm.weight,
-                             1e-5)
+                             float(config.rms_norm_eps))
         kernels.rope_and_layout(rand(b, n, (heads + 2 * kv_heads) * head_dim), rand(b, n, head_dim),
                                 rand(b, n, head_dim), heads, kv_heads, head_dim)
         kernels.silu_mul(rand(b, n, 2 * int(config.intermediate_size)))
