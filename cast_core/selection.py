@@ -52,6 +52,10 @@ class CastParams:
     depth_threshold: float = DEFAULT_DEPTH_THRESHOLD  # C2
     rerank_threshold: float = DEFAULT_RERANK_THRESHOLD  # C3
     gain_buffer_size: int = DEFAULT_GAIN_BUFFER_SIZE  # R
+    # Depth also stops where the next layer would lower the step's expected tokens per unit of cost (the draft's
+    # efficiency rule, draft_service/expansion.py: expand_another_layer). Off by default: on the 2-core CPU it
+    # stopped trees at 2-4 layers and lost to C2 alone at batch 1 (170-185 vs 187-204 tok/s) and at batch 8.
+    efficient_depth: bool = False
 
     def __post_init__(self) -> None:
         for name in ("breadth_threshold", "depth_threshold", "rerank_threshold"):

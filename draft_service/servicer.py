@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,7 +39,12 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
             )
         except ValueError as exc:
             raise InvalidArgument(str(exc), "budget.cast") from None
-        cast = CastBudget(prices, c.breadth_threshold, c.depth_threshold, c.gain_mean)
+        for field in ("value_scale", "step_base_cost"):
+            value = getattr(c, field)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidArgument(f"must be a finite number >= 0, got {value}", f"budget.cast.{field}")
+        cast = CastBudget(prices, c.breadth_threshold, c.depth_threshold, c.gain_mean,
+                          value_scale=c.value_scale or 1.0, step_base_cost=c.step_base_cost)
     return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast)
 
 

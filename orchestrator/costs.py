@@ -83,6 +83,14 @@ class CostModel:
         matrix += self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
         return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix / one_token_step)
 
+    def drafted_step_base(self, batch: int, context: int) -> float:
+        """What a drafted step costs before its first layer, in units of a one-token verify step: that step itself
+        (1), the Expand call's RPC and its commit forward (the tokens committed since the last call: ~1 + accepted,
+        priced at one token, as the tables' cost is nearly flat there)."""
+        one_token_step = self.verify_step_ms(batch, context, 1)
+        call = self.draft_call_ms.get(batch, 0.0) + self.draft_forward_ms(batch, context, 1)
+        return 1.0 + call / one_token_step
+
     def verify_extra_ms(self, batch: int, context: int, before: Sequence[int], added: Sequence[int]) -> np.ndarray:
         """[len(before)] x [len(added)] the verifier's extra milliseconds for a tree of root + r + k nodes over one
         of root + r, interpolated between the table's token counts (the marginal cost of the k nodes, not the jump

@@ -49,6 +49,8 @@ class TreePolicy:
                     breadth_threshold=self.cast.breadth_threshold / value_scale,
                     depth_threshold=self.cast.depth_threshold / value_scale,
                     gain_mean=gains.alpha,
+                    value_scale=value_scale,
+                    step_base_cost=costs.drafted_step_base(batch, context) if self.cast.efficient_depth else 0.0,
                 )
             )
         return budget

@@ -50,3 +50,26 @@ def test_costly_breadth_keeps_fewer_nodes_per_layer(make_expander):
     assert all(s.kept <= 1 for s in narrow.layers)
     wide = expand(make_expander, CastBudget(linear_prices(1e-6, 0.0), 0.9, 0.0, 1.0))
     assert max(s.kept for s in wide.layers) == LIMITS["max_breadth"]
+
+
+def test_the_efficiency_rule_stops_where_a_layer_would_lower_tokens_per_cost(make_expander):
+    """Layers cheap enough for C2 alone (each costs 0.1 of a verify step, C2 = 0.01) but the step already costs 1.5
+    before any layer: a deep layer adds little value for its 0.1 and lowers the tree's expected tokens per unit of
+    cost, so the efficiency rule stops sooner; a free step base (0) leaves C2 alone."""
+    prices = linear_prices(0.0, 0.1)
+    c2_alone = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0))
+    efficient = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=1.0, step_base_cost=1.5))
+    assert 1 < len(efficient.layers) < len(c2_alone.layers)
+    # Its stopping point: the last expanded layer still paid for itself against the tree so far.
+    values = efficient.tree.values
+    depths = efficient.tree.depths
+    kept = [s.kept for s in efficient.layers]
+    tokens, spent = 1.0, 1.5
+    for d, k in enumerate(kept[:-1], start=1):
+        layer_value = float(np.sort(values[depths == d])[::-1][:k].sum())
+        tokens += layer_value
+        assert layer_value / 0.1 >= tokens / spent  # alpha = 1, value_scale = 1
+        spent += 0.1
+    # A higher measured acceptance per unit of value makes deep layers worth more: the tree goes deeper.
+    trusting = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=4.0, step_base_cost=1.5))
+    assert len(trusting.layers) >= len(efficient.layers)

@@ -67,3 +67,14 @@ def test_a_layers_extra_nodes_pay_for_their_verification_where_the_verifier_is_s
     assert abs(extra["flat"] - draft_only) < 0.01  # hardly more than the draft's own cost
     # Seven more nodes cost seven verified tokens: 14 ms on top of a 7 ms one-token step.
     assert abs(extra["steep"] - (14.0 + draft.lookup(1, 100, 8) - draft.lookup(1, 100, 1)) / 7.0) < 0.05
+
+
+def test_a_drafted_steps_base_cost_is_the_verify_step_plus_the_expand_call_and_its_commit():
+    costs = model()
+    one_token_step = costs.verify_step_ms(1, 100, 1)  # 5.1 ms
+    commit = costs.draft_forward_ms(1, 100, 1)           # 1.05 ms
+    assert abs(costs.drafted_step_base(1, 100) - (1 + commit / one_token_step)) < 1e-9
+    for _ in range(50):  # every Expand call spends 6 ms in its RPC
+        service = costs.draft.lookup(1, 100, 3)
+        costs.observe_draft(1, 100, [(0, 3)], seconds=(service + 6.0) / 1e3, service_seconds=service / 1e3)
+    assert abs(costs.drafted_step_base(1, 100) - (1 + (6.0 + commit) / one_token_step)) < 1e-3
