@@ -67,6 +67,13 @@ class LiveSequence:
             self.done = True
 
 
+def draft_catching_up(group) -> bool:
+    """Whether the draft must first commit more than one step's tokens for some sequence of the group: a prompt, or
+    the tokens of plain steps since the draft's last call. That is a one-time cost of starting to draft, not what a
+    drafted step costs (one commits at most max_depth + 1 tokens), so the draft gate does not learn from the step."""
+    return any(len(s.tokens) - s.draft_seen > s.policy.max_depth + 1 for s in group)
+
+
 class StepLoop:
     def __init__(
         self,
@@ -206,6 +213,7 @@ class StepLoop:
             if s.policy.uses_draft:
                 groups[s.policy.name].append(s)
         drafted: dict[str, bool] = {}
+        catching_up: dict[str, bool] = {}  # per group: its draft first commits more than one step can
         for name, group in groups.items():
             gate = self.gates.setdefault(name, DraftGate()) if group[0].policy.cast is not None else None
             if gate is not None:
@@ -213,6 +221,7 @@ class StepLoop:
             drafted[name] = gate is None or gate.should_draft(size)
             if not drafted[name]:
                 continue  # root-only trees: a plain decoding step for this group
+            catching_up[name] = draft_catching_up(group)
             selected = await self._draft_and_select(group, size, context, timing)
             if selected is None:
                 return
@@ -247,7 +256,8 @@ class StepLoop:
             if name in self.acceptance and drafted[name]:
                 self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
                                               sum(committed[s.sequence_id] - 1 for s in group))
-            if name in self.gates and not cold:
+            # Steps with a one-time cost (a graph capture, a draft catching up) would misjudge their kind.
+            if name in self.gates and not cold and not catching_up.get(name, False):
                 tokens = sum(committed[s.sequence_id] for s in group) / len(group)
                 self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
 

@@ -90,3 +90,22 @@ def test_one_off_spikes_do_not_turn_drafting_off():
         spike = 50.0 if i % 20 == 5 else 1.0
         gate.observe(1, drafts, *((5.0, 20.0 * spike) if drafts else (1.0, 10.0)))
     assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.95
+
+
+def test_a_draft_catching_up_is_not_a_drafted_steps_cost():
+    """A prompt or the tokens of plain steps since the draft's last call cost once (on a 2-core CPU a probe after 100
+    plain steps at batch 8 took 60-110 ms): the gate must not learn a drafted step's cost from them."""
+    from types import SimpleNamespace
+
+    from orchestrator.policies import POLICIES
+    from orchestrator.step_loop import draft_catching_up
+
+    cast = POLICIES["cast"]
+
+    def sequence(tokens: int, draft_seen: int) -> SimpleNamespace:
+        return SimpleNamespace(tokens=list(range(tokens)), draft_seen=draft_seen, policy=cast)
+
+    one_step = cast.max_depth + 1
+    assert not draft_catching_up([sequence(100, 100 - one_step), sequence(50, 49)])  # steady drafting
+    assert draft_catching_up([sequence(100, 100 - one_step), sequence(40, 0)])  # a new prompt joins
+    assert draft_catching_up([sequence(300, 200)])  # back from 100 plain steps
