@@ -2,6 +2,9 @@
 
 For each policy and concurrency level it sends HumanEval prompts (or a file's) through `GenerateStream`, bounded in
 requests and time, and reports throughput, time to first token, time per output token and mean accepted length.
+Requests are greedy, so every policy must produce `ar`'s tokens for the same prompt: where `ar` ran too, each level
+also counts the requests whose output differs from `ar`'s (`differ_from_ar`; on a GPU in bfloat16 a tree forward and
+a one-token forward can round a near-tie apart, on the CPU in float32 it should be 0).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class StepBreakdown:
 
 @dataclass
 class RequestResult:
+    prompt: str
+    token_ids: list[int]
     ttft_s: float
     total_s: float
     completion_tokens: int
@@ -81,6 +86,7 @@ class LevelResult:
     rpc_ms_p50: float            # gRPC overhead of the step's Expand and Verify
     orchestrator_ms_p50: float
     overhead_ms_p50: float       # rpc + orchestrator: what serving adds to the models' work
+    differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,12 +101,16 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
     start = time.perf_counter()
     first = None
     last = None
+    token_ids: list[int] = []
     async for chunk in stub.GenerateStream(request, timeout=timeout_s):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
+        token_ids.extend(chunk.token_ids)
         last = chunk
     end = time.perf_counter()
     return RequestResult(
+        prompt=prompt,
+        token_ids=token_ids,
         ttft_s=(first or end) - start,
         total_s=end - start,
         completion_tokens=last.usage.completion_tokens,
@@ -116,7 +126,7 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
 
 async def run_level(
     address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int, max_seconds: float
-) -> LevelResult:
+) -> tuple[LevelResult, list[RequestResult]]:
     results: list[RequestResult] = []
     queue = list(reversed(prompts[:max_requests]))
     async with grpc.aio.insecure_channel(address) as channel:
@@ -157,7 +167,20 @@ async def run_level(
         rpc_ms_p50=percentile([b.rpc for b in steps_ms], 50),
         orchestrator_ms_p50=percentile([b.orchestrator for b in steps_ms], 50),
         overhead_ms_p50=percentile([b.rpc + b.orchestrator for b in steps_ms], 50),
-    )
+    ), results
+
+
+def count_differences(rows: list[tuple[LevelResult, list[RequestResult]]]) -> None:
+    """Set each level's differ_from_ar: its requests whose tokens differ from the first `ar` output for that prompt."""
+    reference: dict[str, list[int]] = {}
+    for level, results in rows:
+        if level.policy == "ar":
+            for r in results:
+                reference.setdefault(r.prompt, r.token_ids)
+    if not reference:
+        return
+    for level, results in rows:
+        level.differ_from_ar = sum(r.token_ids != reference[r.prompt] for r in results if r.prompt in reference)
 
 
 def write_csv(rows: list[LevelResult], path: Path) -> None:
@@ -216,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(a.prompts)
     if a.rstrip_prompts:
         prompts = [q.rstrip() for q in prompts]
-    rows = []
+    levels = []
     for policy in a.policies.split(","):
         for concurrency in (int(c) for c in a.concurrency.split(",")):
-            row = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests, a.seconds))
+            row, results = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests,
+                                                 a.seconds))
             print(
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "
@@ -231,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            rows.append(row)
+            levels.append((row, results))
+    count_differences(levels)
+    rows = [row for row, _ in levels]
+    if any(row.differ_from_ar >= 0 for row in rows):
+        print("outputs that differ from ar's: " + ", ".join(f"{r.policy} c={r.concurrency} {r.differ_from_ar}/{r.requests}"
+                                                           for r in rows), file=sys.stderr)
     a.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, a.out / "bench.csv")
     try:

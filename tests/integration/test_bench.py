@@ -1,0 +1,39 @@
+"""`cast bench` over a real stack: one level's numbers, and the check that every greedy policy produced `ar`'s
+tokens for each prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.bench import RequestResult, count_differences, run_level, write_csv
+from tests.integration.stacks import prompts_for_tests
+
+
+def test_a_level_reports_what_it_measured_and_outputs_match_ar(tiny_stack, tmp_path):
+    prompts = prompts_for_tests(4)
+    levels = [asyncio.run(run_level(tiny_stack.spec.address, prompts, policy, 2, max_new_tokens=8, max_requests=4,
+                                    max_seconds=120)) for policy in ("ar", "cast")]
+    for level, results in levels:
+        assert level.requests == 4 and level.completion_tokens == sum(len(r.token_ids) for r in results) > 0
+        assert level.tokens_per_s > 0 and level.ttft_p50_ms > 0 and level.step_ms_p50 > 0
+    (ar, _), (cast, _) = levels
+    assert ar.mean_accepted_length == 1.0 and cast.mean_accepted_length >= 1.0
+    count_differences(levels)
+    assert ar.differ_from_ar == 0 and cast.differ_from_ar == 0  # the tiny stack's verifier is float64: lossless
+    write_csv([ar, cast], tmp_path / "bench.csv")
+    assert (tmp_path / "bench.csv").read_text().splitlines()[0].endswith("differ_from_ar")
+
+
+def test_differences_are_counted_against_ar_per_prompt():
+    def result(prompt: str, tokens: list[int]) -> RequestResult:
+        return RequestResult(prompt, tokens, 0.1, 0.2, len(tokens), 1, 1.0, 0, 0, 0, 1.0, [])
+
+    class Level:
+        def __init__(self, policy: str) -> None:
+            self.policy, self.differ_from_ar = policy, -1
+
+    ar, cast, none = Level("ar"), Level("cast"), Level("chain")
+    count_differences([(ar, [result("a", [1, 2]), result("b", [3])]), (cast, [result("b", [3]), result("a", [1, 9])])])
+    assert (ar.differ_from_ar, cast.differ_from_ar) == (0, 1)
+    count_differences([(none, [result("a", [1])])])
+    assert none.differ_from_ar == -1  # no ar run: nothing to compare with
