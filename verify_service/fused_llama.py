@@ -240,6 +240,7 @@ def probe_kernels(kernels: Kernels, model: torch.nn.Module, device: torch.device
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
     def rand(*shape: int) -> torch.Tensor:  # a fresh tensor per argument: aliased arguments compile apart too
         return torch.randn(*shape, dtype=dtype, device=device)
 
