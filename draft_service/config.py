@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from draft_service.export import DTYPES, default_cache_dir
+from draft_service.export import DTYPES, LAYOUTS, default_cache_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -29,6 +29,8 @@ class DraftConfig:
     profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
     threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core)
     spinning: bool = False          # let ORT's idle threads spin: faster alone, slower beside a CPU verifier
+    layout: str = "auto"            # KV layout: dynamic (a growing cache, host-kept) | static (device buffers and
+                                    # CUDA graphs on CUDA) | auto (static on CUDA, dynamic on CPU)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -43,6 +45,8 @@ class DraftConfig:
             raise ValueError(f"provider: {self.provider!r} is not one of {PROVIDERS}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype: {self.dtype!r} is not one of {('auto', *DTYPES)}")
+        if self.layout not in ("auto", *LAYOUTS):
+            raise ValueError(f"layout: {self.layout!r} is not one of {('auto', *LAYOUTS)}")
         if self.top_k < 1:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:

@@ -12,16 +12,14 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 
 Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in (issue 4).
 
-Where the KV lives: the sessions keep theirs on the host (numpy). With the runner's I/O binding (on CUDA) the
-commit's past is gathered on the host and crosses to the device once; the commit's present and every tree
-layer's stay on the device, each forward's present being the next one's past as is; only the top-K and the
-newly committed columns come back. runner.traffic counts the bytes.
+Where the KV lives depends on the runner: on the host per session, gathered onto the device once a call
+(host_kv.py, the dynamic layout), or in device buffer rows that CUDA graphs replay over (device_kv.py, the static
+layout). Either way only the top-K of each forward come back to the host.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,10 +28,11 @@ from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutO
 from cast_core.selection import breadth_keep, layer_utility, should_expand
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
+from draft_service.device_kv import DeviceKV
+from draft_service.export import ROW_FIELDS
+from draft_service.host_kv import HostKV
 from draft_service.runner import DraftRunner
-
-HIDDEN = -2  # a padding entry in the batched tree columns and paths: matches no node
-
+from draft_service.static_runner import StaticRunner
 
 @dataclass(frozen=True)
 class CastBudget:
@@ -77,11 +76,13 @@ class Expansion:
 
 @dataclass
 class DraftSession:
-    """The committed tokens' KV of one sequence; arrays grow by doubling, `length` columns are valid."""
+    """One sequence's committed tokens: their KV on the host (HostKV; arrays grow by doubling, `length` columns
+    are valid) or their ids (DeviceKV, which keeps the KV in a device buffer row and recomputes it from them)."""
 
-    keys: list[np.ndarray]    # per layer [Hkv, capacity, D]
+    keys: list[np.ndarray]    # per layer [Hkv, capacity, D]; empty with DeviceKV
     values: list[np.ndarray]
     length: int = 0
+    tokens: list[int] = field(default_factory=list)  # DeviceKV only
 
     def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
         """Append n columns: per layer [Hkv, n, D]."""
@@ -199,9 +200,12 @@ class _Tree:
 
 
 class Expander:
-    """Owns the sessions and the runner; all calls come from one thread (the servicer's executor)."""
+    """Owns the sessions and the runner; all calls come from one thread (the servicer's executor).
 
-    def __init__(self, runner: DraftRunner, sessions: SessionStore[DraftSession], max_context: int,
+    The runner decides where the KV lives: a DraftRunner (dynamic layout) keeps it on the host per session
+    (host_kv.py), a StaticRunner in device buffers, for CUDA graphs (device_kv.py)."""
+
+    def __init__(self, runner: DraftRunner | StaticRunner, sessions: SessionStore[DraftSession], max_context: int,
                  max_nodes: int = 4096, max_depth: int = 64) -> None:
         self.runner = runner
         self.sessions = sessions
@@ -209,7 +213,16 @@ class Expander:
         # Per tree: bound the work and memory that one request can ask for.
         self.max_nodes = max_nodes
         self.max_depth = max_depth
-        self.model_seconds = 0.0  # time inside runner.run during the current call
+        if isinstance(runner, StaticRunner):
+            if runner.width - ROW_FIELDS < max_depth + 1:
+                raise ValueError(f"the runner's rows hold {runner.width - ROW_FIELDS} ancestors, trees of "
+                                 f"{max_depth} layers need {max_depth + 1}")
+            if runner.capacity <= max_context:
+                raise ValueError(f"the runner's buffers hold {runner.capacity} columns, not more than the "
+                                 f"context of {max_context}")
+            self.kv: HostKV | DeviceKV = DeviceKV(runner)
+        else:
+            self.kv = HostKV(runner)
 
     # public API
 
@@ -220,15 +233,29 @@ class Expander:
         """
         self.validate_budget(budget)
         sessions = self.validate_sequences(sequences)
-        self.model_seconds = 0.0
+        self.kv.model_seconds = 0.0
         if not sequences:
             return [], 0.0
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, self.new_session())
                     for q, s in zip(sequences, sessions)]
-        root_probs, root_ids, past, committed = self.commit(sequences, sessions)
-        trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids, past, committed)
+        root_probs, root_ids = self.kv.commit(sequences, sessions)
+        trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = [Expansion(q.sequence_id, t.to_token_tree(), s) for q, t, s in zip(sequences, trees, stats)]
-        return out, self.model_seconds
+        return out, self.kv.model_seconds
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs the runner captured so far: an Expand that adds one measured a capture, not a step."""
+        return getattr(self.runner, "captures", 0)
+
+    def rewind(self, sequence_id: str, length: int) -> None:
+        """Forget a sequence's committed tokens past `length` (benchmarks repeat a call on the same context)."""
+        session = self.sessions.get(sequence_id)
+        if not 0 <= length <= session.length:
+            raise OutOfRange(f"{length} is outside [0, {session.length}]", "length")
+        self.kv.rewind(session, length)
+        session.length = length
+        del session.tokens[length:]
 
     def release(self, sequence_ids: list[str]) -> int:
         return self.sessions.release(sequence_ids)
@@ -237,9 +264,8 @@ class Expander:
         return self.sessions.expire()
 
     def new_session(self) -> DraftSession:
-        n = self.runner.meta.num_layers
-        return DraftSession(keys=[self.runner.empty_kv(16) for _ in range(n)],
-                            values=[self.runner.empty_kv(16) for _ in range(n)])
+        keys, values = self.kv.initial_kv()
+        return DraftSession(keys=keys, values=values)
 
     # validation
 
@@ -306,62 +332,8 @@ class Expander:
                                         f"sequences[{new[room]}].sequence_id")
         return found
 
-    # model work
-
-    def run(self, input_ids, position_ids, mask, past_keys, past_values):
-        t0 = time.perf_counter()
-        out = self.runner.run(input_ids, position_ids, mask, past_keys, past_values)
-        self.model_seconds += time.perf_counter() - t0
-        return out
-
-    def commit(self, sequences: list[SequenceInput], sessions: list[DraftSession]):
-        """Forward the new tokens of every sequence (batched, padded) and append their KV to the sessions.
-
-        Returns the root's top-K per sequence ([B, K] each), the batched KV on top of which the tree layers are
-        forwarded, and which of its columns hold committed tokens ([B, P+T] bool; the rest is padding).
-        """
-        B = len(sequences)
-        lens = [q.new_tokens.size for q in sequences]
-        olds = [s.length for s in sessions]
-        T, P = max(lens), max(olds)
-        meta = self.runner.meta
-        input_ids = np.zeros((B, T), dtype=np.int64)                         # [B, T]
-        position_ids = np.zeros((B, T), dtype=np.int64)                      # [B, T]
-        visible = np.zeros((B, T, P + T), dtype=bool)                        # [B, T, P+T]
-        past_k = [np.zeros((B, meta.num_kv_heads, P, meta.head_dim), self.runner.dtype) for _ in sessions[0].keys]
-        past_v = [np.zeros_like(a) for a in past_k]                          # per layer [B, Hkv, P, D]
-        committed = np.zeros((B, P + T), dtype=bool)                         # [B, P+T] columns of committed KV
-        causal = np.tril(np.ones((T, T), dtype=bool))
-        for b, (q, s, n, p) in enumerate(zip(sequences, sessions, lens, olds)):
-            input_ids[b, :n] = q.new_tokens
-            # Padding rows repeat the last position (an absolute-position model could not index past the context).
-            position_ids[b] = q.start_position + np.minimum(np.arange(T), n - 1)
-            visible[b, :, :p] = True
-            visible[b, :, P : P + T] = causal
-            visible[b, n:] = False  # padding rows see only themselves
-            visible[b, np.arange(n, T), P + np.arange(n, T)] = True
-            committed[b, :p] = True
-            committed[b, P : P + n] = True
-            for l in range(len(past_k)):
-                past_k[l][b, :, :p] = s.keys[l][:, :p]
-                past_v[l][b, :, :p] = s.values[l][:, :p]
-        out = self.run(input_ids, position_ids, self.additive(visible), past_k, past_v)
-        # The sessions keep their KV on the host. With I/O binding the gather above crossed to the device once
-        # (2 * layers * B * Hkv * P * D elements) and only the new columns come back (the same with T for P);
-        # the tree layers then run on out.keys / out.values where they are, on the device.
-        L = len(out.keys)
-        new = self.runner.columns_to_host([*out.keys, *out.values], P, P + T)  # 2L x [B, Hkv, T, D]
-        new_k, new_v = new[:L], new[L:]
-        for b, (s, n) in enumerate(zip(sessions, lens)):
-            s.append([k[b, :, :n] for k in new_k], [v[b, :, :n] for v in new_v])
-        last = np.asarray(lens) - 1
-        return out.probs[np.arange(B), last], out.ids[np.arange(B), last], (out.keys, out.values), committed
-
-    def grow_trees(self, sequences, budget: Budget, root_probs, root_ids, past, committed):
-        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.
-
-        committed: [B, L0] bool, the columns of the batched KV `past` that hold a committed token of the sequence.
-        """
+    def grow_trees(self, sequences, budget: Budget, root_probs, root_ids):
+        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children."""
         B, k = len(sequences), budget.top_k
         roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
@@ -373,8 +345,6 @@ class Expander:
         # Per sequence, the node indices of the current layer's candidates.
         layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
                  if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
-        keys, values = past
-        tree_columns = np.full((B, 0), HIDDEN, dtype=np.int64)  # [B, F] tree node held by each tree KV column
         forwarded, depth = 0, 1
         # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
         # nodes' values) and the step's cost so far (before any layer, then each layer's forward).
@@ -391,7 +361,7 @@ class Expander:
                 tokens_so_far += budget.cast.value_scale * layer_utility(kept_values)
             if not any(kp.size for kp in kept) or not expand_another_layer(
                 depth, kept_values, budget, forwarded, (tokens_so_far, spent)
-            ):
+            ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
                 kept = [empty] * B
             for b in range(B):
                 if layer[b].size:
@@ -400,43 +370,9 @@ class Expander:
                 break
             if budget.cast is not None:
                 spent += budget.cast.prices.cost(forwarded, max(kp.size for kp in kept))
-            out, tree_columns = self.forward_layer(trees, kept, roots, keys, values, committed, tree_columns)
-            keys, values = out.keys, out.values
+            probs, ids = self.kv.forward_layer(trees, kept, roots)  # [B, N, K] each
             forwarded += sum(kp.size for kp in kept)
-            layer = [t.add_children(kp, out.ids[b, : kp.size, :k], out.probs[b, : kp.size, :k]) if kp.size else empty
+            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k]) if kp.size else empty
                      for b, (t, kp) in enumerate(zip(trees, kept))]
             depth += 1
         return trees, stats
-
-    def forward_layer(self, trees, kept, roots, keys, values, committed, tree_columns):
-        """One forward over the kept nodes of every sequence, on top of the batched KV: committed tokens, then
-        the tree nodes forwarded so far. A node sees the committed tokens, its ancestors and itself;
-        position = root position + depth.
-        """
-        B, L0 = committed.shape
-        F = tree_columns.shape[1]
-        N = max(kp.size for kp in kept)
-        input_ids = np.zeros((B, N), dtype=np.int64)                      # [B, N]
-        position_ids = np.zeros((B, N), dtype=np.int64)                   # [B, N]
-        new_columns = np.full((B, N), HIDDEN, dtype=np.int64)             # [B, N]
-        paths = np.full((B, N, trees[0].paths.shape[1]), HIDDEN, dtype=np.int64)  # [B, N, depth+1]
-        for b, (t, kp) in enumerate(zip(trees, kept)):
-            n = kp.size
-            input_ids[b, :n] = t.tokens[kp]
-            position_ids[b, :n] = roots[b] + t.depths[kp]
-            new_columns[b, :n] = kp
-            paths[b, :n] = t.paths[kp]
-        real = np.arange(N)[None, :] < np.array([kp.size for kp in kept])[:, None]  # [B, N] not padding
-        visible = np.zeros((B, N, L0 + F + N), dtype=bool)                # [B, N, L0+F+N]
-        visible[:, :, :L0] = committed[:, None, :] & real[:, :, None]
-        # A tree column is visible when its node is on the query node's path.
-        on_path = (tree_columns[:, None, :, None] == paths[:, :, None, :]).any(-1)  # [B, N, F]
-        visible[:, :, L0 : L0 + F] = on_path & real[:, :, None]
-        visible[:, :, L0 + F :] = np.eye(N, dtype=bool)  # itself (same-layer nodes are never ancestors)
-        out = self.run(input_ids, position_ids, self.additive(visible), keys, values)
-        return out, np.concatenate([tree_columns, new_columns], axis=1)
-
-    def additive(self, visible: np.ndarray) -> np.ndarray:
-        """[B, T, S] bool -> [B, 1, T, S] additive mask in the model's dtype."""
-        mask = np.where(visible, 0.0, self.runner.mask_min).astype(self.runner.dtype)
-        return mask[:, None]

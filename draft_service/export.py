@@ -13,8 +13,19 @@ probabilities and ids per token leave the device, never the [vocab] logits. Inpu
     present.{l}.key  [B, Hkv, P+T, D]
     present.{l}.value[B, Hkv, P+T, D]
 
+The static layout (`layout="static"`, for CUDA graphs: see static_runner.py) keeps each sequence's KV in a buffer
+of S columns that the graph writes in place of a growing cache, and builds the tree mask itself from small rows:
+
+    rows             [B, T, 4 + A]     int64: token id, position, KV column to write, visible prefix (columns
+                                       0..prefix-1), then A more visible columns (the node's tree ancestors)
+    past.{l}.key     [B, Hkv, S, D]
+    past.{l}.value   [B, Hkv, S, D]
+ -> topk             [B, T, 2, K]      float32: probabilities (descending), then the token ids (exact below 2^24)
+    present.{l}.key  [B, Hkv, S, D]    past, with each row's KV written at its column
+    present.{l}.value[B, Hkv, S, D]
+
 The cache lives in $CAST_CACHE_DIR/onnx/<hash>/ (default ~/.cache/cast-serve), the hash covering the checkpoint
-files, K, dtype and the exporter's versions. A hit reads one small JSON file and imports no torch.
+files, K, dtype, layout and the exporter's versions. A hit reads one small JSON file and imports no torch.
 """
 
 from __future__ import annotations
@@ -35,6 +46,11 @@ import numpy as np
 # Bump when the graph's interface or the wrapper changes: old cache entries then miss.
 EXPORT_FORMAT = 2  # 2: RMSNorm exported in the form ONNX Runtime fuses
 DTYPES = ("float32", "float16")
+LAYOUTS = ("dynamic", "static")
+# The symbolic sizes of the static layout, by name: the static runner fixes them per session (ONNX Runtime's free
+# dimension overrides), so that every shape is known and the shape arithmetic folds away.
+STATIC_DIMS = ("batch", "new", "capacity", "width")
+ROW_FIELDS = 4  # token id, position, KV column, visible prefix; the ancestor columns follow
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
 
@@ -52,16 +68,20 @@ class ExportMeta:
     vocab_size: int
     max_context: int     # the model's max_position_embeddings
     export_seconds: float
+    layout: str = "dynamic"  # dynamic: a KV that grows every run; static: fixed buffers written in place
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast-serve")
 
 
-def export_key(model_dir: str | Path, top_k: int, dtype: str) -> str:
-    """Content hash of everything that shapes the graph: checkpoint files, K, dtype, exporter versions."""
+def export_key(model_dir: str | Path, top_k: int, dtype: str, layout: str = "dynamic") -> str:
+    """Content hash of everything that shapes the graph: checkpoint files, K, dtype, layout, exporter versions."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": EXPORT_FORMAT, "top_k": top_k, "dtype": dtype, **_exporter_versions()}).encode())
+    shape = {"format": EXPORT_FORMAT, "top_k": top_k, "dtype": dtype, **_exporter_versions()}
+    if layout != "dynamic":  # the dynamic layout's keys predate the field: existing cache entries stay valid
+        shape["layout"] = layout
+    h.update(json.dumps(shape).encode())
     root = Path(model_dir)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(root)).encode() + b"\0")
@@ -82,13 +102,16 @@ def export_draft(
     dtype: str = "float32",
     cache_dir: str | Path | None = None,
     verify: bool = True,
+    layout: str = "dynamic",
 ) -> tuple[Path, ExportMeta]:
     """Return (path of model.onnx, meta) for the checkpoint, exporting it on a cache miss."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    out_dir = Path(cache_dir or default_cache_dir()) / "onnx" / export_key(model_dir, top_k, dtype)
+    out_dir = Path(cache_dir or default_cache_dir()) / "onnx" / export_key(model_dir, top_k, dtype, layout)
     if (out_dir / META_FILE).exists():
         return out_dir / MODEL_FILE, load_meta(out_dir)
 
@@ -97,7 +120,7 @@ def export_draft(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        meta = _export(Path(model_dir), tmp_dir, top_k, dtype)
+        meta = _export(Path(model_dir), tmp_dir, top_k, dtype, layout)
         if verify:
             check_export(model_dir, tmp_dir / MODEL_FILE, meta)
         (tmp_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
@@ -171,6 +194,60 @@ def _wrapper(model, top_k: int):
     return TopKDraft().eval()
 
 
+def _static_wrapper(model, top_k: int):
+    """The static layout's module: rows and KV buffers in, top-K and the written buffers out (module docstring)."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    hidden = torch.finfo(model.dtype).min  # finite: a row never sees nothing (softmax of all -inf is NaN)
+
+    def write_in_place(layer, columns):
+        """layer.update that writes the new keys and values at their columns instead of appending them."""
+        def update(key_states, value_states, *args, **kwargs):
+            index = columns[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])  # [B, Hkv, T, D]
+            layer.keys = layer.keys.scatter(2, index, key_states)
+            layer.values = layer.values.scatter(2, index, value_states)
+            return layer.keys, layer.values
+        return update
+
+    class StaticTopKDraft(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.top_k = top_k
+
+        def forward(self, rows, *past):
+            # rows [B, T, 4 + A]; past: key0, value0, key1, value1, ...  each [B, Hkv, S, D]
+            ids, positions, columns, prefix = (rows[..., i] for i in range(ROW_FIELDS))  # [B, T] each
+            ancestors = rows[..., ROW_FIELDS:]                                            # [B, T, A]
+            capacity = past[0].shape[2]
+            seen = torch.arange(capacity) < prefix[..., None]                             # [B, T, S]
+            marks = torch.zeros(seen.shape, dtype=torch.float32).scatter(2, ancestors, 1.0)
+            mask = torch.where(seen | (marks > 0), 0.0, hidden).to(past[0].dtype)[:, None]  # [B, 1, T, S]
+            cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+            for layer in cache.layers:
+                layer.update = write_in_place(layer, columns)
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask,
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            probs = torch.softmax(out.logits.float(), dim=-1)  # [B, T, V]
+            topk = torch.topk(probs, self.top_k, dim=-1)        # [B, T, K]
+            presents = []
+            for layer in cache.layers:
+                presents += [layer.keys, layer.values]          # [B, Hkv, S, D]
+            # One output for both halves of the top-K: one copy to the host instead of two.
+            return (torch.stack([topk.values, topk.indices.float()], dim=2), *presents)  # [B, T, 2, K]
+
+    return StaticTopKDraft().eval()
+
+
 @contextlib.contextmanager
 def fusable_rms_norms(model):
     """Every RMSNorm module of model computes x / sqrt(mean(x^2) + eps) while exported, instead of transformers'
@@ -233,7 +310,40 @@ def sample_inputs(dims: dict[str, int], dtype: str, batch: int = 2, past_len: in
     return feeds
 
 
-def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMeta:
+def static_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past.{l}.{kv}" for l in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{l}.{kv}" for l in range(num_layers) for kv in ("key", "value")]
+    return ["rows", *past], ["topk", *present]
+
+
+def sample_static_inputs(dims: dict[str, int], dtype: str, batch: int = 2, capacity: int = 12, past_len: int = 3,
+                         new: int = 4, ancestors: int = 3, seed: int = 0):
+    """The static layout's twin of sample_inputs: the same tree (node i at column past_len + i, its ancestors as
+    extra visible columns), the buffers' other columns random. Returns (feeds, the equivalent sample_inputs feeds)."""
+    dynamic = sample_inputs(dims, dtype, batch=batch, past_len=past_len, new=new, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    columns = past_len + np.arange(new)
+    rows = np.zeros((batch, new, ROW_FIELDS + ancestors), dtype=np.int64)
+    rows[..., 0] = dynamic["input_ids"]
+    rows[..., 1] = dynamic["position_ids"]
+    rows[..., 2] = columns
+    rows[..., 3] = past_len
+    visible = dynamic["attention_mask"][0, 0, :, past_len:] == 0  # [T, T] the tree part
+    for i in range(new):
+        seen = columns[visible[i]]
+        rows[:, i, ROW_FIELDS:] = columns[i]  # padding: the node's own column again
+        rows[:, i, ROW_FIELDS : ROW_FIELDS + seen.size] = seen
+    feeds = {"rows": rows}
+    shape = (batch, dims["num_kv_heads"], capacity, dims["head_dim"])
+    for l in range(dims["num_layers"]):
+        for kv in ("key", "value"):
+            buffer = rng.standard_normal(shape).astype(dtype)
+            buffer[:, :, :past_len] = dynamic[f"past.{l}.{kv}"]
+            feeds[f"past.{l}.{kv}"] = buffer
+    return feeds, dynamic
+
+
+def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str, layout: str = "dynamic") -> ExportMeta:
     import torch
 
     t0 = time.perf_counter()
@@ -241,16 +351,26 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMet
     dims = _model_dims(model.config)
     if top_k > dims["vocab_size"]:
         raise ValueError(f"top_k {top_k} exceeds the vocabulary ({dims['vocab_size']})")
-    wrapper = _wrapper(model, top_k)
-    inputs, outputs = io_names(dims["num_layers"])
-    feeds = sample_inputs(dims, dtype)
-    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
-
     # Sample sizes are >= 2 everywhere: the exporter specialises dims it sees as 0 or 1.
-    batch, new, past, total = (torch.export.Dim(n) for n in ("batch", "new", "past", "total"))
-    # *past arrives as one tuple: its shapes go in one nested tuple.
-    kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
-    dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
+    if layout == "static":
+        if dims["vocab_size"] > 2**24:
+            raise ValueError(f"the static layout sends token ids as float32: a vocabulary of {dims['vocab_size']} "
+                             "is past its exact integers")
+        wrapper = _static_wrapper(model, top_k)
+        inputs, outputs = static_io_names(dims["num_layers"])
+        feeds, _ = sample_static_inputs(dims, dtype)
+        batch, new, capacity, width = (torch.export.Dim(n) for n in STATIC_DIMS)
+        kv = tuple({0: batch, 2: capacity} for _ in range(2 * dims["num_layers"]))
+        dynamic = ({0: batch, 1: new, 2: width}, kv)
+    else:
+        wrapper = _wrapper(model, top_k)
+        inputs, outputs = io_names(dims["num_layers"])
+        feeds = sample_inputs(dims, dtype)
+        batch, new, past, total = (torch.export.Dim(n) for n in ("batch", "new", "past", "total"))
+        # *past arrives as one tuple: its shapes go in one nested tuple.
+        kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
+        dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
+    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     with torch.no_grad(), warnings.catch_warnings(), fusable_rms_norms(model):
         # The exporter warns that axes sharing a Dim keep one name, and about its own deprecations: noise here.
         warnings.simplefilter("ignore", UserWarning)
@@ -271,6 +391,7 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMet
         top_k=top_k,
         dtype=dtype,
         export_seconds=round(time.perf_counter() - t0, 3),
+        layout=layout,
         **dims,
     )
 
@@ -285,12 +406,21 @@ def check_export(model_dir: str | Path, onnx_path: str | Path, meta: ExportMeta,
 
     model = _load_model(Path(model_dir), meta.dtype)
     dims = _model_dims(model.config)
-    inputs, _ = io_names(meta.num_layers)
-    feeds = sample_inputs(dims, meta.dtype, seed=1)
+    if meta.layout == "static":
+        inputs, _ = static_io_names(meta.num_layers)
+        feeds, _ = sample_static_inputs(dims, meta.dtype, seed=1)
+        wrapper = _static_wrapper(model, meta.top_k)
+    else:
+        inputs, _ = io_names(meta.num_layers)
+        feeds = sample_inputs(dims, meta.dtype, seed=1)
+        wrapper = _wrapper(model, meta.top_k)
     with torch.no_grad():
-        expected = _wrapper(model, meta.top_k)(*(torch.from_numpy(feeds[n]) for n in inputs))
+        expected = wrapper(*(torch.from_numpy(feeds[n]) for n in inputs))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, feeds)
+    if meta.layout == "static":  # [B, T, 2, K] -> probs, ids
+        expected = (expected[0][:, :, 0], expected[0][:, :, 1].long(), *expected[1:])
+        got = [got[0][:, :, 0], got[0][:, :, 1].astype(np.int64), *got[1:]]
     tol = atol if meta.dtype == "float32" else 1e-2
     want_probs, want_ids = expected[0].numpy(), expected[1].numpy()
     if not np.array_equal(got[1], want_ids):

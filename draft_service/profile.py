@@ -24,7 +24,9 @@ from cast_core.cost_table import CostTable, monotone_envelope
 from cast_core.profiling import (
     Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
+from draft_service.export import ROW_FIELDS
 from draft_service.runner import DraftRunner
+from draft_service.static_runner import StaticRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ STARTUP_GRID = ProfileGrid(
 )
 
 
-def default_grid(runner: DraftRunner) -> ProfileGrid:
+def default_grid(runner: DraftRunner | StaticRunner) -> ProfileGrid:
     return GPU_GRID if runner.provider == "CUDAExecutionProvider" else CPU_GRID
 
 
@@ -92,8 +94,36 @@ def time_draft_forward(runner: DraftRunner, past_keys, past_values, batch: int, 
     )
 
 
+def static_tree_rows(runner: StaticRunner, batch: int, context: int, tokens: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """[B, n, W] rows of the static layout for the same binary tree as tree_mask: node i at column c + i."""
+    columns = context + np.arange(tokens)
+    depths = np.floor(np.log2(np.arange(tokens) + 1)).astype(np.int64)
+    rows = runner.padding_rows(batch, tokens)
+    rows[..., 0] = rng.integers(0, runner.meta.vocab_size, size=(batch, tokens))
+    rows[..., 1] = context + depths
+    rows[..., 2] = columns
+    rows[..., 3] = context
+    rows[..., ROW_FIELDS:] = columns[:, None]
+    for i in range(1, tokens):  # ancestors: halve the index down to the root's child
+        node, a = i, 1
+        while node > 0 and a < rows.shape[2] - ROW_FIELDS:
+            node = (node - 1) // 2
+            if node > 0:
+                rows[:, i, ROW_FIELDS + a] = columns[node]
+            a += 1
+    return rows
+
+
+def time_static_forward(runner: StaticRunner, batch: int, context: int, tokens: int, grid: ProfileGrid,
+                        rng: np.random.Generator) -> float:
+    """Median ms of one StaticRunner.run (a replayed CUDA graph on CUDA: the first run, the capture, is warm-up)."""
+    rows = static_tree_rows(runner, batch, context, tokens, rng)
+    return fastest_millis(lambda: runner.run(rows), grid.repeats, max(grid.warmup, 2), no_sync)
+
+
 def profile_draft(
-    runner: DraftRunner,
+    runner: DraftRunner | StaticRunner,
     grid: ProfileGrid,
     model_id: str | None = None,
     on_cell: Callable[[int, int, int, float], None] | None = None,
@@ -109,6 +139,14 @@ def profile_draft(
     forwards = 0
     for ci, context in enumerate(grid.context_buckets):
         for bi, batch in enumerate(grid.batch_sizes):
+            if isinstance(runner, StaticRunner):
+                for ni, tokens in enumerate(grid.token_counts):
+                    ms = time_static_forward(runner, batch, context, tokens, grid, rng)
+                    millis[bi, ci, ni] = max(ms, 1e-6)
+                    forwards += grid.repeats + max(grid.warmup, 2)
+                    if on_cell is not None:
+                        on_cell(batch, context, tokens, ms)
+                continue
             shape = (batch, meta.num_kv_heads, context, meta.head_dim)  # [B, H_kv, c, D] per layer
             keys = runner.to_device([rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)])
             values = runner.to_device([rng.standard_normal(shape).astype(runner.dtype)
@@ -135,7 +173,7 @@ def draft_model_id(model_dir: str | Path) -> str:
     return model_identity(Path(model_dir).resolve().name, model_dir)
 
 
-def draft_cache_path(runner: DraftRunner, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+def draft_cache_path(runner: DraftRunner | StaticRunner, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Where this (device, model, dtype, provider, top-K) keeps its profiled table."""
     return cache_path(
         "draft", device_name(runner.provider), draft_model_id(model_dir), runner.meta.dtype,
@@ -143,7 +181,7 @@ def draft_cache_path(runner: DraftRunner, model_dir: str | Path, cache_dir: str 
     )
 
 
-def startup_cost_table(runner: DraftRunner, config) -> CostTable | None:
+def startup_cost_table(runner: DraftRunner | StaticRunner, config) -> CostTable | None:
     """The table Describe reports (config: a DraftConfig): --cost-table, else cached, else a small profile, cached."""
     model_id = draft_model_id(config.model)
     return select_startup_table(

@@ -24,7 +24,8 @@ from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
-from draft_service.runner import DraftRunner, choose_dtype, choose_provider
+from draft_service.runner import PROVIDERS, DraftRunner, choose_dtype, choose_provider
+from draft_service.static_runner import StaticRunner
 from draft_service.servicer import DraftServicer
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,30 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
+# The static layout: columns past the context for a tree's nodes (more ends the tree early), and the batch buckets
+# whose CUDA graphs are captured at start-up (others on first use, their Expand flagged `cold`).
+TREE_ROOM = 512
+WARM_BATCHES = (1, 2, 4, 8)
+
+
 def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
     """Export or load the graph, open the ORT session, warm it up; describe the replica."""
     provider = choose_provider(config.provider)
     dtype = choose_dtype(config.dtype, provider)
-    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir)
-    runner = DraftRunner(onnx_path, meta, provider=config.provider, threads=config.threads, spinning=config.spinning)
+    layout = choose_layout(config.layout, provider)
+    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir,
+                                   layout=layout)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:
         raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
+    if layout == "static":
+        runner = StaticRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
+                              threads=config.threads, spinning=config.spinning)
+        if runner.cuda_graphs:
+            runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
+    else:
+        runner = DraftRunner(onnx_path, meta, provider=config.provider, threads=config.threads,
+                             spinning=config.spinning)
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
     cost_table = startup_cost_table(runner, config)  # after the warm-up: first-run costs stay out of it
@@ -78,6 +94,14 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
     if cost_table is not None:
         replica.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     return expander, replica
+
+
+def choose_layout(layout: str, provider: str) -> str:
+    """auto: static (CUDA graphs over device buffers) on the CUDA provider, dynamic on CPU, where a forward is not
+    launch-bound and attending over a whole buffer would cost more than a growing cache."""
+    if layout != "auto":
+        return layout
+    return "static" if provider == PROVIDERS["cuda"] else "dynamic"
 
 
 def warm_up(expander: Expander) -> None:

@@ -76,18 +76,20 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def timed_expand(self, sequences, budget):
-        """The trees and the seconds of the whole domain call (forwards and the tree bookkeeping between them): what
-        the orchestrator prices per layer. The RPC around it is the orchestrator's to measure."""
-        start = time.perf_counter()
+        """The trees, the seconds of the whole domain call (forwards and the tree bookkeeping between them: what
+        the orchestrator prices per layer; the RPC around it is the orchestrator's to measure), and whether the
+        call captured a CUDA graph."""
+        start, captures = time.perf_counter(), self.expander.captures
         trees, _ = self.expander.expand(sequences, budget)
-        return trees, time.perf_counter() - start
+        return trees, time.perf_counter() - start, self.expander.captures > captures
 
     async def expand(self, request: draft_pb2.ExpandRequest) -> draft_pb2.ExpandResponse:
         """One Expand, unary or on a stream; raises CastError."""
         budget = budget_from_proto(request.budget)
         sequences = sequences_from_proto(request.sequences)
-        trees, seconds = await self.in_executor(self.timed_expand, sequences, budget)
-        return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds)
+        trees, seconds, cold = await self.in_executor(self.timed_expand, sequences, budget)
+        return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds,
+                                        cold=cold)
 
     async def Expand(self, request: draft_pb2.ExpandRequest, context) -> draft_pb2.ExpandResponse:
         try:

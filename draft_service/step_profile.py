@@ -1,7 +1,8 @@
-"""Time one Expand of a full EAGLE-2-like tree, in process (Expander, no gRPC), with I/O binding on and off.
+"""Time one Expand of a full EAGLE-2-like tree, in process (Expander, no gRPC): the dynamic layout with I/O binding
+on and off, and the static layout (device buffers; CUDA graphs on CUDA).
 
     python -m draft_service.step_profile --model models/reference/draft --provider cuda --batch 1,8 --depth 6 \\
-        --top-k 8 --breadth 8 --context 256 --io-binding on,off --out step.json
+        --top-k 8 --breadth 8 --context 256 --io-binding on,off --layouts dynamic,static --out step.json
 
 Per (batch, io-binding) cell: B sequences are prefilled to `context - new_tokens` committed tokens; each timed
 call commits `new_tokens` more (the tree's root at position `context - 1`) and grows the tree to `depth` layers,
@@ -27,13 +28,15 @@ from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name
 from draft_service.runner import DraftRunner, choose_dtype, choose_provider
+from draft_service.static_runner import StaticRunner
 
 
-def time_expand(runner: DraftRunner, batch: int, context: int, new_tokens: int, budget: Budget, repeats: int,
+def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, new_tokens: int, budget: Budget, repeats: int,
                 warmup: int, seed: int = 0) -> dict:
     """One cell: the median wall and model ms of Expand over `repeats` calls, and one call's traffic."""
     meta = runner.meta
     expander = Expander(runner, SessionStore(batch, ttl_s=1e9), meta.max_context or context)
+    traffic = getattr(runner, "traffic", None)  # the static layout moves rows and top-K only
     rng = np.random.default_rng(seed)
     ids = [f"s{b}" for b in range(batch)]
     start = context - new_tokens
@@ -41,30 +44,32 @@ def time_expand(runner: DraftRunner, batch: int, context: int, new_tokens: int, 
     expander.expand([SequenceInput(s, rng.integers(0, meta.vocab_size, start, dtype=np.int64), 0) for s in ids],
                     prompt)
     step = [SequenceInput(s, rng.integers(0, meta.vocab_size, new_tokens, dtype=np.int64), start) for s in ids]
-    wall, model, traffic, nodes, layers = [], [], None, 0, 0
+    wall, model, moved, nodes, layers = [], [], None, 0, 0
     for i in range(warmup + repeats):
-        before = replace(runner.traffic)  # a copy
+        before = replace(traffic) if traffic is not None else None  # a copy
         t0 = time.perf_counter()
         out, model_seconds = expander.expand(step, budget)
         elapsed = time.perf_counter() - t0
         for s in ids:  # back to `start` committed tokens: the next call appends the same columns again
-            expander.sessions.get(s).length = start
+            expander.rewind(s, start)
         if i >= warmup:
             wall.append(elapsed * 1e3)
             model.append(model_seconds * 1e3)
-        traffic = runner.traffic.since(before)
+        moved = traffic.since(before) if traffic is not None else None
         nodes, layers = len(out[0].tree), len(out[0].layers)
     return {
         "batch": batch,
-        "io_binding": runner.io_binding,
+        "layout": runner.meta.layout,
+        "backend": runner.backend,
+        "io_binding": getattr(runner, "io_binding", True),
         "median_ms": float(np.median(wall)),
         "p10_ms": float(np.percentile(wall, 10)),
         "p90_ms": float(np.percentile(wall, 90)),
         "model_median_ms": float(np.median(model)),
         "nodes_per_tree": nodes,
         "layers": layers,
-        "bytes_per_expand": traffic.as_dict(),
-        "kv_bytes_per_expand": traffic.kv,
+        "bytes_per_expand": moved.as_dict() if moved is not None else None,
+        "kv_bytes_per_expand": moved.kv if moved is not None else 0,
     }
 
 
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breadth", type=int, default=8, help="nodes kept per layer")
     p.add_argument("--context", type=int, default=256, help="committed tokens before the tree's root, root included")
     p.add_argument("--new-tokens", type=int, default=1, help="tokens each timed call commits (accepted + bonus)")
-    p.add_argument("--io-binding", default="on,off", help="on, off or on,off")
+    p.add_argument("--io-binding", default="on,off", help="dynamic layout: on, off or on,off")
+    p.add_argument("--layouts", default="dynamic", help="dynamic, static or dynamic,static")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         modes = [on_off(x.strip()) for x in a.io_binding.split(",")]
         batches = parse_list(a.batch)
+        layouts = parse_list(a.layouts, str.strip)
+        if not set(layouts) <= {"dynamic", "static"}:
+            raise ValueError(f"--layouts takes dynamic / static, got {a.layouts!r}")
     except ValueError as e:
         p.error(str(e))
     if not 1 <= a.new_tokens < a.context:
@@ -107,32 +116,35 @@ def main(argv: list[str] | None = None) -> int:
 
     provider = choose_provider(a.provider)
     dtype = choose_dtype(a.dtype, provider)
-    onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir)
-    if meta.max_context and a.context + a.depth > meta.max_context:
-        p.error(f"--context {a.context} + --depth {a.depth} exceeds the model's {meta.max_context} positions")
-    runner = DraftRunner(onnx_path, meta, provider=a.provider, threads=a.threads)
     budget = Budget(top_k=a.top_k, max_depth=a.depth, max_breadth=a.breadth)
-
     rows = []
-    print(f"{a.model} on {device_name(runner.provider)} ({provider}, {meta.dtype}), onnxruntime {ort.__version__}: "
+    print(f"{a.model} on {device_name(provider)} ({provider}, {dtype}), onnxruntime {ort.__version__}: "
           f"depth {a.depth}, top-k {a.top_k}, breadth {a.breadth}, context {a.context}, {a.repeats} calls")
-    print(f"{'batch':>5} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} {'model ms':>9} "
-          f"{'nodes':>6} {'KV bytes/expand':>16} {'to device':>10} {'to host':>10}")
-    for batch in batches:
-        for mode in modes:
-            runner.io_binding = mode
-            row = time_expand(runner, batch, a.context, a.new_tokens, budget, a.repeats, a.warmup)
-            rows.append(row)
-            t = row["bytes_per_expand"]
-            print(f"{batch:>5} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} {row['p10_ms']:>8.3f} "
-                  f"{row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} {row['nodes_per_tree']:>6} "
-                  f"{row['kv_bytes_per_expand']:>16,} {t['kv_to_device']:>10,} {t['kv_to_host']:>10,}")
-            sys.stdout.flush()
+    print(f"{'batch':>5} {'layout':>8} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} {'model ms':>9} "
+          f"{'nodes':>6} {'KV bytes/expand':>16}")
+    for layout in layouts:
+        onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir, layout=layout)
+        if meta.max_context and a.context + a.depth > meta.max_context:
+            p.error(f"--context {a.context} + --depth {a.depth} exceeds the model's {meta.max_context} positions")
+        if layout == "static":
+            runner, cells = StaticRunner(onnx_path, meta, provider=a.provider, threads=a.threads), [True]
+        else:
+            runner, cells = DraftRunner(onnx_path, meta, provider=a.provider, threads=a.threads), modes
+        for batch in batches:
+            for mode in cells:
+                if layout == "dynamic":
+                    runner.io_binding = mode
+                row = time_expand(runner, batch, a.context, a.new_tokens, budget, a.repeats, a.warmup)
+                rows.append(row)
+                print(f"{batch:>5} {layout:>8} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} "
+                      f"{row['p10_ms']:>8.3f} {row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} "
+                      f"{row['nodes_per_tree']:>6} {row['kv_bytes_per_expand']:>16,}")
+                sys.stdout.flush()
     result = {
         "model": str(a.model),
-        "device": device_name(runner.provider),
+        "device": device_name(provider),
         "provider": provider,
-        "dtype": meta.dtype,
+        "dtype": dtype,
         "onnxruntime": ort.__version__,
         "budget": {"top_k": a.top_k, "max_depth": a.depth, "max_breadth": a.breadth},
         "context": a.context,

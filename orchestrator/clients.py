@@ -123,8 +123,9 @@ class DraftClient:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
 
     async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget,
-                     timeout: float | None) -> tuple[list[Expanded], float]:
-        """The expanded trees in order, and the draft service's own seconds for the call."""
+                     timeout: float | None) -> tuple[list[Expanded], float, bool]:
+        """The expanded trees in order, the draft service's own seconds for the call, and whether the call captured
+        a CUDA graph (then those seconds are not a step's)."""
         request = draft_pb2.ExpandRequest(
             sequences=[draft_pb2.DraftSequence(sequence_id=i.sequence_id, new_tokens=i.new_tokens,
                                                start_position=i.start_position) for i in items],
@@ -142,7 +143,7 @@ class DraftClient:
             )
             for result in response.trees
         ]
-        return trees, response.draft_seconds
+        return trees, response.draft_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released

@@ -49,6 +49,7 @@ class StepTiming:
     draft_model: float = 0.0
     verify_rpc: float = 0.0
     verify_model: float = 0.0
+    draft_cold: bool = False  # an Expand of this step captured a CUDA graph: its times are not a step's
 
 
 @dataclass

@@ -257,7 +257,7 @@ class StepLoop:
                 self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
                                               sum(committed[s.sequence_id] - 1 for s in group))
             # Steps with a one-time cost (a graph capture, a draft catching up) would misjudge their kind.
-            if name in self.gates and not cold and not catching_up.get(name, False):
+            if name in self.gates and not cold and not timing.draft_cold and not catching_up.get(name, False):
                 tokens = sum(committed[s.sequence_id] for s in group) / len(group)
                 self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
 
@@ -283,16 +283,19 @@ class StepLoop:
         for s in group:
             s.opened_draft = True
         try:
-            (expanded, model_seconds), seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
+            (expanded, model_seconds, cold), seconds = await timed(
+                self.draft.expand(items, budget, self.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
             for s in group:
                 s.fail(exc)
             return None
         timing.draft_rpc += seconds
         timing.draft_model += model_seconds
-        longest = max(items, key=lambda i: len(i.new_tokens))
-        self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)), seconds,
-                                 model_seconds)
+        timing.draft_cold |= cold
+        if not cold:
+            longest = max(items, key=lambda i: len(i.new_tokens))
+            self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
+                                     seconds, model_seconds)
         for s, e in zip(group, expanded):
             s.draft_seen = len(s.tokens)
             s.stats.draft_seconds += seconds

@@ -53,7 +53,8 @@ if has draft_step; then
     stage "draft expansion step (in-process)"
     for provider in ${DRAFT_PROVIDERS:-cuda cpu}; do
         python3 -m draft_service.step_profile --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
-            --breadth 8 --context 256 --io-binding on,off --out "$OUT/draft_step_$provider.json"
+            --breadth 8 --context 256 --io-binding ${DRAFT_IO_BINDING:-on,off} --layouts ${DRAFT_LAYOUTS:-dynamic,static} \
+            --out "$OUT/draft_step_$provider.json"
     done
 fi
 

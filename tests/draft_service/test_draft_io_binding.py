@@ -138,14 +138,18 @@ def test_step_profile_writes_a_row_per_batch_and_mode(exported, draft_model_dir,
     out = tmp_path / "step.json"
     code = step_profile.main(["--model", str(draft_model_dir), "--provider", "cpu", "--batch", "1,2",
                               "--depth", "3", "--top-k", "8", "--breadth", "2", "--context", "16",
-                              "--io-binding", "on,off", "--repeats", "3", "--warmup", "1", "--out", str(out)])
+                              "--io-binding", "on,off", "--layouts", "dynamic,static", "--repeats", "3",
+                              "--warmup", "1", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert (result["provider"], result["dtype"], result["device"]) == ("CPUExecutionProvider", "float32", "cpu")
     rows = result["rows"]
-    assert [(r["batch"], r["io_binding"]) for r in rows] == [(1, True), (1, False), (2, True), (2, False)]
+    assert [(r["layout"], r["batch"], r["io_binding"]) for r in rows] == [
+        ("dynamic", 1, True), ("dynamic", 1, False), ("dynamic", 2, True), ("dynamic", 2, False),
+        ("static", 1, True), ("static", 2, True)]
     assert all(r["median_ms"] > 0 and r["layers"] == 3 and r["nodes_per_tree"] == 1 + 8 + 16 + 16 for r in rows)
-    for on, off in zip(rows[::2], rows[1::2]):
+    dynamic = rows[:4]
+    for on, off in zip(dynamic[::2], dynamic[1::2]):
         assert on["kv_bytes_per_expand"] < off["kv_bytes_per_expand"]
     assert "median ms" in capsys.readouterr().out
 

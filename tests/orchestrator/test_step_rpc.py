@@ -50,7 +50,7 @@ async def decode(draft: DraftClient, verify: VerifyClient, sequence_id: str, pro
     await verify.prefill({sequence_id: prompt}, timeout=10)
     tokens, draft_seen, out = list(prompt), 0, []
     for _ in range(steps):
-        (expanded,), draft_seconds = await draft.expand(
+        (expanded,), draft_seconds, _ = await draft.expand(
             [DraftItem(sequence_id, tokens[draft_seen:], draft_seen)], BUDGET, timeout=10)
         draft_seen = len(tokens)
         (committed,), verify_seconds, _ = await verify.verify([VerifyItem(sequence_id, expanded.tree, GREEDY)], timeout=10)
@@ -93,7 +93,7 @@ async def test_a_bad_request_on_the_stream_fails_as_unary_and_the_stream_goes_on
         ]
         streams = draft.stream and draft.stream.call, verify.stream and verify.stream.call
         # The next requests succeed, on the same streams.
-        (expanded,), _ = await draft.expand([DraftItem("d", PROMPTS["x"], 0)], BUDGET, timeout=10)
+        (expanded,), _, _ = await draft.expand([DraftItem("d", PROMPTS["x"], 0)], BUDGET, timeout=10)
         assert expanded.tree.tokens[0] == PROMPTS["x"][-1]
         (committed,), _, _ = await verify.verify([VerifyItem(f"s-{mode}", expanded.tree, GREEDY)], timeout=10)
         assert committed
@@ -119,7 +119,7 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     code, _ = await failure(draft.expand([DraftItem("x", PROMPTS["x"], 0)], BUDGET, timeout=0.1))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert draft.stream.call is None
-    (expanded,), _ = await draft.expand([DraftItem("y", PROMPTS["y"], 0)], BUDGET, timeout=10)
+    (expanded,), _, _ = await draft.expand([DraftItem("y", PROMPTS["y"], 0)], BUDGET, timeout=10)
     assert tree_fields(expanded.tree) == expected["y"][0][0]
 
     # Cancelled while the verifier is busy: the same.

@@ -76,12 +76,14 @@ class ExpandedTree(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ...) -> None: ...
 
 class ExpandResponse(_message.Message):
-    __slots__ = ("trees", "draft_seconds")
+    __slots__ = ("trees", "draft_seconds", "cold")
     TREES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COLD_FIELD_NUMBER: _ClassVar[int]
     trees: _containers.RepeatedCompositeFieldContainer[ExpandedTree]
     draft_seconds: float
-    def __init__(self, trees: _Optional[_Iterable[_Union[ExpandedTree, _Mapping]]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
+    cold: bool
+    def __init__(self, trees: _Optional[_Iterable[_Union[ExpandedTree, _Mapping]]] = ..., draft_seconds: _Optional[float] = ..., cold: _Optional[bool] = ...) -> None: ...
 
 class ExpandStreamResponse(_message.Message):
     __slots__ = ("response", "error")

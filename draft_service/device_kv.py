@@ -1,0 +1,134 @@
+"""The static layout's KV: each sequence's cache stays in a row of the StaticRunner's device buffers between calls.
+
+Per batch bucket, the runner's `holders` say whose committed tokens each buffer row holds (a session object: a
+released and re-created sequence is another) and how many. In one Expand call of B sequences (bucket Bb >= B):
+
+1. Rows: a sequence whose row holds exactly its committed tokens keeps it; any other gets a free row and is
+   recomputed there from its token ids (a new sequence, or one whose row another sequence took or that last ran in
+   another bucket). The recompute is one forward over its whole history, like a prompt's first commit.
+2. Commit: its new tokens go to columns start .. start+n-1 (position = column), each seeing the columns before it.
+3. Tree layers: the kept nodes of each sequence go to the next free columns after its committed ones; a node sees
+   the committed columns and its ancestors' columns. Those columns are scratch: the next call's commit writes
+   over them.
+Nothing crosses to the host but the rows (ids, positions, columns: small) and the top-K.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from draft_service.export import ROW_FIELDS
+from draft_service.static_runner import BATCH_BUCKETS, StaticRunner, bucket
+
+
+class DeviceKV:
+    """Commit and layer forwards of one Expand call at a time over a StaticRunner."""
+
+    def __init__(self, runner: StaticRunner) -> None:
+        self.runner = runner
+        self.model_seconds = 0.0
+        # The current call: per sequence its buffer row, its committed length and its next free column; per tree
+        # node its column.
+        self.batch = 0
+        self.row_of = np.zeros(0, dtype=np.int64)     # [B]
+        self.committed = np.zeros(0, dtype=np.int64)  # [B]
+        self.next_column = np.zeros(0, dtype=np.int64)  # [B]
+        self.node_columns: list[np.ndarray] = []
+
+    def initial_kv(self) -> tuple[list, list]:
+        return [], []  # no host KV: the session keeps its token ids, the buffers its KV
+
+    def run(self, rows: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        topk = self.runner.run(rows)
+        self.model_seconds += time.perf_counter() - t0
+        return topk
+
+    def commit(self, sequences, sessions) -> tuple[np.ndarray, np.ndarray]:
+        """Give each sequence a buffer row, write its new tokens' KV (and a recomputed history where needed).
+
+        Returns the root's top-K probabilities and ids per sequence, [B, K] each.
+        """
+        B = len(sequences)
+        self.batch = bucket(B, BATCH_BUCKETS) or B
+        holders = self.runner.holders(self.batch)
+        self.row_of, recompute = self.assign_rows(holders, sessions, [q.start_position for q in sequences])
+        # Per sequence: the tokens to forward and the column of the first.
+        tokens = [np.concatenate([np.asarray(s.tokens, dtype=np.int64), q.new_tokens]) if again else q.new_tokens
+                  for q, s, again in zip(sequences, sessions, recompute)]
+        firsts = [0 if again else q.start_position for q, again in zip(sequences, recompute)]
+        T = max(t.size for t in tokens)
+        rows = self.runner.padding_rows(self.batch, T)  # [Bb, T, W]
+        for b, (ids, first) in enumerate(zip(tokens, firsts)):
+            r, n = self.row_of[b], ids.size
+            columns = first + np.arange(n)
+            rows[r, :n, 0] = ids
+            rows[r, :n, 1] = columns  # a committed token's position is its column
+            rows[r, :n, 2] = columns
+            rows[r, :n, 3] = columns + 1  # itself and everything before it
+            rows[r, :n, ROW_FIELDS:] = columns[:, None]
+        topk = self.run(rows)  # [Bb, T, 2, K]
+        ends = np.array([q.start_position + q.new_tokens.size for q in sequences], dtype=np.int64)
+        for q, s, r, end in zip(sequences, sessions, self.row_of, ends):
+            holders[r] = (s, int(end))
+            s.tokens.extend(q.new_tokens.tolist())
+            s.length = int(end)
+        self.committed, self.next_column = ends, ends.copy()
+        self.node_columns = []
+        last = topk[self.row_of, np.array([t.size for t in tokens]) - 1]  # [B, 2, K]
+        return last[:, 0], last[:, 1].astype(np.int64)
+
+    @staticmethod
+    def assign_rows(holders: list[tuple[object, int] | None], sessions, starts: list[int]):
+        """Per sequence its row ([B] int64), and whether its KV must be recomputed there ([B] bool)."""
+        held = {(id(entry[0]), entry[1]): r for r, entry in enumerate(holders) if entry is not None}
+        row_of = np.full(len(sessions), -1, dtype=np.int64)
+        for b, (s, start) in enumerate(zip(sessions, starts)):
+            row_of[b] = held.get((id(s), start), -1)  # the holder entry keeps s alive: its id is not reused
+        taken = set(row_of[row_of >= 0].tolist())
+        free = iter([r for r in range(len(holders)) if r not in taken])
+        recompute = [bool(r < 0) for r in row_of]
+        for b in np.nonzero(row_of < 0)[0]:
+            row_of[b] = next(free)
+        return row_of, recompute
+
+    def rewind(self, session, length: int) -> None:
+        """Rows holding this session hold its first `length` tokens still: say so."""
+        for holders in (b.holders for b in self.runner.buffers.values()):
+            for r, entry in enumerate(holders):
+                if entry is not None and entry[0] is session and entry[1] >= length:
+                    holders[r] = (session, length)
+
+    def fits(self, kept) -> bool:
+        """Whether every sequence's kept nodes fit before the trash column."""
+        need = self.next_column + np.array([kp.size for kp in kept])
+        return bool((need <= self.runner.trash).all())
+
+    def forward_layer(self, trees, kept, roots) -> tuple[np.ndarray, np.ndarray]:
+        """One forward over the kept nodes. Returns the children's probabilities and ids, [B, N, K] each."""
+        if not self.node_columns:
+            self.node_columns = [np.full(t.tokens.size, -1, dtype=np.int64) for t in trees]
+        N = max(kp.size for kp in kept)
+        rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
+        for b, (t, kp) in enumerate(zip(trees, kept)):
+            n = kp.size
+            if n == 0:
+                continue
+            r = self.row_of[b]
+            columns = self.next_column[b] + np.arange(n)
+            self.next_column[b] += n
+            node_columns = self.node_columns[b]
+            node_columns[kp] = columns
+            paths = t.paths[kp]  # [n, depth+1] node ids by depth, -1 past the node's depth; node 0 is committed
+            rows[r, :n, 0] = t.tokens[kp]
+            rows[r, :n, 1] = roots[b] + t.depths[kp]
+            rows[r, :n, 2] = columns
+            rows[r, :n, 3] = self.committed[b]
+            # The ancestors' columns (the node's own among them); the root and unused entries repeat its own.
+            ancestors = np.where(paths > 0, node_columns[np.maximum(paths, 0)], columns[:, None])
+            rows[r, :n, ROW_FIELDS:] = columns[:, None]
+            rows[r, :n, ROW_FIELDS : ROW_FIELDS + ancestors.shape[1]] = ancestors
+        topk = self.run(rows)[self.row_of]  # [B, N, 2, K]
+        return topk[:, :, 0], topk[:, :, 1].astype(np.int64)
