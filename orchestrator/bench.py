@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="strip trailing whitespace from prompts (the reference pair's card explains why)")
     p.add_argument("--requests", type=int, default=32, help="requests per level at most")
     p.add_argument("--seconds", type=float, default=120.0, help="time per level at most")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="before each level, this many untimed requests per concurrent client (first-use costs such as "
+                        "CUDA graph captures stay out of the numbers)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--title", default="cast bench")
@@ -242,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     levels = []
     for policy in a.policies.split(","):
         for concurrency in (int(c) for c in a.concurrency.split(",")):
+            if a.warmup > 0:
+                asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.warmup * concurrency,
+                                      a.seconds))
             row, results = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests,
                                                  a.seconds))
             print(

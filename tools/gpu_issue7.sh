@@ -65,7 +65,7 @@ if has bench_ref; then
     for _ in $(seq 1 300); do grep -q '^ready' "$OUT/stack_ref.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
     tail -n 3 "$OUT/stack_ref.log"
     $CAST bench --policies ${REF_POLICIES:-cast,eagle2,chain,ar} --concurrency ${REF_CONCURRENCY:-1,8,32} \
-        --requests ${REF_REQUESTS:-32} --seconds ${REF_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts \
+        --requests ${REF_REQUESTS:-32} --seconds ${REF_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
         --out "$OUT/bench_ref" --title "reference pair on one GPU, draft ${CAST_DRAFT_PROVIDER:-auto}"
     kill $STACK; wait $STACK 2>/dev/null
 fi
@@ -80,7 +80,7 @@ if has bench_wide; then
     tail -n 5 "$OUT/stack_wide.log"
     $CAST generate --json --max-new-tokens 64 "def fibonacci(n):" > "$OUT/generate_cast_wide.json" 2>&1 && head -c 600 "$OUT/generate_cast_wide.json"; echo
     $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,chain,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
-        --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts \
+        --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
         --out "$OUT/bench_wide" --title "$SHAPE-shaped target (widened reference target), draft ${CAST_DRAFT_PROVIDER}"
     # VARIANTS: more orchestrators on the same draft and verify services, each with its own flags, e.g.
     #   VARIANTS="unary=--step-rpc_unary c2x2=--cast-c2_2"  (underscores become spaces); each is benched with
@@ -94,7 +94,7 @@ if has bench_wide; then
         for addr in 127.0.0.1:$port 127.0.0.1:50051 127.0.0.1:$port; do
             echo "-- variant $name ($flags) at $addr"
             $CAST bench --addr $addr --policies ${VARIANT_POLICIES:-ar,cast} --concurrency ${VARIANT_CONCURRENCY:-1} \
-                --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts \
+                --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
                 --out "/tmp/bench_variant_$name" --title "variant $name" 2>&1 | grep -E "c=|step p50"
         done
         kill $ORCH; wait $ORCH 2>/dev/null

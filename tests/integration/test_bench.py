@@ -37,3 +37,18 @@ def test_differences_are_counted_against_ar_per_prompt():
     assert (ar.differ_from_ar, cast.differ_from_ar) == (0, 1)
     count_differences([(none, [result("a", [1])])])
     assert none.differ_from_ar == -1  # no ar run: nothing to compare with
+
+
+def test_warmup_requests_are_not_counted(tiny_stack, tmp_path):
+    import csv
+    import json
+
+    from orchestrator.bench import main
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts_for_tests(3)))
+    out = tmp_path / "out"
+    assert main(["--addr", tiny_stack.spec.address, "--policies", "ar", "--concurrency", "2", "--requests", "3",
+                 "--warmup", "1", "--prompts", str(source), "--max-new-tokens", "4", "--out", str(out)]) == 0
+    [row] = list(csv.DictReader((out / "bench.csv").open()))
+    assert int(row["requests"]) == 3, "the 2 warm-up requests (1 per client) stay out of the level"
