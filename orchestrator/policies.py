@@ -16,7 +16,7 @@ import numpy as np
 
 from cast.v1 import draft_pb2
 from cast_core.errors import InvalidArgument
-from cast_core.selection import CastParams, GainBuffer, batch_topk_utilities, layer_gains, rerank_count
+from cast_core.selection import CastParams, GainBuffer, batch_topk_utilities, layer_gains, select_count
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
 
@@ -67,17 +67,22 @@ class TreePolicy:
         """
         m = self.verify_tokens
         if self.cast is not None:
-            prices = costs.rerank_costs(batch, context, max(len(t) for t in expanded))
-            m = min(rerank_count([t.values for t in expanded], prices, self.cast.rerank_threshold / value_scale), m)
-            m = most_efficient_cut([t.values for t in expanded], prices, m, value_scale)
+            # The reranking rule (rerank_count) and the cut share one sort of the values.
+            utilities = batch_topk_utilities([t.values for t in expanded])  # [max N]
+            prices = costs.rerank_costs(batch, context, utilities.shape[0])
+            m = min(select_count(utilities, prices, self.cast.rerank_threshold / value_scale), m)
+            m = most_efficient_cut(utilities, prices, m, value_scale)
         return [t.top_m(m) for t in expanded]
 
 
-def most_efficient_cut(values: list[np.ndarray], costs: np.ndarray, limit: int, value_scale: float = 1.0) -> int:
+def most_efficient_cut(utilities: np.ndarray, costs: np.ndarray, limit: int, value_scale: float = 1.0) -> int:
     """argmax over m <= limit of u_m / c_m: u_m the batch-average expected tokens of each tree's top m nodes (the
-    root's 1, then value_scale per unit of the others' values), c_m costs[m-1]."""
-    utilities = 1 + value_scale * (batch_topk_utilities(values)[:limit] - 1)  # [limit]
-    return int(np.argmax(utilities / costs[: utilities.shape[0]])) + 1
+    root's 1, then value_scale per unit of the others' values), c_m costs[m-1].
+
+    utilities: [max N] batch_topk_utilities of the trees' values.
+    """
+    expected = 1 + value_scale * (utilities[:limit] - 1)  # [limit]
+    return int(np.argmax(expected / costs[: expected.shape[0]])) + 1
 
 
 def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list[float]:
@@ -85,12 +90,16 @@ def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list
 
     The last layer proposes no children (kept 0): it is priced by as many of its best as the layer above kept.
     """
+    # One sort by (depth, value) for all layers instead of a mask and a sort per layer; each layer's ascending run
+    # is then read backwards exactly as np.sort(layer)[::-1] would be (the same float32 sums).
+    order = np.lexsort((expanded.values, expanded.depths))  # [N] by depth, then value ascending
+    values = expanded.values[order]
+    starts = np.searchsorted(expanded.depths[order], np.arange(1, len(kept_per_layer) + 2)).tolist()  # [D + 1]
     utilities = []
     previous = 1
     for depth, kept in enumerate(kept_per_layer, start=1):
-        values = np.sort(expanded.values[expanded.depths == depth])[::-1]
         take = kept or previous
-        utilities.append(float(values[:take].sum()))
+        utilities.append(float(values[starts[depth - 1]:starts[depth]][::-1][:take].sum()))
         previous = take
     return utilities
 
