@@ -53,15 +53,18 @@ class CastParams:
     rerank_threshold: float = DEFAULT_RERANK_THRESHOLD  # C3
     gain_buffer_size: int = DEFAULT_GAIN_BUFFER_SIZE  # R
     # Depth also stops where the next layer would lower the step's expected tokens per unit of cost (the draft's
-    # efficiency rule, draft_service/expansion.py: expand_another_layer). Off by default: on the 2-core CPU it
-    # stopped trees at 2-4 layers and lost to C2 alone at batch 1 (170-185 vs 187-204 tok/s) and at batch 8.
-    efficient_depth: bool = False
+    # efficiency rule, draft_service/expansion.py: expand_another_layer). None: on where the verifier runs on a GPU.
+    # There (H100, 8B-shaped target) it won at batch 8 (2.10-2.17x `ar` against 1.77-1.89x) and tied at batch 1;
+    # on the 2-core CPU it stopped trees at 2-4 layers and lost to C2 alone at batch 1 and 8.
+    efficient_depth: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("breadth_threshold", "depth_threshold", "rerank_threshold"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.efficient_depth not in (True, False, None):
+            raise ValueError(f"efficient_depth must be True, False or None, got {self.efficient_depth!r}")
         if isinstance(self.gain_buffer_size, bool) or not isinstance(self.gain_buffer_size, int):
             raise ValueError(f"gain_buffer_size must be an int, got {self.gain_buffer_size!r}")
         if self.gain_buffer_size < 1:

@@ -69,9 +69,10 @@ class OrchestratorConfig:
                        help="CAST reranking threshold C3")
         p.add_argument("--cast-r", type=int, default=int(_env("CAST_R", str(defaults.gain_buffer_size))),
                        help="CAST gain buffer size R")
-        p.add_argument("--cast-efficient-depth", choices=("on", "off"),
-                       default=_env("CAST_EFFICIENT_DEPTH", "on" if defaults.efficient_depth else "off"),
-                       help="also stop a tree's depth where another layer would lower the step's tokens per ms")
+        p.add_argument("--cast-efficient-depth", choices=("auto", "on", "off"),
+                       default=_env("CAST_EFFICIENT_DEPTH", "auto"),
+                       help="also stop a tree's depth where another layer would lower the step's tokens per ms "
+                            "(auto: where the verifier runs on a GPU)")
         p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         p.add_argument("--step-rpc", choices=("stream", "unary"), default=_env("STEP_RPC", "stream"),
@@ -90,6 +91,7 @@ class OrchestratorConfig:
             rpc_timeout_s=a.rpc_timeout,
             max_live=a.max_live,
             max_queued=a.max_queued,
-            cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r, a.cast_efficient_depth == "on"),
+            cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r,
+                            {"auto": None, "on": True, "off": False}[a.cast_efficient_depth]),
             step_rpc=a.step_rpc,
         )

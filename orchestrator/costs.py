@@ -57,6 +57,11 @@ class CostModel:
             draft=draft or prior_table("draft", lam_ms=0.02, delta_ms=1.0),
         )
 
+    @property
+    def verifier_on_gpu(self) -> bool:
+        """Whether the verify replica's table was profiled on a GPU (its device names one: not cpu, not a prior)."""
+        return self.verify.device not in ("cpu", "unknown")
+
     def verify_step_ms(self, batch: int, context: int, tokens: int) -> float:
         return self.verify.lookup(batch, context, tokens) + self.verify_overhead_ms.get(batch, 0.0)
 

@@ -50,10 +50,18 @@ class TreePolicy:
                     depth_threshold=self.cast.depth_threshold / value_scale,
                     gain_mean=gains.alpha,
                     value_scale=value_scale,
-                    step_base_cost=costs.drafted_step_base(batch, context) if self.cast.efficient_depth else 0.0,
+                    step_base_cost=costs.drafted_step_base(batch, context) if self.efficient_depth(costs) else 0.0,
                 )
             )
         return budget
+
+    def efficient_depth(self, costs: CostModel) -> bool:
+        """CAST's efficiency rule for depth: as configured, or (auto) where the verifier runs on a GPU."""
+        if self.cast is None:
+            return False
+        if self.cast.efficient_depth is None:
+            return costs.verifier_on_gpu
+        return self.cast.efficient_depth
 
     def select(self, expanded: list[TokenTree], costs: CostModel, batch: int, context: int,
                value_scale: float = 1.0) -> list[TokenTree]:

@@ -32,3 +32,19 @@ def test_a_higher_acceptance_scale_verifies_more_of_the_tree():
     budget = cast.budget(8, costs, 8, 100, GainBuffer.full_of_ones(8), value_scale=2.0)
     assert np.isclose(budget.cast.depth_threshold, cast.cast.depth_threshold / 2.0)
     assert np.isclose(budget.cast.breadth_threshold, cast.cast.breadth_threshold / 2.0)
+
+
+def test_the_efficiency_rule_is_on_where_the_verifier_runs_on_a_gpu_unless_configured():
+    from dataclasses import replace
+
+    from cast_core.selection import CastParams
+
+    def step_base(device: str, efficient_depth: bool | None) -> float:
+        costs = CostModel(verify=CostTable.linear(0.01, 7.0, **GRID, device=device),
+                          draft=CostTable.linear(0.05, 1.0, **GRID, device=device))
+        cast = replace(POLICIES["cast"], cast=CastParams(efficient_depth=efficient_depth))
+        return cast.budget(8, costs, 1, 100, GainBuffer.full_of_ones(8)).cast.step_base_cost
+
+    assert step_base("NVIDIA H100 80GB HBM3", None) > 1.0  # auto on a GPU: the step's base cost is sent
+    assert step_base("cpu", None) == 0.0                  # auto on a CPU: C2 alone
+    assert step_base("cpu", True) > 1.0 and step_base("NVIDIA H100 80GB HBM3", False) == 0.0
