@@ -244,9 +244,10 @@ class Expander:
         return out, self.kv.model_seconds
 
     @property
-    def captures(self) -> int:
-        """CUDA graphs the runner captured so far: an Expand that adds one measured a capture, not a step."""
-        return getattr(self.runner, "captures", 0)
+    def cold_runs(self) -> int:
+        """The runner's first runs of a shape bucket so far (StaticRunner: a CUDA graph capture, or on CPU a new
+        session's first run): an Expand that adds one measured that, not a step."""
+        return getattr(self.runner, "cold_runs", 0)
 
     def rewind(self, sequence_id: str, length: int) -> None:
         """Forget a sequence's committed tokens past `length` (benchmarks repeat a call on the same context)."""

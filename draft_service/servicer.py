@@ -78,10 +78,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def timed_expand(self, sequences, budget):
         """The trees, the seconds of the whole domain call (forwards and the tree bookkeeping between them: what
         the orchestrator prices per layer; the RPC around it is the orchestrator's to measure), and whether the
-        call captured a CUDA graph."""
-        start, captures = time.perf_counter(), self.expander.captures
+        call was cold (it captured a CUDA graph, or ran a new shape bucket's session for the first time)."""
+        start, cold_runs = time.perf_counter(), self.expander.cold_runs
         trees, _ = self.expander.expand(sequences, budget)
-        return trees, time.perf_counter() - start, self.expander.captures > captures
+        return trees, time.perf_counter() - start, self.expander.cold_runs > cold_runs
 
     async def expand(self, request: draft_pb2.ExpandRequest) -> draft_pb2.ExpandResponse:
         """One Expand, unary or on a stream; raises CastError."""

@@ -123,3 +123,21 @@ def test_the_cost_table_profiles_the_static_runner(static_runner):
     assert table.millis.shape == (len(QUICK_GRID.batch_sizes), len(QUICK_GRID.context_buckets),
                                   len(QUICK_GRID.token_counts))
     assert (table.millis > 0).all()
+
+
+def test_an_expand_that_first_runs_a_shape_says_it_is_cold(static_exported):
+    """The orchestrator keeps such a call out of its cost model and draft gate (a capture costs many steps)."""
+    from cast.v1 import common_pb2
+    from draft_service.servicer import DraftServicer
+
+    servicer = DraftServicer(expander(StaticRunner(*static_exported, provider="cpu")), common_pb2.ReplicaDescription())
+    try:
+        budget = Budget(top_k=2, max_depth=2, max_breadth=2)
+        _, _, cold = servicer.timed_expand([seq("a", PROMPT)], budget)
+        assert cold, "new buckets: the prompt's, and the tree layers'"
+        _, _, cold = servicer.timed_expand([seq("b", PROMPT)], budget)  # a's row is b's now: the same shapes
+        assert not cold
+        _, _, cold = servicer.timed_expand([seq("a", [1], 9), seq("b", [2], 9)], budget)  # batch bucket 2: new
+        assert cold
+    finally:
+        servicer.close()
