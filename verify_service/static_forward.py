@@ -248,6 +248,29 @@ class StaticForward:
                     pass
                 return None
 
+    @torch.no_grad()
+    def capture_buckets(self, batches: Sequence[int]) -> int:
+        """Capture every (tokens, context) bucket of these batch buckets now, with dummy rows only (they write
+        scratch columns): serving at those batch sizes then never pays a capture. Before any sequence exists
+        (start-up). Returns the graphs captured."""
+        if not self.use_graphs:
+            return 0
+        assert not self.store.owners, "capture_buckets runs before any sequence holds a slot"
+        before = self.captures
+        for rows in (b for b in self.batch_buckets if b in batches):
+            for n in self.token_buckets:
+                for write_at in self.context_buckets:
+                    if (rows, n, write_at) in self.graphs:
+                        continue
+                    self._stage([], [], rows, n)
+                    self.store.begin_static_forward([], rows, write_at)
+                    try:
+                        self._run(rows, n, write_at)
+                    finally:
+                        self.store.end_forward()
+        torch.cuda.synchronize(self.target.device)
+        return self.captures - before
+
     def describe(self) -> str:
         s, c = self.store.slot_capacity, self.store.context_capacity
         nbytes = 2 * self.store.keys_all.numel() * self.store.keys_all.element_size()
