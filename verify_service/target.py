@@ -67,22 +67,25 @@ def batch_attention_mask(prefix_lengths: np.ndarray, write_at: int, visible: np.
     return mask.masked_fill_(~seen[:, None], torch.finfo(dtype).min)
 
 
-def pad_rows(rows: Sequence[np.ndarray], fill: int) -> np.ndarray:
-    """[B, max len] int64 from B 1-D arrays, right-padded with `fill`."""
-    out = np.full((len(rows), max(len(r) for r in rows)), fill, dtype=np.int64)
+def pad_rows(rows: Sequence[np.ndarray], fill: int, width: int = 0) -> np.ndarray:
+    """[B, max(max len, width)] int64 from B 1-D arrays, right-padded with `fill`."""
+    out = np.full((len(rows), max(width, *(len(r) for r in rows))), fill, dtype=np.int64)
     for b, r in enumerate(rows):
         out[b, : len(r)] = r
     return out
 
 
-def padded_visibility(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """[B, N, N] bool from B ancestor masks [N_b, N_b]: padding nodes (i >= N_b) see only themselves, so no
-    softmax row is empty and their (discarded) outputs stay finite."""
-    n = max(len(m) for m in masks)
+def padded_visibility(masks: Sequence[np.ndarray], width: int = 0) -> np.ndarray:
+    """[B, N, N] bool from B ancestor masks [N_b, N_b], N = max(N_b, width): padding nodes (i >= N_b) see only
+    themselves, so no softmax row is empty and their (discarded) outputs stay finite."""
+    n = max(width, *(len(m) for m in masks))
     out = np.broadcast_to(np.eye(n, dtype=bool), (len(masks), n, n)).copy()
     for b, m in enumerate(masks):
         out[b, : len(m), : len(m)] = m
     return out
+
+
+PREFILL_ALIGN = 64  # on CUDA: see TargetModel.prefill_align
 
 
 @dataclass
@@ -97,6 +100,10 @@ class TargetModel:
     cache_kwarg: str  # "cache" in transformers >= 5.2x, "past_key_values" before
     takes_logits_to_keep: bool  # most causal LMs can skip the LM head for positions we don't need
     fused: FusedLlama | None = None  # our Llama forward (fused_llama.py); None: transformers' own
+    # A prefill's tokens per row are padded to a multiple of this. On CUDA the first forward of each new length
+    # cost ~45 ms more than the next (8B shape, H100: prefill of 100-131 tokens 64-108 ms new, 30 ms seen): with
+    # every prompt length distinct, first requests paid it. Padded, a few dozen shapes cover every prompt.
+    prefill_align: int = 1
 
     @staticmethod
     def load(
@@ -136,6 +143,7 @@ class TargetModel:
             cache_kwarg="cache" if "cache" in params else "past_key_values",
             takes_logits_to_keep="logits_to_keep" in params,
             fused=build_fused(model, forward, torch_device),
+            prefill_align=PREFILL_ALIGN if torch_device.type == "cuda" else 1,
         )
 
     @property
@@ -151,7 +159,12 @@ class TargetModel:
             return
         chains = [np.tril(np.ones((len(ids), len(ids)), dtype=bool)) for _, ids in rows]  # a chain's ancestors
         depths = [np.arange(len(ids)) for _, ids in rows]
-        self._batched_forward([kv for kv, _ in rows], [ids for _, ids in rows], depths, chains, last_only=True)
+        store = rows[0][0].store
+        width = -(-max(len(ids) for _, ids in rows) // self.prefill_align) * self.prefill_align
+        if store.fixed:  # the padding's scratch entries must fit the static buffers too
+            width = min(width, store.context_capacity - max(kv.length for kv, _ in rows))
+        self._batched_forward([kv for kv, _ in rows], [ids for _, ids in rows], depths, chains, last_only=True,
+                              width=width)
         rows[0][0].store.keep([kv for kv, _ in rows], [range(len(ids)) for _, ids in rows])
 
     @torch.no_grad()
@@ -165,20 +178,21 @@ class TargetModel:
         return [logits[b, : len(t)] for b, t in enumerate(trees)]
 
     def _batched_forward(self, kvs: Sequence[SequenceKV], tokens: Sequence[np.ndarray], depths: Sequence[np.ndarray],
-                         ancestors: Sequence[np.ndarray], last_only: bool = False) -> torch.Tensor:
+                         ancestors: Sequence[np.ndarray], last_only: bool = False, width: int = 0) -> torch.Tensor:
         """Row b: tokens[b] at positions length_b + depths[b], node i seeing the prefix of kvs[b] and the nodes j
-        with ancestors[b][i, j]. Returns logits [B, N_max, V] in the order of kvs ([B, 1, V] if last_only)."""
+        with ancestors[b][i, j]; rows padded to at least `width` nodes. Returns logits [B, N, V] in the order of kvs
+        ([B, 1, V] if last_only)."""
         store = kvs[0].store
         # Rows in slot order: a batch of consecutive slots (every live sequence, usually) attends to buffer views.
         order = sorted(range(len(kvs)), key=lambda b: kvs[b].slot)
         kvs = [kvs[b] for b in order]
         lengths = np.array([kv.length for kv in kvs], dtype=np.int64)  # [B]
-        ids = pad_rows([tokens[b] for b in order], fill=0)  # [B, N]; padding nodes carry token 0...
-        positions = lengths[:, None] + pad_rows([depths[b] for b in order], fill=0)  # ...at position P_b: in range
+        ids = pad_rows([tokens[b] for b in order], fill=0, width=width)  # [B, N]; padding nodes carry token 0...
+        positions = lengths[:, None] + pad_rows([depths[b] for b in order], fill=0, width=width)  # ...at P_b
         store.begin_forward(kvs, ids.shape[1])
         try:
-            mask = batch_attention_mask(lengths, store.write_at, padded_visibility([ancestors[b] for b in order]),
-                                        self.dtype, self.device)  # [B, 1, N, W0 + N]
+            visible = padded_visibility([ancestors[b] for b in order], width=ids.shape[1])
+            mask = batch_attention_mask(lengths, store.write_at, visible, self.dtype, self.device)  # [B, 1, N, W0 + N]
             logits = self._forward(store, torch.from_numpy(ids).to(self.device),
                                    torch.from_numpy(positions).to(self.device), mask, last_only)
         finally:

@@ -161,3 +161,28 @@ def test_the_packed_alternative_computes_the_same_logits(target64: TargetModel):
     row = pack_prefixes(kvs, sum(map(len, prefixes)) + sum(map(len, trees)))
     packed = packed_forward(target64, row, [len(p) for p in prefixes], trees)[0]  # [sum N, V]
     torch.testing.assert_close(torch.cat(padded), packed, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_prefill_padded_to_an_alignment_fills_the_same_kv(target64: TargetModel, static: bool):
+    """On CUDA prefills are padded (TargetModel.prefill_align) so that prompt lengths share shapes; the padding
+    writes only scratch entries. An alignment past the static buffers' room is cut to it."""
+    from dataclasses import replace
+
+    from verify_service.static_forward import static_store
+
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, target64.vocab_size, n).tolist() for n in (5, 11, 3)]
+    stores = []
+    for align in (1, 8 if not static else 10**6):
+        store = static_store(target64, 4, 16) if static else KVStore()
+        kvs = [store.allocate() for _ in prompts]
+        replace(target64, prefill_align=align).prefill(kvs, prompts)
+        assert [kv.length for kv in kvs] == [5, 11, 3]
+        stores.append((store, kvs))
+    (plain, plain_kvs), (aligned, aligned_kvs) = stores
+    for a, b in zip(plain.layers, aligned.layers, strict=True):
+        for kv_a, kv_b, prompt in zip(plain_kvs, aligned_kvs, prompts):
+            n = len(prompt)
+            torch.testing.assert_close(a.keys[kv_a.slot, :, :n], b.keys[kv_b.slot, :, :n], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(a.values[kv_a.slot, :, :n], b.values[kv_b.slot, :, :n], rtol=1e-9, atol=1e-9)
