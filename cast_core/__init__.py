@@ -1,2 +1,1 @@
-"""Shared by every service: token trees, cost tables, the CAST selection rule, domain errors, the one-call-at-a-time
-domain worker. Pure but for the worker: no I/O."""
+"""Shared by every service: token trees, cost tables, the CAST selection rule, domain errors. Pure: no I/O."""

@@ -31,7 +31,6 @@ class DraftConfig:
     spinning: bool = False          # let ORT's idle threads spin: faster alone, slower beside a CPU verifier
     layout: str = "auto"            # KV layout: dynamic (a growing cache, host-kept) | static (device buffers and
                                     # CUDA graphs on CUDA) | auto (static on CUDA, dynamic on CPU)
-    steps_on_loop: str = "auto"     # an Expand on the event loop, not the worker thread: auto (on with CUDA) | on | off
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -48,8 +47,6 @@ class DraftConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {('auto', *DTYPES)}")
         if self.layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout: {self.layout!r} is not one of {('auto', *LAYOUTS)}")
-        if self.steps_on_loop not in ("auto", "on", "off"):
-            raise ValueError(f"steps_on_loop: {self.steps_on_loop!r} is not one of auto, on, off")
         if self.top_k < 1:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:

@@ -120,9 +120,7 @@ def warm_up(expander: Expander) -> None:
 async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    on_cuda = expander.runner.provider == PROVIDERS["cuda"]
-    steps_on_loop = config.steps_on_loop == "on" or config.steps_on_loop == "auto" and on_cuda
-    servicer = DraftServicer(expander, replica, steps_on_loop=steps_on_loop)
+    servicer = DraftServicer(expander, replica)
     server = grpc.aio.server()
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -1,8 +1,7 @@
 """cast.v1.DraftService over gRPC: proto <-> domain only; the model work runs in expansion.py.
 
-Model and session work runs one call at a time (cast_core/worker.py), on one worker thread; with `steps_on_loop`
-(on with the CUDA provider) an Expand runs on the event loop itself when nothing else runs, saving the hop to the
-worker and back.
+All model and session work goes to one single-thread executor: it keeps the event loop free, and it
+serialises every touch of the sessions (Expand, Release, expiry) without locks.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import numpy as np
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import CastError, InvalidArgument
-from cast_core.worker import DomainWorker
 from draft_service.errors import abort_with, status_code
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
 
@@ -68,11 +66,14 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription, steps_on_loop: bool = False) -> None:
+    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription) -> None:
         self.expander = expander
         self.replica = replica
-        self.worker = DomainWorker(ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model"), steps_on_loop)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self.expiry_task: asyncio.Task | None = None  # set by the server
+
+    async def in_executor(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def timed_expand(self, sequences, budget):
         """The trees, the seconds of the whole domain call (forwards and the tree bookkeeping between them: what
@@ -86,7 +87,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         """One Expand, unary or on a stream; raises CastError."""
         budget = budget_from_proto(request.budget)
         sequences = sequences_from_proto(request.sequences)
-        trees, seconds, cold = await self.worker.run_step(self.timed_expand, sequences, budget)
+        trees, seconds, cold = await self.in_executor(self.timed_expand, sequences, budget)
         return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds,
                                         cold=cold)
 
@@ -108,7 +109,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             yield reply
 
     async def Release(self, request: draft_pb2.DraftReleaseRequest, context) -> draft_pb2.DraftReleaseResponse:
-        released = await self.worker.run(self.expander.release, list(request.sequence_ids))
+        released = await self.in_executor(self.expander.release, list(request.sequence_ids))
         return draft_pb2.DraftReleaseResponse(released=released)
 
     async def Describe(self, request: draft_pb2.DraftDescribeRequest, context) -> draft_pb2.DraftDescribeResponse:
@@ -118,7 +119,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return draft_pb2.DraftDescribeResponse(replica=replica)
 
     async def expire_sessions(self) -> list[str]:
-        stale = await self.worker.run(self.expander.expire)
+        stale = await self.in_executor(self.expander.expire)
         if stale:
             log.info("expired %d idle sequences", len(stale))
         return stale
@@ -134,4 +135,4 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def close(self) -> None:
         if self.expiry_task is not None:
             self.expiry_task.cancel()
-        self.worker.executor.shutdown(wait=False)
+        self.executor.shutdown(wait=False)

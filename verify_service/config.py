@@ -46,9 +46,6 @@ class VerifyConfig:
     cuda_graphs: str = "auto"
     max_batch: int = 32  # static layout: KV slots S, so also the most live sequences
     max_tree_tokens: int = 128  # static layout: the largest tree per sequence a Verify may send
-    # Run a step's Verify on the event loop instead of hopping to the worker thread and back (two thread wake-ups a
-    # call). auto: on with CUDA. Off on CPU: there the torch forward ran slower on the loop's thread.
-    steps_on_loop: str = "auto"
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -68,8 +65,6 @@ class VerifyConfig:
             raise ValueError(f"max_sessions: {self.max_sessions} must be at least 1")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} is not one of {', '.join(CUDA_GRAPHS)}")
-        if self.steps_on_loop not in CUDA_GRAPHS:
-            raise ValueError(f"steps_on_loop: {self.steps_on_loop!r} is not one of {', '.join(CUDA_GRAPHS)}")
         if self.max_batch < 1 or self.max_tree_tokens < 1:
             raise ValueError("max_batch and max_tree_tokens must be at least 1")
         if self.cuda_graphs == "on" or self.cuda_graphs == "auto" and self.device.startswith("cuda"):
@@ -90,10 +85,6 @@ class VerifyConfig:
     def static_layout(self, device_type: str) -> bool:
         """Whether the verifier uses the static KV layout on a device of this type ("cuda", "cpu")."""
         return self.cuda_graphs == "on" or self.cuda_graphs == "auto" and device_type == "cuda"
-
-    def loop_steps(self, device_type: str) -> bool:
-        """Whether a Verify runs on the event loop on a device of this type."""
-        return self.steps_on_loop == "on" or self.steps_on_loop == "auto" and device_type == "cuda"
 
     def session_cap(self, static: bool) -> int:
         """The most live sequences. In the static layout every sequence owns one of max_batch KV slots, so the cap
@@ -174,6 +165,4 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
          "graphs) or off (growing KV, eager)")
     flag("max_batch", int, 32, "static layout: KV slots, so the most live sequences and the largest batch")
     flag("max_tree_tokens", int, 128, "static layout: the most nodes per tree in a Verify (more: INVALID_ARGUMENT)")
-    flag("steps_on_loop", str, "auto", "run a step's Verify on the event loop, not the worker thread: auto (on with "
-         "CUDA), on or off")
     return parser

@@ -69,8 +69,7 @@ async def start(config: VerifyConfig) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
-    # One worker thread: it loads the model and then runs the domain calls that do not run on the event loop
-    # (see servicer.py).
+    # One worker thread: it loads the model and then runs every domain call (see servicer.py).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
     loop = asyncio.get_running_loop()
 
@@ -111,7 +110,7 @@ async def start(config: VerifyConfig) -> RunningServer:
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    servicer = VerifyServicer(verifier, executor, steps_on_loop=config.loop_steps(verifier.target.device.type))
+    servicer = VerifyServicer(verifier, executor)
     if cost_table is not None:
         servicer.description.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server)

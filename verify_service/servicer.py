@@ -1,13 +1,13 @@
 """gRPC servicer: translates protos to the domain (verifier.py) and back; nothing else.
 
-Domain calls run one at a time (cast_core/worker.py), so the Verifier, which is not thread-safe, is touched by one
-thread at a time: on one worker thread, which keeps long forwards off the event loop; with `steps_on_loop` (on
-with CUDA) a Verify runs on the event loop itself when nothing else runs, saving the hop to the worker and back.
+All domain calls run on one worker thread: model work stays off the event loop, and the Verifier, which is not
+thread-safe, is only ever touched by that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +17,6 @@ import numpy as np
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.errors import CastError
 from cast_core.tree import TokenTree
-from cast_core.worker import DomainWorker
 from verify_service.errors import abort_on_domain_error, status_code
 from verify_service.sampling import SamplingParams
 from verify_service.target import device_name
@@ -47,9 +46,9 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor, steps_on_loop: bool = False) -> None:
+    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
         self.verifier = verifier
-        self.worker = DomainWorker(executor, steps_on_loop)
+        self.executor = executor
         target = verifier.target
         self.description = common_pb2.ReplicaDescription(
             model_name=target.model_name,
@@ -61,10 +60,13 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             backend="torch",
         )
 
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
     @abort_on_domain_error
     async def Prefill(self, request: verify_pb2.PrefillRequest, context) -> verify_pb2.PrefillResponse:
         items = [PrefillItem(s.sequence_id, list(s.token_ids)) for s in request.sequences]
-        seconds = await self.worker.run(self.verifier.prefill, items)
+        seconds = await self._in_worker(self.verifier.prefill, items)
         return verify_pb2.PrefillResponse(verify_seconds=seconds)
 
     async def verify(self, request: verify_pb2.VerifyRequest) -> verify_pb2.VerifyResponse:
@@ -73,7 +75,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, seconds, cold = await self.worker.run_step(self.verifier.verify_noting_captures, items)
+        accepted, seconds, cold = await self._in_worker(self.verifier.verify_noting_captures, items)
         results = [
             verify_pb2.VerifyResult(
                 sequence_id=item.sequence_id,
@@ -103,7 +105,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
 
     @abort_on_domain_error
     async def Release(self, request: verify_pb2.VerifyReleaseRequest, context) -> verify_pb2.VerifyReleaseResponse:
-        released = await self.worker.run(self.verifier.release, list(request.sequence_ids))
+        released = await self._in_worker(self.verifier.release, list(request.sequence_ids))
         return verify_pb2.VerifyReleaseResponse(released=released)
 
     async def Describe(self, request: verify_pb2.VerifyDescribeRequest, context) -> verify_pb2.VerifyDescribeResponse:
@@ -113,7 +115,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         return verify_pb2.VerifyDescribeResponse(replica=replica)
 
     async def expire_idle_sessions(self) -> list[str]:
-        return await self.worker.run(self.verifier.expire)
+        return await self._in_worker(self.verifier.expire)
 
 
 async def expire_sessions_until_stopped(server: grpc.aio.Server, servicer: VerifyServicer, interval_s: float) -> None:
@@ -123,4 +125,4 @@ async def expire_sessions_until_stopped(server: grpc.aio.Server, servicer: Verif
         while await server.wait_for_termination(timeout=interval_s):
             await servicer.expire_idle_sessions()
     finally:
-        servicer.worker.executor.shutdown(wait=False)
+        servicer.executor.shutdown(wait=False)

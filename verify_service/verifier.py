@@ -1,8 +1,8 @@
 """The verify service's domain: sequences, their KV caches and pending tokens, Prefill / Verify / Release.
 
-No gRPC here. A Verifier is not thread-safe: the servicer calls it from one thread at a time (cast_core/worker.py),
-which also serialises model work. Each batched call validates every sequence first and only then touches the model,
-so a bad sequence leaves the others of its request untouched.
+No gRPC here. A Verifier is not thread-safe: the servicer calls it from one worker thread only, which also
+serialises model work. Each batched call validates every sequence first and only then touches the model, so a
+bad sequence leaves the others of its request untouched.
 
 Two KV layouts: a growing store and the eager padded forward (target.py), or, with `static_slots`, the static
 layout (static_forward.py: buffers allocated once, bucketed shapes, CUDA graphs on CUDA). The static layout holds

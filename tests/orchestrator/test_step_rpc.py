@@ -115,8 +115,7 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
 
     # Timed out: the answer comes after the deadline, once the draft's worker is free; it must not be read as the
     # answer to the next call, which goes on a fresh stream.
-    draft_busy = asyncio.ensure_future(draft_service.servicer.worker.run(time.sleep, 0.5))
-    await asyncio.sleep(0.05)  # the worker holds the draft now
+    draft_service.servicer.executor.submit(time.sleep, 0.5)
     code, _ = await failure(draft.expand([DraftItem("x", PROMPTS["x"], 0)], BUDGET, timeout=0.1))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert draft.stream.call is None
@@ -125,8 +124,7 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
 
     # Cancelled while the verifier is busy: the same.
     await verify.prefill({"x": PROMPTS["x"], "y": PROMPTS["y"]}, timeout=10)
-    verify_busy = asyncio.ensure_future(verify_service.servicer.worker.run(time.sleep, 0.5))
-    await asyncio.sleep(0.05)
+    verify_service.servicer.executor.submit(time.sleep, 0.5)
     task = asyncio.create_task(verify.verify([VerifyItem("x", TokenTree.root_only(PROMPTS["x"][-1]), GREEDY)], 10))
     await asyncio.sleep(0.1)
     task.cancel()
@@ -135,6 +133,5 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     assert verify.stream.call is None
     (committed,), _, _ = await verify.verify([VerifyItem("y", expanded.tree, GREEDY)], timeout=10)
     assert committed == expected["y"][0][3]
-    await asyncio.gather(draft_busy, verify_busy)
     await draft.close()
     await verify.close()
