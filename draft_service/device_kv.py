@@ -52,7 +52,8 @@ class DeviceKV:
         Returns the root's top-K probabilities and ids per sequence, [B, K] each.
         """
         B = len(sequences)
-        self.batch = bucket(B, BATCH_BUCKETS) or B
+        # Past the largest bucket: a multiple of it (flexible session, no graphs), so that few buffer sets exist.
+        self.batch = bucket(B, BATCH_BUCKETS) or -(-B // BATCH_BUCKETS[-1]) * BATCH_BUCKETS[-1]
         holders = self.runner.holders(self.batch)
         self.row_of, recompute = self.assign_rows(holders, sessions, [q.start_position for q in sequences])
         # Per sequence: the tokens to forward and the column of the first.

@@ -67,6 +67,8 @@ def test_static_layout_grows_the_same_trees_as_sequences_move(runner, static_run
         want, _ = host.expand(sequences, budget)
         got, _ = device.expand(sequences, budget)
         assert_same_trees(got, want)
+    assert 64 in static_runner.buffers and set(static_runner.buffers) <= {1, 2, 4, 8, 16, 32, 64}, \
+        "34 sequences use buffers of 64 rows: past the buckets, batch sizes round up to a multiple of 32"
     for sid in "abcde":
         assert device.sessions.get(sid).length == host.sessions.get(sid).length
         assert len(device.sessions.get(sid).tokens) == device.sessions.get(sid).length
