@@ -25,7 +25,7 @@ from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
 from draft_service.runner import PROVIDERS, DraftRunner, choose_dtype, choose_provider
-from draft_service.static_runner import StaticRunner
+from draft_service.static_runner import TREE_ROOM, StaticRunner
 from draft_service.servicer import DraftServicer
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,8 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
-# The static layout: columns past the context for a tree's nodes (more ends the tree early), and the batch buckets
-# whose CUDA graphs are captured at start-up (others on first use, their Expand flagged `cold`).
-TREE_ROOM = 512
+# The static layout's batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand
+# flagged `cold`).
 WARM_BATCHES = (1, 2, 4, 8)
 
 

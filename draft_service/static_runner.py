@@ -31,6 +31,7 @@ from draft_service.runner import DEVICES, PROVIDERS, choose_provider
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -74,7 +75,7 @@ class StaticRunner:
         self.device = DEVICES[self.provider]
         self.dtype = np.dtype(meta.dtype)
         # S columns per sequence: its tokens, then its tree's nodes; the last column is the padding rows' trash.
-        self.capacity = capacity or meta.max_context + 512
+        self.capacity = capacity or meta.max_context + TREE_ROOM
         self.width = ROW_FIELDS + ancestors  # W: a row's fields, then the visible ancestor columns
         on_cuda = self.provider == PROVIDERS["cuda"]
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
