@@ -26,7 +26,14 @@ from draft_service.static_runner import BATCH_BUCKETS, StaticRunner, bucket
 class DeviceKV:
     """Commit and layer forwards of one Expand call at a time over a StaticRunner."""
 
-    def __init__(self, runner: StaticRunner) -> None:
+    def __init__(self, runner: StaticRunner, max_context: int, max_depth: int) -> None:
+        """max_context, max_depth: the Expander's limits, which the runner's buffers and rows must hold."""
+        if runner.width - ROW_FIELDS < max_depth + 1:
+            raise ValueError(f"the runner's rows hold {runner.width - ROW_FIELDS} ancestors, trees of "
+                             f"{max_depth} layers need {max_depth + 1}")
+        if runner.capacity <= max_context:
+            raise ValueError(f"the runner's buffers hold {runner.capacity} columns, not more than the "
+                             f"context of {max_context}")
         self.runner = runner
         self.model_seconds = 0.0
         # The current call: per sequence its buffer row, its committed length and its next free column; per tree

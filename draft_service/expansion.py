@@ -29,10 +29,10 @@ from cast_core.selection import breadth_keep, layer_utility, should_expand
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from draft_service.device_kv import DeviceKV
-from draft_service.export import ROW_FIELDS
 from draft_service.host_kv import HostKV
 from draft_service.runner import DraftRunner
 from draft_service.static_runner import StaticRunner
+
 
 @dataclass(frozen=True)
 class CastBudget:
@@ -213,16 +213,7 @@ class Expander:
         # Per tree: bound the work and memory that one request can ask for.
         self.max_nodes = max_nodes
         self.max_depth = max_depth
-        if isinstance(runner, StaticRunner):
-            if runner.width - ROW_FIELDS < max_depth + 1:
-                raise ValueError(f"the runner's rows hold {runner.width - ROW_FIELDS} ancestors, trees of "
-                                 f"{max_depth} layers need {max_depth + 1}")
-            if runner.capacity <= max_context:
-                raise ValueError(f"the runner's buffers hold {runner.capacity} columns, not more than the "
-                                 f"context of {max_context}")
-            self.kv: HostKV | DeviceKV = DeviceKV(runner)
-        else:
-            self.kv = HostKV(runner)
+        self.kv = DeviceKV(runner, max_context, max_depth) if isinstance(runner, StaticRunner) else HostKV(runner)
 
     # public API
 

@@ -25,8 +25,8 @@ from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
 from draft_service.runner import PROVIDERS, DraftRunner, choose_dtype, choose_provider
-from draft_service.static_runner import TREE_ROOM, StaticRunner
 from draft_service.servicer import DraftServicer
+from draft_service.static_runner import TREE_ROOM, StaticRunner
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
