@@ -69,7 +69,7 @@ class GenerationStats:
 class Chunk:
     """What one step adds to the output; the last chunk has finish_reason and stats set."""
 
-    text: str
+    text: str | None  # None until the request's reader takes it from the assembler
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
@@ -87,13 +87,18 @@ class TextAssembler:
         self.request = request
         self.eos = None if request.ignore_eos else eos_token_id
         self.token_ids: list[int] = []
-        self.text = ""
+        self._text = ""
+        self._decoded = 0  # how many of token_ids _text holds: without stop strings, decoding waits for take_text
         self.emitted = 0
         self.holdback = max((len(s) for s in request.stop), default=1) - 1
 
-    def _decode(self) -> str:
-        full = self.tokenizer.decode(self.context_ids + self.token_ids, skip_special_tokens=True)
-        return full[len(self.context_text):]
+    @property
+    def text(self) -> str:
+        """The output's text so far (a stop string cut off)."""
+        if self._decoded < len(self.token_ids):
+            full = self.tokenizer.decode(self.context_ids + self.token_ids, skip_special_tokens=True)
+            self._text, self._decoded = full[len(self.context_text):], len(self.token_ids)
+        return self._text
 
     def add(self, tokens: list[int]) -> tuple[list[int], FinishReason | None]:
         """Append committed tokens until one finishes the request; return those taken and the reason."""
@@ -102,11 +107,11 @@ class TextAssembler:
         for token in tokens:
             self.token_ids.append(token)
             taken.append(token)
-            if self.request.stop:
-                self.text = self._decode()
-                cut = min((i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.request.stop) if i >= 0), default=-1)
+            if self.request.stop:  # only stop strings need the text now; else the reader decodes (take_text)
+                text = self.text
+                cut = min((i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.request.stop) if i >= 0), default=-1)
                 if cut >= 0:
-                    self.text = self.text[:cut]
+                    self._text = text[:cut]
                     reason = FinishReason.STOP
                     break
             if token == self.eos:
@@ -115,19 +120,18 @@ class TextAssembler:
             if len(self.token_ids) >= self.request.max_new_tokens:
                 reason = FinishReason.LENGTH
                 break
-        if not self.request.stop:
-            self.text = self._decode()
         return taken, reason
 
     def take_text(self, final: bool) -> str:
         """New text since the last call; holds back what could still become a stop string or a split character."""
-        end = len(self.text)
+        text = self.text
+        end = len(text)
         if not final:
             end -= self.holdback
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
+            while end > self.emitted and text[end - 1] == "\ufffd":
                 end -= 1
         if end <= self.emitted:
             return ""
-        out = self.text[self.emitted:end]
+        out = text[self.emitted:end]
         self.emitted = end
         return out

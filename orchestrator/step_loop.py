@@ -57,8 +57,7 @@ class LiveSequence:
 
     def finish(self, reason: FinishReason, taken: list[int]) -> None:
         self.stats.total_seconds = time.perf_counter() - self.started
-        self.out.put_nowait(Chunk(self.assembler.take_text(final=True), taken, reason, self.stats,
-                                  len(self.assembler.token_ids)))
+        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids)))
         self.done = True
 
     def fail(self, error: BaseException) -> None:
@@ -127,6 +126,8 @@ class StepLoop:
                 item = await seq.out.get()
                 if isinstance(item, BaseException):
                     raise item
+                # Detokenised here, not in the step loop: this runs while the loop waits for its next RPC.
+                item.text = seq.assembler.take_text(final=item.finish_reason is not None)
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -247,8 +248,7 @@ class StepLoop:
             if reason is not None:
                 s.finish(reason, taken)
             elif not s.done:
-                s.out.put_nowait(Chunk(s.assembler.take_text(final=False), taken,
-                                       completion_tokens=len(s.assembler.token_ids)))
+                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids)))
         timing.step = time.perf_counter() - started  # the records above share this object
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
         verified = {i.sequence_id: i.tree for i in items}
