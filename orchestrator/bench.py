@@ -58,6 +58,8 @@ class RequestResult:
     verify_s: float
     other_s: float
     verified_nodes: float  # mean nodes sent to the verifier per step
+    expanded_nodes: float  # mean nodes the draft proposed per step (root included)
+    verified_depth: float  # mean deepest verified layer per step
     step_breakdowns: list[StepBreakdown]
 
 
@@ -79,6 +81,8 @@ class LevelResult:
     verify_ms_per_step: float    # ... in Prefill and Verify calls
     other_ms_per_step: float     # the rest of the request's time: scheduling, policy, detokenising, queueing
     verified_nodes_per_step: float
+    expanded_nodes_per_step: float
+    verified_depth_per_step: float
     # Medians over all steps (a batched step counts once per sequence in it):
     step_ms_p50: float
     draft_model_ms_p50: float
@@ -94,6 +98,10 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(int(round(q / 100 * (len(ordered) - 1))), len(ordered) - 1)]
+
+
+def mean_of(items, attribute: str) -> float:
+    return statistics.mean(getattr(i, attribute) for i in items) if items else 0.0
 
 
 async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float) -> RequestResult:
@@ -119,7 +127,9 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
         draft_s=last.stats.draft_seconds,
         verify_s=last.stats.verify_seconds,
         other_s=last.stats.other_seconds,
-        verified_nodes=statistics.mean(s.verified_nodes for s in last.stats.step_stats) if last.stats.step_stats else 0.0,
+        verified_nodes=mean_of(last.stats.step_stats, "verified_nodes"),
+        expanded_nodes=mean_of(last.stats.step_stats, "expanded_nodes"),
+        verified_depth=mean_of(last.stats.step_stats, "depth"),
         step_breakdowns=[StepBreakdown.from_proto(s) for s in last.stats.step_stats],
     )
 
@@ -160,7 +170,9 @@ async def run_level(
         draft_ms_per_step=1e3 * sum(r.draft_s for r in results) / steps if steps else 0.0,
         verify_ms_per_step=1e3 * sum(r.verify_s for r in results) / steps if steps else 0.0,
         other_ms_per_step=1e3 * sum(r.other_s for r in results) / steps if steps else 0.0,
-        verified_nodes_per_step=statistics.mean(r.verified_nodes for r in results) if results else 0.0,
+        verified_nodes_per_step=mean_of(results, "verified_nodes"),
+        expanded_nodes_per_step=mean_of(results, "expanded_nodes"),
+        verified_depth_per_step=mean_of(results, "verified_depth"),
         step_ms_p50=percentile([b.step for b in steps_ms], 50),
         draft_model_ms_p50=percentile([b.draft_model for b in steps_ms], 50),
         verify_model_ms_p50=percentile([b.verify_model for b in steps_ms], 50),
@@ -254,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "
                 f"step: draft {row.draft_ms_per_step:.1f} verify {row.verify_ms_per_step:.1f} "
-                f"other {row.other_ms_per_step:.1f} ms, {row.verified_nodes_per_step:.1f} nodes  ({row.requests} req)\n"
+                f"other {row.other_ms_per_step:.1f} ms, {row.verified_nodes_per_step:.1f} of {row.expanded_nodes_per_step:.1f} "
+                f"nodes verified, depth {row.verified_depth_per_step:.1f}  ({row.requests} req)\n"
                 f"{'':>13}step p50 {row.step_ms_p50:.2f} ms = draft model {row.draft_model_ms_p50:.2f} + verify model "
                 f"{row.verify_model_ms_p50:.2f} + rpc {row.rpc_ms_p50:.2f} + orchestrator {row.orchestrator_ms_p50:.2f} "
                 f"(overhead p50 {row.overhead_ms_p50:.2f} ms)",

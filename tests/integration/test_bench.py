@@ -18,6 +18,9 @@ def test_a_level_reports_what_it_measured_and_outputs_match_ar(tiny_stack, tmp_p
         assert level.tokens_per_s > 0 and level.ttft_p50_ms > 0 and level.step_ms_p50 > 0
     (ar, _), (cast, _) = levels
     assert ar.mean_accepted_length == 1.0 and cast.mean_accepted_length >= 1.0
+    # ar verifies the root alone; a drafted step verifies part of what the draft proposed
+    assert (ar.expanded_nodes_per_step, ar.verified_nodes_per_step, ar.verified_depth_per_step) == (1.0, 1.0, 0.0)
+    assert cast.expanded_nodes_per_step >= cast.verified_nodes_per_step >= 1.0
     count_differences(levels)
     assert ar.differ_from_ar == 0 and cast.differ_from_ar == 0  # the tiny stack's verifier is float64: lossless
     write_csv([ar, cast], tmp_path / "bench.csv")
@@ -26,7 +29,7 @@ def test_a_level_reports_what_it_measured_and_outputs_match_ar(tiny_stack, tmp_p
 
 def test_differences_are_counted_against_ar_per_prompt():
     def result(prompt: str, tokens: list[int]) -> RequestResult:
-        return RequestResult(prompt, tokens, 0.1, 0.2, len(tokens), 1, 1.0, 0, 0, 0, 1.0, [])
+        return RequestResult(prompt, tokens, 0.1, 0.2, len(tokens), 1, 1.0, 0, 0, 0, 1.0, 1.0, 1.0, [])
 
     class Level:
         def __init__(self, policy: str) -> None:
