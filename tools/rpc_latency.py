@@ -17,7 +17,14 @@ this process calls it in each variant and reports p50/p90/p99 per call:
 Two payloads: ~400 B request / 64 B reply (a Verify call at batch 1) and ~100 B request / 10 KB reply (an Expand
 reply). Variants are measured interleaved in rounds, so noise from other processes on the host hits all alike.
 
+Back to back, every thread on both sides stays awake. Inside a decoding step they do not: each process sleeps while
+the other's model works. `--compute-ms C --gap-ms G` makes each call look like one inside a step: the handler
+works C ms (sleeps, where the model's forward would run: on the worker thread for `exec`, on the event loop for
+`loop`) and reports the time it spent, and the client waits G ms between calls (the other service's turn). The
+latency columns are then the round trip minus the handler's reported time, as `cast bench` counts a step's RPC.
+
     python -m tools.rpc_latency --calls 2000 --out rpc.csv
+    python -m tools.rpc_latency --calls 300 --compute-ms 7 --gap-ms 3 --out rpc-in-step.csv
 """
 
 from __future__ import annotations
@@ -54,13 +61,22 @@ BASELINE = "cast-like unary exec tcp"  # the ratio column is p50 / this variant'
 
 # ---------------------------------------------------------------- server (child process)
 
-def make_request(request_size: int, reply_size: int) -> bytes:
-    """The first 4 bytes say how big a reply the server should send; the rest is padding."""
-    return struct.pack("<I", reply_size) + bytes(max(0, request_size - 4))
+HEADER = struct.Struct("<Id")  # request: reply bytes, seconds of work to do
+WORKED = struct.Struct("<d")   # reply: seconds of work done (then padding)
+
+
+def make_request(request_size: int, reply_size: int, compute_s: float = 0.0) -> bytes:
+    """The header says how big a reply the server should send and how long to work first; the rest is padding."""
+    return HEADER.pack(reply_size, compute_s) + bytes(max(0, request_size - HEADER.size))
 
 
 def reply_for(request: bytes) -> bytes:
-    return bytes(struct.unpack_from("<I", request)[0])
+    """Work (sleep) as asked on the calling thread, then reply with the seconds that took."""
+    reply_size, compute_s = HEADER.unpack_from(request)
+    start = time.perf_counter()
+    if compute_s > 0:
+        time.sleep(compute_s)
+    return WORKED.pack(time.perf_counter() - start) + bytes(max(0, reply_size - WORKED.size))
 
 
 async def serve(uds_dir: str) -> None:
@@ -209,10 +225,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def measure(addresses: dict, calls: int, warmup: int, rounds: int, variants=VARIANTS) -> list[dict]:
-    """Every (variant, payload) gets `calls` timed round trips, spread over `rounds` interleaved rounds."""
+async def measure(addresses: dict, calls: int, warmup: int, rounds: int, variants=VARIANTS, compute_s: float = 0.0,
+                  gap_s: float = 0.0) -> list[dict]:
+    """Every (variant, payload) gets `calls` timed round trips, spread over `rounds` interleaved rounds. Each sample
+    is the round trip less the handler's reported work (compute_s); gap_s: the client's idle time between calls."""
     clients = {v.name: await open_client(v, addresses) for v in variants}
-    requests = {p: make_request(*sizes) for p, sizes in PAYLOADS.items()}
+    requests = {p: make_request(*sizes, compute_s) for p, sizes in PAYLOADS.items()}
     samples = {(v.name, p): [] for v in variants for p in PAYLOADS}
     cpu = {key: [0.0, 0.0] for key in samples}  # CPU seconds spent during the timed calls: [client, server]
     probe_channel = grpc.aio.insecure_channel(addresses["grpc_tcp"])
@@ -237,7 +255,9 @@ async def measure(addresses: dict, calls: int, warmup: int, rounds: int, variant
                     for _ in range(n):
                         start = time.perf_counter_ns()
                         reply = await call(request)
-                        out.append((time.perf_counter_ns() - start) / 1e6)
+                        out.append((time.perf_counter_ns() - start) / 1e6 - WORKED.unpack_from(reply)[0] * 1e3)
+                        if gap_s > 0:
+                            await asyncio.sleep(gap_s)
                     client1, server1 = time.process_time(), await server_cpu()
                     cpu[(v.name, p)][0] += client1 - client0
                     cpu[(v.name, p)][1] += server1 - server0  # includes one probe call's share: ~0.1 ms a batch
@@ -270,11 +290,11 @@ def start_server(uds_dir: str) -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(line)
 
 
-def run(calls: int, warmup: int, rounds: int, variants=VARIANTS) -> list[dict]:
+def run(calls: int, warmup: int, rounds: int, variants=VARIANTS, compute_s: float = 0.0, gap_s: float = 0.0) -> list[dict]:
     uds_dir = tempfile.mkdtemp(prefix="rpc_latency_", dir="/tmp")  # short path: sun_path holds ~107 bytes
     proc, addresses = start_server(uds_dir)
     try:
-        return asyncio.run(measure(addresses, calls, warmup, rounds, variants))
+        return asyncio.run(measure(addresses, calls, warmup, rounds, variants, compute_s, gap_s))
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -307,13 +327,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=2000, help="timed round trips per variant and payload")
     parser.add_argument("--warmup", type=int, default=100, help="untimed round trips per variant and payload")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds the calls are spread over")
+    parser.add_argument("--compute-ms", type=float, default=0.0,
+                        help="ms the handler works per call (excluded from the latency), as a model would in a step")
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="ms the client idles between calls")
     parser.add_argument("--out", help="CSV file to write")
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)  # the child process
     a = parser.parse_args(argv)
     if a.serve:
         asyncio.run(serve(a.serve))
         return
-    rows = run(a.calls, a.warmup, max(1, min(a.rounds, a.calls)))
+    rows = run(a.calls, a.warmup, max(1, min(a.rounds, a.calls)), compute_s=a.compute_ms / 1e3, gap_s=a.gap_ms / 1e3)
     print(format_table(rows))
     if a.out:
         write_csv(rows, a.out)
