@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cast_core.tree import TokenTree
+
 # The paper hand-set thresholds per model (values near 4 / 3 / 2.5). Ours come from measured sweeps
 # (reports/cpu_policies.md, reports/cpu_policies_sweep.md, reports/gpu_policies.md): with costs in units of one plain
 # decoding step, a threshold of 1 means "a node must pay for itself at least as well as plain decoding does".
@@ -286,3 +288,22 @@ def rerank_count(values: Sequence[np.ndarray] | np.ndarray, costs: np.ndarray, t
     if utilities.shape[0] == 0:
         raise ValueError("a tree has at least its root")
     return select_count(utilities, _check_costs(costs, utilities.shape[0], "costs"), threshold, min_keep=1)
+
+
+def kept_layer_utilities(expanded: TokenTree, kept_per_layer: Sequence[int]) -> list[float]:
+    """u^(i) per layer: the summed values of the nodes each layer kept (its best `kept` by value).
+
+    The last layer proposes no children (kept 0): it is priced by as many of its best as the layer above kept.
+    """
+    # One sort by (depth, value) for all layers instead of a mask and a sort per layer; each layer's ascending run
+    # is then read backwards exactly as np.sort(layer)[::-1] would be (the same float32 sums).
+    order = np.lexsort((expanded.values, expanded.depths))  # [N] by depth, then value ascending
+    values = expanded.values[order]
+    starts = np.searchsorted(expanded.depths[order], np.arange(1, len(kept_per_layer) + 2)).tolist()  # [D + 1]
+    utilities = []
+    previous = 1
+    for depth, kept in enumerate(kept_per_layer, start=1):
+        take = kept or previous
+        utilities.append(float(values[starts[depth - 1]:starts[depth]][::-1][:take].sum()))
+        previous = take
+    return utilities

@@ -25,7 +25,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, layer_utility, should_expand
+from cast_core.selection import breadth_keep, kept_layer_utilities, layer_utility, should_expand
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from draft_service.device_kv import DeviceKV
@@ -52,6 +52,7 @@ class Budget:
     max_depth: int                  # layers of candidates at most
     max_breadth: int                # nodes kept per layer at most
     cast: CastBudget | None = None  # set: prune by CAST within the limits above (issue 4)
+    max_returned_nodes: int = 0     # > 0: each tree is trimmed to its best nodes by value, at most this many
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class LayerStats:
 @dataclass
 class Expansion:
     sequence_id: str
-    tree: TokenTree
+    tree: TokenTree                # trimmed to budget.max_returned_nodes when that is set
     layers: list[LayerStats]
+    layer_utilities: list[float]   # u^(i) per layer, of the whole expansion (kept_layer_utilities)
+    expanded_nodes: int            # nodes expanded, root included, before trimming
 
 
 @dataclass
@@ -231,7 +234,12 @@ class Expander:
                     for q, s in zip(sequences, sessions)]
         root_probs, root_ids = self.kv.commit(sequences, sessions)
         trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids)
-        out = [Expansion(q.sequence_id, t.to_token_tree(), s) for q, t, s in zip(sequences, trees, stats)]
+        out = []
+        for q, t, s in zip(sequences, trees, stats):
+            tree = t.to_token_tree()
+            utilities = kept_layer_utilities(tree, [layer.kept for layer in s])
+            trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
+            out.append(Expansion(q.sequence_id, trimmed, s, utilities, len(tree)))
         return out, self.kv.model_seconds
 
     @property
@@ -273,6 +281,9 @@ class Expander:
                              "budget.max_depth")
         if budget.max_breadth < 1:
             raise InvalidArgument(f"{budget.max_breadth} must be >= 1", "budget.max_breadth")
+        if budget.max_returned_nodes < 0:
+            raise InvalidArgument(f"{budget.max_returned_nodes} must be >= 0 (0: every node)",
+                                  "budget.max_returned_nodes")
         if (nodes := max_tree_nodes(budget)) > self.max_nodes:
             raise OutOfRange(f"top_k {budget.top_k}, max_depth {budget.max_depth} and max_breadth "
                              f"{budget.max_breadth} allow trees of {nodes} nodes, the limit is {self.max_nodes}",

@@ -45,7 +45,8 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
                 raise InvalidArgument(f"must be a finite number >= 0, got {value}", f"budget.cast.{field}")
         cast = CastBudget(prices, c.breadth_threshold, c.depth_threshold, c.gain_mean,
                           value_scale=c.value_scale or 1.0, step_base_cost=c.step_base_cost)
-    return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast)
+    return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast,
+                  max_returned_nodes=budget.max_returned_nodes)
 
 
 def sequences_from_proto(sequences) -> list[SequenceInput]:
@@ -61,7 +62,9 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
         tree=common_pb2.TokenTree(
             tokens=t.tokens.tolist(), parents=t.parents.tolist(), depths=t.depths.tolist(), values=t.values.tolist()
         ),
-        layers=[draft_pb2.DraftLayerStats(candidates=s.candidates, kept=s.kept) for s in e.layers],
+        layers=[draft_pb2.DraftLayerStats(candidates=s.candidates, kept=s.kept, kept_utility=u)
+                for s, u in zip(e.layers, e.layer_utilities, strict=True)],
+        expanded_nodes=e.expanded_nodes,
     )
 
 

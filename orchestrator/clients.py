@@ -79,11 +79,14 @@ class StepStream:
 
 @dataclass
 class Expanded:
-    """A draft tree and, per layer, how many candidates it had and how many of them proposed children."""
+    """A draft tree (its best nodes, as many as the policy may verify) and, per layer of the whole expansion, how
+    many candidates it had, how many of them proposed children and their summed values u^(i)."""
 
     tree: TokenTree
     candidates_per_layer: list[int]
     kept_per_layer: list[int]
+    layer_utilities: list[float]
+    expanded_nodes: int  # root included, before the draft trimmed the tree
 
     def forwards(self, new_tokens: int) -> list[tuple[int, int]]:
         """The draft forwards this expansion took: [(tree nodes so far, new tokens)], the committing one first."""
@@ -140,6 +143,8 @@ class DraftClient:
                 tree=tree_from_proto(result.tree, "draft tree"),
                 candidates_per_layer=[layer.candidates for layer in result.layers],
                 kept_per_layer=[layer.kept for layer in result.layers],
+                layer_utilities=[layer.kept_utility for layer in result.layers],
+                expanded_nodes=result.expanded_nodes,
             )
             for result in response.trees
         ]

@@ -38,7 +38,9 @@ class TreePolicy:
                value_scale: float = 1.0) -> draft_pb2.ExpandBudget:
         """What the draft may expand. value_scale: accepted tokens per unit of node value (AcceptanceScale); the
         rules weigh value against cost, so scaling every value is dividing the thresholds C1 and C2 by it."""
-        budget = draft_pb2.ExpandBudget(top_k=self.top_k, max_depth=depth, max_breadth=self.max_breadth)
+        # Trees come back trimmed to the most nodes select() can keep: the rest only cost transfer and parsing.
+        budget = draft_pb2.ExpandBudget(top_k=self.top_k, max_depth=depth, max_breadth=self.max_breadth,
+                                        max_returned_nodes=self.verify_tokens)
         if self.cast is not None:
             prices = costs.draft_slice(batch, context)
             budget.cast.CopyFrom(
@@ -93,30 +95,14 @@ def most_efficient_cut(utilities: np.ndarray, costs: np.ndarray, limit: int, val
     return int(np.argmax(expected / costs[: expected.shape[0]])) + 1
 
 
-def kept_layer_utilities(expanded: TokenTree, kept_per_layer: list[int]) -> list[float]:
-    """u^(i) per layer: the summed values of the nodes each layer kept (its best `kept` by value).
-
-    The last layer proposes no children (kept 0): it is priced by as many of its best as the layer above kept.
-    """
-    # One sort by (depth, value) for all layers instead of a mask and a sort per layer; each layer's ascending run
-    # is then read backwards exactly as np.sort(layer)[::-1] would be (the same float32 sums).
-    order = np.lexsort((expanded.values, expanded.depths))  # [N] by depth, then value ascending
-    values = expanded.values[order]
-    starts = np.searchsorted(expanded.depths[order], np.arange(1, len(kept_per_layer) + 2)).tolist()  # [D + 1]
-    utilities = []
-    previous = 1
-    for depth, kept in enumerate(kept_per_layer, start=1):
-        take = kept or previous
-        utilities.append(float(values[starts[depth - 1]:starts[depth]][::-1][:take].sum()))
-        previous = take
-    return utilities
-
-
-def update_gains(gains: GainBuffer, expanded: list[tuple[TokenTree, list[int]]]) -> GainBuffer:
+def update_gains(gains: GainBuffer, per_sequence: list[list[float]]) -> GainBuffer:
     """Push this step's layer-to-layer gains phi = u^(i+1) / u^(i) into the buffer, u^(i) the batch average
     (the paper's: the depth rule tests the batch average too). One gain per layer, not per sequence: at batch 8 a
-    push per sequence replaced the whole buffer (R = 8) with one step's first layers."""
-    per_sequence = [kept_layer_utilities(tree, kept) for tree, kept in expanded]
+    push per sequence replaced the whole buffer (R = 8) with one step's first layers.
+
+    per_sequence: each sequence's u^(i) per layer, as the draft measured them (kept_layer_utilities)."""
+    if not per_sequence:
+        return gains
     depth = max(len(u) for u in per_sequence)
     batch_average = [sum(u[i] for u in per_sequence if i < len(u)) / len(per_sequence) for i in range(depth)]
     return gains.extend(layer_gains(batch_average))

@@ -300,9 +300,9 @@ class StepLoop:
             s.draft_seen = len(s.tokens)
             s.stats.draft_seconds += seconds
         if policy.cast is not None:
-            self.gains[policy.name] = update_gains(gains, [(e.tree, e.kept_per_layer) for e in expanded])
+            self.gains[policy.name] = update_gains(gains, [e.layer_utilities for e in expanded])
         chosen = policy.select([e.tree for e in expanded], self.costs, size, context, value_scale)
-        return [(tree, len(e.tree)) for tree, e in zip(chosen, expanded)]
+        return [(tree, e.expanded_nodes) for tree, e in zip(chosen, expanded)]
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
         """Cut the tree's deepest layers where the context has no room for them."""

@@ -69,6 +69,28 @@ def test_full_tree_holds_the_greedy_continuation_as_its_best_path(make_expander,
     assert best_path(e.tree) == greedy(PROMPT, 4)
 
 
+def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utilities(make_expander):
+    from dataclasses import replace
+
+    from cast_core.selection import kept_layer_utilities
+
+    budget = Budget(top_k=4, max_depth=4, max_breadth=3)  # 4 + 12 + 12 + 12 nodes: 41 with the root
+    [full], _ = make_expander().expand([seq("a", PROMPT)], budget)
+    [trimmed], _ = make_expander().expand([seq("a", PROMPT)], replace(budget, max_returned_nodes=10))
+    assert full.expanded_nodes == trimmed.expanded_nodes == len(full.tree) == 41
+    assert len(trimmed.tree) == 10
+    trimmed.tree.validate()  # the best nodes by value are a tree: closed under ancestors
+    best = full.tree.top_m(10)
+    for field in ("tokens", "parents", "depths", "values"):
+        assert np.array_equal(getattr(trimmed.tree, field), getattr(best, field)), field
+    # What CAST's depth rule learns from stays that of the whole expansion.
+    assert trimmed.layers == full.layers
+    assert trimmed.layer_utilities == full.layer_utilities == kept_layer_utilities(full.tree, [3, 3, 3, 0])
+    # The caller's selection of m <= 10 nodes is the same on either tree.
+    for m in (1, 4, 10):
+        assert np.array_equal(trimmed.tree.top_m(m).tokens, full.tree.top_m(m).tokens)
+
+
 @pytest.mark.parametrize("top_k,max_depth,max_breadth", [(4, 5, 3), (8, 3, 1), (1, 6, 1), (3, 1, 2), (5, 0, 4)])
 def test_layer_sizes_obey_the_budget(make_expander, greedy, top_k, max_depth, max_breadth):
     ex = make_expander()
@@ -135,6 +157,7 @@ def test_tree_is_clipped_at_the_context_end(make_expander):
         (Budget(9, 3, 2), [seq("a", PROMPT)], InvalidArgument, "budget.top_k"),
         (Budget(2, -1, 2), [seq("a", PROMPT)], InvalidArgument, "budget.max_depth"),
         (Budget(2, 3, 0), [seq("a", PROMPT)], InvalidArgument, "budget.max_breadth"),
+        (Budget(2, 3, 2, max_returned_nodes=-1), [seq("a", PROMPT)], InvalidArgument, "budget.max_returned_nodes"),
         (Budget(2, 3, 2), [seq("a", PROMPT), seq("", [1])], InvalidArgument, "sequences[1].sequence_id"),
         (Budget(2, 3, 2), [seq("a", PROMPT), seq("a", [1])], InvalidArgument, "sequences[1].sequence_id"),
         (Budget(2, 3, 2), [seq("a", [])], InvalidArgument, "sequences[0].new_tokens"),

@@ -53,7 +53,12 @@ async def test_expand_returns_trees_and_model_time(channel):
     tree = reply.trees[0]
     assert tree.tree.tokens[0] == PROMPT[-1] and tree.tree.parents[0] == -1
     assert [(s.candidates, s.kept) for s in tree.layers] == [(4, 2), (8, 2), (8, 0)]
-    assert len(tree.tree.tokens) == len(tree.tree.parents) == len(tree.tree.values) == 1 + 4 + 8 + 8
+    assert len(tree.tree.tokens) == len(tree.tree.parents) == len(tree.tree.values) == tree.expanded_nodes == 1 + 4 + 8 + 8
+    assert all(s.kept_utility > 0 for s in tree.layers)
+    trimmed = draft_pb2.ExpandBudget(top_k=BUDGET.top_k, max_depth=BUDGET.max_depth, max_breadth=BUDGET.max_breadth,
+                                     max_returned_nodes=6)
+    reply = await stub.Expand(expand_request(("c", PROMPT, 0), budget=trimmed))
+    assert len(reply.trees[0].tree.tokens) == 6 and reply.trees[0].expanded_nodes == 1 + 4 + 8 + 8
     reply = await stub.Expand(expand_request(("a", [11, 12], len(PROMPT))))
     assert reply.trees[0].tree.tokens[0] == 12
 
@@ -67,6 +72,9 @@ BAD = [
      grpc.StatusCode.INVALID_ARGUMENT, "budget.max_depth"),
     (expand_request(("a", PROMPT, 0), budget=draft_pb2.ExpandBudget(top_k=2, max_depth=2, max_breadth=0)),
      grpc.StatusCode.INVALID_ARGUMENT, "budget.max_breadth"),
+    (expand_request(("a", PROMPT, 0), budget=draft_pb2.ExpandBudget(top_k=2, max_depth=2, max_breadth=2,
+                                                                    max_returned_nodes=-3)),
+     grpc.StatusCode.INVALID_ARGUMENT, "budget.max_returned_nodes"),
     (expand_request(("a", PROMPT, 0), budget=draft_pb2.ExpandBudget(
         top_k=2, max_depth=2, max_breadth=2,
         cast=draft_pb2.CastBudget(node_buckets=[1, 2], token_counts=[1], normalized_cost=[0.1]))),

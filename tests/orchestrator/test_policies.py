@@ -1,7 +1,7 @@
 import numpy as np
 
 from cast_core.cost_table import CostTable
-from cast_core.selection import GainBuffer
+from cast_core.selection import GainBuffer, kept_layer_utilities
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
 from orchestrator.policies import POLICIES, update_gains
@@ -16,8 +16,9 @@ def chain(values: list[float]) -> TokenTree:
 
 
 def test_a_batched_step_pushes_one_gain_per_layer_not_one_per_sequence():
-    batch = [(chain([0.8, 0.4, 0.2]), [1, 1, 0])] * 8  # 8 sequences, 3 layers: gains 0.5 and 0.5
-    gains = update_gains(GainBuffer.full_of_ones(8), batch)
+    utilities = kept_layer_utilities(chain([0.8, 0.4, 0.2]), [1, 1, 0])
+    assert np.allclose(utilities, [0.8, 0.4, 0.2])  # float32 values
+    gains = update_gains(GainBuffer.full_of_ones(8), [utilities] * 8)  # 8 sequences, 3 layers: gains 0.5 and 0.5
     # Two gains of the batch average entered; the buffer still remembers six earlier ones.
     assert gains.gains == (1.0,) * 6 + (0.5, 0.5)
 
@@ -48,3 +49,11 @@ def test_the_efficiency_rule_is_on_where_the_verifier_runs_on_a_gpu_unless_confi
     assert step_base("NVIDIA H100 80GB HBM3", None) > 1.0  # auto on a GPU: the step's base cost is sent
     assert step_base("cpu", None) == 0.0                  # auto on a CPU: C2 alone
     assert step_base("cpu", True) > 1.0 and step_base("NVIDIA H100 80GB HBM3", False) == 0.0
+
+
+def test_trees_come_back_trimmed_to_what_the_policy_may_verify():
+    costs = CostModel(verify=CostTable.linear(2.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+    for name in ("cast", "eagle2", "chain"):
+        policy = POLICIES[name]
+        budget = policy.budget(policy.max_depth, costs, 1, 100, GainBuffer.full_of_ones(8))
+        assert budget.max_returned_nodes == policy.verify_tokens > 1, name

@@ -28,16 +28,18 @@ class CastBudget(_message.Message):
     def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ..., value_scale: _Optional[float] = ..., step_base_cost: _Optional[float] = ...) -> None: ...
 
 class ExpandBudget(_message.Message):
-    __slots__ = ("top_k", "max_depth", "max_breadth", "cast")
+    __slots__ = ("top_k", "max_depth", "max_breadth", "cast", "max_returned_nodes")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BREADTH_FIELD_NUMBER: _ClassVar[int]
     CAST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETURNED_NODES_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     max_depth: int
     max_breadth: int
     cast: CastBudget
-    def __init__(self, top_k: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_breadth: _Optional[int] = ..., cast: _Optional[_Union[CastBudget, _Mapping]] = ...) -> None: ...
+    max_returned_nodes: int
+    def __init__(self, top_k: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_breadth: _Optional[int] = ..., cast: _Optional[_Union[CastBudget, _Mapping]] = ..., max_returned_nodes: _Optional[int] = ...) -> None: ...
 
 class DraftSequence(_message.Message):
     __slots__ = ("sequence_id", "new_tokens", "start_position")
@@ -58,22 +60,26 @@ class ExpandRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ...) -> None: ...
 
 class DraftLayerStats(_message.Message):
-    __slots__ = ("candidates", "kept")
+    __slots__ = ("candidates", "kept", "kept_utility")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    KEPT_UTILITY_FIELD_NUMBER: _ClassVar[int]
     candidates: int
     kept: int
-    def __init__(self, candidates: _Optional[int] = ..., kept: _Optional[int] = ...) -> None: ...
+    kept_utility: float
+    def __init__(self, candidates: _Optional[int] = ..., kept: _Optional[int] = ..., kept_utility: _Optional[float] = ...) -> None: ...
 
 class ExpandedTree(_message.Message):
-    __slots__ = ("sequence_id", "tree", "layers")
+    __slots__ = ("sequence_id", "tree", "layers", "expanded_nodes")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPANDED_NODES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     tree: _common_pb2.TokenTree
     layers: _containers.RepeatedCompositeFieldContainer[DraftLayerStats]
-    def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ...) -> None: ...
+    expanded_nodes: int
+    def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ..., expanded_nodes: _Optional[int] = ...) -> None: ...
 
 class ExpandResponse(_message.Message):
     __slots__ = ("trees", "draft_seconds", "cold")
