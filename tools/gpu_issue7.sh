@@ -35,6 +35,10 @@ fi
 if has rpc; then
     stage "loopback RPC latency (no models)"
     python3 -m tools.rpc_latency --calls ${RPC_CALLS:-500} --out "$OUT/rpc_latency.csv"
+    # The same calls as inside a step at batch 1: the handler works 7 ms (the verifier's forward), the client idles
+    # 3 ms between calls (the draft's turn), so both processes sleep as they do in `cast bench`.
+    python3 -m tools.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
+        --gap-ms ${RPC_GAP_MS:-3} --out "$OUT/rpc_latency_in_step.csv"
 fi
 
 if has verify_ref; then
