@@ -57,3 +57,37 @@ def test_trees_come_back_trimmed_to_what_the_policy_may_verify():
         policy = POLICIES[name]
         budget = policy.budget(policy.max_depth, costs, 1, 100, GainBuffer.full_of_ones(8))
         assert budget.max_returned_nodes == policy.verify_tokens > 1, name
+
+
+def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
+    """n nodes, each under a random earlier one, a value its parent's times a factor in [low, 1) (as a draft's)."""
+    parents, depths, values = [-1], [0], [1.0]
+    for i in range(1, n):
+        p = int(rng.integers(0, i))
+        parents.append(p)
+        depths.append(depths[p] + 1)
+        values.append(values[p] * float(rng.uniform(low, 1.0)))
+    return TokenTree.from_lists(range(n), parents, depths, values)
+
+
+def test_a_tree_trimmed_to_the_policys_cap_selects_what_the_whole_tree_does():
+    # The draft returns each tree's best verify_tokens nodes. The reranking rule (C3) then scans those alone, not
+    # every expanded node; the cap bounds its count anyway, and on random trees under GPU-like step costs (flat up
+    # to 32 tokens a sequence, then dearer) and linear CPU-like ones the same nodes are verified.
+    counts = (1, 8, 16, 32, 64, 128, 256, 512)
+    gpu = np.array([[[7.0, 7.0, 7.1, 7.3, 7.6, 9.0, 12.0, 20.0]], [[7.2, 7.6, 8.0, 9.0, 11.0, 15.0, 24.0, 40.0]]])
+    tables = [CostTable("H100", "t", "bf16", (1, 8), (4096,), counts, gpu),
+              CostTable.linear(0.4, 5.0, batch_sizes=(1, 8), context_buckets=(4096,), token_counts=counts)]
+    rng = np.random.default_rng(0)
+    for trial in range(80):
+        costs = CostModel(verify=tables[trial % 2], draft=CostTable.linear(0.05, 1.0, **GRID))
+        batch = (1, 8)[trial // 2 % 2]
+        for name in ("cast", "eagle2"):
+            policy = POLICIES[name]
+            whole = [random_tree(rng, int(rng.integers(2, 400)), float(rng.uniform(0.05, 0.9))) for _ in range(batch)]
+            trimmed = [t.top_m(policy.verify_tokens) for t in whole]  # what the draft returns
+            value_scale = float(rng.uniform(0.5, 2.0))
+            expected = policy.select(whole, costs, batch, 300, value_scale)
+            got = policy.select(trimmed, costs, batch, 300, value_scale)
+            for e, g in zip(expected, got, strict=True):
+                assert np.array_equal(e.tokens, g.tokens) and np.array_equal(e.parents, g.parents)
