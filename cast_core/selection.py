@@ -140,13 +140,18 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
     batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
-    longest = max(np.asarray(v).shape[0] for v in batch)
-    padded = np.zeros((len(batch), longest), dtype=np.float64)  # [B, max_n]; padding is value 0
-    for b, values in enumerate(batch):
-        v = np.asarray(values, dtype=np.float64)
-        if v.ndim != 1 or np.any(v < 0) or not np.all(np.isfinite(v)):
+    arrays = [np.asarray(v, dtype=np.float64) for v in batch]
+    for b, v in enumerate(arrays):
+        if v.ndim != 1:
             raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
-        padded[b, : v.shape[0]] = -np.sort(-v)  # descending
+    padded = np.zeros((len(arrays), max(v.shape[0] for v in arrays)), dtype=np.float64)  # [B, max_n]; pad: 0
+    for b, v in enumerate(arrays):
+        padded[b, : v.shape[0]] = v
+    # One check and one sort for the whole batch: this runs for every layer of every Expand (breadth rule).
+    if not (np.isfinite(padded).all() and (padded >= 0).all()):
+        b = next(b for b, v in enumerate(arrays) if not (np.isfinite(v).all() and (v >= 0).all()))
+        raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
+    padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
     return np.cumsum(padded, axis=1).mean(axis=0)
 
 

@@ -125,13 +125,13 @@ def layer_keep_count(layer_values: list[np.ndarray], budget: Budget, nodes_so_fa
     return breadth_keep(values, costs, budget.cast.breadth_threshold)
 
 
-def expand_another_layer(depth: int, kept_values: list[np.ndarray], budget: Budget, nodes_so_far: int,
+def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, nodes_so_far: int,
                          tree_so_far: tuple[float, float] = (1.0, 0.0)) -> bool:
     """Whether the kept nodes of layer `depth` propose children (layer depth + 1).
 
-    kept_values: per sequence, the kept nodes' values sorted descending. EAGLE-2: up to max_depth layers.
-    CAST: also the depth rule (C2), alpha * u / c >= C2, where u is the kept nodes' batch-average value and c
-    the cost of the forward that would expand them. With a step base cost, also the efficiency rule: the next
+    kept: the most nodes a sequence kept at this layer; utility: their batch-average summed value u (layer_utility).
+    EAGLE-2: up to max_depth layers. CAST: also the depth rule (C2), alpha * u / c >= C2, where c is the cost of
+    the forward that would expand them. With a step base cost, also the efficiency rule: the next
     layer's expected tokens per unit of cost, value_scale * alpha * u / c, must reach the tree's so far, U / C
     (tree_so_far = (U, C): expected tokens of the tree up to this layer, the step's cost before this forward).
     C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond: where a
@@ -142,12 +142,10 @@ def expand_another_layer(depth: int, kept_values: list[np.ndarray], budget: Budg
         return False
     if budget.cast is None:
         return True
-    kept = max((v.size for v in kept_values), default=0)
     if kept == 0:
         return False
     cast = budget.cast
     cost = cast.prices.cost(nodes_so_far, kept)
-    utility = layer_utility(kept_values)
     if not should_expand(cast.gain_mean, utility, cost, cast.depth_threshold):
         return False
     tokens, spent = tree_so_far
@@ -359,11 +357,13 @@ class Expander:
             n_keep = min(layer_keep_count([t.values[r] for r, t in zip(ranked, trees)], budget, forwarded),
                          budget.max_breadth)
             kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
-            kept_values = [t.values[kp] for kp, t in zip(kept, trees)]
-            if budget.cast is not None and any(kp.size for kp in kept):
-                tokens_so_far += budget.cast.value_scale * layer_utility(kept_values)
-            if not any(kp.size for kp in kept) or not expand_another_layer(
-                depth, kept_values, budget, forwarded, (tokens_so_far, spent)
+            most_kept = max(kp.size for kp in kept)
+            utility = 0.0
+            if budget.cast is not None and most_kept:
+                utility = layer_utility([t.values[kp] for kp, t in zip(kept, trees)])
+                tokens_so_far += budget.cast.value_scale * utility
+            if not most_kept or not expand_another_layer(
+                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
                 kept = [empty] * B
             for b in range(B):
