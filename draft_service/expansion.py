@@ -200,14 +200,6 @@ class _Tree:
                          self.values[:n].copy())
 
 
-def cannot_reach_top(tree: _Tree, kept: np.ndarray, top: int) -> bool:
-    """Whether no child of the `kept` nodes, nor any deeper node, can be among the tree's best `top` by value: at
-    least `top` nodes already rank before each of them (a child is worth at most its parent, and a tie goes to the
-    earlier node). Growing them is then work whose result the trimmed reply drops."""
-    best = tree.values[kept].max()
-    return int(np.count_nonzero(tree.values[: tree.size] >= best)) >= top
-
-
 class Expander:
     """Owns the sessions and the runner; all calls come from one thread (the servicer's executor).
 
@@ -370,14 +362,9 @@ class Expander:
             if budget.cast is not None and most_kept:
                 utility = layer_utility([t.values[kp] for kp, t in zip(kept, trees)])
                 tokens_so_far += budget.cast.value_scale * utility
-            grow = bool(most_kept) and expand_another_layer(depth, most_kept, utility, budget, forwarded,
-                                                             (tokens_so_far, spent))
-            if grow and budget.cast is not None and budget.max_returned_nodes > 0:
-                # CAST decided on the whole layer; a sequence whose children cannot make its reply stops here.
-                kept = [empty if kp.size and cannot_reach_top(t, kp, budget.max_returned_nodes) else kp
-                        for kp, t in zip(kept, trees)]
-                grow = any(kp.size for kp in kept)
-            if not grow or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
+            if not most_kept or not expand_another_layer(
+                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
+            ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
                 kept = [empty] * B
             for b in range(B):
                 if layer[b].size:

@@ -73,25 +73,3 @@ def test_the_efficiency_rule_stops_where_a_layer_would_lower_tokens_per_cost(mak
     # A higher measured acceptance per unit of value makes deep layers worth more: the tree goes deeper.
     trusting = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=4.0, step_base_cost=1.5))
     assert len(trusting.layers) >= len(efficient.layers)
-
-
-def test_cast_stops_growing_what_its_trimmed_reply_would_drop(make_expander):
-    """With a reply of the best `top` nodes, a CAST tree stops where no deeper node could be among them: fewer nodes
-    expanded, the same reply as the whole tree trimmed afterwards."""
-    from dataclasses import replace
-
-    cast = CastBudget(linear_prices(1e-6, 1e-6), 0.0, 0.0, 1.0)  # free drafting: C1 and C2 alone never stop it
-    budget = Budget(**LIMITS, cast=cast)
-    prompts = [PROMPT, [11, 2, 300, 41], [7] * 12]
-    whole, _ = make_expander().expand([SequenceInput(f"s{i}", np.asarray(p), 0) for i, p in enumerate(prompts)],
-                                      budget)
-    for top in (2, 3, 6, 10, 20):
-        trimmed, _ = make_expander().expand(
-            [SequenceInput(f"s{i}", np.asarray(p), 0) for i, p in enumerate(prompts)],
-            replace(budget, max_returned_nodes=top))
-        if top <= 6:
-            assert sum(t.expanded_nodes for t in trimmed) < sum(w.expanded_nodes for w in whole)
-        for w, t in zip(whole, trimmed, strict=True):
-            best = w.tree.top_m(top)
-            assert np.array_equal(t.tree.tokens, best.tokens) and np.array_equal(t.tree.parents, best.parents)
-            assert np.array_equal(t.tree.values, best.values)

@@ -205,33 +205,3 @@ def test_max_tree_nodes_bounds_every_tree(make_expander):
     for budget in (Budget(3, 4, 2), Budget(1, 5, 1), Budget(8, 2, 8)):
         [e], _ = make_expander().expand([seq("a", PROMPT)], budget)
         assert len(e.tree) == max_tree_nodes(budget)  # EAGLE-2 never prunes below the limits
-
-
-def test_cannot_reach_top_is_exactly_whether_a_child_could_make_the_best_nodes():
-    from draft_service.expansion import _Tree, cannot_reach_top
-
-    def grown(seed: int) -> tuple[_Tree, np.ndarray]:
-        """A random tree of 1-4 layers and the nodes of its last layer that would propose children."""
-        rng = np.random.default_rng(seed)
-        tree = _Tree(root_token=0, capacity=512, max_depth=8)
-        layer = np.array([0])
-        for _ in range(int(rng.integers(1, 5))):
-            parents = rng.choice(layer, size=min(int(rng.integers(1, 4)), layer.size), replace=False)
-            k = int(rng.integers(1, 5))
-            layer = tree.add_children(parents, rng.integers(0, 100, (parents.size, k)),
-                                      rng.uniform(0.05, 1.0, (parents.size, k)).astype(np.float32))
-        kept = rng.choice(layer, size=min(int(rng.integers(1, 4)), layer.size), replace=False)
-        return tree, kept
-
-    outcomes = set()
-    for seed in range(300):
-        tree, kept = grown(seed)
-        top = int(np.random.default_rng(seed + 1000).integers(2, 25))
-        verdict = cannot_reach_top(tree, kept, top)
-        # The children's best case: each worth as much as its parent (probability 1); token 999 marks them.
-        tree.add_children(kept, np.full((kept.size, 2), 999), np.ones((kept.size, 2), dtype=np.float32))
-        reached = 999 in tree.to_token_tree().top_m(top).tokens
-        assert verdict == (not reached), seed
-        outcomes.add(verdict)
-    assert outcomes == {True, False}
-
