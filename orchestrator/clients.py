@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
+from cast_core.selection import kept_layer_utilities
 from cast_core.tree import TokenTree
 from cast_core.wire import tree_from_proto, tree_to_proto
 
@@ -99,6 +100,18 @@ class Expanded:
         return out
 
 
+def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
+    tree = tree_from_proto(result.tree, "draft tree")
+    kept = [layer.kept for layer in result.layers]
+    if result.expanded_nodes == 0:
+        # A draft service from before trimmed replies (a rolling upgrade): it sent the whole tree and no
+        # utilities, so they are computed here as that service's callers did.
+        return Expanded(tree, [layer.candidates for layer in result.layers], kept, kept_layer_utilities(tree, kept),
+                        len(tree))
+    return Expanded(tree, [layer.candidates for layer in result.layers], kept,
+                    [layer.kept_utility for layer in result.layers], result.expanded_nodes)
+
+
 @dataclass(frozen=True)
 class DraftItem:
     sequence_id: str
@@ -138,17 +151,7 @@ class DraftClient:
             response = await self.stream.request(request, timeout)
         else:
             response = await self.stub.Expand(request, timeout=timeout)
-        trees = [
-            Expanded(
-                tree=tree_from_proto(result.tree, "draft tree"),
-                candidates_per_layer=[layer.candidates for layer in result.layers],
-                kept_per_layer=[layer.kept for layer in result.layers],
-                layer_utilities=[layer.kept_utility for layer in result.layers],
-                expanded_nodes=result.expanded_nodes,
-            )
-            for result in response.trees
-        ]
-        return trees, response.draft_seconds, response.cold
+        return [expanded_from_proto(result) for result in response.trees], response.draft_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released

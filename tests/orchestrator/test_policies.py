@@ -91,3 +91,19 @@ def test_a_tree_trimmed_to_the_policys_cap_selects_what_the_whole_tree_does():
             got = policy.select(trimmed, costs, batch, 300, value_scale)
             for e, g in zip(expected, got, strict=True):
                 assert np.array_equal(e.tokens, g.tokens) and np.array_equal(e.parents, g.parents)
+
+
+def test_a_draft_from_before_trimmed_replies_still_teaches_casts_gains():
+    from cast.v1 import common_pb2, draft_pb2
+    from orchestrator.clients import expanded_from_proto
+
+    tree = chain([0.8, 0.4, 0.2])
+    layers = [draft_pb2.DraftLayerStats(candidates=1, kept=k) for k in (1, 1, 0)]
+    wire = common_pb2.TokenTree(tokens=tree.tokens.tolist(), parents=tree.parents.tolist(),
+                                depths=tree.depths.tolist(), values=tree.values.tolist())
+    old = expanded_from_proto(draft_pb2.ExpandedTree(sequence_id="s", tree=wire, layers=layers))
+    assert old.expanded_nodes == 4 and np.allclose(old.layer_utilities, [0.8, 0.4, 0.2])
+    for layer, u in zip(layers, (0.8, 0.4, 0.2)):
+        layer.kept_utility = u
+    new = expanded_from_proto(draft_pb2.ExpandedTree(sequence_id="s", tree=wire, layers=layers, expanded_nodes=40))
+    assert new.expanded_nodes == 40 and np.allclose(new.layer_utilities, [0.8, 0.4, 0.2])
