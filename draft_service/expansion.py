@@ -73,7 +73,7 @@ class Expansion:
     sequence_id: str
     tree: TokenTree                # trimmed to budget.max_returned_nodes when that is set
     layers: list[LayerStats]
-    layer_utilities: list[float]   # u^(i) per layer, of the whole expansion (kept_layer_utilities)
+    layer_utilities: list[float]   # u^(i) per layer, of the whole expansion (kept_layer_utilities); 0s without CAST
     expanded_nodes: int            # nodes expanded, root included, before trimming
 
 
@@ -235,7 +235,8 @@ class Expander:
         out = []
         for q, t, s in zip(sequences, trees, stats):
             tree = t.to_token_tree()
-            utilities = kept_layer_utilities(tree, [layer.kept for layer in s])
+            # Only CAST's depth rule learns from the layer utilities: other policies get zeros.
+            utilities = kept_layer_utilities(tree, [layer.kept for layer in s]) if budget.cast else [0.0] * len(s)
             trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
             out.append(Expansion(q.sequence_id, trimmed, s, utilities, len(tree)))
         return out, self.kv.model_seconds

@@ -72,9 +72,13 @@ def test_full_tree_holds_the_greedy_continuation_as_its_best_path(make_expander,
 def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utilities(make_expander):
     from dataclasses import replace
 
+    from cast_core.cost_table import NormalizedCostSlice
     from cast_core.selection import kept_layer_utilities
+    from draft_service.expansion import CastBudget
 
-    budget = Budget(top_k=4, max_depth=4, max_breadth=3)  # 4 + 12 + 12 + 12 nodes: 41 with the root
+    free = NormalizedCostSlice((1, 64), (1, 64), np.full((2, 2), 1e-6))
+    cast = CastBudget(free, 0.0, 0.0, 1.0)  # CAST that prunes nothing: the same tree as EAGLE-2's limits give
+    budget = Budget(top_k=4, max_depth=4, max_breadth=3, cast=cast)  # 4 + 12 + 12 + 12 nodes: 41 with the root
     [full], _ = make_expander().expand([seq("a", PROMPT)], budget)
     [trimmed], _ = make_expander().expand([seq("a", PROMPT)], replace(budget, max_returned_nodes=10))
     assert full.expanded_nodes == trimmed.expanded_nodes == len(full.tree) == 41
@@ -89,6 +93,9 @@ def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utiliti
     # The caller's selection of m <= 10 nodes is the same on either tree.
     for m in (1, 4, 10):
         assert np.array_equal(trimmed.tree.top_m(m).tokens, full.tree.top_m(m).tokens)
+    # Only CAST learns from the utilities: without it they are not computed.
+    [plain], _ = make_expander().expand([seq("a", PROMPT)], replace(budget, cast=None, max_returned_nodes=10))
+    assert plain.layer_utilities == [0.0] * 4 and plain.expanded_nodes == 41
 
 
 @pytest.mark.parametrize("top_k,max_depth,max_breadth", [(4, 5, 3), (8, 3, 1), (1, 6, 1), (3, 1, 2), (5, 0, 4)])

@@ -54,7 +54,13 @@ async def test_expand_returns_trees_and_model_time(channel):
     assert tree.tree.tokens[0] == PROMPT[-1] and tree.tree.parents[0] == -1
     assert [(s.candidates, s.kept) for s in tree.layers] == [(4, 2), (8, 2), (8, 0)]
     assert len(tree.tree.tokens) == len(tree.tree.parents) == len(tree.tree.values) == tree.expanded_nodes == 1 + 4 + 8 + 8
-    assert all(s.kept_utility > 0 for s in tree.layers)
+    assert all(s.kept_utility == 0 for s in tree.layers)  # set for CAST budgets only
+    free = draft_pb2.CastBudget(node_buckets=[1], token_counts=[1], normalized_cost=[1e-6], gain_mean=1.0)
+    cast = draft_pb2.ExpandBudget(top_k=BUDGET.top_k, max_depth=BUDGET.max_depth, max_breadth=BUDGET.max_breadth,
+                                  cast=free)
+    reply = await stub.Expand(expand_request(("d", PROMPT, 0), budget=cast))
+    assert [s.kept for s in reply.trees[0].layers] == [s.kept for s in tree.layers]
+    assert all(s.kept_utility > 0 for s in reply.trees[0].layers)
     trimmed = draft_pb2.ExpandBudget(top_k=BUDGET.top_k, max_depth=BUDGET.max_depth, max_breadth=BUDGET.max_breadth,
                                      max_returned_nodes=6)
     reply = await stub.Expand(expand_request(("c", PROMPT, 0), budget=trimmed))
