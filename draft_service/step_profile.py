@@ -9,6 +9,9 @@ call commits `new_tokens` more (the tree's root at position `context - 1`) and g
 `breadth` nodes kept per layer, `top_k` children each; then the sessions are cut back to where they were, so
 every call sees the same context. Reports the median over `repeats` calls after `warmup`, the time inside the
 ORT runs, and the host<->device bytes of one call (runner.traffic, as the CUDA provider moves them).
+
+`--rules eagle2,cast` also times each cell with CAST's breadth and depth rules on, at zero thresholds and free
+prices: the same tree, so the difference is what the rules themselves cost per Expand.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cast_core.cost_table import NormalizedCostSlice
 from cast_core.sessions import SessionStore
-from draft_service.expansion import Budget, Expander, SequenceInput
+from draft_service.expansion import Budget, CastBudget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name
 from draft_service.runner import DraftRunner, choose_dtype, choose_provider
@@ -59,6 +63,7 @@ def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, ne
         nodes, layers = len(out[0].tree), len(out[0].layers)
     return {
         "batch": batch,
+        "rules": "cast" if budget.cast is not None else "eagle2",
         "layout": runner.meta.layout,
         "backend": runner.backend,
         "io_binding": getattr(runner, "io_binding", True),
@@ -71,6 +76,12 @@ def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, ne
         "bytes_per_expand": moved.as_dict() if moved is not None else None,
         "kv_bytes_per_expand": moved.kv if moved is not None else 0,
     }
+
+
+def with_free_cast_rules(budget: Budget) -> Budget:
+    """The budget with CAST's rules on but unable to prune: thresholds 0, every forward ~free. Same tree."""
+    free = NormalizedCostSlice((1,), (1,), np.full((1, 1), 1e-9))
+    return replace(budget, cast=CastBudget(free, breadth_threshold=0.0, depth_threshold=0.0, gain_mean=1.0))
 
 
 def parse_list(text: str, item=int) -> list:
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=1, help="tokens each timed call commits (accepted + bonus)")
     p.add_argument("--io-binding", default="on,off", help="dynamic layout: on, off or on,off")
     p.add_argument("--layouts", default="dynamic", help="dynamic, static or dynamic,static")
+    p.add_argument("--rules", default="eagle2", help="eagle2, cast or eagle2,cast: the tree rules timed (see above)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         layouts = parse_list(a.layouts, str.strip)
         if not set(layouts) <= {"dynamic", "static"}:
             raise ValueError(f"--layouts takes dynamic / static, got {a.layouts!r}")
+        rules = parse_list(a.rules, str.strip)
+        if not rules or not set(rules) <= {"eagle2", "cast"}:
+            raise ValueError(f"--rules takes eagle2 / cast, got {a.rules!r}")
     except ValueError as e:
         p.error(str(e))
     if not 1 <= a.new_tokens < a.context:
@@ -120,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{a.model} on {device_name(provider)} ({provider}, {dtype}), onnxruntime {ort.__version__}: "
           f"depth {a.depth}, top-k {a.top_k}, breadth {a.breadth}, context {a.context}, {a.repeats} calls")
-    print(f"{'batch':>5} {'layout':>8} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} {'model ms':>9} "
-          f"{'nodes':>6} {'KV bytes/expand':>16}")
+    print(f"{'batch':>5} {'rules':>6} {'layout':>8} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} "
+          f"{'model ms':>9} {'nodes':>6} {'KV bytes/expand':>16}")
     for layout in layouts:
         onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir, layout=layout)
         if meta.max_context and a.context + a.depth > meta.max_context:
@@ -134,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode in cells:
                 if layout == "dynamic":
                     runner.io_binding = mode
-                row = time_expand(runner, batch, a.context, a.new_tokens, budget, a.repeats, a.warmup)
-                rows.append(row)
-                print(f"{batch:>5} {layout:>8} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} "
-                      f"{row['p10_ms']:>8.3f} {row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} "
-                      f"{row['nodes_per_tree']:>6} {row['kv_bytes_per_expand']:>16,}")
-                sys.stdout.flush()
+                for rule in rules:
+                    cell_budget = with_free_cast_rules(budget) if rule == "cast" else budget
+                    row = time_expand(runner, batch, a.context, a.new_tokens, cell_budget, a.repeats, a.warmup)
+                    rows.append(row)
+                    print(f"{batch:>5} {rule:>6} {layout:>8} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} "
+                          f"{row['p10_ms']:>8.3f} {row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} "
+                          f"{row['nodes_per_tree']:>6} {row['kv_bytes_per_expand']:>16,}")
+                    sys.stdout.flush()
     result = {
         "model": str(a.model),
         "device": device_name(provider),

@@ -154,6 +154,16 @@ def test_step_profile_writes_a_row_per_batch_and_mode(exported, draft_model_dir,
     assert "median ms" in capsys.readouterr().out
 
 
+def test_step_profile_times_cast_rules_on_the_same_tree(exported, draft_model_dir, tmp_path):
+    out = tmp_path / "rules.json"
+    assert step_profile.main(["--model", str(draft_model_dir), "--provider", "cpu", "--batch", "2", "--depth", "3",
+                              "--top-k", "8", "--breadth", "2", "--context", "16", "--layouts", "static",
+                              "--rules", "eagle2,cast", "--repeats", "2", "--warmup", "1", "--out", str(out)]) == 0
+    eagle2, cast = json.loads(out.read_text())["rows"]
+    assert (eagle2["rules"], cast["rules"]) == ("eagle2", "cast")
+    assert (cast["nodes_per_tree"], cast["layers"]) == (eagle2["nodes_per_tree"], eagle2["layers"]) == (41, 3)
+
+
 def test_float16_export_runs_both_paths_alike(draft_model_dir):
     """fp16 (the CUDA default): the mask and the KV follow the export's dtype; top-K probs stay fp32."""
     onnx_path, meta = export_draft(draft_model_dir, top_k=8, dtype="float16")
