@@ -109,16 +109,18 @@ def select_count(utilities: np.ndarray, costs: np.ndarray, threshold: float, *, 
     n = u.shape[0]
     if not 0 <= min_keep <= n:
         raise ValueError(f"min_keep={min_keep} does not fit {n} items")
-    if not (np.isfinite(u).all() and np.isfinite(c).all()):
+    # Checked on plain floats: this runs for every layer of every Expand (n <= 8) and every step's reranking
+    # (n <= a policy's verify_tokens), where a numpy call per check cost more than the scan.
+    u_list, c_list = u.tolist(), c.tolist()
+    if not (all(map(math.isfinite, u_list)) and all(map(math.isfinite, c_list))):
         raise ValueError("utilities and costs must be finite")
-    if n > 1 and (u[1:] < u[:-1]).any():
+    if any(after < before for before, after in zip(u_list, u_list[1:])):
         raise ValueError("utilities must be non-decreasing (cumulative sums of values >= 0)")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
 
     kept = min_keep
-    u_kept, c_kept = (float(u[kept - 1]), float(c[kept - 1])) if kept else (0.0, 0.0)
-    u_list, c_list = u.tolist(), c.tolist()  # plain floats: faster than numpy item by item
+    u_kept, c_kept = (u_list[kept - 1], c_list[kept - 1]) if kept else (0.0, 0.0)
     # _worth_it, inlined: reranking scans every expanded node (100-300) each step.
     for k in range(kept, n):  # item k + 1
         cost_gain = c_list[k] - c_kept
@@ -140,16 +142,20 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
     batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
-    arrays = [np.asarray(v, dtype=np.float64) for v in batch]
-    for b, v in enumerate(arrays):
-        if v.ndim != 1:
-            raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
-    padded = np.zeros((len(arrays), max(v.shape[0] for v in arrays)), dtype=np.float64)  # [B, max_n]; pad: 0
-    for b, v in enumerate(arrays):
-        padded[b, : v.shape[0]] = v
-    # One check and one sort for the whole batch: this runs for every layer of every Expand (breadth rule).
-    if not (np.isfinite(padded).all() and (padded >= 0).all()):
-        b = next(b for b, v in enumerate(arrays) if not (np.isfinite(v).all() and (v >= 0).all()))
+    # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
+    if len({len(v) for v in batch}) == 1:  # the usual case: one [B, n] array, no padding
+        padded = np.array(batch, dtype=np.float64)
+        if padded.ndim != 2:
+            raise ValueError("values must be 1-D arrays of finite numbers >= 0, one per sequence")
+    else:
+        arrays = [np.asarray(v, dtype=np.float64) for v in batch]
+        if any(v.ndim != 1 for v in arrays):
+            raise ValueError("values must be 1-D arrays of finite numbers >= 0, one per sequence")
+        padded = np.zeros((len(arrays), max(v.shape[0] for v in arrays)), dtype=np.float64)  # [B, max_n]; pad: 0
+        for b, v in enumerate(arrays):
+            padded[b, : v.shape[0]] = v
+    if not ((padded >= 0).all() and np.isfinite(padded).all()):  # NaN fails the first test, inf the second
+        b = next(b for b, row in enumerate(padded) if not ((row >= 0).all() and np.isfinite(row).all()))
         raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
     padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
     return np.cumsum(padded, axis=1).mean(axis=0)
@@ -254,6 +260,8 @@ def layer_utility(kept_values: Sequence[np.ndarray] | np.ndarray) -> float:
     batch = [kept_values] if _is_one_sequence(kept_values) else list(kept_values)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
+    if len({len(v) for v in batch}) == 1:  # one [B, n] array: one numpy call for the batch, the same sums
+        return sum(np.array(batch, dtype=np.float64).sum(axis=1).tolist()) / len(batch)
     return sum(float(np.sum(np.asarray(v, dtype=np.float64))) for v in batch) / len(batch)
 
 
