@@ -143,11 +143,8 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
     # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
-    if len({len(v) for v in batch}) == 1:  # the usual case: one [B, n] array, no padding
-        padded = np.array(batch, dtype=np.float64)
-        if padded.ndim != 2:
-            raise ValueError("values must be 1-D arrays of finite numbers >= 0, one per sequence")
-    else:
+    padded = _one_array(batch)
+    if padded is None:
         arrays = [np.asarray(v, dtype=np.float64) for v in batch]
         if any(v.ndim != 1 for v in arrays):
             raise ValueError("values must be 1-D arrays of finite numbers >= 0, one per sequence")
@@ -159,6 +156,16 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
         raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
     padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
     return np.cumsum(padded, axis=1).mean(axis=0)
+
+
+def _one_array(batch: list) -> np.ndarray | None:
+    """[B, n] float64 when every sequence has n values (the usual case, one numpy call), else None (ragged)."""
+    if len({len(v) for v in batch}) != 1:
+        return None
+    rows = np.array(batch, dtype=np.float64)
+    if rows.ndim != 2:
+        raise ValueError("values must be 1-D arrays of finite numbers >= 0, one per sequence")
+    return rows
 
 
 def _is_one_sequence(values: Sequence[np.ndarray] | np.ndarray) -> bool:
@@ -260,8 +267,9 @@ def layer_utility(kept_values: Sequence[np.ndarray] | np.ndarray) -> float:
     batch = [kept_values] if _is_one_sequence(kept_values) else list(kept_values)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
-    if len({len(v) for v in batch}) == 1:  # one [B, n] array: one numpy call for the batch, the same sums
-        return sum(np.array(batch, dtype=np.float64).sum(axis=1).tolist()) / len(batch)
+    rows = _one_array(batch)
+    if rows is not None:  # one numpy call for the batch, the same sums
+        return sum(rows.sum(axis=1).tolist()) / len(batch)
     return sum(float(np.sum(np.asarray(v, dtype=np.float64))) for v in batch) / len(batch)
 
 

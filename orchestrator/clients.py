@@ -102,14 +102,13 @@ class Expanded:
 
 def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
     tree = tree_from_proto(result.tree, "draft tree")
+    candidates = [layer.candidates for layer in result.layers]
     kept = [layer.kept for layer in result.layers]
     if result.expanded_nodes == 0:
         # A draft service from before trimmed replies (a rolling upgrade): it sent the whole tree and no
         # utilities, so they are computed here as that service's callers did.
-        return Expanded(tree, [layer.candidates for layer in result.layers], kept, kept_layer_utilities(tree, kept),
-                        len(tree))
-    return Expanded(tree, [layer.candidates for layer in result.layers], kept,
-                    [layer.kept_utility for layer in result.layers], result.expanded_nodes)
+        return Expanded(tree, candidates, kept, kept_layer_utilities(tree, kept), len(tree))
+    return Expanded(tree, candidates, kept, [layer.kept_utility for layer in result.layers], result.expanded_nodes)
 
 
 @dataclass(frozen=True)
