@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 def cmd_up(argv: list[str]) -> int:
+    from cast_core.keep_awake import parse_cpus
     from orchestrator.stack import Stack, StackSpec, default_pair
 
     p = argparse.ArgumentParser(prog="cast up", description="Start draft, verify and orchestrator on loopback.")
@@ -30,9 +31,17 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--verify-port", type=int, default=50053)
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the services to be ready")
+    p.add_argument("--keep-cpus-awake", metavar="CPUS", default="",
+                   help="'all' or e.g. 0-7: SCHED_IDLE spinners keep these CPUs from halting between a step's "
+                        "messages (cuts RPC time on VMs; costs power; see cast_core/keep_awake.py)")
     a = p.parse_args(argv)
+    try:
+        keep_awake = parse_cpus(a.keep_cpus_awake) if a.keep_cpus_awake else []
+    except ValueError as e:
+        p.error(str(e))
     target, draft = (a.target, a.draft) if a.target and a.draft else default_pair()
-    spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype)
+    spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
+                     keep_cpus_awake=keep_awake)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cast_core.keep_awake import KeepAwake
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PAIR = REPO_ROOT / "models" / "reference"
 
@@ -43,6 +45,7 @@ class StackSpec:
     verify_args: list[str] = field(default_factory=list)
     orchestrator_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: the services log to this process's stderr
+    keep_cpus_awake: list[int] = field(default_factory=list)  # SCHED_IDLE spinners on these CPUs (keep_awake.py)
 
     @property
     def address(self) -> str:
@@ -89,8 +92,10 @@ class Stack:
         self.spec = spec
         self.processes: dict[str, subprocess.Popen] = {}
         self._logs = []
+        self.keep_awake = KeepAwake(spec.keep_cpus_awake)
 
     def start(self) -> Stack:
+        self.keep_awake.start()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name, cmd in self.spec.commands().items():
             out = None
@@ -142,6 +147,7 @@ class Stack:
                 proc.wait()
         for f in self._logs:
             f.close()
+        self.keep_awake.stop()
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -5,6 +5,8 @@
 #   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_issue7.sh OUT_DIR
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
+# and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
+# KEEP_AWAKE_CPUS (cast_core/keep_awake.py), AWAKE_ROUNDS times.
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -39,6 +41,10 @@ if has rpc; then
     # 3 ms between calls (the draft's turn), so both processes sleep as they do in `cast bench`.
     python3 -m tools.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
         --gap-ms ${RPC_GAP_MS:-3} --out "$OUT/rpc_latency_in_step.csv"
+    if [[ -n "${RPC_KEEP_AWAKE:-}" ]]; then  # the same with the CPUs kept from halting
+        python3 -m tools.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
+            --gap-ms ${RPC_GAP_MS:-3} --keep-awake "$RPC_KEEP_AWAKE" --out "$OUT/rpc_latency_in_step_awake.csv"
+    fi
 fi
 
 if has verify_ref; then
@@ -106,6 +112,31 @@ if has bench_wide; then
     done
     kill $STACK; wait $STACK 2>/dev/null
 fi
+if has bench_awake; then
+    stage "cast bench on the $SHAPE-shaped target, CPUs idle and kept awake in turn"
+    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    $CAST up --target "$WIDE" --draft $DRAFT > "$OUT/stack_awake.log" 2>&1 &
+    STACK=$!
+    for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_awake.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
+    tail -n 3 "$OUT/stack_awake.log"
+    for round in $(seq 1 ${AWAKE_ROUNDS:-2}); do
+        for mode in idle awake; do
+            SPIN=
+            if [[ $mode == awake ]]; then
+                python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+                sleep 1
+            fi
+            echo "-- round $round, CPUs $mode"
+            $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
+                --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts \
+                --warmup ${BENCH_WARMUP:-1} --out "$OUT/bench_${mode}_r$round" --title "$SHAPE-shaped target, CPUs $mode" \
+                2>&1 | grep -E "c=|step p50"
+            [[ -n "$SPIN" ]] && { kill $SPIN; wait $SPIN 2>/dev/null; }
+        done
+    done
+    kill $STACK; wait $STACK 2>/dev/null
+fi
+
 if has baselines; then
     stage "transformers generate() and assisted generation on the $SHAPE-shaped target"
     python3 -m tools.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \

@@ -25,6 +25,9 @@ latency columns are then the round trip minus the handler's reported time, as `c
 
     python -m tools.rpc_latency --calls 2000 --out rpc.csv
     python -m tools.rpc_latency --calls 300 --compute-ms 7 --gap-ms 3 --out rpc-in-step.csv
+
+`--keep-awake CPUS` runs the whole measurement with SCHED_IDLE spinners on those CPUs (cast_core/keep_awake.py),
+`--pin CPUS` confines both processes to those CPUs, `--variants a,b` keeps the variants whose names contain a or b.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -44,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from cast_core.keep_awake import KeepAwake, parse_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/bench.Echo/"
@@ -330,13 +336,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compute-ms", type=float, default=0.0,
                         help="ms the handler works per call (excluded from the latency), as a model would in a step")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="ms the client idles between calls")
+    parser.add_argument("--keep-awake", metavar="CPUS", help="SCHED_IDLE spinners on these CPUs meanwhile ('all', 0-3)")
+    parser.add_argument("--pin", metavar="CPUS", help="run both processes on these CPUs only")
+    parser.add_argument("--variants", help="comma-separated substrings: keep the variants whose names contain one")
     parser.add_argument("--out", help="CSV file to write")
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)  # the child process
     a = parser.parse_args(argv)
     if a.serve:
         asyncio.run(serve(a.serve))
         return
-    rows = run(a.calls, a.warmup, max(1, min(a.rounds, a.calls)), compute_s=a.compute_ms / 1e3, gap_s=a.gap_ms / 1e3)
+    variants = VARIANTS
+    if a.variants:
+        wanted = [w.strip() for w in a.variants.split(",")]
+        variants = [v for v in VARIANTS if v.name == BASELINE or any(w in v.name for w in wanted)]
+    if a.pin:
+        os.sched_setaffinity(0, parse_cpus(a.pin))  # the server child inherits it
+    spinners = KeepAwake(parse_cpus(a.keep_awake) if a.keep_awake else [])
+    with spinners:
+        rows = run(a.calls, a.warmup, max(1, min(a.rounds, a.calls)), variants, a.compute_ms / 1e3, a.gap_ms / 1e3)
     print(format_table(rows))
     if a.out:
         write_csv(rows, a.out)
