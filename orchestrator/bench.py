@@ -31,8 +31,13 @@ class StepBreakdown:
     step: float
     draft_model: float
     verify_model: float
-    rpc: float           # (Expand wall - draft's work) + (Verify wall - verifier's work)
+    expand_rpc: float    # Expand wall - draft's work (0 in a step without a draft)
+    verify_rpc: float    # Verify wall - verifier's work
     orchestrator: float  # step wall - both RPC walls: policy, trees, bookkeeping, streaming
+
+    @property
+    def rpc(self) -> float:
+        return self.expand_rpc + self.verify_rpc
 
     @staticmethod
     def from_proto(s) -> StepBreakdown:
@@ -40,7 +45,8 @@ class StepBreakdown:
             step=1e3 * s.step_seconds,
             draft_model=1e3 * s.draft_model_seconds,
             verify_model=1e3 * s.verify_model_seconds,
-            rpc=1e3 * (s.draft_rpc_seconds - s.draft_model_seconds + s.verify_rpc_seconds - s.verify_model_seconds),
+            expand_rpc=1e3 * (s.draft_rpc_seconds - s.draft_model_seconds),
+            verify_rpc=1e3 * (s.verify_rpc_seconds - s.verify_model_seconds),
             orchestrator=1e3 * (s.step_seconds - s.draft_rpc_seconds - s.verify_rpc_seconds),
         )
 
@@ -88,6 +94,8 @@ class LevelResult:
     draft_model_ms_p50: float
     verify_model_ms_p50: float
     rpc_ms_p50: float            # gRPC overhead of the step's Expand and Verify
+    expand_rpc_ms_p50: float     # ... of Expand alone
+    verify_rpc_ms_p50: float     # ... of Verify alone
     orchestrator_ms_p50: float
     overhead_ms_p50: float       # rpc + orchestrator: what serving adds to the models' work
     differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
@@ -177,6 +185,8 @@ async def run_level(
         draft_model_ms_p50=percentile([b.draft_model for b in steps_ms], 50),
         verify_model_ms_p50=percentile([b.verify_model for b in steps_ms], 50),
         rpc_ms_p50=percentile([b.rpc for b in steps_ms], 50),
+        expand_rpc_ms_p50=percentile([b.expand_rpc for b in steps_ms], 50),
+        verify_rpc_ms_p50=percentile([b.verify_rpc for b in steps_ms], 50),
         orchestrator_ms_p50=percentile([b.orchestrator for b in steps_ms], 50),
         overhead_ms_p50=percentile([b.rpc + b.orchestrator for b in steps_ms], 50),
     ), results
@@ -270,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"nodes verified, depth {row.verified_depth_per_step:.1f}  ({row.requests} req)\n"
                 f"{'':>13}step p50 {row.step_ms_p50:.2f} ms = draft model {row.draft_model_ms_p50:.2f} + verify model "
                 f"{row.verify_model_ms_p50:.2f} + rpc {row.rpc_ms_p50:.2f} + orchestrator {row.orchestrator_ms_p50:.2f} "
-                f"(overhead p50 {row.overhead_ms_p50:.2f} ms)",
+                f"(overhead p50 {row.overhead_ms_p50:.2f} ms; rpc p50 Expand {row.expand_rpc_ms_p50:.2f}, "
+                f"Verify {row.verify_rpc_ms_p50:.2f})",
                 file=sys.stderr,
                 flush=True,
             )

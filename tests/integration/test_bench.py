@@ -21,6 +21,9 @@ def test_a_level_reports_what_it_measured_and_outputs_match_ar(tiny_stack, tmp_p
     # ar verifies the root alone; a drafted step verifies part of what the draft proposed
     assert (ar.expanded_nodes_per_step, ar.verified_nodes_per_step, ar.verified_depth_per_step) == (1.0, 1.0, 0.0)
     assert cast.expanded_nodes_per_step >= cast.verified_nodes_per_step >= 1.0
+    # the RPC overhead split by call: ar makes no Expand call
+    assert ar.expand_rpc_ms_p50 == 0.0 and ar.verify_rpc_ms_p50 > 0
+    assert cast.expand_rpc_ms_p50 > 0 and cast.verify_rpc_ms_p50 > 0
     count_differences(levels)
     assert ar.differ_from_ar == 0 and cast.differ_from_ar == 0  # the tiny stack's verifier is float64: lossless
     write_csv([ar, cast], tmp_path / "bench.csv")
