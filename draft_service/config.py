@@ -10,6 +10,7 @@ from pathlib import Path
 from draft_service.export import DTYPES, LAYOUTS, default_cache_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
+MODEL_THREADS = ("worker", "loop")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class DraftConfig:
     spinning: bool = False          # let ORT's idle threads spin: faster alone, slower beside a CPU verifier
     layout: str = "auto"            # KV layout: dynamic (a growing cache, host-kept) | static (device buffers and
                                     # CUDA graphs on CUDA) | auto (static on CUDA, dynamic on CPU)
+    model_thread: str = "worker"    # where model calls run: worker (a thread of their own) | loop (the event loop:
+                                    # a step saves two thread hand-offs; other calls wait for the step)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -47,6 +50,8 @@ class DraftConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {('auto', *DTYPES)}")
         if self.layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout: {self.layout!r} is not one of {('auto', *LAYOUTS)}")
+        if self.model_thread not in MODEL_THREADS:
+            raise ValueError(f"model_thread: {self.model_thread!r} is not one of {MODEL_THREADS}")
         if self.top_k < 1:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:

@@ -119,7 +119,7 @@ def warm_up(expander: Expander) -> None:
 async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    servicer = DraftServicer(expander, replica)
+    servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop")
     server = grpc.aio.server()
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -6,7 +6,8 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (cast_core/keep_awake.py), AWAKE_ROUNDS times.
+# KEEP_AWAKE_CPUS (cast_core/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
+# worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake.
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -135,6 +136,34 @@ if has bench_awake; then
         done
     done
     kill $STACK; wait $STACK 2>/dev/null
+fi
+
+if has bench_threads; then
+    stage "cast bench on the $SHAPE-shaped target, model calls on a worker thread and on the event loop"
+    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+    STACKS=
+    port=50051
+    for thread in worker loop; do
+        CAST_VERIFY_MODEL_THREAD=$thread CAST_DRAFT_MODEL_THREAD=$thread $CAST up --target "$WIDE" --draft $DRAFT \
+            --port $port --draft-port $((port + 1)) --verify-port $((port + 2)) > "$OUT/stack_$thread.log" 2>&1 &
+        STACKS="$STACKS $!"
+        for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_$thread.log" && break; sleep 1; done
+        tail -n 2 "$OUT/stack_$thread.log"
+        port=$((port + 10))
+    done
+    for round in $(seq 1 ${THREAD_ROUNDS:-2}); do
+        port=50051
+        for thread in worker loop; do
+            echo "-- round $round, model calls on the $thread"
+            $CAST bench --addr 127.0.0.1:$port --policies ${BENCH_POLICIES:-cast,eagle2,ar} \
+                --concurrency ${BENCH_CONCURRENCY:-1,8} --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} \
+                --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} --out "$OUT/bench_${thread}_r$round" \
+                --title "$SHAPE-shaped target, model calls on the $thread" 2>&1 | grep -E "c=|step p50"
+            port=$((port + 10))
+        done
+    done
+    kill $STACKS $SPIN; wait $STACKS $SPIN 2>/dev/null
 fi
 
 if has baselines; then

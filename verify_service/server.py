@@ -69,8 +69,11 @@ async def start(config: VerifyConfig) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
-    # One worker thread: it loads the model and then runs every domain call (see servicer.py).
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
+    # One worker thread: it loads the model and then runs every domain call (see servicer.py). With
+    # --model-thread loop the event loop does both (the server is not started before the load ends).
+    executor = None
+    if config.model_thread == "worker":
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
     loop = asyncio.get_running_loop()
 
     def load() -> tuple[Verifier, CostTable | None]:
@@ -106,9 +109,10 @@ async def start(config: VerifyConfig) -> RunningServer:
         return verifier, startup_cost_table(target, config, verifier)
 
     try:
-        verifier, cost_table = await loop.run_in_executor(executor, load)
+        verifier, cost_table = load() if executor is None else await loop.run_in_executor(executor, load)
     except BaseException:
-        executor.shutdown(wait=False)
+        if executor is not None:
+            executor.shutdown(wait=False)
         raise
     servicer = VerifyServicer(verifier, executor)
     if cost_table is not None:

@@ -39,6 +39,7 @@ def test_flags_override_env_and_env_overrides_defaults(draft_model_dir, monkeypa
         (["--max-sessions", "0"], "max_sessions"),
         (["--session-ttl-s", "0"], "session_ttl_s"),
         (["--layout", "paged"], "layout"),
+        (["--model-thread", "main"], "model_thread"),
     ],
 )
 def test_bad_values_are_rejected_on_creation(draft_model_dir, argv, message):

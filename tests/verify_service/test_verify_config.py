@@ -44,6 +44,7 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
         (["--cuda-graphs", "maybe"], "cuda_graphs"),
         (["--forward", "fast"], "forward: 'fast'"),
         (["--max-tree-tokens", "0"], "max_tree_tokens"),
+        (["--model-thread", "main"], "model_thread"),
         (["--cuda-graphs", "on", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
         (["--device", "cuda", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
     ],
