@@ -7,7 +7,8 @@
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
 # KEEP_AWAKE_CPUS (cast_core/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
-# worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake.
+# worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
+# orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1.
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -164,6 +165,31 @@ if has bench_threads; then
         done
     done
     kill $STACKS $SPIN; wait $STACKS $SPIN 2>/dev/null
+fi
+
+if has orch_profile; then
+    stage "the orchestrator under cProfile through ${PROFILE_POLICY:-cast} at batch 1, CPUs kept awake"
+    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+    python3 -m draft_service.server --model $DRAFT --host 127.0.0.1 --port 50072 > "$OUT/profile_draft.log" 2>&1 &
+    D=$!
+    python3 -m verify_service.server --model "$WIDE" --host 127.0.0.1 --port 50073 > "$OUT/profile_verify.log" 2>&1 &
+    V=$!
+    python3 -m cProfile -o "$OUT/orchestrator.prof" -m orchestrator.server --tokenizer "$WIDE" --host 127.0.0.1 \
+        --port 50071 --draft 127.0.0.1:50072 --verify 127.0.0.1:50073 > "$OUT/profile_orchestrator.log" 2>&1 &
+    O=$!
+    python3 -c "
+import sys, time
+from orchestrator.stack import is_serving
+for _ in range(600):
+    if all(is_serving(f'127.0.0.1:{p}') for p in (50071, 50072, 50073)): sys.exit(0)
+    time.sleep(1)
+sys.exit('not ready')"
+    $CAST bench --addr 127.0.0.1:50071 --policies ${PROFILE_POLICY:-cast} --concurrency 1 --requests ${BENCH_REQUESTS:-16} \
+        --seconds ${BENCH_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
+        --out "$OUT/bench_profiled" --title "orchestrator under cProfile" 2>&1 | grep -E "c=|step p50"
+    kill -TERM $O; wait $O
+    kill $D $V $SPIN; wait $D $V $SPIN 2>/dev/null
 fi
 
 if has baselines; then
