@@ -49,6 +49,8 @@ class CostModel:
     verify_overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: a step beyond its forward
     draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
     draft_call_ms: dict[int, float] = field(default_factory=dict)       # per batch size: an Expand's RPC, once per call
+    # draft_slice's table part, which changes only with the table cells it reads: (cells) -> [nodes][counts] ms
+    _slice_tables: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     def from_tables(verify: CostTable | None, draft: CostTable | None) -> CostModel:
@@ -82,11 +84,18 @@ class CostModel:
         child is worth at most its parent). Where the verifier's cost is flat in tokens (a GPU at small batch) the
         share is ~0; where it grows steeply (a CPU at batch 8) the tree stays narrow and shallow.
         """
+        # The tables' part is built once per set of cells it reads (a step at the same batch and context buckets
+        # reuses it); the online overheads change every step and are added each time.
+        cells = (self.draft.cell(batch, context, 1)[0], *self.verify.cell(batch, context, 1)[:2],
+                 *(self.draft.cell(batch, context + r, 1)[1] for r in NODE_BUCKETS))
+        tables = self._slice_tables.get(cells)
+        if tables is None:
+            rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
+            tables = np.array(rows) + self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
+            self._slice_tables[cells] = tables
         one_token_step = self.verify_step_ms(batch, context, 1)
-        rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
-        matrix = np.array(rows) + self.draft_overhead_ms.get(batch, 0.0)
-        matrix += self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
-        return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix / one_token_step)
+        matrix = (tables + self.draft_overhead_ms.get(batch, 0.0)) / one_token_step
+        return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix)
 
     def drafted_step_base(self, batch: int, context: int) -> float:
         """What a drafted step costs before its first layer, in units of a one-token verify step: that step itself

@@ -79,3 +79,26 @@ def test_a_drafted_steps_base_cost_is_the_verify_step_plus_the_expand_call_and_i
         service = costs.draft.lookup(1, 100, 3)
         costs.observe_draft(1, 100, [(0, 3)], seconds=(service + 6.0) / 1e3, service_seconds=service / 1e3)
     assert abs(costs.drafted_step_base(1, 100) - (1 + (6.0 + commit) / one_token_step)) < 1e-3
+
+
+def test_draft_slice_reused_across_steps_equals_a_fresh_computation():
+    """The slice's table part is kept per set of cells; every step must still price what a cold model would."""
+    rng = np.random.default_rng(0)
+    grid = dict(batch_sizes=(1, 4, 8), context_buckets=(64, 128, 256, 1024), token_counts=(1, 4, 16, 64))
+    shape = (3, 4, 4)
+
+    def table() -> CostTable:  # random costs, rising along every axis
+        millis = np.cumsum(np.cumsum(np.cumsum(rng.uniform(0.1, 2.0, shape), 0), 1), 2)
+        return CostTable(device="gpu", model_id="m", dtype="bf16", millis=millis, **grid)
+
+    verify, draft = table(), table()
+    warm = CostModel(verify=verify, draft=draft)
+    for step in range(200):
+        batch, context = int(rng.choice([1, 2, 4, 8])), int(rng.integers(1, 1200))
+        warm.draft_overhead_ms[batch] = float(rng.uniform(0, 1))
+        warm.verify_overhead_ms[batch] = float(rng.uniform(0, 3))
+        cold = CostModel(verify=verify, draft=draft, verify_overhead_ms=dict(warm.verify_overhead_ms),
+                         draft_overhead_ms=dict(warm.draft_overhead_ms))
+        np.testing.assert_allclose(warm.draft_slice(batch, context).normalized_cost,
+                                   cold.draft_slice(batch, context).normalized_cost, rtol=1e-12)
+    assert 1 < len(warm._slice_tables) < 200  # reused, and per set of cells
