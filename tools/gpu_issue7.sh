@@ -24,6 +24,22 @@ PROMPTS=${PROMPTS:-10}
 CAST="python3 -m orchestrator.cli"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo; echo "== $1 ($(date -u +%T))"; }
+# start_wide_stack LOG [cast up flags]: the three services on the widened target, in the background (pid in
+# STACK); returns once they are ready or the stack died.
+start_wide_stack() {
+    local log=$1; shift
+    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    $CAST up --target "$WIDE" --draft $DRAFT "$@" > "$log" 2>&1 &
+    STACK=$!
+    for _ in $(seq 1 600); do grep -q '^ready' "$log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
+    tail -n 3 "$log"
+}
+# bench_levels ADDR OUT TITLE: BENCH_POLICIES at BENCH_CONCURRENCY against ADDR, the summary lines printed.
+bench_levels() {
+    $CAST bench --addr "$1" --policies ${BENCH_POLICIES:-cast,eagle2,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
+        --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts \
+        --warmup ${BENCH_WARMUP:-1} --out "$2" --title "$3" 2>&1 | grep -E "c=|step p50"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, onnxruntime, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), 'grpc', grpc.__version__)"
@@ -85,11 +101,7 @@ fi
 if has bench_wide; then
     stage "cast bench on the $SHAPE-shaped target"
     # Tables profiled by the services at start-up (small grid): the 8B verifier's curve is what CAST prices.
-    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
-    $CAST up --target "$WIDE" --draft $DRAFT > "$OUT/stack_wide.log" 2>&1 &
-    STACK=$!
-    for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_wide.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
-    tail -n 5 "$OUT/stack_wide.log"
+    start_wide_stack "$OUT/stack_wide.log"
     $CAST generate --json --max-new-tokens 64 "def fibonacci(n):" > "$OUT/generate_cast_wide.json" 2>&1 && head -c 600 "$OUT/generate_cast_wide.json"; echo
     $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,chain,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
         --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
@@ -116,11 +128,7 @@ if has bench_wide; then
 fi
 if has bench_awake; then
     stage "cast bench on the $SHAPE-shaped target, CPUs idle and kept awake in turn"
-    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
-    $CAST up --target "$WIDE" --draft $DRAFT > "$OUT/stack_awake.log" 2>&1 &
-    STACK=$!
-    for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_awake.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
-    tail -n 3 "$OUT/stack_awake.log"
+    start_wide_stack "$OUT/stack_awake.log"
     for round in $(seq 1 ${AWAKE_ROUNDS:-2}); do
         for mode in idle awake; do
             SPIN=
@@ -129,10 +137,7 @@ if has bench_awake; then
                 sleep 1
             fi
             echo "-- round $round, CPUs $mode"
-            $CAST bench --policies ${BENCH_POLICIES:-cast,eagle2,ar} --concurrency ${BENCH_CONCURRENCY:-1,8} \
-                --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts \
-                --warmup ${BENCH_WARMUP:-1} --out "$OUT/bench_${mode}_r$round" --title "$SHAPE-shaped target, CPUs $mode" \
-                2>&1 | grep -E "c=|step p50"
+            bench_levels 127.0.0.1:50051 "$OUT/bench_${mode}_r$round" "$SHAPE-shaped target, CPUs $mode"
             [[ -n "$SPIN" ]] && { kill $SPIN; wait $SPIN 2>/dev/null; }
         done
     done
@@ -141,26 +146,20 @@ fi
 
 if has bench_threads; then
     stage "cast bench on the $SHAPE-shaped target, model calls on a worker thread and on the event loop"
-    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
     python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
     STACKS=
     port=50051
     for thread in worker loop; do
-        CAST_VERIFY_MODEL_THREAD=$thread CAST_DRAFT_MODEL_THREAD=$thread $CAST up --target "$WIDE" --draft $DRAFT \
-            --port $port --draft-port $((port + 1)) --verify-port $((port + 2)) > "$OUT/stack_$thread.log" 2>&1 &
-        STACKS="$STACKS $!"
-        for _ in $(seq 1 600); do grep -q '^ready' "$OUT/stack_$thread.log" && break; sleep 1; done
-        tail -n 2 "$OUT/stack_$thread.log"
+        CAST_VERIFY_MODEL_THREAD=$thread CAST_DRAFT_MODEL_THREAD=$thread start_wide_stack "$OUT/stack_$thread.log" \
+            --port $port --draft-port $((port + 1)) --verify-port $((port + 2))
+        STACKS="$STACKS $STACK"
         port=$((port + 10))
     done
     for round in $(seq 1 ${THREAD_ROUNDS:-2}); do
         port=50051
         for thread in worker loop; do
             echo "-- round $round, model calls on the $thread"
-            $CAST bench --addr 127.0.0.1:$port --policies ${BENCH_POLICIES:-cast,eagle2,ar} \
-                --concurrency ${BENCH_CONCURRENCY:-1,8} --requests ${BENCH_REQUESTS:-16} --seconds ${BENCH_SECONDS:-30} \
-                --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} --out "$OUT/bench_${thread}_r$round" \
-                --title "$SHAPE-shaped target, model calls on the $thread" 2>&1 | grep -E "c=|step p50"
+            bench_levels 127.0.0.1:$port "$OUT/bench_${thread}_r$round" "$SHAPE-shaped target, model calls on the $thread"
             port=$((port + 10))
         done
     done
