@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def cmd_up(argv: list[str]) -> int:
-    from cast_core.keep_awake import parse_cpus
+    from orchestrator.keep_awake import parse_cpus
     from orchestrator.stack import Stack, StackSpec, default_pair
 
     p = argparse.ArgumentParser(prog="cast up", description="Start draft, verify and orchestrator on loopback.")
@@ -33,7 +33,7 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the services to be ready")
     p.add_argument("--keep-cpus-awake", metavar="CPUS", default="",
                    help="'all' or e.g. 0-7: SCHED_IDLE spinners keep these CPUs from halting between a step's "
-                        "messages (cuts RPC time on VMs; costs power; see cast_core/keep_awake.py)")
+                        "messages (cuts RPC time on VMs; costs power; see orchestrator/keep_awake.py)")
     a = p.parse_args(argv)
     try:
         keep_awake = parse_cpus(a.keep_cpus_awake) if a.keep_cpus_awake else []

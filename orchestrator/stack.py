@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cast_core.keep_awake import KeepAwake
+from orchestrator.keep_awake import KeepAwake
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PAIR = REPO_ROOT / "models" / "reference"

@@ -6,7 +6,7 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (cast_core/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
 # worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
 # orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1.
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
@@ -133,7 +133,7 @@ if has bench_awake; then
         for mode in idle awake; do
             SPIN=
             if [[ $mode == awake ]]; then
-                python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+                python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
                 sleep 1
             fi
             echo "-- round $round, CPUs $mode"
@@ -146,7 +146,7 @@ fi
 
 if has bench_threads; then
     stage "cast bench on the $SHAPE-shaped target, model calls on a worker thread and on the event loop"
-    python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+    python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
     STACKS=
     port=50051
     for thread in worker loop; do
@@ -169,7 +169,7 @@ fi
 if has orch_profile; then
     stage "the orchestrator under cProfile through ${PROFILE_POLICY:-cast} at batch 1, CPUs kept awake"
     export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
-    python3 -m cast_core.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+    python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
     python3 -m draft_service.server --model $DRAFT --host 127.0.0.1 --port 50072 > "$OUT/profile_draft.log" 2>&1 &
     D=$!
     python3 -m verify_service.server --model "$WIDE" --host 127.0.0.1 --port 50073 > "$OUT/profile_verify.log" 2>&1 &

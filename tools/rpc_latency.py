@@ -26,7 +26,7 @@ latency columns are then the round trip minus the handler's reported time, as `c
     python -m tools.rpc_latency --calls 2000 --out rpc.csv
     python -m tools.rpc_latency --calls 300 --compute-ms 7 --gap-ms 3 --out rpc-in-step.csv
 
-`--keep-awake CPUS` runs the whole measurement with SCHED_IDLE spinners on those CPUs (cast_core/keep_awake.py),
+`--keep-awake CPUS` runs the whole measurement with SCHED_IDLE spinners on those CPUs (orchestrator/keep_awake.py),
 `--pin CPUS` confines both processes to those CPUs, `--variants a,b` keeps the variants whose names contain a or b.
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import grpc
 
-from cast_core.keep_awake import KeepAwake, parse_cpus
+from orchestrator.keep_awake import KeepAwake, parse_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/bench.Echo/"
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, parse_cpus(a.pin))  # the server child inherits it
     spinners = KeepAwake(parse_cpus(a.keep_awake) if a.keep_awake else [])
     with spinners:
-        rows = run(a.calls, a.warmup, max(1, min(a.rounds, a.calls)), variants, a.compute_ms / 1e3, a.gap_ms / 1e3)
+        rounds = max(1, min(a.rounds, a.calls))
+        rows = run(a.calls, a.warmup, rounds, variants, a.compute_ms / 1e3, a.gap_ms / 1e3)
     print(format_table(rows))
     if a.out:
         write_csv(rows, a.out)

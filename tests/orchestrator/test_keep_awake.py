@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cast_core.keep_awake import KeepAwake, parse_cpus
+from orchestrator.keep_awake import KeepAwake, parse_cpus
 
 FIRST_CPU = min(os.sched_getaffinity(0))
 
@@ -59,7 +59,7 @@ def test_spinners_run_idle_class_on_their_cpu_and_stop():
 
 def test_spinners_exit_when_their_owner_is_killed():
     owner = subprocess.Popen(
-        [sys.executable, "-c", f"from cast_core.keep_awake import KeepAwake; import time; "
+        [sys.executable, "-c", f"from orchestrator.keep_awake import KeepAwake; import time; "
                                f"k = KeepAwake([{FIRST_CPU}]).start(); print(k.processes[0].pid, flush=True); "
                                f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     spinner = int(owner.stdout.readline())

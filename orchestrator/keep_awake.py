@@ -8,7 +8,7 @@ P). A SCHED_IDLE task runs only when nothing else wants the CPU and is preempted
 so the CPU never halts and the services lose no CPU time. The cost: those CPUs draw full power and show 100 % busy,
 so name only the CPUs the services run on where that matters (`--cpus 0-7`).
 
-    python -m cast_core.keep_awake --cpus all      # until killed; also `cast up --keep-cpus-awake all`
+    python -m orchestrator.keep_awake --cpus all      # until killed; also `cast up --keep-cpus-awake all`
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class KeepAwake:
         owner = os.getpid()
         for cpu in self.cpus:
             self.processes.append(subprocess.Popen(
-                [sys.executable, "-c", f"from cast_core.keep_awake import spin; spin({cpu}, {owner})"],
+                [sys.executable, "-c", f"from orchestrator.keep_awake import spin; spin({cpu}, {owner})"],
                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}))
         return self
 
