@@ -155,7 +155,8 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
         b = next(b for b, row in enumerate(padded) if not ((row >= 0).all() and np.isfinite(row).all()))
         raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
     padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
-    return np.cumsum(padded, axis=1).mean(axis=0)
+    # sum / B is what mean() computes, bit for bit, without its Python wrapper (this runs for every layer).
+    return np.cumsum(padded, axis=1).sum(axis=0) / padded.shape[0]
 
 
 def _one_array(batch: list) -> np.ndarray | None:
@@ -262,15 +263,21 @@ class GainBuffer:
         return GainBuffer((*self.gains, *map(float, gains))[-len(self.gains):])  # one buffer, validated once
 
 
-def layer_utility(kept_values: Sequence[np.ndarray] | np.ndarray) -> float:
-    """u^(i): batch average of the summed values of the nodes kept at layer i (expected accepted tokens there)."""
+def layer_sums(kept_values: Sequence[np.ndarray] | np.ndarray) -> list[float]:
+    """Per sequence, the summed values of the nodes it kept at a layer (float64 sums)."""
     batch = [kept_values] if _is_one_sequence(kept_values) else list(kept_values)
     if not batch:
         raise ValueError("a batch needs at least one sequence")
     rows = _one_array(batch)
     if rows is not None:  # one numpy call for the batch, the same sums
-        return sum(rows.sum(axis=1).tolist()) / len(batch)
-    return sum(float(np.sum(np.asarray(v, dtype=np.float64))) for v in batch) / len(batch)
+        return rows.sum(axis=1).tolist()
+    return [float(np.sum(np.asarray(v, dtype=np.float64))) for v in batch]
+
+
+def layer_utility(kept_values: Sequence[np.ndarray] | np.ndarray) -> float:
+    """u^(i): batch average of the summed values of the nodes kept at layer i (expected accepted tokens there)."""
+    sums = layer_sums(kept_values)
+    return sum(sums) / len(sums)
 
 
 def layer_gains(layer_utilities: Sequence[float]) -> list[float]:

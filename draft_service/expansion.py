@@ -25,7 +25,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, kept_layer_utilities, layer_utility, should_expand
+from cast_core.selection import breadth_keep, layer_sums, should_expand
 from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
 from draft_service.device_kv import DeviceKV
@@ -231,14 +231,12 @@ class Expander:
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, self.new_session())
                     for q, s in zip(sequences, sessions)]
         root_probs, root_ids = self.kv.commit(sequences, sessions)
-        trees, stats = self.grow_trees(sequences, budget, root_probs, root_ids)
+        trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = []
-        for q, t, s in zip(sequences, trees, stats):
+        for q, t, s, u in zip(sequences, trees, stats, utilities):
             tree = t.to_token_tree()
-            # Only CAST's depth rule learns from the layer utilities: other policies get zeros.
-            utilities = kept_layer_utilities(tree, [layer.kept for layer in s]) if budget.cast else [0.0] * len(s)
             trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
-            out.append(Expansion(q.sequence_id, trimmed, s, utilities, len(tree)))
+            out.append(Expansion(q.sequence_id, trimmed, s, u, len(tree)))
         return out, self.kv.model_seconds
 
     @property
@@ -335,7 +333,12 @@ class Expander:
         return found
 
     def grow_trees(self, sequences, budget: Budget, root_probs, root_ids):
-        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children."""
+        """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.
+
+        Returns per sequence its tree, its LayerStats and its layer utilities u^(i) (kept_layer_utilities's, from
+        the sums taken here: the nodes a layer kept, or for its last layer the best as many as the layer above
+        kept). Only CAST's depth rule learns from the utilities: other policies get zeros.
+        """
         B, k = len(sequences), budget.top_k
         roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
@@ -343,6 +346,8 @@ class Expander:
         capacity = max_tree_nodes(budget)
         trees = [_Tree(int(q.new_tokens[-1]), capacity, budget.max_depth) for q in sequences]
         stats: list[list[LayerStats]] = [[] for _ in range(B)]
+        utilities: list[list[float]] = [[] for _ in range(B)]
+        took = [1] * B  # per sequence, the nodes its last layer counted in its utility (see the docstring)
         empty = np.zeros(0, dtype=np.int64)
         # Per sequence, the node indices of the current layer's candidates.
         layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
@@ -359,17 +364,20 @@ class Expander:
                          budget.max_breadth)
             kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
             most_kept = max(kp.size for kp in kept)
-            utility = 0.0
+            utility, sums = 0.0, None
             if budget.cast is not None and most_kept:
-                utility = layer_utility([t.values[kp] for kp, t in zip(kept, trees)])
+                sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
+                utility = sum(sums) / B
                 tokens_so_far += budget.cast.value_scale * utility
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
-                kept = [empty] * B
+                kept, sums = [empty] * B, None
             for b in range(B):
                 if layer[b].size:
                     stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
+            if budget.cast is not None:
+                self._add_utilities(utilities, took, layer, ranked, kept, sums, trees)
             if not any(kp.size for kp in kept):
                 break
             if budget.cast is not None:
@@ -379,4 +387,19 @@ class Expander:
             layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k]) if kp.size else empty
                      for b, (t, kp) in enumerate(zip(trees, kept))]
             depth += 1
-        return trees, stats
+        if budget.cast is None:
+            utilities = [[0.0] * len(s) for s in stats]
+        return trees, stats, utilities
+
+    @staticmethod
+    def _add_utilities(utilities, took, layer, ranked, kept, sums, trees) -> None:
+        """Append this layer's u^(i) for each sequence that had candidates in it: the sum of the nodes it kept, or
+        when it kept none (its last layer), of its best as many as its layer above counted."""
+        for b, t in enumerate(trees):
+            if not layer[b].size:
+                continue
+            if kept[b].size:
+                took[b] = int(kept[b].size)
+                utilities[b].append(sums[b])
+            else:
+                utilities[b].append(float(t.values[ranked[b][: took[b]]].sum(dtype=np.float64)))

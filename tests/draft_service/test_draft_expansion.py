@@ -89,7 +89,8 @@ def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utiliti
         assert np.array_equal(getattr(trimmed.tree, field), getattr(best, field)), field
     # What CAST's depth rule learns from stays that of the whole expansion.
     assert trimmed.layers == full.layers
-    assert trimmed.layer_utilities == full.layer_utilities == kept_layer_utilities(full.tree, [3, 3, 3, 0])
+    assert trimmed.layer_utilities == full.layer_utilities
+    assert full.layer_utilities == pytest.approx(kept_layer_utilities(full.tree, [3, 3, 3, 0]), rel=1e-6)
     # The caller's selection of m <= 10 nodes is the same on either tree.
     for m in (1, 4, 10):
         assert np.array_equal(trimmed.tree.top_m(m).tokens, full.tree.top_m(m).tokens)
@@ -212,3 +213,22 @@ def test_max_tree_nodes_bounds_every_tree(make_expander):
     for budget in (Budget(3, 4, 2), Budget(1, 5, 1), Budget(8, 2, 8)):
         [e], _ = make_expander().expand([seq("a", PROMPT)], budget)
         assert len(e.tree) == max_tree_nodes(budget)  # EAGLE-2 never prunes below the limits
+
+
+@pytest.mark.parametrize("price,c1", [(1e-7, 0.5), (0.001, 5.0), (0.01, 2.0)])  # layers kept: 3s; 3, 3, 1; 3, 1, 1
+def test_layer_utilities_are_each_trees_kept_sums_in_a_ragged_batch(make_expander, price, c1):
+    """u^(i) per sequence, as the orchestrator would compute it from the whole tree (kept_layer_utilities), also
+    where sequences stop at different depths (one near the context's end) and CAST's breadth rule prunes."""
+    from cast_core.cost_table import NormalizedCostSlice
+    from cast_core.selection import kept_layer_utilities
+    from draft_service.expansion import CastBudget
+
+    row = [price, 2 * price, 3 * price, 4 * price]  # forwarding k nodes costs k x price
+    cost = NormalizedCostSlice((1, 64), (1, 2, 3, 4), np.array([row, row]))
+    budget = Budget(top_k=4, max_depth=5, max_breadth=3, cast=CastBudget(cost, c1, 0.01, 0.8))
+    ex = make_expander(max_context=len(PROMPT) + 1)  # room for 2 layers after "c", 4 after "b"
+    out, _ = ex.expand([seq("a", PROMPT[:4]), seq("b", PROMPT[:6]), seq("c", PROMPT[:-1])], budget)
+    assert len({len(e.layers) for e in out}) > 1, "the sequences should stop at different depths"
+    for e in out:
+        kept = [s.kept for s in e.layers]
+        assert e.layer_utilities == pytest.approx(kept_layer_utilities(e.tree, kept), rel=1e-6)
