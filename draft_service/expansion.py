@@ -347,7 +347,6 @@ class Expander:
         trees = [_Tree(int(q.new_tokens[-1]), capacity, budget.max_depth) for q in sequences]
         stats: list[list[LayerStats]] = [[] for _ in range(B)]
         utilities: list[list[float]] = [[] for _ in range(B)]
-        took = [1] * B  # per sequence, the nodes its last layer counted in its utility (see the docstring)
         empty = np.zeros(0, dtype=np.int64)
         # Per sequence, the node indices of the current layer's candidates.
         layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
@@ -373,11 +372,15 @@ class Expander:
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
                 kept, sums = [empty] * B, None
-            for b in range(B):
-                if layer[b].size:
-                    stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
-            if budget.cast is not None:
-                self._add_utilities(utilities, took, layer, ranked, kept, sums, trees)
+            for b, t in enumerate(trees):
+                if not layer[b].size:
+                    continue
+                stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
+                if budget.cast is not None and kept[b].size:
+                    utilities[b].append(sums[b])
+                elif budget.cast is not None:  # its last layer: its best as many as the layer above kept (root: 1)
+                    above = stats[b][-2].kept if len(stats[b]) > 1 else 1
+                    utilities[b].append(float(t.values[ranked[b][:above]].sum(dtype=np.float64)))
             if not any(kp.size for kp in kept):
                 break
             if budget.cast is not None:
@@ -390,16 +393,3 @@ class Expander:
         if budget.cast is None:
             utilities = [[0.0] * len(s) for s in stats]
         return trees, stats, utilities
-
-    @staticmethod
-    def _add_utilities(utilities, took, layer, ranked, kept, sums, trees) -> None:
-        """Append this layer's u^(i) for each sequence that had candidates in it: the sum of the nodes it kept, or
-        when it kept none (its last layer), of its best as many as its layer above counted."""
-        for b, t in enumerate(trees):
-            if not layer[b].size:
-                continue
-            if kept[b].size:
-                took[b] = int(kept[b].size)
-                utilities[b].append(sums[b])
-            else:
-                utilities[b].append(float(t.values[ranked[b][: took[b]]].sum(dtype=np.float64)))
