@@ -86,8 +86,7 @@ class CostModel:
         """
         # The tables' part is built once per set of cells it reads (a step at the same batch and context buckets
         # reuses it); the online overheads change every step and are added each time.
-        cells = (self.draft.cell(batch, context, 1)[0], *self.verify.cell(batch, context, 1)[:2],
-                 *(self.draft.cell(batch, context + r, 1)[1] for r in NODE_BUCKETS))
+        cells = self.price_cells(batch, context)
         tables = self._slice_tables.get(cells)
         if tables is None:
             rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
@@ -96,6 +95,12 @@ class CostModel:
         one_token_step = self.verify_step_ms(batch, context, 1)
         matrix = (tables + self.draft_overhead_ms.get(batch, 0.0)) / one_token_step
         return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix)
+
+    def price_cells(self, batch: int, context: int) -> tuple[int, ...]:
+        """The table cells that a step's prices at (batch, context) read (draft_slice, drafted_step_base,
+        rerank_costs). Two contexts with the same cells have the same prices, given the same online overheads."""
+        return (*self.draft.cell(batch, context, 1)[:2], *self.verify.cell(batch, context, 1)[:2],
+                *(self.draft.cell(batch, context + r, 1)[1] for r in NODE_BUCKETS))
 
     def drafted_step_base(self, batch: int, context: int) -> float:
         """What a drafted step costs before its first layer, in units of a one-token verify step: that step itself

@@ -13,13 +13,13 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from cast.v1 import verify_pb2
+from cast.v1 import draft_pb2, verify_pb2
 from cast_core.errors import ResourceExhausted
 from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
@@ -66,6 +66,23 @@ class LiveSequence:
             self.done = True
 
 
+async def call_while(rpc: Awaitable, *jobs: Callable[[], object]):
+    """(result, wall seconds) of one RPC, as timed(), with `jobs` run while the service works on it: bookkeeping
+    that the step's next RPC need not wait for. Cancels the RPC if a job raises or the step is cancelled."""
+    call = asyncio.ensure_future(timed(rpc))
+    try:
+        # One turn of the loop: the call's first run writes its request on the step stream (a unary call starts
+        # a turn later, so there the jobs run first).
+        await asyncio.sleep(0)
+        for job in jobs:
+            job()
+        return await call
+    finally:
+        if not call.done():  # a job raised, or the step was cancelled: the call ends here too
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+
+
 def draft_catching_up(group) -> bool:
     """Whether the draft must first commit more than one step's tokens for some sequence of the group: a prompt, or
     the tokens of plain steps since the draft's last call. That is a one-time cost of starting to draft, not what a
@@ -98,6 +115,9 @@ class StepLoop:
         self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
         self.gates: dict[str, DraftGate] = {}   # per CAST policy: whether a step drafts at all (draft_gate.py)
         self.acceptance: dict[str, AcceptanceScale] = {}  # per CAST policy: accepted tokens per unit of value
+        # per policy: the next step's Expand budget, priced while this step's Verify ran, and the (batch size,
+        # table cells) it holds for
+        self.prepared: dict[str, tuple[tuple, draft_pb2.ExpandBudget]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -215,23 +235,31 @@ class StepLoop:
                 groups[s.policy.name].append(s)
         drafted: dict[str, bool] = {}
         catching_up: dict[str, bool] = {}  # per group: its draft first commits more than one step can
+        while_verifying: list[Callable[[], object]] = []
         for name, group in groups.items():
             gate = self.gates.setdefault(name, DraftGate()) if group[0].policy.cast is not None else None
             if gate is not None:
                 gate.expect_plain(size, self.costs.verify_step_ms(size, context, 1))
             drafted[name] = gate is None or gate.should_draft(size)
             if not drafted[name]:
+                self.prepared.pop(name, None)  # it would be stale by the time this group drafts again
                 continue  # root-only trees: a plain decoding step for this group
             catching_up[name] = draft_catching_up(group)
             selected = await self._draft_and_select(group, size, context, timing)
             if selected is None:
                 return
-            for s, (tree, expanded_size) in zip(group, selected):
+            chosen, learn = selected
+            while_verifying.append(learn)
+            for s, (tree, expanded_size) in zip(group, chosen):
                 trees[s.sequence_id], expanded_sizes[s.sequence_id] = tree, expanded_size
+        # The next step's budgets, for the least context it can have: it uses them where the tables' cells agree.
+        while_verifying.append(lambda: self._prepare_budgets([g[0].policy for n, g in groups.items() if drafted[n]],
+                                                             size, context + 1))
 
         items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
         try:
-            (results, model_seconds, cold), seconds = await timed(self.verify.verify(items, self.rpc_timeout_s))
+            (results, model_seconds, cold), seconds = await call_while(
+                self.verify.verify(items, self.rpc_timeout_s), *while_verifying)
         except grpc.aio.AioRpcError as exc:
             for s in batch:
                 s.fail(exc)
@@ -270,15 +298,32 @@ class StepLoop:
             log.info("%s at batch %d: %s now (%s)", policy, size, "plain decoding" if was else "drafting",
                      gate.describe(size))
 
+    def _budget(self, policy: TreePolicy, size: int, context: int) -> draft_pb2.ExpandBudget:
+        """The policy's Expand budget at this batch size and context: the one prepared during the last Verify where
+        it prices the same table cells (its online corrections and acceptance scale are one step older)."""
+        key, budget = self.prepared.pop(policy.name, (None, None))
+        if key == (size, self.costs.price_cells(size, context)):
+            return budget
+        gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
+        value_scale = self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
+        return policy.budget(policy.max_depth, self.costs, size, context, gains, value_scale)
+
+    def _prepare_budgets(self, policies: list[TreePolicy], size: int, context: int) -> None:
+        for policy in policies:
+            self.prepared.pop(policy.name, None)
+            budget = self._budget(policy, size, context)
+            self.prepared[policy.name] = ((size, self.costs.price_cells(size, context)), budget)
+
     async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
         """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
 
-        Returns [(tree to verify, expanded size)] per sequence, or None when the draft failed the whole group.
+        Returns [(tree to verify, expanded size)] per sequence and what the Expand teaches (a job for the Verify's
+        wait), or None when the draft failed the whole group.
         """
         policy = group[0].policy
+        budget = self._budget(policy, size, context)
         gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
         value_scale = self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
-        budget = policy.budget(policy.max_depth, self.costs, size, context, gains, value_scale)
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group]
         for s in group:
             s.opened_draft = True
@@ -292,17 +337,21 @@ class StepLoop:
         timing.draft_rpc += seconds
         timing.draft_model += model_seconds
         timing.draft_cold |= cold
-        if not cold:
-            longest = max(items, key=lambda i: len(i.new_tokens))
-            self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
-                                     seconds, model_seconds)
-        for s, e in zip(group, expanded):
+        for s in group:
             s.draft_seen = len(s.tokens)
-            s.stats.draft_seconds += seconds
-        if policy.cast is not None:
-            self.gains[policy.name] = update_gains(gains, [e.layer_utilities for e in expanded])
         chosen = policy.select([e.tree for e in expanded], self.costs, size, context, value_scale)
-        return [(tree, e.expanded_nodes) for tree, e in zip(chosen, expanded)]
+
+        def learn() -> None:
+            if not cold:
+                longest = max(items, key=lambda i: len(i.new_tokens))
+                self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
+                                         seconds, model_seconds)
+            for s in group:
+                s.stats.draft_seconds += seconds
+            if policy.cast is not None:
+                self.gains[policy.name] = update_gains(gains, [e.layer_utilities for e in expanded])
+
+        return [(tree, e.expanded_nodes) for tree, e in zip(chosen, expanded)], learn
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
         """Cut the tree's deepest layers where the context has no room for them."""

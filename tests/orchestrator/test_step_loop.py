@@ -1,0 +1,126 @@
+"""The step loop's overlap: bookkeeping runs while a service works on the step's request, and the next step's Expand
+budget, priced during the Verify, is used only where it prices the same table cells."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from cast.v1 import verify_pb2, verify_pb2_grpc
+from cast_core.cost_table import CostTable
+from cast_core.tree import TokenTree
+from orchestrator.clients import VerifyClient, VerifyItem
+from orchestrator.costs import CostModel
+from orchestrator.policies import POLICIES
+from orchestrator.step_loop import StepLoop, call_while
+
+GREEDY = verify_pb2.SamplingParams()
+
+
+class RecordingVerifier(verify_pb2_grpc.VerifyServiceServicer):
+    """Answers each Verify on the stream with the root as the only committed token, and signals its arrival."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+
+    def VerifyStream(self, requests, context):
+        for request in requests:
+            self.arrived.set()
+            results = [verify_pb2.VerifyResult(sequence_id=s.sequence_id, committed_tokens=[s.tree.tokens[0]])
+                       for s in request.sequences]
+            yield verify_pb2.VerifyStreamResponse(response=verify_pb2.VerifyResponse(results=results, verify_seconds=1e-3))
+
+
+async def test_jobs_run_while_the_request_is_with_the_service():
+    # A threaded server: it takes the request in while the client's event loop is held by a job.
+    verifier = RecordingVerifier()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    verify_pb2_grpc.add_VerifyServiceServicer_to_server(verifier, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = VerifyClient(f"127.0.0.1:{port}", "stream")
+    try:
+        await client.verify([VerifyItem("warm-up", TokenTree.root_only(1), GREEDY)], timeout=10)  # opens the stream
+        verifier.arrived.clear()
+        seen = []
+
+        def job() -> None:  # blocks the loop: only a request that is already out can arrive meanwhile
+            seen.append(verifier.arrived.wait(timeout=5))
+
+        (committed, seconds, cold), wall = await call_while(
+            client.verify([VerifyItem("a", TokenTree.root_only(42), GREEDY)], timeout=10), job)
+        assert seen == [True]
+        assert committed == [[42]] and seconds == 1e-3 and not cold and wall > 0
+    finally:
+        await client.close()
+        server.stop(None)
+
+
+async def test_a_failing_job_cancels_the_call_and_the_client_stays_usable():
+    verifier = RecordingVerifier()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    verify_pb2_grpc.add_VerifyServiceServicer_to_server(verifier, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = VerifyClient(f"127.0.0.1:{port}", "stream")
+    try:
+        def broken() -> None:
+            raise RuntimeError("a bug in the bookkeeping")
+
+        try:
+            await call_while(client.verify([VerifyItem("a", TokenTree.root_only(5), GREEDY)], timeout=10), broken)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("the job's error was swallowed")
+        assert client.stream.call is None  # dropped: its late answer must not be read as the next call's
+        (committed, _, _) = await client.verify([VerifyItem("b", TokenTree.root_only(6), GREEDY)], timeout=10)
+        assert committed == [[6]]
+    finally:
+        await client.close()
+        server.stop(None)
+
+
+def table(role: str, lam: float, delta: float, per_context: tuple) -> CostTable:
+    """Dearer with each batch size and context bucket (128 / 512 / 2048): contexts 200 and 300 share every cell,
+    200 and 600 do not."""
+    batches, contexts, counts = (1, 8), (128, 512, 2048), (1, 8, 64)
+    growth = np.array([1.0, 3.0])[:, None, None] * np.array(per_context)[None, :, None]
+    millis = growth * (delta + lam * np.array(counts, dtype=np.float64))[None, None, :]
+    return CostTable("H100", role, "bf16", batches, contexts, counts, millis)
+
+
+def loop_with_costs() -> StepLoop:
+    costs = CostModel.from_tables(table("verify", lam=0.05, delta=5.0, per_context=(1.0, 1.5, 3.0)),
+                                  table("draft", lam=0.2, delta=1.0, per_context=(1.0, 1.1, 1.2)))
+    return StepLoop(tokenizer=None, draft=None, verify=None, max_context=2048, costs=costs)
+
+
+def test_a_prepared_budget_is_used_where_the_cells_agree_and_only_once():
+    loop, cast = loop_with_costs(), POLICIES["cast"]
+    loop._prepare_budgets([cast], size=1, context=200)
+    prepared = loop.prepared["cast"][1]
+    loop.costs.observe_verify(1, 200, 30, 0.030)  # this step's verify: the prepared budget does not have it yet
+    assert loop._budget(cast, 1, 300) is prepared
+    assert "cast" not in loop.prepared
+    fresh = loop._budget(cast, 1, 300)  # nothing prepared any more: priced now, with the new correction
+    assert fresh is not prepared
+    assert fresh.cast.normalized_cost != prepared.cast.normalized_cost
+
+
+def test_a_prepared_budget_is_not_used_in_other_cells_or_at_another_batch_size():
+    loop, cast = loop_with_costs(), POLICIES["cast"]
+    expected = loop._budget(cast, 1, 600)
+    for size, context in ((1, 600), (8, 200)):
+        loop._prepare_budgets([cast], size=1, context=200)
+        budget = loop._budget(cast, size, context)
+        want = loop._budget(cast, size, context)  # nothing prepared: the fresh price
+        assert np.allclose(budget.cast.normalized_cost, want.cast.normalized_cost)
+        assert budget.cast.step_base_cost == want.cast.step_base_cost
+    assert expected.cast.normalized_cost == loop._budget(cast, 1, 600).cast.normalized_cost
+    # ... and the cells do price differently there, so using the prepared one would have been wrong.
+    loop._prepare_budgets([cast], size=1, context=200)
+    assert loop.prepared["cast"][1].cast.normalized_cost != expected.cast.normalized_cost
