@@ -8,7 +8,9 @@
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
 # KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
 # worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
-# orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1.
+# orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
+# AB_ROUNDS times (the order alternates, so neither always goes first).
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -164,6 +166,32 @@ if has bench_threads; then
         done
     done
     kill $STACKS $SPIN; wait $STACKS $SPIN 2>/dev/null
+fi
+
+if has bench_ab; then
+    stage "cast bench on the $SHAPE-shaped target: $BASE_TREE and this tree in turn, CPUs idle and kept awake"
+    # BASE_TREE: another checkout (git archive of an earlier commit) with models/ beside its code, as here.
+    (cd "$BASE_TREE" && PYTHONPATH=$BASE_TREE:$BASE_TREE/protos:$PYTHONPATH start_wide_stack "$OUT/stack_base.log" \
+        --port 50061 --draft-port 50062 --verify-port 50063; echo $STACK > "$OUT/stack_base.pid")
+    start_wide_stack "$OUT/stack_new.log" --port 50071 --draft-port 50072 --verify-port 50073
+    for round in $(seq 1 ${AB_ROUNDS:-2}); do
+        order="base new"; (( round % 2 == 0 )) && order="new base"
+        for mode in idle awake; do
+            SPIN=
+            if [[ $mode == awake ]]; then
+                python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+                sleep 1
+            fi
+            for tree in $order; do
+                port=50061; [[ $tree == new ]] && port=50071
+                echo "-- round $round, $tree, CPUs $mode"
+                bench_levels 127.0.0.1:$port "$OUT/bench_${tree}_${mode}_r$round" "$SHAPE-shaped target, $tree, CPUs $mode"
+            done
+            [[ -n "$SPIN" ]] && { kill $SPIN; wait $SPIN 2>/dev/null; }
+            order=$(echo $order | awk '{print $2, $1}')
+        done
+    done
+    kill $STACK $(cat "$OUT/stack_base.pid"); wait $STACK 2>/dev/null
 fi
 
 if has orch_profile; then
