@@ -10,7 +10,8 @@
 # worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
 # orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
-# AB_ROUNDS times (the order alternates, so neither always goes first).
+# AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
+# orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level.
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -192,6 +193,29 @@ if has bench_ab; then
         done
     done
     kill $STACK $(cat "$OUT/stack_base.pid"); wait $STACK 2>/dev/null
+fi
+
+if has pyspy; then
+    stage "py-spy on the three processes through cast at batch ${PYSPY_CONCURRENCY:-1 8}, CPUs kept awake"
+    python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
+    start_wide_stack "$OUT/stack_pyspy.log" --port 50081 --draft-port 50082 --verify-port 50083
+    for c in ${PYSPY_CONCURRENCY:-1 8}; do
+        $CAST bench --addr 127.0.0.1:50081 --policies ${PROFILE_POLICY:-cast} --concurrency $c --requests 2000 \
+            --seconds ${PYSPY_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts --warmup 1 --out "$OUT/bench_pyspy_c$c" \
+            --title "under py-spy" > "$OUT/bench_pyspy_c$c.log" 2>&1 &
+        BENCH=$!
+        sleep 8  # past the warm-up
+        # Sampled without stopping the process (--nonblocking): the services keep their timing; a sample may mix
+        # two moments, which does not matter for proportions.
+        for name in orchestrator.server:50081 draft_service.server:50082 verify_service.server:50083; do
+            pid=$(pgrep -f "${name%%:*} .*--port ${name##*:}" | head -1)
+            ${PYSPY:-py-spy} record -p $pid -d ${PYSPY_RECORD_S:-15} -r 500 --nonblocking -f raw \
+                -o "$OUT/pyspy_${name%%.*}_c$c.txt" > /dev/null 2>&1 &
+        done
+        wait $BENCH
+        grep -E "c=|step p50" "$OUT/bench_pyspy_c$c.log"
+    done
+    kill $STACK $SPIN; wait $STACK $SPIN 2>/dev/null
 fi
 
 if has orch_profile; then
