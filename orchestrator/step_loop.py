@@ -298,21 +298,27 @@ class StepLoop:
             log.info("%s at batch %d: %s now (%s)", policy, size, "plain decoding" if was else "drafting",
                      gate.describe(size))
 
+    def _gains(self, policy: TreePolicy) -> GainBuffer:
+        return self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
+
+    def _value_scale(self, policy: TreePolicy) -> float:
+        return self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
+
+    def _priced_budget(self, policy: TreePolicy, size: int, context: int) -> draft_pb2.ExpandBudget:
+        return policy.budget(policy.max_depth, self.costs, size, context, self._gains(policy), self._value_scale(policy))
+
     def _budget(self, policy: TreePolicy, size: int, context: int) -> draft_pb2.ExpandBudget:
         """The policy's Expand budget at this batch size and context: the one prepared during the last Verify where
         it prices the same table cells (its online corrections and acceptance scale are one step older)."""
         key, budget = self.prepared.pop(policy.name, (None, None))
         if key == (size, self.costs.price_cells(size, context)):
             return budget
-        gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
-        value_scale = self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
-        return policy.budget(policy.max_depth, self.costs, size, context, gains, value_scale)
+        return self._priced_budget(policy, size, context)
 
     def _prepare_budgets(self, policies: list[TreePolicy], size: int, context: int) -> None:
         for policy in policies:
-            self.prepared.pop(policy.name, None)
-            budget = self._budget(policy, size, context)
-            self.prepared[policy.name] = ((size, self.costs.price_cells(size, context)), budget)
+            self.prepared[policy.name] = ((size, self.costs.price_cells(size, context)),
+                                          self._priced_budget(policy, size, context))
 
     async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
         """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
@@ -322,8 +328,7 @@ class StepLoop:
         """
         policy = group[0].policy
         budget = self._budget(policy, size, context)
-        gains = self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
-        value_scale = self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
+        gains, value_scale = self._gains(policy), self._value_scale(policy)
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group]
         for s in group:
             s.opened_draft = True

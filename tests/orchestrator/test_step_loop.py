@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import pytest
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
@@ -34,54 +35,47 @@ class RecordingVerifier(verify_pb2_grpc.VerifyServiceServicer):
             yield verify_pb2.VerifyStreamResponse(response=verify_pb2.VerifyResponse(results=results, verify_seconds=1e-3))
 
 
-async def test_jobs_run_while_the_request_is_with_the_service():
-    # A threaded server: it takes the request in while the client's event loop is held by a job.
+@pytest.fixture
+async def recorded():
+    """(verifier, client): a threaded gRPC server, which takes a request in while the client's event loop is held
+    by a job, and a client of it on the step stream."""
     verifier = RecordingVerifier()
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(verifier, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     client = VerifyClient(f"127.0.0.1:{port}", "stream")
-    try:
-        await client.verify([VerifyItem("warm-up", TokenTree.root_only(1), GREEDY)], timeout=10)  # opens the stream
-        verifier.arrived.clear()
-        seen = []
-
-        def job() -> None:  # blocks the loop: only a request that is already out can arrive meanwhile
-            seen.append(verifier.arrived.wait(timeout=5))
-
-        (committed, seconds, cold), wall = await call_while(
-            client.verify([VerifyItem("a", TokenTree.root_only(42), GREEDY)], timeout=10), job)
-        assert seen == [True]
-        assert committed == [[42]] and seconds == 1e-3 and not cold and wall > 0
-    finally:
-        await client.close()
-        server.stop(None)
+    yield verifier, client
+    await client.close()
+    server.stop(None)
 
 
-async def test_a_failing_job_cancels_the_call_and_the_client_stays_usable():
-    verifier = RecordingVerifier()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    verify_pb2_grpc.add_VerifyServiceServicer_to_server(verifier, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    client = VerifyClient(f"127.0.0.1:{port}", "stream")
-    try:
-        def broken() -> None:
-            raise RuntimeError("a bug in the bookkeeping")
+async def test_jobs_run_while_the_request_is_with_the_service(recorded):
+    verifier, client = recorded
+    await client.verify([VerifyItem("warm-up", TokenTree.root_only(1), GREEDY)], timeout=10)  # opens the stream
+    verifier.arrived.clear()
+    seen = []
 
-        try:
-            await call_while(client.verify([VerifyItem("a", TokenTree.root_only(5), GREEDY)], timeout=10), broken)
-        except RuntimeError:
-            pass
-        else:
-            raise AssertionError("the job's error was swallowed")
-        assert client.stream.call is None  # dropped: its late answer must not be read as the next call's
-        (committed, _, _) = await client.verify([VerifyItem("b", TokenTree.root_only(6), GREEDY)], timeout=10)
-        assert committed == [[6]]
-    finally:
-        await client.close()
-        server.stop(None)
+    def job() -> None:  # blocks the loop: only a request that is already out can arrive meanwhile
+        seen.append(verifier.arrived.wait(timeout=5))
+
+    (committed, seconds, cold), wall = await call_while(
+        client.verify([VerifyItem("a", TokenTree.root_only(42), GREEDY)], timeout=10), job)
+    assert seen == [True]
+    assert committed == [[42]] and seconds == 1e-3 and not cold and wall > 0
+
+
+async def test_a_failing_job_cancels_the_call_and_the_client_stays_usable(recorded):
+    _, client = recorded
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the bookkeeping")
+
+    with pytest.raises(RuntimeError, match="bookkeeping"):
+        await call_while(client.verify([VerifyItem("a", TokenTree.root_only(5), GREEDY)], timeout=10), broken)
+    assert client.stream.call is None  # dropped: its late answer must not be read as the next call's
+    (committed, _, _) = await client.verify([VerifyItem("b", TokenTree.root_only(6), GREEDY)], timeout=10)
+    assert committed == [[6]]
 
 
 def table(role: str, lam: float, delta: float, per_context: tuple) -> CostTable:
