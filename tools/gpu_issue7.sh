@@ -11,7 +11,8 @@
 # orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
-# orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level.
+# orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level
+# (PYSPY_PROMPTS: a JSONL file of prompts, where HumanEval's 164 run out before the recording ends).
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-gpu-issue7}
@@ -201,6 +202,7 @@ if has pyspy; then
     start_wide_stack "$OUT/stack_pyspy.log" --port 50081 --draft-port 50082 --verify-port 50083
     for c in ${PYSPY_CONCURRENCY:-1 8}; do
         $CAST bench --addr 127.0.0.1:50081 --policies ${PROFILE_POLICY:-cast} --concurrency $c --requests 2000 \
+            --prompts ${PYSPY_PROMPTS:-humaneval} \
             --seconds ${PYSPY_SECONDS:-30} --max-new-tokens 128 --rstrip-prompts --warmup 1 --out "$OUT/bench_pyspy_c$c" \
             --title "under py-spy" > "$OUT/bench_pyspy_c$c.log" 2>&1 &
         BENCH=$!
