@@ -112,6 +112,9 @@ class StepLoop:
         self.max_queued = max_queued
         self.live: list[LiveSequence] = []
         self.waiting: list[LiveSequence] = []
+        # Admitted sequences whose prompts the verifier is prefilling while the live batch steps on, and that call.
+        self.joining: list[LiveSequence] = []
+        self.prefilling: asyncio.Task | None = None
         self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
         self.gates: dict[str, DraftGate] = {}   # per CAST policy: whether a step drafts at all (draft_gate.py)
         self.acceptance: dict[str, AcceptanceScale] = {}  # per CAST policy: accepted tokens per unit of value
@@ -167,40 +170,63 @@ class StepLoop:
     # --- the loop -------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            await self._retire()
-            if not self.live and not self.waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                await self._admit()
-                if self.live:
-                    await self._step([s for s in self.live if not s.done])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug must fail the requests, not hang them
-                log.exception("step failed")
-                for s in self.live + self.waiting:
-                    s.fail(exc)
+        try:
+            while True:
+                await self._retire()
+                if not self.live and not self.waiting and self.prefilling is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                try:
+                    self._admit()
+                    stepping = [s for s in self.live if not s.done]
+                    if self.prefilling is not None and (self.prefilling.done() or not stepping):
+                        await self._join()
+                        stepping = [s for s in self.live if not s.done]
+                    if stepping:
+                        await self._step(stepping)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug must fail the requests, not hang them
+                    log.exception("step failed")
+                    for s in self.live + self.joining + self.waiting:
+                        s.fail(exc)
+        finally:
+            if self.prefilling is not None:
+                self.prefilling.cancel()
 
-    async def _admit(self) -> None:
-        """Prefill the waiting sequences that fit, in one call."""
+    def _admit(self) -> None:
+        """Start prefilling the waiting sequences that fit, in one call, unless a prefill is running. The live batch
+        steps on meanwhile: the draft expands its trees while the verifier prefills (a prompt costs a verify
+        service several steps' time), and the newcomers join once their prefill is done (_join)."""
+        if self.prefilling is not None:
+            return
         self.waiting = [s for s in self.waiting if not s.done]
         joining = self.waiting[: max(self.max_live - len(self.live), 0)]
         if not joining:
             return
         self.waiting = self.waiting[len(joining):]
+        self.joining = joining
+        self.prefilling = asyncio.ensure_future(
+            timed(self.verify.prefill({s.sequence_id: s.tokens for s in joining}, self.rpc_timeout_s)))
+
+    async def _join(self) -> None:
+        """Wait for the running prefill; its sequences join the live batch."""
+        task, joining = self.prefilling, self.joining
         try:
-            _, seconds = await timed(self.verify.prefill({s.sequence_id: s.tokens for s in joining}, self.rpc_timeout_s))
+            _, seconds = await task
         except grpc.aio.AioRpcError as exc:
             for s in joining:
                 s.fail(exc)
-            self.live.extend(joining)  # so that _retire releases whatever the verifier kept
-            return
-        for s in joining:
-            s.stats.verify_seconds += seconds
-        self.live.extend(joining)
+        else:
+            for s in joining:
+                s.stats.verify_seconds += seconds
+        finally:
+            self.prefilling, self.joining = None, []
+            self.live.extend(joining)  # failed ones too: _retire releases whatever the verifier kept
+
+    def _prefill_running(self) -> bool:
+        return self.prefilling is not None and not self.prefilling.done()
 
     async def _retire(self) -> None:
         """Drop finished and abandoned sequences and release their sessions on both services."""
@@ -223,7 +249,7 @@ class StepLoop:
         if not batch:
             return
         started = time.perf_counter()
-        timing = StepTiming()
+        timing = StepTiming(shared=self._prefill_running())
         size = len(batch)
         context = max(len(s.tokens) for s in batch)
         trees: dict[str, TokenTree] = {s.sequence_id: TokenTree.root_only(s.tokens[-1]) for s in batch}
@@ -257,6 +283,7 @@ class StepLoop:
                                                              size, context + 1))
 
         items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
+        timing.shared |= self._prefill_running()  # this Verify waits for the prefill on the verifier's worker
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.verify.verify(items, self.rpc_timeout_s), *while_verifying)
@@ -264,7 +291,7 @@ class StepLoop:
             for s in batch:
                 s.fail(exc)
             return
-        if not cold:  # a step that captured a CUDA graph measures the capture, not the step
+        if not cold and not timing.shared:  # a graph capture or a newcomer's prefill is not what a step costs
             self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
@@ -285,7 +312,8 @@ class StepLoop:
                 self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
                                               sum(committed[s.sequence_id] - 1 for s in group))
             # Steps with a one-time cost (a graph capture, a draft catching up) would misjudge their kind.
-            if name in self.gates and not cold and not timing.draft_cold and not catching_up.get(name, False):
+            if (name in self.gates and not cold and not timing.draft_cold and not timing.shared
+                    and not catching_up.get(name, False)):
                 tokens = sum(committed[s.sequence_id] for s in group) / len(group)
                 self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
 
@@ -347,7 +375,7 @@ class StepLoop:
         chosen = policy.select([e.tree for e in expanded], self.costs, size, context, value_scale)
 
         def learn() -> None:
-            if not cold:
+            if not cold and not timing.shared:
                 longest = max(items, key=lambda i: len(i.new_tokens))
                 self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
                                          seconds, model_seconds)

@@ -1,22 +1,28 @@
-"""The step loop's overlap: bookkeeping runs while a service works on the step's request, and the next step's Expand
-budget, priced during the Verify, is used only where it prices the same table cells."""
+"""The step loop's overlaps: bookkeeping runs while a service works on the step's request, the next step's Expand
+budget, priced during the Verify, is used only where it prices the same table cells, and the live batch keeps
+drafting while a newcomer's prompt is prefilled."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_core.tree import TokenTree
-from orchestrator.clients import VerifyClient, VerifyItem
+from orchestrator.clients import DraftClient, VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
+from orchestrator.decoding import GenerationRequest
 from orchestrator.policies import POLICIES
 from orchestrator.step_loop import StepLoop, call_while
+from tests.orchestrator.test_step_rpc import start_services, stop_services
 
 GREEDY = verify_pb2.SamplingParams()
 
@@ -118,3 +124,60 @@ def test_a_prepared_budget_is_not_used_in_other_cells_or_at_another_batch_size()
     # ... and the cells do price differently there, so using the prepared one would have been wrong.
     loop._prepare_budgets([cast], size=1, context=200)
     assert loop.prepared["cast"][1].cast.normalized_cost != expected.cast.normalized_cost
+
+
+async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: asyncio.Event | None = None) -> list[int]:
+    request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=n, policy=POLICIES["eagle2"], ignore_eos=True)
+    tokens: list[int] = []
+    async for chunk in loop.generate(request):
+        tokens += chunk.token_ids
+        if started is not None:
+            started.set()
+    return tokens
+
+
+async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair, onnx_cache_dir):
+    draft, verify = await start_services(tiny_pair)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    clients = DraftClient(f"127.0.0.1:{draft.port}"), VerifyClient(f"127.0.0.1:{verify.port}")
+    loop = StepLoop(tokenizer, *clients, max_context=256, costs=CostModel.from_tables(None, None))
+    first, second = [5, 17, 99, 3, 200], [42, 7, 8, 300, 11, 12]
+    try:
+        alone = [await run_request(loop, first, 24), await run_request(loop, second, 8)]
+
+        # From now on a prefill takes 0.5 s more on the verifier's worker. Record when the orchestrator asks for one,
+        # when it ends, and when the draft expands.
+        asked, prefilled, expands = [], [], []
+        prefill, ask, expand = verify.servicer.verifier.prefill, clients[1].prefill, draft.servicer.expander.expand
+
+        def slow_prefill(items):
+            time.sleep(0.5)
+            result = prefill(items)
+            prefilled.append(time.perf_counter())
+            return result
+
+        async def asking(*args):
+            asked.append(time.perf_counter())
+            return await ask(*args)
+
+        def timed_expand(*args):
+            expands.append(time.perf_counter())
+            return expand(*args)
+
+        started = asyncio.Event()
+        running = asyncio.create_task(run_request(loop, first, 24, started))
+        await started.wait()  # the first request is live
+        verify.servicer.verifier.prefill = slow_prefill
+        clients[1].prefill = asking
+        draft.servicer.expander.expand = timed_expand
+        together = [await run_request(loop, second, 8), await running]
+    finally:
+        await loop.close()
+        for client in clients:
+            await client.close()
+        await stop_services(draft, verify)
+    assert together == [alone[1], alone[0]]  # the same tokens, joined mid-way or not
+    (admitted,), (prefill_end,) = asked, prefilled  # the second request's
+    # Between the newcomer's admission and the end of its prefill, the live request drafted its next tree (its
+    # Verify then waits for the verifier's worker).
+    assert any(admitted < t < prefill_end for t in expands), "the live request waited for the prefill"
