@@ -50,7 +50,7 @@ class StepTiming:
     verify_rpc: float = 0.0
     verify_model: float = 0.0
     draft_cold: bool = False  # an Expand of this step captured a CUDA graph: its times are not a step's
-    shared: bool = False      # a newcomer's prefill ran on the verifier during this step: nor are these
+    shared: bool = False      # the step waited for newcomers' prefill on the verifier: nor are these
 
 
 @dataclass

@@ -180,7 +180,7 @@ class StepLoop:
                 try:
                     self._admit()
                     stepping = [s for s in self.live if not s.done]
-                    if self.prefilling is not None and (self.prefilling.done() or not stepping):
+                    if self.prefilling is not None and not stepping:  # nothing else to do meanwhile
                         await self._join()
                         stepping = [s for s in self.live if not s.done]
                     if stepping:
@@ -198,7 +198,7 @@ class StepLoop:
     def _admit(self) -> None:
         """Start prefilling the waiting sequences that fit, in one call, unless a prefill is running. The live batch
         steps on meanwhile: the draft expands its trees while the verifier prefills (a prompt costs a verify
-        service several steps' time), and the newcomers join once their prefill is done (_join)."""
+        service several steps' time), and the newcomers join that step's Verify (_step)."""
         if self.prefilling is not None:
             return
         self.waiting = [s for s in self.waiting if not s.done]
@@ -210,8 +210,8 @@ class StepLoop:
         self.prefilling = asyncio.ensure_future(
             timed(self.verify.prefill({s.sequence_id: s.tokens for s in joining}, self.rpc_timeout_s)))
 
-    async def _join(self) -> None:
-        """Wait for the running prefill; its sequences join the live batch."""
+    async def _join(self) -> list[LiveSequence]:
+        """Wait for the running prefill; its sequences join the live batch. Returns them."""
         task, joining = self.prefilling, self.joining
         try:
             _, seconds = await task
@@ -224,9 +224,7 @@ class StepLoop:
         finally:
             self.prefilling, self.joining = None, []
             self.live.extend(joining)  # failed ones too: _retire releases whatever the verifier kept
-
-    def _prefill_running(self) -> bool:
-        return self.prefilling is not None and not self.prefilling.done()
+        return joining
 
     async def _retire(self) -> None:
         """Drop finished and abandoned sequences and release their sessions on both services."""
@@ -249,7 +247,7 @@ class StepLoop:
         if not batch:
             return
         started = time.perf_counter()
-        timing = StepTiming(shared=self._prefill_running())
+        timing = StepTiming(shared=self.prefilling is not None)
         size = len(batch)
         context = max(len(s.tokens) for s in batch)
         trees: dict[str, TokenTree] = {s.sequence_id: TokenTree.root_only(s.tokens[-1]) for s in batch}
@@ -278,12 +276,18 @@ class StepLoop:
             while_verifying.append(learn)
             for s, (tree, expanded_size) in zip(group, chosen):
                 trees[s.sequence_id], expanded_sizes[s.sequence_id] = tree, expanded_size
+        if self.prefilling is not None:
+            # The verifier runs the prefill before this step's Verify anyway: the newcomers join it, with root-only
+            # trees (a plain step gives their first token), and draft from the next step on.
+            for s in await self._join():
+                if not s.done and len(s.tokens) < self.max_context:
+                    trees[s.sequence_id], expanded_sizes[s.sequence_id] = TokenTree.root_only(s.tokens[-1]), 1
+                    batch.append(s)
         # The next step's budgets, for the least context it can have: it uses them where the tables' cells agree.
         while_verifying.append(lambda: self._prepare_budgets([g[0].policy for n, g in groups.items() if drafted[n]],
                                                              size, context + 1))
 
         items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
-        timing.shared |= self._prefill_running()  # this Verify waits for the prefill on the verifier's worker
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.verify.verify(items, self.rpc_timeout_s), *while_verifying)

@@ -126,14 +126,15 @@ def test_a_prepared_budget_is_not_used_in_other_cells_or_at_another_batch_size()
     assert loop.prepared["cast"][1].cast.normalized_cost != expected.cast.normalized_cost
 
 
-async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: asyncio.Event | None = None) -> list[int]:
+async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: asyncio.Event | None = None):
+    """The request's tokens and its steps."""
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=n, policy=POLICIES["eagle2"], ignore_eos=True)
     tokens: list[int] = []
     async for chunk in loop.generate(request):
         tokens += chunk.token_ids
         if started is not None:
             started.set()
-    return tokens
+    return tokens, chunk.stats.steps
 
 
 async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair, onnx_cache_dir):
@@ -176,7 +177,11 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
         for client in clients:
             await client.close()
         await stop_services(draft, verify)
-    assert together == [alone[1], alone[0]]  # the same tokens, joined mid-way or not
+    assert [tokens for tokens, _ in together] == [alone[1][0], alone[0][0]]  # the same tokens, joined mid-way or not
+    # The newcomer's first token came from the step it joined, a plain one (its draft starts at the next step).
+    newcomer_steps = together[0][1]
+    assert (newcomer_steps[0].expanded_nodes, newcomer_steps[0].verified_nodes) == (1, 1)
+    assert newcomer_steps[1].expanded_nodes > 1
     (admitted,), (prefill_end,) = asked, prefilled  # the second request's
     # Between the newcomer's admission and the end of its prefill, the live request drafted its next tree (its
     # Verify then waits for the verifier's worker).
