@@ -48,3 +48,9 @@ class Unimplemented(CastError):
     """A request option this release does not serve (UNIMPLEMENTED)."""
 
     status = "UNIMPLEMENTED"
+
+
+class Unavailable(CastError):
+    """The service is shutting down; the client may retry elsewhere (UNAVAILABLE)."""
+
+    status = "UNAVAILABLE"

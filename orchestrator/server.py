@@ -72,6 +72,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # for graceful shutdown
+    server.step_loop = loop                   # ... which releases the sequences' sessions last
     log.info("orchestrator serving on %s:%d (draft %s, verify %s, step RPCs: %s)", config.host, port, draft.address,
              verify.address, config.step_rpc)
     return server, port
@@ -86,6 +87,7 @@ async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
     await stop.wait()
     await server.health_servicer.enter_graceful_shutdown()
     await server.stop(grace_s)
+    await server.step_loop.close()
 
 
 def main(argv: list[str] | None = None) -> None:

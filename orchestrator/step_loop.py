@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from cast.v1 import draft_pb2, verify_pb2
-from cast_core.errors import ResourceExhausted
+from cast_core.errors import ResourceExhausted, Unavailable
 from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
 from orchestrator.acceptance import AcceptanceScale
@@ -163,9 +163,22 @@ class StepLoop:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="step-loop")
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop stepping and release every admitted sequence's sessions on both services; requests still running
+        end with UNAVAILABLE. A stopping orchestrator leaves nothing for the services' TTL to clean up."""
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        admitted = self.live + self.joining
+        for s in admitted + self.waiting:
+            s.fail(Unavailable("the orchestrator is shutting down"))
+        self.live, self.joining, self.waiting = [], [], []
+        if admitted:
+            calls = [self.verify.release([s.sequence_id for s in admitted], timeout_s)]
+            drafted = [s.sequence_id for s in admitted if s.opened_draft]
+            if drafted:
+                calls.append(self.draft.release(drafted, timeout_s))
+            await asyncio.gather(*calls, return_exceptions=True)
 
     # --- the loop -------------------------------------------------------------------------------------------
 

@@ -53,3 +53,4 @@ async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
             second.cancel()
     finally:
         await server.stop(None)
+        await server.step_loop.close()  # as serve() does: the sequences' sessions go too

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
+from cast_core.errors import Unavailable
 from cast_core.tree import TokenTree
 from orchestrator.clients import DraftClient, VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
@@ -186,3 +187,23 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
     # Between the newcomer's admission and the end of its prefill, the live request drafted its next tree (its
     # Verify then waits for the verifier's worker).
     assert any(admitted < t < prefill_end for t in expands), "the live request waited for the prefill"
+
+
+async def test_closing_the_loop_releases_every_session_and_ends_the_requests(tiny_pair, onnx_cache_dir):
+    draft, verify = await start_services(tiny_pair)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    clients = DraftClient(f"127.0.0.1:{draft.port}"), VerifyClient(f"127.0.0.1:{verify.port}")
+    loop = StepLoop(tokenizer, *clients, max_context=256, costs=CostModel.from_tables(None, None))
+    started = asyncio.Event()
+    try:
+        running = asyncio.create_task(run_request(loop, [5, 17, 99, 3, 200], 200, started))
+        await started.wait()  # live, with sessions on both services
+        assert (len(draft.servicer.expander.sessions), len(verify.servicer.verifier.sessions)) == (1, 1)
+        await loop.close()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await running
+        assert (len(draft.servicer.expander.sessions), len(verify.servicer.verifier.sessions)) == (0, 0)
+    finally:
+        for client in clients:
+            await client.close()
+        await stop_services(draft, verify)
