@@ -173,12 +173,7 @@ class StepLoop:
         for s in admitted + self.waiting:
             s.fail(Unavailable("the orchestrator is shutting down"))
         self.live, self.joining, self.waiting = [], [], []
-        if admitted:
-            calls = [self.verify.release([s.sequence_id for s in admitted], timeout_s)]
-            drafted = [s.sequence_id for s in admitted if s.opened_draft]
-            if drafted:
-                calls.append(self.draft.release(drafted, timeout_s))
-            await asyncio.gather(*calls, return_exceptions=True)
+        await self._release(admitted, timeout_s)
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -245,10 +240,16 @@ class StepLoop:
         if not leaving:
             return
         self.live = [s for s in self.live if not s.done]
-        calls = [self.verify.release([s.sequence_id for s in leaving])]
-        drafted = [s.sequence_id for s in leaving if s.opened_draft]
+        await self._release(leaving)
+
+    async def _release(self, sequences: list[LiveSequence], timeout_s: float = 10.0) -> None:
+        """Release the sequences' sessions on both services (the draft's only where it opened one)."""
+        if not sequences:
+            return
+        calls = [self.verify.release([s.sequence_id for s in sequences], timeout_s)]
+        drafted = [s.sequence_id for s in sequences if s.opened_draft]
         if drafted:
-            calls.append(self.draft.release(drafted))
+            calls.append(self.draft.release(drafted, timeout_s))
         # A failed release is nobody's error to report: the sessions' TTL frees them.
         await asyncio.gather(*calls, return_exceptions=True)
 
