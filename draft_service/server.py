@@ -17,9 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from cast_core.identity import vocab_hash
-from cast_core.sessions import SessionStore
-from cast_core.wire import cost_table_to_proto
+from cast_runtime.identity import vocab_hash
+from cast_runtime.sessions import SessionStore
+from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft

@@ -18,7 +18,7 @@ import grpc
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from cast_core.selection import kept_layer_utilities
 from cast_core.tree import TokenTree
-from cast_core.wire import tree_from_proto, tree_to_proto
+from cast_runtime.wire import tree_from_proto, tree_to_proto
 
 # Keepalive matched by the services' server options (FIELD_NOTES: else GOAWAY "too_many_pings").
 CHANNEL_OPTIONS = [

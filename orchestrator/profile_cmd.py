@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cast_core.cost_table import CostTable
-from cast_core.profiling import Profile, ProfileGrid, describe_grid, model_identity, parse_ints, save_atomic
+from cast_runtime.profiling import Profile, ProfileGrid, describe_grid, model_identity, parse_ints, save_atomic
 
 
 def add_grid_flags(p: argparse.ArgumentParser) -> None:

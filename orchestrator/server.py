@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from cast_core.identity import vocab_hash
-from cast_core.wire import cost_table_from_proto
+from cast_runtime.identity import vocab_hash
+from cast_runtime.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.costs import CostModel

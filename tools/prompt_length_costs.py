@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from cast_core.sessions import SessionStore
+from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.static_runner import StaticRunner

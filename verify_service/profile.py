@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cast_core.cost_table import CostTable, monotone_envelope
-from cast_core.profiling import (
+from cast_runtime.profiling import (
     Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from cast_core.tree import TokenTree

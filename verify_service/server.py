@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
-from cast_core.wire import cost_table_to_proto
+from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
 from verify_service.servicer import VerifyServicer, expire_sessions_until_stopped

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cast_core.identity import vocab_hash
 from cast_core.tree import TokenTree
+from cast_runtime.identity import vocab_hash
 from verify_service.fused_llama import FusedLlama, build_fused
 from verify_service.kv_cache import SequenceKV
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
+from cast_runtime.sessions import SessionStore
 from verify_service.acceptance import Acceptance, accept_matching
 from verify_service.kv_cache import KVStore, SequenceKV
 from verify_service.sampling import GREEDY, SamplingParams, target_tokens

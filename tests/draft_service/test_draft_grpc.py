@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from cast.v1 import draft_pb2, draft_pb2_grpc
-from cast_core.identity import vocab_hash
+from cast_runtime.identity import vocab_hash
 from draft_service.config import DraftConfig
 from draft_service.server import start_server
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cast.v1 import verify_pb2
-from cast_core.cost_table import load
-from cast_core.wire import cost_table_from_proto
+from cast_runtime.profiling import load
+from cast_runtime.wire import cost_table_from_proto
 from orchestrator.cli import main
 from verify_service.config import VerifyConfig
 from verify_service.profile import QUICK_GRID

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
-from cast_core.identity import vocab_hash
+from cast_runtime.identity import vocab_hash
 from verify_service.config import VerifyConfig
 from verify_service.server import start_server
 

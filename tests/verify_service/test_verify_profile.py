@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
-from cast_core.cost_table import CostTable, save
-from cast_core.profiling import ProfileGrid
-from cast_core.wire import cost_table_from_proto
+from cast_core.cost_table import CostTable
+from cast_runtime.profiling import ProfileGrid, save
+from cast_runtime.wire import cost_table_from_proto
 from verify_service import profile as vp
 from verify_service.config import VerifyConfig
 from verify_service.server import start_server

@@ -14,7 +14,7 @@ import torch
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.errors import InvalidArgument, ResourceExhausted
 from cast_core.tree import TokenTree
-from cast_core.wire import cost_table_from_proto
+from cast_runtime.wire import cost_table_from_proto
 from verify_service.config import VerifyConfig
 from verify_service.kv_cache import KVStore
 from verify_service.sampling import GREEDY, SamplingParams
@@ -307,7 +307,7 @@ def test_a_verify_that_captures_a_graph_says_so(target64: TargetModel, stand_in_
 
 def test_profile_through_a_static_verifier_prices_its_layout_and_leaves_its_store_empty(target64: TargetModel,
                                                                                         tiny_pair):
-    from cast_core.profiling import ProfileGrid
+    from cast_runtime.profiling import ProfileGrid
     from verify_service import profile as vp
 
     verifier = Verifier(target64, max_sessions=2, session_ttl_s=60, static_slots=2, max_tree_tokens=4)

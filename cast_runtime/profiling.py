@@ -1,5 +1,5 @@
 """Shared by both services' profilers (verify_service/profile.py, draft_service/profile.py): the grid to measure,
-the timing loop, and the on-disk cache of profiled tables.
+the timing loop, cost-table files and the on-disk cache of profiled tables.
 
 A cost table belongs to (device, model identity, dtype, backend details): the cache file name is a hash of those,
 under $CAST_CACHE_DIR/cost-tables/. `cast profile verify|draft` writes to the same path by default, so a table
@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cast_core.cost_table import CostTable, load, save
+from cast_core.cost_table import CostTable
+from cast_runtime.cache import default_cache_dir
 
 COST_TABLE_DIR = "cost-tables"
 
@@ -100,7 +101,17 @@ def no_sync() -> None:
     pass
 
 
-# ---- identity and cache ---------------------------------------------------------------------------------------
+# ---- files, identity and cache ---------------------------------------------------------------------------------
+
+
+def save(table: CostTable, path: str | Path) -> None:
+    """Write `table` to `path` in cast_core's JSON format."""
+    Path(path).write_text(table.to_json() + "\n", encoding="utf-8")
+
+
+def load(path: str | Path) -> CostTable:
+    """Read a table written by `save` (or by hand, in the documented JSON format)."""
+    return CostTable.from_json(Path(path).read_text(encoding="utf-8"))
 
 
 def config_hash(model_dir: str | Path) -> str:
@@ -127,10 +138,6 @@ def host_key(device: str) -> str:
     except OSError:
         pass
     return f"cpu/{model}/{os.cpu_count()}"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast-serve")
 
 
 def cache_path(
