@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cast_runtime.cache import default_cache_dir
+
 # Bump when the graph's interface or the wrapper changes: old cache entries then miss.
 EXPORT_FORMAT = 2  # 2: RMSNorm exported in the form ONNX Runtime fuses
 DTYPES = ("float32", "float16")
@@ -69,10 +71,6 @@ class ExportMeta:
     max_context: int     # the model's max_position_embeddings
     export_seconds: float
     layout: str = "dynamic"  # dynamic: a KV that grows every run; static: fixed buffers written in place
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast-serve")
 
 
 def export_key(model_dir: str | Path, top_k: int, dtype: str, layout: str = "dynamic") -> str:

@@ -13,14 +13,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cast_runtime.cache import default_cache_dir
 from orchestrator.keep_awake import KeepAwake
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PAIR = REPO_ROOT / "models" / "reference"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CAST_CACHE_DIR", Path.home() / ".cache" / "cast-serve"))
 
 
 def default_pair() -> tuple[Path, Path]:
@@ -29,7 +26,7 @@ def default_pair() -> tuple[Path, Path]:
         return REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
     from tools.tiny_models import make_tiny_pair
 
-    return make_tiny_pair(cache_dir() / "tiny-pair")
+    return make_tiny_pair(default_cache_dir() / "tiny-pair")
 
 
 @dataclass
