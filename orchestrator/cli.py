@@ -119,14 +119,14 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_train_reference(argv: list[str]) -> int:
-    from tools.train_reference import main
+    from cast_models.train_reference import main
 
     main(argv)
     return 0
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from orchestrator.bench import main
+    from benchmarks.bench import main
 
     return main(argv)
 

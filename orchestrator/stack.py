@@ -24,7 +24,7 @@ def default_pair() -> tuple[Path, Path]:
     """The project's reference pair when present, else a tiny random pair made once on first start."""
     if (REFERENCE_PAIR / "target" / "config.json").exists():
         return REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
-    from tools.tiny_models import make_tiny_pair
+    from cast_models.tiny import make_tiny_pair
 
     return make_tiny_pair(default_cache_dir() / "tiny-pair")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tools.tiny_models import tiny_llama_config
+from cast_models.tiny import tiny_llama_config
 from verify_service.fused_llama import EAGER, FusedLlama, build_fused, stacked_mask
 from verify_service.kv_cache import KVStore
 from verify_service.target import TargetModel

@@ -1,10 +1,10 @@
-"""tools.hf_baselines on CPU with the tiny random pair: every mode runs, and greedy assisted == plain generate."""
+"""benchmarks.hf_baselines on CPU with the tiny random pair: every mode runs, and greedy assisted == plain generate."""
 
 from __future__ import annotations
 
 import json
 
-from tools import hf_baselines
+from benchmarks import hf_baselines
 
 
 def test_tool_runs_and_assisted_is_lossless(tiny_pair, tmp_path):

@@ -1,4 +1,4 @@
-"""tools/widen_target: the widened model computes the small model's logits, saves as a normal checkpoint, and the
+"""benchmarks/widen_target: the widened model computes the small model's logits, saves as a normal checkpoint, and the
 named shapes have Llama-3.1-8B's / Llama-3.2-1B's per-layer sizes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tools.widen_target import (
+from benchmarks.widen_target import (
     SHAPES,
     cast_parameters,
     compare_logits,
@@ -159,7 +159,7 @@ def test_saved_dir_loads_with_the_shape(tmp_path):
 
 @pytest.mark.skipif(not (REF / "model.safetensors").exists(), reason="no reference target")
 def test_reference_target_widened_matches_on_code():
-    from tools.train_reference import _quiet_transformers
+    from cast_models.train_reference import _quiet_transformers
 
     _quiet_transformers()
     small = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.float32).eval()

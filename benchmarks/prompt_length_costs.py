@@ -1,7 +1,7 @@
 """What a prompt of a length not seen before costs, against one seen: the draft's prompt commit (static layout)
 and the verifier's prefill, each over 32 prompts of distinct lengths, twice. On a GPU machine:
 
-    python -m tools.prompt_length_costs --target /tmp/wide-8b --draft models/reference/draft
+    python -m benchmarks.prompt_length_costs --target /tmp/wide-8b --draft models/reference/draft
 
 Prints the median and max ms of each pass; the first pass meets every length for the first time.
 """
@@ -69,7 +69,7 @@ def verify_prefills(target: str, rng: np.random.Generator) -> list[list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.prompt_length_costs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prompt_length_costs", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True, help="target checkpoint (CUDA)")
     p.add_argument("--draft", default="models/reference/draft", help="draft checkpoint (ONNX Runtime CUDA)")
     a = p.parse_args(argv)

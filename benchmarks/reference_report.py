@@ -1,6 +1,6 @@
 """Mean accepted length and Python validity of the reference pair on all HumanEval prompts (issues 3 and 5).
 
-    python -m tools.reference_report --out reports/reference_pair.md
+    python -m benchmarks.reference_report --out reports/reference_pair.md
 
 Starts the three services with `models/reference/`, sends every HumanEval prompt (trailing newline stripped: see the
 model card) through `Generate` with 128 new tokens, for eagle2 (depth 6) and a chain of 4, greedy, and eagle2 at
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.policy_report import cpu_name
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_models.humaneval import load_prompts
 from orchestrator.stack import REFERENCE_PAIR, Stack, StackSpec, free_ports
-from tools.humaneval import load_prompts
-from tools.policy_report import cpu_name
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 CONFIGS = [  # label, policy, temperature
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Command:",
         "",
-        "    python -m tools.reference_report " + " ".join(sys.argv[1:]),
+        "    python -m benchmarks.reference_report " + " ".join(sys.argv[1:]),
         "",
         "Tokens per step counts every committed token (accepted drafts and the target's bonus token) over every step.",
         "eagle2: top-8 per layer, 8 kept per layer, depth 6, best 32 nodes verified. Chain: 4 draft tokens a step.",

@@ -238,7 +238,7 @@ def plot(rows: list[LevelResult], path: Path, title: str) -> None:
 
 def load_prompts(source: str) -> list[str]:
     if source == "humaneval":
-        from tools.humaneval import load_prompts as humaneval
+        from cast_models.humaneval import load_prompts as humaneval
 
         return humaneval()
     return [json.loads(line)["prompt"] for line in Path(source).read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""tools/rpc_latency: a real run over loopback (a child gRPC server, TCP and a Unix socket), few calls; every variant
+"""benchmarks/rpc_latency: a real run over loopback (a child gRPC server, TCP and a Unix socket), few calls; every variant
 and payload gets finite positive latencies, in the printed table and in the CSV."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 
-from tools.rpc_latency import BASELINE, FIELDS, PAYLOADS, VARIANTS, main
+from benchmarks.rpc_latency import BASELINE, FIELDS, PAYLOADS, VARIANTS, main
 
 
 def test_every_variant_measured(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_every_variant_measured(tmp_path, capsys):
 
 
 def test_in_step_mode_leaves_the_handlers_work_out():
-    from tools.rpc_latency import run
+    from benchmarks.rpc_latency import run
 
     variants = [v for v in VARIANTS if v.name in ("grpc-aio stream exec tcp", "raw asyncio loop tcp")]
     rows = run(calls=8, warmup=2, rounds=2, variants=variants, compute_s=0.020, gap_s=0.002)

@@ -1,6 +1,6 @@
 """Train the project's reference model pair (a Llama target and a small Llama draft) from scratch.
 
-    python -m tools.train_reference --out models/reference --seed 0 --total-seconds 540
+    python -m cast_models.train_reference --out models/reference --seed 0 --total-seconds 540
 
 Steps, each deterministic given --seed (GPU kernels aside):
   1. corpus: the .py files of the standard library and of site-packages of the interpreter that runs this script
@@ -108,7 +108,7 @@ def default_sources() -> list[tuple[str, Path]]:
 
 
 def _humaneval_dir() -> str | None:
-    from tools.humaneval import package_dir
+    from cast_models.humaneval import package_dir
 
     pkg = package_dir()
     return os.path.realpath(pkg) if pkg else None
@@ -762,7 +762,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"held-out loss ({metrics['val_loss_tokens']:,} tokens): target {metrics['target']['val_loss']:.4f} "
         f"draft {metrics['draft']['val_loss']:.4f}")
     if not args.skip_eval:
-        from tools.humaneval import load_prompts
+        from cast_models.humaneval import load_prompts
 
         try:
             prompts = load_prompts(args.humaneval)

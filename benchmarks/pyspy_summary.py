@@ -6,7 +6,7 @@ count. Threads are told apart by their outermost frames: the event loop (`run_fo
 row is "samples with this function running or below". Idle samples (py-spy drops them unless --idle) are absent:
 divide by the rate and the steps to get time per step.
 
-    python -m tools.pyspy_summary pyspy_draft_service_c1.txt --steps 2400 --rate 500 --top 30
+    python -m benchmarks.pyspy_summary pyspy_draft_service_c1.txt --steps 2400 --rate 500 --top 30
 """
 
 from __future__ import annotations

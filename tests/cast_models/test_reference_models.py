@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (REF / "target" / "model.safetensors").exist
 def pair():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tools.train_reference import _quiet_transformers
+    from cast_models.train_reference import _quiet_transformers
 
     _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(REF / "target")

@@ -1,6 +1,6 @@
-"""tools/pyspy_summary.py: samples split by thread, each function counted once per sample."""
+"""benchmarks/pyspy_summary.py: samples split by thread, each function counted once per sample."""
 
-from tools.pyspy_summary import function_name, summarize
+from benchmarks.pyspy_summary import function_name, summarize
 
 RAW = """\
 main (srv.py:1);run_forever (asyncio/base_events.py:607);_run_once (asyncio/base_events.py:1884);select (selectors.py:468) 70

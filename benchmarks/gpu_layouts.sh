@@ -6,7 +6,7 @@
 # on its own GPU (a cache directory per layout), then `cast bench` runs every policy at each concurrency while
 # nvidia-smi samples each GPU's busy fraction (utilization.gpu: the share of time a kernel was running).
 # Run from the repository root with the project importable:
-#   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_layouts.sh OUT_DIR
+#   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_layouts.sh OUT_DIR
 set -u
 OUT=${1:-gpu-layouts}
 mkdir -p "$OUT"

@@ -2,7 +2,7 @@
 # Issue 7 on the GPU machine, in one call: the 8B-shaped target, the verifier's step with and without CUDA graphs,
 # transformers' generate() and assisted generation, and `cast bench` on the 8B-shaped target at batch 1 and 8.
 # Run from the repository root with the project importable:
-#   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_issue7.sh OUT_DIR
+#   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_8b_target.sh OUT_DIR
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
@@ -11,7 +11,7 @@
 # orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
-# orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level
+# orchestrator and both services (OUT/pyspy_*.txt, benchmarks/pyspy_summary.py reads them) through a `cast` level
 # (PYSPY_PROMPTS: a JSONL file of prompts, where HumanEval's 164 run out before the recording ends).
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
@@ -51,20 +51,20 @@ date -u
 
 if has widen; then
     stage "widen the reference target to the $SHAPE shape"
-    python3 -m tools.widen_target --source $REF_TARGET --shape "$SHAPE" --out "$WIDE" --dtype bfloat16 --device cuda \
+    python3 -m benchmarks.widen_target --source $REF_TARGET --shape "$SHAPE" --out "$WIDE" --dtype bfloat16 --device cuda \
         --check-prompts ${CHECK_PROMPTS:-100} --report "$OUT/widen_$SHAPE.json"
     df -h /tmp | tail -1
 fi
 
 if has rpc; then
     stage "loopback RPC latency (no models)"
-    python3 -m tools.rpc_latency --calls ${RPC_CALLS:-500} --out "$OUT/rpc_latency.csv"
+    python3 -m benchmarks.rpc_latency --calls ${RPC_CALLS:-500} --out "$OUT/rpc_latency.csv"
     # The same calls as inside a step at batch 1: the handler works 7 ms (the verifier's forward), the client idles
     # 3 ms between calls (the draft's turn), so both processes sleep as they do in `cast bench`.
-    python3 -m tools.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
+    python3 -m benchmarks.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
         --gap-ms ${RPC_GAP_MS:-3} --out "$OUT/rpc_latency_in_step.csv"
     if [[ -n "${RPC_KEEP_AWAKE:-}" ]]; then  # the same with the CPUs kept from halting
-        python3 -m tools.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
+        python3 -m benchmarks.rpc_latency --calls ${RPC_STEP_CALLS:-150} --compute-ms ${RPC_COMPUTE_MS:-7} \
             --gap-ms ${RPC_GAP_MS:-3} --keep-awake "$RPC_KEEP_AWAKE" --out "$OUT/rpc_latency_in_step_awake.csv"
     fi
 fi
@@ -247,7 +247,7 @@ fi
 
 if has baselines; then
     stage "transformers generate() and assisted generation on the $SHAPE-shaped target"
-    python3 -m tools.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \
+    python3 -m benchmarks.hf_baselines --target "$WIDE" --draft $DRAFT --prompts $PROMPTS --max-new-tokens 128 \
         --batch 1,8 --dtype bfloat16 --device cuda --out "$OUT/hf_baselines.json" --md "$OUT/hf_baselines.md"
 fi
 

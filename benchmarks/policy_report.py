@@ -1,6 +1,6 @@
 """Compare tree policies, and sweep CAST's thresholds, on a running pair of draft and verify services.
 
-    python -m tools.policy_report --target models/reference/target --draft models/reference/draft \
+    python -m benchmarks.policy_report --target models/reference/target --draft models/reference/draft \
         --prompts 20 --max-new-tokens 128 --out reports/cpu_policies.md [--sweep]
 
 It starts the draft and verify services once, then one orchestrator per configuration (policies share one
@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_models.humaneval import load_prompts
 from orchestrator.stack import Stack, StackSpec, free_ports, is_serving
-from tools.humaneval import load_prompts
 
 
 @dataclass
@@ -151,7 +151,7 @@ def write_report(a, configs: list[Config], prompts: list[str], wall_s: float) ->
         "",
         "Command:",
         "",
-        "    python -m tools.policy_report " + " ".join(sys.argv[1:]),
+        "    python -m benchmarks.policy_report " + " ".join(sys.argv[1:]),
         "",
         f"Lossless: every configuration produced exactly the tokens of `ar` on every prompt: **{lossless}**.",
         "",

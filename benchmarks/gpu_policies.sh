@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (issue 4): profile both services' cost tables for the reference pair, then run
 # `cast bench` for every policy at batch 1 and 8. Run from the repository root with the project importable:
-#   PYTHONPATH=$PWD:$PWD/protos bash tools/gpu_bench.sh OUT_DIR
+#   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_policies.sh OUT_DIR
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
 OUT=${1:-bench-out}

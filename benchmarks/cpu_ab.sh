@@ -2,9 +2,9 @@
 # CPU A/B of two trees of this project on one machine: an earlier commit's export (BASE_TREE, e.g.
 # `git archive REV | tar -x -C DIR`, with models/ linked into it) and this tree, each as its own stack, benched in
 # the order base, new, new, base, base, new, so that a drift of the machine hits both alike.
-#   BASE_TREE=/tmp/base POLICIES=cast CONCURRENCY="1 8" bash tools/cpu_ab.sh OUT
+#   BASE_TREE=/tmp/base POLICIES=cast CONCURRENCY="1 8" bash benchmarks/cpu_ab.sh OUT
 set -u
-OUT=${1:?usage: BASE_TREE=DIR bash tools/cpu_ab.sh OUT}
+OUT=${1:?usage: BASE_TREE=DIR bash benchmarks/cpu_ab.sh OUT}
 BASE_TREE=${BASE_TREE:?an export of the commit to compare against}
 NEW_TREE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$NEW_TREE/.venv/bin/python}
