@@ -1,7 +1,7 @@
 """Compare tree policies, and sweep CAST's thresholds, on a running pair of draft and verify services.
 
     python -m benchmarks.policy_report --target models/reference/target --draft models/reference/draft \
-        --prompts 20 --max-new-tokens 128 --out reports/cpu_policies.md [--sweep]
+        --prompts 20 --max-new-tokens 128 --out policies.md [--sweep]
 
 It starts the draft and verify services once, then one orchestrator per configuration (policies share one
 orchestrator; each CAST threshold setting gets its own). Requests run one at a time (batch 1), interleaved across
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", action="store_true", help="also sweep C1/C2/C3 of the cast policy over a small grid")
     p.add_argument("--settings", default="", help="also these cast settings, e.g. '1:1:1,1:3:1' (C1:C2:C3)")
-    p.add_argument("--out", type=Path, default=Path("reports/cpu_policies.md"))
+    p.add_argument("--out", type=Path, default=Path("policies.md"))
     a = p.parse_args(argv)
 
     configs = [Config(name, name) for name in ("cast", "eagle2", "chain", "ar")]

@@ -1,6 +1,6 @@
 """Mean accepted length and Python validity of the reference pair on all HumanEval prompts (issues 3 and 5).
 
-    python -m benchmarks.reference_report --out reports/reference_pair.md
+    python -m benchmarks.reference_report --out reference_pair.md
 
 Starts the three services with `models/reference/`, sends every HumanEval prompt (trailing newline stripped: see the
 model card) through `Generate` with 128 new tokens, for eagle2 (depth 6) and a chain of 4, greedy, and eagle2 at
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=164)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path("reports/reference_pair.md"))
+    p.add_argument("--out", type=Path, default=Path("reference_pair.md"))
     a = p.parse_args(argv)
     prompts = [q.rstrip("\n") for q in load_prompts()[: a.prompts]]
     ports = free_ports(3)

@@ -2,7 +2,7 @@
 
 Every call is batched: one RPC carries all sequences of a step. The per-step calls (Expand, Verify) go either as
 unary calls or, by default, as messages on one long-lived bidi stream per client (ExpandStream, VerifyStream), which
-skips gRPC's per-call setup (reports/rpc_latency.md). Either way a failure is a grpc.aio.AioRpcError with the
+skips gRPC's per-call setup (reports/rpc-latency/). Either way a failure is a grpc.aio.AioRpcError with the
 same status code and details.
 """
 

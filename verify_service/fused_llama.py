@@ -3,7 +3,7 @@
 transformers' Llama forward launches ~35 kernels a layer: 7 projections, RMSNorm as 7 elementwise kernels, RoPE
 through slices, negation and concatenation, the SiLU and the product apart, K and V repeated for grouped-query
 attention. On a GPU inside a CUDA graph each costs ~2.5 us, ~2.7 ms a step for an 8B model against ~5 ms of weight
-reads (reports/gpu_issue7.md). This forward computes the same function with:
+reads (reports/verifier-step/). This forward computes the same function with:
 
 - one GEMM for Q, K and V and one for gate and up: the weights are concatenated once at load and the transformers
   modules' parameters become views of them, so nothing is stored twice and the transformers forward still works;
