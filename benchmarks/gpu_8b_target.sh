@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 7 on the GPU machine, in one call: the 8B-shaped target, the verifier's step with and without CUDA graphs,
-# transformers' generate() and assisted generation, and `cast bench` on the 8B-shaped target at batch 1 and 8.
+# Everything measured on the 8B-shaped target, in one call on the GPU machine: the widened target and its logits check,
+# the verifier's and the draft's step in process, the RPC floor, `cast bench` at batch 1 and 8 (results in
+# reports/gpu-8b-target/ and the step reports beside it), and transformers' generate() and assisted generation.
 # Run from the repository root with the project importable:
 #   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_8b_target.sh OUT_DIR
 # STAGES picks what runs (default: all, in this order):
@@ -15,7 +16,7 @@
 # (PYSPY_PROMPTS: a JSONL file of prompts, where HumanEval's 164 run out before the recording ends).
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u
-OUT=${1:-gpu-issue7}
+OUT=${1:-gpu-8b-target}
 mkdir -p "$OUT"
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
 STAGES=${STAGES:-widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issues 6 and 8 on a two-GPU machine, in one call: the reference pair served in two layouts,
+# Draft and verifier on one shared GPU or on two (reports/layouts/), in one call on a two-GPU machine:
 #   shared: draft (ONNX Runtime CUDA) and verifier on GPU 0;
 #   split:  draft on GPU 0, verifier on GPU 1 (CUDA_VISIBLE_DEVICES per process);
 # the orchestrator on the CPU, all over gRPC on loopback. Each layout profiles its services' cost tables at start-up

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (issue 4): profile both services' cost tables for the reference pair, then run
-# `cast bench` for every policy at batch 1 and 8. Run from the repository root with the project importable:
+# Policies on the GPU with the reference pair, in one call (reports/gpu-reference-pair/): profile both services'
+# cost tables, then run `cast bench` for every policy at batch 1 and 8, and optionally a CAST threshold sweep.
+# Run from the repository root with the project importable:
 #   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_policies.sh OUT_DIR
 # Each stage keeps going if an earlier one failed, so that whatever ran comes back.
 set -u

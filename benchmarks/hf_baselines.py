@@ -1,4 +1,4 @@
-"""Peer baselines for issue 7: transformers' own `generate()` and assisted generation on the same pair.
+"""Peer baselines: transformers' own `generate()` and assisted generation on the same pair (reports/gpu-8b-target/).
 
     python -m benchmarks.hf_baselines --target DIR --draft DIR --prompts 10 --max-new-tokens 128 \
         --batch 1,8 --dtype bfloat16 --device cuda --out FILE.json [--md FILE.md]
