@@ -54,19 +54,12 @@ class CastParams:
     depth_threshold: float = DEFAULT_DEPTH_THRESHOLD  # C2
     rerank_threshold: float = DEFAULT_RERANK_THRESHOLD  # C3
     gain_buffer_size: int = DEFAULT_GAIN_BUFFER_SIZE  # R
-    # Depth also stops where the next layer would lower the step's expected tokens per unit of cost (the draft's
-    # efficiency rule, draft_service/expansion.py: expand_another_layer). None: on where the verifier runs on a GPU.
-    # There (H100, 8B-shaped target) it won at batch 8 (2.10-2.17x `ar` against 1.77-1.89x) and tied at batch 1;
-    # on the 2-core CPU it stopped trees at 2-4 layers and lost to C2 alone at batch 1 and 8.
-    efficient_depth: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("breadth_threshold", "depth_threshold", "rerank_threshold"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.efficient_depth not in (True, False, None):
-            raise ValueError(f"efficient_depth must be True, False or None, got {self.efficient_depth!r}")
         if isinstance(self.gain_buffer_size, bool) or not isinstance(self.gain_buffer_size, int):
             raise ValueError(f"gain_buffer_size must be an int, got {self.gain_buffer_size!r}")
         if self.gain_buffer_size < 1:
@@ -335,3 +328,30 @@ def kept_layer_utilities(expanded: TokenTree, kept_per_layer: Sequence[int]) -> 
         utilities.append(float(values[starts[depth - 1]:starts[depth]][::-1][:take].sum()))
         previous = take
     return utilities
+
+
+def batch_gains(gains: GainBuffer, per_sequence: Sequence[Sequence[float]]) -> GainBuffer:
+    """Push one step's layer-to-layer gains phi = u^(i+1) / u^(i) into the buffer, u^(i) the batch average (the
+    depth rule tests the batch average too). One gain per layer, not per sequence: at batch 8 a push per sequence
+    would replace the whole buffer (R = 8) with one step's first layers.
+
+    per_sequence: each sequence's u^(i) per layer, as the draft measured them (kept_layer_utilities)."""
+    if not per_sequence:
+        return gains
+    depth = max(len(u) for u in per_sequence)
+    batch_average = [sum(u[i] for u in per_sequence if i < len(u)) / len(per_sequence) for i in range(depth)]
+    return gains.extend(layer_gains(batch_average))
+
+
+def most_efficient_cut(utilities: np.ndarray, costs: np.ndarray, limit: int, value_scale: float = 1.0) -> int:
+    """argmax over m <= limit of u_m / c_m: u_m the batch-average expected tokens of each tree's top m nodes (the
+    root's 1, then value_scale per unit of the others' values), c_m = costs[m-1].
+
+    Within the reranking rule's bound this keeps the step's tokens per unit of cost highest: a fixed threshold alone
+    keeps nodes whose value beats their marginal cost yet lowers the step's efficiency, which loses to plain
+    decoding where cost grows with batch x nodes (CPUs, large batches).
+
+    utilities: [max N] batch_topk_utilities of the trees' values.
+    """
+    expected = 1 + value_scale * (utilities[:limit] - 1)  # [limit]
+    return int(np.argmax(expected / costs[: expected.shape[0]])) + 1

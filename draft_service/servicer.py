@@ -18,7 +18,7 @@ import numpy as np
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import CastError, InvalidArgument
-from draft_service.errors import abort_with, status_code
+from draft_service.errors import status_code
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
 
 log = logging.getLogger(__name__)
@@ -90,22 +90,16 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return trees, time.perf_counter() - start, self.expander.cold_runs > cold_runs
 
     async def expand(self, request: draft_pb2.ExpandRequest) -> draft_pb2.ExpandResponse:
-        """One Expand, unary or on a stream; raises CastError."""
+        """One Expand; raises CastError."""
         budget = budget_from_proto(request.budget)
         sequences = sequences_from_proto(request.sequences)
         trees, seconds, cold = await self.in_executor(self.timed_expand, sequences, budget)
         return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds,
                                         cold=cold)
 
-    async def Expand(self, request: draft_pb2.ExpandRequest, context) -> draft_pb2.ExpandResponse:
-        try:
-            return await self.expand(request)
-        except CastError as e:
-            await abort_with(context, e)
-
     async def ExpandStream(self, requests, context):
-        """Expand each request in turn; a failed one is answered with the status the unary call would end with,
-        and the stream goes on."""
+        """Expand each request in turn; a failed one is answered with its status (StepError), and the stream goes
+        on."""
         async for request in requests:
             try:
                 reply = draft_pb2.ExpandStreamResponse(response=await self.expand(request))

@@ -1,9 +1,8 @@
 """The one place where the orchestrator calls the draft and verify services: one channel per replica.
 
-Every call is batched: one RPC carries all sequences of a step. The per-step calls (Expand, Verify) go either as
-unary calls or, by default, as messages on one long-lived bidi stream per client (ExpandStream, VerifyStream), which
-skips gRPC's per-call setup (reports/rpc-latency/). Either way a failure is a grpc.aio.AioRpcError with the
-same status code and details.
+Every call is batched: one RPC carries all sequences of a step. The per-step calls (Expand, Verify) are messages on
+one long-lived bidi stream per client (ExpandStream, VerifyStream), which skips gRPC's per-call setup; a failure is
+a grpc.aio.AioRpcError with the service's status code and details.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 import grpc
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
-from cast_core.selection import kept_layer_utilities
 from cast_core.tree import TokenTree
 from cast_runtime.wire import tree_from_proto, tree_to_proto
 
@@ -28,7 +26,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
-STEP_RPC_MODES = ("stream", "unary")
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -47,8 +44,8 @@ class StepStream:
         self.lock = asyncio.Lock()
 
     async def request(self, message, timeout: float | None):
-        """The response to `message`, or AioRpcError: the service's StepError as the unary call's status, or the
-        stream's own failure (DEADLINE_EXCEEDED on a timeout, as a unary call's deadline)."""
+        """The response to `message`, or AioRpcError: the service's StepError as a status, or the stream's own
+        failure (DEADLINE_EXCEEDED on a timeout, as a call's deadline would)."""
         async with self.lock:
             if self.call is None or self.call.done():  # ended since the last call (e.g. the server restarted)
                 self.call = self.open_stream()
@@ -101,14 +98,13 @@ class Expanded:
 
 
 def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
-    tree = tree_from_proto(result.tree, "draft tree")
-    candidates = [layer.candidates for layer in result.layers]
-    kept = [layer.kept for layer in result.layers]
-    if result.expanded_nodes == 0:
-        # A draft service from before trimmed replies (a rolling upgrade): it sent the whole tree and no
-        # utilities, so they are computed here as that service's callers did.
-        return Expanded(tree, candidates, kept, kept_layer_utilities(tree, kept), len(tree))
-    return Expanded(tree, candidates, kept, [layer.kept_utility for layer in result.layers], result.expanded_nodes)
+    return Expanded(
+        tree=tree_from_proto(result.tree, "draft tree"),
+        candidates_per_layer=[layer.candidates for layer in result.layers],
+        kept_per_layer=[layer.kept for layer in result.layers],
+        layer_utilities=[layer.kept_utility for layer in result.layers],
+        expanded_nodes=result.expanded_nodes,
+    )
 
 
 @dataclass(frozen=True)
@@ -126,13 +122,11 @@ class VerifyItem:
 
 
 class DraftClient:
-    def __init__(self, address: str, step_rpc: str = "stream") -> None:
-        if step_rpc not in STEP_RPC_MODES:
-            raise ValueError(f"step_rpc: {step_rpc!r} is not one of {', '.join(STEP_RPC_MODES)}")
+    def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
-        self.stream = StepStream(self.stub.ExpandStream, "ExpandStream") if step_rpc == "stream" else None
+        self.stream = StepStream(self.stub.ExpandStream, "ExpandStream")
 
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
@@ -146,29 +140,23 @@ class DraftClient:
                                                start_position=i.start_position) for i in items],
             budget=budget,
         )
-        if self.stream is not None:
-            response = await self.stream.request(request, timeout)
-        else:
-            response = await self.stub.Expand(request, timeout=timeout)
+        response = await self.stream.request(request, timeout)
         return [expanded_from_proto(result) for result in response.trees], response.draft_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
 
     async def close(self) -> None:
-        if self.stream is not None:
-            self.stream.drop()
+        self.stream.drop()
         await self.channel.close()
 
 
 class VerifyClient:
-    def __init__(self, address: str, step_rpc: str = "stream") -> None:
-        if step_rpc not in STEP_RPC_MODES:
-            raise ValueError(f"step_rpc: {step_rpc!r} is not one of {', '.join(STEP_RPC_MODES)}")
+    def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
-        self.stream = StepStream(self.stub.VerifyStream, "VerifyStream") if step_rpc == "stream" else None
+        self.stream = StepStream(self.stub.VerifyStream, "VerifyStream")
 
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(verify_pb2.VerifyDescribeRequest(), timeout=timeout)).replica
@@ -186,18 +174,14 @@ class VerifyClient:
             sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
                        for i in items]
         )
-        if self.stream is not None:
-            response = await self.stream.request(request, timeout)
-        else:
-            response = await self.stub.Verify(request, timeout=timeout)
+        response = await self.stream.request(request, timeout)
         return [list(result.committed_tokens) for result in response.results], response.verify_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
 
     async def close(self) -> None:
-        if self.stream is not None:
-            self.stream.drop()
+        self.stream.drop()
         await self.channel.close()
 
 

@@ -28,7 +28,6 @@ class OrchestratorConfig:
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
-    step_rpc: str = "stream"                 # Expand/Verify as messages on one open stream per replica, or "unary"
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
@@ -44,10 +43,6 @@ class OrchestratorConfig:
             raise ValueError("max_live must be at least 1 and max_queued at least 0")
         if self.max_new_tokens_limit < 1:
             raise ValueError("max_new_tokens_limit must be at least 1")
-        from orchestrator.clients import STEP_RPC_MODES
-
-        if self.step_rpc not in STEP_RPC_MODES:
-            raise ValueError(f"unknown step_rpc {self.step_rpc!r}; choose one of {', '.join(STEP_RPC_MODES)}")
 
     @staticmethod
     def from_args(argv: list[str] | None = None) -> OrchestratorConfig:
@@ -69,14 +64,8 @@ class OrchestratorConfig:
                        help="CAST reranking threshold C3")
         p.add_argument("--cast-r", type=int, default=int(_env("CAST_R", str(defaults.gain_buffer_size))),
                        help="CAST gain buffer size R")
-        p.add_argument("--cast-efficient-depth", choices=("auto", "on", "off"),
-                       default=_env("CAST_EFFICIENT_DEPTH", "auto"),
-                       help="also stop a tree's depth where another layer would lower the step's tokens per ms "
-                            "(auto: where the verifier runs on a GPU)")
         p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
-        p.add_argument("--step-rpc", choices=("stream", "unary"), default=_env("STEP_RPC", "stream"),
-                       help="per-step Expand/Verify: on one open bidi stream per replica, or one unary call each")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -91,7 +80,5 @@ class OrchestratorConfig:
             rpc_timeout_s=a.rpc_timeout,
             max_live=a.max_live,
             max_queued=a.max_queued,
-            cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r,
-                            {"auto": None, "on": True, "off": False}[a.cast_efficient_depth]),
-            step_rpc=a.step_rpc,
+            cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r),
         )

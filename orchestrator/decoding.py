@@ -49,8 +49,9 @@ class StepTiming:
     draft_model: float = 0.0
     verify_rpc: float = 0.0
     verify_model: float = 0.0
-    draft_cold: bool = False  # an Expand of this step captured a CUDA graph: its times are not a step's
-    shared: bool = False      # the step waited for newcomers' prefill on the verifier: nor are these
+    # The step paid a one-time cost: a CUDA graph capture, newcomers' prefill on the verifier, a draft catching up
+    # on a prompt. Its times are not what a step costs: nothing that learns from step times learns from it.
+    one_off: bool = False
 
 
 @dataclass

@@ -40,8 +40,8 @@ async def wait_for_replica(client, timeout_s: float):
 async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int]:
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
     # One replica of each for now; routing across replicas comes with scaling.
-    draft = DraftClient(config.draft_addrs[0], config.step_rpc)
-    verify = VerifyClient(config.verify_addrs[0], config.step_rpc)
+    draft = DraftClient(config.draft_addrs[0])
+    verify = VerifyClient(config.verify_addrs[0])
     draft_desc, verify_desc = await asyncio.gather(
         wait_for_replica(draft, config.connect_timeout_s), wait_for_replica(verify, config.connect_timeout_s)
     )
@@ -73,8 +73,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # for graceful shutdown
     server.step_loop = loop                   # ... which releases the sequences' sessions last
-    log.info("orchestrator serving on %s:%d (draft %s, verify %s, step RPCs: %s)", config.host, port, draft.address,
-             verify.address, config.step_rpc)
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, draft.address, verify.address)
     return server, port
 
 

@@ -1,9 +1,10 @@
 """Continuous batching: one step loop per (draft replica, verify replica) pair.
 
-Requests join at the next step boundary (their prefills batched into one call) and leave when they finish or their
-client goes away. Each step sends one batched Expand per tree policy present and one batched Verify for everyone;
-CAST prices the step at the live batch size. Results reach each request through its own queue, so a slow reader
-of a stream never holds up the others.
+Requests join at a step boundary (their prompts prefilled in one call while the live batch drafts) and leave when
+they finish or their client goes away. A step reads top to bottom: schedule (which policies draft), expand (one
+batched Expand per drafting policy), select (the nodes to verify, planner.py), verify (one batched Verify for
+everyone), commit, learn. Results reach each request through its own queue, so a slow reader of a stream never
+holds up the others.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from cast.v1 import draft_pb2, verify_pb2
+from cast.v1 import verify_pb2
 from cast_core.errors import ResourceExhausted, Unavailable
-from cast_core.selection import GainBuffer
 from cast_core.tree import TokenTree
-from orchestrator.acceptance import AcceptanceScale
 from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
 from orchestrator.costs import CostModel
 from orchestrator.decoding import (
     Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler,
 )
-from orchestrator.draft_gate import DraftGate
-from orchestrator.policies import TreePolicy, update_gains
+from orchestrator.planner import Planner
+from orchestrator.policies import TreePolicy
 
 log = logging.getLogger("cast.orchestrator")
 
@@ -83,11 +82,33 @@ async def call_while(rpc: Awaitable, *jobs: Callable[[], object]):
             await asyncio.gather(call, return_exceptions=True)
 
 
-def draft_catching_up(group) -> bool:
-    """Whether the draft must first commit more than one step's tokens for some sequence of the group: a prompt, or
-    the tokens of plain steps since the draft's last call. That is a one-time cost of starting to draft, not what a
-    drafted step costs (one commits at most max_depth + 1 tokens), so the draft gate does not learn from the step."""
-    return any(len(s.tokens) - s.draft_seen > s.policy.max_depth + 1 for s in group)
+def draft_catching_up(sequences: list[LiveSequence]) -> bool:
+    """Whether the draft must first commit more than one step's tokens for some sequence: a prompt, or the tokens of
+    plain steps since the draft's last call. A one-time cost of starting to draft, not what a drafted step costs
+    (one commits at most max_depth + 1 tokens)."""
+    return any(len(s.tokens) - s.draft_seen > s.policy.max_depth + 1 for s in sequences)
+
+
+@dataclass
+class Draft:
+    """What a step verifies for one sequence: its tree and how many nodes the draft expanded for it."""
+
+    tree: TokenTree
+    expanded_nodes: int
+
+    @staticmethod
+    def root_only(s: LiveSequence) -> Draft:
+        return Draft(TokenTree.root_only(s.tokens[-1]), 1)
+
+
+@dataclass
+class PolicyGroup:
+    """A step's sequences of one drafting policy, whether they draft this step, and what their Expand returned."""
+
+    planner: Planner
+    sequences: list[LiveSequence]
+    drafts: bool
+    expanded: list[Expanded] = field(default_factory=list)
 
 
 class StepLoop:
@@ -115,12 +136,7 @@ class StepLoop:
         # Admitted sequences whose prompts the verifier is prefilling while the live batch steps on, and that call.
         self.joining: list[LiveSequence] = []
         self.prefilling: asyncio.Task | None = None
-        self.gains: dict[str, GainBuffer] = {}  # per CAST policy, over the whole batch (as in the paper)
-        self.gates: dict[str, DraftGate] = {}   # per CAST policy: whether a step drafts at all (draft_gate.py)
-        self.acceptance: dict[str, AcceptanceScale] = {}  # per CAST policy: accepted tokens per unit of value
-        # per policy: the next step's Expand budget, priced while this step's Verify ran, and the (batch size,
-        # table cells) it holds for
-        self.prepared: dict[str, tuple[tuple, draft_pb2.ExpandBudget]] = {}
+        self.planners: dict[str, Planner] = {}  # per policy: its budgets, selection and learned state
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -254,6 +270,7 @@ class StepLoop:
         await asyncio.gather(*calls, return_exceptions=True)
 
     async def _step(self, batch: list[LiveSequence]) -> None:
+        """One decoding step of the live batch: schedule, expand, select, verify, commit, learn."""
         for s in batch:
             if len(s.tokens) >= self.max_context:  # no room for another tree
                 s.finish(FinishReason.CONTEXT, [])
@@ -261,148 +278,117 @@ class StepLoop:
         if not batch:
             return
         started = time.perf_counter()
-        timing = StepTiming(shared=self.prefilling is not None)
-        size = len(batch)
-        context = max(len(s.tokens) for s in batch)
-        trees: dict[str, TokenTree] = {s.sequence_id: TokenTree.root_only(s.tokens[-1]) for s in batch}
-        expanded_sizes: dict[str, int] = {s.sequence_id: 1 for s in batch}
+        timing = StepTiming(one_off=self.prefilling is not None)
+        size, context = len(batch), max(len(s.tokens) for s in batch)
 
-        groups: dict[str, list[LiveSequence]] = defaultdict(list)
-        for s in batch:
-            if s.policy.uses_draft:
-                groups[s.policy.name].append(s)
-        drafted: dict[str, bool] = {}
-        catching_up: dict[str, bool] = {}  # per group: its draft first commits more than one step can
-        while_verifying: list[Callable[[], object]] = []
-        for name, group in groups.items():
-            gate = self.gates.setdefault(name, DraftGate()) if group[0].policy.cast is not None else None
-            if gate is not None:
-                gate.expect_plain(size, self.costs.verify_step_ms(size, context, 1))
-            drafted[name] = gate is None or gate.should_draft(size)
-            if not drafted[name]:
-                self.prepared.pop(name, None)  # it would be stale by the time this group drafts again
-                continue  # root-only trees: a plain decoding step for this group
-            catching_up[name] = draft_catching_up(group)
-            selected = await self._draft_and_select(group, size, context, timing)
-            if selected is None:
+        # Schedule: each policy's sequences draft this step, or verify their roots alone (plain decoding).
+        groups = self._groups(batch, size, context)
+        drafts = {s.sequence_id: Draft.root_only(s) for s in batch}
+
+        # Expand and select, one batched Expand per drafting policy; what it teaches waits for the Verify's wait.
+        learn_while_verifying: list[Callable[[], object]] = []
+        for group in groups:
+            if not group.drafts:
+                continue
+            learn = await self._expand(group, size, context, timing)
+            if learn is None:
                 return
-            chosen, learn = selected
-            while_verifying.append(learn)
-            for s, (tree, expanded_size) in zip(group, chosen):
-                trees[s.sequence_id], expanded_sizes[s.sequence_id] = tree, expanded_size
+            learn_while_verifying.append(learn)
+            trees = group.planner.select([e.tree for e in group.expanded], self.costs, size, context)
+            for s, tree, e in zip(group.sequences, trees, group.expanded):
+                drafts[s.sequence_id] = Draft(tree, e.expanded_nodes)
         if self.prefilling is not None:
-            # The verifier runs the prefill before this step's Verify anyway: the newcomers join it, with root-only
-            # trees (a plain step gives their first token), and draft from the next step on.
+            # The verifier runs the prefill before this step's Verify anyway: the newcomers join it with root-only
+            # trees (a plain step gives their first token) and draft from the next step on.
             for s in await self._join():
                 if not s.done and len(s.tokens) < self.max_context:
-                    trees[s.sequence_id], expanded_sizes[s.sequence_id] = TokenTree.root_only(s.tokens[-1]), 1
+                    drafts[s.sequence_id] = Draft.root_only(s)
                     batch.append(s)
-        # The next step's budgets, for the least context it can have: it uses them where the tables' cells agree.
-        while_verifying.append(lambda: self._prepare_budgets([g[0].policy for n, g in groups.items() if drafted[n]],
-                                                             size, context + 1))
+        # The next step's budgets, for the least context it can have: used where the table cells agree.
+        learn_while_verifying.append(lambda: [g.planner.prepare_budget(self.costs, size, context + 1)
+                                              for g in groups if g.drafts])
 
-        items = [VerifyItem(s.sequence_id, self._fit(trees[s.sequence_id], s), s.sampling) for s in batch]
+        # Verify: one call for the whole batch.
+        items = [VerifyItem(s.sequence_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
         try:
             (results, model_seconds, cold), seconds = await call_while(
-                self.verify.verify(items, self.rpc_timeout_s), *while_verifying)
+                self.verify.verify(items, self.rpc_timeout_s), *learn_while_verifying)
         except grpc.aio.AioRpcError as exc:
             for s in batch:
                 s.fail(exc)
             return
-        if not cold and not timing.shared:  # a graph capture or a newcomer's prefill is not what a step costs
-            self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
+        timing.one_off |= cold
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
+
+        # Commit: each sequence takes its accepted path and bonus token, and finishes or streams them.
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth,
-                                            len(committed), timing))
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
+            s.stats.steps.append(StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree),
+                                            item.tree.max_depth, len(committed), timing))
             if reason is not None:
                 s.finish(reason, taken)
             elif not s.done:
                 s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids)))
         timing.step = time.perf_counter() - started  # the records above share this object
+
+        # Learn: the verifier's step cost, and each policy from its sequences' outcome.
+        if not timing.one_off:
+            self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
         verified = {i.sequence_id: i.tree for i in items}
-        for name, group in groups.items():
-            if name in self.acceptance and drafted[name]:
-                self.acceptance[name].observe(sum(float(verified[s.sequence_id].values[1:].sum()) for s in group),
-                                              sum(committed[s.sequence_id] - 1 for s in group))
-            # Steps with a one-time cost (a graph capture, a draft catching up) would misjudge their kind.
-            if (name in self.gates and not cold and not timing.draft_cold and not timing.shared
-                    and not catching_up.get(name, False)):
-                tokens = sum(committed[s.sequence_id] for s in group) / len(group)
-                self._teach_gate(name, size, drafted[name], tokens, timing.step * 1e3)
+        for group in groups:
+            group.planner.learn_step(size, group.drafts, [verified[s.sequence_id] for s in group.sequences],
+                                     [committed[s.sequence_id] for s in group.sequences], timing.step * 1e3,
+                                     timing.one_off)
 
-    def _teach_gate(self, policy: str, size: int, drafted: bool, tokens_per_sequence: float, step_ms: float) -> None:
-        """Tell the policy's draft gate what this step gave; log when drafting starts or stops paying."""
-        gate = self.gates[policy]
-        was = gate.winner_drafts(size)
-        gate.observe(size, drafted, tokens_per_sequence, step_ms)
-        if gate.winner_drafts(size) != was:
-            log.info("%s at batch %d: %s now (%s)", policy, size, "plain decoding" if was else "drafting",
-                     gate.describe(size))
+    def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
+        """The batch's drafting policies, each with its sequences and whether it drafts this step."""
+        members: dict[str, list[LiveSequence]] = defaultdict(list)
+        for s in batch:
+            if s.policy.uses_draft:
+                members[s.policy.name].append(s)
+        groups = []
+        for name, sequences in members.items():
+            planner = self.planners.get(name)
+            if planner is None:
+                planner = self.planners[name] = Planner(sequences[0].policy)
+            groups.append(PolicyGroup(planner, sequences, planner.drafts(self.costs, size, context)))
+        return groups
 
-    def _gains(self, policy: TreePolicy) -> GainBuffer:
-        return self.gains.setdefault(policy.name, GainBuffer.full_of_ones(policy.cast.gain_buffer_size if policy.cast else 1))
-
-    def _value_scale(self, policy: TreePolicy) -> float:
-        return self.acceptance.setdefault(policy.name, AcceptanceScale()).scale if policy.cast else 1.0
-
-    def _priced_budget(self, policy: TreePolicy, size: int, context: int) -> draft_pb2.ExpandBudget:
-        return policy.budget(policy.max_depth, self.costs, size, context, self._gains(policy), self._value_scale(policy))
-
-    def _budget(self, policy: TreePolicy, size: int, context: int) -> draft_pb2.ExpandBudget:
-        """The policy's Expand budget at this batch size and context: the one prepared during the last Verify where
-        it prices the same table cells (its online corrections and acceptance scale are one step older)."""
-        key, budget = self.prepared.pop(policy.name, (None, None))
-        if key == (size, self.costs.price_cells(size, context)):
-            return budget
-        return self._priced_budget(policy, size, context)
-
-    def _prepare_budgets(self, policies: list[TreePolicy], size: int, context: int) -> None:
-        for policy in policies:
-            self.prepared[policy.name] = ((size, self.costs.price_cells(size, context)),
-                                          self._priced_budget(policy, size, context))
-
-    async def _draft_and_select(self, group: list[LiveSequence], size: int, context: int, timing: StepTiming):
-        """One batched Expand for sequences of one policy, then the policy's choice of nodes to verify.
-
-        Returns [(tree to verify, expanded size)] per sequence and what the Expand teaches (a job for the Verify's
-        wait), or None when the draft failed the whole group.
-        """
-        policy = group[0].policy
-        budget = self._budget(policy, size, context)
-        gains, value_scale = self._gains(policy), self._value_scale(policy)
-        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group]
-        for s in group:
+    async def _expand(self, group: PolicyGroup, size: int, context: int, timing: StepTiming):
+        """One batched Expand for a policy's sequences (group.expanded). Returns what it teaches, a job for the
+        Verify's wait, or None when the draft failed the group (its sequences fail)."""
+        planner = group.planner
+        budget = planner.budget(self.costs, size, context)
+        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group.sequences]
+        timing.one_off |= draft_catching_up(group.sequences)
+        for s in group.sequences:
             s.opened_draft = True
         try:
-            (expanded, model_seconds, cold), seconds = await timed(
-                self.draft.expand(items, budget, self.rpc_timeout_s))
+            (expanded, model_seconds, cold), seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
-            for s in group:
+            for s in group.sequences:
                 s.fail(exc)
             return None
+        group.expanded = expanded
         timing.draft_rpc += seconds
         timing.draft_model += model_seconds
-        timing.draft_cold |= cold
-        for s in group:
+        timing.one_off |= cold
+        for s in group.sequences:
             s.draft_seen = len(s.tokens)
-        chosen = policy.select([e.tree for e in expanded], self.costs, size, context, value_scale)
 
         def learn() -> None:
-            if not cold and not timing.shared:
+            if not timing.one_off:
                 longest = max(items, key=lambda i: len(i.new_tokens))
                 self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
                                          seconds, model_seconds)
-            for s in group:
+            for s in group.sequences:
                 s.stats.draft_seconds += seconds
-            if policy.cast is not None:
-                self.gains[policy.name] = update_gains(gains, [e.layer_utilities for e in expanded])
+            planner.learn_layers([e.layer_utilities for e in expanded])
 
-        return [(tree, e.expanded_nodes) for tree, e in zip(chosen, expanded)], learn
+        return learn
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
         """Cut the tree's deepest layers where the context has no room for them."""

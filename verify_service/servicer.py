@@ -73,7 +73,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         return verify_pb2.PrefillResponse(verify_seconds=seconds)
 
     async def verify(self, request: verify_pb2.VerifyRequest) -> verify_pb2.VerifyResponse:
-        """One Verify, unary or on a stream; raises CastError."""
+        """One Verify; raises CastError."""
         items = [
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
@@ -89,13 +89,9 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         ]
         return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds, cold=cold)
 
-    @abort_on_domain_error
-    async def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
-        return await self.verify(request)
-
     async def VerifyStream(self, requests, context):
-        """Verify each request in turn; a failed one is answered with the status the unary call would end with
-        (as abort_on_domain_error maps it), and the stream goes on."""
+        """Verify each request in turn; a failed one is answered with its status (StepError, mapped as
+        abort_on_domain_error maps a call's), and the stream goes on."""
         async for request in requests:
             try:
                 reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request))

@@ -12,20 +12,19 @@ from tests.integration.stacks import start_stack
 
 @pytest.fixture(scope="session")
 def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
-    """stack_factory("tiny-draft" | "target-as-draft" | "reference", step_rpc="stream" | "unary") -> a running Stack
-    (float64 verifier, so that argmax never flips between a tree forward and the reference's one-token decode)."""
+    """stack_factory("tiny-draft" | "target-as-draft" | "reference") -> a running Stack (float64 verifier, so that
+    argmax never flips between a tree forward and the reference's one-token decode)."""
     running = {}
 
-    def get(kind: str, step_rpc: str = "stream"):
-        if (kind, step_rpc) not in running:
+    def get(kind: str):
+        if kind not in running:
             target, draft = tiny_pair
             if kind == "target-as-draft":
                 draft = target
             elif kind == "reference":
                 target, draft = REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
-            running[kind, step_rpc] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}-{step_rpc}"),
-                                                  orchestrator_args=["--step-rpc", step_rpc])
-        return running[kind, step_rpc]
+            running[kind] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}"))
+        return running[kind]
 
     yield get
     for stack in running.values():

@@ -28,13 +28,10 @@ def greedy_reference(model, tokenizer, prompt: str, max_new_tokens: int) -> list
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.fixture(scope="module", params=["tiny-draft", "target-as-draft", "tiny-draft/unary"])
+@pytest.fixture(scope="module", params=["tiny-draft", "target-as-draft"])
 def stack(request, stack_factory):
-    """(name, stack). The per-step RPCs go on open streams (the default), or as unary calls ("/unary")."""
-    kind, _, step_rpc = request.param.partition("/")
-    running = stack_factory(kind, step_rpc or "stream")
-    assert f"step RPCs: {step_rpc or 'stream'}" in (running.spec.log_dir / "orchestrator.log").read_text()
-    return request.param, running
+    """(name, stack)."""
+    return request.param, stack_factory(request.param)
 
 
 @pytest.fixture(scope="module")

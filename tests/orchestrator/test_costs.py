@@ -43,7 +43,7 @@ def test_an_expands_rpc_time_does_not_price_its_layers():
 
 def test_most_efficient_cut_stops_where_tokens_per_cost_peak():
     from cast_core.selection import batch_topk_utilities
-    from orchestrator.policies import most_efficient_cut
+    from cast_core.selection import most_efficient_cut
 
     values = batch_topk_utilities([np.array([1.0, 0.9, 0.8, 0.3, 0.1, 0.05])])
     flat = np.ones(6)

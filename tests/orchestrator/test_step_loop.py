@@ -21,6 +21,7 @@ from cast_core.tree import TokenTree
 from orchestrator.clients import DraftClient, VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
 from orchestrator.decoding import GenerationRequest
+from orchestrator.planner import Planner
 from orchestrator.policies import POLICIES
 from orchestrator.step_loop import StepLoop, call_while
 from tests.orchestrator.test_step_rpc import start_services, stop_services
@@ -51,7 +52,7 @@ async def recorded():
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(verifier, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    client = VerifyClient(f"127.0.0.1:{port}", "stream")
+    client = VerifyClient(f"127.0.0.1:{port}")
     yield verifier, client
     await client.close()
     server.stop(None)
@@ -94,37 +95,36 @@ def table(role: str, lam: float, delta: float, per_context: tuple) -> CostTable:
     return CostTable("H100", role, "bf16", batches, contexts, counts, millis)
 
 
-def loop_with_costs() -> StepLoop:
-    costs = CostModel.from_tables(table("verify", lam=0.05, delta=5.0, per_context=(1.0, 1.5, 3.0)),
-                                  table("draft", lam=0.2, delta=1.0, per_context=(1.0, 1.1, 1.2)))
-    return StepLoop(tokenizer=None, draft=None, verify=None, max_context=2048, costs=costs)
+def costs_by_context() -> CostModel:
+    return CostModel.from_tables(table("verify", lam=0.05, delta=5.0, per_context=(1.0, 1.5, 3.0)),
+                                 table("draft", lam=0.2, delta=1.0, per_context=(1.0, 1.1, 1.2)))
 
 
 def test_a_prepared_budget_is_used_where_the_cells_agree_and_only_once():
-    loop, cast = loop_with_costs(), POLICIES["cast"]
-    loop._prepare_budgets([cast], size=1, context=200)
-    prepared = loop.prepared["cast"][1]
-    loop.costs.observe_verify(1, 200, 30, 0.030)  # this step's verify: the prepared budget does not have it yet
-    assert loop._budget(cast, 1, 300) is prepared
-    assert "cast" not in loop.prepared
-    fresh = loop._budget(cast, 1, 300)  # nothing prepared any more: priced now, with the new correction
+    costs, planner = costs_by_context(), Planner(POLICIES["cast"])
+    planner.prepare_budget(costs, 1, 200)
+    prepared = planner.prepared[1]
+    costs.observe_verify(1, 200, 30, 0.030)  # this step's verify: the prepared budget does not have it yet
+    assert planner.budget(costs, 1, 300) is prepared
+    assert planner.prepared is None
+    fresh = planner.budget(costs, 1, 300)  # nothing prepared any more: priced now, with the new correction
     assert fresh is not prepared
     assert fresh.cast.normalized_cost != prepared.cast.normalized_cost
 
 
 def test_a_prepared_budget_is_not_used_in_other_cells_or_at_another_batch_size():
-    loop, cast = loop_with_costs(), POLICIES["cast"]
-    expected = loop._budget(cast, 1, 600)
+    costs, planner = costs_by_context(), Planner(POLICIES["cast"])
+    expected = planner.budget(costs, 1, 600)
     for size, context in ((1, 600), (8, 200)):
-        loop._prepare_budgets([cast], size=1, context=200)
-        budget = loop._budget(cast, size, context)
-        want = loop._budget(cast, size, context)  # nothing prepared: the fresh price
+        planner.prepare_budget(costs, 1, 200)
+        budget = planner.budget(costs, size, context)
+        want = planner.budget(costs, size, context)  # nothing prepared: the fresh price
         assert np.allclose(budget.cast.normalized_cost, want.cast.normalized_cost)
         assert budget.cast.step_base_cost == want.cast.step_base_cost
-    assert expected.cast.normalized_cost == loop._budget(cast, 1, 600).cast.normalized_cost
+    assert expected.cast.normalized_cost == planner.budget(costs, 1, 600).cast.normalized_cost
     # ... and the cells do price differently there, so using the prepared one would have been wrong.
-    loop._prepare_budgets([cast], size=1, context=200)
-    assert loop.prepared["cast"][1].cast.normalized_cost != expected.cast.normalized_cost
+    planner.prepare_budget(costs, 1, 200)
+    assert planner.prepared[1].cast.normalized_cost != expected.cast.normalized_cost
 
 
 async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: asyncio.Event | None = None):

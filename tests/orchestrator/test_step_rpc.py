@@ -1,5 +1,6 @@
-"""The orchestrator's clients over real gRPC on loopback, with the per-step calls on one open stream or unary: the
-same results and the same errors, and a call that times out or is cancelled leaves the client usable."""
+"""The orchestrator's clients over real gRPC on loopback, the per-step calls on one open stream per client: steps
+decode as the target does, a failed request gets its status while the stream goes on, and a call that times out or
+is cancelled leaves the client usable."""
 
 from __future__ import annotations
 
@@ -22,14 +23,13 @@ GREEDY = verify_pb2.SamplingParams()
 PROMPTS = {"x": [5, 17, 99, 3, 200], "y": [42, 7, 8, 300, 11, 12]}
 
 
-async def start_services(tiny_pair, model_thread: str = "worker"):
-    """(draft, verify): both services in this process, on free ports, their model calls on `model_thread`."""
+async def start_services(tiny_pair):
+    """(draft, verify): both services in this process, on free ports."""
     target, draft_dir = tiny_pair
     draft = await draft_server.start(DraftConfig(model=draft_dir, host="127.0.0.1", port=0, provider="cpu",
-                                                 profile=False, model_thread=model_thread))
+                                                 profile=False))
     verify = await verify_server.start(VerifyConfig(model=target, host="127.0.0.1", port=0, dtype="float64",
-                                                    device="cpu", max_context=256, profile=False,
-                                                    model_thread=model_thread))
+                                                    device="cpu", max_context=256, profile=False))
     return draft, verify
 
 
@@ -47,9 +47,9 @@ async def services(tiny_pair, onnx_cache_dir):
     await stop_services(draft, verify)
 
 
-def clients(services, step_rpc: str) -> tuple[DraftClient, VerifyClient]:
+def clients(services) -> tuple[DraftClient, VerifyClient]:
     draft, verify = services
-    return DraftClient(f"127.0.0.1:{draft.port}", step_rpc), VerifyClient(f"127.0.0.1:{verify.port}", step_rpc)
+    return DraftClient(f"127.0.0.1:{draft.port}"), VerifyClient(f"127.0.0.1:{verify.port}")
 
 
 def tree_fields(tree: TokenTree) -> tuple:
@@ -71,17 +71,21 @@ async def decode(draft: DraftClient, verify: VerifyClient, sequence_id: str, pro
     return out
 
 
-async def test_stream_and_unary_give_the_same_results(services):
-    results = {}
-    for mode in ("unary", "stream"):
-        draft, verify = clients(services, mode)
-        results[mode] = [await decode(draft, verify, f"{name}-{mode}", prompt, steps=4) for name, prompt in PROMPTS.items()]
-        assert (draft.stream is None and verify.stream is None) == (mode == "unary")
-        if mode == "stream":  # the calls really went on the streams
-            assert draft.stream.call is not None and verify.stream.call is not None
-        await draft.close()
-        await verify.close()
-    assert results["stream"] == results["unary"]
+async def test_steps_on_the_streams_decode_as_the_target_alone(services, tiny_pair):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float64)
+    draft, verify = clients(services)
+    for name, prompt in PROMPTS.items():
+        steps = await decode(draft, verify, name, prompt, steps=4)
+        decoded = [token for *_, committed in steps for token in committed]
+        with torch.no_grad():
+            out = target.generate(torch.tensor([prompt]), max_new_tokens=len(decoded), do_sample=False)
+        assert decoded == out[0, len(prompt):].tolist(), name
+    assert draft.stream.call is not None and verify.stream.call is not None  # the calls went on the streams
+    await draft.close()
+    await verify.close()
 
 
 async def failure(awaitable) -> tuple[grpc.StatusCode, str]:
@@ -90,39 +94,38 @@ async def failure(awaitable) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-async def test_a_bad_request_on_the_stream_fails_as_unary_and_the_stream_goes_on(services):
-    errors = {}
-    for mode in ("unary", "stream"):
-        draft, verify = clients(services, mode)
-        await verify.prefill({f"s-{mode}": PROMPTS["x"]}, timeout=10)
-        bad_budget = draft_pb2.ExpandBudget(top_k=0, max_depth=2, max_breadth=2)
-        bad_root = TokenTree.root_only(PROMPTS["x"][-2])
-        errors[mode] = [
-            await failure(draft.expand([DraftItem("d", PROMPTS["x"], 0)], bad_budget, timeout=10)),
-            await failure(verify.verify([VerifyItem("nobody", TokenTree.root_only(1), GREEDY)], timeout=10)),
-            await failure(verify.verify([VerifyItem(f"s-{mode}", bad_root, GREEDY)], timeout=10)),
-        ]
-        streams = draft.stream and draft.stream.call, verify.stream and verify.stream.call
-        # The next requests succeed, on the same streams.
-        (expanded,), _, _ = await draft.expand([DraftItem("d", PROMPTS["x"], 0)], BUDGET, timeout=10)
-        assert expanded.tree.tokens[0] == PROMPTS["x"][-1]
-        (committed,), _, _ = await verify.verify([VerifyItem(f"s-{mode}", expanded.tree, GREEDY)], timeout=10)
-        assert committed
-        assert (draft.stream and draft.stream.call, verify.stream and verify.stream.call) == streams
-        await draft.release(["d"])
-        await draft.close()
-        await verify.close()
-    assert [code for code, _ in errors["unary"]] == [
+async def test_a_bad_request_on_the_stream_gets_its_status_and_the_stream_goes_on(services):
+    draft, verify = clients(services)
+    await verify.prefill({"s": PROMPTS["x"]}, timeout=10)
+    bad_budget = draft_pb2.ExpandBudget(top_k=0, max_depth=2, max_breadth=2)
+    bad_root = TokenTree.root_only(PROMPTS["x"][-2])
+    errors = [
+        await failure(draft.expand([DraftItem("d", PROMPTS["x"], 0)], bad_budget, timeout=10)),
+        await failure(verify.verify([VerifyItem("nobody", TokenTree.root_only(1), GREEDY)], timeout=10)),
+        await failure(verify.verify([VerifyItem("s", bad_root, GREEDY)], timeout=10)),
+    ]
+    assert [code for code, _ in errors] == [
         grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION]
-    assert errors["stream"] == [(code, details.replace("s-unary", "s-stream")) for code, details in errors["unary"]]
-    assert errors["stream"][0][1].startswith("budget.top_k:")
+    assert errors[0][1].startswith("budget.top_k:") and "nobody" in errors[1][1]
+    streams = draft.stream.call, verify.stream.call
+    # The next requests succeed, on the same streams.
+    (expanded,), _, _ = await draft.expand([DraftItem("d", PROMPTS["x"], 0)], BUDGET, timeout=10)
+    assert expanded.tree.tokens[0] == PROMPTS["x"][-1]
+    (committed,), _, _ = await verify.verify([VerifyItem("s", expanded.tree, GREEDY)], timeout=10)
+    assert committed
+    assert (draft.stream.call, verify.stream.call) == streams
+    await draft.release(["d"])
+    await draft.close()
+    await verify.close()
 
 
 async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     draft_service, verify_service = services
-    draft, verify = clients(services, "unary")
+    draft, verify = clients(services)
     expected = {name: await decode(draft, verify, f"ref-{name}", prompt, steps=1) for name, prompt in PROMPTS.items()}
-    draft, verify = clients(services, "stream")
+    await draft.close()
+    await verify.close()
+    draft, verify = clients(services)
 
     # Timed out: the answer comes after the deadline, once the draft's worker is free; it must not be read as the
     # answer to the next call, which goes on a fresh stream.
@@ -146,26 +149,3 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     assert committed == expected["y"][0][3]
     await draft.close()
     await verify.close()
-
-
-async def test_model_calls_on_the_event_loop_give_the_same_results_and_errors(services, tiny_pair):
-    """--model-thread loop: no worker thread, the same steps and the same statuses for bad requests."""
-    on_loop = await start_services(tiny_pair, "loop")
-    try:
-        assert on_loop[0].servicer.executor is None and on_loop[1].servicer.executor is None
-        results = {}
-        for name, running in (("worker", services), ("loop", on_loop)):
-            draft, verify = clients(running, "stream")
-            results[name] = [await decode(draft, verify, f"{sid}-{name}", prompt, steps=4)
-                             for sid, prompt in PROMPTS.items()]
-            code, details = await failure(verify.verify([VerifyItem("nobody", TokenTree.root_only(1), GREEDY)], 10))
-            assert code == grpc.StatusCode.NOT_FOUND and "nobody" in details
-            bad_budget = draft_pb2.ExpandBudget(top_k=0, max_depth=2, max_breadth=2)
-            code, details = await failure(draft.expand([DraftItem("d", PROMPTS["x"], 0)], bad_budget, timeout=10))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("budget.top_k:")
-            assert await draft.release([f"{sid}-{name}" for sid in PROMPTS]) == len(PROMPTS)
-            await draft.close()
-            await verify.close()
-        assert results["loop"] == results["worker"]
-    finally:
-        await stop_services(*on_loop)

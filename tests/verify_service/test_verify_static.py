@@ -25,6 +25,7 @@ from verify_service.static_forward import (
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
+from tests.step_stub import StepStub
 from verify_helpers import greedy_reference, tree_with_path
 
 
@@ -175,7 +176,7 @@ async def test_static_layout_over_grpc_names_the_limits(tiny_pair):
     server, port = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = verify_pb2_grpc.VerifyServiceStub(channel)
+            stub = StepStub(verify_pb2_grpc.VerifyServiceStub(channel))
             # The start-up table was profiled through the static layout: no batch or tree it cannot serve.
             table = cost_table_from_proto((await stub.Describe(verify_pb2.VerifyDescribeRequest())).replica.cost_table)
             assert table.batch_sizes == (1, 2) and table.token_counts == (1, 2, 4)

@@ -35,11 +35,6 @@ class DraftServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Expand = channel.unary_unary(
-                '/cast.v1.DraftService/Expand',
-                request_serializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
-                response_deserializer=cast_dot_v1_dot_draft__pb2.ExpandResponse.FromString,
-                _registered_method=True)
         self.ExpandStream = channel.stream_stream(
                 '/cast.v1.DraftService/ExpandStream',
                 request_serializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
@@ -61,14 +56,8 @@ class DraftServiceServicer:
     """The draft model proposes token trees; it keeps one KV cache per sequence id.
     """
 
-    def Expand(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def ExpandStream(self, request_iterator, context):
-        """Expand on one long-lived stream: one response per request, in order; saves the per-call setup of each step.
+        """One Expand per message on a long-lived stream: one response per request, in order (a step pays no call setup).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,11 +78,6 @@ class DraftServiceServicer:
 
 def add_DraftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Expand': grpc.unary_unary_rpc_method_handler(
-                    servicer.Expand,
-                    request_deserializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.FromString,
-                    response_serializer=cast_dot_v1_dot_draft__pb2.ExpandResponse.SerializeToString,
-            ),
             'ExpandStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ExpandStream,
                     request_deserializer=cast_dot_v1_dot_draft__pb2.ExpandRequest.FromString,
@@ -120,33 +104,6 @@ def add_DraftServiceServicer_to_server(servicer, server):
 class DraftService:
     """The draft model proposes token trees; it keeps one KV cache per sequence id.
     """
-
-    @staticmethod
-    def Expand(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cast.v1.DraftService/Expand',
-            cast_dot_v1_dot_draft__pb2.ExpandRequest.SerializeToString,
-            cast_dot_v1_dot_draft__pb2.ExpandResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def ExpandStream(request_iterator,

@@ -40,11 +40,6 @@ class VerifyServiceStub:
                 request_serializer=cast_dot_v1_dot_verify__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=cast_dot_v1_dot_verify__pb2.PrefillResponse.FromString,
                 _registered_method=True)
-        self.Verify = channel.unary_unary(
-                '/cast.v1.VerifyService/Verify',
-                request_serializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
-                response_deserializer=cast_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
-                _registered_method=True)
         self.VerifyStream = channel.stream_stream(
                 '/cast.v1.VerifyService/VerifyStream',
                 request_serializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
@@ -72,14 +67,8 @@ class VerifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Verify(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def VerifyStream(self, request_iterator, context):
-        """Verify on one long-lived stream: one response per request, in order; saves the per-call setup of each step.
+        """One Verify per message on a long-lived stream: one response per request, in order (a step pays no call setup).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,11 +93,6 @@ def add_VerifyServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=cast_dot_v1_dot_verify__pb2.PrefillRequest.FromString,
                     response_serializer=cast_dot_v1_dot_verify__pb2.PrefillResponse.SerializeToString,
-            ),
-            'Verify': grpc.unary_unary_rpc_method_handler(
-                    servicer.Verify,
-                    request_deserializer=cast_dot_v1_dot_verify__pb2.VerifyRequest.FromString,
-                    response_serializer=cast_dot_v1_dot_verify__pb2.VerifyResponse.SerializeToString,
             ),
             'VerifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.VerifyStream,
@@ -154,33 +138,6 @@ class VerifyService:
             '/cast.v1.VerifyService/Prefill',
             cast_dot_v1_dot_verify__pb2.PrefillRequest.SerializeToString,
             cast_dot_v1_dot_verify__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Verify(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cast.v1.VerifyService/Verify',
-            cast_dot_v1_dot_verify__pb2.VerifyRequest.SerializeToString,
-            cast_dot_v1_dot_verify__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,15 @@
-from orchestrator.acceptance import LIMITS, AcceptanceScale
+from orchestrator.calibration import LIMITS, ValueCalibration
 
 
 def test_the_scale_follows_accepted_tokens_per_unit_of_value():
-    scale = AcceptanceScale()
+    scale = ValueCalibration()
     for _ in range(200):
         scale.observe(verified_value=2.0, accepted=3)  # greedy: 1.5 tokens accepted per unit of value
     assert abs(scale.scale - 1.5) < 0.01
 
 
 def test_steps_without_drafted_value_teach_nothing_and_outliers_are_capped():
-    scale = AcceptanceScale()
+    scale = ValueCalibration()
     scale.observe(verified_value=0.0, accepted=0)
     assert scale.scale == 1.0
     for _ in range(1000):
@@ -19,7 +19,7 @@ def test_steps_without_drafted_value_teach_nothing_and_outliers_are_capped():
 
 def test_the_first_steps_set_the_scale_at_once():
     """The gate judges drafting on CAST's first trees: those must already be sized by the measured scale."""
-    scale = AcceptanceScale()
+    scale = ValueCalibration()
     scale.observe(verified_value=2.0, accepted=3)
     assert scale.scale == 1.5
     scale.observe(verified_value=2.0, accepted=2)

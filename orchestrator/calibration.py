@@ -1,4 +1,4 @@
-"""How many tokens the verifier accepts per unit of node value, measured.
+"""Value calibration: how many tokens the verifier accepts per unit of node value, measured.
 
 A node's value (EAGLE-2's score, the product of the draft's probabilities along its path) is CAST's estimate of how
 likely the verifier is to accept it. Under greedy verification a node is accepted when it is the target's argmax,
@@ -17,7 +17,7 @@ LIMITS = (0.25, 4.0)  # a few odd steps (a tiny summed value) must not swing the
 
 
 @dataclass
-class AcceptanceScale:
+class ValueCalibration:
     scale: float = 1.0  # accepted draft tokens per unit of the verified nodes' summed value
     steps: int = 0
 
