@@ -112,7 +112,7 @@ if has bench_wide; then
         --requests ${BENCH_REQUESTS:-10} --seconds ${BENCH_SECONDS:-60} --max-new-tokens 128 --rstrip-prompts --warmup ${BENCH_WARMUP:-1} \
         --out "$OUT/bench_wide" --title "$SHAPE-shaped target (widened reference target), draft ${CAST_DRAFT_PROVIDER}"
     # VARIANTS: more orchestrators on the same draft and verify services, each with its own flags, e.g.
-    #   VARIANTS="unary=--step-rpc_unary c2x2=--cast-c2_2"  (underscores become spaces); each is benched with
+    #   VARIANTS="c2x2=--cast-c2_2 c3x2=--cast-c3_2"  (underscores become spaces); each is benched with
     #   VARIANT_POLICIES at VARIANT_CONCURRENCY, interleaved with the main orchestrator on the same policies.
     port=50061
     for variant in ${VARIANTS:-}; do
