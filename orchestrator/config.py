@@ -29,13 +29,16 @@ class OrchestratorConfig:
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
     step_rpc: str = "stream"                 # Expand/Verify as messages on one open stream per replica, or "unary"
+    http_port: int | None = None             # the OpenAI-compatible HTTP API (http_api.py); None: off, 0: any free port
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
         if not self.draft_addrs or not self.verify_addrs:
             raise ValueError("at least one draft and one verify address are needed")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ValueError(f"{name} {value} is out of range")
         from orchestrator.policies import POLICIES
 
         if self.default_policy not in POLICIES:
@@ -77,6 +80,8 @@ class OrchestratorConfig:
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         p.add_argument("--step-rpc", choices=("stream", "unary"), default=_env("STEP_RPC", "stream"),
                        help="per-step Expand/Verify: on one open bidi stream per replica, or one unary call each")
+        p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "-1")),
+                       help="serve the OpenAI-compatible HTTP API and the demo page on this port too (default: off)")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -94,4 +99,5 @@ class OrchestratorConfig:
             cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r,
                             {"auto": None, "on": True, "off": False}[a.cast_efficient_depth]),
             step_rpc=a.step_rpc,
+            http_port=None if a.http_port < 0 else a.http_port,
         )

@@ -55,9 +55,10 @@ class LiveSequence:
     def policy(self) -> TreePolicy:
         return self.request.policy
 
-    def finish(self, reason: FinishReason, taken: list[int]) -> None:
+    def finish(self, reason: FinishReason, taken: list[int], step: StepRecord | None = None,
+               tree: TokenTree | None = None) -> None:
         self.stats.total_seconds = time.perf_counter() - self.started
-        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids)))
+        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids), step, tree))
         self.done = True
 
     def fail(self, error: BaseException) -> None:
@@ -314,14 +315,15 @@ class StepLoop:
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth,
-                                            len(committed), timing))
+            record = StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth, len(committed), timing)
+            s.stats.steps.append(record)
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
             if reason is not None:
-                s.finish(reason, taken)
+                s.finish(reason, taken, record, item.tree)
             elif not s.done:
-                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids)))
+                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids), step=record,
+                                       tree=item.tree))
         timing.step = time.perf_counter() - started  # the records above share this object
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
         verified = {i.sequence_id: i.tree for i in items}
