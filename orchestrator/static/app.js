@@ -100,8 +100,7 @@ function onEvent(data) {
   updateStats();
   if (choice.finish_reason) {
     reconcile(run.text);
-    const stats = message.cast.stats;
-    setStatus(`done (${choice.finish_reason}), ${stats.steps} steps, ${stats.mean_accepted_length.toFixed(2)} tokens/step`);
+    setStatus(`done (${choice.finish_reason})`);
   }
 }
 
@@ -160,7 +159,7 @@ function drawStep(step, number) {
   const bonus = step.tokens.find((token) => token.source === "bonus");
   const last = step.accepted_path.length ? step.accepted_path[step.accepted_path.length - 1] : 0;
   const columns = Math.max(...depth) + (bonus ? 2 : 1);
-  const colWidth = 78, rowHeight = 18;
+  const colWidth = 60, rowHeight = 18;
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("width", columns * colWidth + 4);
   svg.setAttribute("height", (rows + (bonus ? 1 : 0)) * rowHeight + 4);  // the bonus token on a row of its own
@@ -168,7 +167,7 @@ function drawStep(step, number) {
   const line = (from, to, color, dashed) => {
     const element = document.createElementNS(SVG, "line");
     const [x1, y1] = at(...from), [x2, y2] = at(...to);
-    Object.entries({x1: x1 + colWidth - 12, y1: y1 + rowHeight / 2, x2, y2: y2 + rowHeight / 2, stroke: color})
+    Object.entries({x1: x1 + colWidth - 8, y1: y1 + rowHeight / 2, x2, y2: y2 + rowHeight / 2, stroke: color})
       .forEach(([k, v]) => element.setAttribute(k, v));
     if (dashed) element.setAttribute("stroke-dasharray", "3 2");
     svg.append(element);
@@ -176,12 +175,12 @@ function drawStep(step, number) {
   const box = (d, r, text, fill, stroke) => {
     const [x, y] = at(d, r);
     const rect = document.createElementNS(SVG, "rect");
-    Object.entries({x, y: y + 1, width: colWidth - 12, height: rowHeight - 2, rx: 3, fill, stroke})
+    Object.entries({x, y: y + 1, width: colWidth - 8, height: rowHeight - 2, rx: 3, fill, stroke})
       .forEach(([k, v]) => rect.setAttribute(k, v));
     const label = document.createElementNS(SVG, "text");
     label.setAttribute("x", x + 3);
     label.setAttribute("y", y + rowHeight - 5);
-    label.textContent = visible(text).slice(0, 9);
+    label.textContent = visible(text).slice(0, 7);
     const title = document.createElementNS(SVG, "title");
     title.textContent = JSON.stringify(text);
     rect.append(title);
@@ -201,8 +200,10 @@ function drawStep(step, number) {
   }
   const head = document.createElement("div");
   head.className = "head";
-  head.textContent = `step ${number}: ${step.verified_nodes} of ${step.expanded_nodes} drafted nodes verified, ` +
-    `depth ${step.depth}, ${step.accepted_path.length} accepted + ${bonus ? 1 : 0} bonus`;
+  const drafted = step.verified_nodes > 1  // node 0, the root, is the last committed token
+    ? `${step.verified_nodes - 1} of ${step.expanded_nodes - 1} drafted tokens verified, depth ${step.depth}`
+    : "no draft (a plain decoding step)";
+  head.textContent = `step ${number}: ${drafted}; ${step.accepted_path.length} accepted + ${bonus ? 1 : 0} bonus`;
   const element = document.createElement("div");
   element.className = "step";
   element.append(head, svg);

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import json
+import urllib.request
+
 import grpc
-import httpx2
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -136,7 +138,8 @@ def test_models_and_health(client, tiny_stack):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["cast"]["chat"] is False
-    assert httpx2.get(f"{tiny_stack.spec.http_url}/health", timeout=10).json() == {"status": "serving"}
+    with urllib.request.urlopen(f"{tiny_stack.spec.http_url}/health", timeout=10) as reply:
+        assert json.load(reply) == {"status": "serving"}
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
