@@ -195,8 +195,10 @@ def validation_error(exc: RequestValidationError) -> InvalidArgument:
 def error_response(exc: Exception) -> JSONResponse:
     code, message = status_of(exc)
     status = HTTP_STATUS.get(code, 500)
-    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-            "param": getattr(exc, "field", "") or None, "code": getattr(exc, "code", None) or code.name.lower()}
+    param, api_code = None, code.name.lower()
+    if isinstance(exc, CastError):  # (not an AioRpcError's code() method)
+        param, api_code = exc.field or None, getattr(exc, "code", api_code)
+    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": api_code}
     return JSONResponse({"error": body}, status_code=status)
 
 
@@ -364,40 +366,45 @@ class HttpApi:
         )
 
     async def respond(self, request: Request, body: Sampling, generation: GenerationRequest, chat: bool) -> Response:
-        want_steps = body.cast is not None and body.cast.step_stats
-        view = StepView(self.tokenizer, generation.prompt_ids) if want_steps else None
+        view = StepView(self.tokenizer, generation.prompt_ids) if body.cast and body.cast.step_stats else None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_id}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await self.stream(request, generation, chat, head, view, include_usage)
+        return await self.whole(request, generation, chat, head, view)
+
+    async def whole(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
+                    view: StepView | None) -> JSONResponse:
+        async def collect() -> list[Chunk]:
+            async with aclosing(self.loop.generate(generation)) as stream:
+                return [chunk async for chunk in stream]
+
+        chunks = await unless_disconnected(request, collect())
+        final = chunks[-1]
+        text = "".join(c.text for c in chunks)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+        ext = {"token_ids": [t for c in chunks for t in c.token_ids], "stats": stats_json(final)}
+        if view is not None:
+            ext["steps"] = [s for s in map(view.step, chunks) if s is not None]
+        return JSONResponse({
+            **head, "object": "chat.completion" if chat else "text_completion",
+            "choices": [{**choice, "logprobs": None, "finish_reason": FINISH_REASONS[final.finish_reason]}],
+            "usage": usage(generation, final), "cast": ext,
+        })
+
+    async def stream(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
+                     view: StepView | None, include_usage: bool) -> EventStream:
         stream = self.loop.generate(generation)
-        if not body.stream:
-            async def collect() -> list[Chunk]:
-                async with aclosing(stream):
-                    return [chunk async for chunk in stream]
-
-            chunks = await unless_disconnected(request, collect())
-            final = chunks[-1]
-            text = "".join(c.text for c in chunks)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                      else {"index": 0, "text": text})
-            ext = {"token_ids": [t for c in chunks for t in c.token_ids], "stats": stats_json(final)}
-            if view is not None:
-                ext["steps"] = [s for s in map(view.step, chunks) if s is not None]
-            return JSONResponse({
-                **head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [{**choice, "logprobs": None, "finish_reason": FINISH_REASONS[final.finish_reason]}],
-                "usage": usage(generation, final), "cast": ext,
-            })
-
         # The first chunk is awaited here, so that what fails before any token (a full server: 429) has its status.
         try:
             first = await unless_disconnected(request, anext(stream))
         except BaseException:
             await stream.aclose()
             raise
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(chunk: Chunk, delta: dict | None) -> str:
+        def event(chunk: Chunk, delta: dict) -> str:
             finish = FINISH_REASONS[chunk.finish_reason] if chunk.finish_reason is not None else None
             choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": chunk.text}
             ext: dict[str, Any] = {"token_ids": chunk.token_ids}
