@@ -62,7 +62,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(loop, requests), server)
