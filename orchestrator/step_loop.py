@@ -315,7 +315,8 @@ class StepLoop:
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            record = StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth, len(committed), timing)
+            record = StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth, len(committed),
+                                timing)
             s.stats.steps.append(record)
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)

@@ -28,7 +28,8 @@ function setStatus(text, isError = false) {
 async function generate() {
   const prompt = $("prompt").value;
   run = {controller: new AbortController(), started: performance.now(), text: "", tokens: 0, fromDraft: 0, steps: 0};
-  $("output").replaceChildren(span(prompt, "prompt"), Object.assign(document.createElement("span"), {id: "completion"}));
+  const completion = Object.assign(document.createElement("span"), {id: "completion"});
+  $("output").replaceChildren(span(prompt, "prompt"), completion);
   $("steps").replaceChildren();
   updateStats();
   $("generate").disabled = true;
