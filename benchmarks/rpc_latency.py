@@ -116,7 +116,7 @@ async def serve(uds_dir: str) -> None:
         "Cpu": grpc.unary_unary_rpc_method_handler(cpu),
     }
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
-                                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000)])
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 10_000)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.strip("/"), handlers),))
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     grpc_uds = f"unix://{uds_dir}/grpc.sock"

@@ -120,7 +120,9 @@ async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
     servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop")
-    server = grpc.aio.server()
+    # Accept the orchestrators' keepalive pings on their open ExpandStreams (else GOAWAY "too_many_pings" when idle).
+    server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,6 +1,7 @@
 """`cast`: run the services, generate text, train and benchmark.
 
     cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
+                                 (and serves the OpenAI-compatible HTTP API on :8000)
     cast generate [...] PROMPT   one request to a running orchestrator
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
@@ -29,6 +30,8 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--draft-port", type=int, default=50052)
     p.add_argument("--verify-port", type=int, default=50053)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the orchestrator's OpenAI-compatible HTTP API and demo page (-1: off)")
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the services to be ready")
     p.add_argument("--keep-cpus-awake", metavar="CPUS", default="",
@@ -41,7 +44,7 @@ def cmd_up(argv: list[str]) -> int:
         p.error(str(e))
     target, draft = (a.target, a.draft) if a.target and a.draft else default_pair()
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
-                     keep_cpus_awake=keep_awake)
+                     keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
@@ -49,6 +52,8 @@ def cmd_up(argv: list[str]) -> int:
     try:
         stack.wait_ready(a.timeout)
         print(f"ready {spec.address}", flush=True)
+        if spec.http_url:
+            print(f"http {spec.http_url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
         while (dead := stack.first_exit()) is None:
             time.sleep(0.5)
         print(f"the {dead} service exited; stopping", file=sys.stderr)

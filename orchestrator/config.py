@@ -28,13 +28,16 @@ class OrchestratorConfig:
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
+    http_port: int | None = None             # the OpenAI-compatible HTTP API (http_api.py); None: off, 0: any free port
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
         if not self.draft_addrs or not self.verify_addrs:
             raise ValueError("at least one draft and one verify address are needed")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ValueError(f"{name} {value} is out of range")
         from orchestrator.policies import POLICIES
 
         if self.default_policy not in POLICIES:
@@ -66,6 +69,8 @@ class OrchestratorConfig:
                        help="CAST gain buffer size R")
         p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
+        p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "-1")),
+                       help="serve the OpenAI-compatible HTTP API and the demo page on this port too (default: off)")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -81,4 +86,5 @@ class OrchestratorConfig:
             max_live=a.max_live,
             max_queued=a.max_queued,
             cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r),
+            http_port=None if a.http_port < 0 else a.http_port,
         )

@@ -17,9 +17,11 @@ from cast_runtime.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.costs import CostModel
+from orchestrator.http_api import HttpServer, create_app
 from orchestrator.policies import make_policies
-from orchestrator.step_loop import StepLoop
+from orchestrator.requests import RequestBuilder
 from orchestrator.servicer import GenerationServicer
+from orchestrator.step_loop import StepLoop
 
 log = logging.getLogger("cast.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -54,21 +56,28 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     max_context = min(draft_desc.max_context, verify_desc.max_context)
     costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
     loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
+    requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
+                              make_policies(config.cast))
 
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
-    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(loop, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
+    model_id = verify_desc.model_name or config.tokenizer_dir.name
+    # Bound here, before anything starts: a taken port fails the start-up at once.
+    server.http = (HttpServer(create_app(loop, requests, model_id), config.host, config.http_port)
+                   if config.http_port is not None else None)
     await server.start()
+    if server.http is not None:  # before SERVING: a ready orchestrator answers both APIs
+        await server.http.start()
+        log.info("HTTP API on http://%s:%d (model %r)", config.host, server.http.port, model_id)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # for graceful shutdown
@@ -85,7 +94,7 @@ async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
+    await asyncio.gather(server.stop(grace_s), *([server.http.stop()] if server.http else []))
     await server.step_loop.close()
 
 

@@ -43,10 +43,15 @@ class StackSpec:
     orchestrator_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: the services log to this process's stderr
     keep_cpus_awake: list[int] = field(default_factory=list)  # SCHED_IDLE spinners on these CPUs (keep_awake.py)
+    http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}" if self.http_port is not None else None
 
     def commands(self) -> dict[str, list[str]]:
         py = sys.executable
@@ -58,6 +63,7 @@ class StackSpec:
                        "--port", str(self.verify_port), "--dtype", self.verify_dtype, *self.verify_args],
             "orchestrator": [py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
                              "--port", str(self.port), "--draft", draft_addr, "--verify", verify_addr,
+                             *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
                              *self.orchestrator_args],
         }
 

@@ -54,9 +54,10 @@ class LiveSequence:
     def policy(self) -> TreePolicy:
         return self.request.policy
 
-    def finish(self, reason: FinishReason, taken: list[int]) -> None:
+    def finish(self, reason: FinishReason, taken: list[int], step: StepRecord | None = None,
+               tree: TokenTree | None = None) -> None:
         self.stats.total_seconds = time.perf_counter() - self.started
-        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids)))
+        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids), step, tree))
         self.done = True
 
     def fail(self, error: BaseException) -> None:
@@ -323,14 +324,16 @@ class StepLoop:
         # Commit: each sequence takes its accepted path and bonus token, and finishes or streams them.
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
+            record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
+                                len(committed), timing)
+            s.stats.steps.append(record)
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
-            s.stats.steps.append(StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree),
-                                            item.tree.max_depth, len(committed), timing))
             if reason is not None:
-                s.finish(reason, taken)
+                s.finish(reason, taken, record, item.tree)
             elif not s.done:
-                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids)))
+                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids), step=record,
+                                       tree=item.tree))
         timing.step = time.perf_counter() - started  # the records above share this object
 
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.

@@ -36,7 +36,7 @@ WARM_BATCHES = (1, 2, 4, 8)
 SERVER_OPTIONS = [
     # Let orchestrators keep idle channels alive with pings instead of being sent GOAWAY "too_many_pings".
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     # Long prompts in one Prefill can pass the 4 MiB default.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
