@@ -1,1 +1,1 @@
-"""Shared by every service: token trees, cost tables, the CAST selection rule, domain errors. Pure: no I/O."""
+"""Shared by every service: token trees, cost tables, the CAST selection rule, domain errors, gRPC options. Pure: no I/O."""

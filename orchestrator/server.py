@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_core.grpc_options import server_options
 from cast_core.identity import vocab_hash
 from cast_core.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
@@ -55,12 +56,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
     loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ]
-    )
+    server = grpc.aio.server(options=server_options())
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
     )
