@@ -314,10 +314,11 @@ class StepLoop:
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth,
-                                            len(committed), timing))
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
+            # The step's accepted tokens are those the request emits: none past max_new_tokens, a stop or EOS.
+            s.stats.steps.append(StepRecord(expanded_sizes[s.sequence_id], len(item.tree), item.tree.max_depth,
+                                            len(taken), timing))
             if reason is not None:
                 s.finish(reason, taken)
             elif not s.done:
