@@ -90,6 +90,7 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
         device=device_name(runner.provider),
         dtype=meta.dtype,
         backend=runner.backend,
+        max_sequences=config.max_sessions,
     )
     if cost_table is not None:
         replica.cost_table.CopyFrom(cost_table_to_proto(cost_table))

@@ -24,7 +24,8 @@ class OrchestratorConfig:
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
     default_policy: str = "cast"
     rpc_timeout_s: float = 60.0              # per downstream call
-    max_live: int = 32                       # sequences decoded together at most (the batch; the verifier's --max-batch)
+    max_live: int = 64                       # sequences decoded together at most; start-up lowers it to the slots
+                                             # that the draft and verify replicas report (Describe: max_sequences)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
@@ -73,7 +74,8 @@ class OrchestratorConfig:
                        default=_env("CAST_EFFICIENT_DEPTH", "auto"),
                        help="also stop a tree's depth where another layer would lower the step's tokens per ms "
                             "(auto: where the verifier runs on a GPU)")
-        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
+        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", str(OrchestratorConfig.max_live))),
+                       help="batch size limit (lowered to the replicas' slots; more requests wait in the queue)")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         p.add_argument("--step-rpc", choices=("stream", "unary"), default=_env("STEP_RPC", "stream"),
                        help="per-step Expand/Verify: on one open bidi stream per replica, or one unary call each")

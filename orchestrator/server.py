@@ -54,7 +54,9 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         )
     max_context = min(draft_desc.max_context, verify_desc.max_context)
     costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
-    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
+    # No more live sequences than either replica holds: past that a Prefill would fail; the rest wait in the queue.
+    max_live = min([config.max_live] + [d.max_sequences for d in (draft_desc, verify_desc) if d.max_sequences > 0])
+    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, max_live, config.max_queued)
 
     server = grpc.aio.server(options=server_options())
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
@@ -69,8 +71,8 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # for graceful shutdown
     server.step_loop = loop                   # ... which releases the sequences' sessions last
-    log.info("orchestrator serving on %s:%d (draft %s, verify %s, step RPCs: %s)", config.host, port, draft.address,
-             verify.address, config.step_rpc)
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s, step RPCs: %s, at most %d live sequences)",
+             config.host, port, draft.address, verify.address, config.step_rpc, max_live)
     return server, port
 
 

@@ -99,7 +99,7 @@ class StepLoop:
         max_context: int,
         costs: CostModel,
         rpc_timeout_s: float = 60.0,
-        max_live: int = 32,
+        max_live: int = 64,
         max_queued: int = 256,
     ) -> None:
         self.tokenizer = tokenizer

@@ -22,14 +22,14 @@ GREEDY = verify_pb2.SamplingParams()
 PROMPTS = {"x": [5, 17, 99, 3, 200], "y": [42, 7, 8, 300, 11, 12]}
 
 
-async def start_services(tiny_pair, model_thread: str = "worker"):
+async def start_services(tiny_pair, model_thread: str = "worker", **verify_options):
     """(draft, verify): both services in this process, on free ports, their model calls on `model_thread`."""
     target, draft_dir = tiny_pair
     draft = await draft_server.start(DraftConfig(model=draft_dir, host="127.0.0.1", port=0, provider="cpu",
                                                  profile=False, model_thread=model_thread))
     verify = await verify_server.start(VerifyConfig(model=target, host="127.0.0.1", port=0, dtype="float64",
                                                     device="cpu", max_context=256, profile=False,
-                                                    model_thread=model_thread))
+                                                    model_thread=model_thread, **verify_options))
     return draft, verify
 
 
