@@ -22,8 +22,9 @@ GREEDY = verify_pb2.SamplingParams()
 
 
 async def test_the_services_admit_the_orchestrators_pings_on_idle_streams(tiny_pair, onnx_cache_dir, monkeypatch):
-    """Clients ping every second; grpc's default server policy admits one ping per 5 minutes without data and sends
-    GOAWAY "too_many_pings" at the third strike, which failed the first request after a few seconds idle."""
+    """Clients ping every second. grpc's default server policy (the draft service's, and the verify service's too: its
+    option was misnamed) admits one ping per 5 minutes without data; past two early pings it sends GOAWAY
+    "too_many_pings" and closes the connection, which failed requests after an idle spell."""
     monkeypatch.setenv("CAST_GRPC_KEEPALIVE_TIME_MS", "1000")
     draft, verify = await start_services(tiny_pair)
     config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft_addrs=[f"127.0.0.1:{draft.port}"],
