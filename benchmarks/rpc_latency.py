@@ -49,19 +49,14 @@ from pathlib import Path
 
 import grpc
 
+from cast_runtime.grpc_options import channel_options
 from orchestrator.keep_awake import KeepAwake, parse_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/bench.Echo/"
 # (request bytes, reply bytes)
 PAYLOADS = {"verify-400B": (400, 64), "expand-10KB": (100, 10_240)}
-# As orchestrator/clients.py's CHANNEL_OPTIONS (not imported: keep this tool free of the project's imports).
-CAST_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
+CAST_CHANNEL_OPTIONS = channel_options()  # the orchestrator's channels'
 BASELINE = "cast-like unary exec tcp"  # the ratio column is p50 / this variant's p50 (same payload)
 
 

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import platform
@@ -58,16 +57,21 @@ LLAMA31_ROPE_SCALING = {
 _T0 = time.monotonic()
 
 
-class _QuietRope(logging.Filter):
-    """transformers warns on every config load that max_position_embeddings (2048) is below Llama-3.1's
-    original_max_position_embeddings (8192); the rope is Llama-3.1's on purpose, so that line is dropped here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "original_max_position_embeddings field must be less" not in record.getMessage()
+def llama31_rope_scaling(max_positions: int) -> dict:
+    """Llama-3.1's rope scaling for a model of max_positions positions. transformers warns when
+    original_max_position_embeddings is not below max_position_embeddings, so the original length and both frequency
+    factors are divided by one power of two: the wavelength thresholds (original length / factor: 8192 and 2048
+    tokens), and with them every frequency, stay bit for bit Llama-3.1's."""
+    original = LLAMA31_ROPE_SCALING["original_max_position_embeddings"]
+    scale = 1
+    while original // scale >= max_positions:
+        scale *= 2
+    return {**LLAMA31_ROPE_SCALING, "original_max_position_embeddings": original // scale,
+            "low_freq_factor": LLAMA31_ROPE_SCALING["low_freq_factor"] / scale,
+            "high_freq_factor": LLAMA31_ROPE_SCALING["high_freq_factor"] / scale}
 
 
 def _quiet_transformers() -> None:
-    logging.getLogger("transformers.modeling_rope_utils").addFilter(_QuietRope())
     with contextlib.suppress(Exception):
         from transformers.utils import logging as hf_logging
 
@@ -323,7 +327,7 @@ def llama_config(vocab: int, eos_id: int, hidden: int, layers: int, heads: int, 
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         rope_theta=LLAMA31_ROPE_THETA,
-        rope_scaling=dict(LLAMA31_ROPE_SCALING),
+        rope_scaling=llama31_rope_scaling(max_positions),
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=True,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -369,7 +370,7 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str, layout: str 
         kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
         dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
     args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
-    with torch.no_grad(), warnings.catch_warnings(), fusable_rms_norms(model):
+    with torch.no_grad(), warnings.catch_warnings(), fusable_rms_norms(model), quiet_exporter_logs():
         # The exporter warns that axes sharing a Dim keep one name, and about its own deprecations: noise here.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -392,6 +393,21 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str, layout: str 
         layout=layout,
         **dims,
     )
+
+
+@contextlib.contextmanager
+def quiet_exporter_logs():
+    """Errors only from the exporter: its optimizer logs each rewrite at INFO, and torch warns that torchvision is
+    not installed (its operators are not needed here); a first start printed hundreds of lines."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_export(model_dir: str | Path, onnx_path: str | Path, meta: ExportMeta, atol: float = 1e-4) -> None:

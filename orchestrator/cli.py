@@ -2,7 +2,7 @@
 
     cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
                                  (and serves the OpenAI-compatible HTTP API on :8000)
-    cast generate [...] PROMPT   one request to a running orchestrator
+    cast generate [...] PROMPT   one request to a running orchestrator (PROMPT -: from standard input)
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
     cast profile verify|draft    measure a service's cost table f(B, c, n) on this machine (JSON, optional plot)
@@ -71,7 +71,7 @@ def cmd_generate(argv: list[str]) -> int:
     from cast.v1 import generation_pb2, generation_pb2_grpc
 
     p = argparse.ArgumentParser(prog="cast generate", description="Generate a completion.")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt; - reads it, verbatim, from standard input")
     p.add_argument("--addr", default="127.0.0.1:50051")
     p.add_argument("--policy", default="", help="cast, eagle2, chain or ar (default: the server's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -82,29 +82,42 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--seed", type=int, default=None, help="the same seed and request give the same output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print the whole response with its stats")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole response with its stats; with --stream, one JSON object per chunk (JSON lines)")
+    p.add_argument("--stats", action="store_true", help="then print tokens/s and tokens per step on stderr")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     a = p.parse_args(argv)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     request = generation_pb2.GenerateRequest(
-        prompt=a.prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
+        prompt=prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, return_step_stats=a.json,
     )
+
+    def as_json(message) -> str:
+        return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=None if a.stream else 2)
+
     with grpc.insecure_channel(a.addr) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         try:
-            if a.stream and not a.json:
-                for chunk in stub.GenerateStream(request, timeout=a.timeout):
-                    print(chunk.text, end="", flush=True)
-                print()
-                return 0
-            response = stub.Generate(request, timeout=a.timeout)
+            if a.stream:
+                for last in stub.GenerateStream(request, timeout=a.timeout):
+                    if a.json:
+                        print(as_json(last), flush=True)
+                    else:
+                        print(last.text, end="", flush=True)
+                if not a.json:
+                    print()
+            else:
+                last = stub.Generate(request, timeout=a.timeout)
+                print(as_json(last) if a.json else last.text)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    if a.json:
-        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
-    else:
-        print(response.text)
+    if a.stats:  # the last message carries the request's usage and stats
+        tokens, stats = last.usage.completion_tokens, last.stats
+        print(f"{tokens} tokens in {stats.total_seconds:.2f} s: {tokens / max(stats.total_seconds, 1e-9):.1f} "
+              f"tokens/s, {stats.mean_accepted_length:.2f} tokens/step ({stats.steps} steps, policy {stats.policy})",
+              file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,8 @@ class OrchestratorConfig:
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
     default_policy: str = "cast"
     rpc_timeout_s: float = 60.0              # per downstream call
-    max_live: int = 32                       # sequences decoded together at most (the batch; the verifier's --max-batch)
+    max_live: int = 64                       # sequences decoded together at most; start-up lowers it to the slots
+                                             # that the draft and verify replicas report (Describe: max_sequences)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
@@ -67,7 +68,8 @@ class OrchestratorConfig:
                        help="CAST reranking threshold C3")
         p.add_argument("--cast-r", type=int, default=int(_env("CAST_R", str(defaults.gain_buffer_size))),
                        help="CAST gain buffer size R")
-        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
+        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", str(OrchestratorConfig.max_live))),
+                       help="batch size limit (lowered to the replicas' slots; more requests wait in the queue)")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "-1")),
                        help="serve the OpenAI-compatible HTTP API and the demo page on this port too (default: off)")

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_runtime.grpc_options import server_options
 from cast_runtime.identity import vocab_hash
 from cast_runtime.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
@@ -55,16 +56,13 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         )
     max_context = min(draft_desc.max_context, verify_desc.max_context)
     costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
-    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
+    # No more live sequences than either replica holds: past that a Prefill would fail; the rest wait in the queue.
+    max_live = min([config.max_live] + [d.max_sequences for d in (draft_desc, verify_desc) if d.max_sequences > 0])
+    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, max_live, config.max_queued)
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
-    )
+    server = grpc.aio.server(options=server_options())
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(loop, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -82,7 +80,8 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # for graceful shutdown
     server.step_loop = loop                   # ... which releases the sequences' sessions last
-    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, draft.address, verify.address)
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s, at most %d live sequences)",
+             config.host, port, draft.address, verify.address, max_live)
     return server, port
 
 

@@ -71,9 +71,7 @@ async def call_while(rpc: Awaitable, *jobs: Callable[[], object]):
     that the step's next RPC need not wait for. Cancels the RPC if a job raises or the step is cancelled."""
     call = asyncio.ensure_future(timed(rpc))
     try:
-        # One turn of the loop: the call's first run writes its request on the step stream (a unary call starts
-        # a turn later, so there the jobs run first).
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the call writes its request on the step stream
         for job in jobs:
             job()
         return await call
@@ -121,7 +119,7 @@ class StepLoop:
         max_context: int,
         costs: CostModel,
         rpc_timeout_s: float = 60.0,
-        max_live: int = 32,
+        max_live: int = 64,
         max_queued: int = 256,
     ) -> None:
         self.tokenizer = tokenizer
@@ -324,11 +322,12 @@ class StepLoop:
         # Commit: each sequence takes its accepted path and bonus token, and finishes or streams them.
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
-            record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
-                                len(committed), timing)
-            s.stats.steps.append(record)
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
+            # The step's accepted tokens are those the request emits: none past max_new_tokens, a stop or EOS.
+            record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
+                                len(taken), timing)
+            s.stats.steps.append(record)
             if reason is not None:
                 s.finish(reason, taken, record, item.tree)
             elif not s.done:

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
+from cast_runtime.grpc_options import server_options
 from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
@@ -33,14 +34,6 @@ SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 # Batch buckets whose CUDA graphs (every tree-size and context bucket) are captured at start-up: 263 graphs in
 # 26 s for an 8B-shaped model on an H100; other buckets are captured on first use (that Verify says `cold`).
 WARM_BATCHES = (1, 2, 4, 8)
-SERVER_OPTIONS = [
-    # Let orchestrators keep idle channels alive with pings instead of being sent GOAWAY "too_many_pings".
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    # Long prompts in one Prefill can pass the 4 MiB default.
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
 
 
 @dataclass
@@ -58,7 +51,7 @@ def bind_address(host: str, port: int) -> str:
 
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     # Bind before the (slow) model load, so a taken port fails at once.
     port = server.add_insecure_port(bind_address(config.host, config.port))
     if port == 0:

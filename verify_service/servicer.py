@@ -59,6 +59,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             device=device_name(target.device),
             dtype=target.dtype_name,
             backend="torch",
+            max_sequences=verifier.sessions.max_sessions,
         )
 
     async def _in_worker(self, fn, *args):

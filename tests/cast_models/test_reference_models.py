@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,33 @@ def test_greedy_completion_looks_like_python(pair):
         d_next = draft(input_ids=out).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
     assert (t_next == out[0, ids.shape[1] :]).all()
     assert (t_next == d_next).float().mean() >= 0.5
+
+
+def test_the_configs_load_without_warnings_and_keep_llama31_frequencies():
+    """transformers 5 warned three times at every start that original_max_position_embeddings (8192) was not below
+    max_position_embeddings (2048). The configs now say Llama-3.1's rope with the original length and both frequency
+    factors divided by 8: the same frequencies, bit for bit (so the same logits), and no warning."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from cast_models.train_reference import LLAMA31_ROPE_SCALING, LLAMA31_ROPE_THETA
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    logger.addHandler(handler)
+    try:
+        configs = [AutoConfig.from_pretrained(REF / role) for role in ("target", "draft")]
+        AutoTokenizer.from_pretrained(REF / "target")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    for config in configs:
+        llama31 = copy.deepcopy(config)
+        llama31.rope_parameters = {**LLAMA31_ROPE_SCALING, "rope_theta": LLAMA31_ROPE_THETA}
+        ours, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](llama31, "cpu")
+        assert torch.equal(ours, theirs)
+        unscaled = 1.0 / LLAMA31_ROPE_THETA ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+        assert (ours < unscaled).any()  # the scaling is in effect: low frequencies divided by the factor

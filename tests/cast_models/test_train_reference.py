@@ -54,7 +54,10 @@ def test_toy_run_writes_loadable_pair(toy_run):
         assert cfg.tie_word_embeddings and cfg.rms_norm_eps == 1e-5
         rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
         assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
-        assert rope["original_max_position_embeddings"] == 8192
+        # Llama-3.1's wavelength thresholds (8192 and 2048 tokens), with the original length below the model's
+        assert rope["original_max_position_embeddings"] < cfg.max_position_embeddings
+        assert rope["original_max_position_embeddings"] / rope["low_freq_factor"] == 8192
+        assert rope["original_max_position_embeddings"] / rope["high_freq_factor"] == 2048
         assert (rope.get("rope_theta") or cfg.rope_theta) == 500000.0
         ids = tok("def f(x):", return_tensors="pt")["input_ids"]
         gen = model.float().generate(ids, max_new_tokens=3, do_sample=False)

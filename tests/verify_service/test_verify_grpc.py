@@ -224,6 +224,7 @@ async def test_describe(serve, tiny_pair):
     assert description.max_context == MAX_CONTEXT
     assert (description.device, description.dtype, description.backend) == ("cpu", "float64", "torch")
     assert description.model_name == "target"
+    assert description.max_sequences == 4  # the session cap (config_for's max_sessions): the orchestrator's limit
 
 
 async def test_health_is_serving_and_reflection_lists_the_service(tiny_pair):
