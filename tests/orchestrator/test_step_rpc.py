@@ -22,14 +22,13 @@ GREEDY = verify_pb2.SamplingParams()
 PROMPTS = {"x": [5, 17, 99, 3, 200], "y": [42, 7, 8, 300, 11, 12]}
 
 
-async def start_services(tiny_pair, model_thread: str = "worker"):
-    """(draft, verify): both services in this process, on free ports, their model calls on `model_thread`."""
+async def start_services(tiny_pair):
+    """(draft, verify): both services in this process, on free ports."""
     target, draft_dir = tiny_pair
     draft = await draft_server.start(DraftConfig(model=draft_dir, host="127.0.0.1", port=0, provider="cpu",
-                                                 profile=False, model_thread=model_thread))
+                                                 profile=False))
     verify = await verify_server.start(VerifyConfig(model=target, host="127.0.0.1", port=0, dtype="float64",
-                                                    device="cpu", max_context=256, profile=False,
-                                                    model_thread=model_thread))
+                                                    device="cpu", max_context=256, profile=False))
     return draft, verify
 
 
@@ -146,26 +145,3 @@ async def test_a_timed_out_or_cancelled_call_leaves_the_client_usable(services):
     assert committed == expected["y"][0][3]
     await draft.close()
     await verify.close()
-
-
-async def test_model_calls_on_the_event_loop_give_the_same_results_and_errors(services, tiny_pair):
-    """--model-thread loop: no worker thread, the same steps and the same statuses for bad requests."""
-    on_loop = await start_services(tiny_pair, "loop")
-    try:
-        assert on_loop[0].servicer.executor is None and on_loop[1].servicer.executor is None
-        results = {}
-        for name, running in (("worker", services), ("loop", on_loop)):
-            draft, verify = clients(running, "stream")
-            results[name] = [await decode(draft, verify, f"{sid}-{name}", prompt, steps=4)
-                             for sid, prompt in PROMPTS.items()]
-            code, details = await failure(verify.verify([VerifyItem("nobody", TokenTree.root_only(1), GREEDY)], 10))
-            assert code == grpc.StatusCode.NOT_FOUND and "nobody" in details
-            bad_budget = draft_pb2.ExpandBudget(top_k=0, max_depth=2, max_breadth=2)
-            code, details = await failure(draft.expand([DraftItem("d", PROMPTS["x"], 0)], bad_budget, timeout=10))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("budget.top_k:")
-            assert await draft.release([f"{sid}-{name}" for sid in PROMPTS]) == len(PROMPTS)
-            await draft.close()
-            await verify.close()
-        assert results["loop"] == results["worker"]
-    finally:
-        await stop_services(*on_loop)
