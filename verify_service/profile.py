@@ -38,7 +38,7 @@ GPU_GRID = ProfileGrid(
     repeats=5,
     warmup=2,
 )
-# `cast profile verify` on a CPU: fewer, cheaper cells, so the reference target takes about a minute.
+# `cast profile verify` on a CPU: fewer, cheaper cells.
 CPU_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4, 8, 16),
     context_buckets=(128, 512, 1024),
@@ -46,11 +46,11 @@ CPU_GRID = ProfileGrid(
     repeats=3,
     warmup=1,
 )
-# `--quick`: a few seconds anywhere.
+# `--quick`: a smoke test.
 QUICK_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4), context_buckets=(128,), token_counts=(1, 4, 16, 64), repeats=2, warmup=1
 )
-# At service start-up without a table: small, a few seconds on CPU for the tiny and reference models.
+# At service start-up without a table: small, so that start-up stays short.
 STARTUP_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4, 8), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
 )

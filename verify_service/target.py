@@ -158,23 +158,23 @@ class TargetModel:
             return
         # Rows in slot order: consecutive slots (a call's new sequences, usually) write to views of the buffers.
         rows.sort(key=lambda row: row[0].slot)
-        kvs = [kv for kv, _ in rows]
+        kvs, chains = [kv for kv, _ in rows], [ids for _, ids in rows]
         store = kvs[0].store
         lengths = np.array([kv.length for kv in kvs], dtype=np.int64)  # [B]
-        width = -(-max(len(ids) for _, ids in rows) // self.prefill_align) * self.prefill_align
+        width = -(-max(map(len, chains)) // self.prefill_align) * self.prefill_align
         width = min(width, store.context_capacity - int(lengths.max()))  # the padding's entries must fit too
-        ids = pad_rows([ids for _, ids in rows], fill=0, width=width)  # [B, N]; padding tokens: 0...
-        positions = lengths[:, None] + pad_rows([np.arange(len(ids)) for _, ids in rows], fill=0, width=width)  # ...at P_b
-        chains = [np.tril(np.ones((len(ids), len(ids)), dtype=bool)) for _, ids in rows]  # a chain's ancestors
-        store.begin_prefill(kvs, ids.shape[1])
+        tokens = pad_rows(chains, fill=0, width=width)  # [B, N]; padding tokens: 0...
+        positions = lengths[:, None] + pad_rows([np.arange(len(c)) for c in chains], fill=0, width=width)  # ...at P_b
+        ancestors = [np.tril(np.ones((len(c), len(c)), dtype=bool)) for c in chains]  # a chain's node sees those before
+        store.begin_prefill(kvs, tokens.shape[1])
         try:
-            visible = padded_visibility(chains, width=ids.shape[1])
+            visible = padded_visibility(ancestors, width=tokens.shape[1])
             mask = batch_attention_mask(lengths, store.write_at, visible, self.dtype, self.device)  # [B, 1, N, W0 + N]
-            self.forward(store, torch.from_numpy(ids).to(self.device), torch.from_numpy(positions).to(self.device),
+            self.forward(store, torch.from_numpy(tokens).to(self.device), torch.from_numpy(positions).to(self.device),
                          mask, last_only=True)
         finally:
             store.end_forward()
-        store.keep(kvs, [range(len(ids)) for _, ids in rows])
+        store.keep(kvs, [range(len(c)) for c in chains])
 
     def forward(self, cache, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
                 last_only: bool = False) -> torch.Tensor:

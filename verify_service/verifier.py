@@ -118,7 +118,7 @@ class Verifier:
         return accepted, time.perf_counter() - start
 
     def verify_noting_captures(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float, bool]:
-        """verify(), and whether the call captured a CUDA graph: a one-time cost (10-100x a step) that whoever
+        """verify(), and whether the call captured a CUDA graph: a one-time cost of many steps that whoever
         measures steps (the orchestrator's cost model and draft gate) must not take for a step's cost."""
         before = self.captures
         accepted, seconds = self.verify(items)
