@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,21 +71,33 @@ def kv_geometry(target: TargetModel) -> tuple[int, int, int]:
     return int(config.num_hidden_layers), kv_heads, head_dim
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def static_store(target: TargetModel, slots: int, max_tree_tokens: int) -> KVStore:
     """The KVStore for target: S = slots, C = max_context + max_tree_tokens, all buffers allocated now.
-    On CUDA it refuses (ValueError) a size that does not fit the free memory, naming the settings to lower."""
+    It refuses (ValueError) a size that does not fit the free memory, naming the settings to lower."""
     capacity = target.max_context + max_tree_tokens
     layers, kv_heads, head_dim = kv_geometry(target)
     element = torch.empty((), dtype=target.dtype).element_size()
     need = 2 * layers * slots * kv_heads * capacity * head_dim * element
-    if target.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(target.device)
-        if need > 0.9 * free:
-            raise ValueError(
-                f"the static KV layout needs {need / 2**30:.1f} GiB ({slots} slots x {capacity} columns = max_context "
-                f"{target.max_context} + max_tree_tokens {max_tree_tokens}) but {free / 2**30:.1f} GiB are free: lower "
-                f"--max-context or --max-batch"
-            )
+    free = free_memory(target.device)
+    if need > 0.9 * free:
+        raise ValueError(
+            f"the KV store needs {need / 2**30:.1f} GiB ({slots} slots x {capacity} columns = max_context "
+            f"{target.max_context} + max_tree_tokens {max_tree_tokens}) but {free / 2**30:.1f} GiB are free: lower "
+            f"--max-context or --max-batch"
+        )
     return KVStore(layers, slots, kv_heads, capacity, head_dim, target.dtype, target.device)
 
 

@@ -156,6 +156,16 @@ def test_verifier_matches_one_on_the_transformers_forward_step_for_step(target64
     assert len(static.sessions) == 0 and static.kv.owners == []
 
 
+def test_a_store_larger_than_the_free_memory_is_refused_naming_the_flags(target64: TargetModel, monkeypatch):
+    from verify_service import static_forward
+
+    store = static_store(target64, slots=4, max_tree_tokens=8)
+    monkeypatch.setattr(static_forward, "free_memory", lambda device: store.nbytes)  # 90% of it is too little
+    with pytest.raises(ValueError, match=r"KV store needs .* lower --max-context or --max-batch"):
+        Verifier(target64, max_batch=4, session_ttl_s=60, max_tree_tokens=8)
+    assert Verifier(target64, max_batch=2, session_ttl_s=60, max_tree_tokens=8).kv.slot_capacity == 2
+
+
 def test_limits(target64: TargetModel):
     now = [0.0]
     verifier = Verifier(target64, max_batch=2, session_ttl_s=10, clock=lambda: now[0], max_tree_tokens=4)
