@@ -1,20 +1,20 @@
-"""The verifier's tree forward over the KV store (kv_cache.py), in fixed shapes per bucket so that a CUDA graph can
-replay it.
+"""The verifier's tree forward over the KV store (kv_cache.py); on CUDA in fixed shapes per bucket, so that a CUDA
+graph can replay it.
 
-- Rows are slots: row r of the forward is slot r of the store, for r < B_bucket, the smallest batch bucket holding
-  every slot of the batch. A slot in those rows that is not in the batch (another live sequence, or no sequence)
-  is a dummy row: token 0 at position 0, seeing only itself; its output is ignored.
-- Every row writes its N_bucket new entries at the scratch columns [W, W + N_bucket) and attends to
-  [0, W + N_bucket): W is the context bucket at or above every length in those rows, so no row overwrites a
-  committed entry, and KVStore.keep moves the accepted ones from W + node to P_b + j. (W = max_context would make
-  every step attend to the whole context limit: at a long limit that is most of the step.)
+- Rows are slots: row r of the forward is slot r of the store, for r < B, B = the highest slot of the batch + 1
+  (on CUDA: the smallest batch bucket at or above it). A slot in those rows that is not in the batch (another
+  live sequence, or no sequence) is a dummy row: token 0 at position 0, seeing only itself; its output is ignored.
+- Every row writes its N new entries (the largest tree's size; on CUDA its token bucket) at the scratch columns
+  [W, W + N) and attends to [0, W + N): W is the longest length in those rows (on CUDA the context bucket at or
+  above it), so no row overwrites a committed entry, and KVStore.keep moves the accepted ones from W + node to
+  P_b + j. (W = max_context would make every step attend to the whole context limit.)
 - Row b's node i sees the columns [0, P_b) and its ancestors in the scratch region (static_mask).
 
-So one (B_bucket, N_bucket, W) key has one set of shapes and one set of Python-level constants (the KV slices);
-on CUDA each key used is captured once as a torch.cuda.CUDAGraph (all sharing one memory pool) and replayed:
-copy the inputs into static device buffers, replay, read the logits from a static output buffer. The inputs go as
-one byte buffer (ids, positions, prefix lengths, ancestor masks) in one host-to-device copy; the mask is built
-inside the graph. On the CPU (or for a key whose capture failed) the same code runs eagerly.
+So on CUDA one (B, N, W) key has one set of shapes and one set of Python-level constants (the KV slices); each key
+used is captured once as a torch.cuda.CUDAGraph (all sharing one memory pool) and replayed: copy the inputs into
+static device buffers, replay, read the logits from a static output buffer. The inputs go as one byte buffer (ids,
+positions, prefix lengths, ancestor masks) in one host-to-device copy; the mask is built inside the graph. On the
+CPU the same code runs eagerly, in the batch's own sizes: with no graph to replay, rounding up would only add work.
 
 Graph memory: the pool is shared, so captured graphs cost about the largest one's activations, not their sum;
 the logits of all keys live in one flat buffer of S * T * V elements (each key's [B, N, V] is a prefix of it).
@@ -127,6 +127,8 @@ class StaticForward:
         self.token_buckets = buckets(TOKEN_BUCKETS, max_tree_tokens)
         self.context_buckets = context_buckets(target.max_context)
         self.use_graphs = target.device.type == "cuda"
+        # Sizes rounded up to the buckets: the fixed shapes a graph replays (tests set it on the CPU, to run them).
+        self.bucketed = self.use_graphs
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
         self.capture_failures = 0
         self.captures = 0  # capture attempts: each is a one-time cost in the step that makes it
@@ -148,12 +150,14 @@ class StaticForward:
         model's device. The new entries wait past every sequence's length for KVStore.keep; lengths do not change
         here. With graphs the tensors are views of the static output: read them before the next forward."""
         assert all(kv.store is self.store for kv in kvs)
-        rows = bucket_for(max(kv.slot for kv in kvs) + 1, self.batch_buckets)
-        n = max(len(t) for t in trees)
+        rows, n = max(kv.slot for kv in kvs) + 1, max(len(t) for t in trees)
         if n > self.max_tree_tokens:  # the verifier refuses these first, naming the request field
             raise ValueError(f"a tree of {n} nodes exceeds max_tree_tokens {self.max_tree_tokens}")
-        n = bucket_for(n, self.token_buckets)
-        write_at = bucket_for(max(kv.length for kv in self.store.owners[:rows]), self.context_buckets)
+        if self.bucketed:
+            rows, n = bucket_for(rows, self.batch_buckets), bucket_for(n, self.token_buckets)
+        write_at = max(kv.length for kv in self.store.owners[:rows])
+        if self.bucketed:
+            write_at = bucket_for(write_at, self.context_buckets)
         self._stage(kvs, trees, rows, n)
         self.store.begin_verify(kvs, rows, write_at)
         try:

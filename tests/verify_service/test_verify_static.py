@@ -1,7 +1,8 @@
-"""The verifier's tree forward (static_forward.py: bucketed shapes over the KV store) computes the target's own
-logits (float64, 1e-9) for ragged batches and subsets of non-consecutive slots, and commits the target's own tokens
-as sequences join and leave. On the CPU it runs without capture: exactly the code a CUDA graph captures, minus the
-capture; the capture bookkeeping is checked with a stand-in for torch.cuda's graph API."""
+"""The verifier's tree forward (static_forward.py) computes the target's own logits (float64, 1e-9) for ragged
+batches and subsets of non-consecutive slots, in the batch's own shapes (the CPU's) and in CUDA's bucketed ones, and
+commits the target's own tokens as sequences join and leave. On the CPU it runs without capture: exactly the code a
+CUDA graph captures, minus the capture; the capture bookkeeping is checked with a stand-in for torch.cuda's graph
+API."""
 
 from __future__ import annotations
 
@@ -61,15 +62,19 @@ def full_forward_logits(oracle: TargetModel, prefix: list[int], tree: TokenTree)
         return torch.stack([oracle.model(torch.tensor([seq])).logits[0, -1] for seq in sequences])
 
 
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact", "bucketed"])
 @pytest.mark.parametrize("batch", ["all", "shuffled", "subset"])
-def test_tree_logits_equal_full_forwards_of_every_path(target64: TargetModel, oracle64: TargetModel, batch: str):
+def test_tree_logits_equal_full_forwards_of_every_path(target64: TargetModel, oracle64: TargetModel, batch: str,
+                                                       bucketed: bool):
     """Ragged contexts (one past the first context bucket) and ragged trees (across token buckets); `subset`: slots
-    {0, 2, 5} in request order 5, 0, 2, so rows 0..7 run with slots 1, 3, 4 (the longest context) as dummy rows."""
+    {0, 2, 5} in request order 5, 0, 2, so rows 0..5 (0..7 bucketed) run with slots 1, 3, 4 (the longest context) as
+    dummy rows. Bucketed: the shapes CUDA graphs replay, run eagerly."""
     rng = np.random.default_rng(21)
     contexts = (0, 1, 5, 13, 90, 2)
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in contexts]
     store = static_store(target64, slots=8, max_tree_tokens=48)
     forward = StaticForward(target64, store, max_tree_tokens=48)  # no CUDA here: runs eagerly
+    forward.bucketed = bucketed
     kvs = [store.allocate() for _ in prefixes]
     target64.prefill(kvs, prefixes)
     trees = [random_tree(rng, int(rng.integers(target64.vocab_size)), target64.vocab_size, extra)
@@ -99,10 +104,12 @@ def assert_same_kv(fused: Verifier, oracle: Verifier, sequence_ids) -> None:
 def test_verifier_matches_one_on_the_transformers_forward_step_for_step(target64: TargetModel, oracle64: TargetModel):
     """Two verifiers, the service's (fused forward) and one on transformers' forward, fed the same calls: ragged
     sequences join (batched prefills) and leave (release moves slots), some steps verify a subset (non-consecutive
-    slots, dummy rows), greedy and seeded sampling mixed. Same results every step, the greedy ones are the target's
-    own output, and the committed KV is the same."""
+    slots, dummy rows), greedy and seeded sampling mixed. The service's verifier runs CUDA's bucketed shapes, the
+    other the batch's own. Same results every step, the greedy ones are the target's own output, and the committed
+    KV is the same."""
     rng = np.random.default_rng(22)
     static = Verifier(target64, max_batch=8, session_ttl_s=60, max_tree_tokens=32)
+    static.static.bucketed = True  # as on CUDA, without the graphs
     eager = Verifier(oracle64, max_batch=8, session_ttl_s=60, max_tree_tokens=32)
     lengths = (1, 3, 70, 2, 25, 6, 1, 17)
     prompts = [rng.integers(1, target64.vocab_size, n).tolist() for n in lengths]
@@ -259,7 +266,7 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
     rng = np.random.default_rng(23)
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in (3, 70, 5)]
     forward = StaticForward(target64, static_store(target64, slots=8, max_tree_tokens=32), max_tree_tokens=32)
-    forward.use_graphs, forward.pool = True, "pool"  # as on CUDA
+    forward.use_graphs, forward.bucketed, forward.pool = True, True, "pool"  # as on CUDA
     eager = StaticForward(target64, static_store(target64, slots=8, max_tree_tokens=32), max_tree_tokens=32)
     skvs, ekvs = [forward.store.allocate() for _ in prefixes], [eager.store.allocate() for _ in prefixes]
     target64.prefill(skvs, prefixes)
@@ -288,7 +295,7 @@ def test_a_verify_that_captures_a_graph_says_so(target64: TargetModel, stand_in_
     """The orchestrator must not take a capture (10-100x a step on a GPU) for a step's cost: Verify says when it
     made one, which is the first time a (batch, tree tokens, context) bucket comes up."""
     verifier = Verifier(target64, max_batch=4, session_ttl_s=60, max_tree_tokens=16)
-    verifier.static.use_graphs, verifier.static.pool = True, "pool"  # as on CUDA
+    verifier.static.use_graphs, verifier.static.bucketed, verifier.static.pool = True, True, "pool"  # as on CUDA
     verifier.prefill([PrefillItem("a", [1, 2, 3])])
 
     def step(extra_nodes: int) -> bool:
