@@ -93,7 +93,7 @@ def test_kv_after_compaction_equals_a_fresh_prefill(target64: TargetModel):
 
 @pytest.mark.parametrize(
     "forward, dtype, tol",
-    [("fused", "float64", 1e-9), ("fused", "float32", 1e-4), ("sdpa", "float64", 1e-9), ("eager", "float64", 1e-5), ("sdpa", "float32", 1e-4),
+    [("fused", "float32", 1e-4), ("sdpa", "float64", 1e-9), ("eager", "float64", 1e-5), ("sdpa", "float32", 1e-4),
      ("eager", "float32", 1e-4)],
 )
 def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, forward: str, dtype: str, tol: float):

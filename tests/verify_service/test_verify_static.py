@@ -50,16 +50,31 @@ def test_static_mask_sees_the_prefix_and_the_visible_scratch_columns():
     assert (mask[~(mask == 0)] == torch.finfo(torch.float64).min).all()
 
 
+ORACLE: dict[tuple, torch.Tensor] = {}  # the parametrised cases share their trees: one oracle run each
+
+
 def full_forward_logits(oracle: TargetModel, prefix: list[int], tree: TokenTree) -> torch.Tensor:
-    """[N, V]: node i's logits from transformers' forward over prefix + the root-to-node path, without a cache."""
-    sequences = []
-    for i in range(len(tree)):
-        path = [i]
-        while tree.parents[path[-1]] >= 0:
-            path.append(int(tree.parents[path[-1]]))
-        sequences.append(prefix + [int(tree.tokens[j]) for j in reversed(path)])
-    with torch.no_grad():
-        return torch.stack([oracle.model(torch.tensor([seq])).logits[0, -1] for seq in sequences])
+    """[N, V]: node i's logits from transformers' forward over prefix + the root-to-node path, without a cache: one
+    forward over every leaf's path (right-padded: a causal model's real positions never see the padding), which
+    gives the logits of every node on it."""
+    key = (tuple(prefix), tuple(tree.tokens.tolist()), tuple(tree.parents.tolist()))
+    if key not in ORACLE:
+        paths = []
+        for leaf in sorted(set(range(len(tree))) - set(tree.parents.tolist())):
+            path = [leaf]
+            while tree.parents[path[-1]] >= 0:
+                path.append(int(tree.parents[path[-1]]))
+            paths.append(path[::-1])
+        ids = torch.zeros(len(paths), len(prefix) + max(map(len, paths)), dtype=torch.long)
+        for row, path in enumerate(paths):
+            ids[row, : len(prefix) + len(path)] = torch.tensor(prefix + [int(tree.tokens[j]) for j in path])
+        with torch.no_grad():
+            out = oracle.model(ids).logits  # [leaves, T, V]
+        logits = torch.empty(len(tree), oracle.vocab_size, dtype=oracle.dtype)
+        for row, path in enumerate(paths):
+            logits[path] = out[row, len(prefix) : len(prefix) + len(path)]
+        ORACLE[key] = logits
+    return ORACLE[key]
 
 
 @pytest.mark.parametrize("bucketed", [False, True], ids=["exact", "bucketed"])
