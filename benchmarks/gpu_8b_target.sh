@@ -7,9 +7,7 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
-# worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
-# orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
 # orchestrator and both services (OUT/pyspy_*.txt, benchmarks/pyspy_summary.py reads them) through a `cast` level
@@ -20,7 +18,7 @@ OUT=${1:-gpu-8b-target}
 mkdir -p "$OUT"
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
 STAGES=${STAGES:-widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines}
-FORWARDS=${FORWARDS:-compiled,transformers}  # the verifier forwards step_profile compares
+FORWARDS=${FORWARDS:-service,transformers}  # the verifier forwards benchmarks.verify_step compares
 SHAPE=${SHAPE:-8b}
 WIDE=${WIDE:-/tmp/wide-$SHAPE}
 REF_TARGET=models/reference/target
@@ -33,7 +31,7 @@ stage() { echo; echo "== $1 ($(date -u +%T))"; }
 # STACK); returns once they are ready or the stack died.
 start_wide_stack() {
     local log=$1; shift
-    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    export CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
     $CAST up --target "$WIDE" --draft $DRAFT "$@" > "$log" 2>&1 &
     STACK=$!
     for _ in $(seq 1 600); do grep -q '^ready' "$log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
@@ -72,14 +70,14 @@ fi
 
 if has verify_ref; then
     stage "verifier step, reference target (in-process)"
-    python3 -m verify_service.step_profile --model $REF_TARGET --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --forwards $FORWARDS --graphs on,static,off --out "$OUT/verify_step_ref.json"
+    python3 -m benchmarks.verify_step --model $REF_TARGET --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
+        --context 256 --forwards $FORWARDS --out "$OUT/verify_step_ref.json"
 fi
 
 if has verify_wide; then
     stage "verifier step, $SHAPE-shaped target (in-process)"
-    python3 -m verify_service.step_profile --model "$WIDE" --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --forwards $FORWARDS --graphs ${GRAPH_MODES:-on,static,off} --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
+    python3 -m benchmarks.verify_step --model "$WIDE" --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
+        --context 256 --forwards $FORWARDS --out "$OUT/verify_step_$SHAPE.json" --torch-profile "$OUT/verify_torch_profile_$SHAPE.txt"
 fi
 
 if has draft_step; then
@@ -149,28 +147,6 @@ if has bench_awake; then
     kill $STACK; wait $STACK 2>/dev/null
 fi
 
-if has bench_threads; then
-    stage "cast bench on the $SHAPE-shaped target, model calls on a worker thread and on the event loop"
-    python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
-    STACKS=
-    port=50051
-    for thread in worker loop; do
-        CAST_VERIFY_MODEL_THREAD=$thread CAST_DRAFT_MODEL_THREAD=$thread start_wide_stack "$OUT/stack_$thread.log" \
-            --port $port --draft-port $((port + 1)) --verify-port $((port + 2))
-        STACKS="$STACKS $STACK"
-        port=$((port + 10))
-    done
-    for round in $(seq 1 ${THREAD_ROUNDS:-2}); do
-        port=50051
-        for thread in worker loop; do
-            echo "-- round $round, model calls on the $thread"
-            bench_levels 127.0.0.1:$port "$OUT/bench_${thread}_r$round" "$SHAPE-shaped target, model calls on the $thread"
-            port=$((port + 10))
-        done
-    done
-    kill $STACKS $SPIN; wait $STACKS $SPIN 2>/dev/null
-fi
-
 if has bench_ab; then
     stage "cast bench on the $SHAPE-shaped target: $BASE_TREE and this tree in turn, CPUs idle and kept awake"
     # BASE_TREE: another checkout (git archive of an earlier commit) with models/ beside its code, as here.
@@ -223,7 +199,7 @@ fi
 
 if has orch_profile; then
     stage "the orchestrator under cProfile through ${PROFILE_POLICY:-cast} at batch 1, CPUs kept awake"
-    export CAST_VERIFY_CUDA_GRAPHS=${CAST_VERIFY_CUDA_GRAPHS:-auto} CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
+    export CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
     python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
     python3 -m draft_service.server --model $DRAFT --host 127.0.0.1 --port 50072 > "$OUT/profile_draft.log" 2>&1 &
     D=$!

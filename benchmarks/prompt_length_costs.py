@@ -50,8 +50,7 @@ def draft_commits(draft: str, rng: np.random.Generator) -> list[list[float]]:
 
 def verify_prefills(target: str, rng: np.random.Generator) -> list[list[float]]:
     model = TargetModel.load(target, dtype="bfloat16", device="cuda", max_context=2048)
-    verifier = Verifier(model, max_sessions=8, session_ttl_s=1e9, static_slots=32, max_tree_tokens=128,
-                        cuda_graphs=True)
+    verifier = Verifier(model, max_batch=32, session_ttl_s=1e9, max_tree_tokens=128)
     verifier.warm_up()
     passes = []
     for p in range(2):

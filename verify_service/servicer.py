@@ -1,8 +1,7 @@
 """gRPC servicer: translates protos to the domain (verifier.py) and back; nothing else.
 
 All domain calls run on one worker thread: model work stays off the event loop, and the Verifier, which is not
-thread-safe, is only ever touched by that thread. With --model-thread loop they run on the event loop instead
-(executor None): one thread still, and a step saves the two hand-offs.
+thread-safe, is only ever touched by that thread.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor | None) -> None:
+    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
         self.verifier = verifier
         self.executor = executor
         target = verifier.target
@@ -63,8 +62,6 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         )
 
     async def _in_worker(self, fn, *args):
-        if self.executor is None:  # --model-thread loop: no hand-off, the loop waits for the model
-            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     @abort_on_domain_error
@@ -125,5 +122,4 @@ async def expire_sessions_until_stopped(server: grpc.aio.Server, servicer: Verif
         while await server.wait_for_termination(timeout=interval_s):
             await servicer.expire_idle_sessions()
     finally:
-        if servicer.executor is not None:
-            servicer.executor.shutdown(wait=False)
+        servicer.executor.shutdown(wait=False)

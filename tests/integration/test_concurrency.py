@@ -60,7 +60,7 @@ async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
 async def test_more_requests_than_the_verifier_has_slots_wait_and_all_complete(tiny_pair, onnx_cache_dir):
     """A verify service that holds 2 sequences, 6 concurrent requests: the orchestrator takes the limit from Describe
     and queues the rest (a Prefill past the limit would fail), and every output equals its solo run."""
-    draft, verify = await start_services(tiny_pair, max_sessions=2)
+    draft, verify = await start_services(tiny_pair, max_batch=2)
     config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft_addrs=[f"127.0.0.1:{draft.port}"],
                                 verify_addrs=[f"127.0.0.1:{verify.port}"], port=0)
     server, port = await start_server(config)

@@ -227,7 +227,7 @@ def test_the_harness_rejects_a_planted_bug(tiny_pair, hf_target, monkeypatch):
     model, tokenizer = hf_target
     setting = SETTINGS[1]
     prompt_ids = tokenizer.encode(setting.prompt, add_special_tokens=False)
-    verifier = Verifier(TargetModel.load(tiny_pair[0], dtype="float64", device="cpu"), max_sessions=4, session_ttl_s=60)
+    verifier = Verifier(TargetModel.load(tiny_pair[0], dtype="float64", device="cpu"), max_batch=4, session_ttl_s=60)
     params = SamplingParams(setting.temperature, setting.top_p, setting.top_k)
     tree = top_k_tree(model, prompt_ids, k=4, depth=2)
     seeds = range(SAMPLES // 2)  # plenty: the bug is gross, and the real rule must pass on the same seeds

@@ -22,7 +22,7 @@ MAX_CONTEXT = 64
 def config_for(tiny_pair, **overrides) -> VerifyConfig:
     settings = dict(
         model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu", max_context=MAX_CONTEXT,
-        max_sessions=4, warmup=True,
+        max_batch=4,
     )
     return VerifyConfig(**(settings | overrides))
 
@@ -150,7 +150,7 @@ async def test_bad_verify_on_the_stream_gets_its_status_and_the_stream_goes_on(s
 
 
 async def test_session_cap_is_resource_exhausted(serve):
-    stub = await serve(max_sessions=2)
+    stub = await serve(max_batch=2)
     await stub.Prefill(prefill("a", [1]))
     await stub.Prefill(prefill("b", [1]))
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -203,7 +203,7 @@ async def test_release_frees_the_session(serve):
 
 
 async def test_idle_sessions_expire(serve):
-    stub = await serve(session_ttl_s=0.3, expire_interval_s=0.05)
+    stub = await serve(session_ttl_s=0.3)
     await stub.Prefill(prefill("idle", PROMPT))
     await stub.Prefill(prefill("busy", PROMPT))
     pending = 7

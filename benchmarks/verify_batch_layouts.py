@@ -1,11 +1,10 @@
-"""Time one Verify forward: looped (one forward per sequence) vs padded (one batched forward, the service's path) vs
-packed (all trees in one row, block-diagonal mask over the concatenated prefixes).
+"""Time one Verify forward in three batch layouts: looped (one forward per sequence) vs padded (one batched forward
+over the slots, the service's) vs packed (all trees in one row, block-diagonal mask over the concatenated prefixes).
 
-    python -m verify_service.bench_batch [--model models/reference/target] [--context 256] [--repeats 15]
+    python -m benchmarks.verify_batch_layouts [--model models/reference/target] [--context 256] [--repeats 15]
 
 Packed is timed without, then with, the gather that builds its one-row prefix (the concatenation of every
-sequence's KV, which a packed layout needs whenever the batch changes). Interleaved repeats, medians; results in
-README.md.
+sequence's KV, which a packed layout needs whenever the batch changes). Interleaved repeats, medians.
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import KVStore, SequenceKV, SlotLayer
+from verify_service.kv_cache import KVStore, SequenceKV
 from verify_service.profile import profile_tree
-from verify_service.target import TargetModel, batch_attention_mask
+from verify_service.static_forward import StaticForward, static_store
+from verify_service.target import TargetModel
 
 
 def ragged_tree(rng: np.random.Generator, n: int, vocab_size: int) -> TokenTree:
@@ -29,18 +29,15 @@ def ragged_tree(rng: np.random.Generator, n: int, vocab_size: int) -> TokenTree:
 
 def pack_prefixes(kvs: list[SequenceKV], capacity: int) -> SequenceKV:
     """A one-slot store holding the committed entries of kvs back to back: the gather a packed layout needs."""
-    row = KVStore(slots=1, capacity=capacity).allocate()
-    for layer in kvs[0].store.layers:
-        packed = SlotLayer()
-        packed.keys = layer.keys.new_zeros(1, layer.keys.shape[1], capacity, layer.keys.shape[3])
-        packed.values = torch.zeros_like(packed.keys)
-        at = 0
-        for kv in kvs:
-            packed.keys[0, :, at : at + kv.length] = layer.keys[kv.slot, :, : kv.length]
-            packed.values[0, :, at : at + kv.length] = layer.values[kv.slot, :, : kv.length]
-            at += kv.length
-        row.store.layers.append(packed)
-    row.length = sum(kv.length for kv in kvs)
+    source = kvs[0].store.keys_all  # [L, S, H_kv, C, D]
+    layers, _, kv_heads, _, head_dim = source.shape
+    row = KVStore(layers, 1, kv_heads, capacity, head_dim, source.dtype, source.device).allocate()
+    at = 0
+    for kv in kvs:
+        row.store.keys_all[:, 0, :, at : at + kv.length] = kv.store.keys_all[:, kv.slot, :, : kv.length]
+        row.store.values_all[:, 0, :, at : at + kv.length] = kv.store.values_all[:, kv.slot, :, : kv.length]
+        at += kv.length
+    row.length = at
     return row
 
 
@@ -61,10 +58,10 @@ def packed_forward(target: TargetModel, row: SequenceKV, lengths: list[int], tre
         at += len(tree)
     mask = torch.zeros(visible.shape, dtype=target.dtype).masked_fill_(~torch.from_numpy(visible), torch.finfo(target.dtype).min)
     store = row.store
-    store.begin_forward([row], total_n)
+    store.begin_prefill([row], total_n)  # new entries at sum P: one row, as a prefill writes
     try:
-        return target._forward(store, torch.from_numpy(np.concatenate(ids))[None],
-                               torch.from_numpy(np.concatenate(positions))[None], mask[:, None])
+        return target.forward(store, torch.from_numpy(np.concatenate(ids))[None],
+                              torch.from_numpy(np.concatenate(positions))[None], mask[:, None])
     finally:
         store.end_forward()
 
@@ -101,15 +98,21 @@ def main() -> None:
             lengths = [int(rng.integers(args.context // 4, args.context + 1)) if args.ragged else args.context
                        for _ in range(batch)]
             sizes = [int(rng.integers(1, n + 1)) if args.ragged else n for _ in range(batch)]
-            store = KVStore(slots=batch, capacity=max(lengths) + n)
+            store = static_store(target, batch, n)
+            forward = StaticForward(target, store, n)
             kvs = [store.allocate() for _ in range(batch)]
             prompts = [rng.integers(0, target.vocab_size, p).tolist() for p in lengths]
             target.prefill(kvs, prompts)
             trees = [ragged_tree(rng, s, target.vocab_size) for s in sizes]
             row = pack_prefixes(kvs, sum(lengths) + sum(sizes))
+            alone = []  # looped: each sequence in a one-slot store of its own, so no forward has dummy rows
+            for prompt in prompts:
+                own = StaticForward(target, static_store(target, 1, n), n)
+                alone.append((own, own.store.allocate()))
+                target.prefill([alone[-1][1]], [prompt])
             runs = {
-                "looped": lambda: [target.tree_logits([kv], [t]) for kv, t in zip(kvs, trees)],
-                "padded": lambda: target.tree_logits(kvs, trees),
+                "looped": lambda: [own.tree_logits([kv], [t]) for (own, kv), t in zip(alone, trees)],
+                "padded": lambda: forward.tree_logits(kvs, trees),
                 "packed": lambda: packed_forward(target, row, lengths, trees),
                 "packed+gather": lambda: packed_forward(target, pack_prefixes(kvs, row.store.context_capacity),
                                                         lengths, trees),

@@ -1,19 +1,19 @@
-"""Time one Verify step in process, with and without the static layout and CUDA graphs (issue 7).
+"""Time one Verify step in process: the service's forward, and optionally transformers' own on the same weights.
 
-    python -m verify_service.step_profile --model DIR --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
-        --context 256 --forwards compiled,transformers --graphs on,off --out step.json [--torch-profile step.txt]
+    python -m benchmarks.verify_step --model DIR --batch 1,8 --tokens 1,8,16,32,64 --dtype bfloat16 \
+        --context 256 --forwards service,transformers --out step.json [--torch-profile step.txt]
 
-For each forward (--forwards: `transformers`' own, our `fused` Llama forward, the same with `compiled` elementwise
-kernels; all on the one loaded model, whose weights the fused forward shares) and each mode (--graphs: `on` = static layout + CUDA graphs where the device is CUDA, `static` = static layout
-run eagerly, `off` = the growing store and the eager padded forward), each batch size B and each tree size n:
-B sequences are prefilled with `context` random tokens, then Verifier.verify runs on a tree of n nodes per
-sequence (a binary tree, or a chain with --shape chain), `warmup` times (CUDA graphs are captured there), then
-`repeats` timed times. After every step each sequence is rewound to its prefilled state, so every repeat runs on
-the same context and the same shapes. Timings are bracketed by torch.cuda.synchronize() on CUDA. `verify_ms`: the
-whole step (forward, target tokens, acceptance, KV compaction); `forward_ms`: the tree forward alone.
+For each forward (--forwards: `service`, what the verify service runs: our fused Llama forward where it applies,
+its kernels compiled on CUDA, else transformers'; `transformers`, transformers' own forward, the tests' oracle),
+each batch size B and each tree size n: B sequences are prefilled with `context` random tokens, then
+Verifier.verify runs on a tree of n nodes per sequence (a binary tree, or a chain with --shape chain), `warmup`
+times (CUDA graphs are captured there), then `repeats` timed times. After every step each sequence is rewound to
+its prefilled state, so every repeat runs on the same context and the same shapes. Timings are bracketed by
+torch.cuda.synchronize() on CUDA. `verify_ms`: the whole step (forward, target tokens, acceptance, KV
+compaction); `forward_ms`: the tree forward alone.
 
 --torch-profile FILE writes torch.profiler tables (top 30 by self CUDA time and by self CPU time) of 10 steps at
-the smallest batch and the tree size nearest 32, per mode: where a step's time goes.
+the smallest batch and the tree size nearest 32, per forward: where a step's time goes.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from cast_core.tree import TokenTree
-from verify_service.fused_llama import EAGER, FORWARDS
 from verify_service.target import TargetModel, device_name
 from verify_service.verifier import PrefillItem, Session, Verifier, VerifyItem
 
-MODES = ("on", "static", "off")
+FORWARDS = ("service", "transformers")
 DEFAULT_MAX_CONTEXT = 2048
 
 
@@ -47,28 +46,6 @@ def tree_of(root: int, n: int, shape: str, rng: np.random.Generator, vocab_size:
     return TokenTree.from_lists(tokens, parents, depths, [1.0] * n)
 
 
-def load_for(args: argparse.Namespace) -> TargetModel:
-    """The target, loaded with the most fused of the forwards asked for (the others are switched to from it)."""
-    forward = next((f for f in ("compiled", "fused") if f in args.forwards), "transformers")
-    return TargetModel.load(args.model, dtype=args.dtype, device=args.device, forward=forward,
-                            attn_implementation=args.attn_implementation, max_context=args.max_context)
-
-
-def use_forward(target: TargetModel, fused, compiled_kernels, forward: str) -> str:
-    """Switch target to `forward`; returns what runs (`compiled` falls back to `fused` where compiling failed)."""
-    target.fused = None if forward == "transformers" else fused
-    if fused is not None:
-        fused.kernels = compiled_kernels if forward == "compiled" else EAGER
-    if forward == "compiled" and compiled_kernels is EAGER:
-        return "fused"
-    return forward
-
-
-def make_verifier(target: TargetModel, mode: str, slots: int, max_tree_tokens: int) -> Verifier:
-    if mode == "off":
-        return Verifier(target, max_sessions=slots, session_ttl_s=3600)
-    return Verifier(target, max_sessions=slots, session_ttl_s=3600, static_slots=slots,
-                    max_tree_tokens=max_tree_tokens, cuda_graphs=mode == "on")
 
 
 def sync(device: torch.device) -> None:
@@ -92,8 +69,7 @@ class Case:
             session.kv.length, session.pending = length, root  # what keep() moved there is simply overwritten
 
     def forward(self) -> None:
-        forward = self.verifier.static or self.verifier.target
-        forward.tree_logits([s.kv for s in self.sessions], [item.tree for item in self.items])
+        self.verifier.static.tree_logits([s.kv for s in self.sessions], [item.tree for item in self.items])
 
 
 def timed(fn, repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -133,14 +109,14 @@ def torch_profile_table(case: Case, device: torch.device, steps: int = 10) -> st
 
 
 def fixed_case_logits(verifier: Verifier, args: argparse.Namespace, n: int) -> torch.Tensor:
-    """Logits [n, V] (float32, host) of one fixed tree over one fixed context, the same in every mode: what the
-    modes' agreement is measured on."""
+    """Logits [n, V] (float32, host) of one fixed tree over one fixed context, the same for every forward: what
+    their agreement is measured on."""
     vocab_size = verifier.target.vocab_size
     rng = np.random.default_rng(args.seed + 1)
     verifier.prefill([PrefillItem("check", rng.integers(0, vocab_size, args.context + 1).tolist())])
     session = verifier.sessions.get("check")
     tree = tree_of(session.pending, n, args.shape, rng, vocab_size)
-    logits = (verifier.static or verifier.target).tree_logits([session.kv], [tree])[0].float().cpu()
+    logits = verifier.static.tree_logits([session.kv], [tree])[0].float().cpu()
     verifier.release(["check"])
     return logits
 
@@ -150,12 +126,12 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
             "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
 
 
-def profile_mode(target: TargetModel, mode: str, graphs: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
+def profile_mode(target: TargetModel, mode: str, args: argparse.Namespace, rng: np.random.Generator, slots: int,
                  max_tree_tokens: int, profile_tokens: int) -> tuple[list[dict], dict, list[str], torch.Tensor]:
-    """Every (batch, tokens) cell of one mode: (result rows, the layout's summary, torch.profiler tables, the
+    """Every (batch, tokens) cell of one forward: (result rows, the verifier's summary, torch.profiler tables, the
     fixed case's logits)."""
     device = target.device
-    verifier = make_verifier(target, graphs, slots, max_tree_tokens)
+    verifier = Verifier(target, max_batch=slots, session_ttl_s=3600, max_tree_tokens=max_tree_tokens)
     logits = fixed_case_logits(verifier, args, profile_tokens)
     rows, tables = [], []
     for batch in args.batch:
@@ -179,15 +155,14 @@ def profile_mode(target: TargetModel, mode: str, graphs: str, args: argparse.Nam
                               + torch_profile_table(case, device))
         verifier.release(ids)
     static = verifier.static
-    layout = {"layout": "dynamic" if static is None else static.describe(),
-              "graphs": 0 if static is None else sum(g is not None for g in static.graphs.values()),
-              "capture_failures": 0 if static is None else static.capture_failures}
+    layout = {"layout": static.describe(), "graphs": sum(g is not None for g in static.graphs.values()),
+              "capture_failures": static.capture_failures}
     return rows, layout, tables, logits
 
 
 def run(args: argparse.Namespace) -> dict:
-    target = load_for(args)
-    fused, compiled_kernels = target.fused, target.fused.kernels if target.fused else EAGER
+    target = TargetModel.load(args.model, dtype=args.dtype, device=args.device, max_context=args.max_context)
+    fused = target.fused  # None where the fused forward does not apply: then both forwards are transformers'
     if args.max_context is None:  # the model's limit can be far too many KV columns for a static layout
         target.max_context = min(target.max_context, DEFAULT_MAX_CONTEXT)
     if args.context + max(args.tokens) + 1 > target.max_context:
@@ -198,24 +173,23 @@ def run(args: argparse.Namespace) -> dict:
     max_tree_tokens = max(args.max_tree_tokens, max(args.tokens))
     profile_tokens = min(args.tokens, key=lambda n: abs(n - 32))
     results, modes, profiles, reference = [], {}, [], None
-    for forward in args.forwards:
-        runs = use_forward(target, fused, compiled_kernels, forward)
-        for graphs in args.graphs:
-            mode = f"{runs}+{graphs}"
-            rows, modes[mode], tables, logits = profile_mode(target, mode, graphs, args, rng, slots,
-                                                             max_tree_tokens, profile_tokens)
-            # Every mode against the first one, on the same tree and context (bfloat16 kernels round differently).
-            reference = logits if reference is None else reference
-            modes[mode]["agreement_with_first_mode"] = agreement(logits, reference)
-            print(f"{mode}: logits vs the first mode {modes[mode]['agreement_with_first_mode']}", flush=True)
-            results += rows
-            profiles += tables
-            gc.collect()  # the mode's store, graphs and pool go before the next mode allocates its own
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for mode in args.forwards:
+        target.fused = fused if mode == "service" else None  # the fused forward shares the model's weights
+        rows, modes[mode], tables, logits = profile_mode(target, mode, args, rng, slots, max_tree_tokens,
+                                                         profile_tokens)
+        # Every forward against the first one, on the same tree and context (bfloat16 kernels round differently).
+        reference = logits if reference is None else reference
+        modes[mode]["agreement_with_first_mode"] = agreement(logits, reference)
+        print(f"{mode}: logits vs the first forward {modes[mode]['agreement_with_first_mode']}", flush=True)
+        results += rows
+        profiles += tables
+        gc.collect()  # the verifier's store, graphs and pool go before the next one allocates its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    target.fused = fused
     report = {
         "device": device_name(device), "model": str(args.model), "dtype": target.dtype_name,
-        "attn_implementation": args.attn_implementation, "context": args.context, "max_context": target.max_context,
+        "attn_implementation": target.attn_implementation, "context": args.context, "max_context": target.max_context,
         "shape": args.shape, "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
         "modes": modes, "results": results,
     }
@@ -252,22 +226,20 @@ def choice_list(choices: tuple[str, ...]):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m verify_service.step_profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.verify_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="target checkpoint directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--batch", type=int_list, default=[1, 8], help="batch sizes, e.g. 1,8")
     p.add_argument("--tokens", type=int_list, default=[1, 8, 16, 32, 64], help="tree sizes, e.g. 1,8,16,32,64")
     p.add_argument("--context", type=int, default=256, help="tokens in every sequence's KV")
     p.add_argument("--max-context", type=int, default=None,
-                   help=f"the verifier's context limit (static layout: KV columns = max_context + tree room); "
+                   help=f"the verifier's context limit (KV columns = max_context + tree room); "
                         f"default the model's limit, at most {DEFAULT_MAX_CONTEXT}")
-    p.add_argument("--max-tree-tokens", type=int, default=128, help="static layout: tree room")
+    p.add_argument("--max-tree-tokens", type=int, default=128, help="the verifier's tree room")
     p.add_argument("--shape", choices=("tree", "chain"), default="tree")
-    p.add_argument("--graphs", type=choice_list(MODES), default=["on", "off"], help="modes: on, static, off")
-    p.add_argument("--forwards", type=choice_list(FORWARDS[1:]), default=["compiled"],
-                   help="forwards: compiled, fused, transformers")
+    p.add_argument("--forwards", type=choice_list(FORWARDS), default=["service"],
+                   help="forwards: service, transformers")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
