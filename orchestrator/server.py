@@ -1,4 +1,4 @@
-"""Start-up of the orchestrator: tokenizer, channels to the draft and verify replicas, health, reflection, signals."""
+"""Start-up of the orchestrator: tokenizer, the replica fleet, the router, health, reflection, signals."""
 
 from __future__ import annotations
 
@@ -13,56 +13,30 @@ from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.identity import vocab_hash
-from cast_core.wire import cost_table_from_proto
-from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
-from orchestrator.costs import CostModel
+from orchestrator.fleet import Fleet
 from orchestrator.policies import make_policies
-from orchestrator.step_loop import StepLoop
+from orchestrator.router import Router
 from orchestrator.servicer import GenerationServicer
 
 log = logging.getLogger("cast.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
-async def wait_for_replica(client, timeout_s: float):
-    """Describe the replica, retrying while it starts (model loading can take minutes)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            return await client.describe(timeout=5.0)
-        except grpc.aio.AioRpcError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"{client.address} did not answer Describe in {timeout_s:.0f} s: {exc.details()}") from exc
-            await asyncio.sleep(0.5)
-
-
 async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int]:
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
-    # One replica of each for now; routing across replicas comes with scaling.
-    draft = DraftClient(config.draft_addrs[0])
-    verify = VerifyClient(config.verify_addrs[0])
-    draft_desc, verify_desc = await asyncio.gather(
-        wait_for_replica(draft, config.connect_timeout_s), wait_for_replica(verify, config.connect_timeout_s)
-    )
-    ours = vocab_hash(tokenizer.get_vocab())
-    if not draft_desc.vocab_hash == verify_desc.vocab_hash == ours:
-        raise RuntimeError(
-            f"vocabularies differ: tokenizer {ours}, draft {draft_desc.vocab_hash} ({draft.address}), "
-            f"verify {verify_desc.vocab_hash} ({verify.address}); draft and target must share a tokenizer"
-        )
-    max_context = min(draft_desc.max_context, verify_desc.max_context)
-    costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
-    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, config.max_live, config.max_queued)
+    fleet = Fleet(config.draft_target, config.verify_target, vocab_hash(tokenizer.get_vocab()), config.refresh_s)
+    await fleet.start(config.connect_timeout_s)
+    serving = fleet.serving("draft") + fleet.serving("verify")
+    max_context = min(r.description.max_context for r in serving)
+    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ]
-    )
+    server = grpc.aio.server(options=[
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ])
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(loop, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
+        GenerationServicer(router, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -71,13 +45,25 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watch = asyncio.get_running_loop().create_task(fleet.watch(), name="fleet-watch")
+
+    async def close() -> None:
+        """After the server stopped: release every sequence's sessions, stop watching the fleet."""
+        watch.cancel()
+        await router.close()
+        await fleet.close()
+
     server.health_servicer = health_servicer  # for graceful shutdown
-    server.step_loop = loop                   # ... which releases the sequences' sessions last
-    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, draft.address, verify.address)
+    server.router = router
+    server.close = close
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, config.draft_target,
+             config.verify_target)
     return server, port
 
 
-async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
+async def serve(config: OrchestratorConfig) -> None:
+    """Serve until SIGTERM or SIGINT; then report NOT_SERVING, give running requests config.grace_s to finish,
+    release their sessions and exit."""
     server, _ = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,8 +71,8 @@ async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
-    await server.step_loop.close()
+    await server.stop(config.grace_s)
+    await server.close()
 
 
 def main(argv: list[str] | None = None) -> None:

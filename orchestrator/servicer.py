@@ -10,7 +10,7 @@ import grpc
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument, OutOfRange
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
-from orchestrator.step_loop import StepLoop
+from orchestrator.router import Router
 from orchestrator.errors import abort_with
 from orchestrator.policies import TreePolicy, resolve_policy
 
@@ -43,6 +43,7 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
         verify_seconds=stats.verify_seconds,
         other_seconds=max(stats.total_seconds - stats.draft_seconds - stats.verify_seconds, 0.0),
         total_seconds=stats.total_seconds,
+        replays=stats.replays,
     )
     if with_steps:
         msg.step_stats.extend(
@@ -56,10 +57,10 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, loop: StepLoop, max_new_tokens_limit: int, default_policy: str, policies: dict[str, TreePolicy]) -> None:
-        self.loop = loop
+    def __init__(self, router: Router, max_new_tokens_limit: int, default_policy: str, policies: dict[str, TreePolicy]) -> None:
+        self.router = router
         self.policies = policies
-        self.tokenizer = loop.tokenizer
+        self.tokenizer = router.tokenizer
         self.max_new_tokens_limit = max_new_tokens_limit
         self.default_policy = default_policy
 
@@ -82,7 +83,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         prompt_ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False)
         if not prompt_ids:
             raise InvalidArgument("encodes to no tokens", "prompt")
-        limit = self.loop.max_context - 1
+        limit = self.router.max_context - 1
         if len(prompt_ids) > limit:
             raise OutOfRange(f"{len(prompt_ids)} tokens; the model's context leaves room for {limit}", "prompt")
         return GenerationRequest(
@@ -104,7 +105,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         final: Chunk | None = None
         try:
             domain = self.to_request(request)
-            async for chunk in self.loop.generate(domain):
+            async for chunk in self.router.generate(domain):
                 text.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 final = chunk
@@ -122,7 +123,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request, context):
         try:
             domain = self.to_request(request)
-            async for chunk in self.loop.generate(domain):
+            async for chunk in self.router.generate(domain):
                 msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason is not None:
                     msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -133,3 +134,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield msg
         except (CastError, grpc.aio.AioRpcError) as exc:
             await abort_with(context, exc)
+
+    async def ListReplicas(self, request, context):
+        return generation_pb2.ListReplicasResponse(
+            replicas=[
+                generation_pb2.ReplicaStatus(
+                    role=r.role, address=r.address, state=r.state.value, live_sequences=r.sequences,
+                    max_sequences=r.slots, device=r.description.device if r.description else "",
+                    model_name=r.description.model_name if r.description else "",
+                )
+                for r in sorted(self.router.fleet.replicas.values(), key=lambda r: (r.role, r.address))
+            ],
+            replays=self.router.replays,
+        )

@@ -111,6 +111,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         replica = common_pb2.ReplicaDescription()
         replica.CopyFrom(self.description)
         replica.live_sequences = len(self.verifier.sessions)
+        replica.max_sequences = self.verifier.sessions.max_sessions
         return verify_pb2.VerifyDescribeResponse(replica=replica)
 
     async def expire_idle_sessions(self) -> list[str]:

@@ -31,7 +31,7 @@ def test_sixteen_concurrent_requests_equal_their_solo_runs(generation_stub, poli
 async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
     addrs = tiny_stack.addresses()
     config = OrchestratorConfig(
-        tokenizer_dir=tiny_stack.spec.target_dir, draft_addrs=[addrs["draft"]], verify_addrs=[addrs["verify"]],
+        tokenizer_dir=tiny_stack.spec.target_dir, draft=addrs["draft"], verify=addrs["verify"],
         port=0, max_live=1, max_queued=1,
     )
     server, port = await start_server(config)
@@ -53,4 +53,4 @@ async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
             second.cancel()
     finally:
         await server.stop(None)
-        await server.step_loop.close()  # as serve() does: the sequences' sessions go too
+        await server.close()  # as serve() does: the sequences' sessions go too

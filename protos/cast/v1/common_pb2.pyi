@@ -37,7 +37,7 @@ class CostTable(_message.Message):
     def __init__(self, device: _Optional[str] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., context_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., millis: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReplicaDescription(_message.Message):
-    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend", "live_sequences")
+    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend", "live_sequences", "max_sequences")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class ReplicaDescription(_message.Message):
     COST_TABLE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_hash: str
     vocab_size: int
@@ -56,7 +57,8 @@ class ReplicaDescription(_message.Message):
     cost_table: CostTable
     backend: str
     live_sequences: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ...) -> None: ...
+    max_sequences: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message")
