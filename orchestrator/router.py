@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 from cast.v1 import verify_pb2
@@ -101,7 +102,7 @@ class Router:
     def replay(self, sequences: list[LiveSequence], source: StepLoop) -> None:
         """Sequences that leave `source` (its replica failed or drains) start again elsewhere, ahead of new requests;
         their sessions there are released in the background (if it still answers)."""
-        admitted = [s.sequence_id for s in sequences if s.admitted]
+        admitted = [s.verify_id for s in sequences if s.admitted]
         if admitted:
             self._background(source.replica.client.release(admitted, timeout=5.0))
         for s in sequences:
@@ -111,6 +112,9 @@ class Router:
                 continue
             source.replica.sequences -= 1
             s.loop = None
+            # A new session id: the old one may still be held where it was (a replica that stalled, or whose
+            # release is still on its way), and the sequence may come back there.
+            s.verify_id = uuid.uuid4().hex
             s.stats.replays += 1
             self.replays += 1
             if s.stats.replays > MAX_REPLAYS:

@@ -60,7 +60,8 @@ class LiveSequence:
     tokens: list[int]
     sampling: verify_pb2.SamplingParams
     started: float = field(default_factory=time.perf_counter)
-    sequence_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sequence_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its session on the draft replica
+    verify_id: str = ""           # its session on the verify replica: a new one for each replay
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Chunk, then None; or an exception
     draft: Replica | None = None  # its draft replica; None: none serves, plain steps until one does
     draft_seen: int = 0           # how many of `tokens` the draft replica has cached
@@ -69,6 +70,9 @@ class LiveSequence:
     admitted: bool = False        # a Prefill was sent for it to its verify replica
     loop: StepLoop | None = None  # the step loop of its verify replica; None: waiting for one (router.py)
     lost_since: float = 0.0       # ... since (loop clock)
+
+    def __post_init__(self) -> None:
+        self.verify_id = self.verify_id or self.sequence_id
 
     @property
     def policy(self) -> TreePolicy:
@@ -252,7 +256,7 @@ class StepLoop:
         for s in joining:
             s.admitted = True
         self.prefilling = asyncio.ensure_future(timed(
-            self.replica.client.prefill({s.sequence_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
+            self.replica.client.prefill({s.verify_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
 
     async def _join(self) -> list[LiveSequence]:
         """Wait for the running prefill; its sequences join the live batch. Returns them."""
@@ -292,7 +296,7 @@ class StepLoop:
         """Release the sequences' sessions on this verifier and on their draft replicas."""
         if not sequences:
             return
-        calls = [self.replica.client.release([s.sequence_id for s in sequences], timeout_s)]
+        calls = [self.replica.client.release([s.verify_id for s in sequences], timeout_s)]
         drafted: dict[Replica, list[str]] = defaultdict(list)
         for s in sequences:
             if s.opened_draft and s.draft is not None:
@@ -351,7 +355,7 @@ class StepLoop:
             for g in groups if g.drafts for replica in g.by_draft_replica()])
 
         # Verify: one call for the whole batch.
-        items = [VerifyItem(s.sequence_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
+        items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
@@ -384,7 +388,7 @@ class StepLoop:
         if not timing.one_off:
             self.costs(None).observe_verify(size, context, max(len(i.tree) for i in items), seconds)
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
-        verified = {i.sequence_id: i.tree for i in items}
+        verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
         for g in groups:
             g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
                                  [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off)

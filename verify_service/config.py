@@ -37,7 +37,7 @@ class VerifyConfig:
     expire_interval_s: float = 10.0  # how often idle sequences are looked for
     max_context: int | None = None  # None: the model's max_position_embeddings
     model_name: str = ""  # reported by Describe; empty: the checkpoint directory's name
-    grace_s: float = 5.0  # how long in-flight calls may finish on SIGTERM
+    grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held
     max_concurrent_rpcs: int | None = None  # extra calls get RESOURCE_EXHAUSTED; None: no limit
     warmup: bool = True  # run one prefill + verify before reporting SERVING
     cost_table: Path | None = None  # a profiled table (cast profile verify) for Describe; None: cached or profiled
@@ -162,7 +162,7 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("expire_interval_s", float, 10.0, "seconds between looks for idle sequences")
     flag("max_context", _optional_int, None, "context length limit; default the model's max_position_embeddings")
     flag("model_name", str, "", "name reported by Describe; default the directory's name")
-    flag("grace_s", float, 5.0, "seconds in-flight calls get on shutdown")
+    flag("grace_s", float, 30.0, "on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held")
     flag("max_concurrent_rpcs", _optional_int, None, "admission limit; extra calls get RESOURCE_EXHAUSTED")
     flag("warmup", _bool, True, "run one step before reporting SERVING")
     flag("cost_table", _optional_path, None, "cost table JSON for Describe (from `cast profile verify`)")

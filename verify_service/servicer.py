@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -46,6 +47,58 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
     )
 
 
+class Coalescer:
+    """Verify requests that arrive while the model is busy run together in its next forward: orchestrators sharing
+    this replica (each with its own step stream) get one batch, as a single orchestrator's sequences do.
+
+    A merged call that fails is run again request by request, so that only the request at fault gets the error
+    (the verifier checks every item before it changes anything)."""
+
+    def __init__(self, run: Callable[[list[VerifyItem]], Awaitable[tuple[list, float, bool]]]) -> None:
+        self.run = run  # verifier.verify_noting_captures on the model's worker
+        self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
+        self.busy = False
+
+    async def verify(self, items: list[VerifyItem]) -> tuple[list, float, bool]:
+        """(acceptances, seconds of the forward that ran them, whether it captured a CUDA graph)."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((items, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                batch = [(items, f) for items, f in batch if not f.cancelled()]
+                if len(batch) > 1:
+                    try:
+                        accepted, seconds, cold = await self.run([i for items, _ in batch for i in items])
+                    except Exception:
+                        pass  # one request is at fault: each alone, below
+                    else:
+                        start = 0
+                        for items, future in batch:
+                            _resolve(future, (accepted[start:start + len(items)], seconds, cold))
+                            start += len(items)
+                        continue
+                for items, future in batch:
+                    try:
+                        _resolve(future, await self.run(items))
+                    except Exception as e:
+                        if not future.done():
+                            future.set_exception(e)
+        finally:
+            self.busy = False
+
+
+def _resolve(future: asyncio.Future, result) -> None:
+    if not future.done():  # its caller may have gone (a cancelled stream)
+        future.set_result(result)
+
+
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor | None) -> None:
         self.verifier = verifier
@@ -60,6 +113,10 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             dtype=target.dtype_name,
             backend="torch",
         )
+
+    @functools.cached_property
+    def coalescer(self) -> Coalescer:
+        return Coalescer(functools.partial(self._in_worker, self.verifier.verify_noting_captures))
 
     async def _in_worker(self, fn, *args):
         if self.executor is None:  # --model-thread loop: no hand-off, the loop waits for the model
@@ -78,7 +135,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, seconds, cold = await self._in_worker(self.verifier.verify_noting_captures, items)
+        accepted, seconds, cold = await self.coalescer.verify(items)
         results = [
             verify_pb2.VerifyResult(
                 sequence_id=item.sequence_id,
