@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -51,52 +52,53 @@ class Coalescer:
     """Verify requests that arrive while the model is busy run together in its next forward: orchestrators sharing
     this replica (each with its own step stream) get one batch, as a single orchestrator's sequences do.
 
-    A merged call that fails is run again request by request, so that only the request at fault gets the error
-    (the verifier checks every item before it changes anything)."""
+    Each request queues its items and a job on the model's worker; the first job to run takes everything queued
+    (later ones find nothing left). A merged forward that fails is run again request by request, so that only the
+    request at fault gets the error (the verifier checks every item before it changes anything)."""
 
-    def __init__(self, run: Callable[[list[VerifyItem]], Awaitable[tuple[list, float, bool]]]) -> None:
-        self.run = run  # verifier.verify_noting_captures on the model's worker
+    def __init__(self, verify: Callable[[list[VerifyItem]], tuple[list, float, bool]], executor) -> None:
+        self.verify_items = verify  # verifier.verify_noting_captures
+        self.executor = executor
+        self.lock = threading.Lock()  # pending is filled on the event loop and taken on the worker
         self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
-        self.busy = False
 
     async def verify(self, items: list[VerifyItem]) -> tuple[list, float, bool]:
         """(acceptances, seconds of the forward that ran them, whether it captured a CUDA graph)."""
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((items, future))
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.lock:
+            self.pending.append((items, future))
+        batch = await loop.run_in_executor(self.executor, self.take_and_run)
+        for (_, f), outcome in batch:
+            if not f.done():  # its caller may have gone (a cancelled stream)
+                if isinstance(outcome, BaseException):
+                    f.set_exception(outcome)
+                else:
+                    f.set_result(outcome)
         return await future
 
-    async def _drain(self) -> None:
-        try:
-            while self.pending:
-                batch, self.pending = self.pending, []
-                batch = [(items, f) for items, f in batch if not f.cancelled()]
-                if len(batch) > 1:
-                    try:
-                        accepted, seconds, cold = await self.run([i for items, _ in batch for i in items])
-                    except Exception:
-                        pass  # one request is at fault: each alone, below
-                    else:
-                        start = 0
-                        for items, future in batch:
-                            _resolve(future, (accepted[start:start + len(items)], seconds, cold))
-                            start += len(items)
-                        continue
-                for items, future in batch:
-                    try:
-                        _resolve(future, await self.run(items))
-                    except Exception as e:
-                        if not future.done():
-                            future.set_exception(e)
-        finally:
-            self.busy = False
-
-
-def _resolve(future: asyncio.Future, result) -> None:
-    if not future.done():  # its caller may have gone (a cancelled stream)
-        future.set_result(result)
+    def take_and_run(self) -> list[tuple[tuple, object]]:
+        """On the worker: run every queued request, merged if it can be; [(queued entry, result or exception)]."""
+        with self.lock:
+            batch, self.pending = self.pending, []
+        if len(batch) > 1:
+            try:
+                accepted, seconds, cold = self.verify_items([i for items, _ in batch for i in items])
+            except Exception:
+                pass  # one request is at fault: each alone, below
+            else:
+                out, start = [], 0
+                for entry in batch:
+                    out.append((entry, (accepted[start:start + len(entry[0])], seconds, cold)))
+                    start += len(entry[0])
+                return out
+        out = []
+        for entry in batch:
+            try:
+                out.append((entry, self.verify_items(entry[0])))
+            except Exception as e:
+                out.append((entry, e))
+        return out
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
@@ -116,7 +118,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
 
     @functools.cached_property
     def coalescer(self) -> Coalescer:
-        return Coalescer(functools.partial(self._in_worker, self.verifier.verify_noting_captures))
+        return Coalescer(self.verifier.verify_noting_captures, self.executor)
 
     async def _in_worker(self, fn, *args):
         if self.executor is None:  # --model-thread loop: no hand-off, the loop waits for the model

@@ -255,13 +255,13 @@ async def test_verify_requests_that_wait_for_the_model_run_as_one_forward(tiny_p
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     coalescer = running.servicer.coalescer
     forwards = []
-    run = coalescer.run
+    run = coalescer.verify_items
 
-    async def recording(items):
+    def recording(items):
         forwards.append(sorted(i.sequence_id for i in items))
-        return await run(items)
+        return run(items)
 
-    coalescer.run = recording
+    coalescer.verify_items = recording
     try:
         stub = verify_pb2_grpc.VerifyServiceStub(channel)
         for s in ("a", "b", "a2", "b2", "c2", "a3", "b3"):
