@@ -6,13 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install up test protos clean
 
+# A line per step, then pip's own progress: a first install takes a minute or more.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: with it installed, the project's torch range pulls nothing more.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,dev]"
-	touch $(STAMP)
+	@echo "[1/4] virtual environment $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[2/4] pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@# The CPU build of torch first: with it installed, the project's torch range pulls nothing more.
+	@echo "[3/4] torch 2.13.0 (CPU build)"
+	@$(PY) -m pip install "torch==2.13.0"
+	@echo "[4/4] cast-serve and its dependencies"
+	@$(PY) -m pip install -e ".[cpu,dev]"
+	@touch $(STAMP)
+	@echo "installed into $(VENV)"
 
 install: $(STAMP)
 

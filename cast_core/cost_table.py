@@ -1,8 +1,8 @@
 """Profiled forward costs, the paper's S(B) = {f(B, c, n)} tables (CAST, arXiv 2510.26577, Section 4).
 
 f(B, c, n) is the wall time in milliseconds of one forward with batch B, context bucket c and n new tokens.
-The verifier's table is S_T(B), the draft's S_D(B). Everything here is pure math on numpy arrays, except two
-tiny helpers at the end (`save`, `load`) that read and write the JSON file format below.
+The verifier's table is S_T(B), the draft's S_D(B). Everything here is pure math on numpy arrays and the JSON text
+format below; reading and writing files is cast_runtime's (`cast_runtime.profiling.save` / `load`).
 
 Lookup rule (DESIGN.md): between grid points take the next bucket up, on every axis, and clamp at the largest
 bucket. Rounding up prices a forward like the padded shape it will most likely run as (and never cheaper);
@@ -31,7 +31,6 @@ import bisect
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -237,16 +236,3 @@ class NormalizedCostSlice:
         """[max_tokens] breadth costs: entry k-1 is cost(nodes_so_far, k) for k = 1..max_tokens."""
         r = _bucket_index(self.node_buckets, nodes_so_far)
         return self.normalized_cost[r, _bucket_indices(self.token_counts, np.arange(1, max_tokens + 1))]
-
-
-# ---- file helpers: the only I/O in cast_core's CAST math ----------------------------------------------------
-
-
-def save(table: CostTable, path: str | Path) -> None:
-    """Write `table` to `path` in the JSON format."""
-    Path(path).write_text(table.to_json() + "\n", encoding="utf-8")
-
-
-def load(path: str | Path) -> CostTable:
-    """Read a table written by `save` (or by hand, in the documented JSON format)."""
-    return CostTable.from_json(Path(path).read_text(encoding="utf-8"))

@@ -30,7 +30,7 @@ import numpy as np
 from cast_core.tree import TokenTree
 
 # The paper hand-set thresholds per model (values near 4 / 3 / 2.5). Ours come from measured sweeps
-# (reports/cpu_policies.md, reports/cpu_policies_sweep.md, reports/gpu_policies.md): with costs in units of one plain
+# (reports/policies/, reports/gpu-reference-pair/): with costs in units of one plain
 # decoding step, a threshold of 1 means "a node must pay for itself at least as well as plain decoding does".
 # C3 = 2.5 verified a single node a step on the CPU and lost 3x to plain decoding; C2 = 3 (our earlier default,
 # chosen while the tables were inflated by load and an Expand's RPC was priced per layer) stopped trees at depth 3-4

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from draft_service.export import DTYPES, LAYOUTS, default_cache_dir
+from cast_runtime.cache import default_cache_dir
+from draft_service.export import DTYPES, LAYOUTS
 
 PROVIDERS = ("auto", "cpu", "cuda")
 MODEL_THREADS = ("worker", "loop")

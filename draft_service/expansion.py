@@ -26,8 +26,8 @@ import numpy as np
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from cast_core.selection import breadth_keep, layer_sums, should_expand
-from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
+from cast_runtime.sessions import SessionStore
 from draft_service.device_kv import DeviceKV
 from draft_service.host_kv import HostKV
 from draft_service.runner import DraftRunner

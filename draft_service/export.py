@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -42,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from cast_runtime.cache import default_cache_dir
 
 # Bump when the graph's interface or the wrapper changes: old cache entries then miss.
 EXPORT_FORMAT = 2  # 2: RMSNorm exported in the form ONNX Runtime fuses
@@ -69,10 +72,6 @@ class ExportMeta:
     max_context: int     # the model's max_position_embeddings
     export_seconds: float
     layout: str = "dynamic"  # dynamic: a KV that grows every run; static: fixed buffers written in place
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAST_CACHE_DIR") or Path.home() / ".cache" / "cast-serve")
 
 
 def export_key(model_dir: str | Path, top_k: int, dtype: str, layout: str = "dynamic") -> str:
@@ -371,7 +370,7 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str, layout: str 
         kv = tuple({0: batch, 2: past} for _ in range(2 * dims["num_layers"]))
         dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 2: new, 3: total}, kv)
     args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
-    with torch.no_grad(), warnings.catch_warnings(), fusable_rms_norms(model):
+    with torch.no_grad(), warnings.catch_warnings(), fusable_rms_norms(model), quiet_exporter_logs():
         # The exporter warns that axes sharing a Dim keep one name, and about its own deprecations: noise here.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -394,6 +393,21 @@ def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str, layout: str 
         layout=layout,
         **dims,
     )
+
+
+@contextlib.contextmanager
+def quiet_exporter_logs():
+    """Errors only from the exporter: its optimizer logs each rewrite at INFO, and torch warns that torchvision is
+    not installed (its operators are not needed here); a first start printed hundreds of lines."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_export(model_dir: str | Path, onnx_path: str | Path, meta: ExportMeta, atol: float = 1e-4) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cast_core.cost_table import CostTable, monotone_envelope
-from cast_core.profiling import (
+from cast_runtime.profiling import (
     Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from draft_service.export import ROW_FIELDS

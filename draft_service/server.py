@@ -17,9 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from cast_core.identity import vocab_hash
-from cast_core.sessions import SessionStore
-from cast_core.wire import cost_table_to_proto
+from cast_runtime.grpc_options import server_options
+from cast_runtime.identity import vocab_hash
+from cast_runtime.sessions import SessionStore
+from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
@@ -89,6 +90,7 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
         device=device_name(runner.provider),
         dtype=meta.dtype,
         backend=runner.backend,
+        max_sequences=config.max_sessions,
     )
     if cost_table is not None:
         replica.cost_table.CopyFrom(cost_table_to_proto(cost_table))
@@ -120,7 +122,7 @@ async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
     servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop")
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())  # admits the orchestrator's keepalive pings
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

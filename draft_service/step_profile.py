@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cast_core.cost_table import NormalizedCostSlice
-from cast_core.sessions import SessionStore
+from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, CastBudget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name

@@ -1,7 +1,8 @@
 """`cast`: run the services, generate text, train and benchmark.
 
     cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
-    cast generate [...] PROMPT   one request to a running orchestrator
+                                 (and serves the OpenAI-compatible HTTP API on :8000)
+    cast generate [...] PROMPT   one request to a running orchestrator (PROMPT -: from standard input)
     cast replicas [--addr A]     the draft and verify replicas an orchestrator sees, their state and load
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
@@ -30,6 +31,8 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--draft-port", type=int, default=50052)
     p.add_argument("--verify-port", type=int, default=50053)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the orchestrator's OpenAI-compatible HTTP API and demo page (-1: off)")
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--draft-replicas", type=int, default=1, help="draft services to start (ports draft-port + 2 i)")
     p.add_argument("--verify-replicas", type=int, default=1, help="verify services to start (ports verify-port + 2 i)")
@@ -46,7 +49,8 @@ def cmd_up(argv: list[str]) -> int:
     if a.draft_replicas < 1 or a.verify_replicas < 1:
         p.error("--draft-replicas and --verify-replicas must be at least 1")
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
-                     keep_cpus_awake=keep_awake, draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas)
+                     keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
+                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
@@ -54,6 +58,8 @@ def cmd_up(argv: list[str]) -> int:
     try:
         stack.wait_ready(a.timeout)
         print(f"ready {spec.address}", flush=True)
+        if spec.http_url:
+            print(f"http {spec.http_url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
         # A replica that exits is the orchestrator's to route around (its sequences move); the stack stops when
         # the orchestrator does, or when no replica of a service is left.
         reported: set[str] = set()
@@ -80,7 +86,7 @@ def cmd_generate(argv: list[str]) -> int:
     from cast.v1 import generation_pb2, generation_pb2_grpc
 
     p = argparse.ArgumentParser(prog="cast generate", description="Generate a completion.")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt; - reads it, verbatim, from standard input")
     p.add_argument("--addr", default="127.0.0.1:50051")
     p.add_argument("--policy", default="", help="cast, eagle2, chain or ar (default: the server's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -91,29 +97,42 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--seed", type=int, default=None, help="the same seed and request give the same output")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print the whole response with its stats")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole response with its stats; with --stream, one JSON object per chunk (JSON lines)")
+    p.add_argument("--stats", action="store_true", help="then print tokens/s and tokens per step on stderr")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     a = p.parse_args(argv)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     request = generation_pb2.GenerateRequest(
-        prompt=a.prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
+        prompt=prompt, max_new_tokens=a.max_new_tokens, policy=a.policy, stop=a.stop, ignore_eos=a.ignore_eos,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, return_step_stats=a.json,
     )
+
+    def as_json(message) -> str:
+        return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=None if a.stream else 2)
+
     with grpc.insecure_channel(a.addr) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         try:
-            if a.stream and not a.json:
-                for chunk in stub.GenerateStream(request, timeout=a.timeout):
-                    print(chunk.text, end="", flush=True)
-                print()
-                return 0
-            response = stub.Generate(request, timeout=a.timeout)
+            if a.stream:
+                for last in stub.GenerateStream(request, timeout=a.timeout):
+                    if a.json:
+                        print(as_json(last), flush=True)
+                    else:
+                        print(last.text, end="", flush=True)
+                if not a.json:
+                    print()
+            else:
+                last = stub.Generate(request, timeout=a.timeout)
+                print(as_json(last) if a.json else last.text)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    if a.json:
-        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
-    else:
-        print(response.text)
+    if a.stats:  # the last message carries the request's usage and stats
+        tokens, stats = last.usage.completion_tokens, last.stats
+        print(f"{tokens} tokens in {stats.total_seconds:.2f} s: {tokens / max(stats.total_seconds, 1e-9):.1f} "
+              f"tokens/s, {stats.mean_accepted_length:.2f} tokens/step ({stats.steps} steps, policy {stats.policy})",
+              file=sys.stderr)
     return 0
 
 
@@ -155,14 +174,14 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_train_reference(argv: list[str]) -> int:
-    from tools.train_reference import main
+    from cast_models.train_reference import main
 
     main(argv)
     return 0
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from orchestrator.bench import main
+    from benchmarks.bench import main
 
     return main(argv)
 

@@ -15,16 +15,9 @@ from dataclasses import dataclass
 import grpc
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
+from cast_runtime.grpc_options import channel_options
 from cast_core.tree import TokenTree
-from cast_core.wire import tree_from_proto, tree_to_proto
-
-# Keepalive matched by the services' server options (FIELD_NOTES: else GOAWAY "too_many_pings").
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
+from cast_runtime.wire import tree_from_proto, tree_to_proto
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -35,6 +28,11 @@ class StepStream:
 
     A call that times out, is cancelled or hits a transport error cancels the stream (a late answer must never be
     read as the next call's), and the next call opens a fresh one.
+
+    A request goes again, once, on a fresh stream only when its write failed: the stream had ended (its connection
+    closed while idle, or the server restarted) and the message never left, so the service cannot have applied it.
+    Once written, a request is never sent again: Expand and Verify change the services' per-sequence caches, and a
+    failure after the write cannot tell whether the service applied it.
     """
 
     def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], what: str) -> None:
@@ -42,17 +40,15 @@ class StepStream:
         self.what = what  # for error messages: "ExpandStream"
         self.call: grpc.aio.StreamStreamCall | None = None
         self.lock = asyncio.Lock()
+        self.reopened = 0  # streams opened again because a write found the last one ended (tests read it)
 
     async def request(self, message, timeout: float | None):
         """The response to `message`, or AioRpcError: the service's StepError as a status, or the stream's own
         failure (DEADLINE_EXCEEDED on a timeout, as a call's deadline would)."""
         async with self.lock:
-            if self.call is None or self.call.done():  # ended since the last call (e.g. the server restarted)
-                self.call = self.open_stream()
-            call = self.call
             try:
                 async with asyncio.timeout(timeout):
-                    await call.write(message)
+                    call = await self._write(message)
                     reply = await call.read()
             except TimeoutError:
                 self.drop()
@@ -68,6 +64,20 @@ class StepStream:
             code = STATUS_CODES.get(reply.error.code, grpc.StatusCode.UNKNOWN)
             raise grpc.aio.AioRpcError(code, details=reply.error.message, debug_error_string=f"{self.what}: step error")
         return reply.response
+
+    async def _write(self, message) -> grpc.aio.StreamStreamCall:
+        """Write `message` on the open stream, or on a fresh one where the open one has ended; returns the stream."""
+        if self.call is None or self.call.done():  # ended since the last call (e.g. the server restarted)
+            self.call = self.open_stream()
+        try:
+            await self.call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The stream ended before the message left (the core knew before this client did): not delivered.
+            self.drop()
+            self.call = self.open_stream()
+            self.reopened += 1
+            await self.call.write(message)
+        return self.call
 
     def drop(self) -> None:
         if self.call is not None:
@@ -124,7 +134,7 @@ class VerifyItem:
 class DraftClient:
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
         self.stream = StepStream(self.stub.ExpandStream, "ExpandStream")
 
@@ -154,7 +164,7 @@ class DraftClient:
 class VerifyClient:
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
         self.stream = StepStream(self.stub.VerifyStream, "VerifyStream")
 

@@ -25,7 +25,8 @@ class OrchestratorConfig:
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
     default_policy: str = "cast"
     rpc_timeout_s: float = 60.0              # per downstream call
-    max_live: int = 32                       # sequences decoded together at most (the batch; the verifier's --max-batch)
+    max_live: int = 64                       # sequences decoded together at most; start-up lowers it to the slots
+                                             # that the draft and verify replicas report (Describe: max_sequences)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     refresh_s: float = 5.0                   # DNS re-resolution and replica health checks this often
@@ -33,6 +34,7 @@ class OrchestratorConfig:
     draft_target: Target = field(init=False, repr=False)   # parsed from `draft`
     verify_target: Target = field(init=False, repr=False)  # parsed from `verify`
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
+    http_port: int | None = None             # the OpenAI-compatible HTTP API (http_api.py); None: off, 0: any free port
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
@@ -40,8 +42,10 @@ class OrchestratorConfig:
         self.verify_target = parse_target(self.verify, "verify")
         if self.refresh_s <= 0 or self.grace_s < 0:
             raise ValueError("refresh_s must be positive and grace_s not negative")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ValueError(f"{name} {value} is out of range")
         from orchestrator.policies import POLICIES
 
         if self.default_policy not in POLICIES:
@@ -77,8 +81,11 @@ class OrchestratorConfig:
                        help="CAST reranking threshold C3")
         p.add_argument("--cast-r", type=int, default=int(_env("CAST_R", str(defaults.gain_buffer_size))),
                        help="CAST gain buffer size R")
-        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", "64")), help="batch size limit")
+        p.add_argument("--max-live", type=int, default=int(_env("MAX_LIVE", str(OrchestratorConfig.max_live))),
+                       help="batch size limit (lowered to the replicas' slots; more requests wait in the queue)")
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
+        p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "-1")),
+                       help="serve the OpenAI-compatible HTTP API and the demo page on this port too (default: off)")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -96,4 +103,5 @@ class OrchestratorConfig:
             max_live=a.max_live,
             max_queued=a.max_queued,
             cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r),
+            http_port=None if a.http_port < 0 else a.http_port,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from cast_core.tree import TokenTree
 from orchestrator.policies import TreePolicy
 
 
@@ -77,6 +78,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
     completion_tokens: int = 0
+    step: StepRecord | None = None  # the step that committed token_ids (None: a chunk no step made)
+    tree: TokenTree | None = None   # ... and the tree it verified: token_ids walk down it, then the bonus token
 
 
 class TextAssembler:

@@ -3,7 +3,7 @@
 Why: a decoding step hands a message between processes several times (orchestrator, draft, verifier, and the
 threads inside each), and every process sleeps while another works. On a VM whose guest has no cpuidle driver
 (the GPU machines here) an idle vCPU halts to the host, so each hand-off waits for the host to wake a vCPU and then
-runs on cold caches: a gRPC round trip inside a step costs ~3x its back-to-back time (reports/gpu_issue7.md, run
+runs on cold caches: a gRPC round trip inside a step costs ~3x its back-to-back time (reports/rpc-latency/, run
 P). A SCHED_IDLE task runs only when nothing else wants the CPU and is preempted as soon as any other thread wakes,
 so the CPU never halts and the services lose no CPU time. The cost: those CPUs draw full power and show 100 % busy,
 so name only the CPUs the services run on where that matters (`--cpus 0-7`).

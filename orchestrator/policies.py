@@ -45,8 +45,8 @@ def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
 POLICIES = make_policies()
 
 
-def resolve_policy(name: str, default: str, policies: dict[str, TreePolicy] = POLICIES) -> TreePolicy:
+def resolve_policy(name: str, default: str, policies: dict[str, TreePolicy] = POLICIES, field: str = "policy") -> TreePolicy:
     policy = policies.get(name or default)
     if policy is None:
-        raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(policies))}", "policy")
+        raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(policies))}", field)
     return policy

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cast_core.cost_table import CostTable
-from cast_core.profiling import Profile, ProfileGrid, describe_grid, model_identity, parse_ints, save_atomic
+from cast_runtime.profiling import Profile, ProfileGrid, describe_grid, model_identity, parse_ints, save_atomic
 
 
 def add_grid_flags(p: argparse.ArgumentParser) -> None:
@@ -116,7 +116,7 @@ def finish(profile: Profile, out: Path, plot: Path | None, role: str) -> None:
 
 def profile_verify(argv: list[str]) -> int:
     from verify_service import profile as vp
-    from verify_service.config import ATTN_IMPLEMENTATIONS, DTYPES
+    from verify_service.config import DTYPES
     from verify_service.target import TargetModel
     from verify_service.verifier import Verifier
 
@@ -124,33 +124,25 @@ def profile_verify(argv: list[str]) -> int:
     add_grid_flags(p)
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     p.add_argument("--max-context", type=int, help="as the service's --max-context (caps the context buckets)")
     p.add_argument("--model-name", default="", help="as the service's --model-name (part of the cache key)")
-    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
-                   help="as the service's: the KV layout (and graphs) the table prices; auto: static + graphs on CUDA")
-    p.add_argument("--max-batch", type=int, default=32, help="as the service's --max-batch (static layout slots)")
+    p.add_argument("--max-batch", type=int, default=32, help="as the service's --max-batch (KV slots)")
     p.add_argument("--max-tree-tokens", type=int, default=128, help="as the service's --max-tree-tokens")
     a = p.parse_args(argv)
-    target = TargetModel.load(a.model, dtype=a.dtype, device=a.device, attn_implementation=a.attn_implementation,
-                              max_context=a.max_context, model_name=a.model_name)
-    # Profile what the service serves: its KV layout and graphs (a table of the eager path would price another
-    # program, and be cached under a key the service never reads).
-    static = a.cuda_graphs == "on" or a.cuda_graphs == "auto" and target.device.type == "cuda"
-    verifier = None
-    if static:
-        verifier = Verifier(target, max_sessions=a.max_batch, session_ttl_s=3600, static_slots=a.max_batch,
-                            max_tree_tokens=a.max_tree_tokens, cuda_graphs=True)
+    target = TargetModel.load(a.model, dtype=a.dtype, device=a.device, max_context=a.max_context,
+                              model_name=a.model_name)
+    # Through a verifier as the service builds it: the table prices the forward it serves (CUDA graphs on CUDA).
+    verifier = Verifier(target, max_batch=a.max_batch, session_ttl_s=3600, max_tree_tokens=a.max_tree_tokens)
     grid = choose_grid(a, vp.default_grid(target.device), vp.QUICK_GRID).capped(target.max_context)
     model_id = model_identity(target.model_name, a.model)
     print(f"profiling verify: {model_id} on {vp.device_name(target.device)} ({target.dtype_name}): "
           f"{describe_grid(grid)}", file=sys.stderr)
     progress = Progress(grid.cells, not a.no_progress)
     try:
-        profile = vp.profile_target(target, grid, model_id=model_id, on_cell=progress, seed=a.seed, verifier=verifier)
+        profile = vp.profile_verifier(verifier, grid, model_id=model_id, on_cell=progress, seed=a.seed)
     finally:
         progress.close()
-    out = a.out or vp.target_cache_path(target, a.model, a.attn_implementation, layout=vp.layout_name(verifier))
+    out = a.out or vp.verifier_cache_path(verifier, a.model)
     finish(profile, out, a.plot, "verify")
     return 0
 

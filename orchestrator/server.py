@@ -12,10 +12,13 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from cast_core.identity import vocab_hash
+from cast_runtime.grpc_options import server_options
+from cast_runtime.identity import vocab_hash
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
+from orchestrator.http_api import HttpServer, create_app
 from orchestrator.policies import make_policies
+from orchestrator.requests import RequestBuilder
 from orchestrator.router import Router
 from orchestrator.servicer import GenerationServicer
 
@@ -30,19 +33,23 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     serving = fleet.serving("draft") + fleet.serving("verify")
     max_context = min(r.description.max_context for r in serving)
     router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued)
+    requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
+                              make_policies(config.cast))
 
-    server = grpc.aio.server(options=[
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ])
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(router, config.max_new_tokens_limit, config.default_policy, make_policies(config.cast)), server
-    )
+    server = grpc.aio.server(options=server_options())
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
+    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
+    # Bound here, before anything starts: a taken port fails the start-up at once.
+    server.http = (HttpServer(create_app(router, requests, model_id), config.host, config.http_port)
+                   if config.http_port is not None else None)
     await server.start()
+    if server.http is not None:  # before SERVING: a ready orchestrator answers both APIs
+        await server.http.start()
+        log.info("HTTP API on http://%s:%d (model %r)", config.host, server.http.port, model_id)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watch = asyncio.get_running_loop().create_task(fleet.watch(), name="fleet-watch")
@@ -71,7 +78,7 @@ async def serve(config: OrchestratorConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
+    await asyncio.gather(server.stop(config.grace_s), *([server.http.stop()] if server.http else []))
     await server.close()
 
 

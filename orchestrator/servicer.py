@@ -1,18 +1,15 @@
-"""GenerationService: translates protos to the decoding loop's types and back; validation lives here."""
+"""GenerationService: translates protos to the decoding loop's types and back (validation: requests.py)."""
 
 from __future__ import annotations
-
-import math
-import secrets
 
 import grpc
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
-from cast_core.errors import CastError, InvalidArgument, OutOfRange
+from cast_core.errors import CastError, InvalidArgument
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
 from orchestrator.router import Router
 from orchestrator.errors import abort_with
-from orchestrator.policies import TreePolicy, resolve_policy
+from orchestrator.requests import RequestBuilder
 
 FINISH_REASONS = {
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
@@ -57,46 +54,17 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, router: Router, max_new_tokens_limit: int, default_policy: str, policies: dict[str, TreePolicy]) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder) -> None:
         self.router = router
-        self.policies = policies
-        self.tokenizer = router.tokenizer
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.default_policy = default_policy
+        self.requests = requests  # validation, shared with the HTTP API
 
     def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
-        if not msg.prompt:
-            raise InvalidArgument("must not be empty", "prompt")
-        if msg.max_new_tokens <= 0:
+        if msg.max_new_tokens <= 0:  # proto3's 0 is unset: the HTTP API's "as many as fit" is not the gRPC API's
             raise InvalidArgument(f"must be positive, got {msg.max_new_tokens}", "max_new_tokens")
-        if msg.max_new_tokens > self.max_new_tokens_limit:
-            raise OutOfRange(f"{msg.max_new_tokens} is above this server's limit of {self.max_new_tokens_limit}", "max_new_tokens")
-        policy = resolve_policy(msg.policy, self.default_policy, self.policies)
-        if any(not s for s in msg.stop):
-            raise InvalidArgument("stop strings must not be empty", "stop")
-        if not math.isfinite(msg.temperature) or msg.temperature < 0:
-            raise InvalidArgument(f"must be >= 0, got {msg.temperature}", "temperature")
-        if not 0 <= msg.top_p <= 1:  # 0 is proto3's unset: it means 1 (off)
-            raise InvalidArgument(f"must be in (0, 1], got {msg.top_p}", "top_p")
-        if msg.top_k < 0:
-            raise InvalidArgument(f"must be >= 0, got {msg.top_k}", "top_k")
-        prompt_ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False)
-        if not prompt_ids:
-            raise InvalidArgument("encodes to no tokens", "prompt")
-        limit = self.router.max_context - 1
-        if len(prompt_ids) > limit:
-            raise OutOfRange(f"{len(prompt_ids)} tokens; the model's context leaves room for {limit}", "prompt")
-        return GenerationRequest(
-            prompt_ids=prompt_ids,
-            max_new_tokens=msg.max_new_tokens,
-            policy=policy,
-            stop=tuple(msg.stop),
-            ignore_eos=msg.ignore_eos,
-            temperature=msg.temperature,
-            top_p=msg.top_p or 1.0,
-            top_k=msg.top_k,
-            # Unseeded sampling still runs on a seed, drawn here, so that every step of the request uses one stream.
-            seed=msg.seed if msg.HasField("seed") else secrets.randbits(63),
+        return self.requests.build(
+            msg.prompt, msg.max_new_tokens, policy=msg.policy, stop=msg.stop, temperature=msg.temperature,
+            top_p=msg.top_p or 1.0,  # 0 is proto3's unset: it means 1 (off)
+            top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None, ignore_eos=msg.ignore_eos,
         )
 
     async def Generate(self, request, context):

@@ -13,23 +13,20 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cast_runtime.cache import default_cache_dir
 from orchestrator.keep_awake import KeepAwake
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PAIR = REPO_ROOT / "models" / "reference"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CAST_CACHE_DIR", Path.home() / ".cache" / "cast-serve"))
-
-
 def default_pair() -> tuple[Path, Path]:
     """The project's reference pair when present, else a tiny random pair made once on first start."""
     if (REFERENCE_PAIR / "target" / "config.json").exists():
         return REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
-    from tools.tiny_models import make_tiny_pair
+    from cast_models.tiny import make_tiny_pair
 
-    return make_tiny_pair(cache_dir() / "tiny-pair")
+    return make_tiny_pair(default_cache_dir() / "tiny-pair")
 
 
 @dataclass
@@ -48,10 +45,15 @@ class StackSpec:
     keep_cpus_awake: list[int] = field(default_factory=list)  # SCHED_IDLE spinners on these CPUs (keep_awake.py)
     draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
     verify_replicas: int = 1
+    http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}" if self.http_port is not None else None
 
     def replica_addresses(self, role: str) -> dict[str, str]:
         """{process name: address} of the draft or verify replicas: "draft", "draft-2", ..."""
@@ -70,7 +72,8 @@ class StackSpec:
         out["orchestrator"] = [
             py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
             "--port", str(self.port), "--draft", ",".join(self.replica_addresses("draft").values()),
-            "--verify", ",".join(self.replica_addresses("verify").values()), *self.orchestrator_args]
+            "--verify", ",".join(self.replica_addresses("verify").values()),
+            *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.orchestrator_args]
         return out
 
 

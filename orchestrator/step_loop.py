@@ -78,9 +78,10 @@ class LiveSequence:
     def policy(self) -> TreePolicy:
         return self.request.policy
 
-    def finish(self, reason: FinishReason, taken: list[int]) -> None:
+    def finish(self, reason: FinishReason, taken: list[int], step: StepRecord | None = None,
+               tree: TokenTree | None = None) -> None:
         self.stats.total_seconds = time.perf_counter() - self.started
-        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids)))
+        self.out.put_nowait(Chunk(None, taken, reason, self.stats, len(self.assembler.token_ids), step, tree))
         self.done = True
 
     def fail(self, error: BaseException) -> None:
@@ -376,12 +377,15 @@ class StepLoop:
             s.stats.verify_seconds += seconds
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
-            s.stats.steps.append(StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree),
-                                            item.tree.max_depth, len(taken), timing))
+            # The step's accepted tokens are those the request emits: none past max_new_tokens, a stop or EOS.
+            record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
+                                len(taken), timing)
+            s.stats.steps.append(record)
             if reason is not None:
-                s.finish(reason, taken)
+                s.finish(reason, taken, record, item.tree)
             elif not s.done:
-                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids)))
+                s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids), step=record,
+                                       tree=item.tree))
         timing.step = time.perf_counter() - started  # the records above share this object
 
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.tiny_models import make_tiny_pair
+from cast_models.tiny import make_tiny_pair
 
 
 @pytest.fixture(scope="session")

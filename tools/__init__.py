@@ -1,1 +1,1 @@
-"""Project tools: proto generation, model building, training the reference pair."""
+"""Developer tooling: proto generation (`make protos`)."""

@@ -1,9 +1,9 @@
-"""A Llama-family forward over the model's own weights, in fewer and larger kernels (issue 7).
+"""A Llama-family forward over the model's own weights, in fewer and larger kernels.
 
 transformers' Llama forward launches ~35 kernels a layer: 7 projections, RMSNorm as 7 elementwise kernels, RoPE
 through slices, negation and concatenation, the SiLU and the product apart, K and V repeated for grouped-query
-attention. On a GPU inside a CUDA graph each costs ~2.5 us, ~2.7 ms a step for an 8B model against ~5 ms of weight
-reads (reports/gpu_issue7.md). This forward computes the same function with:
+attention. On a GPU each launch costs time even inside a CUDA graph (reports/verifier-step/ measures how much).
+This forward computes the same function with:
 
 - one GEMM for Q, K and V and one for gate and up: the weights are concatenated once at load and the transformers
   modules' parameters become views of them, so nothing is stored twice and the transformers forward still works;
@@ -15,7 +15,7 @@ reads (reports/gpu_issue7.md). This forward computes the same function with:
 The arithmetic follows transformers' order and dtypes (RMSNorm statistics in float32, RoPE in the model's dtype),
 so in float32 the logits agree with the transformers forward to rounding (tests/verify_service/test_fused_llama.py).
 Compiled kernels keep intermediates in registers and may round differently in bfloat16, as any other kernel choice.
-The KV cache is the same KVStore (its update() is called per layer), so the eager and static layouts both use it.
+The KV cache is the KVStore (kv_cache.py), whose update() is called per layer as transformers' layers call it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger("verify_service")
 
-FORWARDS = ("auto", "compiled", "fused", "transformers")
 MASK_ALIGN = 16  # elements: sdpa's memory-efficient kernel pads (copies) a mask whose row stride is not aligned
 
 
@@ -102,9 +101,9 @@ EAGER = Kernels(add_rms_norm, rope_and_layout, silu_mul)
 
 def compiled_kernels() -> Kernels:
     """The same functions through torch.compile. Shapes: automatic dynamic (dynamic=None), so only the dimensions
-    seen to change (batch, tokens) become symbolic after the probe and the feature sizes stay constants. With
-    dynamic=True every size was symbolic and the SiLU * up kernel took 35 us instead of ~2 (H100, 8B shape): the
-    gate/up split's index arithmetic ran on run-time sizes."""
+    seen to change (batch, tokens) become symbolic after the probe and the feature sizes stay constants
+    (dynamic=True made every size symbolic, and the gate/up split's index arithmetic ran on run-time sizes: many
+    times slower)."""
     # Not fullgraph: past the recompile limit a fullgraph function raises, where this one runs eagerly (slower,
     # still right). The probe compiles what serving needs; the limit only guards against the unforeseen.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
@@ -151,7 +150,7 @@ def fuse_rows(*linears: torch.nn.Linear) -> torch.Tensor:
 
 class FusedLlama:
     """The forward of a LlamaForCausalLM with fused projections and elementwise kernels; same inputs and outputs
-    as TargetModel._forward."""
+    as TargetModel.forward."""
 
     def __init__(self, model: torch.nn.Module, kernels: Kernels = EAGER) -> None:
         reason = unsupported_reason(model)
@@ -204,22 +203,16 @@ class FusedLlama:
         return self.model.lm_head(h[:, -1:] if last_only else h)  # [B, N, V] or [B, 1, V]
 
 
-def build_fused(model: torch.nn.Module, forward: str, device: torch.device) -> FusedLlama | None:
-    """The forward a TargetModel runs: None for transformers' own. forward: one of FORWARDS; auto is compiled on
-    CUDA, fused on the CPU, and transformers' for a model the fused forward does not cover. A compiled forward
-    whose compilation fails on a small probe falls back to the fused one, with a warning."""
-    if forward not in FORWARDS:
-        raise ValueError(f"forward: {forward!r} is not one of {', '.join(FORWARDS)}")
+def build_fused(model: torch.nn.Module, device: torch.device) -> FusedLlama | None:
+    """The forward a TargetModel runs: ours for a model it covers, its elementwise kernels compiled on CUDA and
+    eager on the CPU; None (transformers' own) for any other model. Where compiling fails on a small probe, the
+    kernels run eagerly, with a warning."""
     reason = unsupported_reason(model)
-    if forward == "transformers" or forward == "auto" and reason:
-        if reason:
-            log.info("transformers' forward: %s", reason)
-        return None
     if reason:
-        raise ValueError(f"forward: {forward!r} does not apply to this model: {reason}")
-    compiled = forward == "compiled" or forward == "auto" and device.type == "cuda"
+        log.info("transformers' forward: %s", reason)
+        return None
     kernels = EAGER
-    if compiled:
+    if device.type == "cuda":
         try:
             kernels = compiled_kernels()
             probe_kernels(kernels, model, device)

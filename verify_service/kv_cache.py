@@ -1,22 +1,21 @@
-"""The verifier's KV cache: one slotted store for all sequences, each sequence owning one slot (gpt-fast style).
+"""The verifier's KV cache: one store of fixed buffers for all sequences, each sequence owning one slot (gpt-fast).
 
-Per layer, keys and values live in one buffer [S, H_kv, C, D]: S slots, C positions per slot. A sequence's
-committed entries are columns [0, length) of its slot. A batched tree forward over B sequences with prefix
-lengths P_b writes the N (padded) new entries of every row at the same columns [W0, W0 + N), W0 = max_b P_b, and
-attends to columns [0, W0 + N) of its slot: right padding, the columns [P_b, W0) are masked out (target.py builds
-the mask). Acceptance then moves each sequence's kept entries from W0 + kept[j] down to P_b + j (keep()).
-Nothing below a sequence's length changes before keep(), so a failed forward needs no rollback.
+Keys and values live in two tensors [L, S, H_kv, C, D], allocated once: S slots (so at most S live sequences) and
+C columns per slot (max context + tree room). Addresses never change, so CUDA graphs replay on them. A sequence's
+committed entries are columns [0, length) of its slot.
 
-Live sequences hold slots 0..L-1 (freeing a slot moves the last one into the hole), and target.py orders a batch
-by slot, so a Verify over all live sequences attends to a view of the buffers: no gather, no scatter. Any other
-batch gathers its slots (one copy of [B, H_kv, W0 + N, D] per layer); its new entries are written in place.
+A forward over a batch writes every row's N new entries at the same columns [W, W + N), W >= every row's length,
+and attends to columns [0, W + N) of its slot; the columns between a row's length and W are masked out (the
+caller builds the mask). Acceptance then moves each sequence's kept entries from W + node down to length + j
+(keep(), all layers in one indexed copy). Nothing below a sequence's length changes before keep(), so a failed
+forward needs no rollback.
+
+Live sequences hold slots 0..L-1 (freeing a slot moves the last one into the hole). The rows of a forward are
+either slots [0, rows) (begin_verify: static_forward.py, whose shapes stay fixed per bucket) or the batch's own
+slots (begin_prefill: a view when they are consecutive, else a gather).
 
 The store is also the transformers Cache the model writes through: update() is the one method the attention
-layers call. Buffers grow (doubling) on demand, unless the store is `fixed` (the static layout, issue 7): then
-allocate_buffers() sets S = max batch and C = max context + tree room once, as one [L, S, H_kv, C, D] tensor for
-keys and one for values, so every address stays fixed (CUDA graphs replay on them) and keep() / free() move the
-entries of all layers in one indexed copy each. static_forward.py writes a tree's entries at a fixed scratch
-column instead of W0 (begin_static_forward).
+layers call (fused_llama.py calls it the same way).
 """
 
 from __future__ import annotations
@@ -45,58 +44,41 @@ class SequenceKV:
 
 
 class SlotLayer:
-    """One attention layer's buffers; allocated on the first forward, when H_kv, D, dtype and device are known."""
+    """One attention layer's keys and values: views of the store's buffers."""
 
     is_sliding = False  # transformers asks every layer of a Cache
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys = keys  # [S, H_kv, C, D]
         self.values = values  # [S, H_kv, C, D]
 
-    def resize(self, slots: int, capacity: int) -> None:
-        if self.keys is None or self.keys.shape[0] >= slots and self.keys.shape[2] >= capacity:
-            return
-        s, h, c, d = self.keys.shape
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            # Zeros, not empty: masked columns still enter the kernels (score + dtype min, weight 0 x value),
-            # and a NaN left there by uninitialised memory would poison the row.
-            new = old.new_zeros(max(s, slots), h, max(c, capacity), d)
-            new[:s, :, :c] = old
-            setattr(self, name, new)
-
 
 class KVStore(Cache):
-    def __init__(self, slots: int = 8, capacity: int = 256, fixed: bool = False) -> None:
-        super().__init__(layers=[])
-        self.slot_capacity = slots  # S of every buffer
-        self.context_capacity = capacity  # C of every buffer
-        self.fixed = fixed  # static layout: S and C never change (a full store refuses instead of growing)
-        self.keys_all: torch.Tensor | None = None  # [L, S, H_kv, C, D] when allocate_buffers() ran
-        self.values_all: torch.Tensor | None = None  # [L, S, H_kv, C, D]
+    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        # Zeros, not empty: masked columns still enter the kernels (score + dtype min, weight 0 x value), and a NaN
+        # left there by uninitialised memory would poison the row.
+        self.keys_all = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, H_kv, C, D]
+        self.values_all = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, H_kv, C, D]
+        super().__init__(layers=[SlotLayer(self.keys_all[i], self.values_all[i]) for i in range(layers)])
+        self.slot_capacity = slots  # S
+        self.context_capacity = capacity  # C
         self.owners: list[SequenceKV] = []  # owners[s]: the sequence in slot s; slots 0..len-1 are live
         self._rows: slice | torch.Tensor | None = None  # the batch of the forward in flight: its slots, in row order
         self.write_at = 0
 
-    def allocate_buffers(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         device: torch.device) -> None:
-        """Every layer's buffers at once, as views of one keys and one values tensor (before any forward)."""
-        assert not self.layers, "buffers already exist"
-        shape = (layers, self.slot_capacity, kv_heads, self.context_capacity, head_dim)
-        # Zeros, not empty: see SlotLayer.resize.
-        self.keys_all = torch.zeros(shape, dtype=dtype, device=device)
-        self.values_all = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = [SlotLayer(self.keys_all[i], self.values_all[i]) for i in range(layers)]
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys_all.numel() * self.keys_all.element_size()
 
     # --- sequences ----------------------------------------------------------------------------------------------
 
     def allocate(self) -> SequenceKV:
-        if self.fixed and len(self.owners) >= self.slot_capacity:
+        if len(self.owners) >= self.slot_capacity:
             raise ResourceExhausted(f"all {self.slot_capacity} KV slots are taken", "sequence_id")
         kv = SequenceKV(self, len(self.owners))
         self.owners.append(kv)
-        if len(self.owners) > self.slot_capacity:
-            self._resize(max(2 * self.slot_capacity, len(self.owners)), self.context_capacity)
         return kv
 
     def free(self, kv: SequenceKV) -> None:
@@ -117,18 +99,12 @@ class KVStore(Cache):
 
     def _copy_slot(self, src: int, dst: int, n: int) -> None:
         """Columns [0, n) of slot src to slot dst, in every layer."""
-        if self.keys_all is not None:
-            self.keys_all[:, dst, :, :n] = self.keys_all[:, src, :, :n]
-            self.values_all[:, dst, :, :n] = self.values_all[:, src, :, :n]
-            return
-        for layer in self.layers:
-            if layer.keys is not None:
-                layer.keys[dst, :, :n] = layer.keys[src, :, :n]
-                layer.values[dst, :, :n] = layer.values[src, :, :n]
+        self.keys_all[:, dst, :, :n] = self.keys_all[:, src, :, :n]
+        self.values_all[:, dst, :, :n] = self.values_all[:, src, :, :n]
 
     def keep(self, kvs: Sequence[SequenceKV], kept: Sequence[Sequence[int]]) -> None:
         """After a forward over kvs: sequence b keeps its new entries kept[b] (increasing node indices), appended at
-        its length, in order; the rest are forgotten. One indexed copy per layer and buffer for the whole batch."""
+        its length, in order; the rest are forgotten. One indexed copy per buffer for the whole batch."""
         slots, src, dst = [], [], []
         for kv, nodes in zip(kvs, kept, strict=True):
             for j, node in enumerate(nodes):
@@ -137,47 +113,36 @@ class KVStore(Cache):
                     src.append(kv.written_at + node)
                     dst.append(kv.length + j)
         if slots:
-            device = self.layers[0].keys.device
-            s, a, b = torch.tensor([slots, src, dst], dtype=torch.long).to(device)  # [K] each, one transfer
-            # The right side is a copy, so overlapping source and target are fine.
-            if self.keys_all is not None:
-                # [K, L, H_kv, D] both sides: all layers in one copy (a step's launches add up on a GPU).
-                self.keys_all[:, s, :, b] = self.keys_all[:, s, :, a]
-                self.values_all[:, s, :, b] = self.values_all[:, s, :, a]
-            else:
-                for layer in self.layers:
-                    layer.keys[s, :, b] = layer.keys[s, :, a]  # [K, H_kv, D] both sides
-                    layer.values[s, :, b] = layer.values[s, :, a]
+            s, a, b = torch.tensor([slots, src, dst], dtype=torch.long).to(self.keys_all.device)  # [K] each
+            # [K, L, H_kv, D] both sides, all layers in one copy; the right side is a copy, so overlaps are fine.
+            self.keys_all[:, s, :, b] = self.keys_all[:, s, :, a]
+            self.values_all[:, s, :, b] = self.values_all[:, s, :, a]
         for kv, nodes in zip(kvs, kept, strict=True):
             kv.length += len(nodes)
 
     # --- one forward --------------------------------------------------------------------------------------------
 
-    def begin_forward(self, kvs: Sequence[SequenceKV], new_entries: int) -> None:
-        """Set the batch the next forward writes to: rows = kvs (in this order), N = new_entries per row."""
+    def begin_prefill(self, kvs: Sequence[SequenceKV], new_entries: int) -> None:
+        """Rows = kvs (in this order), their new entries at W = the longest row's length."""
         write_at = max(kv.length for kv in kvs)
-        width = write_at + new_entries
-        if width > self.context_capacity:
-            if self.fixed:  # the verifier's context checks keep this from happening
-                raise OutOfRange(f"{width} KV columns exceed the static layout's {self.context_capacity}")
-            self._resize(self.slot_capacity, max(2 * self.context_capacity, width))
+        if write_at + new_entries > self.context_capacity:  # the verifier's context checks keep this from happening
+            raise OutOfRange(f"{write_at + new_entries} KV columns exceed the store's {self.context_capacity}")
         slots = [kv.slot for kv in kvs]
         if slots == list(range(slots[0], slots[0] + len(slots))):
             self._rows = slice(slots[0], slots[0] + len(slots))  # views of the buffers: no gather
         else:
-            device = self.layers[0].keys.device if self.layers else None
-            self._rows = torch.tensor(slots, dtype=torch.long, device=device)
-        self.write_at = write_at
-        for kv in kvs:
-            kv.written_at = write_at
+            self._rows = torch.tensor(slots, dtype=torch.long, device=self.keys_all.device)
+        self._begin(kvs, write_at)
 
-    def begin_static_forward(self, kvs: Sequence[SequenceKV], rows: int, write_at: int) -> None:
-        """The static layout's forward: rows = slots [0, rows) (the batch kvs among them, the rest dummy rows), new
-        entries at columns [write_at, write_at + N) of every row; write_at >= the length of every slot in those
-        rows, so no row overwrites a committed entry."""
-        assert self.fixed and rows <= self.slot_capacity and all(kv.slot < rows for kv in kvs)
+    def begin_verify(self, kvs: Sequence[SequenceKV], rows: int, write_at: int) -> None:
+        """Rows = slots [0, rows) (the batch kvs among them, the rest dummy rows), new entries at write_at, which
+        is >= the length of every slot in those rows, so no row overwrites a committed entry."""
+        assert rows <= self.slot_capacity and all(kv.slot < rows for kv in kvs)
         assert all(kv.length <= write_at for kv in self.owners[:rows])
         self._rows = slice(0, rows)
+        self._begin(kvs, write_at)
+
+    def _begin(self, kvs: Sequence[SequenceKV], write_at: int) -> None:
         self.write_at = write_at
         for kv in kvs:
             kv.written_at = write_at
@@ -186,27 +151,13 @@ class KVStore(Cache):
         self._rows = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key_states, value_states: [B, H_kv, N, D], the batch's new entries. Returns the [B, H_kv, W0 + N, D] keys
+        """key_states, value_states: [B, H_kv, N, D], the batch's new entries. Returns the [B, H_kv, W + N, D] keys
         and values the batch attends to."""
-        while len(self.layers) <= layer_idx:
-            self.layers.append(SlotLayer())
         layer = self.layers[layer_idx]
-        if layer.keys is None:  # a store without allocate_buffers(): sized now, from the first forward
-            shape = (self.slot_capacity, key_states.shape[1], self.context_capacity, key_states.shape[3])
-            layer.keys = key_states.new_zeros(shape)
-            layer.values = value_states.new_zeros(shape)
-        rows = self._rows
-        if isinstance(rows, torch.Tensor) and rows.device != key_states.device:
-            rows = self._rows = rows.to(key_states.device)  # only before the first layer exists
         end = self.write_at + key_states.shape[2]
-        layer.keys[rows, :, self.write_at : end] = key_states
-        layer.values[rows, :, self.write_at : end] = value_states
-        return layer.keys[rows, :, :end], layer.values[rows, :, :end]
+        layer.keys[self._rows, :, self.write_at : end] = key_states
+        layer.values[self._rows, :, self.write_at : end] = value_states
+        return layer.keys[self._rows, :, :end], layer.values[self._rows, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.write_at  # only asked when position_ids are missing, which target.py never lets happen
-
-    def _resize(self, slots: int, capacity: int) -> None:
-        self.slot_capacity, self.context_capacity = slots, capacity
-        for layer in self.layers:
-            layer.resize(slots, capacity)

@@ -1,13 +1,10 @@
 """Profile the verifier's cost table S_T(B): f(B, c, n) = ms of one target forward over B sequences x n new tokens
-on a KV cache of c tokens each: target.tree_logits itself, as a batched verify step runs it.
+on a KV cache of c tokens each, through a Verifier's own store and tree forward (static_forward.py, CUDA graphs
+included: they are captured in the warm-up runs and stay for serving), so the table prices the step it serves.
 
 The KV is a real one (one prefill of c random tokens, copied into every slot of the batch); a timed forward
 writes its n entries past the context and keeps none, so the next one sees the same. On CUDA every timing is
 bracketed by synchronize().
-
-Given a Verifier with the static layout (static_forward.py), the batch lives in the verifier's own store and the
-forward timed is its static one (CUDA graphs included, captured during the warm-up runs), so the table prices the
-step the service runs; such a table is cached under its own key (target_cache_path's `layout`).
 """
 
 from __future__ import annotations
@@ -17,21 +14,19 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cast_core.cost_table import CostTable, monotone_envelope
-from cast_core.profiling import (
+from cast_runtime.profiling import (
     Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import KVStore, SequenceKV
-from verify_service.target import TargetModel, device_name
-
-if TYPE_CHECKING:
-    from verify_service.verifier import Verifier
+from verify_service.kv_cache import SequenceKV
+from verify_service.static_forward import StaticForward
+from verify_service.target import device_name
+from verify_service.verifier import Verifier
 
 log = logging.getLogger("verify_service")
 
@@ -43,7 +38,7 @@ GPU_GRID = ProfileGrid(
     repeats=5,
     warmup=2,
 )
-# `cast profile verify` on a CPU: fewer, cheaper cells, so the reference target takes about a minute.
+# `cast profile verify` on a CPU: fewer, cheaper cells.
 CPU_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4, 8, 16),
     context_buckets=(128, 512, 1024),
@@ -51,11 +46,11 @@ CPU_GRID = ProfileGrid(
     repeats=3,
     warmup=1,
 )
-# `--quick`: a few seconds anywhere.
+# `--quick`: a smoke test.
 QUICK_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4), context_buckets=(128,), token_counts=(1, 4, 16, 64), repeats=2, warmup=1
 )
-# At service start-up without a table: small, a few seconds on CPU for the tiny and reference models.
+# At service start-up without a table: small, so that start-up stays short.
 STARTUP_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4, 8), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
 )
@@ -79,11 +74,10 @@ def profile_tree(n: int) -> TokenTree:
 
 
 @torch.no_grad()
-def prefilled_batch(target: TargetModel, context: int, batch: int, generator: torch.Generator,
-                    store: KVStore | None = None) -> list[SequenceKV]:
-    """`batch` sequences, each with the same KV over `context` random tokens (one prefill), in `store` (the caller
-    frees them) or else in a fresh store."""
-    store = store if store is not None else KVStore(slots=batch, capacity=context + 1)
+def prefilled_batch(verifier: Verifier, context: int, batch: int, generator: torch.Generator) -> list[SequenceKV]:
+    """`batch` sequences in the verifier's store (the caller frees them), each with the same KV over `context`
+    random tokens (one prefill)."""
+    target, store = verifier.target, verifier.kv
     kvs = [store.allocate() for _ in range(batch)]
     target.prefill(kvs[:1], [torch.randint(target.vocab_size, (context,), generator=generator).tolist()])
     for kv in kvs[1:]:
@@ -92,40 +86,35 @@ def prefilled_batch(target: TargetModel, context: int, batch: int, generator: to
 
 
 @torch.no_grad()
-def time_tree_forward(target: TargetModel, kvs: list[SequenceKV], tokens: int, grid: ProfileGrid,
-                      generator: torch.Generator, forward=None) -> float:
-    """Fastest ms of one verify forward (forward.tree_logits; forward: target, or a StaticForward) over len(kvs)
-    trees of n nodes on top of kvs.
+def time_tree_forward(forward: StaticForward, kvs: list[SequenceKV], tokens: int, grid: ProfileGrid,
+                      generator: torch.Generator) -> float:
+    """Fastest ms of one verify forward over len(kvs) trees of n nodes on top of kvs.
 
     tree_logits writes past the sequences' lengths and keeps nothing, so every run sees the same context."""
-    forward = forward or target
+    target = forward.target
     tree = profile_tree(tokens)
     trees = [TokenTree(torch.randint(target.vocab_size, (tokens,), generator=generator).numpy(), tree.parents,
                        tree.depths, tree.values) for _ in kvs]
     return fastest_millis(lambda: forward.tree_logits(kvs, trees), grid.repeats, grid.warmup, sync_for(target.device))
 
 
-def profile_target(
-    target: TargetModel,
+def profile_verifier(
+    verifier: Verifier,
     grid: ProfileGrid,
     model_id: str | None = None,
     on_cell: Callable[[int, int, int, float], None] | None = None,
     seed: int = 0,
-    verifier: Verifier | None = None,
 ) -> Profile:
-    """Measure f(B, c, n) over the grid (contexts capped by the model's limit). on_cell(B, c, n, ms) after each cell.
-    With a verifier in the static layout: its store and its static forward, batch sizes and tree sizes capped by
-    its free slots and its tree room (it serves no more)."""
-    static = verifier.static if verifier is not None else None
-    store = None
-    if static is not None:
-        store = static.store
-        free = store.slot_capacity - len(store.owners)
-        if free < 1:
-            raise ValueError("no free KV slot to profile in")
-        grid = replace(grid, batch_sizes=tuple(b for b in grid.batch_sizes if b <= free) or (free,),
-                       token_counts=tuple(n for n in grid.token_counts if n <= static.max_tree_tokens)
-                       or (static.max_tree_tokens,))
+    """Measure f(B, c, n) over the grid through the verifier. on_cell(B, c, n, ms) after each cell. Contexts are
+    capped by the model's limit, batch sizes by the verifier's free slots and tree sizes by its tree room (it serves
+    no more)."""
+    target, static, store = verifier.target, verifier.static, verifier.kv
+    free = store.slot_capacity - len(store.owners)
+    if free < 1:
+        raise ValueError("no free KV slot to profile in")
+    grid = replace(grid, batch_sizes=tuple(b for b in grid.batch_sizes if b <= free) or (free,),
+                   token_counts=tuple(n for n in grid.token_counts if n <= static.max_tree_tokens)
+                   or (static.max_tree_tokens,))
     grid = grid.capped(target.max_context)
     generator = torch.Generator().manual_seed(seed)
     millis = np.zeros((len(grid.batch_sizes), len(grid.context_buckets), len(grid.token_counts)))
@@ -135,12 +124,12 @@ def profile_target(
     for ci, context in enumerate(grid.context_buckets):
         # Positions stay in range: a bucket at the model's limit runs on a slightly shorter context (same cost).
         room = profile_tree(max(grid.token_counts)).max_depth + 1
-        kvs = prefilled_batch(target, min(context, target.max_context - room), max_batch, generator, store)
+        kvs = prefilled_batch(verifier, min(context, target.max_context - room), max_batch, generator)
         forwards += 1
         for bi, batch in enumerate(grid.batch_sizes):
             for ni, tokens in enumerate(grid.token_counts):
                 # The first `batch` slots: consecutive, as a Verify over all live sequences runs.
-                ms = time_tree_forward(target, kvs[:batch], tokens, grid, generator, static)
+                ms = time_tree_forward(static, kvs[:batch], tokens, grid, generator)
                 millis[bi, ci, ni] = max(ms, 1e-6)  # the table needs > 0; a timer can read 0 for tiny work
                 forwards += grid.repeats + grid.warmup
                 if on_cell is not None:
@@ -162,33 +151,26 @@ def profile_target(
     return Profile(table, time.perf_counter() - start, forwards)
 
 
-def target_cache_path(target: TargetModel, model_dir: str | Path, attn_implementation: str,
-                      cache_dir: str | Path | None = None, layout: str = "") -> Path:
-    """Where this (device, model, dtype, attention kernel, KV layout) keeps its profiled table. layout: "" for the
-    growing store (the key it always had), else layout_name()'s."""
-    return cache_path(
-        "verify", device_name(target.device), model_identity(target.model_name, model_dir), target.dtype_name,
-        extra=f"attn={attn_implementation}" + (f",layout={layout}" if layout else ""), cache_dir=cache_dir,
-    )
+def verifier_cache_path(verifier: Verifier, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where a table profiled through this verifier is kept: by device, model, dtype, attention kernel, CUDA graphs
+    or not, and the limits that cap its grid (slots, tree room, context)."""
+    target, static = verifier.target, verifier.static
+    extra = (f"attn={target.attn_implementation},graphs={int(static.use_graphs)},slots={verifier.kv.slot_capacity},"
+             f"tree_tokens={static.max_tree_tokens},max_context={target.max_context}")
+    return cache_path("verify", device_name(target.device), model_identity(target.model_name, model_dir),
+                      target.dtype_name, extra=extra, cache_dir=cache_dir)
 
 
-def layout_name(verifier: Verifier | None) -> str:
-    """"" (growing store, eager), "static" or "static+graphs": what a table measured through verifier prices."""
-    static = verifier.static if verifier is not None else None
-    if static is None:
-        return ""
-    return "static+graphs" if static.use_graphs else "static"
-
-
-def startup_cost_table(target: TargetModel, config, verifier: Verifier | None = None) -> CostTable | None:
-    """The table Describe reports (config: a VerifyConfig): --cost-table, else cached, else a small profile, cached.
-    With a verifier: profiled through it (its layout, its graphs)."""
+def startup_cost_table(config, verifier: Verifier) -> CostTable | None:
+    """The table Describe reports (config: a VerifyConfig): --cost-table, else cached, else a small profile through
+    the verifier, cached."""
+    target = verifier.target
     model_id = model_identity(target.model_name, config.model)
     return select_startup_table(
         config.cost_table,
         config.profile,
-        target_cache_path(target, config.model, config.attn_implementation, layout=layout_name(verifier)),
-        lambda: profile_target(target, STARTUP_GRID, model_id=model_id, verifier=verifier),
+        verifier_cache_path(verifier, config.model),
+        lambda: profile_verifier(verifier, STARTUP_GRID, model_id=model_id),
         device_name(target.device),
         model_id,
         log,

@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
-from cast_core.wire import cost_table_to_proto
+from cast_runtime.grpc_options import server_options
+from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
 from verify_service.servicer import VerifyServicer, expire_sessions_until_stopped
@@ -31,17 +32,9 @@ log = logging.getLogger("verify_service")
 
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name  # "cast.v1.VerifyService"
 
-# Batch buckets whose CUDA graphs (every tree-size and context bucket) are captured at start-up: 263 graphs in
-# 26 s for an 8B-shaped model on an H100; other buckets are captured on first use (that Verify says `cold`).
+# Batch buckets whose CUDA graphs (every tree-size and context bucket) are captured at start-up; other buckets are
+# captured on first use (that Verify says `cold`).
 WARM_BATCHES = (1, 2, 4, 8)
-SERVER_OPTIONS = [
-    # Let orchestrators keep idle channels alive with pings instead of being sent GOAWAY "too_many_pings".
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    # Long prompts in one Prefill can pass the 4 MiB default.
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
 
 
 @dataclass
@@ -59,7 +52,7 @@ def bind_address(host: str, port: int) -> str:
 
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     # Bind before the (slow) model load, so a taken port fails at once.
     port = server.add_insecure_port(bind_address(config.host, config.port))
     if port == 0:
@@ -70,50 +63,29 @@ async def start(config: VerifyConfig) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
-    # One worker thread: it loads the model and then runs every domain call (see servicer.py). With
-    # --model-thread loop the event loop does both (the server is not started before the load ends).
-    executor = None
-    if config.model_thread == "worker":
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
-    loop = asyncio.get_running_loop()
+    # One worker thread: it loads the model and then runs every domain call (see servicer.py).
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
 
     def load() -> tuple[Verifier, CostTable | None]:
-        target = TargetModel.load(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            attn_implementation=config.attn_implementation,
-            max_context=config.max_context,
-            model_name=config.model_name,
-            forward=config.forward,
-        )
-        static = config.static_layout(target.device.type)
-        verifier = Verifier(
-            target,
-            max_sessions=config.session_cap(static),
-            session_ttl_s=config.session_ttl_s,
-            static_slots=config.max_batch if static else None,
-            max_tree_tokens=config.max_tree_tokens,
-            cuda_graphs=static,  # graphs only where the device is CUDA
-        )
-        if verifier.static is not None:
-            log.info("%s", verifier.static.describe())
-        if config.warmup:
-            verifier.warm_up()
-            if verifier.static is not None and verifier.static.use_graphs:
-                start = time.perf_counter()
-                captured = verifier.static.capture_buckets(WARM_BATCHES)
-                log.info("captured %d CUDA graphs for batches %s in %.1f s", captured,
-                         ",".join(map(str, WARM_BATCHES)), time.perf_counter() - start)
-        # After the warm-up: first-run costs stay out of it. Through the verifier: its layout and graphs are priced
-        # (and the profile's graphs stay captured for serving).
-        return verifier, startup_cost_table(target, config, verifier)
+        target = TargetModel.load(config.model, dtype=config.dtype, device=config.device,
+                                  max_context=config.max_context, model_name=config.model_name)
+        verifier = Verifier(target, max_batch=config.max_batch, session_ttl_s=config.session_ttl_s,
+                            max_tree_tokens=config.max_tree_tokens)
+        log.info("%s", verifier.static.describe())
+        verifier.warm_up()
+        if verifier.static.use_graphs:
+            start = time.perf_counter()
+            captured = verifier.static.capture_buckets(WARM_BATCHES)
+            log.info("captured %d CUDA graphs for batches %s in %.1f s", captured,
+                     ",".join(map(str, WARM_BATCHES)), time.perf_counter() - start)
+        # After the warm-up, so that first-run costs stay out of the table; through the verifier, so that the table
+        # prices its forward (and the graphs the profile captures stay for serving).
+        return verifier, startup_cost_table(config, verifier)
 
     try:
-        verifier, cost_table = load() if executor is None else await loop.run_in_executor(executor, load)
+        verifier, cost_table = await asyncio.get_running_loop().run_in_executor(executor, load)
     except BaseException:
-        if executor is not None:
-            executor.shutdown(wait=False)
+        executor.shutdown(wait=False)
         raise
     servicer = VerifyServicer(verifier, executor)
     if cost_table is not None:

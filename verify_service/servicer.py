@@ -1,8 +1,7 @@
 """gRPC servicer: translates protos to the domain (verifier.py) and back; nothing else.
 
 All domain calls run on one worker thread: model work stays off the event loop, and the Verifier, which is not
-thread-safe, is only ever touched by that thread. With --model-thread loop they run on the event loop instead
-(executor None): one thread still, and a step saves the two hand-offs.
+thread-safe, is only ever touched by that thread.
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ class Coalescer:
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor | None) -> None:
+    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
         self.verifier = verifier
         self.executor = executor
         target = verifier.target
@@ -114,6 +113,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             device=device_name(target.device),
             dtype=target.dtype_name,
             backend="torch",
+            max_sequences=verifier.sessions.max_sessions,
         )
 
     @functools.cached_property
@@ -121,8 +121,6 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         return Coalescer(self.verifier.verify_noting_captures, self.executor)
 
     async def _in_worker(self, fn, *args):
-        if self.executor is None:  # --model-thread loop: no hand-off, the loop waits for the model
-            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     @abort_on_domain_error
@@ -184,5 +182,4 @@ async def expire_sessions_until_stopped(server: grpc.aio.Server, servicer: Verif
         while await server.wait_for_termination(timeout=interval_s):
             await servicer.expire_idle_sessions()
     finally:
-        if servicer.executor is not None:
-            servicer.executor.shutdown(wait=False)
+        servicer.executor.shutdown(wait=False)

@@ -1,22 +1,20 @@
-"""The static layout's tree forward (issue 7): fixed shapes per bucket, so that a CUDA graph can replay it.
+"""The verifier's tree forward over the KV store (kv_cache.py); on CUDA in fixed shapes per bucket, so that a CUDA
+graph can replay it.
 
-The eager path (target.tree_logits) changes every shape at every step: W0 = max P_b, N_max, the batch. Here:
-
-- Rows are slots: row r of the forward is slot r of the fixed KVStore, for r < B_bucket, the smallest batch bucket
-  holding every slot of the batch. A slot in those rows that is not in the batch (another live sequence, or no
-  sequence) is a dummy row: token 0 at position 0, seeing only itself; its output is ignored.
-- Every row writes its N_bucket new entries at the scratch columns [W, W + N_bucket) and attends to [0, W + N_bucket):
-  W is the context bucket at or above every length in those rows, so no row overwrites a committed entry, and
-  KVStore.keep moves the accepted ones from W + node to P_b + j as in the eager path. (The design's W = max_context
-  would make every step attend to the whole context limit: at a long limit that is most of the step.)
+- Rows are slots: row r of the forward is slot r of the store, for r < B, B = the highest slot of the batch + 1
+  (on CUDA: the smallest batch bucket at or above it). A slot in those rows that is not in the batch (another
+  live sequence, or no sequence) is a dummy row: token 0 at position 0, seeing only itself; its output is ignored.
+- Every row writes its N new entries (the largest tree's size; on CUDA its token bucket) at the scratch columns
+  [W, W + N) and attends to [0, W + N): W is the longest length in those rows (on CUDA the context bucket at or
+  above it), so no row overwrites a committed entry, and KVStore.keep moves the accepted ones from W + node to
+  P_b + j. (W = max_context would make every step attend to the whole context limit.)
 - Row b's node i sees the columns [0, P_b) and its ancestors in the scratch region (static_mask).
 
-So one (B_bucket, N_bucket, W) key has one set of shapes and one set of Python-level constants (the KV slices);
-on CUDA each key used is captured once as a torch.cuda.CUDAGraph (all sharing one memory pool) and replayed:
-copy the inputs into static device buffers, replay, read the logits from a static output buffer. The inputs go as
-one byte buffer (ids, positions, prefix lengths, ancestor masks) in one host-to-device copy; the mask is built
-inside the graph. Without CUDA (or with graphs off, or for a key whose capture failed) the same code runs eagerly:
-that is what the CPU tests check against the eager path.
+So on CUDA one (B, N, W) key has one set of shapes and one set of Python-level constants (the KV slices); each key
+used is captured once as a torch.cuda.CUDAGraph (all sharing one memory pool) and replayed: copy the inputs into
+static device buffers, replay, read the logits from a static output buffer. The inputs go as one byte buffer (ids,
+positions, prefix lengths, ancestor masks) in one host-to-device copy; the mask is built inside the graph. On the
+CPU the same code runs eagerly, in the batch's own sizes: with no graph to replay, rounding up would only add work.
 
 Graph memory: the pool is shared, so captured graphs cost about the largest one's activations, not their sum;
 the logits of all keys live in one flat buffer of S * T * V elements (each key's [B, N, V] is a prefix of it).
@@ -26,12 +24,15 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from cast_core.tree import TokenTree
+from verify_service.fused_llama import MASK_ALIGN
 from verify_service.kv_cache import KVStore, SequenceKV
 from verify_service.target import TargetModel
 
@@ -40,7 +41,6 @@ log = logging.getLogger("verify_service")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 MIN_CONTEXT_BUCKET = 64  # then powers of two up to max_context: a step attends to at most twice its context
-MASK_ALIGN = 16  # elements: sdpa's memory-efficient kernel copies (pads) a mask whose row stride is not aligned
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles, workspaces)
 
 
@@ -63,7 +63,7 @@ def bucket_for(value: int, sizes: Sequence[int]) -> int:
 
 
 def kv_geometry(target: TargetModel) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) from the model's config (Llama-family attributes)."""
+    """(layers, KV heads, head dim) from the model's config (GPT-2's names map onto these through its config)."""
     config = target.model.config.get_text_config()
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -71,24 +71,34 @@ def kv_geometry(target: TargetModel) -> tuple[int, int, int]:
     return int(config.num_hidden_layers), kv_heads, head_dim
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def static_store(target: TargetModel, slots: int, max_tree_tokens: int) -> KVStore:
-    """A fixed KVStore for target: S = slots, C = max_context + max_tree_tokens, all buffers allocated now.
-    On CUDA it refuses (ValueError) a size that does not fit the free memory, naming the settings to lower."""
+    """The KVStore for target: S = slots, C = max_context + max_tree_tokens, all buffers allocated now.
+    It refuses (ValueError) a size that does not fit the free memory, naming the settings to lower."""
     capacity = target.max_context + max_tree_tokens
     layers, kv_heads, head_dim = kv_geometry(target)
     element = torch.empty((), dtype=target.dtype).element_size()
     need = 2 * layers * slots * kv_heads * capacity * head_dim * element
-    if target.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(target.device)
-        if need > 0.9 * free:
-            raise ValueError(
-                f"the static KV layout needs {need / 2**30:.1f} GiB ({slots} slots x {capacity} columns = max_context "
-                f"{target.max_context} + max_tree_tokens {max_tree_tokens}) but {free / 2**30:.1f} GiB are free: lower "
-                f"--max-context or --max-batch, or turn the static layout off with --cuda-graphs off"
-            )
-    store = KVStore(slots=slots, capacity=capacity, fixed=True)
-    store.allocate_buffers(layers, kv_heads, head_dim, target.dtype, target.device)
-    return store
+    free = free_memory(target.device)
+    if need > 0.9 * free:
+        raise ValueError(
+            f"the KV store needs {need / 2**30:.1f} GiB ({slots} slots x {capacity} columns = max_context "
+            f"{target.max_context} + max_tree_tokens {max_tree_tokens}) but {free / 2**30:.1f} GiB are free: lower "
+            f"--max-context or --max-batch"
+        )
+    return KVStore(layers, slots, kv_heads, capacity, head_dim, target.dtype, target.device)
 
 
 def static_mask(prefix_lengths: torch.Tensor, visible: torch.Tensor, write_at: int, dtype: torch.dtype) -> torch.Tensor:
@@ -106,17 +116,19 @@ def static_mask(prefix_lengths: torch.Tensor, visible: torch.Tensor, write_at: i
 
 
 class StaticForward:
-    """Tree forwards over a fixed KVStore, in buckets; on CUDA with graphs on, each bucket replays a CUDA graph."""
+    """Tree forwards over the KVStore, in buckets; on CUDA each bucket replays a CUDA graph."""
 
-    def __init__(self, target: TargetModel, store: KVStore, max_tree_tokens: int, graphs: bool) -> None:
-        assert store.fixed and store.context_capacity >= target.max_context + max_tree_tokens
+    def __init__(self, target: TargetModel, store: KVStore, max_tree_tokens: int) -> None:
+        assert store.context_capacity >= target.max_context + max_tree_tokens
         self.target = target
         self.store = store
         self.max_tree_tokens = max_tree_tokens
         self.batch_buckets = buckets(BATCH_BUCKETS, store.slot_capacity)
         self.token_buckets = buckets(TOKEN_BUCKETS, max_tree_tokens)
         self.context_buckets = context_buckets(target.max_context)
-        self.use_graphs = graphs and target.device.type == "cuda"
+        self.use_graphs = target.device.type == "cuda"
+        # Sizes rounded up to the buckets: the fixed shapes a graph replays (tests set it on the CPU, to run them).
+        self.bucketed = self.use_graphs
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}  # None: capture failed, eager
         self.capture_failures = 0
         self.captures = 0  # capture attempts: each is a one-time cost in the step that makes it
@@ -134,17 +146,20 @@ class StaticForward:
 
     @torch.no_grad()
     def tree_logits(self, kvs: Sequence[SequenceKV], trees: Sequence[TokenTree]) -> list[torch.Tensor]:
-        """As TargetModel.tree_logits: logits [N_b, V] per tree, on the model's device; lengths do not change.
-        With graphs the tensors are views of the static output: read them before the next forward."""
+        """One forward over all nodes of all trees, tree b on top of kvs[b]: logits [N_b, V] per tree, on the
+        model's device. The new entries wait past every sequence's length for KVStore.keep; lengths do not change
+        here. With graphs the tensors are views of the static output: read them before the next forward."""
         assert all(kv.store is self.store for kv in kvs)
-        rows = bucket_for(max(kv.slot for kv in kvs) + 1, self.batch_buckets)
-        n = max(len(t) for t in trees)
+        rows, n = max(kv.slot for kv in kvs) + 1, max(len(t) for t in trees)
         if n > self.max_tree_tokens:  # the verifier refuses these first, naming the request field
             raise ValueError(f"a tree of {n} nodes exceeds max_tree_tokens {self.max_tree_tokens}")
-        n = bucket_for(n, self.token_buckets)
-        write_at = bucket_for(max(kv.length for kv in self.store.owners[:rows]), self.context_buckets)
+        if self.bucketed:
+            rows, n = bucket_for(rows, self.batch_buckets), bucket_for(n, self.token_buckets)
+        write_at = max(kv.length for kv in self.store.owners[:rows])
+        if self.bucketed:
+            write_at = bucket_for(write_at, self.context_buckets)
         self._stage(kvs, trees, rows, n)
-        self.store.begin_static_forward(kvs, rows, write_at)
+        self.store.begin_verify(kvs, rows, write_at)
         try:
             logits = self._run(rows, n, write_at)  # [rows, n, V]
         finally:
@@ -190,7 +205,7 @@ class StaticForward:
         """The bucket's forward on the staged device inputs: logits [rows, n, V]. What a graph captures."""
         ids, positions, lengths, visible = self._views(self.device_inputs, rows, n)
         mask = static_mask(lengths, visible, write_at, self.target.dtype)  # [rows, 1, n, write_at + n]
-        return self.target._forward(self.store, ids, positions, mask)
+        return self.target.forward(self.store, ids, positions, mask)
 
     def _run(self, rows: int, n: int, write_at: int) -> torch.Tensor:
         key = (rows, n, write_at)
@@ -263,7 +278,7 @@ class StaticForward:
                     if (rows, n, write_at) in self.graphs:
                         continue
                     self._stage([], [], rows, n)
-                    self.store.begin_static_forward([], rows, write_at)
+                    self.store.begin_verify([], rows, write_at)
                     try:
                         self._run(rows, n, write_at)
                     finally:
@@ -273,7 +288,7 @@ class StaticForward:
 
     def describe(self) -> str:
         s, c = self.store.slot_capacity, self.store.context_capacity
-        nbytes = 2 * self.store.keys_all.numel() * self.store.keys_all.element_size()
         mode = "CUDA graphs" if self.use_graphs else "eager"
-        return (f"static KV layout: {s} slots x {c} columns ({nbytes / 2**30:.2f} GiB), trees <= "
-                f"{self.max_tree_tokens} tokens, {mode}")
+        forward = "fused" if self.target.fused is not None else "transformers'"
+        return (f"KV store: {s} slots x {c} columns ({self.store.nbytes / 2**30:.2f} GiB), trees <= "
+                f"{self.max_tree_tokens} tokens; {forward} forward, {mode}")

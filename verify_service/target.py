@@ -1,15 +1,15 @@
-"""The target model: loading a local checkpoint and running forwards over token trees on top of a KV cache.
+"""The target model: loading a local checkpoint, its forward, and the prefill of prompts into the KV store.
 
-Tree attention uses transformers' custom-4D-mask path: a mask of shape [B, 1, q_len, kv_len] is passed to the
-attention kernel as-is (both 5.17 and 5.24 skip their own mask construction for it). It must be additive, in the
-model's dtype (0 = attend, dtype min = masked): the eager kernel adds the mask to the scores, so a boolean mask would
-be silently wrong there, while sdpa takes either. position_ids are always explicit: a node's position is the
-cache length plus its depth, which the default (cache length + index) would get wrong.
+The forward is our fused Llama forward (fused_llama.py) for Llama-family models and transformers' own for any
+other causal LM; both take the same inputs. Tree attention uses transformers' custom-4D-mask path: a mask of shape
+[B, 1, q_len, kv_len] is passed to the attention kernel as-is (transformers skips its own mask construction for
+it). It must be additive, in the model's dtype (0 = attend, dtype min = masked): the eager kernel adds the mask to
+the scores, so a boolean mask would be silently wrong there. position_ids are always explicit: a node's position
+is the cache length plus its depth, which the default (cache length + index) would get wrong.
 
-Batching: a Verify (or Prefill) is one forward over all its sequences, whatever their context lengths P_b and tree
-sizes N_b. Rows are padded to N_max nodes (padding nodes: token 0 at position P_b, seeing only themselves); every
-row's new entries go to the same cache columns W0 = max P_b onwards, and the columns between P_b and W0 are masked
-(kv_cache.py: the slotted store, and why a batch of all live sequences needs no gather).
+Prefill: one padded forward over all prompts of a call, whatever their lengths P_b. Rows are padded to N_max
+tokens (padding: token 0 at position P_b, seeing only itself); every row's new entries go to the same cache
+columns W0 = max P_b onwards, and the columns between P_b and W0 are masked (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cast_core.identity import vocab_hash
-from cast_core.tree import TokenTree
+from cast_runtime.identity import vocab_hash
 from verify_service.fused_llama import FusedLlama, build_fused
 from verify_service.kv_cache import SequenceKV
 
@@ -47,14 +46,9 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def tree_attention_mask(prefix_length: int, tree: TokenTree, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[1, 1, N, prefix_length + N] additive mask: every node sees the whole prefix, its ancestors and itself."""
-    return batch_attention_mask(np.array([prefix_length]), prefix_length, tree.ancestor_mask()[None], dtype, device)
-
-
 def batch_attention_mask(prefix_lengths: np.ndarray, write_at: int, visible: np.ndarray, dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
-    """[B, 1, N, write_at + N] additive mask for a batch laid out as kv_cache.py describes.
+    """[B, 1, N, write_at + N] additive mask for a prefill batch laid out as kv_cache.py describes.
 
     prefix_lengths: [B] P_b; write_at: W0 = the column of every row's first new entry (>= max P_b);
     visible: [B, N, N] bool, visible[b, i, j]: new entry j is i itself or one of its ancestors (padding nodes
@@ -101,8 +95,7 @@ class TargetModel:
     takes_logits_to_keep: bool  # most causal LMs can skip the LM head for positions we don't need
     fused: FusedLlama | None = None  # our Llama forward (fused_llama.py); None: transformers' own
     # A prefill's tokens per row are padded to a multiple of this. On CUDA the first forward of each new length
-    # cost ~45 ms more than the next (8B shape, H100: prefill of 100-131 tokens 64-108 ms new, 30 ms seen): with
-    # every prompt length distinct, first requests paid it. Padded, a few dozen shapes cover every prompt.
+    # costs far more than the next one; padded, a few dozen shapes cover every prompt length.
     prefill_align: int = 1
 
     @staticmethod
@@ -110,13 +103,14 @@ class TargetModel:
         model_dir: str | Path,
         dtype: str = "auto",
         device: str = "auto",
-        attn_implementation: str = "sdpa",
         max_context: int | None = None,
         model_name: str = "",
-        forward: str = "auto",
+        fused: bool = True,
+        attn_implementation: str | None = None,
     ) -> TargetModel:
-        """forward: which forward runs (fused_llama.FORWARDS): auto is our fused Llama forward where it applies
-        (its elementwise kernels compiled on CUDA), else transformers' own."""
+        """fused: our fused Llama forward where it applies (its elementwise kernels compiled on CUDA); False keeps
+        transformers' own forward, the tests' oracle. attn_implementation: transformers' attention kernel for its
+        own forward; None lets transformers choose (sdpa where the model supports it, else eager)."""
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -142,13 +136,18 @@ class TargetModel:
             dtype=torch_dtype,
             cache_kwarg="cache" if "cache" in params else "past_key_values",
             takes_logits_to_keep="logits_to_keep" in params,
-            fused=build_fused(model, forward, torch_device),
+            fused=build_fused(model, torch_device) if fused else None,
             prefill_align=PREFILL_ALIGN if torch_device.type == "cuda" else 1,
         )
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention kernel of transformers' forward (the fused forward calls sdpa itself)."""
+        return self.model.config._attn_implementation
 
     @torch.no_grad()
     def prefill(self, kvs: Sequence[SequenceKV], token_ids: Sequence[Sequence[int]]) -> None:
@@ -157,51 +156,30 @@ class TargetModel:
         rows = [(kv, np.asarray(ids, dtype=np.int64)) for kv, ids in zip(kvs, token_ids, strict=True) if len(ids)]
         if not rows:
             return
-        chains = [np.tril(np.ones((len(ids), len(ids)), dtype=bool)) for _, ids in rows]  # a chain's ancestors
-        depths = [np.arange(len(ids)) for _, ids in rows]
-        store = rows[0][0].store
-        width = -(-max(len(ids) for _, ids in rows) // self.prefill_align) * self.prefill_align
-        if store.fixed:  # the padding's scratch entries must fit the static buffers too
-            width = min(width, store.context_capacity - max(kv.length for kv, _ in rows))
-        self._batched_forward([kv for kv, _ in rows], [ids for _, ids in rows], depths, chains, last_only=True,
-                              width=width)
-        rows[0][0].store.keep([kv for kv, _ in rows], [range(len(ids)) for _, ids in rows])
-
-    @torch.no_grad()
-    def tree_logits(self, kvs: Sequence[SequenceKV], trees: Sequence[TokenTree]) -> list[torch.Tensor]:
-        """One forward over all nodes of all trees, tree b on top of kvs[b]; returns logits [N_b, V] per tree, on
-        the model's device. The new entries wait past every sequence's length: the caller keeps the accepted ones
-        (KVStore.keep); lengths do not change here."""
-        logits = self._batched_forward(
-            kvs, [t.tokens for t in trees], [t.depths for t in trees], [t.ancestor_mask() for t in trees]
-        )  # [B, N_max, V]
-        return [logits[b, : len(t)] for b, t in enumerate(trees)]
-
-    def _batched_forward(self, kvs: Sequence[SequenceKV], tokens: Sequence[np.ndarray], depths: Sequence[np.ndarray],
-                         ancestors: Sequence[np.ndarray], last_only: bool = False, width: int = 0) -> torch.Tensor:
-        """Row b: tokens[b] at positions length_b + depths[b], node i seeing the prefix of kvs[b] and the nodes j
-        with ancestors[b][i, j]; rows padded to at least `width` nodes. Returns logits [B, N, V] in the order of kvs
-        ([B, 1, V] if last_only)."""
+        # Rows in slot order: consecutive slots (a call's new sequences, usually) write to views of the buffers.
+        rows.sort(key=lambda row: row[0].slot)
+        kvs, chains = [kv for kv, _ in rows], [ids for _, ids in rows]
         store = kvs[0].store
-        # Rows in slot order: a batch of consecutive slots (every live sequence, usually) attends to buffer views.
-        order = sorted(range(len(kvs)), key=lambda b: kvs[b].slot)
-        kvs = [kvs[b] for b in order]
         lengths = np.array([kv.length for kv in kvs], dtype=np.int64)  # [B]
-        ids = pad_rows([tokens[b] for b in order], fill=0, width=width)  # [B, N]; padding nodes carry token 0...
-        positions = lengths[:, None] + pad_rows([depths[b] for b in order], fill=0, width=width)  # ...at P_b
-        store.begin_forward(kvs, ids.shape[1])
+        width = -(-max(map(len, chains)) // self.prefill_align) * self.prefill_align
+        width = min(width, store.context_capacity - int(lengths.max()))  # the padding's entries must fit too
+        tokens = pad_rows(chains, fill=0, width=width)  # [B, N]; padding tokens: 0...
+        positions = lengths[:, None] + pad_rows([np.arange(len(c)) for c in chains], fill=0, width=width)  # ...at P_b
+        ancestors = [np.tril(np.ones((len(c), len(c)), dtype=bool)) for c in chains]  # a chain's node sees those before
+        store.begin_prefill(kvs, tokens.shape[1])
         try:
-            visible = padded_visibility([ancestors[b] for b in order], width=ids.shape[1])
+            visible = padded_visibility(ancestors, width=tokens.shape[1])
             mask = batch_attention_mask(lengths, store.write_at, visible, self.dtype, self.device)  # [B, 1, N, W0 + N]
-            logits = self._forward(store, torch.from_numpy(ids).to(self.device),
-                                   torch.from_numpy(positions).to(self.device), mask, last_only)
+            self.forward(store, torch.from_numpy(tokens).to(self.device), torch.from_numpy(positions).to(self.device),
+                         mask, last_only=True)
         finally:
             store.end_forward()
-        if order != sorted(order):
-            logits = logits[torch.from_numpy(np.argsort(order)).to(logits.device)]  # back to the caller's order
-        return logits
+        store.keep(kvs, [range(len(c)) for c in chains])
 
-    def _forward(self, cache, ids, positions, attention_mask, last_only: bool = False) -> torch.Tensor:
+    def forward(self, cache, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """ids, positions: [B, N]; attention_mask: [B, 1, N, W + N] additive; cache: the KVStore, set up for this
+        forward. Returns logits [B, N, V] ([B, 1, V] with last_only)."""
         if self.fused is not None:
             return self.fused.forward(cache, ids, positions, attention_mask, last_only)
         extra = {"logits_to_keep": 1} if last_only and self.takes_logits_to_keep else {}

@@ -4,10 +4,10 @@ No gRPC here. A Verifier is not thread-safe: the servicer calls it from one work
 serialises model work. Each batched call validates every sequence first and only then touches the model, so a
 bad sequence leaves the others of its request untouched.
 
-Two KV layouts: a growing store and the eager padded forward (target.py), or, with `static_slots`, the static
-layout (static_forward.py: buffers allocated once, bucketed shapes, CUDA graphs on CUDA). The static layout holds
-at most static_slots sequences (the session cap) and trees of at most max_tree_tokens nodes (larger ones are
-refused with INVALID_ARGUMENT naming the tree).
+The KV store (kv_cache.py) has max_batch slots, allocated once: at most max_batch live sequences (more get
+RESOURCE_EXHAUSTED), and trees of at most max_tree_tokens nodes (larger ones get INVALID_ARGUMENT naming the
+tree). Prefills run eagerly (target.py); verifies run in bucketed shapes, as CUDA graphs on CUDA
+(static_forward.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from cast_core.sessions import SessionStore
 from cast_core.tree import TokenTree
+from cast_runtime.sessions import SessionStore
 from verify_service.acceptance import Acceptance, accept_matching
-from verify_service.kv_cache import KVStore, SequenceKV
+from verify_service.kv_cache import SequenceKV
 from verify_service.sampling import GREEDY, SamplingParams, target_tokens
 from verify_service.static_forward import StaticForward, static_store
 from verify_service.target import TargetModel
@@ -68,21 +68,12 @@ class Sessions(SessionStore[Session]):
 
 
 class Verifier:
-    def __init__(self, target: TargetModel, max_sessions: int, session_ttl_s: float, clock=time.monotonic,
-                 static_slots: int | None = None, max_tree_tokens: int = 128, cuda_graphs: bool = False) -> None:
-        """static_slots: None for the growing store; else the static layout's slots S (>= max_sessions), with
-        trees of at most max_tree_tokens nodes, captured as CUDA graphs if cuda_graphs and the device is CUDA."""
+    def __init__(self, target: TargetModel, max_batch: int, session_ttl_s: float, max_tree_tokens: int = 128,
+                 clock=time.monotonic) -> None:
         self.target = target
-        self.static: StaticForward | None = None
-        if static_slots is None:
-            self.kv = KVStore()  # every sequence's KV, one slot each
-        else:
-            if max_sessions > static_slots:
-                raise ValueError(f"max_sessions {max_sessions} exceeds the static layout's {static_slots} slots "
-                                 f"(max_batch): each live sequence owns one")
-            self.kv = static_store(target, static_slots, max_tree_tokens)
-            self.static = StaticForward(target, self.kv, max_tree_tokens, cuda_graphs)
-        self.sessions = Sessions(max_sessions=max_sessions, ttl_s=session_ttl_s, clock=clock)
+        self.kv = static_store(target, max_batch, max_tree_tokens)  # every sequence's KV, one slot each
+        self.static = StaticForward(target, self.kv, max_tree_tokens)
+        self.sessions = Sessions(max_sessions=max_batch, ttl_s=session_ttl_s, clock=clock)
 
     def prefill(self, items: Sequence[PrefillItem]) -> float:
         """Create one session per item, then one padded forward over all prompts; returns the seconds spent."""
@@ -114,7 +105,7 @@ class Verifier:
         # Unseeded sampling: a fresh seed per call is still exact (fresh noise), just not reproducible.
         seeds = [item.sampling.seed if item.sampling.seed is not None else secrets.randbits(63) for item in items]
         # A failure before keep() leaves every cache as it was: the forward only wrote past each sequence's length.
-        all_logits = (self.static or self.target).tree_logits(kvs, [item.tree for item in items])
+        all_logits = self.static.tree_logits(kvs, [item.tree for item in items])
         accepted = []
         for item, logits, prefix_length, seed in zip(items, all_logits, prefix_lengths, seeds, strict=True):
             # The root is token prefix_length of the sequence: depth-0 nodes predict token prefix_length + 1.
@@ -127,7 +118,7 @@ class Verifier:
         return accepted, time.perf_counter() - start
 
     def verify_noting_captures(self, items: Sequence[VerifyItem]) -> tuple[list[Acceptance], float, bool]:
-        """verify(), and whether the call captured a CUDA graph: a one-time cost (10-100x a step) that whoever
+        """verify(), and whether the call captured a CUDA graph: a one-time cost of many steps that whoever
         measures steps (the orchestrator's cost model and draft gate) must not take for a step's cost."""
         before = self.captures
         accepted, seconds = self.verify(items)
@@ -135,7 +126,7 @@ class Verifier:
 
     @property
     def captures(self) -> int:
-        return self.static.captures if self.static is not None else 0
+        return self.static.captures
 
     def release(self, sequence_ids: Sequence[str]) -> int:
         return self.sessions.release(sequence_ids)
@@ -191,7 +182,7 @@ class Verifier:
             except NotFound as e:
                 raise NotFound(str(e).removeprefix(f"{e.field}: "), f"{field}.sequence_id") from None
             item.tree.validate(field=f"{field}.tree", vocab_size=self.target.vocab_size)
-            if self.static is not None and len(item.tree) > self.static.max_tree_tokens:
+            if len(item.tree) > self.static.max_tree_tokens:
                 raise InvalidArgument(
                     f"a tree of {len(item.tree)} nodes exceeds the verifier's limit of {self.static.max_tree_tokens} "
                     f"(--max-tree-tokens)",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cast_core.sessions import SessionStore
+from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Expander
 from draft_service.export import ExportMeta, export_draft
 from draft_service.runner import DraftRunner

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from cast.v1 import draft_pb2, draft_pb2_grpc
-from cast_core.identity import vocab_hash
+from cast_runtime.identity import vocab_hash
 from draft_service.config import DraftConfig
 from draft_service.server import start_server
 from tests.step_stub import StepStub
@@ -168,6 +168,7 @@ async def test_health_serving_and_describe(channel, draft_model_dir):
     assert replica.vocab_size == 512 and replica.max_context == 1024
     assert (replica.device, replica.dtype, replica.backend) == ("cpu", "float32", "onnxruntime:CPUExecutionProvider")
     assert replica.live_sequences == 0
+    assert replica.max_sequences == DraftConfig.max_sessions  # its slots, which the orchestrator keeps within
 
 
 async def test_reflection_lists_the_service(channel):

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cast_core.sessions import SessionStore
+from cast_runtime.sessions import SessionStore
 from draft_service import step_profile
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft, sample_inputs

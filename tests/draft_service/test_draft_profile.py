@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cast.v1 import draft_pb2, draft_pb2_grpc
-from cast_core.cost_table import CostTable, save
-from cast_core.profiling import ProfileGrid
-from cast_core.wire import cost_table_from_proto
+from cast_core.cost_table import CostTable
+from cast_runtime.profiling import ProfileGrid, save
+from cast_runtime.wire import cost_table_from_proto
 from draft_service import profile as dp
 from draft_service.config import DraftConfig
 from draft_service.server import start_server

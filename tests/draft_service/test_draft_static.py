@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from cast_core.sessions import SessionStore
+from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import sample_static_inputs
 from draft_service.static_runner import TOKEN_BUCKETS, StaticRunner

@@ -8,9 +8,9 @@ from orchestrator.stack import Stack, StackSpec, free_ports
 
 
 def start_stack(target: Path, draft: Path, log_dir: Path, verify_dtype: str = "float64", **kw) -> Stack:
-    port, draft_port, verify_port = free_ports(3)
+    port, draft_port, verify_port, http_port = free_ports(4)
     spec = StackSpec(target, draft, port=port, draft_port=draft_port, verify_port=verify_port,
-                     verify_dtype=verify_dtype, log_dir=log_dir, **kw)
+                     verify_dtype=verify_dtype, log_dir=log_dir, http_port=http_port, **kw)
     stack = Stack(spec).start()
     try:
         stack.wait_ready(timeout_s=600)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.bench import RequestResult, count_differences, run_level, write_csv
+from benchmarks.bench import RequestResult, count_differences, run_level, write_csv
 from tests.integration.stacks import prompts_for_tests
 
 
@@ -49,7 +49,7 @@ def test_warmup_requests_are_not_counted(tiny_stack, tmp_path):
     import csv
     import json
 
-    from orchestrator.bench import main
+    from benchmarks.bench import main
 
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts_for_tests(3)))

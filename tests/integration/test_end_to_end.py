@@ -86,3 +86,21 @@ def test_step_stats_break_each_step_down(stack, stub):
     ar = stub.Generate(generation_pb2.GenerateRequest(
         prompt="def fibonacci(n):", max_new_tokens=4, policy="ar", return_step_stats=True))
     assert all(s.draft_rpc_seconds == 0 and s.verify_model_seconds > 0 for s in ar.stats.step_stats)
+
+
+def test_step_stats_count_the_tokens_emitted(stack, stub):
+    """A step that commits past max_new_tokens or a stop string counts only what the request emitted: the steps'
+    accepted tokens add up to completion_tokens (issue 17: 65 for 64 emitted)."""
+    for i, prompt in enumerate(prompts_for_tests(12)):
+        n = MAX_NEW_TOKENS[i % len(MAX_NEW_TOKENS)]
+        full = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=n, policy="eagle2",
+                                                            return_step_stats=True))
+        stop = full.text[len(full.text) // 2:][:3]  # a stop string that ends the request mid-way, where there is one
+        stopped = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=n, policy="eagle2",
+                                                               stop=[stop] if stop.strip() else [],
+                                                               return_step_stats=True))
+        for response in (full, stopped):
+            accepted = [s.accepted_tokens for s in response.stats.step_stats]
+            assert sum(accepted) == response.usage.completion_tokens == len(response.token_ids), f"prompt {i}"
+            assert min(accepted) >= 1
+            assert response.stats.mean_accepted_length == pytest.approx(sum(accepted) / len(accepted))

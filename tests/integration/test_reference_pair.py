@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from cast_models.humaneval import load_prompts
 from orchestrator.stack import REFERENCE_PAIR
-from tools.humaneval import load_prompts
 
 PROMPTS = 4
 MAX_NEW_TOKENS = 40

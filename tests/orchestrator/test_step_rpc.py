@@ -23,13 +23,14 @@ GREEDY = verify_pb2.SamplingParams()
 PROMPTS = {"x": [5, 17, 99, 3, 200], "y": [42, 7, 8, 300, 11, 12]}
 
 
-async def start_services(tiny_pair):
+async def start_services(tiny_pair, **verify_options):
     """(draft, verify): both services in this process, on free ports."""
     target, draft_dir = tiny_pair
     draft = await draft_server.start(DraftConfig(model=draft_dir, host="127.0.0.1", port=0, provider="cpu",
                                                  profile=False))
     verify = await verify_server.start(VerifyConfig(model=target, host="127.0.0.1", port=0, dtype="float64",
-                                                    device="cpu", max_context=256, profile=False))
+                                                    device="cpu", max_context=256, profile=False,
+                                                    **verify_options))
     return draft, verify
 
 

@@ -9,28 +9,27 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tools.tiny_models import tiny_llama_config
+from cast_models.tiny import tiny_llama_config
 from verify_service.fused_llama import EAGER, FusedLlama, build_fused, stacked_mask
 from verify_service.kv_cache import KVStore
+from verify_service.static_forward import StaticForward, static_store
 from verify_service.target import TargetModel
 
 from verify_helpers import tree_with_path
 
 
-def fresh_store(new_entries: int) -> KVStore:
+def fresh_store(target: TargetModel, new_entries: int) -> KVStore:
     """A store with one empty sequence, set up for a forward of new_entries tokens."""
-    store = KVStore(slots=1, capacity=8)
-    store.begin_forward([store.allocate()], new_entries)
+    store = static_store(target, 1, new_entries)
+    store.begin_prefill([store.allocate()], new_entries)
     return store
 
 
 @pytest.fixture(scope="module")
-def pair64(tiny_pair) -> tuple[TargetModel, TargetModel]:
+def pair64(target64, oracle64) -> tuple[TargetModel, TargetModel]:
     """(transformers' forward, the fused forward), float64, separate copies of the same checkpoint."""
-    plain = TargetModel.load(tiny_pair[0], dtype="float64", device="cpu", forward="transformers")
-    fused = TargetModel.load(tiny_pair[0], dtype="float64", device="cpu", forward="fused")
-    assert plain.fused is None and isinstance(fused.fused, FusedLlama)
-    return plain, fused
+    assert oracle64.fused is None and isinstance(target64.fused, FusedLlama)
+    return oracle64, target64
 
 
 def test_fused_tree_logits_and_kv_equal_transformers(pair64):
@@ -41,10 +40,10 @@ def test_fused_tree_logits_and_kv_equal_transformers(pair64):
              for e in (0, 9, 4, 20)]
     results = []
     for target in (plain, fused):
-        store = KVStore(slots=4, capacity=16)  # grows during the prefill: the dynamic layout
-        kvs = [store.allocate() for _ in prefixes]
+        forward = StaticForward(target, static_store(target, 4, max_tree_tokens=32), max_tree_tokens=32)
+        kvs = [forward.store.allocate() for _ in prefixes]
         target.prefill(kvs, prefixes)
-        results.append((target.tree_logits(kvs, trees), store))
+        results.append((forward.tree_logits(kvs, trees), forward.store))
     (want, plain_store), (got, fused_store) = results
     for g, w, tree in zip(got, want, trees, strict=True):
         assert g.shape == (len(tree), plain.vocab_size)
@@ -60,13 +59,13 @@ def test_last_only_gives_the_last_position(pair64):
     positions = torch.arange(4)[None]
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64).masked_fill_(
         ~torch.ones(4, 4, dtype=torch.bool).tril(), torch.finfo(torch.float64).min)
-    full, last = [fused._forward(fresh_store(4), ids, positions, mask, last_only=flag) for flag in (False, True)]
+    full, last = [fused.forward(fresh_store(fused, 4), ids, positions, mask, last_only=flag) for flag in (False, True)]
     assert last.shape == (1, 1, fused.vocab_size)
     torch.testing.assert_close(last[0, 0], full[0, -1], rtol=1e-10, atol=1e-10)
 
 
 def test_fused_weights_are_views_and_the_transformers_forward_still_agrees(tiny_pair):
-    target = TargetModel.load(tiny_pair[0], dtype="float64", device="cpu", forward="fused")
+    target = TargetModel.load(tiny_pair[0], dtype="float64", device="cpu")
     attn = target.model.model.layers[0].self_attn
     qkv = target.fused.layers[0].qkv
     assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()  # no second copy of the weights
@@ -76,7 +75,7 @@ def test_fused_weights_are_views_and_the_transformers_forward_still_agrees(tiny_
         want = target.model(input_ids=ids).logits
     mask = torch.zeros(1, 1, 5, 5, dtype=torch.float64).masked_fill_(
         ~torch.ones(5, 5, dtype=torch.bool).tril(), torch.finfo(torch.float64).min)
-    got = target.fused.forward(fresh_store(5), ids, torch.arange(5)[None], mask)
+    got = target.fused.forward(fresh_store(target, 5), ids, torch.arange(5)[None], mask)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -92,11 +91,7 @@ def test_models_it_does_not_cover_keep_the_transformers_forward():
     config = tiny_llama_config(64, hidden=32, layers=1, heads=2, kv_heads=1, eos_id=0)
     config.attention_bias = True
     model = LlamaForCausalLM(config)
-    assert build_fused(model, "auto", torch.device("cpu")) is None
-    with pytest.raises(ValueError, match="forward: 'fused' does not apply.*bias"):
-        build_fused(model, "fused", torch.device("cpu"))
-    with pytest.raises(ValueError, match="forward: 'fast'"):
-        build_fused(model, "fast", torch.device("cpu"))
+    assert build_fused(model, torch.device("cpu")) is None
 
 
 def test_auto_is_fused_and_eager_on_the_cpu(tiny_pair):
@@ -134,17 +129,18 @@ def test_the_probe_compiles_what_serving_calls(tiny_pair):
         return call
 
     kernels = fused_llama.Kernels(*(recording(f.name, getattr(EAGER, f.name)) for f in fields(EAGER)))
-    target = TargetModel.load(tiny_pair[0], dtype="float32", device="cpu", forward="fused")
+    target = TargetModel.load(tiny_pair[0], dtype="float32", device="cpu")
     target.model.config.rms_norm_eps = target.fused.eps = 2.5e-6  # not the probe's old constant
     fused_llama.probe_kernels(kernels, target.model, target.device)
     phase[0] = "serving"
     target.fused.kernels = kernels
-    store = KVStore(slots=8, capacity=64)
-    kvs = [store.allocate() for _ in range(3)]
+    forward = StaticForward(target, static_store(target, 8, max_tree_tokens=16), max_tree_tokens=16)
+    kvs = [forward.store.allocate() for _ in range(3)]
     target.prefill(kvs, [[1, 2, 3], [4], [5, 6, 7, 8, 9]])
     target.prefill(kvs[:1], [[10]])
     rng = np.random.default_rng(0)
     trees = [tree_with_path(rng, 3, [], 0, target.vocab_size, extra_nodes=e)[0] for e in (0, 5, 2)]
-    target.tree_logits(kvs, trees)
-    target.tree_logits(kvs[:1], trees[1:2])
+    forward.tree_logits(kvs, trees)
+    forward.tree_logits(kvs[:1], trees[1:2])
+    forward.tree_logits(kvs[:1], trees[:1])
     assert seen["serving"] and seen["serving"] <= seen["probe"], seen["serving"] - seen["probe"]

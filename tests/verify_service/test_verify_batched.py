@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import KVStore
+from verify_service.static_forward import StaticForward, static_store
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
@@ -26,18 +26,25 @@ def random_trees(rng: np.random.Generator, vocab_size: int, count: int) -> list[
     return trees
 
 
+def tree_forward(target: TargetModel, slots: int) -> StaticForward:
+    """The verifier's tree forward over a store of its own."""
+    return StaticForward(target, static_store(target, slots, max_tree_tokens=32), max_tree_tokens=32)
+
+
 def alone(target: TargetModel, prefix: list[int], tree: TokenTree) -> torch.Tensor:
     """[N, V] the tree's logits from a one-sequence forward in a store of its own."""
-    kv = KVStore().allocate()
+    forward = tree_forward(target, slots=1)
+    kv = forward.store.allocate()
     target.prefill([kv], [prefix])
-    (logits,) = target.tree_logits([kv], [tree])
+    (logits,) = forward.tree_logits([kv], [tree])
     return logits
 
 
 @pytest.mark.parametrize("layout", ["consecutive", "shuffled", "gathered"])
 def test_batched_tree_logits_equal_one_sequence_forwards(target64: TargetModel, layout: str):
     rng = np.random.default_rng(3)
-    store = KVStore(slots=2, capacity=8)  # small: the batch makes it grow
+    forward = tree_forward(target64, slots=16)
+    store = forward.store
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in CONTEXTS]
     kvs = []
     for _ in prefixes:
@@ -47,7 +54,7 @@ def test_batched_tree_logits_equal_one_sequence_forwards(target64: TargetModel, 
     target64.prefill(kvs, prefixes)  # one padded prefill
     trees = random_trees(rng, target64.vocab_size, len(prefixes))
     order = rng.permutation(len(kvs)) if layout != "consecutive" else np.arange(len(kvs))
-    logits = target64.tree_logits([kvs[i] for i in order], [trees[i] for i in order])
+    logits = forward.tree_logits([kvs[i] for i in order], [trees[i] for i in order])
     assert [kv.length for kv in kvs] == [len(p) for p in prefixes]  # nothing kept yet
     for i, got in zip(order, logits):
         assert got.shape == (len(trees[i]), target64.vocab_size)
@@ -57,14 +64,12 @@ def test_batched_tree_logits_equal_one_sequence_forwards(target64: TargetModel, 
 def test_batched_prefill_fills_each_slot_like_a_prefill_of_its_own(target64: TargetModel):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, target64.vocab_size, n).tolist() for n in (7, 1, 0, 20)]
-    store = KVStore(slots=1, capacity=2)
+    store = static_store(target64, 4, max_tree_tokens=8)
     kvs = [store.allocate() for _ in prompts]
     target64.prefill(kvs, prompts)
     assert [kv.length for kv in kvs] == [7, 1, 0, 20]
     for kv, prompt in zip(kvs, prompts):
-        if not prompt:
-            continue  # nothing to compare (its own store would have no layers)
-        own = KVStore().allocate()
+        own = static_store(target64, 1, max_tree_tokens=8).allocate()
         target64.prefill([own], [prompt])
         for layer, ref in zip(store.layers, own.store.layers, strict=True):
             n = len(prompt)
@@ -74,7 +79,8 @@ def test_batched_prefill_fills_each_slot_like_a_prefill_of_its_own(target64: Tar
 
 def test_freeing_a_slot_moves_the_last_sequence_into_it(target64: TargetModel):
     rng = np.random.default_rng(5)
-    store = KVStore()
+    forward = tree_forward(target64, slots=4)
+    store = forward.store
     prefixes = [rng.integers(0, target64.vocab_size, n).tolist() for n in (4, 9, 6)]
     kvs = [store.allocate() for _ in prefixes]
     target64.prefill(kvs, prefixes)
@@ -83,7 +89,7 @@ def test_freeing_a_slot_moves_the_last_sequence_into_it(target64: TargetModel):
     assert (kvs[0].slot, kvs[2].slot, kvs[1].slot) == (-1, 0, 1) and store.owners == [kvs[2], kvs[1]]
     tree = TokenTree.root_only(3)
     for kv, prefix in ((kvs[2], prefixes[2]), (kvs[1], prefixes[1])):
-        (got,) = target64.tree_logits([kv], [tree])
+        (got,) = forward.tree_logits([kv], [tree])
         torch.testing.assert_close(got, alone(target64, prefix, tree), rtol=1e-9, atol=1e-9)
 
 
@@ -91,8 +97,7 @@ def test_ragged_sequences_joining_and_leaving_commit_the_targets_greedy_output(t
     """Sequences of different lengths verified together for many steps; some join late (batched prefills), each
     leaves when done (release moves slots around); a few steps verify only a subset (gathered slots)."""
     rng = np.random.default_rng(6)
-    verifier = Verifier(target64, max_sessions=16, session_ttl_s=60)
-    verifier.kv = KVStore(slots=1, capacity=4)  # grows on the way
+    verifier = Verifier(target64, max_batch=16, session_ttl_s=60)
     lengths = (1, 3, 11, 2, 25, 6, 1, 17)
     prompts = [rng.integers(1, target64.vocab_size, n).tolist() for n in lengths]
     new_tokens = [int(rng.integers(5, 30)) for _ in prompts]
@@ -138,7 +143,7 @@ def test_ragged_sequences_joining_and_leaving_commit_the_targets_greedy_output(t
 
 def test_expiry_frees_the_slots(target64: TargetModel):
     now = [0.0]
-    verifier = Verifier(target64, max_sessions=2, session_ttl_s=10, clock=lambda: now[0])
+    verifier = Verifier(target64, max_batch=2, session_ttl_s=10, clock=lambda: now[0])
     verifier.prefill([PrefillItem("a", [1, 2]), PrefillItem("b", [3])])
     now[0] = 20.0
     verifier.prefill([PrefillItem("c", [4, 5, 6])])  # create() expires a and b to make room
@@ -147,42 +152,25 @@ def test_expiry_frees_the_slots(target64: TargetModel):
     assert result.committed_tokens == greedy_reference(target64, [4, 5, 6], 1)
 
 
-def test_the_packed_alternative_computes_the_same_logits(target64: TargetModel):
-    """bench_batch's packed forward (one row, block-diagonal mask) is a fair comparison: same logits as padded."""
-    from verify_service.bench_batch import pack_prefixes, packed_forward
-
-    rng = np.random.default_rng(7)
-    prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in (4, 11, 1)]
-    store = KVStore()
-    kvs = [store.allocate() for _ in prefixes]
-    target64.prefill(kvs, prefixes)
-    trees = random_trees(rng, target64.vocab_size, len(prefixes))
-    padded = target64.tree_logits(kvs, trees)
-    row = pack_prefixes(kvs, sum(map(len, prefixes)) + sum(map(len, trees)))
-    packed = packed_forward(target64, row, [len(p) for p in prefixes], trees)[0]  # [sum N, V]
-    torch.testing.assert_close(torch.cat(padded), packed, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("static", [False, True])
-def test_a_prefill_padded_to_an_alignment_fills_the_same_kv(target64: TargetModel, static: bool):
+def test_a_prefill_padded_to_an_alignment_fills_the_same_kv(target64: TargetModel):
     """On CUDA prefills are padded (TargetModel.prefill_align) so that prompt lengths share shapes; the padding
-    writes only scratch entries. An alignment past the static buffers' room is cut to it."""
+    writes only scratch entries. An alignment past the store's room is cut to it."""
     from dataclasses import replace
-
-    from verify_service.static_forward import static_store
 
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, target64.vocab_size, n).tolist() for n in (5, 11, 3)]
     stores = []
-    for align in (1, 8 if not static else 10**6):
-        store = static_store(target64, 4, 16) if static else KVStore()
+    for align in (1, 8, 10**6):
+        store = static_store(target64, 4, 16)
         kvs = [store.allocate() for _ in prompts]
         replace(target64, prefill_align=align).prefill(kvs, prompts)
         assert [kv.length for kv in kvs] == [5, 11, 3]
         stores.append((store, kvs))
-    (plain, plain_kvs), (aligned, aligned_kvs) = stores
-    for a, b in zip(plain.layers, aligned.layers, strict=True):
-        for kv_a, kv_b, prompt in zip(plain_kvs, aligned_kvs, prompts):
-            n = len(prompt)
-            torch.testing.assert_close(a.keys[kv_a.slot, :, :n], b.keys[kv_b.slot, :, :n], rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(a.values[kv_a.slot, :, :n], b.values[kv_b.slot, :, :n], rtol=1e-9, atol=1e-9)
+    (plain, plain_kvs) = stores[0]
+    for aligned, aligned_kvs in stores[1:]:
+        for a, b in zip(plain.layers, aligned.layers, strict=True):
+            for kv_a, kv_b, prompt in zip(plain_kvs, aligned_kvs, prompts):
+                n = len(prompt)
+                torch.testing.assert_close(a.keys[kv_a.slot, :, :n], b.keys[kv_b.slot, :, :n], rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(a.values[kv_a.slot, :, :n], b.values[kv_b.slot, :, :n], rtol=1e-9,
+                                           atol=1e-9)

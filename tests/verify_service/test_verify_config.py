@@ -18,16 +18,15 @@ from verify_service.config import VerifyConfig
 
 def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
     env = {"CAST_VERIFY_MODEL": str(tiny_pair[0]), "CAST_VERIFY_PORT": "6000", "CAST_VERIFY_DTYPE": "float64",
-           "CAST_VERIFY_MAX_CONTEXT": "128", "CAST_VERIFY_WARMUP": "false", "CAST_VERIFY_FORWARD": "transformers"}
-    config = VerifyConfig.from_args(["--port", "7000"], environ=env)
+           "CAST_VERIFY_MAX_CONTEXT": "128", "CAST_VERIFY_MAX_BATCH": "8", "CAST_VERIFY_SESSION_TTL_S": "20"}
+    config = VerifyConfig.from_args(["--port", "7000", "--max-batch", "4"], environ=env)
     assert config.model == tiny_pair[0] and config.port == 7000 and config.dtype == "float64"
-    assert config.max_context == 128 and config.warmup is False and config.forward == "transformers"
-    assert config.host == "0.0.0.0" and config.max_sessions is None and config.device == "auto"
-    assert config.cuda_graphs == "auto" and config.max_batch == 32 and config.max_tree_tokens == 128
-    # The session cap follows the layout: every live sequence owns one of max_batch slots in the static one.
-    assert (config.session_cap(static=False), config.session_cap(static=True)) == (256, 32)
-    assert config.static_layout("cuda") and not config.static_layout("cpu")
-    assert VerifyConfig.from_args(["--model", str(tiny_pair[0])], environ={}).port == 50053
+    assert config.max_context == 128 and config.max_batch == 4 and config.session_ttl_s == 20
+    assert config.expire_interval_s == 5  # a quarter of the TTL...
+    assert config.host == "0.0.0.0" and config.device == "auto" and config.max_tree_tokens == 128
+    defaults = VerifyConfig.from_args(["--model", str(tiny_pair[0])], environ={})
+    assert defaults.port == 50053 and defaults.max_batch == 32
+    assert defaults.expire_interval_s == 10  # ...and at most 10 s
 
 
 @pytest.mark.parametrize(
@@ -37,16 +36,12 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
         (["--model", "/nonexistent"], "no config.json"),
         (["--dtype", "float8"], "dtype"),
         (["--port", "70000"], "port"),
-        (["--max-sessions", "0"], "max_sessions"),
+        (["--max-batch", "0"], "max_batch"),
         (["--session-ttl-s", "0"], "session_ttl_s"),
         (["--device", "tpu"], "device"),
-        (["--attn-implementation", "flash_attention_2"], "attn_implementation"),
-        (["--cuda-graphs", "maybe"], "cuda_graphs"),
-        (["--forward", "fast"], "forward: 'fast'"),
         (["--max-tree-tokens", "0"], "max_tree_tokens"),
-        (["--model-thread", "main"], "model_thread"),
-        (["--cuda-graphs", "on", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
-        (["--device", "cuda", "--max-batch", "4", "--max-sessions", "8"], "exceeds max_batch 4"),
+        (["--max-context", "0"], "max_context"),
+        (["--grace-s", "-1"], "grace_s"),
     ],
 )
 def test_bad_settings_exit_with_a_message(tiny_pair, argv, message):

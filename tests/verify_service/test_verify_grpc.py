@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
-from cast_core.identity import vocab_hash
+from cast_runtime.identity import vocab_hash
 from verify_service.config import VerifyConfig
 from tests.step_stub import StepStub
 from verify_service.server import start_server
@@ -23,7 +23,7 @@ MAX_CONTEXT = 64
 def config_for(tiny_pair, **overrides) -> VerifyConfig:
     settings = dict(
         model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu", max_context=MAX_CONTEXT,
-        max_sessions=4, warmup=True,
+        max_batch=4,
     )
     return VerifyConfig(**(settings | overrides))
 
@@ -151,7 +151,7 @@ async def test_bad_verify_on_the_stream_gets_its_status_and_the_stream_goes_on(s
 
 
 async def test_session_cap_is_resource_exhausted(serve):
-    stub = await serve(max_sessions=2)
+    stub = await serve(max_batch=2)
     await stub.Prefill(prefill("a", [1]))
     await stub.Prefill(prefill("b", [1]))
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -204,7 +204,7 @@ async def test_release_frees_the_session(serve):
 
 
 async def test_idle_sessions_expire(serve):
-    stub = await serve(session_ttl_s=0.3, expire_interval_s=0.05)
+    stub = await serve(session_ttl_s=0.3)
     await stub.Prefill(prefill("idle", PROMPT))
     await stub.Prefill(prefill("busy", PROMPT))
     pending = 7
@@ -225,6 +225,7 @@ async def test_describe(serve, tiny_pair):
     assert description.max_context == MAX_CONTEXT
     assert (description.device, description.dtype, description.backend) == ("cpu", "float64", "torch")
     assert description.model_name == "target"
+    assert description.max_sequences == 4  # the session cap (config_for's max_sessions): the orchestrator's limit
 
 
 async def test_health_is_serving_and_reflection_lists_the_service(tiny_pair):

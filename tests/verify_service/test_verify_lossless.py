@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cast_core.tree import TokenTree
-from verify_service.kv_cache import KVStore
+from verify_service.static_forward import StaticForward, static_store
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
@@ -25,7 +25,7 @@ def prompts(vocab_size: int) -> list[list[int]]:
 @pytest.mark.parametrize("mode", ["trees", "root_only"])
 def test_batched_steps_commit_the_targets_greedy_output(target64: TargetModel, mode: str):
     rng = np.random.default_rng(0)
-    verifier = Verifier(target64, max_sessions=16, session_ttl_s=60)
+    verifier = Verifier(target64, max_batch=16, session_ttl_s=60)
     cases = prompts(target64.vocab_size)
     refs = [greedy_reference(target64, p, NEW_TOKENS) for p in cases]
     ids = [f"seq-{i}" for i in range(len(cases))]
@@ -67,7 +67,7 @@ def test_kv_after_compaction_equals_a_fresh_prefill(target64: TargetModel):
     prompt = [3, 141, 59, 26, 53, 58, 97]
     ref = greedy_reference(target64, prompt, 8)
     rng = np.random.default_rng(5)
-    verifier = Verifier(target64, max_sessions=4, session_ttl_s=60)
+    verifier = Verifier(target64, max_batch=4, session_ttl_s=60)
     verifier.prefill([PrefillItem("s", prompt)])
     tree, path_nodes = tree_with_path(rng, prompt[-1], ref[:3], ref[3], target64.vocab_size, extra_nodes=6)
     (result,), _ = verifier.verify([VerifyItem("s", tree)])
@@ -77,7 +77,7 @@ def test_kv_after_compaction_equals_a_fresh_prefill(target64: TargetModel):
     assert session.kv.length == len(sequence) - 1 and session.pending == sequence[-1]
 
     # The cache holds what a fresh prefill of the committed sequence would hold...
-    fresh = KVStore().allocate()
+    fresh = static_store(target64, 1, max_tree_tokens=8).allocate()
     target64.prefill([fresh], [sequence[:-1]])
     n = fresh.length
     for kept, new in zip(verifier.kv.layers, fresh.store.layers, strict=True):
@@ -85,24 +85,32 @@ def test_kv_after_compaction_equals_a_fresh_prefill(target64: TargetModel):
         torch.testing.assert_close(kept.keys[s, :, :n], new.keys[f, :, :n], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(kept.values[s, :, :n], new.values[f, :, :n], rtol=1e-9, atol=1e-9)
     # ...and the next forward on it gives the logits of a full forward over the committed sequence.
-    (next_logits,) = target64.tree_logits([session.kv], [TokenTree.root_only(sequence[-1])])
+    (next_logits,) = verifier.static.tree_logits([session.kv], [TokenTree.root_only(sequence[-1])])
     with torch.no_grad():
         full = target64.model(torch.tensor([sequence])).logits[0, -1]
     torch.testing.assert_close(next_logits[0], full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(
-    "attn, dtype, tol", [("sdpa", "float64", 1e-9), ("eager", "float64", 1e-5), ("sdpa", "float32", 1e-4), ("eager", "float32", 1e-4)]
+    "forward, dtype, tol",
+    [("fused", "float32", 1e-4), ("sdpa", "float64", 1e-9), ("eager", "float64", 1e-5), ("sdpa", "float32", 1e-4),
+     ("eager", "float32", 1e-4)],
 )
-def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, attn: str, dtype: str, tol: float):
-    """The custom 4D mask + explicit positions give every node the logits of its own root-to-node sequence."""
-    target = TargetModel.load(tiny_pair[0], dtype=dtype, device="cpu", attn_implementation=attn)
+def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, forward: str, dtype: str, tol: float):
+    """The custom 4D mask + explicit positions give every node the logits of its own root-to-node sequence, through
+    our fused forward and through transformers' with either attention kernel it may choose for a model (the eager
+    one adds the mask to the scores)."""
+    fused = forward == "fused"
+    target = TargetModel.load(tiny_pair[0], dtype=dtype, device="cpu", fused=fused,
+                              attn_implementation=None if fused else forward)
+    assert (target.fused is not None) == fused
     rng = np.random.default_rng(2)
     prefix = rng.integers(0, target.vocab_size, 9).tolist()
-    kv = KVStore().allocate()
+    tree_forward = StaticForward(target, static_store(target, 1, max_tree_tokens=32), max_tree_tokens=32)
+    kv = tree_forward.store.allocate()
     target.prefill([kv], [prefix])
     tree, _ = tree_with_path(rng, 11, [12, 13, 14], 15, target.vocab_size, extra_nodes=10)
-    (logits,) = target.tree_logits([kv], [tree])
+    (logits,) = tree_forward.tree_logits([kv], [tree])
     assert kv.length == len(prefix)  # the new entries wait for keep()
     for i in range(len(tree)):
         path = [i]
@@ -115,16 +123,16 @@ def test_tree_logits_equal_full_forwards_of_each_path(tiny_pair, attn: str, dtyp
 
 
 def test_failed_step_leaves_the_cache_as_it_was(target64: TargetModel, monkeypatch):
-    verifier = Verifier(target64, max_sessions=4, session_ttl_s=60)
+    verifier = Verifier(target64, max_batch=4, session_ttl_s=60)
     verifier.prefill([PrefillItem("a", [1, 2, 3]), PrefillItem("b", [4, 5])])
-    real_forward = target64._forward
+    real_forward = target64.forward
 
     def flaky(*args, **kwargs):  # the forward runs (new entries written), then the step fails
         real_forward(*args, **kwargs)
         raise RuntimeError("device lost")
 
     before = [(layer.keys.clone(), layer.values.clone()) for layer in verifier.kv.layers]
-    monkeypatch.setattr(target64, "_forward", flaky)
+    monkeypatch.setattr(target64, "forward", flaky)
     with pytest.raises(RuntimeError):
         verifier.verify([VerifyItem("a", TokenTree.root_only(3)), VerifyItem("b", TokenTree.root_only(5))])
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""The verifier's cost table: profile_target on the tiny target, and the service's --cost-table / cache / profile."""
+"""The verifier's cost table: profile_verifier on the tiny target, and the service's --cost-table / cache / profile."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
-from cast_core.cost_table import CostTable, save
-from cast_core.profiling import ProfileGrid
-from cast_core.wire import cost_table_from_proto
+from cast_core.cost_table import CostTable
+from cast_runtime.profiling import ProfileGrid, save
+from cast_runtime.wire import cost_table_from_proto
 from verify_service import profile as vp
 from verify_service.config import VerifyConfig
 from verify_service.server import start_server
 from verify_service.target import TargetModel
+from verify_service.verifier import Verifier
 
 GRID = ProfileGrid(batch_sizes=(1, 3), context_buckets=(16, 5000), token_counts=(1, 5), repeats=2, warmup=1)
 
@@ -24,9 +25,14 @@ def target32(tiny_pair) -> TargetModel:
     return TargetModel.load(tiny_pair[0], dtype="float32", device="cpu", max_context=64)
 
 
-def test_profile_target_measures_every_cell_of_the_capped_grid(target32):
+@pytest.fixture
+def verifier32(target32) -> Verifier:
+    return Verifier(target32, max_batch=4, session_ttl_s=60, max_tree_tokens=8)
+
+
+def test_profile_verifier_measures_every_cell_of_the_capped_grid(verifier32):
     cells = []
-    profile = vp.profile_target(target32, GRID, model_id="tiny", on_cell=lambda *cell: cells.append(cell))
+    profile = vp.profile_verifier(verifier32, GRID, model_id="tiny", on_cell=lambda *cell: cells.append(cell))
     table = profile.table
     # 5000 is past the service's 64 positions: that bucket becomes its last position.
     assert (table.batch_sizes, table.context_buckets, table.token_counts) == ((1, 3), (16, 63), (1, 5))
@@ -35,18 +41,36 @@ def test_profile_target_measures_every_cell_of_the_capped_grid(target32):
     assert [c[:3] for c in cells] == [(b, c, n) for c in (16, 63) for b in (1, 3) for n in (1, 5)]
     assert profile.forwards == 2 + 8 * 3  # one prefill per context bucket, then warm-up + repeats per cell
     assert profile.seconds > 0
+    assert verifier32.kv.owners == []  # the profile's sequences are gone
 
 
-def test_a_timed_forward_leaves_the_kv_at_its_context(target32):
+def test_the_grid_is_capped_by_what_the_verifier_serves_and_so_is_the_cache_entry(target32, verifier32, tiny_pair):
+    verifier = Verifier(target32, max_batch=2, session_ttl_s=60, max_tree_tokens=4)
+    timed = []
+    real = verifier.static.tree_logits
+    verifier.static.tree_logits = lambda kvs, trees: timed.append(len(kvs)) or real(kvs, trees)
+    grid = ProfileGrid(batch_sizes=(1, 2, 3), context_buckets=(16,), token_counts=(1, 4, 8), repeats=1, warmup=1)
+    table = vp.profile_verifier(verifier, grid, model_id="tiny").table
+    # 2 slots, trees of at most 4 nodes: no batch or tree it cannot serve.
+    assert (table.batch_sizes, table.token_counts) == ((1, 2), (1, 4)) and np.all(table.millis > 0)
+    assert sorted(set(timed)) == [1, 2] and verifier.kv.owners == []
+    # A service with more slots or tree room must not be served this table from the cache.
+    model = tiny_pair[0]
+    assert vp.verifier_cache_path(verifier, model) != vp.verifier_cache_path(verifier32, model)
+    same = Verifier(target32, max_batch=2, session_ttl_s=1, max_tree_tokens=4)
+    assert vp.verifier_cache_path(same, model) == vp.verifier_cache_path(verifier, model)
+
+
+def test_a_timed_forward_leaves_the_kv_at_its_context(verifier32):
     generator = torch.Generator().manual_seed(0)
-    kvs = vp.prefilled_batch(target32, 10, 3, generator)
-    store = kvs[0].store
+    kvs = vp.prefilled_batch(verifier32, 10, 3, generator)
+    store = verifier32.kv
     assert [kv.length for kv in kvs] == [10, 10, 10] and [kv.slot for kv in kvs] == [0, 1, 2]
     for layer in store.layers:  # every slot holds the one prefill
         assert torch.equal(layer.keys[1, :, :10], layer.keys[0, :, :10])
         assert torch.equal(layer.values[2, :, :10], layer.values[0, :, :10])
     before = [layer.keys[:3, :, :10].clone() for layer in store.layers]
-    vp.time_tree_forward(target32, kvs, 7, GRID, generator)
+    vp.time_tree_forward(verifier32.static, kvs, 7, GRID, generator)
     assert [kv.length for kv in kvs] == [10, 10, 10]
     assert all(torch.equal(layer.keys[:3, :, :10], keys) for layer, keys in zip(store.layers, before))
 
@@ -68,7 +92,7 @@ def test_default_grids_cover_the_orchestrators_lookups():
 
 
 def config_for(tiny_pair, **overrides) -> VerifyConfig:
-    settings = dict(model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float32", device="cpu", warmup=False)
+    settings = dict(model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float32", device="cpu")
     return VerifyConfig(**(settings | overrides))
 
 

@@ -174,7 +174,7 @@ def test_verifier_commits_the_targets_own_seeded_samples_for_any_tree(target64: 
     new_tokens = 20
     refs = [sample_reference(target64, p, new_tokens, params) for p in prompts]
     for mode in ("trees", "root_only"):
-        verifier = Verifier(target64, max_sessions=8, session_ttl_s=60)
+        verifier = Verifier(target64, max_batch=8, session_ttl_s=60)
         for s, (prompt, ref) in enumerate(zip(prompts, refs)):
             verifier.prefill([PrefillItem(f"s{s}", prompt)])
             committed, pending = [], prompt[-1]
@@ -193,7 +193,7 @@ def test_verifier_commits_the_targets_own_seeded_samples_for_any_tree(target64: 
 
 
 def test_unseeded_sampling_runs_and_varies(target64: TargetModel):
-    verifier = Verifier(target64, max_sessions=8, session_ttl_s=60)
+    verifier = Verifier(target64, max_batch=8, session_ttl_s=60)
     outputs = set()
     for s in range(4):
         verifier.prefill([PrefillItem(f"u{s}", [7])])

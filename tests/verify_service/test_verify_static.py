@@ -1,10 +1,10 @@
-"""The static KV layout (issue 7) computes what the eager path computes: same logits (float64, 1e-9), same accepted
-tokens, for ragged batches, subsets of non-consecutive slots, and sequences joining and leaving. On CPU it runs
-without capture: exactly the code a CUDA graph captures, minus the capture."""
+"""The verifier's tree forward (static_forward.py) computes the target's own logits (float64, 1e-9) for ragged
+batches and subsets of non-consecutive slots, in the batch's own shapes (the CPU's) and in CUDA's bucketed ones, and
+commits the target's own tokens as sequences join and leave. On the CPU it runs without capture: exactly the code a
+CUDA graph captures, minus the capture; the capture bookkeeping is checked with a stand-in for torch.cuda's graph
+API."""
 
 from __future__ import annotations
-
-import json
 
 import grpc
 import numpy as np
@@ -14,9 +14,8 @@ import torch
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.errors import InvalidArgument, ResourceExhausted
 from cast_core.tree import TokenTree
-from cast_core.wire import cost_table_from_proto
+from cast_runtime.wire import cost_table_from_proto
 from verify_service.config import VerifyConfig
-from verify_service.kv_cache import KVStore
 from verify_service.sampling import GREEDY, SamplingParams
 from verify_service.server import start_server
 from verify_service.static_forward import (
@@ -52,50 +51,82 @@ def test_static_mask_sees_the_prefix_and_the_visible_scratch_columns():
     assert (mask[~(mask == 0)] == torch.finfo(torch.float64).min).all()
 
 
+ORACLE: dict[tuple, torch.Tensor] = {}  # the parametrised cases share their trees: one oracle run each
+
+
+def full_forward_logits(oracle: TargetModel, prefix: list[int], tree: TokenTree) -> torch.Tensor:
+    """[N, V]: node i's logits from transformers' forward over prefix + the root-to-node path, without a cache: one
+    forward over every leaf's path (right-padded: a causal model's real positions never see the padding), which
+    gives the logits of every node on it."""
+    key = (tuple(prefix), tuple(tree.tokens.tolist()), tuple(tree.parents.tolist()))
+    if key not in ORACLE:
+        paths = []
+        for leaf in sorted(set(range(len(tree))) - set(tree.parents.tolist())):
+            path = [leaf]
+            while tree.parents[path[-1]] >= 0:
+                path.append(int(tree.parents[path[-1]]))
+            paths.append(path[::-1])
+        ids = torch.zeros(len(paths), len(prefix) + max(map(len, paths)), dtype=torch.long)
+        for row, path in enumerate(paths):
+            ids[row, : len(prefix) + len(path)] = torch.tensor(prefix + [int(tree.tokens[j]) for j in path])
+        with torch.no_grad():
+            out = oracle.model(ids).logits  # [leaves, T, V]
+        logits = torch.empty(len(tree), oracle.vocab_size, dtype=oracle.dtype)
+        for row, path in enumerate(paths):
+            logits[path] = out[row, len(prefix) : len(prefix) + len(path)]
+        ORACLE[key] = logits
+    return ORACLE[key]
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact", "bucketed"])
 @pytest.mark.parametrize("batch", ["all", "shuffled", "subset"])
-def test_static_tree_logits_equal_the_eager_ones(target64: TargetModel, batch: str):
+def test_tree_logits_equal_full_forwards_of_every_path(target64: TargetModel, oracle64: TargetModel, batch: str,
+                                                       bucketed: bool):
     """Ragged contexts (one past the first context bucket) and ragged trees (across token buckets); `subset`: slots
-    {0, 2, 5} in request order 5, 0, 2, so rows 0..7 run with slots 1, 3, 4 (the longest context) as dummy rows."""
+    {0, 2, 5} in request order 5, 0, 2, so rows 0..5 (0..7 bucketed) run with slots 1, 3, 4 (the longest context) as
+    dummy rows. Bucketed: the shapes CUDA graphs replay, run eagerly."""
     rng = np.random.default_rng(21)
     contexts = (0, 1, 5, 13, 90, 2)
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in contexts]
     store = static_store(target64, slots=8, max_tree_tokens=48)
-    forward = StaticForward(target64, store, max_tree_tokens=48, graphs=True)  # no CUDA here: runs eagerly
-    eager = KVStore()
-    skvs, ekvs = [store.allocate() for _ in prefixes], [eager.allocate() for _ in prefixes]
-    target64.prefill(skvs, prefixes)
-    target64.prefill(ekvs, prefixes)
+    forward = StaticForward(target64, store, max_tree_tokens=48)  # no CUDA here: runs eagerly
+    forward.bucketed = bucketed
+    kvs = [store.allocate() for _ in prefixes]
+    target64.prefill(kvs, prefixes)
     trees = [random_tree(rng, int(rng.integers(target64.vocab_size)), target64.vocab_size, extra)
              for extra in (0, 3, 30, 7, 12, 1)]
     picks = {"all": range(6), "shuffled": rng.permutation(6), "subset": [5, 0, 2]}[batch]
-    got = forward.tree_logits([skvs[i] for i in picks], [trees[i] for i in picks])
-    want = target64.tree_logits([ekvs[i] for i in picks], [trees[i] for i in picks])
-    for g, w, i in zip(got, want, picks, strict=True):
+    got = forward.tree_logits([kvs[i] for i in picks], [trees[i] for i in picks])
+    for g, i in zip(got, picks, strict=True):
         assert g.shape == (len(trees[i]), target64.vocab_size)
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
-    assert [kv.length for kv in skvs] == list(contexts)  # nothing kept
+        # An empty prefix has nothing before the root: the oracle sees the root alone.
+        torch.testing.assert_close(g, full_forward_logits(oracle64, prefixes[i], trees[i]), rtol=1e-9, atol=1e-9)
+    assert [kv.length for kv in kvs] == list(contexts)  # nothing kept
     # No committed entry was overwritten, in the batch or in the dummy rows: every sequence still sees its prefix.
     roots = [TokenTree.root_only(3)] * 6
-    for g, w in zip(forward.tree_logits(skvs, roots), target64.tree_logits(ekvs, roots), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    for g, kv, prefix in zip(forward.tree_logits(kvs, roots), kvs, prefixes, strict=True):
+        torch.testing.assert_close(g, full_forward_logits(oracle64, prefix, roots[0]), rtol=1e-9, atol=1e-9)
 
 
-def assert_same_kv(static: Verifier, eager: Verifier, sequence_ids) -> None:
+def assert_same_kv(fused: Verifier, oracle: Verifier, sequence_ids) -> None:
     for s in sequence_ids:
-        a, b = static.sessions.get(s).kv, eager.sessions.get(s).kv
+        a, b = fused.sessions.get(s).kv, oracle.sessions.get(s).kv
         assert a.length == b.length
-        for la, lb in zip(static.kv.layers, eager.kv.layers, strict=True):
+        for la, lb in zip(fused.kv.layers, oracle.kv.layers, strict=True):
             for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
                 torch.testing.assert_close(x[a.slot, :, : a.length], y[b.slot, :, : b.length], rtol=1e-9, atol=1e-9)
 
 
-def test_static_verifier_matches_the_eager_one_step_for_step(target64: TargetModel):
-    """Two verifiers, one static, one eager, fed the same calls: ragged sequences join (batched prefills) and leave
-    (release moves slots), some steps verify a subset (non-consecutive slots), greedy and seeded sampling mixed.
-    Same results every step, the greedy ones are the target's own output, and the committed KV is the same."""
+def test_verifier_matches_one_on_the_transformers_forward_step_for_step(target64: TargetModel, oracle64: TargetModel):
+    """Two verifiers, the service's (fused forward) and one on transformers' forward, fed the same calls: ragged
+    sequences join (batched prefills) and leave (release moves slots), some steps verify a subset (non-consecutive
+    slots, dummy rows), greedy and seeded sampling mixed. The service's verifier runs CUDA's bucketed shapes, the
+    other the batch's own. Same results every step, the greedy ones are the target's own output, and the committed
+    KV is the same."""
     rng = np.random.default_rng(22)
-    static = Verifier(target64, max_sessions=8, session_ttl_s=60, static_slots=8, max_tree_tokens=32)
-    eager = Verifier(target64, max_sessions=8, session_ttl_s=60)
+    static = Verifier(target64, max_batch=8, session_ttl_s=60, max_tree_tokens=32)
+    static.static.bucketed = True  # as on CUDA, without the graphs
+    eager = Verifier(oracle64, max_batch=8, session_ttl_s=60, max_tree_tokens=32)
     lengths = (1, 3, 70, 2, 25, 6, 1, 17)
     prompts = [rng.integers(1, target64.vocab_size, n).tolist() for n in lengths]
     budgets = [int(rng.integers(5, 25)) for _ in prompts]
@@ -148,12 +179,19 @@ def test_static_verifier_matches_the_eager_one_step_for_step(target64: TargetMod
     assert len(static.sessions) == 0 and static.kv.owners == []
 
 
-def test_static_limits(target64: TargetModel):
-    with pytest.raises(ValueError, match="max_sessions 3 exceeds the static layout's 2 slots"):
-        Verifier(target64, max_sessions=3, session_ttl_s=60, static_slots=2)
+def test_a_store_larger_than_the_free_memory_is_refused_naming_the_flags(target64: TargetModel, monkeypatch):
+    from verify_service import static_forward
+
+    store = static_store(target64, slots=4, max_tree_tokens=8)
+    monkeypatch.setattr(static_forward, "free_memory", lambda device: store.nbytes)  # 90% of it is too little
+    with pytest.raises(ValueError, match=r"KV store needs .* lower --max-context or --max-batch"):
+        Verifier(target64, max_batch=4, session_ttl_s=60, max_tree_tokens=8)
+    assert Verifier(target64, max_batch=2, session_ttl_s=60, max_tree_tokens=8).kv.slot_capacity == 2
+
+
+def test_limits(target64: TargetModel):
     now = [0.0]
-    verifier = Verifier(target64, max_sessions=2, session_ttl_s=10, clock=lambda: now[0], static_slots=2,
-                        max_tree_tokens=4)
+    verifier = Verifier(target64, max_batch=2, session_ttl_s=10, clock=lambda: now[0], max_tree_tokens=4)
     verifier.prefill([PrefillItem("a", [1, 2]), PrefillItem("b", [3])])
     with pytest.raises(ResourceExhausted):
         verifier.prefill([PrefillItem("c", [4])])
@@ -170,14 +208,14 @@ def test_static_limits(target64: TargetModel):
     assert result.committed_tokens == greedy_reference(target64, [4, 5, 6], 1)
 
 
-async def test_static_layout_over_grpc_names_the_limits(tiny_pair):
+async def test_limits_over_grpc_are_named(tiny_pair):
     config = VerifyConfig(model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu",
-                          max_context=64, cuda_graphs="on", max_batch=2, max_tree_tokens=4)
+                          max_context=64, max_batch=2, max_tree_tokens=4)
     server, port = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = StepStub(verify_pb2_grpc.VerifyServiceStub(channel))
-            # The start-up table was profiled through the static layout: no batch or tree it cannot serve.
+            # The start-up table was profiled through the verifier: no batch or tree it cannot serve.
             table = cost_table_from_proto((await stub.Describe(verify_pb2.VerifyDescribeRequest())).replica.cost_table)
             assert table.batch_sizes == (1, 2) and table.token_counts == (1, 2, 4)
             for s in ("a", "b"):
@@ -200,26 +238,6 @@ async def test_static_layout_over_grpc_names_the_limits(tiny_pair):
             assert len(response.results[0].committed_tokens) >= 1
     finally:
         await server.stop(None)
-
-
-def test_step_profile_runs_on_cpu(tiny_pair, tmp_path):
-    from verify_service.step_profile import main
-
-    out, table = tmp_path / "step.json", tmp_path / "profile.txt"
-    main(["--model", str(tiny_pair[0]), "--device", "cpu", "--dtype", "float32", "--batch", "1,2", "--tokens", "1,4",
-          "--context", "20", "--forwards", "fused,transformers", "--graphs", "on,off", "--repeats", "2", "--warmup", "1", "--out", str(out),
-          "--torch-profile", str(table)])
-    report = json.loads(out.read_text())
-    modes = [f"{f}+{g}" for f in ("fused", "transformers") for g in ("on", "off")]
-    assert {(r["mode"], r["batch"], r["tokens"]) for r in report["results"]} == {
-        (m, b, n) for m in modes for b in (1, 2) for n in (1, 4)}
-    assert all(r["verify_ms"]["median"] > 0 and r["forward_ms"]["median"] > 0 for r in report["results"])
-    assert report["modes"]["fused+on"]["layout"].startswith("static KV layout")
-    assert report["modes"]["transformers+off"]["layout"] == "dynamic"
-    for mode in modes:  # float32 on the CPU: every forward and layout computes the same logits
-        assert report["modes"][mode]["agreement_with_first_mode"]["max_abs_diff"] < 1e-4
-        assert report["modes"][mode]["agreement_with_first_mode"]["argmax_agreement"] == 1.0
-    assert "mode fused+on, B=1, n=4" in table.read_text() and "self CPU" in table.read_text()
 
 
 class StandInGraph:
@@ -258,19 +276,19 @@ def stand_in_cuda_graphs(monkeypatch) -> list:
 def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel, stand_in_cuda_graphs, monkeypatch,
                                                           caplog):
     """Checks the bookkeeping around capture: one graph per bucket in the shared pool, the logits read from the
-    static output buffer, and a failed capture leaving its bucket eager with one warning."""
+    static output buffer, and a failed capture leaving its bucket eager with one warning. The reference is the
+    same forward run eagerly (as on the CPU), on a store of its own."""
     captures = stand_in_cuda_graphs
     rng = np.random.default_rng(23)
     prefixes = [rng.integers(0, target64.vocab_size, c).tolist() for c in (3, 70, 5)]
-    store = static_store(target64, slots=8, max_tree_tokens=32)
-    forward = StaticForward(target64, store, max_tree_tokens=32, graphs=True)
-    forward.use_graphs, forward.pool = True, "pool"  # as on CUDA
-    eager = KVStore()
-    skvs, ekvs = [store.allocate() for _ in prefixes], [eager.allocate() for _ in prefixes]
+    forward = StaticForward(target64, static_store(target64, slots=8, max_tree_tokens=32), max_tree_tokens=32)
+    forward.use_graphs, forward.bucketed, forward.pool = True, True, "pool"  # as on CUDA
+    eager = StaticForward(target64, static_store(target64, slots=8, max_tree_tokens=32), max_tree_tokens=32)
+    skvs, ekvs = [forward.store.allocate() for _ in prefixes], [eager.store.allocate() for _ in prefixes]
     target64.prefill(skvs, prefixes)
     target64.prefill(ekvs, prefixes)
     trees = [random_tree(rng, 5, target64.vocab_size, extra) for extra in (0, 6, 20)]
-    for g, w in zip(forward.tree_logits(skvs, trees), target64.tree_logits(ekvs, trees), strict=True):
+    for g, w in zip(forward.tree_logits(skvs, trees), eager.tree_logits(ekvs, trees), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)  # written by the capture run into the static output
         assert g.data_ptr() >= forward.logits.data_ptr()
     assert list(forward.graphs) == [(4, bucket_for(max(map(len, trees)), forward.token_buckets), 128)]
@@ -283,7 +301,7 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
     monkeypatch.setattr(torch.cuda, "graph", fail)
     for _ in range(2):
         (got,) = forward.tree_logits(skvs[:1], trees[:1])
-        torch.testing.assert_close(got, target64.tree_logits(ekvs[:1], trees[:1])[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got, eager.tree_logits(ekvs[:1], trees[:1])[0], rtol=1e-9, atol=1e-9)
     assert forward.graphs[(1, bucket_for(len(trees[0]), forward.token_buckets), 64)] is None
     assert forward.capture_failures == 1
     assert sum("capture failed" in r.message for r in caplog.records) == 1
@@ -292,9 +310,8 @@ def test_graph_path_control_flow_with_a_stand_in_for_cuda(target64: TargetModel,
 def test_a_verify_that_captures_a_graph_says_so(target64: TargetModel, stand_in_cuda_graphs):
     """The orchestrator must not take a capture (10-100x a step on a GPU) for a step's cost: Verify says when it
     made one, which is the first time a (batch, tree tokens, context) bucket comes up."""
-    verifier = Verifier(target64, max_sessions=4, session_ttl_s=60, static_slots=4, max_tree_tokens=16,
-                        cuda_graphs=True)
-    verifier.static.use_graphs, verifier.static.pool = True, "pool"  # as on CUDA
+    verifier = Verifier(target64, max_batch=4, session_ttl_s=60, max_tree_tokens=16)
+    verifier.static.use_graphs, verifier.static.bucketed, verifier.static.pool = True, True, "pool"  # as on CUDA
     verifier.prefill([PrefillItem("a", [1, 2, 3])])
 
     def step(extra_nodes: int) -> bool:
@@ -304,23 +321,3 @@ def test_a_verify_that_captures_a_graph_says_so(target64: TargetModel, stand_in_
 
     assert [step(0), step(0), step(6), step(6), step(0)] == [True, False, True, False, False]
     assert len(stand_in_cuda_graphs) == 2
-
-
-def test_profile_through_a_static_verifier_prices_its_layout_and_leaves_its_store_empty(target64: TargetModel,
-                                                                                        tiny_pair):
-    from cast_core.profiling import ProfileGrid
-    from verify_service import profile as vp
-
-    verifier = Verifier(target64, max_sessions=2, session_ttl_s=60, static_slots=2, max_tree_tokens=4)
-    timed = []
-    real = verifier.static.tree_logits
-    verifier.static.tree_logits = lambda kvs, trees: timed.append(len(kvs)) or real(kvs, trees)
-    grid = ProfileGrid(batch_sizes=(1, 2, 3), context_buckets=(16,), token_counts=(1, 4, 8), repeats=1, warmup=1)
-    table = vp.profile_target(target64, grid, model_id="tiny", verifier=verifier).table
-    # Capped by what the layout serves: 2 slots, trees of at most 4 nodes.
-    assert (table.batch_sizes, table.token_counts) == ((1, 2), (1, 4)) and np.all(table.millis > 0)
-    assert sorted(set(timed)) == [1, 2] and verifier.kv.owners == []
-    assert vp.layout_name(verifier) == "static" and vp.layout_name(None) == ""
-    model = tiny_pair[0]
-    paths = {vp.target_cache_path(target64, model, "sdpa", layout=layout) for layout in ("", "static", "static+graphs")}
-    assert len(paths) == 3 and vp.target_cache_path(target64, model, "sdpa") in paths
