@@ -91,7 +91,7 @@ async def verify_behind_proxy(tiny_pair, onnx_cache_dir):
     """(verify service, proxy, client of the service through the proxy, on the step stream)."""
     draft, verify = await start_services(tiny_pair)
     proxy = CuttableProxy(verify.port)
-    client = VerifyClient(f"127.0.0.1:{await proxy.start()}", "stream")
+    client = VerifyClient(f"127.0.0.1:{await proxy.start()}")
     yield verify, proxy, client
     await client.close()
     await proxy.stop()
