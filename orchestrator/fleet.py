@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cast.v1 import common_pb2
-from cast_core.wire import cost_table_from_proto
+from cast_runtime.wire import cost_table_from_proto
 from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.costs import ReplicaCosts
 from orchestrator.discovery import Target, resolve

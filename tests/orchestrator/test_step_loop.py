@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_core.errors import Unavailable
-from cast_core.identity import vocab_hash
+from cast_runtime.identity import vocab_hash
 from cast_core.tree import TokenTree
 from orchestrator.clients import VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
