@@ -10,7 +10,6 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -55,8 +54,8 @@ class Coalescer:
     (later ones find nothing left). A merged forward that fails is run again request by request, so that only the
     request at fault gets the error (the verifier checks every item before it changes anything)."""
 
-    def __init__(self, verify: Callable[[list[VerifyItem]], tuple[list, float, bool]], executor) -> None:
-        self.verify_items = verify  # verifier.verify_noting_captures
+    def __init__(self, verifier: Verifier, executor) -> None:
+        self.verifier = verifier
         self.executor = executor
         self.lock = threading.Lock()  # pending is filled on the event loop and taken on the worker
         self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
@@ -82,7 +81,7 @@ class Coalescer:
             batch, self.pending = self.pending, []
         if len(batch) > 1:
             try:
-                accepted, seconds, cold = self.verify_items([i for items, _ in batch for i in items])
+                accepted, seconds, cold = self.verifier.verify_noting_captures([i for items, _ in batch for i in items])
             except Exception:
                 pass  # one request is at fault: each alone, below
             else:
@@ -94,7 +93,7 @@ class Coalescer:
         out = []
         for entry in batch:
             try:
-                out.append((entry, self.verify_items(entry[0])))
+                out.append((entry, self.verifier.verify_noting_captures(entry[0])))
             except Exception as e:
                 out.append((entry, e))
         return out
@@ -118,7 +117,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
 
     @functools.cached_property
     def coalescer(self) -> Coalescer:
-        return Coalescer(self.verifier.verify_noting_captures, self.executor)
+        return Coalescer(self.verifier, self.executor)
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))

@@ -252,17 +252,17 @@ async def test_verify_requests_that_wait_for_the_model_run_as_one_forward(tiny_p
     forward, each request gets its own results, and a bad request among them fails alone."""
     from verify_service.server import start
 
-    running = await start(config_for(tiny_pair, max_sessions=8))
+    running = await start(config_for(tiny_pair, max_batch=8))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-    coalescer = running.servicer.coalescer
+    verifier = running.servicer.verifier
     forwards = []
-    run = coalescer.verify_items
+    run = verifier.verify_noting_captures
 
     def recording(items):
         forwards.append(sorted(i.sequence_id for i in items))
         return run(items)
 
-    coalescer.verify_items = recording
+    verifier.verify_noting_captures = recording
     try:
         stub = verify_pb2_grpc.VerifyServiceStub(channel)
         for s in ("a", "b", "a2", "b2", "c2", "a3", "b3"):
