@@ -26,7 +26,7 @@ class DraftConfig:
     max_sessions: int = 1024        # live sequences at most
     session_ttl_s: float = 600.0    # idle sequences expire after this
     max_context: int = 0            # tokens per sequence at most; 0: the model's max_position_embeddings
-    grace_s: float = 5.0            # on SIGTERM, in-flight calls get this long to finish
+    grace_s: float = 30.0           # on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held
     cost_table: Path | None = None  # a profiled table (cast profile draft) for Describe; None: cached or profiled
     profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
     threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core)

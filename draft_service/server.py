@@ -152,9 +152,13 @@ async def serve(config: DraftConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: NOT_SERVING, then %.1f s for in-flight calls", config.grace_s)
+    sessions = running.servicer.expander.sessions
+    log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", len(sessions), config.grace_s)
     await running.health.enter_graceful_shutdown()
-    await running.server.stop(config.grace_s)
+    deadline = asyncio.get_running_loop().time() + config.grace_s
+    while len(sessions) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    await running.server.stop(1.0)
     running.servicer.close()
 
 

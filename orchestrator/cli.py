@@ -3,6 +3,7 @@
     cast up                      the three services on loopback with the default model pair; prints `ready ADDR`
                                  (and serves the OpenAI-compatible HTTP API on :8000)
     cast generate [...] PROMPT   one request to a running orchestrator (PROMPT -: from standard input)
+    cast replicas [--addr A]     the draft and verify replicas an orchestrator sees, their state and load
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
     cast profile verify|draft    measure a service's cost table f(B, c, n) on this machine (JSON, optional plot)
@@ -33,6 +34,8 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--http-port", type=int, default=8000,
                    help="the orchestrator's OpenAI-compatible HTTP API and demo page (-1: off)")
     p.add_argument("--verify-dtype", default="auto")
+    p.add_argument("--draft-replicas", type=int, default=1, help="draft services to start (ports draft-port + 2 i)")
+    p.add_argument("--verify-replicas", type=int, default=1, help="verify services to start (ports verify-port + 2 i)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the services to be ready")
     p.add_argument("--keep-cpus-awake", metavar="CPUS", default="",
                    help="'all' or e.g. 0-7: SCHED_IDLE spinners keep these CPUs from halting between a step's "
@@ -43,8 +46,11 @@ def cmd_up(argv: list[str]) -> int:
     except ValueError as e:
         p.error(str(e))
     target, draft = (a.target, a.draft) if a.target and a.draft else default_pair()
+    if a.draft_replicas < 1 or a.verify_replicas < 1:
+        p.error("--draft-replicas and --verify-replicas must be at least 1")
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
-                     keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None)
+                     keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
+                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
@@ -54,10 +60,19 @@ def cmd_up(argv: list[str]) -> int:
         print(f"ready {spec.address}", flush=True)
         if spec.http_url:
             print(f"http {spec.http_url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
-        while (dead := stack.first_exit()) is None:
+        # A replica that exits is the orchestrator's to route around (its sequences move); the stack stops when
+        # the orchestrator does, or when no replica of a service is left.
+        reported: set[str] = set()
+        while True:
+            exited = {n for n, proc in stack.processes.items() if proc.poll() is not None}
+            for name in sorted(exited - reported):
+                print(f"the {name} service exited", file=sys.stderr, flush=True)
+            reported |= exited
+            roles = {"orchestrator": ["orchestrator"], **{r: list(spec.replica_addresses(r)) for r in ("draft", "verify")}}
+            if any(all(n in exited for n in names) for names in roles.values()):
+                print("stopping", file=sys.stderr)
+                return 1
             time.sleep(0.5)
-        print(f"the {dead} service exited; stopping", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
     finally:
@@ -121,6 +136,28 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_replicas(argv: list[str]) -> int:
+    import grpc
+
+    from cast.v1 import generation_pb2, generation_pb2_grpc
+
+    p = argparse.ArgumentParser(prog="cast replicas", description="The replicas an orchestrator sees.")
+    p.add_argument("--addr", default="127.0.0.1:50051")
+    a = p.parse_args(argv)
+    with grpc.insecure_channel(a.addr) as channel:
+        try:
+            reply = generation_pb2_grpc.GenerationServiceStub(channel).ListReplicas(
+                generation_pb2.ListReplicasRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{'role':7} {'address':22} {'state':9} {'live':>5} {'slots':>5}  device")
+    for r in reply.replicas:
+        print(f"{r.role:7} {r.address:22} {r.state:9} {r.live_sequences:5} {r.max_sequences or '-':>5}  {r.device}")
+    print(f"sequences replayed since start: {reply.replays}")
+    return 0
+
+
 def cmd_serve(argv: list[str]) -> int:
     if not argv or argv[0] not in ("draft", "verify", "orchestrator"):
         print("usage: cast serve draft|verify|orchestrator [flags]", file=sys.stderr)
@@ -155,8 +192,8 @@ def cmd_profile(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "serve": cmd_serve, "train-reference": cmd_train_reference,
-            "profile": cmd_profile}
+COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "replicas": cmd_replicas, "serve": cmd_serve,
+            "train-reference": cmd_train_reference, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cast_core.selection import CastParams
+from orchestrator.discovery import Target, parse_target
 
 
 def _env(name: str, default: str) -> str:
@@ -17,8 +18,8 @@ def _env(name: str, default: str) -> str:
 @dataclass
 class OrchestratorConfig:
     tokenizer_dir: Path                      # the target checkpoint directory (its tokenizer)
-    draft_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"])
-    verify_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
+    draft: str = "127.0.0.1:50052"           # draft replicas: host:port[,host:port...] or dns:///NAME:PORT
+    verify: str = "127.0.0.1:50053"          # verify replicas, likewise
     host: str = "127.0.0.1"
     port: int = 50051
     max_new_tokens_limit: int = 4096         # larger requests are OUT_OF_RANGE
@@ -28,13 +29,19 @@ class OrchestratorConfig:
                                              # that the draft and verify replicas report (Describe: max_sequences)
     max_queued: int = 256                    # waiting beyond the batch; past it, RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
+    refresh_s: float = 5.0                   # DNS re-resolution and replica health checks this often
+    grace_s: float = 30.0                    # on SIGTERM, running requests get this long to finish
+    draft_target: Target = field(init=False, repr=False)   # parsed from `draft`
+    verify_target: Target = field(init=False, repr=False)  # parsed from `verify`
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
     http_port: int | None = None             # the OpenAI-compatible HTTP API (http_api.py); None: off, 0: any free port
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
-        if not self.draft_addrs or not self.verify_addrs:
-            raise ValueError("at least one draft and one verify address are needed")
+        self.draft_target = parse_target(self.draft, "draft")
+        self.verify_target = parse_target(self.verify, "verify")
+        if self.refresh_s <= 0 or self.grace_s < 0:
+            raise ValueError("refresh_s must be positive and grace_s not negative")
         for name in ("port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
@@ -52,8 +59,14 @@ class OrchestratorConfig:
     def from_args(argv: list[str] | None = None) -> OrchestratorConfig:
         p = argparse.ArgumentParser(prog="cast serve orchestrator", description="The public Generate service.")
         p.add_argument("--tokenizer", default=_env("TOKENIZER", ""), help="target checkpoint dir (its tokenizer)")
-        p.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50052"), help="draft address(es), comma separated")
-        p.add_argument("--verify", default=_env("VERIFY", "127.0.0.1:50053"), help="verify address(es), comma separated")
+        p.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50052"),
+                       help="draft replicas: host:port[,host:port...] or dns:///NAME:PORT (every A/AAAA record)")
+        p.add_argument("--verify", default=_env("VERIFY", "127.0.0.1:50053"),
+                       help="verify replicas: host:port[,host:port...] or dns:///NAME:PORT (every A/AAAA record)")
+        p.add_argument("--refresh", type=float, default=float(_env("REFRESH", "5")),
+                       help="seconds between DNS re-resolutions and replica health checks")
+        p.add_argument("--grace", type=float, default=float(_env("GRACE", "30")),
+                       help="on SIGTERM, seconds running requests get to finish")
         p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
         p.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
         p.add_argument("--max-new-tokens-limit", type=int, default=int(_env("MAX_NEW_TOKENS_LIMIT", "4096")))
@@ -78,8 +91,10 @@ class OrchestratorConfig:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
         return OrchestratorConfig(
             tokenizer_dir=Path(a.tokenizer),
-            draft_addrs=[s for s in a.draft.split(",") if s],
-            verify_addrs=[s for s in a.verify.split(",") if s],
+            draft=a.draft,
+            verify=a.verify,
+            refresh_s=a.refresh,
+            grace_s=a.grace,
             host=a.host,
             port=a.port,
             max_new_tokens_limit=a.max_new_tokens_limit,

@@ -1,5 +1,5 @@
-"""What a step costs on one (draft replica, verify replica) pair: the replicas' profiled tables plus what a step
-costs beyond the model's forward, measured online.
+"""What a step costs on a (draft replica, verify replica) pair: the replicas' profiled tables plus what a step
+costs beyond the model's forward, measured online per replica.
 
 Each replica sends its cost table in Describe: pure forward times. A real step also pays for the RPC, the
 services' own Python, masks and serialisation. That overhead hardly depends on the number of tree nodes, so it is
@@ -42,6 +42,24 @@ def _moving(average: float | None, sample: float) -> float:
     return sample if average is None else (1 - ONLINE_WEIGHT) * average + ONLINE_WEIGHT * sample
 
 
+PRIORS = {"verify": (0.05, 5.0), "draft": (0.02, 1.0)}  # (lam_ms, delta_ms) of a replica with no table
+
+
+@dataclass
+class ReplicaCosts:
+    """One replica's profiled table (or a prior) and what its calls cost beyond it, learned online. Every pairing of
+    the replica (CostModel) shares this object, so the corrections are per replica."""
+
+    table: CostTable
+    overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: verify: a step beyond its forward;
+                                                                 # draft: one forward beyond the model
+    call_ms: dict[int, float] = field(default_factory=dict)      # draft, per batch size: an Expand's RPC, once a call
+
+    @staticmethod
+    def for_replica(role: str, table: CostTable | None) -> ReplicaCosts:
+        return ReplicaCosts(table or prior_table(role, *PRIORS[role]))
+
+
 @dataclass
 class CostModel:
     verify: CostTable
@@ -54,10 +72,12 @@ class CostModel:
 
     @staticmethod
     def from_tables(verify: CostTable | None, draft: CostTable | None) -> CostModel:
-        return CostModel(
-            verify=verify or prior_table("verify", lam_ms=0.05, delta_ms=5.0),
-            draft=draft or prior_table("draft", lam_ms=0.02, delta_ms=1.0),
-        )
+        return CostModel.pair(ReplicaCosts.for_replica("verify", verify), ReplicaCosts.for_replica("draft", draft))
+
+    @staticmethod
+    def pair(verify: ReplicaCosts, draft: ReplicaCosts) -> CostModel:
+        """A step's prices on this (verify replica, draft replica) pair; what it learns goes to each replica."""
+        return CostModel(verify.table, draft.table, verify.overhead_ms, draft.overhead_ms, draft.call_ms)
 
     @property
     def verifier_on_gpu(self) -> bool:

@@ -62,6 +62,7 @@ class GenerationStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
+    replays: int = 0  # times it was replayed on another verify replica (its own failed or drained)
 
     @property
     def mean_accepted_length(self) -> float:

@@ -48,7 +48,7 @@ from orchestrator.decoding import Chunk, FinishReason, GenerationRequest
 from orchestrator.errors import status_of
 from orchestrator.requests import RequestBuilder
 from orchestrator.servicer import stats_to_proto, timing_fields
-from orchestrator.step_loop import StepLoop
+from orchestrator.router import Router
 
 STATIC = Path(__file__).parent / "static"
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to as many as fit
@@ -313,8 +313,8 @@ async def allow_all(request: Request) -> None:
 
 
 class HttpApi:
-    def __init__(self, loop: StepLoop, requests: RequestBuilder, model_id: str) -> None:
-        self.loop = loop
+    def __init__(self, router: Router, requests: RequestBuilder, model_id: str) -> None:
+        self.router = router
         self.requests = requests
         self.tokenizer = requests.tokenizer
         self.model_id = model_id
@@ -377,7 +377,7 @@ class HttpApi:
     async def whole(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
                     view: StepView | None) -> JSONResponse:
         async def collect() -> list[Chunk]:
-            async with aclosing(self.loop.generate(generation)) as stream:
+            async with aclosing(self.router.generate(generation)) as stream:
                 return [chunk async for chunk in stream]
 
         chunks = await unless_disconnected(request, collect())
@@ -395,7 +395,7 @@ class HttpApi:
 
     async def stream(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
                      view: StepView | None, include_usage: bool) -> EventStream:
-        stream = self.loop.generate(generation)
+        stream = self.router.generate(generation)
         # The first chunk is awaited here, so that what fails before any token (a full server: 429) has its status.
         try:
             first = await unless_disconnected(request, anext(stream))
@@ -441,10 +441,10 @@ def usage(generation: GenerationRequest, final: Chunk) -> dict:
             "total_tokens": prompt + final.completion_tokens}
 
 
-def create_app(loop: StepLoop, requests: RequestBuilder, model_id: str,
+def create_app(router: Router, requests: RequestBuilder, model_id: str,
                authorize: Callable[[Request], Awaitable[None]] = allow_all) -> FastAPI:
-    """The HTTP API on `loop`. `authorize` guards every /v1 route (the page and /health stay open)."""
-    api = HttpApi(loop, requests, model_id)
+    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open)."""
+    api = HttpApi(router, requests, model_id)
     app = FastAPI(title="CAST Serve", summary="OpenAI-compatible API of the orchestrator", redoc_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     v1.add_api_route("/models", api.models, methods=["GET"])

@@ -34,7 +34,8 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
-        self.prepared: tuple[tuple, draft_pb2.ExpandBudget] | None = None  # ((batch, table cells), budget)
+        # The next step's budgets, per pairing (CostModel) they were priced for: id -> ((batch, table cells), budget)
+        self.prepared: dict[int, tuple[tuple, draft_pb2.ExpandBudget]] = {}
 
     @property
     def value_scale(self) -> float:
@@ -47,20 +48,20 @@ class Planner:
         self.gate.expect_plain(batch, costs.verify_step_ms(batch, context, 1))
         drafts = self.gate.should_draft(batch)
         if not drafts:
-            self.prepared = None  # it would be stale by the time this policy drafts again
+            self.prepared.clear()  # it would be stale by the time this policy drafts again
         return drafts
 
     def budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.ExpandBudget:
         """The Expand budget: the one prepared during the last Verify where it prices the same table cells (its
         online corrections and calibration are one step older), else priced now."""
-        prepared, self.prepared = self.prepared, None
+        prepared = self.prepared.pop(id(costs), None)
         if prepared is not None and prepared[0] == (batch, costs.price_cells(batch, context)):
             return prepared[1]
         return self.price_budget(costs, batch, context)
 
     def prepare_budget(self, costs: CostModel, batch: int, context: int) -> None:
         """Price the next step's budget (called while this step's Verify runs)."""
-        self.prepared = ((batch, costs.price_cells(batch, context)), self.price_budget(costs, batch, context))
+        self.prepared[id(costs)] = ((batch, costs.price_cells(batch, context)), self.price_budget(costs, batch, context))
 
     def price_budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.ExpandBudget:
         """What the draft may expand. Trees come back trimmed to the most nodes `select` can keep. For CAST: the

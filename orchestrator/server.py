@@ -1,4 +1,4 @@
-"""Start-up of the orchestrator: tokenizer, channels to the draft and verify replicas, health, reflection, signals."""
+"""Start-up of the orchestrator: tokenizer, the replica fleet, the router, health, reflection, signals."""
 
 from __future__ import annotations
 
@@ -14,63 +14,37 @@ from transformers import AutoTokenizer
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_runtime.grpc_options import server_options
 from cast_runtime.identity import vocab_hash
-from cast_runtime.wire import cost_table_from_proto
-from orchestrator.clients import DraftClient, VerifyClient
 from orchestrator.config import OrchestratorConfig
-from orchestrator.costs import CostModel
+from orchestrator.fleet import Fleet
 from orchestrator.http_api import HttpServer, create_app
 from orchestrator.policies import make_policies
 from orchestrator.requests import RequestBuilder
+from orchestrator.router import Router
 from orchestrator.servicer import GenerationServicer
-from orchestrator.step_loop import StepLoop
 
 log = logging.getLogger("cast.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
-async def wait_for_replica(client, timeout_s: float):
-    """Describe the replica, retrying while it starts (model loading can take minutes)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            return await client.describe(timeout=5.0)
-        except grpc.aio.AioRpcError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"{client.address} did not answer Describe in {timeout_s:.0f} s: {exc.details()}") from exc
-            await asyncio.sleep(0.5)
-
-
 async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int]:
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
-    # One replica of each for now; routing across replicas comes with scaling.
-    draft = DraftClient(config.draft_addrs[0])
-    verify = VerifyClient(config.verify_addrs[0])
-    draft_desc, verify_desc = await asyncio.gather(
-        wait_for_replica(draft, config.connect_timeout_s), wait_for_replica(verify, config.connect_timeout_s)
-    )
-    ours = vocab_hash(tokenizer.get_vocab())
-    if not draft_desc.vocab_hash == verify_desc.vocab_hash == ours:
-        raise RuntimeError(
-            f"vocabularies differ: tokenizer {ours}, draft {draft_desc.vocab_hash} ({draft.address}), "
-            f"verify {verify_desc.vocab_hash} ({verify.address}); draft and target must share a tokenizer"
-        )
-    max_context = min(draft_desc.max_context, verify_desc.max_context)
-    costs = CostModel.from_tables(cost_table_from_proto(verify_desc.cost_table), cost_table_from_proto(draft_desc.cost_table))
-    # No more live sequences than either replica holds: past that a Prefill would fail; the rest wait in the queue.
-    max_live = min([config.max_live] + [d.max_sequences for d in (draft_desc, verify_desc) if d.max_sequences > 0])
-    loop = StepLoop(tokenizer, draft, verify, max_context, costs, config.rpc_timeout_s, max_live, config.max_queued)
+    fleet = Fleet(config.draft_target, config.verify_target, vocab_hash(tokenizer.get_vocab()), config.refresh_s)
+    await fleet.start(config.connect_timeout_s)
+    serving = fleet.serving("draft") + fleet.serving("verify")
+    max_context = min(r.description.max_context for r in serving)
+    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued)
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
 
     server = grpc.aio.server(options=server_options())
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(loop, requests), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
-    model_id = verify_desc.model_name or config.tokenizer_dir.name
+    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
     # Bound here, before anything starts: a taken port fails the start-up at once.
-    server.http = (HttpServer(create_app(loop, requests, model_id), config.host, config.http_port)
+    server.http = (HttpServer(create_app(router, requests, model_id), config.host, config.http_port)
                    if config.http_port is not None else None)
     await server.start()
     if server.http is not None:  # before SERVING: a ready orchestrator answers both APIs
@@ -78,14 +52,25 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         log.info("HTTP API on http://%s:%d (model %r)", config.host, server.http.port, model_id)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watch = asyncio.get_running_loop().create_task(fleet.watch(), name="fleet-watch")
+
+    async def close() -> None:
+        """After the server stopped: release every sequence's sessions, stop watching the fleet."""
+        watch.cancel()
+        await router.close()
+        await fleet.close()
+
     server.health_servicer = health_servicer  # for graceful shutdown
-    server.step_loop = loop                   # ... which releases the sequences' sessions last
-    log.info("orchestrator serving on %s:%d (draft %s, verify %s, at most %d live sequences)",
-             config.host, port, draft.address, verify.address, max_live)
+    server.router = router
+    server.close = close
+    log.info("orchestrator serving on %s:%d (draft %s, verify %s)", config.host, port, config.draft_target,
+             config.verify_target)
     return server, port
 
 
-async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
+async def serve(config: OrchestratorConfig) -> None:
+    """Serve until SIGTERM or SIGINT; then report NOT_SERVING, give running requests config.grace_s to finish,
+    release their sessions and exit."""
     server, _ = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,8 +78,8 @@ async def serve(config: OrchestratorConfig, grace_s: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.health_servicer.enter_graceful_shutdown()
-    await asyncio.gather(server.stop(grace_s), *([server.http.stop()] if server.http else []))
-    await server.step_loop.close()
+    await asyncio.gather(server.stop(config.grace_s), *([server.http.stop()] if server.http else []))
+    await server.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,9 @@ import grpc
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
+from orchestrator.router import Router
 from orchestrator.errors import abort_with
 from orchestrator.requests import RequestBuilder
-from orchestrator.step_loop import StepLoop
 
 FINISH_REASONS = {
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
@@ -40,6 +40,7 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
         verify_seconds=stats.verify_seconds,
         other_seconds=max(stats.total_seconds - stats.draft_seconds - stats.verify_seconds, 0.0),
         total_seconds=stats.total_seconds,
+        replays=stats.replays,
     )
     if with_steps:
         msg.step_stats.extend(
@@ -53,8 +54,8 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, loop: StepLoop, requests: RequestBuilder) -> None:
-        self.loop = loop
+    def __init__(self, router: Router, requests: RequestBuilder) -> None:
+        self.router = router
         self.requests = requests  # validation, shared with the HTTP API
 
     def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
@@ -72,7 +73,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         final: Chunk | None = None
         try:
             domain = self.to_request(request)
-            async for chunk in self.loop.generate(domain):
+            async for chunk in self.router.generate(domain):
                 text.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 final = chunk
@@ -90,7 +91,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request, context):
         try:
             domain = self.to_request(request)
-            async for chunk in self.loop.generate(domain):
+            async for chunk in self.router.generate(domain):
                 msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason is not None:
                     msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -101,3 +102,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield msg
         except (CastError, grpc.aio.AioRpcError) as exc:
             await abort_with(context, exc)
+
+    async def ListReplicas(self, request, context):
+        return generation_pb2.ListReplicasResponse(
+            replicas=[
+                generation_pb2.ReplicaStatus(
+                    role=r.role, address=r.address, state=r.state.value, live_sequences=r.sequences,
+                    max_sequences=r.slots, device=r.description.device if r.description else "",
+                    model_name=r.description.model_name if r.description else "",
+                )
+                for r in sorted(self.router.fleet.replicas.values(), key=lambda r: (r.role, r.address))
+            ],
+            replays=self.router.replays,
+        )

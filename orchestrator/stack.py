@@ -43,6 +43,8 @@ class StackSpec:
     orchestrator_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # None: the services log to this process's stderr
     keep_cpus_awake: list[int] = field(default_factory=list)  # SCHED_IDLE spinners on these CPUs (keep_awake.py)
+    draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
+    verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
 
     @property
@@ -53,19 +55,26 @@ class StackSpec:
     def http_url(self) -> str | None:
         return f"http://{self.host}:{self.http_port}" if self.http_port is not None else None
 
+    def replica_addresses(self, role: str) -> dict[str, str]:
+        """{process name: address} of the draft or verify replicas: "draft", "draft-2", ..."""
+        count, first = (self.draft_replicas, self.draft_port) if role == "draft" else (self.verify_replicas, self.verify_port)
+        return {role if i == 0 else f"{role}-{i + 1}": f"{self.host}:{first + 2 * i}" for i in range(count)}
+
     def commands(self) -> dict[str, list[str]]:
         py = sys.executable
-        draft_addr, verify_addr = f"{self.host}:{self.draft_port}", f"{self.host}:{self.verify_port}"
-        return {
-            "draft": [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
-                      "--port", str(self.draft_port), *self.draft_args],
-            "verify": [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
-                       "--port", str(self.verify_port), "--dtype", self.verify_dtype, *self.verify_args],
-            "orchestrator": [py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
-                             "--port", str(self.port), "--draft", draft_addr, "--verify", verify_addr,
-                             *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
-                             *self.orchestrator_args],
-        }
+        out = {}
+        for name, address in self.replica_addresses("draft").items():
+            out[name] = [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
+                         "--port", address.rpartition(":")[2], *self.draft_args]
+        for name, address in self.replica_addresses("verify").items():
+            out[name] = [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
+                         "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *self.verify_args]
+        out["orchestrator"] = [
+            py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
+            "--port", str(self.port), "--draft", ",".join(self.replica_addresses("draft").values()),
+            "--verify", ",".join(self.replica_addresses("verify").values()),
+            *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.orchestrator_args]
+        return out
 
 
 def free_ports(n: int) -> list[int]:
@@ -99,19 +108,24 @@ class Stack:
 
     def start(self) -> Stack:
         self.keep_awake.start()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name, cmd in self.spec.commands().items():
-            out = None
-            if self.spec.log_dir is not None:
-                self.spec.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.spec.log_dir / f"{name}.log", "w")
-                self._logs.append(out)
-            self.processes[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        for name in self.spec.commands():
+            self.launch(name)
         return self
+
+    def launch(self, name: str) -> None:
+        """Start (or start again, after it exited) one of the stack's processes; its log is appended to."""
+        out = None
+        if self.spec.log_dir is not None:
+            self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.spec.log_dir / f"{name}.log", "a")
+            self._logs.append(out)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[name] = subprocess.Popen(self.spec.commands()[name], env=env, stdout=out,
+                                                stderr=subprocess.STDOUT if out else None)
 
     def addresses(self) -> dict[str, str]:
         s = self.spec
-        return {"draft": f"{s.host}:{s.draft_port}", "verify": f"{s.host}:{s.verify_port}", "orchestrator": s.address}
+        return {**s.replica_addresses("draft"), **s.replica_addresses("verify"), "orchestrator": s.address}
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,10 +1,14 @@
-"""Continuous batching: one step loop per (draft replica, verify replica) pair.
+"""Continuous batching on one verify replica: every sequence pinned to it steps together, one Verify a step.
 
 Requests join at a step boundary (their prompts prefilled in one call while the live batch drafts) and leave when
 they finish or their client goes away. A step reads top to bottom: schedule (which policies draft), expand (one
-batched Expand per drafting policy), select (the nodes to verify, planner.py), verify (one batched Verify for
-everyone), commit, learn. Results reach each request through its own queue, so a slow reader of a stream never
-holds up the others.
+batched Expand per drafting policy and draft replica, all in parallel), select (the nodes to verify, planner.py),
+verify, commit, learn. Results reach each request through its own queue (router.py), so a slow reader of a stream
+never holds up the others.
+
+When the verify replica fails, or drains while another serves, its sequences go back to the router, which replays
+them elsewhere (prompt + committed tokens prefilled again); when a draft replica fails, its sequences verify their
+roots alone this step (plain decoding) and draft on another replica from the next.
 """
 
 from __future__ import annotations
@@ -14,27 +18,39 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from cast.v1 import verify_pb2
-from cast_core.errors import ResourceExhausted, Unavailable
+from cast_core.errors import Unavailable
 from cast_core.tree import TokenTree
-from orchestrator.clients import DraftClient, DraftItem, Expanded, VerifyClient, VerifyItem, timed
-from orchestrator.costs import CostModel
-from orchestrator.decoding import (
-    Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler,
-)
+from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
+from orchestrator.costs import CostModel, ReplicaCosts
+from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
+from orchestrator.fleet import Replica, State
 from orchestrator.planner import Planner
 from orchestrator.policies import TreePolicy
 
+if TYPE_CHECKING:
+    from orchestrator.router import Router
+
 log = logging.getLogger("cast.orchestrator")
 
+# Statuses that say the request itself is wrong: the same call would fail on any replica. Any other failure of a
+# call is the replica's (down, restarted, overloaded, timed out): the sequence moves on.
+REQUEST_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
+MAX_REPLAYS = 4  # a sequence whose every replica fails it this often fails (a bug is not retried forever)
 
-@dataclass
+
+def replica_failure(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() not in REQUEST_ERRORS
+
+
+@dataclass(eq=False)
 class LiveSequence:
     """A request being decoded. tokens[-1] is the root of its next tree."""
 
@@ -44,11 +60,19 @@ class LiveSequence:
     tokens: list[int]
     sampling: verify_pb2.SamplingParams
     started: float = field(default_factory=time.perf_counter)
-    sequence_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sequence_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its session on the draft replica
+    verify_id: str = ""           # its session on the verify replica: a new one for each replay
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Chunk, then None; or an exception
-    draft_seen: int = 0        # how many of `tokens` the draft has cached
-    opened_draft: bool = False
-    done: bool = False         # finished, failed or abandoned: leaves at the next boundary
+    draft: Replica | None = None  # its draft replica; None: none serves, plain steps until one does
+    draft_seen: int = 0           # how many of `tokens` the draft replica has cached
+    opened_draft: bool = False    # the draft replica holds a session for it
+    done: bool = False            # finished, failed or abandoned: leaves at the next boundary
+    admitted: bool = False        # a Prefill was sent for it to its verify replica
+    loop: StepLoop | None = None  # the step loop of its verify replica; None: waiting for one (router.py)
+    lost_since: float = 0.0       # ... since (loop clock)
+
+    def __post_init__(self) -> None:
+        self.verify_id = self.verify_id or self.sequence_id
 
     @property
     def policy(self) -> TreePolicy:
@@ -102,81 +126,65 @@ class Draft:
 
 @dataclass
 class PolicyGroup:
-    """A step's sequences of one drafting policy, whether they draft this step, and what their Expand returned."""
+    """A step's sequences of one drafting policy, whether they draft this step, and what their Expands returned."""
 
     planner: Planner
     sequences: list[LiveSequence]
     drafts: bool
-    expanded: list[Expanded] = field(default_factory=list)
+    expanded: dict[str, Expanded] = field(default_factory=dict)  # sequence id -> its expansion
+
+    def by_draft_replica(self) -> dict[Replica, list[LiveSequence]]:
+        out: dict[Replica, list[LiveSequence]] = defaultdict(list)
+        for s in self.sequences:
+            if s.draft is not None:
+                out[s.draft].append(s)
+        return out
 
 
 class StepLoop:
-    def __init__(
-        self,
-        tokenizer,
-        draft: DraftClient,
-        verify: VerifyClient,
-        max_context: int,
-        costs: CostModel,
-        rpc_timeout_s: float = 60.0,
-        max_live: int = 64,
-        max_queued: int = 256,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.draft = draft
-        self.verify = verify
-        self.max_context = max_context
-        self.costs = costs              # this replica pair's tables, corrected online
-        self.rpc_timeout_s = rpc_timeout_s
-        self.max_live = max_live
-        self.max_queued = max_queued
+    def __init__(self, replica: Replica, router: Router) -> None:
+        self.replica = replica          # the verify replica
+        self.router = router
         self.live: list[LiveSequence] = []
         self.waiting: list[LiveSequence] = []
         # Admitted sequences whose prompts the verifier is prefilling while the live batch steps on, and that call.
         self.joining: list[LiveSequence] = []
         self.prefilling: asyncio.Task | None = None
+        self.admit_after = 0.0          # the verifier was full: admit again from this time (loop clock)
         self.planners: dict[str, Planner] = {}  # per policy: its budgets, selection and learned state
+        self.pairs: dict[str, CostModel] = {}   # per draft replica: prices on this verify replica
+        self.no_draft = ReplicaCosts.for_replica("draft", None)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    # --- the request's side ---------------------------------------------------------------------------------
+    @property
+    def max_live(self) -> int:
+        """Sequences decoded together at most: the orchestrator's limit, and the replica's slots where it says."""
+        return min(self.router.max_live, self.replica.slots or self.router.max_live)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if len(self.waiting) >= self.max_queued:
-            raise ResourceExhausted(
-                f"{len(self.live)} sequences live and {len(self.waiting)} queued: the server is full, retry later"
-            )
-        seq = LiveSequence(
-            request=request,
-            assembler=TextAssembler(self.tokenizer, request.prompt_ids, request, self.tokenizer.eos_token_id),
-            stats=GenerationStats(policy=request.policy.name),
-            tokens=list(request.prompt_ids),
-            sampling=verify_pb2.SamplingParams(
-                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                seed=request.seed or 0, has_seed=request.seed is not None,
-            ),
-        )
-        self.waiting.append(seq)
-        self._ensure_running()
-        self._wake.set()
-        try:
-            while True:
-                item = await seq.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                # Detokenised here, not in the step loop: this runs while the loop waits for its next RPC.
-                item.text = seq.assembler.take_text(final=item.finish_reason is not None)
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            # Cancelled, timed out or finished: the loop releases the sessions at the next boundary.
-            seq.done = True
-            self._wake.set()
+    @property
+    def sequences(self) -> list[LiveSequence]:
+        return self.live + self.joining + self.waiting
 
-    def _ensure_running(self) -> None:
+    def costs(self, draft: Replica | None) -> CostModel:
+        """The step's prices with this draft replica (its table and corrections, and this verifier's)."""
+        key = draft.address if draft is not None else ""
+        pair = self.pairs.get(key)
+        if pair is None:
+            pair = self.pairs[key] = CostModel.pair(self.replica.costs, draft.costs if draft else self.no_draft)
+        return pair
+
+    def enqueue(self, s: LiveSequence, front: bool = False) -> None:
+        if front:
+            self.waiting.insert(0, s)
+        else:
+            self.waiting.append(s)
+        self.wake()
+
+    def wake(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="step-loop")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"step-loop {self.replica.address}")
+        self._wake.set()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop stepping and release every admitted sequence's sessions on both services; requests still running
@@ -185,7 +193,7 @@ class StepLoop:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         admitted = self.live + self.joining
-        for s in admitted + self.waiting:
+        for s in self.sequences:
             s.fail(Unavailable("the orchestrator is shutting down"))
         self.live, self.joining, self.waiting = [], [], []
         await self._release(admitted, timeout_s)
@@ -196,6 +204,7 @@ class StepLoop:
         try:
             while True:
                 await self._retire()
+                await self._evacuate()
                 if not self.live and not self.waiting and self.prefilling is None:
                     self._wake.clear()
                     await self._wake.wait()
@@ -208,21 +217,36 @@ class StepLoop:
                         stepping = [s for s in self.live if not s.done]
                     if stepping:
                         await self._step(stepping)
+                    elif self.waiting and self.prefilling is None:  # the verifier is full: wait a little
+                        await asyncio.sleep(max(self.admit_after - asyncio.get_running_loop().time(), 0.01))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a bug must fail the requests, not hang them
                     log.exception("step failed")
-                    for s in self.live + self.joining + self.waiting:
+                    for s in self.sequences:
                         s.fail(exc)
         finally:
             if self.prefilling is not None:
                 self.prefilling.cancel()
 
+    async def _evacuate(self) -> None:
+        """Hand this loop's sequences back to the router when its replica is down, or draining while another
+        serves: they are replayed there. Sequences in a running prefill move once it ends."""
+        state = self.replica.state
+        if state is State.SERVING or (state is State.DRAINING and not self.router.fleet.serving("verify")):
+            return
+        leaving = [s for s in self.live + self.waiting if not s.done]
+        if leaving:
+            self.live = [s for s in self.live if s.done]
+            self.waiting = []
+            self.router.replay(leaving, self)
+
     def _admit(self) -> None:
         """Start prefilling the waiting sequences that fit, in one call, unless a prefill is running. The live batch
         steps on meanwhile: the draft expands its trees while the verifier prefills (a prompt costs a verify
-        service several steps' time), and the newcomers join that step's Verify (_step)."""
-        if self.prefilling is not None:
+        service several steps' time), and the newcomers join that step's Verify (_step). A replayed sequence
+        prefills its prompt and every token it committed."""
+        if self.prefilling is not None or asyncio.get_running_loop().time() < self.admit_after:
             return
         self.waiting = [s for s in self.waiting if not s.done]
         joining = self.waiting[: max(self.max_live - len(self.live), 0)]
@@ -230,48 +254,64 @@ class StepLoop:
             return
         self.waiting = self.waiting[len(joining):]
         self.joining = joining
-        self.prefilling = asyncio.ensure_future(
-            timed(self.verify.prefill({s.sequence_id: s.tokens for s in joining}, self.rpc_timeout_s)))
+        for s in joining:
+            s.admitted = True
+        self.prefilling = asyncio.ensure_future(timed(
+            self.replica.client.prefill({s.verify_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
 
     async def _join(self) -> list[LiveSequence]:
         """Wait for the running prefill; its sequences join the live batch. Returns them."""
         task, joining = self.prefilling, self.joining
+        self.prefilling, self.joining = None, []
         try:
             _, seconds = await task
         except grpc.aio.AioRpcError as exc:
-            for s in joining:
-                s.fail(exc)
-        else:
-            for s in joining:
-                s.stats.verify_seconds += seconds
-        finally:
-            self.prefilling, self.joining = None, []
-            self.live.extend(joining)  # failed ones too: _retire releases whatever the verifier kept
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # its slots are taken (another orchestrator's)
+                self.waiting[:0] = joining
+                self.admit_after = asyncio.get_running_loop().time() + 0.1
+            elif replica_failure(exc):
+                self.router.fleet.report_failure(self.replica, exc)
+                self.router.replay(joining, self)
+            else:
+                for s in joining:
+                    s.fail(exc)
+                self.live.extend(joining)  # _retire releases whatever the verifier kept
+            return []
+        for s in joining:
+            s.stats.verify_seconds += seconds
+        self.live.extend(joining)
         return joining
 
     async def _retire(self) -> None:
         """Drop finished and abandoned sequences and release their sessions on both services."""
-        leaving = [s for s in self.live if s.done]
+        leaving = [s for s in self.live + self.waiting if s.done]
         if not leaving:
             return
         self.live = [s for s in self.live if not s.done]
-        await self._release(leaving)
+        self.waiting = [s for s in self.waiting if not s.done]
+        await self._release([s for s in leaving if s.admitted])
+        for s in leaving:
+            self.router.forget(s)
 
     async def _release(self, sequences: list[LiveSequence], timeout_s: float = 10.0) -> None:
-        """Release the sequences' sessions on both services (the draft's only where it opened one)."""
+        """Release the sequences' sessions on this verifier and on their draft replicas."""
         if not sequences:
             return
-        calls = [self.verify.release([s.sequence_id for s in sequences], timeout_s)]
-        drafted = [s.sequence_id for s in sequences if s.opened_draft]
-        if drafted:
-            calls.append(self.draft.release(drafted, timeout_s))
+        calls = [self.replica.client.release([s.verify_id for s in sequences], timeout_s)]
+        drafted: dict[Replica, list[str]] = defaultdict(list)
+        for s in sequences:
+            if s.opened_draft and s.draft is not None:
+                drafted[s.draft].append(s.sequence_id)
+        calls += [replica.client.release(ids, timeout_s) for replica, ids in drafted.items()]
         # A failed release is nobody's error to report: the sessions' TTL frees them.
         await asyncio.gather(*calls, return_exceptions=True)
+
+    # --- one step -------------------------------------------------------------------------------------------
 
     async def _step(self, batch: list[LiveSequence]) -> None:
         """One decoding step of the live batch: schedule, expand, select, verify, commit, learn."""
         for s in batch:
-            if len(s.tokens) >= self.max_context:  # no room for another tree
+            if len(s.tokens) >= self.router.max_context:  # no room for another tree
                 s.finish(FinishReason.CONTEXT, [])
         batch = [s for s in batch if not s.done]
         if not batch:
@@ -281,40 +321,53 @@ class StepLoop:
         size, context = len(batch), max(len(s.tokens) for s in batch)
 
         # Schedule: each policy's sequences draft this step, or verify their roots alone (plain decoding).
+        for s in batch:
+            self.router.keep_draft_replica(s)
         groups = self._groups(batch, size, context)
         drafts = {s.sequence_id: Draft.root_only(s) for s in batch}
 
-        # Expand and select, one batched Expand per drafting policy; what it teaches waits for the Verify's wait.
-        learn_while_verifying: list[Callable[[], object]] = []
-        for group in groups:
-            if not group.drafts:
+        # Expand: one batched Expand per drafting policy and draft replica, all at once.
+        calls = [self._expand(g, replica, members, size, context, timing)
+                 for g in groups if g.drafts for replica, members in g.by_draft_replica().items()]
+        expand_started = time.perf_counter()
+        learn_while_verifying = [learn for learn in await asyncio.gather(*calls) if learn is not None]
+        if calls:
+            timing.draft_rpc = time.perf_counter() - expand_started
+
+        # Select: per policy, one cut for all its sequences (they share the verifier's forward).
+        for g in groups:
+            drafted = [s for s in g.sequences if s.sequence_id in g.expanded]
+            if not drafted:
                 continue
-            learn = await self._expand(group, size, context, timing)
-            if learn is None:
-                return
-            learn_while_verifying.append(learn)
-            trees = group.planner.select([e.tree for e in group.expanded], self.costs, size, context)
-            for s, tree, e in zip(group.sequences, trees, group.expanded):
+            expansions = [g.expanded[s.sequence_id] for s in drafted]
+            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context)
+            for s, tree, e in zip(drafted, trees, expansions):
                 drafts[s.sequence_id] = Draft(tree, e.expanded_nodes)
         if self.prefilling is not None:
             # The verifier runs the prefill before this step's Verify anyway: the newcomers join it with root-only
             # trees (a plain step gives their first token) and draft from the next step on.
             for s in await self._join():
-                if not s.done and len(s.tokens) < self.max_context:
+                if not s.done and len(s.tokens) < self.router.max_context:
                     drafts[s.sequence_id] = Draft.root_only(s)
                     batch.append(s)
         # The next step's budgets, for the least context it can have: used where the table cells agree.
-        learn_while_verifying.append(lambda: [g.planner.prepare_budget(self.costs, size, context + 1)
-                                              for g in groups if g.drafts])
+        learn_while_verifying.append(lambda: [
+            g.planner.prepare_budget(self.costs(replica), size, context + 1)
+            for g in groups if g.drafts for replica in g.by_draft_replica()])
 
         # Verify: one call for the whole batch.
-        items = [VerifyItem(s.sequence_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
+        items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
         try:
             (results, model_seconds, cold), seconds = await call_while(
-                self.verify.verify(items, self.rpc_timeout_s), *learn_while_verifying)
+                self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
         except grpc.aio.AioRpcError as exc:
-            for s in batch:
-                s.fail(exc)
+            if replica_failure(exc):  # the sequences lose nothing: replayed on another replica
+                self.router.fleet.report_failure(self.replica, exc)
+                self.live = [s for s in self.live if s not in batch]
+                self.router.replay(batch, self)
+            else:
+                for s in batch:
+                    s.fail(exc)
             return
         timing.one_off |= cold
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
@@ -337,16 +390,16 @@ class StepLoop:
 
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.
         if not timing.one_off:
-            self.costs.observe_verify(size, context, max(len(i.tree) for i in items), seconds)
+            self.costs(None).observe_verify(size, context, max(len(i.tree) for i in items), seconds)
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
-        verified = {i.sequence_id: i.tree for i in items}
-        for group in groups:
-            group.planner.learn_step(size, group.drafts, [verified[s.sequence_id] for s in group.sequences],
-                                     [committed[s.sequence_id] for s in group.sequences], timing.step * 1e3,
-                                     timing.one_off)
+        verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
+        for g in groups:
+            g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
+                                 [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off)
 
     def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
-        """The batch's drafting policies, each with its sequences and whether it drafts this step."""
+        """The batch's drafting policies, each with its sequences and whether it drafts this step (a policy whose
+        sequences have no draft replica does not)."""
         members: dict[str, list[LiveSequence]] = defaultdict(list)
         for s in batch:
             if s.policy.uses_draft:
@@ -356,45 +409,53 @@ class StepLoop:
             planner = self.planners.get(name)
             if planner is None:
                 planner = self.planners[name] = Planner(sequences[0].policy)
-            groups.append(PolicyGroup(planner, sequences, planner.drafts(self.costs, size, context)))
+            with_draft = [s.draft for s in sequences if s.draft is not None]
+            drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
+            groups.append(PolicyGroup(planner, sequences, drafts))
         return groups
 
-    async def _expand(self, group: PolicyGroup, size: int, context: int, timing: StepTiming):
-        """One batched Expand for a policy's sequences (group.expanded). Returns what it teaches, a job for the
-        Verify's wait, or None when the draft failed the group (its sequences fail)."""
-        planner = group.planner
-        budget = planner.budget(self.costs, size, context)
-        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in group.sequences]
-        timing.one_off |= draft_catching_up(group.sequences)
-        for s in group.sequences:
+    async def _expand(self, group: PolicyGroup, replica: Replica, sequences: list[LiveSequence], size: int,
+                      context: int, timing: StepTiming):
+        """One batched Expand on one draft replica for some of a policy's sequences (into group.expanded). Returns
+        what it teaches, a job for the Verify's wait; None when the replica failed them: they verify their roots
+        alone this step and move to another draft replica."""
+        costs = self.costs(replica)
+        budget = group.planner.budget(costs, size, context)
+        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
+        timing.one_off |= draft_catching_up(sequences)
+        for s in sequences:
             s.opened_draft = True
         try:
-            (expanded, model_seconds, cold), seconds = await timed(self.draft.expand(items, budget, self.rpc_timeout_s))
+            (expanded, model_seconds, cold), seconds = await timed(
+                replica.client.expand(items, budget, self.router.rpc_timeout_s))
         except grpc.aio.AioRpcError as exc:
-            for s in group.sequences:
-                s.fail(exc)
+            if replica_failure(exc):
+                self.router.fleet.report_failure(replica, exc)
+            else:  # our bug, or the replica lost the sequence's state: start its draft afresh elsewhere
+                log.error("draft replica %s refused an Expand: %s: %s", replica.address, exc.code().name, exc.details())
+            for s in sequences:
+                self.router.drop_draft_replica(s)
             return None
-        group.expanded = expanded
-        timing.draft_rpc += seconds
-        timing.draft_model += model_seconds
-        timing.one_off |= cold
-        for s in group.sequences:
+        for s, e in zip(sequences, expanded):
+            group.expanded[s.sequence_id] = e
             s.draft_seen = len(s.tokens)
+        timing.draft_model = max(timing.draft_model, model_seconds)
+        timing.one_off |= cold
 
         def learn() -> None:
             if not timing.one_off:
                 longest = max(items, key=lambda i: len(i.new_tokens))
-                self.costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
-                                         seconds, model_seconds)
-            for s in group.sequences:
+                costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
+                                    seconds, model_seconds)
+            for s in sequences:
                 s.stats.draft_seconds += seconds
-            planner.learn_layers([e.layer_utilities for e in expanded])
+            group.planner.learn_layers([e.layer_utilities for e in expanded])
 
         return learn
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
         """Cut the tree's deepest layers where the context has no room for them."""
-        room = self.max_context - len(s.tokens) - 1
+        room = self.router.max_context - len(s.tokens) - 1
         if tree.max_depth <= room:
             return tree
         return tree.subtree(np.nonzero(tree.depths <= room)[0])

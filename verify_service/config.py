@@ -27,7 +27,7 @@ class VerifyConfig:
     max_tree_tokens: int = 128  # the largest tree per sequence a Verify may send
     session_ttl_s: float = 600.0  # a sequence idle this long is dropped
     model_name: str = ""  # reported by Describe; empty: the checkpoint directory's name
-    grace_s: float = 5.0  # how long in-flight calls may finish on SIGTERM
+    grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held
     max_concurrent_rpcs: int | None = None  # extra calls get RESOURCE_EXHAUSTED; None: no limit
     cost_table: Path | None = None  # a profiled table (cast profile verify) for Describe; None: cached or profiled
     profile: bool = True  # without --cost-table and cache entry, profile a small grid at start-up; off: no table
@@ -116,7 +116,7 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("max_tree_tokens", int, 128, "the most nodes per tree in a Verify (more: INVALID_ARGUMENT)")
     flag("session_ttl_s", float, 600.0, "seconds an idle sequence lives")
     flag("model_name", str, "", "name reported by Describe; default the directory's name")
-    flag("grace_s", float, 5.0, "seconds in-flight calls get on shutdown")
+    flag("grace_s", float, 30.0, "on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held")
     flag("max_concurrent_rpcs", _optional_int, None, "admission limit; extra calls get RESOURCE_EXHAUSTED")
     flag("cost_table", _optional_path, None, "cost table JSON for Describe (from `cast profile verify`)")
     flag("profile", _bool, True, "without --cost-table or a cached table, profile a small grid at start-up")

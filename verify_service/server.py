@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -112,17 +113,27 @@ async def start_server(config: VerifyConfig) -> tuple[grpc.aio.Server, int]:
 
 
 async def serve(config: VerifyConfig) -> None:
-    """Serve until SIGTERM or SIGINT; then report NOT_SERVING and give in-flight calls config.grace_s to finish."""
+    """Serve until SIGTERM or SIGINT; then drain: report NOT_SERVING at once and keep answering for the sequences held
+    until they are gone (orchestrators move them to other replicas) or config.grace_s passes."""
     running = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1f s)", config.grace_s)
+    log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", len(running.servicer.verifier.sessions),
+             config.grace_s)
     await running.health.enter_graceful_shutdown()
-    await running.server.stop(config.grace_s)
+    await drain(lambda: len(running.servicer.verifier.sessions), config.grace_s)
+    await running.server.stop(1.0)
     await running.expiry
+
+
+async def drain(held: Callable[[], int], grace_s: float) -> None:
+    """Wait until no sequence is held or grace_s passed."""
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while held() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> None:

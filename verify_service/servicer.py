@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -45,6 +46,59 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
     )
 
 
+class Coalescer:
+    """Verify requests that arrive while the model is busy run together in its next forward: orchestrators sharing
+    this replica (each with its own step stream) get one batch, as a single orchestrator's sequences do.
+
+    Each request queues its items and a job on the model's worker; the first job to run takes everything queued
+    (later ones find nothing left). A merged forward that fails is run again request by request, so that only the
+    request at fault gets the error (the verifier checks every item before it changes anything)."""
+
+    def __init__(self, verifier: Verifier, executor) -> None:
+        self.verifier = verifier
+        self.executor = executor
+        self.lock = threading.Lock()  # pending is filled on the event loop and taken on the worker
+        self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
+
+    async def verify(self, items: list[VerifyItem]) -> tuple[list, float, bool]:
+        """(acceptances, seconds of the forward that ran them, whether it captured a CUDA graph)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.lock:
+            self.pending.append((items, future))
+        batch = await loop.run_in_executor(self.executor, self.take_and_run)
+        for (_, f), outcome in batch:
+            if not f.done():  # its caller may have gone (a cancelled stream)
+                if isinstance(outcome, BaseException):
+                    f.set_exception(outcome)
+                else:
+                    f.set_result(outcome)
+        return await future
+
+    def take_and_run(self) -> list[tuple[tuple, object]]:
+        """On the worker: run every queued request, merged if it can be; [(queued entry, result or exception)]."""
+        with self.lock:
+            batch, self.pending = self.pending, []
+        if len(batch) > 1:
+            try:
+                accepted, seconds, cold = self.verifier.verify_noting_captures([i for items, _ in batch for i in items])
+            except Exception:
+                pass  # one request is at fault: each alone, below
+            else:
+                out, start = [], 0
+                for entry in batch:
+                    out.append((entry, (accepted[start:start + len(entry[0])], seconds, cold)))
+                    start += len(entry[0])
+                return out
+        out = []
+        for entry in batch:
+            try:
+                out.append((entry, self.verifier.verify_noting_captures(entry[0])))
+            except Exception as e:
+                out.append((entry, e))
+        return out
+
+
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
         self.verifier = verifier
@@ -61,6 +115,10 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             max_sequences=verifier.sessions.max_sessions,
         )
 
+    @functools.cached_property
+    def coalescer(self) -> Coalescer:
+        return Coalescer(self.verifier, self.executor)
+
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
@@ -76,7 +134,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, seconds, cold = await self._in_worker(self.verifier.verify_noting_captures, items)
+        accepted, seconds, cold = await self.coalescer.verify(items)
         results = [
             verify_pb2.VerifyResult(
                 sequence_id=item.sequence_id,
@@ -109,6 +167,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         replica = common_pb2.ReplicaDescription()
         replica.CopyFrom(self.description)
         replica.live_sequences = len(self.verifier.sessions)
+        replica.max_sequences = self.verifier.sessions.max_sessions
         return verify_pb2.VerifyDescribeResponse(replica=replica)
 
     async def expire_idle_sessions(self) -> list[str]:

@@ -32,7 +32,7 @@ def test_sixteen_concurrent_requests_equal_their_solo_runs(generation_stub, poli
 async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
     addrs = tiny_stack.addresses()
     config = OrchestratorConfig(
-        tokenizer_dir=tiny_stack.spec.target_dir, draft_addrs=[addrs["draft"]], verify_addrs=[addrs["verify"]],
+        tokenizer_dir=tiny_stack.spec.target_dir, draft=addrs["draft"], verify=addrs["verify"],
         port=0, max_live=1, max_queued=1,
     )
     server, port = await start_server(config)
@@ -54,15 +54,15 @@ async def test_admission_control_answers_resource_exhausted_at_once(tiny_stack):
             second.cancel()
     finally:
         await server.stop(None)
-        await server.step_loop.close()  # as serve() does: the sequences' sessions go too
+        await server.close()  # as serve() does: the sequences' sessions go too
 
 
 async def test_more_requests_than_the_verifier_has_slots_wait_and_all_complete(tiny_pair, onnx_cache_dir):
     """A verify service that holds 2 sequences, 6 concurrent requests: the orchestrator takes the limit from Describe
     and queues the rest (a Prefill past the limit would fail), and every output equals its solo run."""
     draft, verify = await start_services(tiny_pair, max_batch=2)
-    config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft_addrs=[f"127.0.0.1:{draft.port}"],
-                                verify_addrs=[f"127.0.0.1:{verify.port}"], port=0)
+    config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft=f"127.0.0.1:{draft.port}",
+                                verify=f"127.0.0.1:{verify.port}", port=0)
     server, port = await start_server(config)
     held = []  # the verifier's live sessions at each Verify
     real_verify = verify.servicer.verifier.verify
@@ -73,7 +73,6 @@ async def test_more_requests_than_the_verifier_has_slots_wait_and_all_complete(t
 
     verify.servicer.verifier.verify = verify_noting_sessions
     try:
-        assert server.step_loop.max_live == 2 < config.max_live
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             requests = [generation_pb2.GenerateRequest(prompt=p, max_new_tokens=6 + 3 * i, policy="eagle2")
@@ -82,7 +81,8 @@ async def test_more_requests_than_the_verifier_has_slots_wait_and_all_complete(t
             together = await asyncio.gather(*(stub.Generate(r, timeout=300) for r in requests))
         assert [r.token_ids for r in together] == alone
         assert max(held) == 2
+        assert [loop.max_live for loop in server.router.loops.values()] == [2] and config.max_live > 2
     finally:
         await server.stop(None)
-        await server.step_loop.close()
+        await server.close()
         await stop_services(draft, verify)

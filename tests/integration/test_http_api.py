@@ -217,8 +217,8 @@ def test_a_unary_client_that_times_out_releases_its_sessions(tiny_stack):
 async def test_a_full_server_answers_429(tiny_stack):
     """Admission control over HTTP: one live, one queued, the third request is a 429 at once."""
     addrs = tiny_stack.addresses()
-    config = OrchestratorConfig(tokenizer_dir=tiny_stack.spec.target_dir, draft_addrs=[addrs["draft"]],
-                                verify_addrs=[addrs["verify"]], port=0, http_port=0, max_live=1, max_queued=1)
+    config = OrchestratorConfig(tokenizer_dir=tiny_stack.spec.target_dir, draft=addrs["draft"],
+                                verify=addrs["verify"], port=0, http_port=0, max_live=1, max_queued=1)
     server, _ = await start_server(config)
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http.port}/v1", api_key="unused", max_retries=0)
     long = dict(model=MODEL, prompt="import os\n", max_tokens=300, stream=True,
@@ -239,7 +239,7 @@ async def test_a_full_server_answers_429(tiny_stack):
         await client.close()
         await server.http.stop()
         await server.stop(None)
-        await server.step_loop.close()
+        await server.close()
 
 
 # --- chat ----------------------------------------------------------------------------------------------------------

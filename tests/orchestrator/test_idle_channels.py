@@ -27,25 +27,26 @@ async def test_the_services_admit_the_orchestrators_pings_on_idle_streams(tiny_p
     "too_many_pings" and closes the connection, which failed requests after an idle spell."""
     monkeypatch.setenv("CAST_GRPC_KEEPALIVE_TIME_MS", "1000")
     draft, verify = await start_services(tiny_pair)
-    config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft_addrs=[f"127.0.0.1:{draft.port}"],
-                                verify_addrs=[f"127.0.0.1:{verify.port}"], port=0)
+    config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft=f"127.0.0.1:{draft.port}",
+                                verify=f"127.0.0.1:{verify.port}", port=0)
     server, port = await start_server(config)
-    loop = server.step_loop
+    fleet = server.router.fleet
+    draft_client, verify_client = fleet.serving("draft")[0].client, fleet.serving("verify")[0].client
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             request = generation_pb2.GenerateRequest(prompt="def f(x):", max_new_tokens=8, policy="eagle2")
             first = await stub.Generate(request, timeout=60)
-            streams = loop.draft.stream.call, loop.verify.stream.call
+            streams = draft_client.stream.call, verify_client.stream.call
             await asyncio.sleep(6)  # six pings per connection: GOAWAY after four under the old policy
             after = [await stub.Generate(request, timeout=60) for _ in range(3)]
         assert [r.token_ids for r in after] == [first.token_ids] * 3
         # The same streams carried them: no connection was closed, nothing needed re-opening.
-        assert (loop.draft.stream.call, loop.verify.stream.call) == streams
-        assert loop.draft.stream.reopened == loop.verify.stream.reopened == 0
+        assert (draft_client.stream.call, verify_client.stream.call) == streams
+        assert draft_client.stream.reopened == verify_client.stream.reopened == 0
     finally:
         await server.stop(None)
-        await loop.close()
+        await server.close()
         await stop_services(draft, verify)
 
 

@@ -17,13 +17,17 @@ from transformers import AutoTokenizer
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_core.errors import Unavailable
+from cast_runtime.identity import vocab_hash
 from cast_core.tree import TokenTree
-from orchestrator.clients import DraftClient, VerifyClient, VerifyItem
+from orchestrator.clients import VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
 from orchestrator.decoding import GenerationRequest
 from orchestrator.planner import Planner
 from orchestrator.policies import POLICIES
-from orchestrator.step_loop import StepLoop, call_while
+from orchestrator.discovery import parse_target
+from orchestrator.fleet import Fleet
+from orchestrator.router import Router
+from orchestrator.step_loop import call_while
 from tests.orchestrator.test_step_rpc import start_services, stop_services
 
 GREEDY = verify_pb2.SamplingParams()
@@ -103,10 +107,10 @@ def costs_by_context() -> CostModel:
 def test_a_prepared_budget_is_used_where_the_cells_agree_and_only_once():
     costs, planner = costs_by_context(), Planner(POLICIES["cast"])
     planner.prepare_budget(costs, 1, 200)
-    prepared = planner.prepared[1]
+    prepared = planner.prepared[id(costs)][1]
     costs.observe_verify(1, 200, 30, 0.030)  # this step's verify: the prepared budget does not have it yet
     assert planner.budget(costs, 1, 300) is prepared
-    assert planner.prepared is None
+    assert not planner.prepared
     fresh = planner.budget(costs, 1, 300)  # nothing prepared any more: priced now, with the new correction
     assert fresh is not prepared
     assert fresh.cast.normalized_cost != prepared.cast.normalized_cost
@@ -124,14 +128,27 @@ def test_a_prepared_budget_is_not_used_in_other_cells_or_at_another_batch_size()
     assert expected.cast.normalized_cost == planner.budget(costs, 1, 600).cast.normalized_cost
     # ... and the cells do price differently there, so using the prepared one would have been wrong.
     planner.prepare_budget(costs, 1, 200)
-    assert planner.prepared[1].cast.normalized_cost != expected.cast.normalized_cost
+    assert planner.prepared[id(costs)][1].cast.normalized_cost != expected.cast.normalized_cost
 
 
-async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: asyncio.Event | None = None):
+async def router_for(draft, verify, tokenizer) -> Router:
+    """A router over one draft and one verify service (in this process)."""
+    fleet = Fleet(parse_target(f"127.0.0.1:{draft.port}"), parse_target(f"127.0.0.1:{verify.port}"),
+                  vocab_hash(tokenizer.get_vocab()))
+    await fleet.start(timeout_s=30)
+    return Router(fleet, tokenizer, max_context=256)
+
+
+async def close(router: Router) -> None:
+    await router.close()
+    await router.fleet.close()
+
+
+async def run_request(router: Router, prompt_ids: list[int], n: int, started: asyncio.Event | None = None):
     """The request's tokens and its steps."""
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=n, policy=POLICIES["eagle2"], ignore_eos=True)
     tokens: list[int] = []
-    async for chunk in loop.generate(request):
+    async for chunk in router.generate(request):
         tokens += chunk.token_ids
         if started is not None:
             started.set()
@@ -140,9 +157,8 @@ async def run_request(loop: StepLoop, prompt_ids: list[int], n: int, started: as
 
 async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair, onnx_cache_dir):
     draft, verify = await start_services(tiny_pair)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
-    clients = DraftClient(f"127.0.0.1:{draft.port}"), VerifyClient(f"127.0.0.1:{verify.port}")
-    loop = StepLoop(tokenizer, *clients, max_context=256, costs=CostModel.from_tables(None, None))
+    loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    verify_client = loop.fleet.serving("verify")[0].client
     first, second = [5, 17, 99, 3, 200], [42, 7, 8, 300, 11, 12]
     try:
         alone = [await run_request(loop, first, 24), await run_request(loop, second, 8)]
@@ -150,7 +166,7 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
         # From now on a prefill takes 0.5 s more on the verifier's worker. Record when the orchestrator asks for one,
         # when it ends, and when the draft expands.
         asked, prefilled, expands = [], [], []
-        prefill, ask, expand = verify.servicer.verifier.prefill, clients[1].prefill, draft.servicer.expander.expand
+        prefill, ask, expand = verify.servicer.verifier.prefill, verify_client.prefill, draft.servicer.expander.expand
 
         def slow_prefill(items):
             time.sleep(0.5)
@@ -170,13 +186,11 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
         running = asyncio.create_task(run_request(loop, first, 24, started))
         await started.wait()  # the first request is live
         verify.servicer.verifier.prefill = slow_prefill
-        clients[1].prefill = asking
+        verify_client.prefill = asking
         draft.servicer.expander.expand = timed_expand
         together = [await run_request(loop, second, 8), await running]
     finally:
-        await loop.close()
-        for client in clients:
-            await client.close()
+        await close(loop)
         await stop_services(draft, verify)
     assert [tokens for tokens, _ in together] == [alone[1][0], alone[0][0]]  # the same tokens, joined mid-way or not
     # The newcomer's first token came from the step it joined, a plain one (its draft starts at the next step).
@@ -189,11 +203,9 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
     assert any(admitted < t < prefill_end for t in expands), "the live request waited for the prefill"
 
 
-async def test_closing_the_loop_releases_every_session_and_ends_the_requests(tiny_pair, onnx_cache_dir):
+async def test_closing_the_router_releases_every_session_and_ends_the_requests(tiny_pair, onnx_cache_dir):
     draft, verify = await start_services(tiny_pair)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
-    clients = DraftClient(f"127.0.0.1:{draft.port}"), VerifyClient(f"127.0.0.1:{verify.port}")
-    loop = StepLoop(tokenizer, *clients, max_context=256, costs=CostModel.from_tables(None, None))
+    loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
     started = asyncio.Event()
     try:
         running = asyncio.create_task(run_request(loop, [5, 17, 99, 3, 200], 200, started))
@@ -204,6 +216,5 @@ async def test_closing_the_loop_releases_every_session_and_ends_the_requests(tin
             await running
         assert (len(draft.servicer.expander.sessions), len(verify.servicer.verifier.sessions)) == (0, 0)
     finally:
-        for client in clients:
-            await client.close()
+        await close(loop)
         await stop_services(draft, verify)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -244,3 +245,48 @@ async def test_health_is_serving_and_reflection_lists_the_service(tiny_pair):
             assert "cast.v1.VerifyService" in names
     finally:
         await server.stop(None)
+
+
+async def test_verify_requests_that_wait_for_the_model_run_as_one_forward(tiny_pair):
+    """Orchestrators sharing a replica, each on its own stream: what arrives while the model is busy runs in one
+    forward, each request gets its own results, and a bad request among them fails alone."""
+    from verify_service.server import start
+
+    running = await start(config_for(tiny_pair, max_batch=8))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    verifier = running.servicer.verifier
+    forwards = []
+    run = verifier.verify_noting_captures
+
+    def recording(items):
+        forwards.append(sorted(i.sequence_id for i in items))
+        return run(items)
+
+    verifier.verify_noting_captures = recording
+    try:
+        stub = verify_pb2_grpc.VerifyServiceStub(channel)
+        for s in ("a", "b", "a2", "b2", "c2", "a3", "b3"):
+            await stub.Prefill(prefill(s, PROMPT))
+        chain = tree([7, 3, 9], [-1, 0, 1])
+        streams = [StepStub(stub) for _ in range(3)]  # one stream each, as separate orchestrators have
+        alone = [list((await streams[0].Verify(verify(dict(sequence_id=s, tree=chain)))).results[0].committed_tokens)
+                 for s in ("a", "b")]
+
+        async def together(requests):
+            running.servicer.executor.submit(time.sleep, 0.5)  # the model is busy while they arrive
+            return await asyncio.gather(*(st.Verify(r) for st, r in zip(streams, requests)), return_exceptions=True)
+
+        forwards.clear()
+        replies = await together([verify(dict(sequence_id=s, tree=chain)) for s in ("a2", "b2")])
+        assert forwards == [["a2", "b2"]]
+        assert [list(r.results[0].committed_tokens) for r in replies] == alone
+
+        forwards.clear()
+        replies = await together([verify(dict(sequence_id="a3", tree=chain)), verify(root("c2", token=8)),
+                                  verify(dict(sequence_id="b3", tree=chain))])
+        assert isinstance(replies[1], grpc.aio.AioRpcError) and replies[1].code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert [list(replies[i].results[0].committed_tokens) for i in (0, 2)] == alone
+        assert forwards == [["a3", "b3", "c2"], ["a3"], ["c2"], ["b3"]]  # one forward tried, then each alone
+    finally:
+        await channel.close()
+        await running.server.stop(None)

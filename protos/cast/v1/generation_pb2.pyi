@@ -75,7 +75,7 @@ class StepStats(_message.Message):
     def __init__(self, expanded_nodes: _Optional[int] = ..., verified_nodes: _Optional[int] = ..., depth: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., draft_rpc_seconds: _Optional[float] = ..., draft_model_seconds: _Optional[float] = ..., verify_rpc_seconds: _Optional[float] = ..., verify_model_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("policy", "steps", "mean_accepted_length", "draft_seconds", "verify_seconds", "other_seconds", "total_seconds", "step_stats")
+    __slots__ = ("policy", "steps", "mean_accepted_length", "draft_seconds", "verify_seconds", "other_seconds", "total_seconds", "step_stats", "replays")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class GenerationStats(_message.Message):
     OTHER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEP_STATS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     steps: int
     mean_accepted_length: float
@@ -92,7 +93,8 @@ class GenerationStats(_message.Message):
     other_seconds: float
     total_seconds: float
     step_stats: _containers.RepeatedCompositeFieldContainer[StepStats]
-    def __init__(self, policy: _Optional[str] = ..., steps: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., other_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., step_stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ...) -> None: ...
+    replays: int
+    def __init__(self, policy: _Optional[str] = ..., steps: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., other_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., step_stats: _Optional[_Iterable[_Union[StepStats, _Mapping]]] = ..., replays: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats")
@@ -121,3 +123,33 @@ class GenerateStreamResponse(_message.Message):
     usage: Usage
     stats: GenerationStats
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+
+class ListReplicasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("role", "address", "state", "live_sequences", "max_sequences", "device", "model_name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    address: str
+    state: str
+    live_sequences: int
+    max_sequences: int
+    device: str
+    model_name: str
+    def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., live_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class ListReplicasResponse(_message.Message):
+    __slots__ = ("replicas", "replays")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    replays: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., replays: _Optional[int] = ...) -> None: ...

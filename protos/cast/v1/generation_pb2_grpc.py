@@ -45,6 +45,11 @@ class GenerationServiceStub:
                 request_serializer=cast_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cast_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/cast.v1.GenerationService/ListReplicas',
+                request_serializer=cast_dot_v1_dot_generation__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=cast_dot_v1_dot_generation__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -63,6 +68,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReplicas(self, request, context):
+        """The draft and verify replicas this orchestrator sees, their state and the sequences it pinned to each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=cast_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=cast_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=cast_dot_v1_dot_generation__pb2.ListReplicasRequest.FromString,
+                    response_serializer=cast_dot_v1_dot_generation__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class GenerationService:
             '/cast.v1.GenerationService/GenerateStream',
             cast_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             cast_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cast.v1.GenerationService/ListReplicas',
+            cast_dot_v1_dot_generation__pb2.ListReplicasRequest.SerializeToString,
+            cast_dot_v1_dot_generation__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
