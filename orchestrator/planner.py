@@ -13,6 +13,7 @@ Fixed trees (`eagle2`, `chain`) learn nothing: the same budget and the top `veri
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 
@@ -123,3 +124,28 @@ class Planner:
         if self.gate.winner_drafts(batch) != was:
             log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
                      self.gate.describe(batch))
+
+
+class Planners:
+    """A step loop's planners, one per policy name. A learning policy's planner (`cast`) is kept for good: it holds
+    what the policy learned. Fixed shapes learn nothing, so theirs are kept only for reuse, at most `max_fixed`
+    of them (the least recently used goes): requests that name ever new shapes cannot grow a loop's state."""
+
+    def __init__(self, max_fixed: int = 32) -> None:
+        self.max_fixed = max_fixed
+        self.learning: dict[str, Planner] = {}
+        self.fixed: OrderedDict[str, Planner] = OrderedDict()
+
+    def get(self, policy: TreePolicy) -> Planner:
+        kept = self.learning if policy.learns else self.fixed
+        planner = kept.get(policy.name)
+        if planner is None:
+            planner = kept[policy.name] = Planner(policy)
+        if not policy.learns:
+            self.fixed.move_to_end(policy.name)
+            while len(self.fixed) > self.max_fixed:
+                self.fixed.popitem(last=False)
+        return planner
+
+    def __len__(self) -> int:
+        return len(self.learning) + len(self.fixed)

@@ -32,7 +32,7 @@ from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
 from orchestrator.costs import CostModel, ReplicaCosts
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
 from orchestrator.fleet import Replica, State
-from orchestrator.planner import Planner
+from orchestrator.planner import Planner, Planners
 from orchestrator.policies import TreePolicy
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class StepLoop:
         self.joining: list[LiveSequence] = []
         self.prefilling: asyncio.Task | None = None
         self.admit_after = 0.0          # the verifier was full: admit again from this time (loop clock)
-        self.planners: dict[str, Planner] = {}  # per policy: its budgets, selection and learned state
+        self.planners = Planners()  # per policy: its budgets, selection and learned state
         self.pairs: dict[str, CostModel] = {}   # per draft replica: prices on this verify replica
         self.no_draft = ReplicaCosts.for_replica("draft", None)
         self._wake = asyncio.Event()
@@ -406,9 +406,7 @@ class StepLoop:
                 members[s.policy.name].append(s)
         groups = []
         for name, sequences in members.items():
-            planner = self.planners.get(name)
-            if planner is None:
-                planner = self.planners[name] = Planner(sequences[0].policy)
+            planner = self.planners.get(sequences[0].policy)
             with_draft = [s.draft for s in sequences if s.draft is not None]
             drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
             groups.append(PolicyGroup(planner, sequences, drafts))
