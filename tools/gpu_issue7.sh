@@ -6,9 +6,7 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; bench_threads: two stacks, model calls on a
-# worker thread and on the event loop (--model-thread), benched in turn THREAD_ROUNDS times, CPUs kept awake;
-# orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
 # orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level
@@ -84,9 +82,8 @@ fi
 if has draft_step; then
     stage "draft expansion step (in-process)"
     for provider in ${DRAFT_PROVIDERS:-cuda cpu}; do
-        python3 -m draft_service.step_profile --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
-            --breadth 8 --context 256 --io-binding ${DRAFT_IO_BINDING:-on,off} --layouts ${DRAFT_LAYOUTS:-dynamic,static} \
-            --out "$OUT/draft_step_$provider.json"
+        python3 -m benchmarks.draft_step --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
+            --breadth 8 --context 256 --buffers ${DRAFT_BUFFERS:-fixed,growing} --out "$OUT/draft_step_$provider.json"
     done
 fi
 
@@ -146,28 +143,6 @@ if has bench_awake; then
         done
     done
     kill $STACK; wait $STACK 2>/dev/null
-fi
-
-if has bench_threads; then
-    stage "cast bench on the $SHAPE-shaped target, model calls on a worker thread and on the event loop"
-    python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!
-    STACKS=
-    port=50051
-    for thread in worker loop; do
-        CAST_VERIFY_MODEL_THREAD=$thread CAST_DRAFT_MODEL_THREAD=$thread start_wide_stack "$OUT/stack_$thread.log" \
-            --port $port --draft-port $((port + 1)) --verify-port $((port + 2))
-        STACKS="$STACKS $STACK"
-        port=$((port + 10))
-    done
-    for round in $(seq 1 ${THREAD_ROUNDS:-2}); do
-        port=50051
-        for thread in worker loop; do
-            echo "-- round $round, model calls on the $thread"
-            bench_levels 127.0.0.1:$port "$OUT/bench_${thread}_r$round" "$SHAPE-shaped target, model calls on the $thread"
-            port=$((port + 10))
-        done
-    done
-    kill $STACKS $SPIN; wait $STACKS $SPIN 2>/dev/null
 fi
 
 if has bench_ab; then
