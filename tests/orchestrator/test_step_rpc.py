@@ -23,10 +23,10 @@ PROMPTS = {"x": [5, 17, 99, 3, 200], "y": [42, 7, 8, 300, 11, 12]}
 
 
 async def start_services(tiny_pair, model_thread: str = "worker"):
-    """(draft, verify): both services in this process, on free ports, their model calls on `model_thread`."""
+    """(draft, verify): both services in this process, on free ports, the verifier's model calls on `model_thread`."""
     target, draft_dir = tiny_pair
     draft = await draft_server.start(DraftConfig(model=draft_dir, host="127.0.0.1", port=0, provider="cpu",
-                                                 profile=False, model_thread=model_thread))
+                                                 profile=False))
     verify = await verify_server.start(VerifyConfig(model=target, host="127.0.0.1", port=0, dtype="float64",
                                                     device="cpu", max_context=256, profile=False,
                                                     model_thread=model_thread))
@@ -152,7 +152,7 @@ async def test_model_calls_on_the_event_loop_give_the_same_results_and_errors(se
     """--model-thread loop: no worker thread, the same steps and the same statuses for bad requests."""
     on_loop = await start_services(tiny_pair, "loop")
     try:
-        assert on_loop[0].servicer.executor is None and on_loop[1].servicer.executor is None
+        assert on_loop[1].servicer.executor is None
         results = {}
         for name, running in (("worker", services), ("loop", on_loop)):
             draft, verify = clients(running, "stream")
