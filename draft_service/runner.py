@@ -31,7 +31,7 @@ DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # Or
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
-COLUMN_STEP = 128  # growing buffers: widths are multiples of this, with at least this much room past the need
+COLUMN_STEP = 32  # growing buffers: widths are multiples of this, with at least this much room past the need
 
 
 def choose_provider(provider: str = "auto") -> str:
@@ -150,15 +150,16 @@ class DraftRunner:
 
     def reserve(self, batch: int, last_column: int, shrink: bool = False) -> None:
         """Growing buffers: make the batch bucket's buffers hold columns 0..last_column and a trash column after
-        them. shrink: also cut buffers far wider than that (rows holding longer sequences forget them: those are
-        recomputed if they come back). Fixed buffers hold every column up to `last_column` already."""
+        them. shrink: also cut buffers more than twice as wide as that (rows holding longer sequences forget them:
+        those are recomputed if they come back). A resize copies the buffers once, as a forward does; a forward
+        copies all their columns. Fixed buffers hold every column up to `last_column` already."""
         if self.fixed_buffers:
             return
         if last_column > self.last_column:
             raise ValueError(f"column {last_column} is past the buffers' capacity of {self.capacity}")
         buffers = self._buffers(batch)
         need = last_column + 2
-        if need <= buffers.columns and not (shrink and buffers.columns > need + 4 * COLUMN_STEP):
+        if need <= buffers.columns and not (shrink and buffers.columns > 2 * (need + COLUMN_STEP)):
             return
         columns = min(self.capacity, (need // COLUMN_STEP + 2) * COLUMN_STEP)
         keep = min(columns - 1, buffers.columns - 1)  # the old trash column is garbage
