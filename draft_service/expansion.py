@@ -7,8 +7,8 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 2. Expand, EAGLE-2 style: each layer keeps its best candidates by value (`layer_keep_count`); if another layer
    is wanted (`expand_another_layer`), one forward over the kept nodes, with a tree mask, gives each of them
    top_k children: the next layer's candidates, value = parent value * draft probability.
-3. Return every candidate of every layer (kept or not): the orchestrator reranks. The tree's KV was temporary:
-   only the committed tokens stay in the cache.
+3. Return every candidate of every layer (kept or not; or the best `max_returned_nodes` by value): the
+   orchestrator reranks. The tree's KV was temporary: only the committed tokens stay in the cache.
 
 Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in.
 

@@ -249,7 +249,7 @@ class DraftRunner:
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        # ORT's idle threads spin after each run by default: beside a verifier on the same CPU that slowed it 2-3x.
+        # ORT's idle threads spin after each run by default, taking the CPU from a verifier beside them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
