@@ -6,7 +6,8 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under
+# cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
 # orchestrator and both services (OUT/pyspy_*.txt, tools/pyspy_summary.py reads them) through a `cast` level
