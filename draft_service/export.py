@@ -231,8 +231,8 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 @dataclass
 class SampleTree:
-    """A tree-shaped input with past KV, as the graph takes it and as a plain forward over a growing cache takes it
-    (the reference the export is checked against)."""
+    """A tree-shaped input with past KV, as the graph takes it (feeds) and as a plain forward over a growing cache
+    takes it (the other fields: the tests' reference)."""
 
     feeds: dict[str, np.ndarray]   # rows [B, T, W] and past.{l}.key/value [B, Hkv, S, D]
     input_ids: np.ndarray          # [B, T]
@@ -278,21 +278,6 @@ def sample_tree(dims: dict[str, int], dtype: str, batch: int = 2, capacity: int 
             past.append(buffer[:, :, :past_len].copy())
     return SampleTree(feeds, ids, positions, mask, past)
 
-
-def reference_forward(model, sample: SampleTree, top_k: int):
-    """The model's own forward over a growing cache with an additive tree mask: (top-K probs [B, T, K], ids
-    [B, T, K], per layer key0, value0, ... [B, Hkv, P+T, D]), as torch tensors."""
-    import torch
-    from transformers import DynamicCache
-
-    t = torch.from_numpy
-    cache = DynamicCache(ddp_cache_data=[(t(sample.past[i]), t(sample.past[i + 1]))
-                                         for i in range(0, len(sample.past), 2)])
-    with torch.no_grad():
-        out = model(input_ids=t(sample.input_ids), position_ids=t(sample.position_ids),
-                    attention_mask=t(sample.attention_mask), use_cache=True, **{_cache_arg(model): cache})
-    topk = torch.topk(torch.softmax(out.logits.float(), dim=-1), top_k, dim=-1)
-    return topk.values, topk.indices, [kv for layer in cache.layers for kv in (layer.keys, layer.values)]
 
 def _export(model_dir: Path, out_dir: Path, top_k: int, dtype: str) -> ExportMeta:
     import torch

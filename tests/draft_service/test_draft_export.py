@@ -11,7 +11,22 @@ import pytest
 import torch
 
 from draft_service import export as export_mod
-from draft_service.export import _load_model, export_draft, reference_forward, sample_tree
+from draft_service.export import SampleTree, _cache_arg, _load_model, export_draft, sample_tree
+
+
+def reference_forward(model, sample: SampleTree, top_k: int):
+    """transformers' own forward over a growing cache with an additive tree mask: (top-K probs [B, T, K], ids
+    [B, T, K], per layer key0, value0, ... [B, Hkv, P+T, D]), as torch tensors."""
+    from transformers import DynamicCache
+
+    t = torch.from_numpy
+    cache = DynamicCache(ddp_cache_data=[(t(sample.past[i]), t(sample.past[i + 1]))
+                                         for i in range(0, len(sample.past), 2)])
+    with torch.no_grad():
+        out = model(input_ids=t(sample.input_ids), position_ids=t(sample.position_ids),
+                    attention_mask=t(sample.attention_mask), use_cache=True, **{_cache_arg(model): cache})
+    topk = torch.topk(torch.softmax(out.logits.float(), dim=-1), top_k, dim=-1)
+    return topk.values, topk.indices, [kv for layer in cache.layers for kv in (layer.keys, layer.values)]
 
 
 def test_ort_topk_matches_the_models_own_forward_on_a_tree_with_past(exported, draft_model_dir):
