@@ -49,22 +49,30 @@ def test_ort_topk_matches_the_models_own_forward_on_a_tree_with_past(exported, d
         np.testing.assert_array_equal(have[:, :, 5 + 7 :], before[:, :, 5 + 7 :])  # columns not written: as they were
 
 
-def test_float16_export_keeps_the_kv_in_float16_and_the_top_k_in_float32(draft_model_dir):
-    """fp16 (the CUDA default): the buffers follow the export's dtype; top-K probs stay fp32 (softmax in fp32)."""
+def test_float16_export_keeps_the_kv_in_float16_and_grows_the_same_trees_in_both_buffer_modes(draft_model_dir):
+    """fp16 (the CUDA default): the buffers follow the export's dtype, top-K probs stay fp32 (softmax in fp32), and
+    fixed buffers (the CUDA path) and growing ones grow the same trees over two calls."""
     from cast_core.sessions import SessionStore
     from draft_service.expansion import Budget, Expander, SequenceInput
     from draft_service.runner import DraftRunner
 
     onnx_path, meta = export_draft(draft_model_dir, top_k=8, dtype="float16")  # checked against torch on export
     assert meta.dtype == "float16"
+    budget = Budget(top_k=4, max_depth=3, max_breadth=2)
+    calls = ([SequenceInput("a", np.array([5, 17, 99, 3, 200, 42]), 0), SequenceInput("b", np.array([1, 2]), 0)],
+             [SequenceInput("b", np.array([3]), 2), SequenceInput("a", np.array([4, 5]), 6)])
+    trees = {}
     for fixed in (True, False):
         runner = DraftRunner(onnx_path, meta, provider="cpu", fixed_buffers=fixed)
         ex = Expander(runner, SessionStore(8, 60.0), meta.max_context)
-        trees, _ = ex.expand([SequenceInput("a", np.array([5, 17, 99, 3]), 0)], Budget(top_k=4, max_depth=3,
-                                                                                      max_breadth=2))
-        trees[0].tree.validate()
-        assert len(trees[0].tree) == 1 + 4 + 8 + 8 and trees[0].tree.values.dtype == np.float32
-        assert all(v.numpy().dtype == np.float16 for v in runner.buffers[1].sets[0])
+        trees[fixed] = [e for sequences in calls for e in ex.expand(sequences, budget)[0]]
+        assert all(v.numpy().dtype == np.float16 for v in runner.buffers[2].sets[0])
+    for want, got in zip(trees[True], trees[False]):
+        got.tree.validate()
+        assert len(got.tree) == 1 + 4 + 8 + 8 and got.tree.values.dtype == np.float32
+        np.testing.assert_array_equal(got.tree.tokens, want.tree.tokens)
+        np.testing.assert_array_equal(got.tree.parents, want.tree.parents)
+        np.testing.assert_allclose(got.tree.values, want.tree.values, rtol=0, atol=1e-3)
 
 
 def test_second_export_is_a_cache_hit(exported, draft_model_dir, monkeypatch):
