@@ -203,7 +203,9 @@ class Expander:
             return [], 0.0
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, DraftSession())
                     for q, s in zip(sequences, sessions)]
-        root_probs, root_ids = self.kv.commit(sequences, sessions)
+        # A tree forwards at most max_breadth nodes in each of its layers but the last.
+        tree_room = max(budget.max_depth - 1, 0) * budget.max_breadth
+        root_probs, root_ids = self.kv.commit(sequences, sessions, tree_room)
         trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = []
         for q, t, s, u in zip(sequences, trees, stats, utilities):

@@ -50,8 +50,9 @@ class BufferKV:
         self.model_seconds += time.perf_counter() - t0
         return topk
 
-    def commit(self, sequences, sessions) -> tuple[np.ndarray, np.ndarray]:
+    def commit(self, sequences, sessions, tree_room: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Give each sequence a buffer row, write its new tokens' KV (and a recomputed history where needed).
+        tree_room: the most columns a tree will use after the committed ones (growing buffers make room at once).
 
         Returns the root's top-K probabilities and ids per sequence, [B, K] each.
         """
@@ -59,7 +60,7 @@ class BufferKV:
         # Past the largest bucket: a multiple of it (flexible session, no graphs), so that few buffer sets exist.
         self.batch = bucket(B, BATCH_BUCKETS) or -(-B // BATCH_BUCKETS[-1]) * BATCH_BUCKETS[-1]
         ends = np.array([q.start_position + q.new_tokens.size for q in sequences], dtype=np.int64)
-        self.runner.reserve(self.batch, int(ends.max()) - 1, shrink=True)
+        self.runner.reserve(self.batch, min(int(ends.max()) - 1 + tree_room, self.runner.last_column), shrink=True)
         holders = self.runner.holders(self.batch)
         self.row_of, recompute = self.assign_rows(holders, sessions, [q.start_position for q in sequences])
         # Per sequence: the tokens to forward and the column of the first.

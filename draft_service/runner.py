@@ -31,7 +31,7 @@ DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # Or
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
-COLUMN_STEP = 32  # growing buffers: widths are multiples of this, with at least this much room past the need
+COLUMN_STEP = 16  # growing buffers: widths are multiples of this (a resize every few steps, not every step)
 
 
 def choose_provider(provider: str = "auto") -> str:
@@ -159,9 +159,9 @@ class DraftRunner:
             raise ValueError(f"column {last_column} is past the buffers' capacity of {self.capacity}")
         buffers = self._buffers(batch)
         need = last_column + 2
-        if need <= buffers.columns and not (shrink and buffers.columns > 2 * (need + COLUMN_STEP)):
+        if need <= buffers.columns and not (shrink and buffers.columns > 2 * need + COLUMN_STEP):
             return
-        columns = min(self.capacity, (need // COLUMN_STEP + 2) * COLUMN_STEP)
+        columns = min(self.capacity, -(-need // COLUMN_STEP) * COLUMN_STEP)
         keep = min(columns - 1, buffers.columns - 1)  # the old trash column is garbage
         for s, values in enumerate(buffers.sets):
             for i, value in enumerate(values):
