@@ -7,7 +7,8 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under
+# cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
 # orchestrator and both services (OUT/pyspy_*.txt, benchmarks/pyspy_summary.py reads them) through a `cast` level
@@ -83,9 +84,8 @@ fi
 if has draft_step; then
     stage "draft expansion step (in-process)"
     for provider in ${DRAFT_PROVIDERS:-cuda cpu}; do
-        python3 -m draft_service.step_profile --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
-            --breadth 8 --context 256 --io-binding ${DRAFT_IO_BINDING:-on,off} --layouts ${DRAFT_LAYOUTS:-dynamic,static} \
-            --out "$OUT/draft_step_$provider.json"
+        python3 -m benchmarks.draft_step --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
+            --breadth 8 --context 256 --buffers ${DRAFT_BUFFERS:-fixed,growing} --out "$OUT/draft_step_$provider.json"
     done
 fi
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cast_runtime.cache import default_cache_dir
-from draft_service.export import DTYPES, LAYOUTS
+from draft_service.export import DTYPES
 
 PROVIDERS = ("auto", "cpu", "cuda")
-MODEL_THREADS = ("worker", "loop")
 
 
 @dataclass
@@ -29,12 +28,8 @@ class DraftConfig:
     grace_s: float = 30.0           # on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held
     cost_table: Path | None = None  # a profiled table (cast profile draft) for Describe; None: cached or profiled
     profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
-    threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core)
-    spinning: bool = False          # let ORT's idle threads spin: faster alone, slower beside a CPU verifier
-    layout: str = "auto"            # KV layout: dynamic (a growing cache, host-kept) | static (device buffers and
-                                    # CUDA graphs on CUDA) | auto (static on CUDA, dynamic on CPU)
-    model_thread: str = "worker"    # where model calls run: worker (a thread of their own) | loop (the event loop:
-                                    # a step saves two thread hand-offs; other calls wait for the step)
+    threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core of the host,
+                                    # more than a container's CPU limit may allow)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -49,10 +44,6 @@ class DraftConfig:
             raise ValueError(f"provider: {self.provider!r} is not one of {PROVIDERS}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype: {self.dtype!r} is not one of {('auto', *DTYPES)}")
-        if self.layout not in ("auto", *LAYOUTS):
-            raise ValueError(f"layout: {self.layout!r} is not one of {('auto', *LAYOUTS)}")
-        if self.model_thread not in MODEL_THREADS:
-            raise ValueError(f"model_thread: {self.model_thread!r} is not one of {MODEL_THREADS}")
         if self.top_k < 1:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:
@@ -85,7 +76,7 @@ class DraftConfig:
         if args["model"] is None:
             parser.error("--model (or CAST_DRAFT_MODEL) is required")
         types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int, "threads": int,
-                 "session_ttl_s": float, "grace_s": float, "profile": boolean, "spinning": boolean}
+                 "session_ttl_s": float, "grace_s": float, "profile": boolean}
         kwargs = {}
         for name, value in args.items():
             if value is None:

@@ -25,9 +25,8 @@ from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
-from draft_service.runner import PROVIDERS, DraftRunner, choose_dtype, choose_provider
+from draft_service.runner import TREE_ROOM, DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
-from draft_service.static_runner import TREE_ROOM, StaticRunner
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
@@ -55,29 +54,22 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
-# The static layout's batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand
-# flagged `cold`).
+# The batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand flagged `cold`).
 WARM_BATCHES = (1, 2, 4, 8)
 
 
 def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
     """Export or load the graph, open the ORT session, warm it up; describe the replica."""
     provider = choose_provider(config.provider)
-    dtype = choose_dtype(config.dtype, provider)
-    layout = choose_layout(config.layout, provider)
-    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir,
-                                   layout=layout)
+    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=choose_dtype(config.dtype, provider),
+                                   cache_dir=config.cache_dir)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:
         raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
-    if layout == "static":
-        runner = StaticRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
-                              threads=config.threads, spinning=config.spinning)
-        if runner.cuda_graphs:
-            runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
-    else:
-        runner = DraftRunner(onnx_path, meta, provider=config.provider, threads=config.threads,
-                             spinning=config.spinning)
+    runner = DraftRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
+                         threads=config.threads)
+    if runner.cuda_graphs:
+        runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
     cost_table = startup_cost_table(runner, config)  # after the warm-up: first-run costs stay out of it
@@ -97,14 +89,6 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
     return expander, replica
 
 
-def choose_layout(layout: str, provider: str) -> str:
-    """auto: static (CUDA graphs over device buffers) on the CUDA provider, dynamic on CPU, where a forward is not
-    launch-bound and attending over a whole buffer would cost more than a growing cache."""
-    if layout != "auto":
-        return layout
-    return "static" if provider == PROVIDERS["cuda"] else "dynamic"
-
-
 def warm_up(expander: Expander) -> None:
     """One small expansion with a prompt, then one incremental: the first real call pays no first-run costs."""
     k = expander.runner.meta.top_k
@@ -121,7 +105,7 @@ def warm_up(expander: Expander) -> None:
 async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop")
+    servicer = DraftServicer(expander, replica)
     server = grpc.aio.server(options=server_options())  # admits the orchestrator's keepalive pings
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
