@@ -126,16 +126,23 @@ def level_order(policies: list[str], round_index: int) -> list[str]:
 
 
 def count_differences(results: dict[tuple[str, int], list[RequestResult]], level: dict[tuple[str, int], LevelResult]) -> None:
-    """Per level, its requests whose tokens differ from `ar`'s for the same prompt (any concurrency's `ar`)."""
+    """Per level, its requests whose tokens differ from `ar`'s for the same prompt (the longest of any concurrency's
+    `ar` outputs). A request cut at the cutoff, or an `ar` reference cut there, is compared on their common prefix."""
     reference: dict[str, list[int]] = {}
     for (policy, _), rs in results.items():
         if policy == "ar":
             for r in rs:
-                reference.setdefault(r.prompt, r.token_ids)
+                if len(r.token_ids) > len(reference.get(r.prompt, ())):
+                    reference[r.prompt] = r.token_ids
     if not reference:
         return
     for key, rs in results.items():
-        level[key].differ_from_ar = sum(r.token_ids != reference[r.prompt] for r in rs if r.prompt in reference)
+        level[key].differ_from_ar = sum(differs(r.token_ids, reference[r.prompt]) for r in rs if r.prompt in reference)
+
+
+def differs(tokens: list[int], reference: list[int]) -> bool:
+    n = min(len(tokens), len(reference))
+    return tokens[:n] != reference[:n]
 
 
 def run_sweep(a, policies: list[str], prompts: list[str], concurrency: list[int], requests: dict[int, int],
@@ -149,13 +156,14 @@ def run_sweep(a, policies: list[str], prompts: list[str], concurrency: list[int]
             for policy in level_order(policies, round_index):
                 if a.warmup_tokens > 0:  # one wave of short requests: first-use costs (graph captures) stay out
                     asyncio.run(run_level(a.addr, prompts, policy, c, a.warmup_tokens, c, a.seconds))
-                level, rs = asyncio.run(run_level(a.addr, prompts, policy, c, a.max_new_tokens, requests[c], a.seconds))
+                level, rs = asyncio.run(run_level(a.addr, prompts, policy, c, a.max_new_tokens, requests[c], a.seconds,
+                                                  a.cutoff or None))
                 results[policy, c], levels[policy, c] = rs, level
                 log(f"round {round_index + 1}/{a.rounds} c={c:<3} {policy:>12} {level.tokens_per_s:8.1f} tok/s "
                     f"{level.mean_accepted_length:5.2f} tok/step, {level.verified_nodes_per_step:5.1f} of "
                     f"{level.expanded_nodes_per_step:6.1f} nodes verified, step p50 {level.step_ms_p50:6.1f} ms "
                     f"(draft {level.draft_model_ms_p50:.1f}, verify {level.verify_model_ms_p50:.1f}), "
-                    f"{level.requests} req  [{time.perf_counter() - started:.0f} s]")
+                    f"{level.requests} req ({level.cut_requests} cut)  [{time.perf_counter() - started:.0f} s]")
         count_differences(results, levels)
         for key, level in levels.items():
             cells[key].rounds.append(level)
@@ -172,7 +180,7 @@ def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     with (out / "sweep.csv").open("w", newline="") as f:
-        fields = ["policy", "concurrency", "tokens_per_s", "rounds", "requests", "differ_from_ar",
+        fields = ["policy", "concurrency", "tokens_per_s", "rounds", "requests", "cut_requests", "differ_from_ar",
                   "tokens_per_step", "verified_nodes_per_step", "expanded_nodes_per_step", "verified_depth_per_step",
                   "step_ms_p50", "draft_model_ms_p50", "verify_model_ms_p50", "overhead_ms_p50"]
         writer = csv.writer(f)
@@ -180,7 +188,7 @@ def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
         for cell in cells.values():
             t = cell.typical
             writer.writerow([cell.policy, cell.concurrency, f"{cell.tokens_per_s:.1f}", len(cell.rounds),
-                             cell.requests, cell.differ_from_ar, f"{t.mean_accepted_length:.2f}",
+                             cell.requests, sum(r.cut_requests for r in cell.rounds), cell.differ_from_ar, f"{t.mean_accepted_length:.2f}",
                              f"{t.verified_nodes_per_step:.1f}", f"{t.expanded_nodes_per_step:.1f}",
                              f"{t.verified_depth_per_step:.2f}", f"{t.step_ms_p50:.1f}", f"{t.draft_model_ms_p50:.1f}",
                              f"{t.verify_model_ms_p50:.1f}", f"{t.overhead_ms_p50:.1f}"])
@@ -204,7 +212,9 @@ def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str
                      + f" | **{s.geomean(s.cast, s.best_single):.3f}** |")
     differ = sum(cell.differ_from_ar for cell in cells.values())
     checked = sum(cell.requests for cell in cells.values())
-    lines += ["", f"Outputs that differ from `ar`'s (greedy, same prompt): {differ} of {checked} requests.", ""]
+    cut = sum(r.cut_requests for cell in cells.values() for r in cell.rounds)
+    lines += ["", f"Outputs that differ from `ar`'s (greedy, same prompt): {differ} of {checked} requests "
+              f"({cut} of them cut at the cell's cutoff, compared on their prefix).", ""]
     lines += ["## Every cell: tokens/s (median over rounds), tokens per step, nodes verified per step", "",
               "| policy | " + " | ".join(f"c={c}" for c in cs) + " |", "| --- | " + " | ".join("---" for _ in cs) + " |"]
     for policy in dict.fromkeys(p for p, _ in cells):
@@ -281,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-prompt", type=int, default=0, help="skip this many prompts of the set")
     p.add_argument("--rstrip-prompts", action="store_true", help="strip trailing whitespace from prompts")
     p.add_argument("--requests", default="auto", help="requests per cell: auto (max(8, c)), N, or N1,N2,.. per concurrency")
-    p.add_argument("--seconds", type=float, default=60.0, help="time per cell at most (requests in flight finish)")
+    p.add_argument("--seconds", type=float, default=60.0, help="no request of a cell starts after this many seconds")
+    p.add_argument("--cutoff", type=float, default=0.0,
+                   help="seconds after which a cell's requests still streaming are cancelled; their tokens so far "
+                        "count (and are checked against ar's prefix); 0: requests in flight finish")
     p.add_argument("--rounds", type=int, default=2, help="visits of every cell (tokens/s: the median)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--warmup-tokens", type=int, default=0,

@@ -7,7 +7,7 @@ import csv
 import json
 
 from benchmarks.bench import LevelResult
-from benchmarks.sweep import Cell, expand_policies, main, summarize
+from benchmarks.sweep import Cell, differs, expand_policies, main, summarize
 from tests.integration.stacks import prompts_for_tests
 
 
@@ -55,3 +55,8 @@ def test_the_issue_grid_has_every_distinct_tree_once():
     assert [n for n in names if n.startswith("chain:")] == [f"chain:{d}" for d in range(2, 9)]
     assert len(names) - 2 - 7 + len(same) == 36  # 3 top-K x 3 depths x 4 sizes, duplicates folded
     assert same["tree:2x3/64"] == "tree:2x3/16"  # all of tree:2x3's 11 nodes
+
+
+def test_a_cut_output_is_compared_with_ar_on_the_prefix_both_have():
+    assert not differs([5, 6], [5, 6, 7]) and not differs([5, 6, 7], [5, 6])  # a cut request, a cut reference
+    assert differs([5, 8], [5, 6, 7]) and differs([5, 6, 7, 9], [5, 6, 7, 8])
