@@ -13,7 +13,8 @@ Fixed trees (`eagle2`, `chain`) learn nothing: the same budget and the top `veri
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -35,6 +36,8 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
+        # CAST: per batch size, the nodes per tree that reranking verified in its last steps (newest last)
+        self.verified_counts: dict[int, deque[int]] = {}
         # The next step's budgets, per pairing (CostModel) they were priced for: id -> ((batch, table cells), budget)
         self.prepared: dict[int, tuple[tuple, draft_pb2.ExpandBudget]] = {}
 
@@ -72,6 +75,7 @@ class Planner:
         budget = draft_pb2.ExpandBudget(top_k=policy.top_k, max_depth=policy.max_depth,
                                         max_breadth=policy.max_breadth, max_returned_nodes=policy.verify_tokens)
         if policy.cast is not None:
+            budget.max_returned_nodes = self.returned_nodes(batch)
             prices = costs.draft_slice(batch, context)
             scale = self.value_scale
             budget.cast.CopyFrom(draft_pb2.CastBudget(
@@ -88,6 +92,15 @@ class Planner:
             ))
         return budget
 
+    def returned_nodes(self, batch: int) -> int:
+        """CAST: how many nodes per tree the draft returns, and so grows (it expands no node that could not be
+        among them): the most that reranking verified in the last R steps at this batch size, with room to grow
+        (x1.5 + 2), within the policy's verify_tokens. Before any step at this batch size: verify_tokens."""
+        recent = self.verified_counts.get(batch)
+        if not recent:
+            return self.policy.verify_tokens
+        return min(self.policy.verify_tokens, math.ceil(1.5 * max(recent)) + 2)
+
     def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
@@ -100,6 +113,8 @@ class Planner:
             scale = self.value_scale
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold / scale), m)
             m = most_efficient_cut(utilities, prices, m, scale)
+            recent = self.verified_counts.setdefault(batch, deque(maxlen=self.policy.cast.gain_buffer_size))
+            recent.append(m)
         return [t.top_m(m) for t in trees]
 
     def learn_layers(self, layer_utilities: list[list[float]]) -> None:

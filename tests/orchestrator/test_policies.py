@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 
 from cast_core.cost_table import CostTable
@@ -57,6 +59,15 @@ def test_trees_come_back_trimmed_to_what_the_policy_may_verify():
     for name in ("cast", "eagle2", "chain"):
         budget = Planner(POLICIES[name]).price_budget(costs, 1, 100)
         assert budget.max_returned_nodes == POLICIES[name].verify_tokens > 1, name
+
+
+def test_cast_asks_for_no_more_nodes_than_its_reranking_lately_verified_with_room_to_grow():
+    costs = CostModel(verify=CostTable.linear(1.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+    planner = Planner(POLICIES["cast"])
+    verified = len(planner.select([chain([0.9, 0.8, 0.6, 0.3, 0.1, 0.05, 0.02])] * 2, costs, 2, 100)[0])
+    assert 1 < verified and math.ceil(1.5 * verified) + 2 < POLICIES["cast"].verify_tokens
+    assert planner.price_budget(costs, 2, 100).max_returned_nodes == math.ceil(1.5 * verified) + 2
+    assert planner.price_budget(costs, 1, 100).max_returned_nodes == POLICIES["cast"].verify_tokens  # no step at 1 yet
 
 
 def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
