@@ -36,8 +36,9 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
-        # CAST: per batch size, the nodes per tree that reranking verified in its last steps (newest last)
+        # CAST: per batch size, the nodes per tree and the depth that reranking verified in its last steps
         self.verified_counts: dict[int, deque[int]] = {}
+        self.verified_depths: dict[int, deque[int]] = {}
         # The next step's budgets, per pairing (CostModel) they were priced for: id -> ((batch, table cells), budget)
         self.prepared: dict[int, tuple[tuple, draft_pb2.ExpandBudget]] = {}
 
@@ -76,6 +77,7 @@ class Planner:
                                         max_breadth=policy.max_breadth, max_returned_nodes=policy.verify_tokens)
         if policy.cast is not None:
             budget.max_returned_nodes = self.returned_nodes(batch)
+            budget.max_depth = self.draft_depth(batch)
             prices = costs.draft_slice(batch, context)
             scale = self.value_scale
             budget.cast.CopyFrom(draft_pb2.CastBudget(
@@ -101,6 +103,16 @@ class Planner:
             return self.policy.verify_tokens
         return min(self.policy.verify_tokens, math.ceil(1.5 * max(recent)) + 2)
 
+    def draft_depth(self, batch: int) -> int:
+        """CAST: the most layers the draft may grow: the deepest that reranking verified in the last R steps at this
+        batch size, plus 2 (room to grow), within the policy's max_depth. A layer below what is ever verified costs
+        a draft forward and returns nothing that is checked; C2 cannot see that, as it prices a layer against its
+        value, not against the verifier's cut."""
+        recent = self.verified_depths.get(batch)
+        if not recent:
+            return self.policy.max_depth
+        return min(self.policy.max_depth, max(recent) + 2)
+
     def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
@@ -113,8 +125,11 @@ class Planner:
             scale = self.value_scale
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold / scale), m)
             m = most_efficient_cut(utilities, prices, m, scale)
-            recent = self.verified_counts.setdefault(batch, deque(maxlen=self.policy.cast.gain_buffer_size))
-            recent.append(m)
+            chosen = [t.top_m(m) for t in trees]
+            size = self.policy.cast.gain_buffer_size
+            self.verified_counts.setdefault(batch, deque(maxlen=size)).append(m)
+            self.verified_depths.setdefault(batch, deque(maxlen=size)).append(max(t.max_depth for t in chosen))
+            return chosen
         return [t.top_m(m) for t in trees]
 
     def learn_layers(self, layer_utilities: list[list[float]]) -> None:

@@ -61,13 +61,16 @@ def test_trees_come_back_trimmed_to_what_the_policy_may_verify():
         assert budget.max_returned_nodes == POLICIES[name].verify_tokens > 1, name
 
 
-def test_cast_asks_for_no_more_nodes_than_its_reranking_lately_verified_with_room_to_grow():
+def test_cast_asks_for_no_more_nodes_nor_layers_than_its_reranking_lately_verified_with_room_to_grow():
     costs = CostModel(verify=CostTable.linear(1.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
     planner = Planner(POLICIES["cast"])
     verified = len(planner.select([chain([0.9, 0.8, 0.6, 0.3, 0.1, 0.05, 0.02])] * 2, costs, 2, 100)[0])
     assert 1 < verified and math.ceil(1.5 * verified) + 2 < POLICIES["cast"].verify_tokens
     assert planner.price_budget(costs, 2, 100).max_returned_nodes == math.ceil(1.5 * verified) + 2
     assert planner.price_budget(costs, 1, 100).max_returned_nodes == POLICIES["cast"].verify_tokens  # no step at 1 yet
+    # nor deeper than it verified, plus 2 (a chain's m nodes reach depth m - 1)
+    assert planner.price_budget(costs, 2, 100).max_depth == min(verified - 1 + 2, POLICIES["cast"].max_depth)
+    assert planner.price_budget(costs, 1, 100).max_depth == POLICIES["cast"].max_depth
 
 
 def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
