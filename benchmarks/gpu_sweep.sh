@@ -12,14 +12,15 @@
 #                    when the ORT GPU wheel cannot be set up)
 #   SHAPES           "8b 1b" (default)                POLICIES  "ar,grid,cast" (default: the issue's grid)
 #   CONCURRENCY      1,8,32                           ROUNDS    1
-#   REQUESTS         2,8,32 (per concurrency)         TOKENS    48 new tokens a request
+#   REQUESTS         1,8,32 (per concurrency)         TOKENS    48 new tokens a request
 #   CELL_SECONDS     0.5: no request of a cell starts after this
-#   CUTOFF           1.5: a cell's requests still streaming then are cancelled (their tokens count, checked
+#   CUTOFF           1.2: a cell's requests still streaming then are cancelled (their tokens count, checked
 #                    against ar's prefix); with 41 policies x 3 concurrencies this bounds a target's sweep
 #   WIDE_DIR         /tmp/wide-SHAPE: where the widened target is written (an existing one is reused)
-#   WARMUP_TOKENS    4: before each cell, one untimed wave this long (graph captures stay out of the cell)
+#   PORT             50151: the first stack's orchestrator port
+#   WARMUP_TOKENS    2: before each cell, one untimed wave this long (graph captures stay out of the cell)
 #   PROMPTS          humaneval (default; the tuning set) or benchmarks/prompts/heldout.jsonl (held out)
-#   CHECK_PROMPTS    2: HumanEval prompts on which widen_target checks the widened logits
+#   CHECK_PROMPTS    1: HumanEval prompts on which widen_target checks the widened logits
 set -euo pipefail
 OUT=${1:?usage: PYTHONPATH=\$PWD:\$PWD/protos bash benchmarks/gpu_sweep.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -45,7 +46,7 @@ echo "draft provider: $CAST_DRAFT_PROVIDER; git: $(git rev-parse --short HEAD 2>
 date -u
 
 failed=0
-port=50151
+port=${PORT:-50151}  # the first target's orchestrator; draft and verify on the next two, the next target +10
 for shape in $SHAPES; do
     wide=${WIDE_DIR:-/tmp/wide-$shape}
     dir="$OUT/$shape"
@@ -53,7 +54,7 @@ for shape in $SHAPES; do
     if [[ ! -f $wide/config.json ]]; then
         stage "widen the reference target to the $shape shape"
         python3 -m benchmarks.widen_target --source $REF_TARGET --shape "$shape" --out "$wide" --dtype bfloat16 \
-            --device cuda --check-prompts "${CHECK_PROMPTS:-2}" --report "$dir/widen.json"
+            --device cuda --check-prompts "${CHECK_PROMPTS:-1}" --report "$dir/widen.json"
     fi
     stage "stack on the $shape-shaped target (services profile their cost tables at start-up)"
     $CAST up --target "$wide" --draft $DRAFT --port $port --draft-port $((port + 1)) --verify-port $((port + 2)) \
@@ -72,9 +73,9 @@ for shape in $SHAPES; do
     stage "cast sweep, $shape-shaped target"
     # A failed sweep (say, one target out of memory) must not lose the other target's results.
     if ! $CAST sweep --addr 127.0.0.1:$port --policies "${POLICIES:-ar,grid,cast}" \
-            --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-2,8,32}" --rounds "${ROUNDS:-1}" \
+            --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-1,8,32}" --rounds "${ROUNDS:-1}" \
             --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-0.5}" \
-            --cutoff "${CUTOFF:-1.5}" --warmup-tokens "${WARMUP_TOKENS:-4}" --prompts "${PROMPTS:-humaneval}" \
+            --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-2}" --prompts "${PROMPTS:-humaneval}" \
             --rstrip-prompts --out "$dir" \
             --title "cast sweep: $shape-shaped target on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), draft $CAST_DRAFT_PROVIDER" \
             > "$dir/sweep_stdout.md" 2> "$dir/sweep.log"; then

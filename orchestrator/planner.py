@@ -6,7 +6,10 @@ verifier forward and one draft forward per layer):
 - the gain buffer (R layer-to-layer gains; the depth rule C2 reads its mean alpha),
 - the value calibration (accepted tokens per unit of node value; every rule weighs value against cost),
 - the draft gate (whether drafting pays at all at this batch size: the depth rule at depth 0),
-- the next step's Expand budget, priced while this step's Verify runs.
+- the next step's Expand budget, priced while this step's Verify runs,
+- the nodes per tree and the depth its reranking verified lately: the draft grows no more than 1.5x + 2 those
+  nodes and 2 layers past that depth (C1 and C2 price a node against its value, not against the verifier's cut,
+  and let the draft grow trees mostly thrown away: reports/cast-vs-fixed/).
 Fixed trees (`eagle2`, `chain`) learn nothing: the same budget and the top `verify_tokens` nodes every step.
 """
 
@@ -113,18 +116,23 @@ class Planner:
             return self.policy.max_depth
         return min(self.policy.max_depth, max(recent) + 2)
 
-    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
+    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int,
+               draft_ms: float = 0.0) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
         CAST picks one m for the whole batch, which shares one verifier forward: the reranking rule (C3) bounds it,
-        then, within that bound, the cut with the most expected tokens per unit of step cost."""
+        then, within that bound, the cut with the most expected tokens per unit of step cost. The step's cost
+        includes what its Expand took (`draft_ms`, paid whatever m is): priced on the verifier alone, the cut
+        favoured a few nodes where the verifier's cost is flat in m (a CPU at batch 1) and the draft is a third
+        of the step."""
         m = self.policy.verify_tokens
         if self.policy.cast is not None:
             utilities = batch_topk_utilities([t.values for t in trees])  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
             scale = self.value_scale
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold / scale), m)
-            m = most_efficient_cut(utilities, prices, m, scale)
+            step = prices + draft_ms / costs.verify_step_ms(batch, context, 1)  # the same unit: one plain step
+            m = most_efficient_cut(utilities, step, m, scale)
             chosen = [t.top_m(m) for t in trees]
             size = self.policy.cast.gain_buffer_size
             self.verified_counts.setdefault(batch, deque(maxlen=size)).append(m)

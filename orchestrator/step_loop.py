@@ -340,7 +340,8 @@ class StepLoop:
             if not drafted:
                 continue
             expansions = [g.expanded[s.sequence_id] for s in drafted]
-            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context)
+            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context,
+                                     timing.draft_rpc * 1e3)
             for s, tree, e in zip(drafted, trees, expansions):
                 drafts[s.sequence_id] = Draft(tree, e.expanded_nodes)
         if self.prefilling is not None:

@@ -73,6 +73,16 @@ def test_cast_asks_for_no_more_nodes_nor_layers_than_its_reranking_lately_verifi
     assert planner.price_budget(costs, 1, 100).max_depth == POLICIES["cast"].max_depth
 
 
+def test_a_dearer_draft_makes_cast_verify_more_of_what_it_drafted():
+    """The Expand is paid whatever the cut: the dearer it was, the more nodes are worth verifying for it."""
+    fine = dict(GRID, token_counts=tuple(range(1, 17)))  # a verifier whose cost grows with every node
+    costs = CostModel(verify=CostTable.linear(1.0, 5.0, **fine), draft=CostTable.linear(0.05, 1.0, **fine))
+    trees = [chain([0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05])]
+    cheap = len(Planner(POLICIES["cast"]).select(trees, costs, 1, 100, draft_ms=0.0)[0])
+    dear = len(Planner(POLICIES["cast"]).select(trees, costs, 1, 100, draft_ms=10.0)[0])
+    assert dear > cheap
+
+
 def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
     """n nodes, each under a random earlier one, a value its parent's times a factor in [low, 1) (as a draft's)."""
     parents, depths, values = [-1], [0], [1.0]
