@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cast_core.errors import InvalidArgument
 from cast_core.selection import CastParams
 from cast_runtime.settings import parse_settings, setting
 from orchestrator.discovery import Target, parse_target
@@ -51,10 +52,12 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
                 raise ValueError(f"{name} {value} is out of range")
-        from orchestrator.policies import POLICIES
+        from orchestrator.policies import resolve_policy
 
-        if self.default_policy not in POLICIES:
-            raise ValueError(f"unknown default policy {self.default_policy!r}; choose one of {', '.join(POLICIES)}")
+        try:
+            resolve_policy(self.default_policy, "")
+        except InvalidArgument as exc:
+            raise ValueError(f"default {exc}") from None
         if self.max_live < 1 or self.max_queued < 0:
             raise ValueError("max_live must be at least 1 and max_queued at least 0")
         if self.max_new_tokens_limit < 1:

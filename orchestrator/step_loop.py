@@ -32,7 +32,7 @@ from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
 from orchestrator.costs import CostModel, ReplicaCosts
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
 from orchestrator.fleet import Replica, State
-from orchestrator.planner import Planner
+from orchestrator.planner import Planner, Planners
 from orchestrator.policies import TreePolicy
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class StepLoop:
         self.joining: list[LiveSequence] = []
         self.prefilling: asyncio.Task | None = None
         self.admit_after = 0.0          # the verifier was full: admit again from this time (loop clock)
-        self.planners: dict[str, Planner] = {}  # per policy: its budgets, selection and learned state
+        self.planners = Planners()  # per policy: its budgets, selection and learned state
         self.pairs: dict[str, CostModel] = {}   # per draft replica: prices on this verify replica
         self.no_draft = ReplicaCosts.for_replica("draft", None)
         self._wake = asyncio.Event()
@@ -340,7 +340,8 @@ class StepLoop:
             if not drafted:
                 continue
             expansions = [g.expanded[s.sequence_id] for s in drafted]
-            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context)
+            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context,
+                                     timing.draft_rpc * 1e3)
             for s, tree, e in zip(drafted, trees, expansions):
                 drafts[s.sequence_id] = Draft(tree, e.expanded_nodes)
         if self.prefilling is not None:
@@ -406,9 +407,7 @@ class StepLoop:
                 members[s.policy.name].append(s)
         groups = []
         for name, sequences in members.items():
-            planner = self.planners.get(name)
-            if planner is None:
-                planner = self.planners[name] = Planner(sequences[0].policy)
+            planner = self.planners.get(sequences[0].policy)
             with_draft = [s.draft for s in sequences if s.draft is not None]
             drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
             groups.append(PolicyGroup(planner, sequences, drafts))

@@ -28,6 +28,7 @@ def call_error(stub, **fields) -> grpc.RpcError:
         (dict(max_new_tokens=10**6), grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
         (dict(prompt="x = 1\n" * 2000), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
         (dict(policy="beam"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
+        (dict(policy="tree:9x5/16"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
         (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     ],

@@ -29,6 +29,7 @@ def test_no_token_limit_means_what_the_context_and_the_server_allow(builder):
     (dict(max_new_tokens=0), InvalidArgument, "max_tokens"),
     (dict(max_new_tokens=41), OutOfRange, "max_tokens"),
     (dict(policy="beam"), InvalidArgument, "cast.policy"),
+    (dict(policy="tree:4x5/200"), InvalidArgument, "cast.policy"),
     (dict(prompt="x = 1\n" * 40), OutOfRange, "messages"),
     (dict(prompt=[5, 10**6]), InvalidArgument, "messages[1]"),
     (dict(temperature=float("nan")), InvalidArgument, "temperature"),
