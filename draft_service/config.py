@@ -35,6 +35,7 @@ class DraftConfig:
                                     # CUDA graphs on CUDA) | auto (static on CUDA, dynamic on CPU)
     model_thread: str = "worker"    # where model calls run: worker (a thread of their own) | loop (the event loop:
                                     # a step saves two thread hand-offs; other calls wait for the step)
+    metrics_port: int = 0           # the Prometheus scrape endpoint (/metrics); 0: off
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -45,6 +46,8 @@ class DraftConfig:
             raise ValueError(f"model: {self.model} is not a checkpoint directory (no config.json)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is outside [0, 65535]")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is outside [0, 65535]")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider: {self.provider!r} is not one of {PROVIDERS}")
         if self.dtype not in ("auto", *DTYPES):
@@ -84,7 +87,7 @@ class DraftConfig:
         args = vars(parser.parse_args(argv))
         if args["model"] is None:
             parser.error("--model (or CAST_DRAFT_MODEL) is required")
-        types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int, "threads": int,
+        types = {"port": int, "metrics_port": int, "top_k": int, "max_sessions": int, "max_context": int, "threads": int,
                  "session_ttl_s": float, "grace_s": float, "profile": boolean, "spinning": boolean}
         kwargs = {}
         for name, value in args.items():

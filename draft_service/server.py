@@ -20,6 +20,7 @@ from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_runtime.grpc_options import server_options
 from cast_runtime.identity import vocab_hash
 from cast_runtime.sessions import SessionStore
+from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
@@ -121,8 +122,10 @@ def warm_up(expander: Expander) -> None:
 async def start(config: DraftConfig) -> Running:
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop")
-    server = grpc.aio.server(options=server_options())  # admits the orchestrator's keepalive pings
+    telemetry = setup_telemetry("draft", config.metrics_port, config.host)
+    servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop", telemetry=telemetry)
+    server = grpc.aio.server(options=server_options(),  # admits the orchestrator's keepalive pings
+                             interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,6 +163,7 @@ async def serve(config: DraftConfig) -> None:
         await asyncio.sleep(0.1)
     await running.server.stop(1.0)
     running.servicer.close()
+    running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

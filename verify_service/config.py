@@ -31,6 +31,7 @@ class VerifyConfig:
     max_concurrent_rpcs: int | None = None  # extra calls get RESOURCE_EXHAUSTED; None: no limit
     cost_table: Path | None = None  # a profiled table (cast profile verify) for Describe; None: cached or profiled
     profile: bool = True  # without --cost-table and cache entry, profile a small grid at start-up; off: no table
+    metrics_port: int | None = None  # the Prometheus scrape endpoint (/metrics); None or 0: off
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -54,6 +55,8 @@ class VerifyConfig:
             raise ValueError(f"grace_s: {self.grace_s} must not be negative")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs: {self.max_concurrent_rpcs} must be at least 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is outside 0..65535")
         if self.cost_table is not None:
             self.cost_table = Path(self.cost_table)
             if not self.cost_table.is_file():
@@ -120,5 +123,6 @@ def build_arg_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("max_concurrent_rpcs", _optional_int, None, "admission limit; extra calls get RESOURCE_EXHAUSTED")
     flag("cost_table", _optional_path, None, "cost table JSON for Describe (from `cast profile verify`)")
     flag("profile", _bool, True, "without --cost-table or a cached table, profile a small grid at start-up")
+    flag("metrics_port", _optional_int, None, "serve Prometheus metrics at /metrics on this port; 0 or none: off")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="same as --profile false")
     return parser

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_runtime.grpc_options import server_options
+from cast_runtime.telemetry import Telemetry, setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
@@ -44,6 +45,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     servicer: VerifyServicer
     expiry: asyncio.Task
+    telemetry: Telemetry
 
 
 def bind_address(host: str, port: int) -> str:
@@ -52,7 +54,10 @@ def bind_address(host: str, port: int) -> str:
 
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
-    server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    telemetry = setup_telemetry("verify", config.metrics_port, config.host)
+    server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                             interceptors=telemetry.server_interceptors(
+                                 [f"/{SERVICE_NAME}/Prefill", f"/{SERVICE_NAME}/Release"]))
     # Bind before the (slow) model load, so a taken port fails at once.
     port = server.add_insecure_port(bind_address(config.host, config.port))
     if port == 0:
@@ -87,7 +92,7 @@ async def start(config: VerifyConfig) -> RunningServer:
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    servicer = VerifyServicer(verifier, executor)
+    servicer = VerifyServicer(verifier, executor, telemetry)
     if cost_table is not None:
         servicer.description.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server)
@@ -103,7 +108,7 @@ async def start(config: VerifyConfig) -> RunningServer:
         "verify service on %s: %s (%s, %s, max_context %d)",
         bind_address(config.host, port), target.model_name, target.device, target.dtype_name, target.max_context,
     )
-    return RunningServer(server=server, port=port, health=health, servicer=servicer, expiry=expiry)
+    return RunningServer(server=server, port=port, health=health, servicer=servicer, expiry=expiry, telemetry=telemetry)
 
 
 async def start_server(config: VerifyConfig) -> tuple[grpc.aio.Server, int]:
@@ -127,6 +132,7 @@ async def serve(config: VerifyConfig) -> None:
     await drain(lambda: len(running.servicer.verifier.sessions), config.grace_s)
     await running.server.stop(1.0)
     await running.expiry
+    running.telemetry.shutdown()
 
 
 async def drain(held: Callable[[], int], grace_s: float) -> None:
