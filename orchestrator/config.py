@@ -35,6 +35,7 @@ class OrchestratorConfig:
     verify_target: Target = field(init=False, repr=False)  # parsed from `verify`
     cast: CastParams = field(default_factory=CastParams)  # C1, C2, C3 and R of the `cast` policy
     http_port: int | None = None             # the OpenAI-compatible HTTP API (http_api.py); None: off, 0: any free port
+    metrics_port: int | None = None          # the Prometheus scrape endpoint (/metrics); None or 0: off
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
@@ -42,7 +43,7 @@ class OrchestratorConfig:
         self.verify_target = parse_target(self.verify, "verify")
         if self.refresh_s <= 0 or self.grace_s < 0:
             raise ValueError("refresh_s must be positive and grace_s not negative")
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
                 raise ValueError(f"{name} {value} is out of range")
@@ -86,6 +87,8 @@ class OrchestratorConfig:
         p.add_argument("--max-queued", type=int, default=int(_env("MAX_QUEUED", "256")), help="queue limit")
         p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "-1")),
                        help="serve the OpenAI-compatible HTTP API and the demo page on this port too (default: off)")
+        p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")),
+                       help="serve Prometheus metrics at /metrics on this port (default 0: off)")
         a = p.parse_args(argv)
         if not a.tokenizer:
             p.error("--tokenizer (or CAST_ORCH_TOKENIZER) is required")
@@ -104,4 +107,5 @@ class OrchestratorConfig:
             max_queued=a.max_queued,
             cast=CastParams(a.cast_c1, a.cast_c2, a.cast_c3, a.cast_r),
             http_port=None if a.http_port < 0 else a.http_port,
+            metrics_port=a.metrics_port or None,
         )

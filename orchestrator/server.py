@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_runtime.grpc_options import server_options
 from cast_runtime.identity import vocab_hash
+from cast_runtime.telemetry import setup_telemetry
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.http_api import HttpServer, create_app
@@ -21,9 +22,11 @@ from orchestrator.policies import make_policies
 from orchestrator.requests import RequestBuilder
 from orchestrator.router import Router
 from orchestrator.servicer import GenerationServicer
+from orchestrator.telemetry import OrchestratorTelemetry
 
 log = logging.getLogger("cast.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+TRACED_METHODS = (f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateStream")  # not health, reflection, ListReplicas
 
 
 async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int]:
@@ -32,17 +35,19 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     await fleet.start(config.connect_timeout_s)
     serving = fleet.serving("draft") + fleet.serving("verify")
     max_context = min(r.description.max_context for r in serving)
-    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued)
+    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
+    telemetry = setup_telemetry("orchestrator", config.metrics_port, config.host)
+    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued,
+                    telemetry=OrchestratorTelemetry(telemetry, model_id))
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
 
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=server_options(), interceptors=telemetry.server_interceptors(TRACED_METHODS))
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
-    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
     # Bound here, before anything starts: a taken port fails the start-up at once.
     server.http = (HttpServer(create_app(router, requests, model_id), config.host, config.http_port)
                    if config.http_port is not None else None)
@@ -59,6 +64,7 @@ async def start_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         watch.cancel()
         await router.close()
         await fleet.close()
+        telemetry.shutdown()
 
     server.health_servicer = health_servicer  # for graceful shutdown
     server.router = router
