@@ -7,7 +7,8 @@
 # STAGES picks what runs (default: all, in this order):
 #   widen rpc verify_ref verify_wide draft_step bench_ref bench_wide baselines
 # and, on request, bench_awake: one stack, bench rounds alternating without and with SCHED_IDLE spinners on
-# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
+# KEEP_AWAKE_CPUS (orchestrator/keep_awake.py), AWAKE_ROUNDS times; orch_profile: the orchestrator under
+# cProfile (OUT/orchestrator.prof) through a `cast` level at batch 1;
 # bench_ab: two stacks, BASE_TREE's code and this tree's, benched in turn with the CPUs idle and kept awake,
 # AB_ROUNDS times (the order alternates, so neither always goes first); pyspy: py-spy samples of the
 # orchestrator and both services (OUT/pyspy_*.txt, benchmarks/pyspy_summary.py reads them) through a `cast` level
@@ -83,15 +84,14 @@ fi
 if has draft_step; then
     stage "draft expansion step (in-process)"
     for provider in ${DRAFT_PROVIDERS:-cuda cpu}; do
-        python3 -m draft_service.step_profile --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
-            --breadth 8 --context 256 --io-binding ${DRAFT_IO_BINDING:-on,off} --layouts ${DRAFT_LAYOUTS:-dynamic,static} \
-            --out "$OUT/draft_step_$provider.json"
+        python3 -m benchmarks.draft_step --model $DRAFT --provider $provider --batch 1,8 --depth 6 --top-k 8 \
+            --breadth 8 --context 256 --buffers ${DRAFT_BUFFERS:-fixed,growing} --out "$OUT/draft_step_$provider.json"
     done
 fi
 
 if has bench_ref; then
     stage "cast bench on the reference pair"
-    $CAST up > "$OUT/stack_ref.log" 2>&1 &
+    $CAST up ${REF_UP_FLAGS:-} > "$OUT/stack_ref.log" 2>&1 &  # e.g. REF_UP_FLAGS="--verify-dtype float32"
     STACK=$!
     for _ in $(seq 1 300); do grep -q '^ready' "$OUT/stack_ref.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
     tail -n 3 "$OUT/stack_ref.log"
@@ -155,7 +155,7 @@ if has bench_ab; then
     start_wide_stack "$OUT/stack_new.log" --port 50071 --draft-port 50072 --verify-port 50073
     for round in $(seq 1 ${AB_ROUNDS:-2}); do
         order="base new"; (( round % 2 == 0 )) && order="new base"
-        for mode in idle awake; do
+        for mode in ${AB_MODES:-idle awake}; do
             SPIN=
             if [[ $mode == awake ]]; then
                 python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!

@@ -1,4 +1,4 @@
-"""What a prompt of a length not seen before costs, against one seen: the draft's prompt commit (static layout)
+"""What a prompt of a length not seen before costs, against one seen: the draft's prompt commit (fixed buffers)
 and the verifier's prefill, each over 32 prompts of distinct lengths, twice. On a GPU machine:
 
     python -m benchmarks.prompt_length_costs --target /tmp/wide-8b --draft models/reference/draft
@@ -17,7 +17,7 @@ import torch
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
-from draft_service.static_runner import StaticRunner
+from draft_service.runner import DraftRunner
 from verify_service.target import TargetModel
 from verify_service.verifier import PrefillItem, Verifier
 
@@ -31,8 +31,8 @@ def report(name: str, passes: list[list[float]]) -> None:
 
 
 def draft_commits(draft: str, rng: np.random.Generator) -> list[list[float]]:
-    path, meta = export_draft(draft, top_k=8, dtype="float16", layout="static")
-    runner = StaticRunner(path, meta, provider="cuda")
+    path, meta = export_draft(draft, top_k=8, dtype="float16")
+    runner = DraftRunner(path, meta, provider="cuda")
     runner.warm((1,))
     expander = Expander(runner, SessionStore(256, 1e9), meta.max_context)
     passes = []

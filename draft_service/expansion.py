@@ -7,14 +7,13 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 2. Expand, EAGLE-2 style: each layer keeps its best candidates by value (`layer_keep_count`); if another layer
    is wanted (`expand_another_layer`), one forward over the kept nodes, with a tree mask, gives each of them
    top_k children: the next layer's candidates, value = parent value * draft probability.
-3. Return every candidate of every layer (kept or not): the orchestrator reranks. The tree's KV was temporary:
-   only the committed tokens stay in the cache.
+3. Return every candidate of every layer (kept or not; or the best `max_returned_nodes` by value): the
+   orchestrator reranks. The tree's KV was temporary: only the committed tokens stay in the cache.
 
-Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in (issue 4).
+Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in.
 
-Where the KV lives depends on the runner: on the host per session, gathered onto the device once a call
-(host_kv.py, the dynamic layout), or in device buffer rows that CUDA graphs replay over (device_kv.py, the static
-layout). Either way only the top-K of each forward come back to the host.
+The KV lives in rows of the runner's buffers (kv.py, runner.py): only the top-K of each forward come back to the
+host.
 """
 
 from __future__ import annotations
@@ -28,10 +27,8 @@ from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutO
 from cast_core.selection import breadth_keep, layer_sums, should_expand
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
-from draft_service.device_kv import DeviceKV
-from draft_service.host_kv import HostKV
+from draft_service.kv import BufferKV
 from draft_service.runner import DraftRunner
-from draft_service.static_runner import StaticRunner
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class Budget:
     top_k: int                      # children proposed by each kept node
     max_depth: int                  # layers of candidates at most
     max_breadth: int                # nodes kept per layer at most
-    cast: CastBudget | None = None  # set: prune by CAST within the limits above (issue 4)
+    cast: CastBudget | None = None  # set: prune by CAST within the limits above
     max_returned_nodes: int = 0     # > 0: each tree is trimmed to its best nodes by value, at most this many
 
 
@@ -79,30 +76,10 @@ class Expansion:
 
 @dataclass
 class DraftSession:
-    """One sequence's committed tokens: their KV on the host (HostKV; arrays grow by doubling, `length` columns
-    are valid) or their ids (DeviceKV, which keeps the KV in a device buffer row and recomputes it from them)."""
+    """One sequence's committed token ids; their KV lives in a buffer row (kv.py), recomputed from these when lost."""
 
-    keys: list[np.ndarray]    # per layer [Hkv, capacity, D]; empty with DeviceKV
-    values: list[np.ndarray]
     length: int = 0
-    tokens: list[int] = field(default_factory=list)  # DeviceKV only
-
-    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        """Append n columns: per layer [Hkv, n, D]."""
-        end = self.length + keys[0].shape[1]
-        if end > self.keys[0].shape[1]:
-            capacity = max(end, 2 * self.keys[0].shape[1])
-            self.keys = [_grown(a, self.length, capacity) for a in self.keys]
-            self.values = [_grown(a, self.length, capacity) for a in self.values]
-        for cache, new in zip(self.keys + self.values, keys + values):
-            cache[:, self.length : end] = new
-        self.length = end
-
-
-def _grown(cache: np.ndarray, length: int, capacity: int) -> np.ndarray:
-    out = np.empty((cache.shape[0], capacity, cache.shape[2]), dtype=cache.dtype)  # [Hkv, capacity, D]
-    out[:, :length] = cache[:, :length]
-    return out
+    tokens: list[int] = field(default_factory=list)
 
 
 # --- the two decisions that CAST replaces -------------------------------------------------------------------
@@ -134,9 +111,8 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
     the forward that would expand them. With a step base cost, also the efficiency rule: the next
     layer's expected tokens per unit of cost, value_scale * alpha * u / c, must reach the tree's so far, U / C
     (tree_so_far = (U, C): expected tokens of the tree up to this layer, the step's cost before this forward).
-    C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond: where a
-    draft layer costs a fair share of a verify step (ONNX Runtime on a GPU, ~2 ms against ~7), trees went 8 layers
-    deep where EAGLE-2's 6 committed more per millisecond.
+    C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond, which
+    matters where a draft layer costs a fair share of a verify step.
     """
     if depth >= budget.max_depth:
         return False
@@ -201,12 +177,9 @@ class _Tree:
 
 
 class Expander:
-    """Owns the sessions and the runner; all calls come from one thread (the servicer's executor).
+    """Owns the sessions and the runner; all calls come from one thread (the servicer's executor)."""
 
-    The runner decides where the KV lives: a DraftRunner (dynamic layout) keeps it on the host per session
-    (host_kv.py), a StaticRunner in device buffers, for CUDA graphs (device_kv.py)."""
-
-    def __init__(self, runner: DraftRunner | StaticRunner, sessions: SessionStore[DraftSession], max_context: int,
+    def __init__(self, runner: DraftRunner, sessions: SessionStore[DraftSession], max_context: int,
                  max_nodes: int = 4096, max_depth: int = 64) -> None:
         self.runner = runner
         self.sessions = sessions
@@ -214,7 +187,7 @@ class Expander:
         # Per tree: bound the work and memory that one request can ask for.
         self.max_nodes = max_nodes
         self.max_depth = max_depth
-        self.kv = DeviceKV(runner, max_context, max_depth) if isinstance(runner, StaticRunner) else HostKV(runner)
+        self.kv = BufferKV(runner, max_context, max_depth)
 
     # public API
 
@@ -228,9 +201,11 @@ class Expander:
         self.kv.model_seconds = 0.0
         if not sequences:
             return [], 0.0
-        sessions = [s if s is not None else self.sessions.create(q.sequence_id, self.new_session())
+        sessions = [s if s is not None else self.sessions.create(q.sequence_id, DraftSession())
                     for q, s in zip(sequences, sessions)]
-        root_probs, root_ids = self.kv.commit(sequences, sessions)
+        # A tree forwards at most max_breadth nodes in each of its layers but the last.
+        tree_room = max(budget.max_depth - 1, 0) * budget.max_breadth
+        root_probs, root_ids = self.kv.commit(sequences, sessions, tree_room)
         trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = []
         for q, t, s, u in zip(sequences, trees, stats, utilities):
@@ -241,9 +216,9 @@ class Expander:
 
     @property
     def cold_runs(self) -> int:
-        """The runner's first runs of a shape bucket so far (StaticRunner: a CUDA graph capture, or on CPU a new
-        session's first run): an Expand that adds one measured that, not a step."""
-        return getattr(self.runner, "cold_runs", 0)
+        """The runner's first runs of a shape bucket so far (a CUDA graph capture, or a new session's first run):
+        an Expand that adds one measured that, not a step."""
+        return self.runner.cold_runs
 
     def rewind(self, sequence_id: str, length: int) -> None:
         """Forget a sequence's committed tokens past `length` (benchmarks repeat a call on the same context)."""
@@ -259,10 +234,6 @@ class Expander:
 
     def expire(self) -> list[str]:
         return self.sessions.expire()
-
-    def new_session(self) -> DraftSession:
-        keys, values = self.kv.initial_kv()
-        return DraftSession(keys=keys, values=values)
 
     # validation
 
@@ -370,7 +341,7 @@ class Expander:
                 tokens_so_far += budget.cast.value_scale * utility
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
-            ) or not self.kv.fits(kept):  # the static layout's buffers are full: the tree ends here
+            ) or not self.kv.fits(kept):  # the buffers are full: the tree ends here
                 kept, sums = [empty] * B, None
             for b, t in enumerate(trees):
                 if not layer[b].size:

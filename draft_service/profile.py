@@ -1,11 +1,9 @@
-"""Profile the draft's cost table S_D(B): f(B, c, n) = ms of one ORT run with batch B, past KV of length c and n new
-tokens under a tree mask, as one layer of a batched expansion runs it.
+"""Profile the draft's cost table S_D(B): f(B, c, n) = ms of one ORT run with batch B, c committed tokens and n new
+tokens in a binary tree, as one layer of a batched expansion runs it.
 
-The past KV is random (ORT's cost does not depend on its values). With I/O binding (the CUDA default) it is put on
-the device once per cell, as a tree layer finds the previous layer's present there. DraftRunner.run is synchronous
-(the top-K are on the host when it returns, the device work included), so a wall-clock timer around it is enough,
-on the CUDA provider too.
-No torch here: a cached draft start stays torch-free.
+The KV in the buffers is whatever is there (ORT's cost does not depend on its values). DraftRunner.run is
+synchronous (the top-K are on the host when it returns, the device work included), so a wall-clock timer around it
+is enough, on the CUDA provider too. No torch here: a cached draft start stays torch-free.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from cast_runtime.profiling import (
 )
 from draft_service.export import ROW_FIELDS
 from draft_service.runner import DraftRunner
-from draft_service.static_runner import StaticRunner
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,7 @@ STARTUP_GRID = ProfileGrid(
 )
 
 
-def default_grid(runner: DraftRunner | StaticRunner) -> ProfileGrid:
+def default_grid(runner: DraftRunner) -> ProfileGrid:
     return GPU_GRID if runner.provider == "CUDAExecutionProvider" else CPU_GRID
 
 
@@ -67,36 +64,9 @@ def device_name(provider: str) -> str:
     return out.splitlines()[0].strip() if out else "cuda:0"
 
 
-def tree_mask(context: int, tokens: int, batch: int, runner: DraftRunner) -> np.ndarray:
-    """[B, 1, n, c + n] additive: every node sees the past, its ancestors in a binary tree and itself."""
-    visible = np.zeros((tokens, context + tokens), dtype=bool)
-    visible[:, :context] = True
-    for i in range(tokens):
-        parent = (i - 1) // 2
-        if i > 0:
-            visible[i, context:] = visible[parent, context:]
-        visible[i, context + i] = True
-    mask = np.where(visible, 0.0, runner.mask_min).astype(runner.dtype)
-    return np.ascontiguousarray(np.broadcast_to(mask, (batch, 1, tokens, context + tokens)))
-
-
-def time_draft_forward(runner: DraftRunner, past_keys, past_values, batch: int, context: int, tokens: int,
-                       grid: ProfileGrid, rng: np.random.Generator) -> float:
-    """Median ms of one runner.run over B x n new tokens on a past of c."""
-    meta = runner.meta
-    ids = rng.integers(0, meta.vocab_size, size=(batch, tokens), dtype=np.int64)  # [B, n]
-    depths = np.floor(np.log2(np.arange(tokens) + 1)).astype(np.int64)  # binary-tree depth of node i
-    limit = max(meta.max_context - 1, 0) if meta.max_context else context + tokens
-    positions = np.tile(np.minimum(context + depths, limit), (batch, 1))  # [B, n]
-    mask = tree_mask(context, tokens, batch, runner)
-    return fastest_millis(
-        lambda: runner.run(ids, positions, mask, past_keys, past_values), grid.repeats, grid.warmup, no_sync
-    )
-
-
-def static_tree_rows(runner: StaticRunner, batch: int, context: int, tokens: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    """[B, n, W] rows of the static layout for the same binary tree as tree_mask: node i at column c + i."""
+def tree_rows(runner: DraftRunner, batch: int, context: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, n, W] rows of a binary tree of n nodes on top of c committed tokens: node i at column c + i, seeing the
+    committed columns, its ancestors and itself."""
     columns = context + np.arange(tokens)
     depths = np.floor(np.log2(np.arange(tokens) + 1)).astype(np.int64)
     rows = runner.padding_rows(batch, tokens)
@@ -105,25 +75,25 @@ def static_tree_rows(runner: StaticRunner, batch: int, context: int, tokens: int
     rows[..., 2] = columns
     rows[..., 3] = context
     rows[..., ROW_FIELDS:] = columns[:, None]
-    for i in range(1, tokens):  # ancestors: halve the index down to the root's child
+    for i in range(1, tokens):  # ancestors: halve the index down to the root
         node, a = i, 1
         while node > 0 and a < rows.shape[2] - ROW_FIELDS:
             node = (node - 1) // 2
-            if node > 0:
-                rows[:, i, ROW_FIELDS + a] = columns[node]
+            rows[:, i, ROW_FIELDS + a] = columns[node]
             a += 1
     return rows
 
 
-def time_static_forward(runner: StaticRunner, batch: int, context: int, tokens: int, grid: ProfileGrid,
-                        rng: np.random.Generator) -> float:
-    """Median ms of one StaticRunner.run (a replayed CUDA graph on CUDA: the first run, the capture, is warm-up)."""
-    rows = static_tree_rows(runner, batch, context, tokens, rng)
+def time_forward(runner: DraftRunner, batch: int, context: int, tokens: int, grid: ProfileGrid,
+                 rng: np.random.Generator) -> float:
+    """Median ms of one runner.run (a replayed CUDA graph on CUDA: the first run, the capture, is warm-up)."""
+    runner.reserve(batch, context + tokens - 1, shrink=True)  # growing buffers: as wide as serving c would make them
+    rows = tree_rows(runner, batch, context, tokens, rng)
     return fastest_millis(lambda: runner.run(rows), grid.repeats, max(grid.warmup, 2), no_sync)
 
 
 def profile_draft(
-    runner: DraftRunner | StaticRunner,
+    runner: DraftRunner,
     grid: ProfileGrid,
     model_id: str | None = None,
     on_cell: Callable[[int, int, int, float], None] | None = None,
@@ -139,22 +109,10 @@ def profile_draft(
     forwards = 0
     for ci, context in enumerate(grid.context_buckets):
         for bi, batch in enumerate(grid.batch_sizes):
-            if isinstance(runner, StaticRunner):
-                for ni, tokens in enumerate(grid.token_counts):
-                    ms = time_static_forward(runner, batch, context, tokens, grid, rng)
-                    millis[bi, ci, ni] = max(ms, 1e-6)
-                    forwards += grid.repeats + max(grid.warmup, 2)
-                    if on_cell is not None:
-                        on_cell(batch, context, tokens, ms)
-                continue
-            shape = (batch, meta.num_kv_heads, context, meta.head_dim)  # [B, H_kv, c, D] per layer
-            keys = runner.to_device([rng.standard_normal(shape).astype(runner.dtype) for _ in range(meta.num_layers)])
-            values = runner.to_device([rng.standard_normal(shape).astype(runner.dtype)
-                                       for _ in range(meta.num_layers)])
             for ni, tokens in enumerate(grid.token_counts):
-                ms = time_draft_forward(runner, keys, values, batch, context, tokens, grid, rng)
+                ms = time_forward(runner, batch, context, tokens, grid, rng)
                 millis[bi, ci, ni] = max(ms, 1e-6)  # the table needs > 0
-                forwards += grid.repeats + grid.warmup
+                forwards += grid.repeats + max(grid.warmup, 2)
                 if on_cell is not None:
                     on_cell(batch, context, tokens, ms)
     table = CostTable(
@@ -173,7 +131,7 @@ def draft_model_id(model_dir: str | Path) -> str:
     return model_identity(Path(model_dir).resolve().name, model_dir)
 
 
-def draft_cache_path(runner: DraftRunner | StaticRunner, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+def draft_cache_path(runner: DraftRunner, model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Where this (device, model, dtype, provider, top-K) keeps its profiled table."""
     return cache_path(
         "draft", device_name(runner.provider), draft_model_id(model_dir), runner.meta.dtype,
@@ -181,7 +139,7 @@ def draft_cache_path(runner: DraftRunner | StaticRunner, model_dir: str | Path, 
     )
 
 
-def startup_cost_table(runner: DraftRunner | StaticRunner, config) -> CostTable | None:
+def startup_cost_table(runner: DraftRunner, config) -> CostTable | None:
     """The table Describe reports (config: a DraftConfig): --cost-table, else cached, else a small profile, cached."""
     model_id = draft_model_id(config.model)
     return select_startup_table(

@@ -1,47 +1,51 @@
-"""One ONNX Runtime session over an exported draft graph (see export.py for its inputs and outputs).
+"""The exported draft graph on ONNX Runtime, over KV buffers that this runner owns (export.py: rows in, top-K out).
 
-Two ways to run it, same graph, same results:
+- Each batch bucket B (1, 2, 4, ... 32) owns two sets of KV buffers [B, Hkv, S, D] per layer. A run reads one set
+  and writes the other (ping-pong: ONNX has no in-place outputs), then the roles swap. A row's last column is the
+  trash column: padding rows write and see only it.
+- Fixed buffers (the default on CUDA): S = `capacity` from the start, and each (B, T) bucket, T new tokens per
+  sequence (1, 2, 4, ... 64), gets a session whose symbolic sizes are fixed (ONNX Runtime's free-dimension
+  overrides: every shape known, the shape arithmetic folded away) with preallocated rows and top-K, rows padded to
+  T. On CUDA each such session replays CUDA graphs (`enable_cuda_graph`), one per ping-pong direction
+  (`gpu_graph_id`): a graph needs fixed shapes at fixed device addresses. Anything larger (a prompt, B > 32) runs on
+  one more session without fixed sizes and without graphs.
+- Growing buffers (the default on CPU): S follows the longest sequence of the bucket (`reserve`), every run takes
+  that one session without fixed sizes, and T is not padded. A CPU forward costs by its work: attending over the
+  whole `capacity` (the model's context + tree room) where a few hundred columns hold tokens cost several times more.
 
-- plain (session.run): numpy in, numpy out. On the CUDA provider every run copies the whole past KV to the
-  device and the whole present KV back, so a tree of d layers moves the batch's KV across PCIe 2(d+1) times.
-- I/O binding (default on CUDA; `io_binding=True` on CPU, for tests): ids, positions and mask are bound from host
-  arrays (small), top-K probs and ids are bound to host memory (the only outputs that cross), the present KV is
-  bound to device memory and comes back as OrtValue handles. A run takes its past KV as numpy (copied to the
-  device once) or as OrtValues, so the previous run's present is passed through without leaving the device.
-
-CUDA graphs (the CUDA provider's `enable_cuda_graph`) are not used: a captured graph replays fixed shapes at
-fixed device addresses, and here the KV grows every run (P -> P+T) and T changes per layer and per batch. They
-would need a static-shape export (a KV buffer of max_context columns written in place, the mask covering all of
-it, one captured graph per (B, T) bucket via the `gpu_graph_id` run option); see draft_service/README.md.
+The caller (kv.py) decides which sequence lives in which buffer row and which columns each token uses.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from draft_service.export import ExportMeta, io_names
+from draft_service.export import DIMS, ROW_FIELDS, ExportMeta, io_names
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# OrtValue / bind_output device names per provider.
-DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
-
-KV = np.ndarray | ort.OrtValue  # one layer's keys or values, [B, Hkv, P, D]
+DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # OrtValue device names
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
+COLUMN_STEP = 16  # growing buffers: widths are multiples of this (a resize every few steps, not every step)
 
 
 def choose_provider(provider: str = "auto") -> str:
-    """auto: CUDA when this onnxruntime build has it, else CPU; cpu / cuda: that one or an error."""
+    """auto: CUDA when this onnxruntime build has it, else CPU; cpu / cuda (or ORT's name of either): that one or an
+    error. Returns ORT's name."""
     available = ort.get_available_providers()
     if provider == "auto":
         return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
-    if provider not in PROVIDERS:
+    name = PROVIDERS.get(provider, provider)
+    if name not in PROVIDERS.values():
         raise ValueError(f"provider must be auto, cpu or cuda, got {provider!r}")
-    if PROVIDERS[provider] not in available:
-        raise ValueError(f"{PROVIDERS[provider]} is not in this onnxruntime build (available: {available})")
-    return PROVIDERS[provider]
+    if name not in available:
+        raise ValueError(f"{name} is not in this onnxruntime build (available: {available})")
+    return name
 
 
 def choose_dtype(dtype: str, provider: str) -> str:
@@ -52,169 +56,207 @@ def choose_dtype(dtype: str, provider: str) -> str:
     return "float16" if provider == PROVIDERS["cuda"] else "float32"
 
 
-@dataclass
-class Traffic:
-    """Bytes between host and device memory, counted as the CUDA provider moves them. On the CPU provider the same
-    copies are host to host or none: the count says what would cross on a GPU, so tests can check it."""
+def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= n, or None past the largest."""
+    return next((b for b in buckets if b >= n), None)
 
-    kv_to_device: int = 0  # past KV given as numpy
-    kv_to_host: int = 0    # present KV returned as numpy (plain), or columns copied out (columns_to_host)
-    io_to_device: int = 0  # input_ids, position_ids, attention_mask
-    io_to_host: int = 0    # topk_probs, topk_ids
+
+@dataclass
+class _BatchBuffers:
+    """The two KV buffer sets of one batch bucket; `current` holds the latest written. `holders` says, per row,
+    whose committed tokens it holds and how many (kept by the KV store; with the buffers, so that every user of this
+    runner sees when another took a row)."""
+
+    sets: tuple[list[ort.OrtValue], list[ort.OrtValue]]  # per set: key0, value0, key1, ... [B, Hkv, S, D]
+    holders: list[tuple[object, int] | None]
+    current: int = 0
 
     @property
-    def kv(self) -> int:
-        return self.kv_to_device + self.kv_to_host
-
-    def since(self, before: Traffic) -> Traffic:
-        return Traffic(*(a - b for a, b in zip(asdict(self).values(), asdict(before).values())))
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def columns(self) -> int:
+        return self.sets[0][0].shape()[2]
 
 
 @dataclass
-class StepOutput:
-    probs: np.ndarray   # [B, T, K] float32, descending (host)
-    ids: np.ndarray     # [B, T, K] int64 (host)
-    keys: list[KV]      # per layer [B, Hkv, P+T, D]: numpy (plain) or OrtValues on the device (I/O binding)
-    values: list[KV]
+class _Bucket:
+    """The fixed inputs and outputs of one (B, T) session, and its bindings per ping-pong direction."""
+
+    session: ort.InferenceSession
+    rows: ort.OrtValue  # [B, T, W] int64
+    topk: ort.OrtValue  # [B, T, 2, K] float32
+    bindings: dict[int, ort.IOBinding] = field(default_factory=dict)  # by the set read
+    ran: set[int] = field(default_factory=set)  # directions run once (on CUDA: captured)
 
 
 class DraftRunner:
-    """The draft model as a function: (tokens, positions, mask, past KV) -> (top-K, present KV)."""
+    """rows [B, T, W] -> top-K [B, T, 2, K]; the KV stays in this runner's buffers."""
 
-    def __init__(self, onnx_path: str | Path, meta: ExportMeta, provider: str = "auto", threads: int = 0,
-                 io_binding: bool | None = None, spinning: bool = False) -> None:
+    def __init__(self, onnx_path: str | Path, meta: ExportMeta, provider: str = "auto", capacity: int = 0,
+                 ancestors: int = 65, threads: int = 0, fixed_buffers: bool | None = None,
+                 cuda_graphs: bool | None = None) -> None:
+        """capacity: the most columns a buffer holds (0: the model's context + TREE_ROOM); fixed_buffers,
+        cuda_graphs: None for the provider's default (both on CUDA, neither on CPU; tests run fixed buffers on CPU)."""
         self.meta = meta
+        self.onnx_path = str(onnx_path)
         self.provider = choose_provider(provider)
         self.device = DEVICES[self.provider]
-        self.device_id = 0  # the provider's default device; CUDA_VISIBLE_DEVICES picks the card
-        # None: on for CUDA, where it saves the KV copies; off for CPU, where there are none to save.
-        self.io_binding = self.provider == PROVIDERS["cuda"] if io_binding is None else io_binding
-        self.options = ort.SessionOptions()
-        if threads:
-            self.options.intra_op_num_threads = threads
-        # ORT's worker threads spin after each run by default. A draft's runs are short and the verifier works right
-        # after them: on a CPU shared with the verifier (2 cores here) the spinning made each Verify 2-3x slower.
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if self.provider == PROVIDERS["cuda"] and hasattr(ort, "preload_dlls"):
-            # The CUDA provider needs cuBLAS / cuDNN loaded; without torch imported first (the service does not
-            # import it once the graph is cached), ORT finds them in the nvidia-* wheels only when asked to.
-            ort.preload_dlls()
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=self.options, providers=[self.provider])
-        self.input_names, self.output_names = io_names(meta.num_layers)
         self.dtype = np.dtype(meta.dtype)
-        # The additive mask's "hidden" value: finite, so a row is never all -inf (softmax of that is NaN).
-        self.mask_min = float(np.finfo(self.dtype).min)
-        self.traffic = Traffic()
-        self._slicers: dict[int, ort.InferenceSession] = {}  # by tensor count, made on first use
+        self.capacity = capacity or meta.max_context + TREE_ROOM
+        self.width = ROW_FIELDS + ancestors  # W: a row's fields, then the visible ancestor columns
+        on_cuda = self.provider == PROVIDERS["cuda"]
+        self.fixed_buffers = on_cuda if fixed_buffers is None else fixed_buffers
+        self.cuda_graphs = on_cuda and self.fixed_buffers if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not (on_cuda and self.fixed_buffers):
+            raise ValueError("cuda_graphs needs the CUDA provider and fixed buffers")
+        self.threads = threads
+        if on_cuda and hasattr(ort, "preload_dlls"):
+            # cuBLAS / cuDNN from the nvidia-* wheels: without torch imported first (a cached start imports none),
+            # ORT finds them only when asked to.
+            ort.preload_dlls()
+        self.input_names, self.output_names = io_names(meta.num_layers)
+        self.flexible = ort.InferenceSession(self.onnx_path, sess_options=self._options(),
+                                             providers=[self.provider])
+        self.buffers: dict[int, _BatchBuffers] = {}
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        # First runs of a (batch, tokens) bucket in one direction: a CUDA graph capture on CUDA, the new session's
+        # first run on CPU. Either costs many steps' time once.
+        self.cold_runs = 0
+        self.run_options = {}
+        for direction in (0, 1):
+            options = ort.RunOptions()
+            if self.cuda_graphs:
+                options.add_run_config_entry("gpu_graph_id", str(direction))
+            self.run_options[direction] = options
 
     @property
     def backend(self) -> str:
-        return f"onnxruntime:{self.provider}" + ("+iobinding" if self.io_binding else "")
+        buffers = "+static" if self.fixed_buffers else "+growing"
+        return f"onnxruntime:{self.provider}{buffers}" + ("+cudagraph" if self.cuda_graphs else "")
 
-    def empty_kv(self, length: int = 0) -> np.ndarray:
-        return np.zeros((self.meta.num_kv_heads, length, self.meta.head_dim), dtype=self.dtype)  # [Hkv, P, D]
+    @property
+    def last_column(self) -> int:
+        """The last column a token may use: the one after it is the trash column of the widest buffers."""
+        return self.capacity - 2
 
-    def run(
-        self,
-        input_ids: np.ndarray,        # [B, T] int64
-        position_ids: np.ndarray,     # [B, T] int64
-        attention_mask: np.ndarray,   # [B, 1, T, P+T] additive, model dtype
-        past_keys: list[KV],          # per layer [B, Hkv, P, D]
-        past_values: list[KV],
-    ) -> StepOutput:
-        small = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=self.dtype),
-        }
-        self.traffic.io_to_device += sum(a.nbytes for a in small.values())
-        past = [kv for pair in zip(past_keys, past_values) for kv in pair]  # key0, value0, key1, ...
-        if self.io_binding:
-            return self._run_bound(small, past)
-        feeds = dict(small)
-        for name, kv in zip(self.input_names[3:], past):
-            feeds[name] = self._host(kv)
-            self.traffic.kv_to_device += feeds[name].nbytes
-        out = self.session.run(self.output_names, feeds)
-        self.traffic.io_to_host += out[0].nbytes + out[1].nbytes
-        self.traffic.kv_to_host += sum(a.nbytes for a in out[2:])
-        return StepOutput(probs=out[0], ids=out[1], keys=out[2::2], values=out[3::2])
+    def padding_rows(self, batch: int, tokens: int) -> np.ndarray:
+        """[B, T, W] rows that change nothing: token 0 at position 0, writing and seeing only the trash column."""
+        rows = np.full((batch, tokens, self.width), self._buffers(batch).columns - 1, dtype=np.int64)
+        rows[..., :2] = 0
+        rows[..., 3] = 0
+        return rows
 
-    def _run_bound(self, small: dict[str, np.ndarray], past: list[KV]) -> StepOutput:
-        # A fresh binding per run: get_outputs() may hand out references into the binding's output vector, which a
-        # second run on the same binding would overwrite while the caller still holds them as the next past.
-        binding = self.session.io_binding()
-        for name, array in small.items():
-            binding.bind_cpu_input(name, array)
-        for name, kv in zip(self.input_names[3:], past):
-            binding.bind_ortvalue_input(name, kv if isinstance(kv, ort.OrtValue) else self._device_value(kv))
-        binding.bind_output("topk_probs", "cpu")
-        binding.bind_output("topk_ids", "cpu")
-        for name in self.output_names[2:]:
-            binding.bind_output(name, self.device, self.device_id)  # ORT allocates: the shape is P+T
-        self.session.run_with_iobinding(binding)  # synchronous: the host outputs are complete on return
-        out = binding.get_outputs()
-        probs, ids = out[0].numpy(), out[1].numpy()
-        self.traffic.io_to_host += probs.nbytes + ids.nbytes
-        return StepOutput(probs=probs, ids=ids, keys=out[2::2], values=out[3::2])
+    def holders(self, batch: int) -> list[tuple[object, int] | None]:
+        """Per row of a batch bucket's buffers: (the session whose tokens it holds, how many), or None."""
+        return self._buffers(batch).holders
 
-    def to_device(self, arrays: list[np.ndarray]) -> list[KV]:
-        """Per layer [B, Hkv, P, D] numpy -> OrtValues on the device (I/O binding), or the arrays (plain)."""
-        return [self._device_value(a) for a in arrays] if self.io_binding else arrays
+    def reserve(self, batch: int, last_column: int, shrink: bool = False) -> None:
+        """Growing buffers: make the batch bucket's buffers hold columns 0..last_column and a trash column after
+        them. shrink: also cut buffers more than twice as wide as that (rows holding longer sequences forget them:
+        those are recomputed if they come back). A resize copies the buffers once, as a forward does; a forward
+        copies all their columns. Fixed buffers hold every column up to `last_column` already."""
+        if self.fixed_buffers:
+            return
+        if last_column > self.last_column:
+            raise ValueError(f"column {last_column} is past the buffers' capacity of {self.capacity}")
+        buffers = self._buffers(batch)
+        need = last_column + 2
+        if need <= buffers.columns and not (shrink and buffers.columns > 2 * need + COLUMN_STEP):
+            return
+        columns = min(self.capacity, -(-need // COLUMN_STEP) * COLUMN_STEP)
+        keep = min(columns - 1, buffers.columns - 1)  # the old trash column is garbage
+        for s, values in enumerate(buffers.sets):
+            for i, value in enumerate(values):
+                array = np.zeros((batch, self.meta.num_kv_heads, columns, self.meta.head_dim), dtype=self.dtype)
+                if s == buffers.current:
+                    array[:, :, :keep] = value.numpy()[:, :, :keep]
+                values[i] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        for r, entry in enumerate(buffers.holders):
+            if entry is not None and entry[1] > keep:
+                buffers.holders[r] = None
 
-    def columns_to_host(self, kv: list[KV], start: int, end: int) -> list[np.ndarray]:
-        """Per layer [B, Hkv, S, D] -> its columns start:end on the host, [B, Hkv, end-start, D] each.
+    def run(self, rows: np.ndarray) -> np.ndarray:
+        """One forward; rows [B, T, W] with B a batch bucket or above the largest. Returns top-K [B, T, 2, K]."""
+        B, T, W = rows.shape
+        if W != self.width:
+            raise ValueError(f"rows have {W} fields, this runner {self.width}")
+        buffers = self._buffers(B)
+        read = buffers.current
+        padded = bucket(T, TOKEN_BUCKETS)
+        if not self.fixed_buffers or B not in BATCH_BUCKETS or padded is None:
+            topk = self._run_flexible(rows, buffers.sets[read], buffers.sets[1 - read])
+        else:
+            if padded != T:
+                rows = np.concatenate([rows, self.padding_rows(B, padded - T)], axis=1)
+            topk = self._run_bucket(self._bucket(B, padded), rows, buffers, read)[:, :T]
+        buffers.current = 1 - read
+        return topk
 
-        numpy: views, nothing moves. OrtValues: a Slice graph on the same provider, its outputs bound to host
-        memory, so only those columns cross (not the S columns of the whole cache).
-        """
-        if not kv or not isinstance(kv[0], ort.OrtValue):
-            return [a[:, :, start:end] for a in kv]
-        slicer = self._slicers.get(len(kv))
-        if slicer is None:
-            slicer = self._slicers[len(kv)] = ort.InferenceSession(
-                slice_graph(len(kv), self.meta.dtype), sess_options=self.options, providers=[self.provider])
-        binding = slicer.io_binding()
-        for i, value in enumerate(kv):
-            binding.bind_ortvalue_input(f"kv.{i}", value)
-            binding.bind_output(f"columns.{i}", "cpu")
-        binding.bind_cpu_input("start", np.array([start], dtype=np.int64))
-        binding.bind_cpu_input("end", np.array([end], dtype=np.int64))
-        slicer.run_with_iobinding(binding)
-        out = [v.numpy() for v in binding.get_outputs()]
-        self.traffic.kv_to_host += sum(a.nbytes for a in out)
-        return out
+    def _run_bucket(self, b: _Bucket, rows: np.ndarray, buffers: _BatchBuffers, read: int) -> np.ndarray:
+        b.rows.update_inplace(np.ascontiguousarray(rows))
+        binding = b.bindings.get(read)
+        if binding is None:
+            binding = b.bindings[read] = b.session.io_binding()
+            binding.bind_ortvalue_input("rows", b.rows)
+            for name, value in zip(self.input_names[1:], buffers.sets[read]):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output("topk", b.topk)
+            for name, value in zip(self.output_names[1:], buffers.sets[1 - read]):
+                binding.bind_ortvalue_output(name, value)
+        if read not in b.ran:
+            b.ran.add(read)
+            self.cold_runs += 1
+        b.session.run_with_iobinding(binding, self.run_options[read])
+        return b.topk.numpy()
 
-    def _device_value(self, array: np.ndarray) -> ort.OrtValue:
-        array = np.ascontiguousarray(array, dtype=self.dtype)
-        self.traffic.kv_to_device += array.nbytes  # a copy on CUDA; on CPU the OrtValue wraps the array
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+    def _run_flexible(self, rows: np.ndarray, read: list[ort.OrtValue], write: list[ort.OrtValue]) -> np.ndarray:
+        binding = self.flexible.io_binding()
+        binding.bind_cpu_input("rows", np.ascontiguousarray(rows))
+        for name, value in zip(self.input_names[1:], read):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("topk", "cpu")
+        for name, value in zip(self.output_names[1:], write):
+            binding.bind_ortvalue_output(name, value)
+        self.flexible.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
-    def _host(self, kv: KV) -> np.ndarray:
-        """A past given as an OrtValue to the plain path (io_binding switched off mid-call): copy it out."""
-        if isinstance(kv, ort.OrtValue):
-            return kv.numpy()
-        return kv
+    def _buffers(self, batch: int) -> _BatchBuffers:
+        buffers = self.buffers.get(batch)
+        if buffers is None:
+            columns = self.capacity if self.fixed_buffers else min(self.capacity, 2 * COLUMN_STEP)
+            shape = (batch, self.meta.num_kv_heads, columns, self.meta.head_dim)  # [B, Hkv, S, D]
+            # One array each: on the CPU provider an OrtValue wraps its array's memory instead of copying it.
+            sets = tuple([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device, 0)
+                          for _ in range(2 * self.meta.num_layers)] for _ in range(2))
+            buffers = self.buffers[batch] = _BatchBuffers(sets, [None] * batch)
+        return buffers
 
+    def _bucket(self, batch: int, tokens: int) -> _Bucket:
+        b = self.buckets.get((batch, tokens))
+        if b is None:
+            options = self._options()
+            for name, size in zip(DIMS, (batch, tokens, self.capacity, self.width)):
+                options.add_free_dimension_override_by_name(name, size)
+            provider = self.provider
+            if self.cuda_graphs:
+                provider = (self.provider, {"enable_cuda_graph": "1"})
+            session = ort.InferenceSession(self.onnx_path, sess_options=options, providers=[provider])
+            rows = ort.OrtValue.ortvalue_from_numpy(self.padding_rows(batch, tokens), self.device, 0)
+            topk = ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((batch, tokens, 2, self.meta.top_k), dtype=np.float32), self.device, 0)
+            b = self.buckets[(batch, tokens)] = _Bucket(session, rows, topk)
+        return b
 
-def slice_graph(n: int, dtype: str) -> bytes:
-    """An ONNX model: n tensors kv.{i} [B, H, S, D] and start, end [1] int64 -> columns.{i} = kv.{i}[:, :, start:end].
+    def _options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        # ORT's idle threads spin after each run by default, taking the CPU from a verifier beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
 
-    Built here (onnx.helper, no torch) rather than exported: it is one Slice per tensor.
-    """
-    from onnx import TensorProto, helper
-
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    axes = helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes_value", TensorProto.INT64,
-                                                                               [1], [2]))
-    slices = [helper.make_node("Slice", [f"kv.{i}", "start", "end", "axes"], [f"columns.{i}"]) for i in range(n)]
-    inputs = [helper.make_tensor_value_info(f"kv.{i}", elem, ["B", "H", "S", "D"]) for i in range(n)]
-    inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, [1]) for name in ("start", "end")]
-    outputs = [helper.make_tensor_value_info(f"columns.{i}", elem, ["B", "H", "T", "D"]) for i in range(n)]
-    graph = helper.make_graph([axes, *slices], "kv_columns", inputs, outputs)
-    # Pinned IR and opset: the onnx package may be newer than the onnxruntime that loads this.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return model.SerializeToString()
+    def warm(self, batches: tuple[int, ...] = (1,)) -> None:
+        """Run (on CUDA: capture) every token bucket of these batch buckets in both directions, with rows that
+        write only the trash column: serving then finds those graphs ready."""
+        for batch in batches:
+            for tokens in TOKEN_BUCKETS:
+                for _ in range(2):
+                    self.run(self.padding_rows(batch, tokens))

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from cast_runtime.grpc_options import server_options
+from cast_runtime import serving
 from cast_runtime.identity import vocab_hash
 from cast_runtime.sessions import SessionStore
 from cast_runtime.telemetry import setup_telemetry
@@ -26,9 +23,8 @@ from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name, startup_cost_table
-from draft_service.runner import PROVIDERS, DraftRunner, choose_dtype, choose_provider
+from draft_service.runner import TREE_ROOM, DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
-from draft_service.static_runner import TREE_ROOM, StaticRunner
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
@@ -36,10 +32,16 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  
 
 @dataclass
 class Running:
-    server: grpc.aio.Server
-    port: int
-    health: health.aio.HealthServicer
+    grpc: serving.GrpcServer
     servicer: DraftServicer
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.grpc.server
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
 
 
 def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
@@ -56,29 +58,22 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
-# The static layout's batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand
-# flagged `cold`).
+# The batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand flagged `cold`).
 WARM_BATCHES = (1, 2, 4, 8)
 
 
 def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
     """Export or load the graph, open the ORT session, warm it up; describe the replica."""
     provider = choose_provider(config.provider)
-    dtype = choose_dtype(config.dtype, provider)
-    layout = choose_layout(config.layout, provider)
-    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=dtype, cache_dir=config.cache_dir,
-                                   layout=layout)
+    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=choose_dtype(config.dtype, provider),
+                                   cache_dir=config.cache_dir)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:
         raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
-    if layout == "static":
-        runner = StaticRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
-                              threads=config.threads, spinning=config.spinning)
-        if runner.cuda_graphs:
-            runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
-    else:
-        runner = DraftRunner(onnx_path, meta, provider=config.provider, threads=config.threads,
-                             spinning=config.spinning)
+    runner = DraftRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
+                         threads=config.threads)
+    if runner.cuda_graphs:
+        runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
     cost_table = startup_cost_table(runner, config)  # after the warm-up: first-run costs stay out of it
@@ -98,14 +93,6 @@ def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDes
     return expander, replica
 
 
-def choose_layout(layout: str, provider: str) -> str:
-    """auto: static (CUDA graphs over device buffers) on the CUDA provider, dynamic on CPU, where a forward is not
-    launch-bound and attending over a whole buffer would cost more than a growing cache."""
-    if layout != "auto":
-        return layout
-    return "static" if provider == PROVIDERS["cuda"] else "dynamic"
-
-
 def warm_up(expander: Expander) -> None:
     """One small expansion with a prompt, then one incremental: the first real call pays no first-run costs."""
     k = expander.runner.meta.top_k
@@ -120,26 +107,18 @@ def warm_up(expander: Expander) -> None:
 
 
 async def start(config: DraftConfig) -> Running:
+    telemetry = setup_telemetry("draft", config.metrics_port, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port,
+                                interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    telemetry = setup_telemetry("draft", config.metrics_port, config.host)
-    servicer = DraftServicer(expander, replica, on_loop=config.model_thread == "loop", telemetry=telemetry)
-    server = grpc.aio.server(options=server_options(),  # admits the orchestrator's keepalive pings
-                             interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
-    draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if not port:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    servicer = DraftServicer(expander, replica, telemetry)
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.server)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Keep a reference, or the task may be garbage-collected; serve() cancels it on shutdown.
     servicer.expiry_task = asyncio.create_task(servicer.expire_periodically(min(config.session_ttl_s / 2, 10.0)))
-    log.info("draft service on %s:%d (%s, %s)", config.host, port, replica.backend, replica.model_name)
-    return Running(server, port, health_servicer, servicer)
+    log.info("draft service on %s (%s, %s)", server.address, replica.backend, replica.model_name)
+    return Running(server, servicer)
 
 
 async def start_server(config: DraftConfig) -> tuple[grpc.aio.Server, int]:
@@ -150,26 +129,14 @@ async def start_server(config: DraftConfig) -> tuple[grpc.aio.Server, int]:
 
 async def serve(config: DraftConfig) -> None:
     running = await start(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    sessions = running.servicer.expander.sessions
-    log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", len(sessions), config.grace_s)
-    await running.health.enter_graceful_shutdown()
-    deadline = asyncio.get_running_loop().time() + config.grace_s
-    while len(sessions) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
-    await running.server.stop(1.0)
+    await running.grpc.serve_until_signalled(config.grace_s, held=lambda: len(running.servicer.expander.sessions))
     running.servicer.close()
     running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cast serve draft ...` and `python -m draft_service.server ...`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(DraftConfig.from_args(argv)))
+    serving.run(serve, DraftConfig.from_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """cast.v1.DraftService over gRPC: proto <-> domain only; the model work runs in expansion.py.
 
 All model and session work goes to one single-thread executor: it keeps the event loop free, and it
-serialises every touch of the sessions (Expand, Release, expiry) without locks. With --model-thread loop it runs
-on the event loop instead (executor None): one thread still, and a step saves the two hand-offs.
+serialises every touch of the sessions (Expand, Release, expiry) without locks.
 """
 
 from __future__ import annotations
@@ -72,18 +71,16 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription, on_loop: bool = False,
+    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription,
                  telemetry: Telemetry | None = None) -> None:
         self.expander = expander
         self.replica = replica
         self.telemetry = telemetry or Telemetry("draft")
         self.telemetry.observe_sessions(lambda: len(expander.sessions), expander.sessions.max_sessions)
-        self.executor = None if on_loop else ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self.expiry_task: asyncio.Task | None = None  # set by the server
 
     async def in_executor(self, fn, *args):
-        if self.executor is None:  # on the loop: no hand-off, the loop waits for the model
-            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def timed_expand(self, sequences, budget):
@@ -147,5 +144,4 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def close(self) -> None:
         if self.expiry_task is not None:
             self.expiry_task.cancel()
-        if self.executor is not None:
-            self.executor.shutdown(wait=False)
+        self.executor.shutdown(wait=False)

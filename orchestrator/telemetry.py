@@ -171,6 +171,9 @@ class OrchestratorTelemetry:
     def tracing(self) -> bool:
         return self.telemetry.tracing
 
+    def shutdown(self) -> None:
+        self.telemetry.shutdown()
+
     def observe_router(self, router: Router) -> None:
         """Gauges read at each scrape: per verify replica, the sequences live in its batch and waiting for it (those
         that wait for any replica to serve count under replica "")."""

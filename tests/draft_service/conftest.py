@@ -10,7 +10,6 @@ from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Expander
 from draft_service.export import ExportMeta, export_draft
 from draft_service.runner import DraftRunner
-from draft_service.static_runner import StaticRunner
 
 
 @pytest.fixture(scope="session")
@@ -26,25 +25,22 @@ def exported(draft_model_dir, onnx_cache_dir) -> tuple[Path, ExportMeta]:
 
 @pytest.fixture(scope="session")
 def runner(exported) -> DraftRunner:
+    """The CPU default: buffers that grow with the longest sequence, one session of free shapes."""
     return DraftRunner(*exported, provider="cpu")
 
 
 @pytest.fixture(scope="session")
-def static_exported(draft_model_dir, onnx_cache_dir) -> tuple[Path, ExportMeta]:
-    return export_draft(draft_model_dir, top_k=8, dtype="float32", layout="static")
+def fixed_runner(exported) -> DraftRunner:
+    """The CUDA default on the CPU provider: fixed buffers and a session per (batch, tokens) bucket, without the
+    graphs."""
+    return DraftRunner(*exported, provider="cpu", fixed_buffers=True)
 
 
-@pytest.fixture(scope="session")
-def static_runner(static_exported) -> StaticRunner:
-    """The static layout on the CPU provider: the same buckets and buffers as on CUDA, without the graphs."""
-    return StaticRunner(*static_exported, provider="cpu")
-
-
-@pytest.fixture(params=["host", "device"])
-def make_expander(request, runner, static_runner):
-    """make_expander(max_sessions=8, ttl_s=60, max_context=model's) -> a fresh Expander (its own sessions), with the
-    KV on the host (DraftRunner) or in device buffers (StaticRunner): every test using it runs with both."""
-    chosen = runner if request.param == "host" else static_runner
+@pytest.fixture(params=["growing", "fixed"])
+def make_expander(request, runner, fixed_runner):
+    """make_expander(max_sessions=8, ttl_s=60, max_context=model's) -> a fresh Expander (its own sessions) over
+    growing or fixed buffers: every test using it runs with both."""
+    chosen = runner if request.param == "growing" else fixed_runner
 
     def make(max_sessions: int = 8, ttl_s: float = 60.0, max_context: int | None = None) -> Expander:
         return Expander(chosen, SessionStore(max_sessions, ttl_s), max_context or chosen.meta.max_context)

@@ -38,13 +38,12 @@ def test_flags_override_env_and_env_overrides_defaults(draft_model_dir, monkeypa
         (["--top-k", "0"], "top_k"),
         (["--max-sessions", "0"], "max_sessions"),
         (["--session-ttl-s", "0"], "session_ttl_s"),
-        (["--layout", "paged"], "layout"),
-        (["--model-thread", "main"], "model_thread"),
     ],
 )
-def test_bad_values_are_rejected_on_creation(draft_model_dir, argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_values_exit_with_a_message_naming_the_setting(draft_model_dir, argv, message, capsys):
+    with pytest.raises(SystemExit):
         DraftConfig.from_args(["--model", str(draft_model_dir), *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
@@ -57,18 +56,18 @@ def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
         DraftConfig.from_args(["--model", str(tmp_path), "--port", "abc"])
 
 
-@pytest.mark.parametrize("layout,backend", [("auto", "onnxruntime:CPUExecutionProvider"),
-                                            ("static", "onnxruntime:CPUExecutionProvider+static")])
-def test_the_layout_picks_the_runner_the_replica_reports(draft_model_dir, onnx_cache_dir, layout, backend):
-    """auto is the dynamic layout on CPU; static serves from device buffers (CPU here: same code, no graphs)."""
+def test_the_replica_reports_the_runner_it_serves_with(draft_model_dir, onnx_cache_dir):
+    """On the CPU provider: growing buffers, no graphs; the buffers hold the configured context and a tree."""
     import numpy as np
 
     from draft_service.expansion import Budget, SequenceInput
+    from draft_service.runner import TREE_ROOM
     from draft_service.server import build_expander
 
     expander, replica = build_expander(DraftConfig(model=draft_model_dir, provider="cpu", top_k=8, dtype="float32",
-                                                   layout=layout, profile=False))
-    assert replica.backend == backend
+                                                   max_context=300, profile=False))
+    assert replica.backend == "onnxruntime:CPUExecutionProvider+growing" and replica.max_context == 300
+    assert expander.runner.capacity == 300 + TREE_ROOM
     [e], _ = expander.expand([SequenceInput("a", np.array([5, 17, 99]), 0)], Budget(top_k=2, max_depth=2,
                                                                                    max_breadth=2))
     assert len(e.tree) == 1 + 2 + 4

@@ -166,7 +166,8 @@ async def test_health_serving_and_describe(channel, draft_model_dir):
     assert replica.vocab_hash == vocab_hash(AutoTokenizer.from_pretrained(draft_model_dir).get_vocab())
     assert replica.model_name == draft_model_dir.name
     assert replica.vocab_size == 512 and replica.max_context == 1024
-    assert (replica.device, replica.dtype, replica.backend) == ("cpu", "float32", "onnxruntime:CPUExecutionProvider")
+    assert (replica.device, replica.dtype, replica.backend) == ("cpu", "float32",
+                                                                 "onnxruntime:CPUExecutionProvider+growing")
     assert replica.live_sequences == 0
     assert replica.max_sequences == DraftConfig.max_sessions  # its slots, which the orchestrator keeps within
 

@@ -27,20 +27,18 @@ def test_profile_draft_measures_every_cell_of_the_capped_grid(runner):
     assert table.millis.shape == (2, 2, 2) and np.all(table.millis > 0)
     assert (table.device, table.model_id, table.dtype) == ("cpu", "tiny", "float32")
     assert [c[:3] for c in cells] == [(b, c, n) for c in (8, last) for b in (1, 3) for n in (1, 6)]
-    assert profile.forwards == 8 * 3 and profile.seconds > 0
+    assert profile.forwards == 8 * (2 + 2) and profile.seconds > 0  # repeats + warm-up (at least 2) per cell
 
 
-def test_tree_mask_shows_the_past_the_ancestors_and_itself(runner):
-    mask = dp.tree_mask(2, 4, 3, runner)  # nodes 0 <- 1, 2; 1 <- 3
-    assert mask.shape == (3, 1, 4, 6) and mask.dtype == runner.dtype
-    visible = mask[0, 0] == 0
-    assert visible[:, :2].all()
-    assert visible[:, 2:].tolist() == [
-        [True, False, False, False],
-        [True, True, False, False],
-        [True, False, True, False],
-        [True, True, False, True],
-    ]
+def test_tree_rows_show_the_past_the_ancestors_and_itself(runner):
+    from draft_service.export import ROW_FIELDS
+
+    rows = dp.tree_rows(runner, 3, 2, 4, np.random.default_rng(0))  # nodes 0 <- 1, 2; 1 <- 3 after 2 tokens
+    assert rows.shape == (3, 4, runner.width)
+    assert rows[..., 1].tolist() == [[2, 3, 3, 4]] * 3, "position: the context, then each node's depth"
+    assert rows[..., 2].tolist() == [[2, 3, 4, 5]] * 3 and (rows[..., 3] == 2).all()
+    visible = [set(rows[0, i, ROW_FIELDS:].tolist()) for i in range(4)]
+    assert visible == [{2}, {2, 3}, {2, 4}, {2, 3, 5}]
 
 
 def test_default_grids():
@@ -112,7 +110,7 @@ async def test_no_profile_serves_no_table(draft_model_dir, onnx_cache_dir, expor
     assert not fresh_cache_entry.exists()
 
 
-def test_cost_table_and_profile_flags_and_environment(draft_model_dir, tmp_path, monkeypatch):
+def test_cost_table_and_profile_flags_and_environment(draft_model_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "t.json"
     save(CostTable.linear(1.0, 1.0), path)
     model = ["--model", str(draft_model_dir)]
@@ -123,7 +121,8 @@ def test_cost_table_and_profile_flags_and_environment(draft_model_dir, tmp_path,
     monkeypatch.setenv("CAST_DRAFT_PROFILE", "off")
     config = DraftConfig.from_args(model)
     assert (config.cost_table, config.profile) == (path, False)
-    with pytest.raises(ValueError, match="cost_table"):
+    with pytest.raises(SystemExit):
         DraftConfig.from_args([*model, "--cost-table", str(tmp_path / "missing.json")])
+    assert "cost_table" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         DraftConfig.from_args([*model, "--profile", "maybe"])

@@ -1,4 +1,4 @@
-"""The static layout's KV: each sequence's cache stays in a row of the StaticRunner's device buffers between calls.
+"""The draft's KV store: each sequence's cache stays in a row of the runner's buffers between calls.
 
 Per batch bucket, the runner's `holders` say whose committed tokens each buffer row holds (a session object: a
 released and re-created sequence is another) and how many. In one Expand call of B sequences (bucket Bb >= B):
@@ -10,7 +10,7 @@ released and re-created sequence is another) and how many. In one Expand call of
 3. Tree layers: the kept nodes of each sequence go to the next free columns after its committed ones; a node sees
    the committed columns and its ancestors' columns. Those columns are scratch: the next call's commit writes
    over them.
-Nothing crosses to the host but the rows (ids, positions, columns: small) and the top-K.
+Nothing crosses between host and device but the rows (ids, positions, columns: small) and the top-K.
 """
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ import time
 import numpy as np
 
 from draft_service.export import ROW_FIELDS
-from draft_service.static_runner import BATCH_BUCKETS, StaticRunner, bucket
+from draft_service.runner import BATCH_BUCKETS, DraftRunner, bucket
 
 
-class DeviceKV:
-    """Commit and layer forwards of one Expand call at a time over a StaticRunner."""
+class BufferKV:
+    """Commit and layer forwards of one Expand call at a time over a DraftRunner."""
 
-    def __init__(self, runner: StaticRunner, max_context: int, max_depth: int) -> None:
+    def __init__(self, runner: DraftRunner, max_context: int, max_depth: int) -> None:
         """max_context, max_depth: the Expander's limits, which the runner's buffers and rows must hold."""
         if runner.width - ROW_FIELDS < max_depth + 1:
             raise ValueError(f"the runner's rows hold {runner.width - ROW_FIELDS} ancestors, trees of "
                              f"{max_depth} layers need {max_depth + 1}")
-        if runner.capacity <= max_context:
-            raise ValueError(f"the runner's buffers hold {runner.capacity} columns, not more than the "
-                             f"context of {max_context}")
+        if runner.last_column < max_context - 1:
+            raise ValueError(f"the runner's buffers hold {runner.capacity} columns, too few for a context of "
+                             f"{max_context} and a tree")
         self.runner = runner
         self.model_seconds = 0.0
         # The current call: per sequence its buffer row, its committed length and its next free column; per tree
@@ -44,23 +44,23 @@ class DeviceKV:
         self.next_column = np.zeros(0, dtype=np.int64)  # [B]
         self.node_columns: list[np.ndarray] = []
 
-    def initial_kv(self) -> tuple[list, list]:
-        return [], []  # no host KV: the session keeps its token ids, the buffers its KV
-
     def run(self, rows: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         topk = self.runner.run(rows)
         self.model_seconds += time.perf_counter() - t0
         return topk
 
-    def commit(self, sequences, sessions) -> tuple[np.ndarray, np.ndarray]:
+    def commit(self, sequences, sessions, tree_room: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Give each sequence a buffer row, write its new tokens' KV (and a recomputed history where needed).
+        tree_room: the most columns a tree will use after the committed ones (growing buffers make room at once).
 
         Returns the root's top-K probabilities and ids per sequence, [B, K] each.
         """
         B = len(sequences)
         # Past the largest bucket: a multiple of it (flexible session, no graphs), so that few buffer sets exist.
         self.batch = bucket(B, BATCH_BUCKETS) or -(-B // BATCH_BUCKETS[-1]) * BATCH_BUCKETS[-1]
+        ends = np.array([q.start_position + q.new_tokens.size for q in sequences], dtype=np.int64)
+        self.runner.reserve(self.batch, min(int(ends.max()) - 1 + tree_room, self.runner.last_column), shrink=True)
         holders = self.runner.holders(self.batch)
         self.row_of, recompute = self.assign_rows(holders, sessions, [q.start_position for q in sequences])
         # Per sequence: the tokens to forward and the column of the first.
@@ -78,7 +78,6 @@ class DeviceKV:
             rows[r, :n, 3] = columns + 1  # itself and everything before it
             rows[r, :n, ROW_FIELDS:] = columns[:, None]
         topk = self.run(rows)  # [Bb, T, 2, K]
-        ends = np.array([q.start_position + q.new_tokens.size for q in sequences], dtype=np.int64)
         for q, s, r, end in zip(sequences, sessions, self.row_of, ends):
             holders[r] = (s, int(end))
             s.tokens.extend(q.new_tokens.tolist())
@@ -110,15 +109,16 @@ class DeviceKV:
                     holders[r] = (session, length)
 
     def fits(self, kept) -> bool:
-        """Whether every sequence's kept nodes fit before the trash column."""
-        need = self.next_column + np.array([kp.size for kp in kept])
-        return bool((need <= self.runner.trash).all())
+        """Whether every sequence's kept nodes fit in the buffers' columns."""
+        last = self.next_column + np.array([kp.size for kp in kept]) - 1
+        return bool((last <= self.runner.last_column).all())
 
     def forward_layer(self, trees, kept, roots) -> tuple[np.ndarray, np.ndarray]:
         """One forward over the kept nodes. Returns the children's probabilities and ids, [B, N, K] each."""
         if not self.node_columns:
             self.node_columns = [np.full(t.tokens.size, -1, dtype=np.int64) for t in trees]
         N = max(kp.size for kp in kept)
+        self.runner.reserve(self.batch, int((self.next_column + np.array([kp.size for kp in kept])).max()) - 1)
         rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
         for b, (t, kp) in enumerate(zip(trees, kept)):
             n = kp.size

@@ -1,17 +1,16 @@
-"""Time one Expand of a full EAGLE-2-like tree, in process (Expander, no gRPC): the dynamic layout with I/O binding
-on and off, and the static layout (device buffers; CUDA graphs on CUDA).
+"""Time one Expand of a full EAGLE-2-like tree, in process (Expander, no gRPC).
 
-    python -m draft_service.step_profile --model models/reference/draft --provider cuda --batch 1,8 --depth 6 \\
-        --top-k 8 --breadth 8 --context 256 --io-binding on,off --layouts dynamic,static --out step.json
+    python -m benchmarks.draft_step --model models/reference/draft --provider cuda --batch 1,8 --depth 6 \\
+        --top-k 8 --breadth 8 --context 256 --out draft_step.json
 
-Per (batch, io-binding) cell: B sequences are prefilled to `context - new_tokens` committed tokens; each timed
-call commits `new_tokens` more (the tree's root at position `context - 1`) and grows the tree to `depth` layers,
-`breadth` nodes kept per layer, `top_k` children each; then the sessions are cut back to where they were, so
-every call sees the same context. Reports the median over `repeats` calls after `warmup`, the time inside the
-ORT runs, and the host<->device bytes of one call (runner.traffic, as the CUDA provider moves them).
+Per batch cell: B sequences are prefilled to `context - new_tokens` committed tokens; each timed call commits
+`new_tokens` more (the tree's root at position `context - 1`) and grows the tree to `depth` layers, `breadth` nodes
+kept per layer, `top_k` children each; then the sessions are cut back to where they were, so every call sees the
+same context. Reports the median over `repeats` calls after `warmup` and the time inside the ORT runs.
 
 `--rules eagle2,cast` also times each cell with CAST's breadth and depth rules on, at zero thresholds and free
-prices: the same tree, so the difference is what the rules themselves cost per Expand.
+prices: the same tree, so the difference is what the rules themselves cost per Expand. `--buffers fixed,growing`
+times both buffer modes of the runner (runner.py; the provider's default otherwise).
 """
 
 from __future__ import annotations
@@ -32,15 +31,13 @@ from draft_service.expansion import Budget, CastBudget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.profile import device_name
 from draft_service.runner import DraftRunner, choose_dtype, choose_provider
-from draft_service.static_runner import StaticRunner
 
 
-def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, new_tokens: int, budget: Budget, repeats: int,
+def time_expand(runner: DraftRunner, batch: int, context: int, new_tokens: int, budget: Budget, repeats: int,
                 warmup: int, seed: int = 0) -> dict:
-    """One cell: the median wall and model ms of Expand over `repeats` calls, and one call's traffic."""
+    """One cell: the median wall and model ms of Expand over `repeats` calls."""
     meta = runner.meta
     expander = Expander(runner, SessionStore(batch, ttl_s=1e9), meta.max_context or context)
-    traffic = getattr(runner, "traffic", None)  # the static layout moves rows and top-K only
     rng = np.random.default_rng(seed)
     ids = [f"s{b}" for b in range(batch)]
     start = context - new_tokens
@@ -48,9 +45,8 @@ def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, ne
     expander.expand([SequenceInput(s, rng.integers(0, meta.vocab_size, start, dtype=np.int64), 0) for s in ids],
                     prompt)
     step = [SequenceInput(s, rng.integers(0, meta.vocab_size, new_tokens, dtype=np.int64), start) for s in ids]
-    wall, model, moved, nodes, layers = [], [], None, 0, 0
+    wall, model, nodes, layers = [], [], 0, 0
     for i in range(warmup + repeats):
-        before = replace(traffic) if traffic is not None else None  # a copy
         t0 = time.perf_counter()
         out, model_seconds = expander.expand(step, budget)
         elapsed = time.perf_counter() - t0
@@ -59,22 +55,18 @@ def time_expand(runner: DraftRunner | StaticRunner, batch: int, context: int, ne
         if i >= warmup:
             wall.append(elapsed * 1e3)
             model.append(model_seconds * 1e3)
-        moved = traffic.since(before) if traffic is not None else None
         nodes, layers = len(out[0].tree), len(out[0].layers)
     return {
         "batch": batch,
         "rules": "cast" if budget.cast is not None else "eagle2",
-        "layout": runner.meta.layout,
+        "buffers": "fixed" if runner.fixed_buffers else "growing",
         "backend": runner.backend,
-        "io_binding": getattr(runner, "io_binding", True),
         "median_ms": float(np.median(wall)),
         "p10_ms": float(np.percentile(wall, 10)),
         "p90_ms": float(np.percentile(wall, 90)),
         "model_median_ms": float(np.median(model)),
         "nodes_per_tree": nodes,
         "layers": layers,
-        "bytes_per_expand": moved.as_dict() if moved is not None else None,
-        "kv_bytes_per_expand": moved.kv if moved is not None else 0,
     }
 
 
@@ -85,17 +77,11 @@ def with_free_cast_rules(budget: Budget) -> Budget:
 
 
 def parse_list(text: str, item=int) -> list:
-    return [item(x) for x in text.split(",") if x.strip()]
-
-
-def on_off(text: str) -> bool:
-    if text not in ("on", "off"):
-        raise ValueError(f"--io-binding takes on / off values, got {text!r}")
-    return text == "on"
+    return [item(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m draft_service.step_profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.draft_step", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=Path, help="draft checkpoint directory (transformers format)")
     p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16"),
@@ -106,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breadth", type=int, default=8, help="nodes kept per layer")
     p.add_argument("--context", type=int, default=256, help="committed tokens before the tree's root, root included")
     p.add_argument("--new-tokens", type=int, default=1, help="tokens each timed call commits (accepted + bonus)")
-    p.add_argument("--io-binding", default="on,off", help="dynamic layout: on, off or on,off")
-    p.add_argument("--layouts", default="dynamic", help="dynamic, static or dynamic,static")
     p.add_argument("--rules", default="eagle2", help="eagle2, cast or eagle2,cast: the tree rules timed (see above)")
+    p.add_argument("--buffers", default="", help="fixed, growing or fixed,growing (default: the provider's)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
@@ -116,14 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     try:
-        modes = [on_off(x.strip()) for x in a.io_binding.split(",")]
         batches = parse_list(a.batch)
-        layouts = parse_list(a.layouts, str.strip)
-        if not set(layouts) <= {"dynamic", "static"}:
-            raise ValueError(f"--layouts takes dynamic / static, got {a.layouts!r}")
-        rules = parse_list(a.rules, str.strip)
+        rules = parse_list(a.rules, str)
         if not rules or not set(rules) <= {"eagle2", "cast"}:
             raise ValueError(f"--rules takes eagle2 / cast, got {a.rules!r}")
+        buffers = parse_list(a.buffers, str) or [None]
+        if not set(buffers) <= {None, "fixed", "growing"}:
+            raise ValueError(f"--buffers takes fixed / growing, got {a.buffers!r}")
     except ValueError as e:
         p.error(str(e))
     if not 1 <= a.new_tokens < a.context:
@@ -132,31 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     provider = choose_provider(a.provider)
     dtype = choose_dtype(a.dtype, provider)
     budget = Budget(top_k=a.top_k, max_depth=a.depth, max_breadth=a.breadth)
+    onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir)
+    if meta.max_context and a.context + a.depth > meta.max_context:
+        p.error(f"--context {a.context} + --depth {a.depth} exceeds the model's {meta.max_context} positions")
     rows = []
     print(f"{a.model} on {device_name(provider)} ({provider}, {dtype}), onnxruntime {ort.__version__}: "
           f"depth {a.depth}, top-k {a.top_k}, breadth {a.breadth}, context {a.context}, {a.repeats} calls")
-    print(f"{'batch':>5} {'rules':>6} {'layout':>8} {'io-binding':>10} {'median ms':>10} {'p10':>8} {'p90':>8} "
-          f"{'model ms':>9} {'nodes':>6} {'KV bytes/expand':>16}")
-    for layout in layouts:
-        onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir, layout=layout)
-        if meta.max_context and a.context + a.depth > meta.max_context:
-            p.error(f"--context {a.context} + --depth {a.depth} exceeds the model's {meta.max_context} positions")
-        if layout == "static":
-            runner, cells = StaticRunner(onnx_path, meta, provider=a.provider, threads=a.threads), [True]
-        else:
-            runner, cells = DraftRunner(onnx_path, meta, provider=a.provider, threads=a.threads), modes
+    print(f"{'batch':>5} {'rules':>6} {'buffers':>8} {'median ms':>10} {'p10':>8} {'p90':>8} {'model ms':>9} "
+          f"{'nodes':>6}")
+    for mode in buffers:
+        fixed = None if mode is None else mode == "fixed"
+        runner = DraftRunner(onnx_path, meta, provider=provider, threads=a.threads, fixed_buffers=fixed)
         for batch in batches:
-            for mode in cells:
-                if layout == "dynamic":
-                    runner.io_binding = mode
-                for rule in rules:
-                    cell_budget = with_free_cast_rules(budget) if rule == "cast" else budget
-                    row = time_expand(runner, batch, a.context, a.new_tokens, cell_budget, a.repeats, a.warmup)
-                    rows.append(row)
-                    print(f"{batch:>5} {rule:>6} {layout:>8} {'on' if mode else 'off':>10} {row['median_ms']:>10.3f} "
-                          f"{row['p10_ms']:>8.3f} {row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} "
-                          f"{row['nodes_per_tree']:>6} {row['kv_bytes_per_expand']:>16,}")
-                    sys.stdout.flush()
+            for rule in rules:
+                cell_budget = with_free_cast_rules(budget) if rule == "cast" else budget
+                row = time_expand(runner, batch, a.context, a.new_tokens, cell_budget, a.repeats, a.warmup)
+                rows.append(row)
+                print(f"{batch:>5} {rule:>6} {row['buffers']:>8} {row['median_ms']:>10.3f} {row['p10_ms']:>8.3f} "
+                      f"{row['p90_ms']:>8.3f} {row['model_median_ms']:>9.3f} {row['nodes_per_tree']:>6}")
+                sys.stdout.flush()
     result = {
         "model": str(a.model),
         "device": device_name(provider),

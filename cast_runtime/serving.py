@@ -1,0 +1,89 @@
+"""The life of a service's gRPC server, the same for the three: bind, health and reflection, SERVING, signals, drain.
+
+    server = GrpcServer(SERVICE_NAME, host, port)        # bound at once: a taken port fails before a model loads
+    add_FooServicer_to_server(servicer, server.server)
+    await server.start()                                  # reflection, then SERVING on the health service
+    await server.serve_until_signalled(grace_s, held=...) # on SIGTERM/SIGINT: NOT_SERVING, drain, stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cast_runtime.grpc_options import server_options
+
+log = logging.getLogger(__name__)
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class GrpcServer:
+    """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`."""
+
+    def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+        self.service_name = service_name
+        # The options admit the orchestrator's keepalive pings (grpc_options.py); the interceptors open the traced
+        # calls' server spans (telemetry.py).
+        self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs,
+                                      interceptors=list(interceptors))
+        self.address = bind_address(host, port)
+        self.port = self.server.add_insecure_port(self.address)
+        if not self.port:
+            raise OSError(f"could not bind {self.address}")
+        self.address = bind_address(host, self.port)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    async def start(self) -> None:
+        """Start serving and report SERVING, for the whole server ("") and for the service by name."""
+        reflection.enable_server_reflection((self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        await self.server.start()
+        for name in ("", self.service_name):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def serve_until_signalled(self, grace_s: float, held: Callable[[], int] | None = None) -> None:
+        await wait_for_signal()
+        await self.drain_and_stop(grace_s, held)
+
+    async def drain_and_stop(self, grace_s: float, held: Callable[[], int] | None = None) -> None:
+        """Report NOT_SERVING at once (health checks, and so Kubernetes and the orchestrators, send no new work), then
+        stop. With `held` (the sequences this replica holds), calls are answered until none is held (their
+        orchestrators move them elsewhere) or `grace_s` passed; without it, running calls get `grace_s` to finish."""
+        await self.health.enter_graceful_shutdown()
+        if held is None:
+            log.info("draining: NOT_SERVING, running calls get up to %.0f s", grace_s)
+            await self.server.stop(grace_s)
+            return
+        log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", held(), grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while held() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await self.server.stop(1.0)
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM (Kubernetes stopping a pod) or SIGINT (Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run(serve: Callable[[Any], Coroutine[Any, Any, None]], config: Any) -> None:
+    """The processes' entry point: log to stderr, serve `config` until signalled."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
