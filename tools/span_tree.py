@@ -40,6 +40,14 @@ def parse(line: str) -> Span | None:
     return span
 
 
+def short(value: str) -> str:
+    """A float to 4 significant digits; anything else as it is."""
+    try:
+        return f"{float(value):.4g}" if "." in value else value
+    except ValueError:
+        return value
+
+
 def draw(spans: list[Span], shown: list[str]) -> str:
     children: dict[str, list[Span]] = defaultdict(list)
     linked: dict[str, list[Span]] = defaultdict(list)  # span id -> the roots of other traces that link to it
@@ -50,10 +58,10 @@ def draw(spans: list[Span], shown: list[str]) -> str:
     out: list[str] = []
 
     def line(s: Span, depth: int) -> None:
-        extra = " ".join(f"{k}={s.attributes[k]}" for k in shown if k in s.attributes)
+        extra = " ".join(f"{k}={short(s.attributes[k])}" for k in shown if k in s.attributes)
         status = "" if s.status == "UNSET" else f" [{s.status}]"
         out.append(f"{'  ' * depth}{s.name} ({s.service}) {s.duration}{status} {extra}".rstrip())
-        for child in sorted(children[s.id], key=lambda c: c.name):
+        for child in children[s.id]:  # in the order they ended
             line(child, depth + 1)
 
     requests = [s for s in spans if s.parent == "-" and not s.links]
