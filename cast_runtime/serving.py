@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -30,10 +30,13 @@ def bind_address(host: str, port: int) -> str:
 class GrpcServer:
     """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`."""
 
-    def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None):
+    def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.service_name = service_name
-        # The options admit the orchestrator's keepalive pings (grpc_options.py).
-        self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
+        # The options admit the orchestrator's keepalive pings (grpc_options.py); the interceptors open the traced
+        # calls' server spans (telemetry.py).
+        self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs,
+                                      interceptors=list(interceptors))
         self.address = bind_address(host, port)
         self.port = self.server.add_insecure_port(self.address)
         if not self.port:

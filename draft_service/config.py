@@ -30,8 +30,11 @@ class DraftConfig:
     profile: bool = setting(True, "without --cost-table or a cached table, profile a small grid at start-up")
     threads: int = setting(0, "ONNX Runtime intra-op threads; 0: one per physical core of the host, which in a "
                               "container may be more than its CPU limit")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics at /metrics on this port; 0 or none: off")
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is outside [0, 65535]")
         self.model = Path(self.model)
         self.cache_dir = Path(self.cache_dir or default_cache_dir())
         if not (self.model / "config.json").is_file():

@@ -17,6 +17,7 @@ from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_runtime import serving
 from cast_runtime.identity import vocab_hash
 from cast_runtime.sessions import SessionStore
+from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
@@ -106,10 +107,12 @@ def warm_up(expander: Expander) -> None:
 
 
 async def start(config: DraftConfig) -> Running:
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port)
+    telemetry = setup_telemetry("draft", config.metrics_port, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port,
+                                interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    servicer = DraftServicer(expander, replica)
+    servicer = DraftServicer(expander, replica, telemetry)
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.server)
     await server.start()
     # Keep a reference, or the task may be garbage-collected; serve() cancels it on shutdown.
@@ -128,6 +131,7 @@ async def serve(config: DraftConfig) -> None:
     running = await start(config)
     await running.grpc.serve_until_signalled(config.grace_s, held=lambda: len(running.servicer.expander.sessions))
     running.servicer.close()
+    running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,12 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--verify-port", type=int, default=50053)
     p.add_argument("--http-port", type=int, default=8000,
                    help="the orchestrator's OpenAI-compatible HTTP API and demo page (-1: off)")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus metrics at /metrics: the orchestrator's on this port, draft replica i's on "
+                        "+1+2i, verify replica i's on +2+2i (0: off)")
+    p.add_argument("--trace", choices=("console", "otlp", "none"), default=None,
+                   help="where the services send spans: console (one line per span on standard output), otlp "
+                        "(OTEL_EXPORTER_OTLP_ENDPOINT), none; default: as OTEL_TRACES_EXPORTER and the endpoint say")
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--draft-replicas", type=int, default=1, help="draft services to start (ports draft-port + 2 i)")
     p.add_argument("--verify-replicas", type=int, default=1, help="verify services to start (ports verify-port + 2 i)")
@@ -51,7 +57,8 @@ def cmd_up(argv: list[str]) -> int:
         p.error("--draft-replicas and --verify-replicas must be at least 1")
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
                      keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
-                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas)
+                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas,
+                     metrics_port=a.metrics_port or None, env={"OTEL_TRACES_EXPORTER": a.trace} if a.trace else {})
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
@@ -61,6 +68,9 @@ def cmd_up(argv: list[str]) -> int:
         print(f"ready {spec.address}", flush=True)
         if spec.http_url:
             print(f"http {spec.http_url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
+        if spec.metrics_port:
+            print("metrics " + " ".join(f"{name}=http://{a.host}:{port}/metrics"
+                                        for name, port in spec.metrics_ports().items()), flush=True)
         # A replica that exits is the orchestrator's to route around (its sequences move); the stack stops when
         # the orchestrator does, or when no replica of a service is left.
         reported: set[str] = set()

@@ -23,6 +23,7 @@ class OrchestratorConfig:
     port: int = setting(50051, "port of the gRPC API; 0: any free port")
     http_port: int | None = setting(None, "serve the OpenAI-compatible HTTP API and the demo page on this port too; "
                                           "empty: off")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics at /metrics on this port; 0 or empty: off")
     max_new_tokens_limit: int = setting(4096, "larger requests are OUT_OF_RANGE")
     default_policy: str = setting("cast", "policy of a request that names none")
     rpc_timeout_s: float = setting(60.0, "seconds per downstream call", flag="--rpc-timeout", env="RPC_TIMEOUT")
@@ -48,7 +49,7 @@ class OrchestratorConfig:
         self.cast = CastParams(self.cast_c1, self.cast_c2, self.cast_c3, self.cast_r)
         if self.refresh_s <= 0 or self.grace_s < 0:
             raise ValueError("refresh_s must be positive and grace_s not negative")
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
                 raise ValueError(f"{name} {value} is out of range")

@@ -146,22 +146,24 @@ class Planner:
             self.gains = batch_gains(self.gains, layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> None:
+                   step_ms: float, one_off: bool) -> bool:
         """A verified step of this policy's sequences: their trees, the tokens each committed, the step's time.
         A one-off step (a graph capture, a prefill, a draft catching up) teaches the calibration but not the
-        gate, which judges step times."""
+        gate, which judges step times. Returns whether the draft gate switched."""
         if self.policy.cast is None:
-            return
+            return False
         if drafted:
             self.calibration.observe(sum(float(t.values[1:].sum()) for t in verified),
                                      sum(n - 1 for n in committed))
         if one_off:
-            return
+            return False
         was = self.gate.winner_drafts(batch)
         self.gate.observe(batch, drafted, sum(committed) / len(committed), step_ms)
-        if self.gate.winner_drafts(batch) != was:
-            log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
-                     self.gate.describe(batch))
+        if self.gate.winner_drafts(batch) == was:
+            return False
+        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
+                 self.gate.describe(batch))
+        return True
 
 
 class Planners:

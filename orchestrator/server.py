@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_runtime import serving
 from cast_runtime.identity import vocab_hash
+from cast_runtime.telemetry import setup_telemetry
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.http_api import HttpServer, create_app
@@ -18,9 +19,11 @@ from orchestrator.policies import make_policies
 from orchestrator.requests import RequestBuilder
 from orchestrator.router import Router
 from orchestrator.servicer import GenerationServicer
+from orchestrator.telemetry import OrchestratorTelemetry
 
 log = logging.getLogger("cast.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+TRACED_METHODS = (f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateStream")  # not health, reflection, ListReplicas
 
 
 @dataclass
@@ -39,20 +42,24 @@ class Running:
         self.watch.cancel()
         await self.router.close()
         await self.router.fleet.close()
+        self.router.telemetry.shutdown()
 
 
 async def start(config: OrchestratorConfig) -> Running:
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port)
+    telemetry = setup_telemetry("orchestrator", config.metrics_port or None, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port,
+                                interceptors=telemetry.server_interceptors(TRACED_METHODS))
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
     fleet = Fleet(config.draft_target, config.verify_target, vocab_hash(tokenizer.get_vocab()), config.refresh_s)
     await fleet.start(config.connect_timeout_s)
     serving_replicas = fleet.serving("draft") + fleet.serving("verify")
     max_context = min(r.description.max_context for r in serving_replicas)
-    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued)
+    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
+    router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued,
+                    telemetry=OrchestratorTelemetry(telemetry, model_id))
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests), server.server)
-    model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
     # Bound here, before anything starts: a taken port fails the start-up at once.
     http = (HttpServer(create_app(router, requests, model_id), config.host, config.http_port)
             if config.http_port is not None else None)

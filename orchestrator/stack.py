@@ -46,6 +46,9 @@ class StackSpec:
     draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
     verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
+    metrics_port: int | None = None  # Prometheus endpoints: the orchestrator's; draft replica i's at metrics_port + 1
+                                     # + 2 i, verify replica i's at metrics_port + 2 + 2 i. None: off
+    env: dict[str, str] = field(default_factory=dict)  # for every service, over this process's (OTEL_*, ...)
 
     @property
     def address(self) -> str:
@@ -60,20 +63,33 @@ class StackSpec:
         count, first = (self.draft_replicas, self.draft_port) if role == "draft" else (self.verify_replicas, self.verify_port)
         return {role if i == 0 else f"{role}-{i + 1}": f"{self.host}:{first + 2 * i}" for i in range(count)}
 
+    def metrics_ports(self) -> dict[str, int]:
+        """{process name: its Prometheus port}, where metrics are on."""
+        if self.metrics_port is None:
+            return {}
+        out = {"orchestrator": self.metrics_port}
+        for role, first in (("draft", 1), ("verify", 2)):
+            for i, name in enumerate(self.replica_addresses(role)):
+                out[name] = self.metrics_port + first + 2 * i
+        return out
+
     def commands(self) -> dict[str, list[str]]:
         py = sys.executable
+        metrics = {name: ["--metrics-port", str(port)] for name, port in self.metrics_ports().items()}
         out = {}
         for name, address in self.replica_addresses("draft").items():
             out[name] = [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
-                         "--port", address.rpartition(":")[2], *self.draft_args]
+                         "--port", address.rpartition(":")[2], *metrics.get(name, []), *self.draft_args]
         for name, address in self.replica_addresses("verify").items():
             out[name] = [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
-                         "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *self.verify_args]
+                         "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *metrics.get(name, []),
+                         *self.verify_args]
         out["orchestrator"] = [
             py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
             "--port", str(self.port), "--draft", ",".join(self.replica_addresses("draft").values()),
             "--verify", ",".join(self.replica_addresses("verify").values()),
-            *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.orchestrator_args]
+            *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
+            *metrics.get("orchestrator", []), *self.orchestrator_args]
         return out
 
 
@@ -119,7 +135,7 @@ class Stack:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.spec.log_dir / f"{name}.log", "a")
             self._logs.append(out)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
         self.processes[name] = subprocess.Popen(self.spec.commands()[name], env=env, stdout=out,
                                                 stderr=subprocess.STDOUT if out else None)
 

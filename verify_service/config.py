@@ -28,9 +28,12 @@ class VerifyConfig:
     max_concurrent_rpcs: int | None = setting(None, "admission limit; extra calls get RESOURCE_EXHAUSTED")
     cost_table: Path | None = setting(None, "cost table for Describe (from `cast profile verify`); default cached or profiled")
     profile: bool = setting(True, "without --cost-table or a cached table, profile a small grid at start-up")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics at /metrics on this port; 0 or none: off")
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is outside 0..65535")
         if not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a checkpoint directory (no config.json)")
         if self.dtype not in DTYPES:

@@ -16,6 +16,7 @@ import grpc
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_runtime import serving
+from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
@@ -50,7 +51,9 @@ class RunningServer:
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
     # Bound before the (slow) model load, so a taken port fails at once.
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs)
+    telemetry = setup_telemetry("verify", config.metrics_port, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs,
+                                telemetry.server_interceptors([f"/{SERVICE_NAME}/Prefill", f"/{SERVICE_NAME}/Release"]))
 
     # One worker thread: it loads the model and then runs every domain call (see servicer.py).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
@@ -76,7 +79,7 @@ async def start(config: VerifyConfig) -> RunningServer:
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    servicer = VerifyServicer(verifier, executor)
+    servicer = VerifyServicer(verifier, executor, telemetry)
     if cost_table is not None:
         servicer.description.cost_table.CopyFrom(cost_table_to_proto(cost_table))
     verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server.server)
@@ -99,6 +102,7 @@ async def serve(config: VerifyConfig) -> None:
     running = await start(config)
     await running.grpc.serve_until_signalled(config.grace_s, held=lambda: len(running.servicer.verifier.sessions))
     await running.expiry
+    running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

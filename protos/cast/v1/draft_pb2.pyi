@@ -52,12 +52,21 @@ class DraftSequence(_message.Message):
     def __init__(self, sequence_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
 
 class ExpandRequest(_message.Message):
-    __slots__ = ("sequences", "budget")
+    __slots__ = ("sequences", "budget", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[DraftSequence]
     budget: ExpandBudget
-    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DraftLayerStats(_message.Message):
     __slots__ = ("candidates", "kept", "kept_utility")
