@@ -172,3 +172,7 @@ def image_entrypoint(stage: str = "runtime") -> list[str]:
     entrypoints = [json.loads(rest) for instruction, rest in dockerfile_stage(stage) if instruction == "ENTRYPOINT"]
     assert entrypoints, f"the Dockerfile's {stage} stage has no ENTRYPOINT"
     return entrypoints[-1]
+
+
+def image_workdir(stage: str = "runtime") -> str:
+    return [rest for instruction, rest in dockerfile_stage(stage) if instruction == "WORKDIR"][-1]

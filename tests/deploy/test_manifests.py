@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cast_core.cost_table import CostTable
-from tests.deploy.k8s import (DEPLOY, K8S, K8S_VERSIONS, OVERLAYS, admitted, container_port, matches, objects,
+from tests.deploy.k8s import (DEPLOY, K8S, REPO_ROOT, K8S_VERSIONS, OVERLAYS, admitted, container_port, matches, objects,
                               one, pod_labels, pod_spec, render, tool)
 
 SERVICES = ("orchestrator", "draft", "verify")
@@ -30,11 +30,20 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         "resources": [os.path.relpath(K8S / "overlays" / "gpu", variant)],
         "components": [os.path.relpath(K8S / "components" / "draft-gpu", variant)]}))
     out["gpu+draft-gpu"] = render(variant)
+    # Plain manifests applied on their own (`kubectl apply -f`), in the overlays' namespace.
+    for path in sorted((K8S / "jobs").glob("*.yaml")):
+        out[f"jobs/{path.name}"] = [{**d, "metadata": {**d["metadata"], "namespace": "cast-serve"}}
+                                    for d in yaml.safe_load_all(path.read_text()) if d]
     return out
 
 
 def deployments(docs):
     return objects(docs, "Deployment")
+
+
+def stacks(rendered):
+    """The renders of whole deployments (not the standalone jobs)."""
+    return {name: docs for name, docs in rendered.items() if not name.startswith("jobs/")}
 
 
 def cast_deployment(docs, service: str) -> dict:
@@ -48,7 +57,7 @@ def main_container(workload: dict) -> dict:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_overlay_validates_strictly(rendered, version, tmp_path):
     for name, docs in rendered.items():
-        path = tmp_path / f"{name}.yaml"
+        path = tmp_path / f"{name.replace('/', '-')}.yaml"
         path.write_text(yaml.safe_dump_all(docs))
         out = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
                              capture_output=True, text=True, timeout=120)
@@ -66,7 +75,7 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path):
 
 
 def test_selectors_match_the_pods_they_mean(rendered):
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         workloads = {**deployments(docs), **objects(docs, "Job")}
         for wname, w in deployments(docs).items():
             assert matches(w["spec"]["selector"], pod_labels(w)), f"{name}: {wname}'s selector misses its pods"
@@ -83,7 +92,7 @@ def test_selectors_match_the_pods_they_mean(rendered):
 
 
 def test_probe_and_service_ports_exist_in_the_containers(rendered):
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         for wname, w in deployments(docs).items():
             for c in pod_spec(w)["containers"]:
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -104,7 +113,7 @@ def test_probe_and_service_ports_exist_in_the_containers(rendered):
 def test_the_services_probe_their_own_grpc_health(rendered):
     names = {"orchestrator": "cast.v1.GenerationService", "draft": "cast.v1.DraftService",
              "verify": "cast.v1.VerifyService"}
-    for docs in rendered.values():
+    for docs in stacks(rendered).values():
         for service in SERVICES:
             c = main_container(cast_deployment(docs, service))
             assert c["readinessProbe"]["grpc"]["service"] == names[service]
@@ -120,7 +129,7 @@ def test_gpus_are_requested_whole_and_equal_to_their_limits(rendered):
         return container.get("resources", {}).get(kind, {}).get("nvidia.com/gpu")
 
     for name, docs in rendered.items():
-        for wname, w in deployments(docs).items():
+        for wname, w in {**deployments(docs), **objects(docs, "Job")}.items():
             for c in pod_spec(w)["containers"]:
                 assert gpus(c, "requests") == gpus(c, "limits"), f"{name}: {wname}/{c['name']}"
                 if gpus(c, "limits") is not None:
@@ -129,7 +138,7 @@ def test_gpus_are_requested_whole_and_equal_to_their_limits(rendered):
                     assert "nvidia.com/gpu" in tolerated, f"{name}: {wname} does not tolerate the GPU nodes' taint"
                     assert pod_spec(w).get("nodeSelector", {}).get("nvidia.com/gpu.present") == "true"
     gpu_on = {name: {w for w, d in deployments(docs).items() if gpus(main_container(d), "limits")}
-              for name, docs in rendered.items()}
+              for name, docs in stacks(rendered).items()}
     assert gpu_on == {"cpu": set(), "gpu": {"cast-verify"}, "gpu+draft-gpu": {"cast-verify", "cast-draft"}}
 
 
@@ -140,7 +149,7 @@ def adapter_rules() -> dict[str, set[str]]:
 
 def test_autoscalers_scale_deployments_that_exist_on_metrics_the_adapter_exposes(rendered):
     rules = adapter_rules()
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         hpas = objects(docs, "HorizontalPodAutoscaler")
         assert set(hpas) == {"cast-draft", "cast-verify"}, name
         for hname, hpa in hpas.items():
@@ -168,7 +177,7 @@ def test_adapter_rules_query_the_series_they_name():
 
 
 def test_only_the_orchestrator_reaches_the_draft_and_verify_ports(rendered):
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         policies = list(objects(docs, "NetworkPolicy").values())
         ns = "cast-serve"
         pods = {w: pod_labels(d) for w, d in {**deployments(docs), **objects(docs, "Job")}.items()}
@@ -187,7 +196,7 @@ def test_only_the_orchestrator_reaches_the_draft_and_verify_ports(rendered):
 
 
 def test_volumes_name_claims_and_config_maps_that_exist(rendered):
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         claims, maps = objects(docs, "PersistentVolumeClaim"), objects(docs, "ConfigMap")
         for wname, w in {**deployments(docs), **objects(docs, "Job")}.items():
             for volume in pod_spec(w).get("volumes", []):
@@ -225,7 +234,7 @@ def test_cost_tables_are_config_maps_of_profiled_tables_for_the_gpu_the_pod_runs
 
 
 def test_termination_grace_covers_the_services_drain(rendered):
-    for name, docs in rendered.items():
+    for name, docs in stacks(rendered).items():
         for service, grace_var in (("orchestrator", "CAST_ORCH_GRACE"), ("draft", "CAST_DRAFT_GRACE_S"),
                                    ("verify", "CAST_VERIFY_GRACE_S")):
             w = cast_deployment(docs, service)
@@ -259,6 +268,10 @@ def test_the_readme_applies_the_kustomizations_the_tests_render():
     assert {"deploy/k8s/overlays/cpu", "deploy/k8s/overlays/gpu"} <= dirs
     for d in dirs:
         assert d.rstrip("/").removeprefix("deploy/k8s/overlays/") in OVERLAYS, f"README applies {d}, untested"
+    for f in set(re.findall(r"apply -f (deploy/k8s/\S+\.yaml)", readme)):
+        assert f.startswith("deploy/k8s/jobs/") and (REPO_ROOT / f).is_file(), f"README applies {f}, unvalidated"
+    # The adapter's values the README installs are the ones the autoscaler test reads.
+    assert "-f deploy/k8s/monitoring/prometheus-adapter-values.yaml" in readme
 
 
 def test_base_renders_alone():
