@@ -223,10 +223,9 @@ def cluster(tmp_path_factory, onnx_cache_dir):
 
     def command(container: dict, paths: dict[str, Path]) -> list[str]:
         argv = container.get("command") or image_entrypoint("runtime")
-        argv = [*argv, *container.get("args", [])]
-        if argv[0] == "cast":
-            argv = [*cast_console_script(), *argv[1:]]
-        return [map_paths(a, paths) for a in argv]
+        argv = [map_paths(a, paths) for a in [*argv, *container.get("args", [])]]
+        # This Python's path is the host's, not the container's: map the manifest's arguments only.
+        return [*cast_console_script(), *argv[1:]] if argv[0] == "cast" else argv
 
     try:
         # The demo-models Job fills the claim from the demo image.
