@@ -37,7 +37,7 @@ from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, Genera
 from orchestrator.fleet import Replica, State
 from orchestrator.planner import Planner, Planners
 from orchestrator.policies import TreePolicy
-from orchestrator.telemetry import RequestTrace, StepTrace
+from orchestrator.telemetry import RequestTrace, StepTrace, policy_label
 
 if TYPE_CHECKING:
     from orchestrator.router import Router
@@ -430,7 +430,8 @@ class StepLoop:
         for g in groups:
             if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
                                     [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off):
-                self.telemetry.gate_switches.add(1, {"cast.policy": g.planner.policy.name, "cast.batch_size": size})
+                self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
+                                                     "cast.batch_size": size})
 
     def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
         """The batch's drafting policies, each with its sequences and whether it drafts this step (a policy whose

@@ -47,6 +47,12 @@ FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", Finis
 ROOT = otel_context.Context()  # an empty context: a span started in it is the root of a trace of its own
 
 
+def policy_label(name: str) -> str:
+    """A policy as a metric label: a fixed shape by its family (`tree`, `chain`), so that requests naming ever new
+    shapes (`tree:4x5/16`) cannot grow the metrics' series without bound. Spans keep the full name."""
+    return name.partition(":")[0]
+
+
 class RequestTrace:
     """One request's spans beside its server span: the open phase (queue or prefill) and, after a failover, the
     replay span that holds its phases. A request whose span is not recorded costs nothing here."""
@@ -285,7 +291,7 @@ class OrchestratorTelemetry:
             self.draft_seconds.record(timing.draft_rpc)
         self.verify_seconds.record(timing.verify_rpc)
         for s, record in zip(batch, records):
-            policy = {"cast.policy": s.policy.name}
+            policy = {"cast.policy": policy_label(s.policy.name)}
             self.accepted_tokens.record(record.accepted_tokens, policy)
             self.verified_nodes.record(record.verified_nodes, policy)
         if step is None:

@@ -296,6 +296,8 @@ def test_every_service_serves_its_metrics(stacks):
     stack = stacks("tracecontext")
     for _ in range(2):
         generate(stack.stub)
+    stack.stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=8, policy="tree:2x3/4",
+                                                       ignore_eos=True), timeout=60)
     # While a request runs, the load gauges count it: its sequence is live, with a session on each service.
     stream = stack.stub.GenerateStream(generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=900,
                                                                        policy="eagle2", ignore_eos=True), timeout=60)
@@ -313,6 +315,9 @@ def test_every_service_serves_its_metrics(stacks):
     assert value(orchestrator, "cast_request_tokens_sum", gen_ai_token_type="output") >= 2 * NEW_TOKENS
     assert value(orchestrator, "cast_step_accepted_tokens_sum", cast_policy="cast") >= 2 * NEW_TOKENS
     assert value(orchestrator, "cast_step_verified_nodes_count", cast_policy="cast") >= 2
+    # A fixed shape counts under its family: requests naming new shapes add no series.
+    assert value(orchestrator, "cast_step_verified_nodes_count", cast_policy="tree") >= 1
+    assert not any(":" in s.labels.get("cast_policy", "") for f in orchestrator.values() for s in f)
     assert value(orchestrator, "cast_orchestrator_live_sequences") == 1
     assert value(orchestrator, "cast_orchestrator_queued_requests") == 0
     assert value(orchestrator, "cast_orchestrator_replays_total") == 0  # exported before the first replay
