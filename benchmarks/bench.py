@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from orchestrator.auth import add_client_flags, bearer, public_channel
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,14 @@ def mean_of(items, attribute: str) -> float:
     return statistics.mean(getattr(i, attribute) for i in items) if items else 0.0
 
 
-async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float) -> RequestResult:
+async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float,
+                      metadata: tuple = ()) -> RequestResult:
     request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy, return_step_stats=True)
     start = time.perf_counter()
     first = None
     last = None
     token_ids: list[int] = []
-    async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+    async for chunk in stub.GenerateStream(request, timeout=timeout_s, metadata=metadata):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
         token_ids.extend(chunk.token_ids)
@@ -143,18 +143,20 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
 
 
 async def run_level(
-    address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int, max_seconds: float
+    address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int, max_seconds: float,
+    token: str | None = None, tls_ca: Path | None = None,
 ) -> tuple[LevelResult, list[RequestResult]]:
     results: list[RequestResult] = []
     queue = list(reversed(prompts[:max_requests]))
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with public_channel(address, tls_ca, aio=True) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         start = time.perf_counter()
         deadline = start + max_seconds
 
         async def worker() -> None:
             while queue and time.perf_counter() < deadline:
-                results.append(await one_request(stub, queue.pop(), policy, max_new_tokens, timeout_s=max(max_seconds, 60)))
+                results.append(await one_request(stub, queue.pop(), policy, max_new_tokens, timeout_s=max(max_seconds, 60),
+                                                 metadata=bearer(token)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--title", default="cast bench")
+    add_client_flags(p)
     a = p.parse_args(argv)
     prompts = load_prompts(a.prompts)
     if a.rstrip_prompts:
@@ -269,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in (int(c) for c in a.concurrency.split(",")):
             if a.warmup > 0:
                 asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.warmup * concurrency,
-                                      a.seconds))
+                                      a.seconds, a.token, a.tls_ca))
             row, results = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests,
-                                                 a.seconds))
+                                                 a.seconds, a.token, a.tls_ca))
             print(
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "

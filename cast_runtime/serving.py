@@ -1,6 +1,6 @@
 """The life of a service's gRPC server, the same for the three: bind, health and reflection, SERVING, signals, drain.
 
-    server = GrpcServer(SERVICE_NAME, host, port)        # bound at once: a taken port fails before a model loads
+    server = GrpcServer(SERVICE_NAME, host, port, tls=...) # bound at once: a taken port fails before a model loads
     add_FooServicer_to_server(servicer, server.server)
     await server.start()                                  # reflection, then SERVING on the health service
     await server.serve_until_signalled(grace_s, held=...) # on SIGTERM/SIGINT: NOT_SERVING, drain, stop
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cast_runtime.grpc_options import server_options
+from cast_runtime.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,20 @@ def bind_address(host: str, port: int) -> str:
 
 
 class GrpcServer:
-    """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`."""
+    """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`. With `tls`,
+    the port serves TLS only (mutual TLS when it names a client CA), its certificate reloaded when the files change.
+    `interceptors` see every call (the orchestrator's authentication)."""
 
-    def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None):
+    def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None,
+                 tls: CertificateFiles | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.service_name = service_name
         # The options admit the orchestrator's keepalive pings (grpc_options.py).
-        self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
+        self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs,
+                                      interceptors=interceptors)
         self.address = bind_address(host, port)
-        self.port = self.server.add_insecure_port(self.address)
+        self.tls = tls
+        self.port = (self.server.add_secure_port(self.address, tls.server_credentials()) if tls is not None
+                     else self.server.add_insecure_port(self.address))
         if not self.port:
             raise OSError(f"could not bind {self.address}")
         self.address = bind_address(host, self.port)

@@ -106,7 +106,7 @@ def warm_up(expander: Expander) -> None:
 
 
 async def start(config: DraftConfig) -> Running:
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, tls=config.tls)
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
     servicer = DraftServicer(expander, replica)

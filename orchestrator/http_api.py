@@ -44,6 +44,8 @@ from starlette.exceptions import HTTPException
 
 from cast_core.errors import CastError, InvalidArgument, NotFound
 from cast_core.tree import TokenTree
+from cast_runtime.tls import CertificateFiles
+from orchestrator.auth import ClientLimits
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest
 from orchestrator.errors import status_of
 from orchestrator.requests import RequestBuilder
@@ -313,8 +315,10 @@ async def allow_all(request: Request) -> None:
 
 
 class HttpApi:
-    def __init__(self, router: Router, requests: RequestBuilder, model_id: str) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, model_id: str,
+                 limits: ClientLimits | None = None) -> None:
         self.router = router
+        self.generate = limits.limit(router.generate) if limits is not None else router.generate
         self.requests = requests
         self.tokenizer = requests.tokenizer
         self.model_id = model_id
@@ -377,7 +381,7 @@ class HttpApi:
     async def whole(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
                     view: StepView | None) -> JSONResponse:
         async def collect() -> list[Chunk]:
-            async with aclosing(self.router.generate(generation)) as stream:
+            async with aclosing(self.generate(generation)) as stream:
                 return [chunk async for chunk in stream]
 
         chunks = await unless_disconnected(request, collect())
@@ -395,7 +399,7 @@ class HttpApi:
 
     async def stream(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
                      view: StepView | None, include_usage: bool) -> EventStream:
-        stream = self.router.generate(generation)
+        stream = self.generate(generation)
         # The first chunk is awaited here, so that what fails before any token (a full server: 429) has its status.
         try:
             first = await unless_disconnected(request, anext(stream))
@@ -442,9 +446,11 @@ def usage(generation: GenerationRequest, final: Chunk) -> dict:
 
 
 def create_app(router: Router, requests: RequestBuilder, model_id: str,
-               authorize: Callable[[Request], Awaitable[None]] = allow_all) -> FastAPI:
-    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open)."""
-    api = HttpApi(router, requests, model_id)
+               authorize: Callable[[Request], Awaitable[None]] = allow_all,
+               limits: ClientLimits | None = None) -> FastAPI:
+    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open); `limits`
+    bound each client's requests (auth.py)."""
+    api = HttpApi(router, requests, model_id, limits)
     app = FastAPI(title="CAST Serve", summary="OpenAI-compatible API of the orchestrator", redoc_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     v1.add_api_route("/models", api.models, methods=["GET"])
@@ -490,10 +496,12 @@ def create_app(router: Router, requests: RequestBuilder, model_id: str,
 class HttpServer:
     """uvicorn serving an app in this event loop, on a socket bound before start() returns (port 0: any free one)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0,
+                 tls: CertificateFiles | None = None) -> None:
         # log_config None: the orchestrator's logging stays as it is; uvicorn says only what goes wrong.
+        tls_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                                    lifespan="off", timeout_graceful_shutdown=grace_s))
+                                                    lifespan="off", timeout_graceful_shutdown=grace_s, **tls_files))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
         self.port: int = self.socket.getsockname()[1]

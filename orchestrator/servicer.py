@@ -7,6 +7,7 @@ import grpc
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
+from orchestrator.auth import ClientLimits
 from orchestrator.router import Router
 from orchestrator.errors import abort_with
 from orchestrator.requests import RequestBuilder
@@ -54,9 +55,11 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, router: Router, requests: RequestBuilder) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, limits: ClientLimits | None = None) -> None:
         self.router = router
         self.requests = requests  # validation, shared with the HTTP API
+        # The router's generate, holding one of the calling client's slots while it runs (auth.py)
+        self.generate = limits.limit(router.generate) if limits is not None else router.generate
 
     def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
         if msg.max_new_tokens <= 0:  # proto3's 0 is unset: the HTTP API's "as many as fit" is not the gRPC API's
@@ -73,7 +76,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         final: Chunk | None = None
         try:
             domain = self.to_request(request)
-            async for chunk in self.router.generate(domain):
+            async for chunk in self.generate(domain):
                 text.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
                 final = chunk
@@ -91,7 +94,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request, context):
         try:
             domain = self.to_request(request)
-            async for chunk in self.router.generate(domain):
+            async for chunk in self.generate(domain):
                 msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason is not None:
                     msg.finish_reason = FINISH_REASONS[chunk.finish_reason]

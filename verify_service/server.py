@@ -50,7 +50,7 @@ class RunningServer:
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
     # Bound before the (slow) model load, so a taken port fails at once.
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs, tls=config.tls)
 
     # One worker thread: it loads the model and then runs every domain call (see servicer.py).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
