@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +201,15 @@ def test_a_rotated_certificate_is_served_without_a_restart(secure_stack, pki):
     with orchestrator_channel(secure_stack, pki) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         assert stub.Generate(REQUEST, timeout=60, metadata=bearer(BOB)).usage.completion_tokens == 8
+
+
+def test_cast_generate_takes_the_token_and_the_ca(secure_stack, pki):
+    command = [sys.executable, "-m", "orchestrator.cli", "generate", "--addr", secure_stack.spec.address,
+               "--tls-ca", str(pki["ca"]), "--max-new-tokens", "4", "def f():"]
+    env = {k: v for k, v in os.environ.items() if k != "CAST_API_TOKEN"}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    by_flag = subprocess.run([*command, "--token", ALICE], capture_output=True, text=True, timeout=60, env=env)
+    by_env = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**env, "CAST_API_TOKEN": BOB})
+    assert by_flag.returncode == 0 and by_env.returncode == 0, by_flag.stderr + by_env.stderr
+    assert by_flag.stdout == by_env.stdout  # greedy: the same text for either client
