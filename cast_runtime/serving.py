@@ -38,7 +38,7 @@ class GrpcServer:
         self.service_name = service_name
         # The options admit the orchestrator's keepalive pings (grpc_options.py).
         self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs,
-                                      interceptors=interceptors)
+                                      interceptors=[RefuseUndecodable(), *interceptors])
         self.address = bind_address(host, port)
         self.tls = tls
         self.port = (self.server.add_secure_port(self.address, tls.server_credentials()) if tls is not None
@@ -76,6 +76,76 @@ class GrpcServer:
         while held() and loop.time() < deadline:
             await asyncio.sleep(0.1)
         await self.server.stop(1.0)
+
+
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable, deserializer: Callable | None = None):
+    """A method handler of the same kind and serializers as `handler` that runs `behavior(handler's behavior)`."""
+    make, kind = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+        (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+        (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+        (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+    }[handler.request_streaming, handler.response_streaming]
+    return make(behavior(getattr(handler, kind)), request_deserializer=deserializer or handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class Undecodable:
+    """What the lenient deserializer returns for bytes that are not the method's request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse as the method's message is INVALID_ARGUMENT, as any bad request; grpc.aio
+    itself would answer UNKNOWN ("Unexpected DecodeError")."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf's DecodeError, or a deserializer's own
+                return Undecodable(e)
+
+        async def refuse(context, request: Undecodable) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid {details.method} message ({request.error})")
+
+        async def checked(requests, context):
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await refuse(context, request)
+                yield request
+
+        def wrap(inner):
+            if handler.request_streaming:
+                if handler.response_streaming:
+                    async def behavior(requests, context):
+                        async for response in inner(checked(requests, context), context):
+                            yield response
+                else:
+                    async def behavior(requests, context):
+                        return await inner(checked(requests, context), context)
+            elif handler.response_streaming:
+                async def behavior(request, context):
+                    if isinstance(request, Undecodable):
+                        await refuse(context, request)
+                    async for response in inner(request, context):
+                        yield response
+            else:
+                async def behavior(request, context):
+                    if isinstance(request, Undecodable):
+                        await refuse(context, request)
+                    return await inner(request, context)
+            return behavior
+
+        return handler_like(handler, wrap, lenient)
 
 
 async def wait_for_signal() -> None:

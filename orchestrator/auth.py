@@ -32,6 +32,7 @@ import grpc
 from fastapi import Request
 
 from cast_core.errors import CastError, ResourceExhausted
+from cast_runtime.serving import handler_like
 
 log = logging.getLogger("cast.orchestrator")
 
@@ -110,18 +111,6 @@ class TokenFile:
 
 # --- gRPC ---------------------------------------------------------------------------------------------------------
 
-def _handler_like(handler: grpc.RpcMethodHandler, behavior) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and serializers as `handler`, running `behavior`."""
-    make, kind = {
-        (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-        (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-        (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-        (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-    }[handler.request_streaming, handler.response_streaming]
-    return make(behavior(getattr(handler, kind)), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a known bearer token (health and reflection pass); the handler of an admitted call
     runs with CLIENT set to the caller's name."""
@@ -142,7 +131,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def refuse(request, context):
                 await context.abort(code, message)
 
-            return _handler_like(handler, lambda _: refuse)
+            return handler_like(handler, lambda _: refuse)
         if handler.response_streaming:
             def as_client(inner):
                 async def behavior(request, context):
@@ -156,7 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     CLIENT.set(client)
                     return await inner(request, context)
                 return behavior
-        return _handler_like(handler, as_client)
+        return handler_like(handler, as_client)
 
 
 # --- limits per client --------------------------------------------------------------------------------------------
