@@ -6,6 +6,7 @@
     cast replicas [--addr A]     the draft and verify replicas an orchestrator sees, their state and load
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
+    cast soak --minutes N        a bounded soak on loopback: mixed load, cancels, deadlines, replicas killed
     cast profile verify|draft    measure a service's cost table f(B, c, n) on this machine (JSON, optional plot)
     cast train-reference [...]   build the project's reference model pair
 """
@@ -202,13 +203,19 @@ def cmd_bench(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_soak(argv: list[str]) -> int:
+    from benchmarks.soak import main
+
+    return main(argv)
+
+
 def cmd_profile(argv: list[str]) -> int:
     from orchestrator.profile_cmd import main
 
     return main(argv)
 
 
-COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "replicas": cmd_replicas, "serve": cmd_serve,
+COMMANDS = {"up": cmd_up, "bench": cmd_bench, "soak": cmd_soak, "generate": cmd_generate, "replicas": cmd_replicas, "serve": cmd_serve,
             "train-reference": cmd_train_reference, "profile": cmd_profile}
 
 

@@ -14,6 +14,7 @@ from orchestrator.policies import TreePolicy, resolve_policy
 
 MAX_STOP_STRINGS = 16   # stop strings per request at most (each is matched against the text at every step)
 MAX_STOP_CHARS = 256    # characters per stop string at most
+MAX_CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per token of the context is refused untokenized
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class RequestBuilder:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidArgument("must not be empty", field)
+            if len(prompt) > MAX_CHARS_PER_TOKEN * self.max_context:  # cannot fit: spare the tokenizer the work
+                raise OutOfRange(f"{len(prompt)} characters cannot fit the model's context of {self.max_context} "
+                                 "tokens", field)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
             if not ids:
                 raise InvalidArgument("encodes to no tokens", field)
