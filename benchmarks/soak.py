@@ -203,10 +203,11 @@ async def soak(stack, a, prompts: list[str]) -> dict:
     }
 
 
-def memory_growth(memory: list[tuple[float, str, float]], since_s: float) -> dict[str, float]:
-    """Per process that ran the whole soak: RSS at the end over RSS at `since_s` (first sample after), minus 1."""
+def memory_growth(memory: list[tuple[float, str, float]], since_s: float, restarted: set[str]) -> dict[str, float]:
+    """Per process that ran the whole soak (not `restarted`): RSS at the end over RSS at `since_s` (its first sample
+    from then), minus 1."""
     growth = {}
-    for name in sorted({n for _, n, _ in memory}):
+    for name in sorted({n for _, n, _ in memory} - restarted):
         points = [(t, mb) for t, n, mb in memory if n == name and t >= since_s]
         if len(points) >= 2:
             growth[name] = points[-1][1] / points[0][1] - 1
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
     memory, events, outcomes = result.pop("memory"), result["events"], result.pop("outcomes")
-    result["memory_growth_from_minute_2"] = {k: round(v, 4) for k, v in memory_growth(memory, 120.0).items()}
+    restarted = {what.split()[-1] for _, what in events if what.startswith("restart")}
+    result["memory_growth_from_minute_2"] = {k: round(v, 4) for k, v in memory_growth(memory, 120.0, restarted).items()}
     with open(a.out / "memory.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["seconds", "process", "rss_mib"])
