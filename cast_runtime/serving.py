@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
@@ -124,15 +125,17 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
                 yield request
 
         def wrap(inner):
+            # A streaming response comes from an async generator, or from a coroutine that writes to the context
+            generates = handler.response_streaming and inspect.isasyncgenfunction(inner)
             if handler.request_streaming:
-                if handler.response_streaming:
+                if generates:
                     async def behavior(requests, context):
                         async for response in inner(checked(requests, context), context):
                             yield response
                 else:
                     async def behavior(requests, context):
                         return await inner(checked(requests, context), context)
-            elif handler.response_streaming:
+            elif generates:
                 async def behavior(request, context):
                     if isinstance(request, Undecodable):
                         await refuse(context, request)

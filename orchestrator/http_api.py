@@ -506,6 +506,9 @@ class HttpServer:
         self.socket = socket.create_server((host, port), family=family)
         self.port: int = self.socket.getsockname()[1]
         self.task: asyncio.Task | None = None
+        # Its own view of the files (the gRPC server's notes what it loaded separately)
+        self.tls = CertificateFiles(tls.cert, tls.key) if tls is not None else None
+        self.watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.socket]), name="http")
@@ -514,11 +517,23 @@ class HttpServer:
                 self.task.result()  # start-up failed: raise why
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        if self.tls is not None:
+            self.tls.load()
+            self.watch = asyncio.get_running_loop().create_task(self.reload_certificate(), name="http-tls")
         return self.port
+
+    async def reload_certificate(self, every_s: float = 2.0) -> None:
+        """Load the certificate again when its files change: new connections get it (as the gRPC API's do)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.tls.fetch() is not None:  # a whole, matching pair
+                self.server.config.ssl.load_cert_chain(self.tls.cert, self.tls.key)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests finish for the grace period, then cancel them (which ends
         their generations)."""
+        if self.watch is not None:
+            self.watch.cancel()
         if self.task is not None:
             self.server.should_exit = True
             await self.task

@@ -196,6 +196,11 @@ def test_a_rotated_certificate_is_served_without_a_restart(secure_stack, pki):
     os.replace(new_cert, pki["cert"])
     after = {name: served_serial(a, pki["ca"], *client) for name, a in addresses.items()}
     assert after == {name: serial for name in addresses}, (before, after, serial)
+    http = secure_stack.spec.http_url.removeprefix("http://")  # the HTTP API checks its files every 2 s
+    deadline = time.monotonic() + 15
+    while served_serial(http, pki["ca"]) != serial and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert served_serial(http, pki["ca"]) == serial
     processes = secure_stack.processes
     assert all(p.poll() is None for p in processes.values())  # no restart
     with orchestrator_channel(secure_stack, pki) as channel:
