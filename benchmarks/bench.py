@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from orchestrator.auth import add_client_flags, bearer, public_channel
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def mean_of(items, attribute: str) -> float:
 
 
 async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float,
-                      progress: list | None = None) -> RequestResult:
+                      progress: list | None = None, metadata: tuple = ()) -> RequestResult:
     """One streamed request. `progress`, when given, is filled as [start, first token time, token ids so far] while
     the stream runs, so that a caller that cancels the request still knows what it received."""
     request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy, return_step_stats=True)
@@ -130,7 +129,7 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
     token_ids: list[int] = []
     if progress is not None:
         progress[:] = [start, None, token_ids]
-    async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+    async for chunk in stub.GenerateStream(request, timeout=timeout_s, metadata=metadata):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
             if progress is not None:
@@ -158,14 +157,14 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
 
 async def run_level(
     address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int,
-    max_seconds: float, cutoff_s: float | None = None,
+    max_seconds: float, cutoff_s: float | None = None, token: str | None = None, tls_ca: Path | None = None,
 ) -> tuple[LevelResult, list[RequestResult]]:
     """Up to `max_requests` requests, `concurrency` at a time; none starts after `max_seconds`. With `cutoff_s`,
     requests still streaming at that time are cancelled and count with the tokens they received (`cut`)."""
     results: list[RequestResult] = []
     queue = list(reversed(prompts[:max_requests]))
     in_flight: dict[int, tuple[str, list]] = {}  # worker -> (prompt, one_request's progress)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with public_channel(address, tls_ca, aio=True) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         start = time.perf_counter()
         deadline = start + max_seconds
@@ -174,8 +173,8 @@ async def run_level(
             while queue and time.perf_counter() < deadline:
                 prompt, progress = queue.pop(), []
                 in_flight[w] = (prompt, progress)
-                results.append(await one_request(stub, prompt, policy, max_new_tokens,
-                                                 timeout_s=max(max_seconds, 60), progress=progress))
+                results.append(await one_request(stub, prompt, policy, max_new_tokens, timeout_s=max(max_seconds, 60),
+                                                 progress=progress, metadata=bearer(token)))
                 del in_flight[w]
 
         try:
@@ -292,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--title", default="cast bench")
+    add_client_flags(p)
     a = p.parse_args(argv)
     prompts = load_prompts(a.prompts)
     if a.rstrip_prompts:
@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in (int(c) for c in a.concurrency.split(",")):
             if a.warmup > 0:
                 asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.warmup * concurrency,
-                                      a.seconds))
+                                      a.seconds, token=a.token, tls_ca=a.tls_ca))
             row, results = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests,
-                                                 a.seconds))
+                                                 a.seconds, token=a.token, tls_ca=a.tls_ca))
             print(
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "

@@ -1,6 +1,6 @@
 """The life of a service's gRPC server, the same for the three: bind, health and reflection, SERVING, signals, drain.
 
-    server = GrpcServer(SERVICE_NAME, host, port)        # bound at once: a taken port fails before a model loads
+    server = GrpcServer(SERVICE_NAME, host, port, tls=...) # bound at once: a taken port fails before a model loads
     add_FooServicer_to_server(servicer, server.server)
     await server.start()                                  # reflection, then SERVING on the health service
     await server.serve_until_signalled(grace_s, held=...) # on SIGTERM/SIGINT: NOT_SERVING, drain, stop
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cast_runtime.grpc_options import server_options
+from cast_runtime.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +30,21 @@ def bind_address(host: str, port: int) -> str:
 
 
 class GrpcServer:
-    """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`."""
+    """A grpc.aio server with the standard health and reflection services, NOT_SERVING until `start()`. With `tls`,
+    the port serves TLS only (mutual TLS when it names a client CA), its certificate reloaded when the files change.
+    `interceptors` see every call (the orchestrator's authentication)."""
 
     def __init__(self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+                 tls: CertificateFiles | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.service_name = service_name
-        # The options admit the orchestrator's keepalive pings (grpc_options.py); the interceptors open the traced
-        # calls' server spans (telemetry.py).
+        # The options admit the orchestrator's keepalive pings (grpc_options.py); the interceptors refuse undecodable
+        # requests and open the traced calls' server spans (telemetry.py).
         self.server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs,
-                                      interceptors=list(interceptors))
+                                      interceptors=[RefuseUndecodable(), *interceptors])
         self.address = bind_address(host, port)
-        self.port = self.server.add_insecure_port(self.address)
+        self.tls = tls
+        self.port = (self.server.add_secure_port(self.address, tls.server_credentials()) if tls is not None
+                     else self.server.add_insecure_port(self.address))
         if not self.port:
             raise OSError(f"could not bind {self.address}")
         self.address = bind_address(host, self.port)
@@ -72,6 +78,78 @@ class GrpcServer:
         while held() and loop.time() < deadline:
             await asyncio.sleep(0.1)
         await self.server.stop(1.0)
+
+
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable, deserializer: Callable | None = None):
+    """A method handler of the same kind and serializers as `handler` that runs `behavior(handler's behavior)`."""
+    make, kind = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+        (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+        (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+        (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+    }[handler.request_streaming, handler.response_streaming]
+    return make(behavior(getattr(handler, kind)), request_deserializer=deserializer or handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class Undecodable:
+    """What the lenient deserializer returns for bytes that are not the method's request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse as the method's message is INVALID_ARGUMENT, as any bad request; grpc.aio
+    itself would answer UNKNOWN ("Unexpected DecodeError")."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf's DecodeError, or a deserializer's own
+                return Undecodable(e)
+
+        async def refuse(context, request: Undecodable) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid {details.method} message ({request.error})")
+
+        async def checked(requests, context):
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await refuse(context, request)
+                yield request
+
+        def wrap(inner):
+            # A streaming response comes from an async generator, or from a coroutine that writes to the context
+            generates = handler.response_streaming and inspect.isasyncgenfunction(inner)
+            if handler.request_streaming:
+                if generates:
+                    async def behavior(requests, context):
+                        async for response in inner(checked(requests, context), context):
+                            yield response
+                else:
+                    async def behavior(requests, context):
+                        return await inner(checked(requests, context), context)
+            elif generates:
+                async def behavior(request, context):
+                    if isinstance(request, Undecodable):
+                        await refuse(context, request)
+                    async for response in inner(request, context):
+                        yield response
+            else:
+                async def behavior(request, context):
+                    if isinstance(request, Undecodable):
+                        await refuse(context, request)
+                    return await inner(request, context)
+            return behavior
+
+        return handler_like(handler, wrap, lenient)
 
 
 async def wait_for_signal() -> None:

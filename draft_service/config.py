@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cast_runtime.cache import default_cache_dir
 from cast_runtime.settings import parse_settings, setting
+from cast_runtime.tls import CertificateFiles, certificate_files
 from draft_service.export import DTYPES
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -28,9 +29,15 @@ class DraftConfig:
     grace_s: float = setting(30.0, "on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held")
     cost_table: Path | None = setting(None, "cost table for Describe (from `cast profile draft`); default cached or profiled")
     profile: bool = setting(True, "without --cost-table or a cached table, profile a small grid at start-up")
+    tls_cert: Path | None = setting(None, "PEM certificate chain: serve TLS only (reloaded when the file changes)")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS); others are "
+                                               "refused at the handshake")
     threads: int = setting(0, "ONNX Runtime intra-op threads; 0: one per physical core of the host, which in a "
                               "container may be more than its CPU limit")
     metrics_port: int | None = setting(None, "serve Prometheus metrics at /metrics on this port; 0 or none: off")
+
+    tls: CertificateFiles | None = field(init=False, default=None, repr=False)  # from the tls_* settings
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -61,6 +68,7 @@ class DraftConfig:
             self.cost_table = Path(self.cost_table)
             if not self.cost_table.is_file():
                 raise ValueError(f"cost_table: {self.cost_table} is not a file")
+        self.tls = certificate_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @staticmethod
     def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> DraftConfig:

@@ -108,7 +108,7 @@ def warm_up(expander: Expander) -> None:
 
 async def start(config: DraftConfig) -> Running:
     telemetry = setup_telemetry("draft", config.metrics_port, config.host)
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port,
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, tls=config.tls,
                                 interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)

@@ -134,10 +134,17 @@ class VerifyItem:
     sampling: verify_pb2.SamplingParams
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    """A channel to a replica: TLS with `credentials` (cast_runtime.tls), else plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+    return grpc.aio.secure_channel(address, credentials, options=channel_options())
+
+
 class DraftClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, credentials)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
         self.stream = StepStream(self.stub.ExpandStream, "ExpandStream")
 
@@ -167,9 +174,9 @@ class DraftClient:
 
 
 class VerifyClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, credentials)
         self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
         self.stream = StepStream(self.stub.VerifyStream, "VerifyStream")
 

@@ -6,9 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from cast_core.errors import InvalidArgument
 from cast_core.selection import CastParams
 from cast_runtime.settings import parse_settings, setting
+from cast_runtime.tls import CertificateFiles, certificate_files, channel_credentials
+from orchestrator.auth import TokenFile
 from orchestrator.discovery import Target, parse_target
 
 
@@ -37,10 +41,25 @@ class OrchestratorConfig:
     cast_c2: float = setting(CastParams.depth_threshold, "CAST depth threshold C2")
     cast_c3: float = setting(CastParams.rerank_threshold, "CAST reranking threshold C3")
     cast_r: int = setting(CastParams.gain_buffer_size, "CAST gain buffer size R")
+    tls_cert: Path | None = setting(None, "PEM certificate chain of the public APIs (gRPC and HTTP): TLS only; the gRPC "
+                                          "API reloads it when the file changes")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_ca: Path | None = setting(None, "PEM CA of the draft and verify replicas' certificates: call them over TLS")
+    tls_client_cert: Path | None = setting(None, "PEM certificate shown to the replicas (mutual TLS: their "
+                                                 "--tls-client-ca signed it)")
+    tls_client_key: Path | None = setting(None, "PEM private key of --tls-client-cert")
+    auth_tokens: Path | None = setting(None, "token file (one token and a client name per line): the public APIs "
+                                             "require 'authorization: Bearer TOKEN'; empty: open")
+    client_max_live: int = setting(0, "with --auth-tokens: requests of one client decoded at once; 0: no limit")
+    client_max_queued: int = setting(0, "with --auth-tokens and --client-max-live: more requests of one client that "
+                                        "wait; past them, RESOURCE_EXHAUSTED")
     connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
     draft_target: Target = field(init=False, repr=False)   # parsed from `draft`
     verify_target: Target = field(init=False, repr=False)  # parsed from `verify`
     cast: CastParams = field(init=False)                   # C1, C2, C3 and R of the `cast` policy
+    tls: CertificateFiles | None = field(init=False, repr=False)                 # from tls_cert, tls_key
+    replica_credentials: grpc.ChannelCredentials | None = field(init=False, repr=False)  # from tls_ca, tls_client_*
+    tokens: TokenFile | None = field(init=False, repr=False)                     # from auth_tokens
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = Path(self.tokenizer_dir)
@@ -63,6 +82,14 @@ class OrchestratorConfig:
             raise ValueError("max_live must be at least 1 and max_queued at least 0")
         if self.max_new_tokens_limit < 1:
             raise ValueError("max_new_tokens_limit must be at least 1")
+        self.tls = certificate_files(self.tls_cert, self.tls_key)
+        if self.tls_ca is None and (self.tls_client_cert or self.tls_client_key):
+            raise ValueError("tls_client_cert and tls_client_key need tls_ca (mutual TLS runs over TLS)")
+        self.replica_credentials = (channel_credentials(self.tls_ca, self.tls_client_cert, self.tls_client_key)
+                                    if self.tls_ca is not None else None)
+        self.tokens = TokenFile(self.auth_tokens) if self.auth_tokens is not None else None
+        if self.client_max_live < 0 or self.client_max_queued < 0:
+            raise ValueError("client_max_live and client_max_queued must not be negative")
 
     @staticmethod
     def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> OrchestratorConfig:

@@ -51,6 +51,8 @@ from starlette.exceptions import HTTPException
 from cast_core.errors import CastError, InvalidArgument, NotFound
 from cast_core.tree import TokenTree
 from cast_runtime.telemetry import trace_id
+from cast_runtime.tls import CertificateFiles
+from orchestrator.auth import ClientLimits
 from orchestrator.decoding import Chunk, GenerationRequest
 from orchestrator.errors import status_of
 from orchestrator.requests import RequestBuilder
@@ -319,8 +321,10 @@ async def allow_all(request: Request) -> None:
 
 
 class HttpApi:
-    def __init__(self, router: Router, requests: RequestBuilder, model_id: str) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, model_id: str,
+                 limits: ClientLimits | None = None) -> None:
         self.router = router
+        self.route = limits.limit(router.generate) if limits is not None else router.generate
         self.requests = requests
         self.tokenizer = requests.tokenizer
         self.model_id = model_id
@@ -387,7 +391,7 @@ class HttpApi:
 
     def generate(self, generation: GenerationRequest, chat: bool, span: trace.Span) -> AsyncIterator[Chunk]:
         """The generation's chunks, traced and measured (telemetry.py) under the request's span."""
-        return self.router.telemetry.observe(self.router.generate(generation, span), generation,
+        return self.router.telemetry.observe(self.route(generation, span), generation,
                                              "chat" if chat else "text_completion", span)
 
     def check(self, body: Sampling) -> None:
@@ -499,9 +503,11 @@ def usage(generation: GenerationRequest, final: Chunk) -> dict:
 
 
 def create_app(router: Router, requests: RequestBuilder, model_id: str,
-               authorize: Callable[[Request], Awaitable[None]] = allow_all) -> FastAPI:
-    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open)."""
-    api = HttpApi(router, requests, model_id)
+               authorize: Callable[[Request], Awaitable[None]] = allow_all,
+               limits: ClientLimits | None = None) -> FastAPI:
+    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open); `limits`
+    bound each client's requests (auth.py)."""
+    api = HttpApi(router, requests, model_id, limits)
     app = FastAPI(title="CAST Serve", summary="OpenAI-compatible API of the orchestrator", redoc_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     v1.add_api_route("/models", api.models, methods=["GET"])
@@ -547,14 +553,19 @@ def create_app(router: Router, requests: RequestBuilder, model_id: str,
 class HttpServer:
     """uvicorn serving an app in this event loop, on a socket bound before start() returns (port 0: any free one)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0,
+                 tls: CertificateFiles | None = None) -> None:
         # log_config None: the orchestrator's logging stays as it is; uvicorn says only what goes wrong.
+        tls_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                                    lifespan="off", timeout_graceful_shutdown=grace_s))
+                                                    lifespan="off", timeout_graceful_shutdown=grace_s, **tls_files))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
         self.port: int = self.socket.getsockname()[1]
         self.task: asyncio.Task | None = None
+        # Its own view of the files (the gRPC server's notes what it loaded separately)
+        self.tls = CertificateFiles(tls.cert, tls.key) if tls is not None else None
+        self.watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.socket]), name="http")
@@ -563,11 +574,23 @@ class HttpServer:
                 self.task.result()  # start-up failed: raise why
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        if self.tls is not None:
+            self.tls.load()
+            self.watch = asyncio.get_running_loop().create_task(self.reload_certificate(), name="http-tls")
         return self.port
+
+    async def reload_certificate(self, every_s: float = 2.0) -> None:
+        """Load the certificate again when its files change: new connections get it (as the gRPC API's do)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.tls.fetch() is not None:  # a whole, matching pair
+                self.server.config.ssl.load_cert_chain(self.tls.cert, self.tls.key)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests finish for the grace period, then cancel them (which ends
         their generations)."""
+        if self.watch is not None:
+            self.watch.cancel()
         if self.task is not None:
             self.server.should_exit = True
             await self.task

@@ -12,9 +12,10 @@ from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_runtime import serving
 from cast_runtime.identity import vocab_hash
 from cast_runtime.telemetry import setup_telemetry
+from orchestrator.auth import AuthInterceptor, ClientLimits, http_authorizer
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
-from orchestrator.http_api import HttpServer, create_app
+from orchestrator.http_api import HttpServer, allow_all, create_app
 from orchestrator.policies import make_policies
 from orchestrator.requests import RequestBuilder
 from orchestrator.router import Router
@@ -47,10 +48,12 @@ class Running:
 
 async def start(config: OrchestratorConfig) -> Running:
     telemetry = setup_telemetry("orchestrator", config.metrics_port or None, config.host)
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port,
-                                interceptors=telemetry.server_interceptors(TRACED_METHODS))
+    interceptors = [AuthInterceptor(config.tokens)] if config.tokens is not None else []
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, tls=config.tls,
+                                interceptors=[*interceptors, *telemetry.server_interceptors(TRACED_METHODS)])
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
-    fleet = Fleet(config.draft_target, config.verify_target, vocab_hash(tokenizer.get_vocab()), config.refresh_s)
+    fleet = Fleet(config.draft_target, config.verify_target, vocab_hash(tokenizer.get_vocab()), config.refresh_s,
+                  credentials=config.replica_credentials)
     await fleet.start(config.connect_timeout_s)
     serving_replicas = fleet.serving("draft") + fleet.serving("verify")
     max_context = min(r.description.max_context for r in serving_replicas)
@@ -59,13 +62,16 @@ async def start(config: OrchestratorConfig) -> Running:
                     telemetry=OrchestratorTelemetry(telemetry, model_id))
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests), server.server)
+    limits = ClientLimits(config.client_max_live, config.client_max_queued)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(router, requests, limits),
+                                                                server.server)
     # Bound here, before anything starts: a taken port fails the start-up at once.
-    http = (HttpServer(create_app(router, requests, model_id), config.host, config.http_port)
-            if config.http_port is not None else None)
+    authorize = http_authorizer(config.tokens) if config.tokens is not None else allow_all
+    http = (HttpServer(create_app(router, requests, model_id, authorize, limits), config.host, config.http_port,
+                       tls=config.tls) if config.http_port is not None else None)
     if http is not None:  # before SERVING: a ready orchestrator answers both APIs
         await http.start()
-        log.info("HTTP API on http://%s:%d (model %r)", config.host, http.port, model_id)
+        log.info("HTTP API on http%s://%s:%d (model %r)", "s" if config.tls else "", config.host, http.port, model_id)
     await server.start()
     watch = asyncio.get_running_loop().create_task(fleet.watch(), name="fleet-watch")
     log.info("orchestrator serving on %s (draft %s, verify %s)", server.address, config.draft_target,

@@ -17,6 +17,7 @@ from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument
 from cast_runtime.telemetry import cancellation_code, set_rpc_status, trace_id
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
+from orchestrator.auth import ClientLimits
 from orchestrator.router import Router
 from orchestrator.errors import abort_with
 from orchestrator.requests import RequestBuilder
@@ -64,9 +65,11 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, router: Router, requests: RequestBuilder) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, limits: ClientLimits | None = None) -> None:
         self.router = router
         self.requests = requests  # validation, shared with the HTTP API
+        # The router's generate, holding one of the calling client's slots while it runs (auth.py)
+        self.route = limits.limit(router.generate) if limits is not None else router.generate
 
     def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
         if msg.max_new_tokens <= 0:  # proto3's 0 is unset: the HTTP API's "as many as fit" is not the gRPC API's
@@ -80,7 +83,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def generate(self, domain: GenerationRequest, context):
         """The request's chunks, traced and measured (telemetry.py) under the call's server span."""
         span = trace.get_current_span()
-        return self.router.telemetry.observe(self.router.generate(domain, span), domain, "text_completion", span,
+        return self.router.telemetry.observe(self.route(domain, span), domain, "text_completion", span,
                                              lambda: cancellation_code(context))
 
     async def Generate(self, request, context):

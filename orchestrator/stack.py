@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cast_runtime.cache import default_cache_dir
+from cast_runtime.tls import channel_credentials
 from orchestrator.keep_awake import KeepAwake
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,28 @@ class StackSpec:
     metrics_port: int | None = None  # Prometheus endpoints: the orchestrator's; draft replica i's at metrics_port + 1
                                      # + 2 i, verify replica i's at metrics_port + 2 + 2 i. None: off
     env: dict[str, str] = field(default_factory=dict)  # for every service, over this process's (OTEL_*, ...)
+    tls_cert: Path | None = None  # every service serves TLS with this certificate (its names cover `host`)
+    tls_key: Path | None = None
+    tls_ca: Path | None = None    # the CA that signed it: what the orchestrator (and wait_ready) trust
+    mtls: bool = False            # the replicas require a client certificate signed by tls_ca; the orchestrator
+                                  # shows tls_cert
+    auth_tokens: Path | None = None  # the orchestrator's token file (auth.py)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """What a client of the stack's services (the orchestrator, health checks) connects with; None: plaintext."""
+        if self.tls_ca is None:
+            return None
+        return channel_credentials(self.tls_ca, *((self.tls_cert, self.tls_key) if self.mtls else ()))
+
+    def tls_args(self, role: str) -> list[str]:
+        if self.tls_cert is None:
+            return []
+        args = ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
+        if role != "orchestrator":
+            return args + (["--tls-client-ca", str(self.tls_ca)] if self.mtls else [])
+        args += ["--tls-ca", str(self.tls_ca)] if self.tls_ca else []
+        args += ["--tls-client-cert", str(self.tls_cert), "--tls-client-key", str(self.tls_key)] if self.mtls else []
+        return args + (["--auth-tokens", str(self.auth_tokens)] if self.auth_tokens else [])
 
     @property
     def address(self) -> str:
@@ -79,17 +102,18 @@ class StackSpec:
         out = {}
         for name, address in self.replica_addresses("draft").items():
             out[name] = [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
-                         "--port", address.rpartition(":")[2], *metrics.get(name, []), *self.draft_args]
+                         "--port", address.rpartition(":")[2], *metrics.get(name, []), *self.tls_args("draft"),
+                         *self.draft_args]
         for name, address in self.replica_addresses("verify").items():
             out[name] = [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
                          "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *metrics.get(name, []),
-                         *self.verify_args]
+                         *self.tls_args("verify"), *self.verify_args]
         out["orchestrator"] = [
             py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
             "--port", str(self.port), "--draft", ",".join(self.replica_addresses("draft").values()),
             "--verify", ",".join(self.replica_addresses("verify").values()),
             *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
-            *metrics.get("orchestrator", []), *self.orchestrator_args]
+            *metrics.get("orchestrator", []), *self.tls_args("orchestrator"), *self.orchestrator_args]
         return out
 
 
@@ -104,8 +128,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
@@ -146,12 +170,13 @@ class Stack:
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         pending = dict(self.addresses())
+        credentials = self.spec.credentials()
         while pending:
             for name, proc in self.processes.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"the {name} service exited with code {proc.returncode}{self._log_hint(name)}")
             for name, address in list(pending.items()):
-                if is_serving(address):
+                if is_serving(address, credentials=credentials):
                     del pending[name]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s:.0f} s: {', '.join(pending)}")

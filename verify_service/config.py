@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cast_runtime.settings import parse_settings, setting
+from cast_runtime.tls import CertificateFiles, certificate_files
 
 DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
@@ -29,6 +30,12 @@ class VerifyConfig:
     cost_table: Path | None = setting(None, "cost table for Describe (from `cast profile verify`); default cached or profiled")
     profile: bool = setting(True, "without --cost-table or a cached table, profile a small grid at start-up")
     metrics_port: int | None = setting(None, "serve Prometheus metrics at /metrics on this port; 0 or none: off")
+    tls_cert: Path | None = setting(None, "PEM certificate chain: serve TLS only (reloaded when the file changes)")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS); others are "
+                                               "refused at the handshake")
+
+    tls: CertificateFiles | None = field(init=False, default=None, repr=False)  # from the tls_* settings
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -58,6 +65,7 @@ class VerifyConfig:
             self.cost_table = Path(self.cost_table)
             if not self.cost_table.is_file():
                 raise ValueError(f"cost_table: {self.cost_table} is not a file")
+        self.tls = certificate_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @property
     def expire_interval_s(self) -> float:

@@ -52,8 +52,9 @@ async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
     # Bound before the (slow) model load, so a taken port fails at once.
     telemetry = setup_telemetry("verify", config.metrics_port, config.host)
-    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs,
-                                telemetry.server_interceptors([f"/{SERVICE_NAME}/Prefill", f"/{SERVICE_NAME}/Release"]))
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs, tls=config.tls,
+                                interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Prefill",
+                                                                            f"/{SERVICE_NAME}/Release"]))
 
     # One worker thread: it loads the model and then runs every domain call (see servicer.py).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")

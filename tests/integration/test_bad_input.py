@@ -31,6 +31,8 @@ def call_error(stub, **fields) -> grpc.RpcError:
         (dict(policy="tree:9x5/16"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
         (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (dict(stop=["x"] * 17), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (dict(stop=["x" * 257]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     ],
 )
 def test_bad_generate_requests(generation_stub, fields, code, field_name):
