@@ -61,15 +61,7 @@ class TokenTree:
                 raise InvalidArgument(f"has {getattr(self, name).shape[0]} entries, tokens has {n}", f"{field}.{name}")
         if self.parents[0] != -1 or self.depths[0] != 0:
             raise InvalidArgument("node 0 is the root: parent -1, depth 0", f"{field}.parents[0]")
-        idx = np.arange(n)
-        bad = np.nonzero((self.parents[1:] < 0) | (self.parents[1:] >= idx[1:]))[0]
-        if bad.size:
-            i = int(bad[0]) + 1
-            raise InvalidArgument(
-                f"parent {int(self.parents[i])} of node {i} is out of range: parents must precede their children "
-                "(a parent index at or after its child would make a cycle)",
-                f"{field}.parents[{i}]",
-            )
+        self.check_parent_order(field)
         bad = np.nonzero(self.depths[1:] != self.depths[self.parents[1:]] + 1)[0]
         if bad.size:
             i = int(bad[0]) + 1
@@ -83,6 +75,20 @@ class TokenTree:
                 raise InvalidArgument(
                     f"token {int(self.tokens[i])} is outside the vocabulary [0, {vocab_size})", f"{field}.tokens[{i}]"
                 )
+
+
+    def check_parent_order(self, field: str = "tree") -> None:
+        """Every parent index precedes its child (no cycles); validate's rule, apart for the fuzz test's planted bug."""
+        n = len(self)
+        idx = np.arange(n)
+        bad = np.nonzero((self.parents[1:] < 0) | (self.parents[1:] >= idx[1:]))[0]
+        if bad.size:
+            i = int(bad[0]) + 1
+            raise InvalidArgument(
+                f"parent {int(self.parents[i])} of node {i} is out of range: parents must precede their children "
+                "(a parent index at or after its child would make a cycle)",
+                f"{field}.parents[{i}]",
+            )
 
     def ancestor_mask(self) -> np.ndarray:
         """[N, N] bool: mask[i, j] is True when j is i itself or one of its ancestors."""
