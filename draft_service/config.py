@@ -9,13 +9,14 @@ from pathlib import Path
 
 from cast_runtime.cache import default_cache_dir
 from draft_service.export import DTYPES
+from draft_service.levels import LevelSpec, parse_level
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class DraftConfig:
-    model: Path                     # local checkpoint directory of the draft (transformers format)
+    model: Path | None = None       # local checkpoint directory of the draft (transformers format): level `small`
     host: str = "0.0.0.0"
     port: int = 50052               # 0: any free port (tests)
     provider: str = "auto"          # onnxruntime provider: auto (CUDA if available) | cpu | cuda
@@ -30,14 +31,23 @@ class DraftConfig:
     profile: bool = True            # without --cost-table and cache entry, profile a small grid at start-up
     threads: int = 0                # ORT intra-op threads; 0: ORT's default (one per physical core of the host,
                                     # more than a container's CPU limit may allow)
+    draft_level: tuple = ()         # more levels, NAME=SPEC each (levels.py): small=DIR, sparse=TARGET_DIR, lookup
 
     def __post_init__(self) -> None:
-        self.model = Path(self.model)
         if self.cache_dir is None:
             self.cache_dir = default_cache_dir()
         self.cache_dir = Path(self.cache_dir)
-        if not (self.model / "config.json").is_file():
-            raise ValueError(f"model: {self.model} is not a checkpoint directory (no config.json)")
+        if self.model is not None:
+            self.model = Path(self.model)
+            if not (self.model / "config.json").is_file():
+                raise ValueError(f"model: {self.model} is not a checkpoint directory (no config.json)")
+        self.draft_level = tuple(parse_level(x) if isinstance(x, str) else x for x in self.draft_level)
+        names = [spec.name for spec in self.levels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"draft_level: each level at most once (--model is level small), got {names}")
+        if not any(name != "lookup" for name in names):
+            raise ValueError("model: a draft model (--model) or a model level (--draft-level small=DIR or "
+                             "sparse=TARGET_DIR) is required")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is outside [0, 65535]")
         if self.provider not in PROVIDERS:
@@ -61,20 +71,34 @@ class DraftConfig:
             if not self.cost_table.is_file():
                 raise ValueError(f"cost_table: {self.cost_table} is not a file")
 
+    @property
+    def levels(self) -> list[LevelSpec]:
+        """Every level served: --model as `small`, then the --draft-level flags."""
+        small = [LevelSpec("small", self.model)] if self.model is not None else []
+        return small + list(self.draft_level)
+
     @staticmethod
     def from_args(argv: list[str] | None = None) -> DraftConfig:
         """Parse flags (`--model DIR --port N ...`); a flag left out falls back to CAST_DRAFT_<NAME>, then the
         default."""
         parser = argparse.ArgumentParser(prog="cast serve draft", description="CAST Serve draft-model service")
         for f in fields(DraftConfig):
+            if f.name == "draft_level":
+                parser.add_argument("--draft-level", dest="draft_level", action="append", metavar="NAME=SPEC",
+                                    help="a draft level, repeatable (env CAST_DRAFT_DRAFT_LEVEL, ';'-separated)")
+                continue
             flag = "--" + f.name.replace("_", "-")
             env = "CAST_DRAFT_" + f.name.upper()
             parser.add_argument(flag, dest=f.name, default=os.environ.get(env), help=f"(env {env})")
         parser.add_argument("--no-profile", dest="profile", action="store_const", const="false",
                             help="serve without a cost table rather than profile at start-up")
         args = vars(parser.parse_args(argv))
-        if args["model"] is None:
-            parser.error("--model (or CAST_DRAFT_MODEL) is required")
+        if args["draft_level"] is None and os.environ.get("CAST_DRAFT_DRAFT_LEVEL"):
+            args["draft_level"] = [x for x in os.environ["CAST_DRAFT_DRAFT_LEVEL"].split(";") if x]
+        if args["model"] is None and not args["draft_level"]:
+            parser.error("--model or --draft-level (or CAST_DRAFT_MODEL, CAST_DRAFT_DRAFT_LEVEL) is required")
+        if args["draft_level"]:
+            args["draft_level"] = tuple(args["draft_level"])
         types = {"port": int, "top_k": int, "max_sessions": int, "max_context": int, "threads": int,
                  "session_ttl_s": float, "grace_s": float, "profile": boolean}
         kwargs = {}
@@ -82,7 +106,7 @@ class DraftConfig:
             if value is None:
                 continue
             try:
-                kwargs[name] = types.get(name, str)(value)
+                kwargs[name] = value if name == "draft_level" else types.get(name, str)(value)
             except ValueError:
                 parser.error(f"--{name.replace('_', '-')}: {value!r} is not a {types[name].__name__}")
         return DraftConfig(**kwargs)

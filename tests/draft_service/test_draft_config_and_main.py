@@ -66,7 +66,7 @@ def test_the_replica_reports_the_runner_it_serves_with(draft_model_dir, onnx_cac
     expander, replica = build_expander(DraftConfig(model=draft_model_dir, provider="cpu", top_k=8, dtype="float32",
                                                    max_context=300, profile=False))
     assert replica.backend == "onnxruntime:CPUExecutionProvider+growing" and replica.max_context == 300
-    assert expander.runner.capacity == 300 + TREE_ROOM
+    assert expander.models["small"].runner.capacity == 300 + TREE_ROOM
     [e], _ = expander.expand([SequenceInput("a", np.array([5, 17, 99]), 0)], Budget(top_k=2, max_depth=2,
                                                                                    max_breadth=2))
     assert len(e.tree) == 1 + 2 + 4
