@@ -87,6 +87,10 @@ class Planner:
             ))
         return budget
 
+    def draft_costs(self, costs: CostModel) -> CostModel:
+        """The prices an Expand of this policy is measured against (a cascade: its level's)."""
+        return costs
+
     def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 

@@ -32,7 +32,7 @@ def default_pair() -> tuple[Path, Path]:
 @dataclass
 class StackSpec:
     target_dir: Path
-    draft_dir: Path
+    draft_dir: Path | None  # None: no small draft; the draft service drafts with the target's own levels
     host: str = "127.0.0.1"
     port: int = 50051
     draft_port: int = 50052
@@ -46,6 +46,7 @@ class StackSpec:
     draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
     verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
+    draft_levels: tuple[str, ...] = ("sparse", "lookup")  # served beside the draft (draft_service/levels.py)
 
     @property
     def address(self) -> str:
@@ -64,7 +65,7 @@ class StackSpec:
         py = sys.executable
         out = {}
         for name, address in self.replica_addresses("draft").items():
-            out[name] = [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
+            out[name] = [py, "-m", "draft_service.server", *self.level_args(), "--host", self.host,
                          "--port", address.rpartition(":")[2], *self.draft_args]
         for name, address in self.replica_addresses("verify").items():
             out[name] = [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
@@ -75,6 +76,14 @@ class StackSpec:
             "--verify", ",".join(self.replica_addresses("verify").values()),
             *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.orchestrator_args]
         return out
+
+
+    def level_args(self) -> list[str]:
+        """The draft service's levels: the draft model as `small` (--model), then sparse (of the target), lookup."""
+        args = ["--model", str(self.draft_dir)] if self.draft_dir is not None else []
+        for level in self.draft_levels:
+            args += ["--draft-level", f"sparse={self.target_dir}" if level == "sparse" else level]
+        return args
 
 
 def free_ports(n: int) -> list[int]:

@@ -32,6 +32,7 @@ from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
 from orchestrator.costs import CostModel, ReplicaCosts
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
 from orchestrator.fleet import Replica, State
+from orchestrator.cascade import CascadePlanner, make_planner
 from orchestrator.planner import Planner
 from orchestrator.policies import TreePolicy
 
@@ -172,6 +173,8 @@ class StepLoop:
         pair = self.pairs.get(key)
         if pair is None:
             pair = self.pairs[key] = CostModel.pair(self.replica.costs, draft.costs if draft else self.no_draft)
+            if draft is not None:
+                pair.levels = {name: CostModel.pair(self.replica.costs, c) for name, c in draft.level_costs.items()}
         return pair
 
     def enqueue(self, s: LiveSequence, front: bool = False) -> None:
@@ -396,6 +399,11 @@ class StepLoop:
         for g in groups:
             g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
                                  [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off)
+            if isinstance(g.planner, CascadePlanner) and g.drafts:
+                tokens = {s.sequence_id: t for s, t in zip(batch, results)}
+                g.planner.learn_levels([g.expanded.get(s.sequence_id) for s in g.sequences],
+                                       [verified[s.sequence_id] for s in g.sequences],
+                                       [tokens[s.sequence_id] for s in g.sequences])
 
     def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
         """The batch's drafting policies, each with its sequences and whether it drafts this step (a policy whose
@@ -408,7 +416,7 @@ class StepLoop:
         for name, sequences in members.items():
             planner = self.planners.get(name)
             if planner is None:
-                planner = self.planners[name] = Planner(sequences[0].policy)
+                planner = self.planners[name] = make_planner(sequences[0].policy)
             with_draft = [s.draft for s in sequences if s.draft is not None]
             drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
             groups.append(PolicyGroup(planner, sequences, drafts))
@@ -419,8 +427,8 @@ class StepLoop:
         """One batched Expand on one draft replica for some of a policy's sequences (into group.expanded). Returns
         what it teaches, a job for the Verify's wait; None when the replica failed them: they verify their roots
         alone this step and move to another draft replica."""
-        costs = self.costs(replica)
-        budget = group.planner.budget(costs, size, context)
+        budget = group.planner.budget(self.costs(replica), size, context)
+        costs = group.planner.draft_costs(self.costs(replica))
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
         timing.one_off |= draft_catching_up(sequences)
         for s in sequences:
