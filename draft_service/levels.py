@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cast_core.cost_table import CostTable
-from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from cast_core.errors import CastError, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, Expansion, LayerStats, SequenceInput
@@ -209,12 +209,15 @@ class Levels:
         """A plain Expand (a Budget: the default level) or a cascaded one; validated whole before anything
         changes. Returns the expansions and the model time (s)."""
         if isinstance(budget, Cascade):
-            for step in budget.steps:
+            for i, step in enumerate(budget.steps):
                 if step.level not in self.names:
                     raise FailedPrecondition(f"this replica serves {self.names}, not {step.level!r}",
-                                             "cascade.levels.level")
+                                             f"cascade.levels[{i}].level")
                 if step.budget is not None:
-                    self.models[step.level].validate_budget(step.budget)
+                    try:
+                        self.models[step.level].validate_budget(step.budget)
+                    except CastError as e:  # name the level too
+                        raise type(e)(str(e), f"cascade.levels[{i}]") from None
         elif self.default is None:
             raise FailedPrecondition(f"this replica serves only {self.names}: send a cascade", "budget")
         else:

@@ -46,7 +46,9 @@ class StackSpec:
     draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
     verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
-    draft_levels: tuple[str, ...] = ("sparse", "lookup")  # served beside the draft (draft_service/levels.py)
+    # Served beside the draft (draft_service/levels.py): "sparse" (of the target; "sparse,layers=N" to choose the
+    # layer count) and "lookup".
+    draft_levels: tuple[str, ...] = ("sparse", "lookup")
 
     @property
     def address(self) -> str:
@@ -82,7 +84,9 @@ class StackSpec:
         """The draft service's levels: the draft model as `small` (--model), then sparse (of the target), lookup."""
         args = ["--model", str(self.draft_dir)] if self.draft_dir is not None else []
         for level in self.draft_levels:
-            args += ["--draft-level", f"sparse={self.target_dir}" if level == "sparse" else level]
+            name, _, options = level.partition(",")
+            args += ["--draft-level", f"sparse={self.target_dir}" + (f",{options}" if options else "")
+                     if name == "sparse" else level]
         return args
 
 
