@@ -3,7 +3,8 @@ several drafters. `--draft-level NAME=SPEC`, repeatable:
 
     small=DIR               a separate draft model (ONNX Runtime), as a single-draft service runs it
     sparse=TARGET_DIR[,layers=N]
-                            the target with some of its layers (sparse.py), exported to ONNX like a draft
+                            the target with some of its layers (sparse.py), exported to ONNX like a draft; a
+                            checkpoint that sparse.py wrote (sparse.json in it) is served as it is
     lookup                  prompt lookup in the sequence's own tokens (lookup.py)
 
 Per sequence the levels share one history of committed tokens: lookup searches it, and a model level that sat out

@@ -28,7 +28,7 @@ from draft_service.levels import KINDS, Levels, LevelSpec, lookup_cost_table
 from draft_service.profile import device_name, startup_cost_table
 from draft_service.runner import TREE_ROOM, DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
-from draft_service.sparse import build_sparse_checkpoint
+from draft_service.sparse import build_sparse_checkpoint, load_choice
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
@@ -65,7 +65,7 @@ def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
     is the default level's). Returns (expander, checkpoint dir, cost table or None)."""
     provider = choose_provider(config.provider)
     model_dir = spec.path
-    if spec.name == "sparse":
+    if spec.name == "sparse" and load_choice(spec.path) is None:  # a target: choose its layers (cached)
         model_dir = build_sparse_checkpoint(spec.path, spec.layers, cache_dir=config.cache_dir)
     onnx_path, meta = export_draft(model_dir, top_k=config.top_k, dtype=choose_dtype(config.dtype, provider),
                                    cache_dir=config.cache_dir)
@@ -86,7 +86,9 @@ def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
 def model_name(spec: LevelSpec, expander: Expander) -> str:
     """The draft's directory name; a sparse level's: the target's, with the layers it keeps."""
     name = spec.path.resolve().name
-    return f"{name}-sparse{expander.runner.meta.num_layers}" if spec.name == "sparse" else name
+    if spec.name == "sparse" and load_choice(spec.path) is None:
+        return f"{name}-sparse{expander.runner.meta.num_layers}"
+    return name
 
 
 def build_expander(config: DraftConfig) -> tuple[Levels, common_pb2.ReplicaDescription]:

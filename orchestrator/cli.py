@@ -30,7 +30,8 @@ def cmd_up(argv: list[str]) -> int:
                    "--target is given alone: the target drafts for itself with the sparse and lookup levels)")
     p.add_argument("--draft-levels", default="sparse,lookup",
                    help="levels served beside the draft (comma-separated, of sparse and lookup; '' for none): "
-                        "the `cascade` policy and its per-level policies use them")
+                        "the `cascade` policy and its per-level policies use them; sparse=DIR serves a checkpoint "
+                        "that `python -m draft_service.sparse` wrote")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--draft-port", type=int, default=50052)
@@ -51,9 +52,9 @@ def cmd_up(argv: list[str]) -> int:
         p.error(str(e))
     target, draft = (a.target, a.draft) if a.target else default_pair()
     levels = tuple(x for x in a.draft_levels.split(",") if x)
-    if set(levels) - {"sparse", "lookup"}:
+    if {x.partition("=")[0] for x in levels} - {"sparse", "lookup"}:
         p.error(f"--draft-levels: {a.draft_levels!r}: only sparse and lookup (the draft is level small)")
-    if draft is None and "sparse" not in levels:
+    if draft is None and not any(x.startswith("sparse") for x in levels):
         p.error("without --draft the draft service needs the sparse level")
     if a.draft_replicas < 1 or a.verify_replicas < 1:
         p.error("--draft-replicas and --verify-replicas must be at least 1")

@@ -47,7 +47,7 @@ class StackSpec:
     verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
     # Served beside the draft (draft_service/levels.py): "sparse" (of the target; "sparse,layers=N" to choose the
-    # layer count) and "lookup".
+    # layer count; "sparse=DIR" a checkpoint draft_service.sparse wrote) and "lookup".
     draft_levels: tuple[str, ...] = ("sparse", "lookup")
 
     @property
@@ -85,8 +85,9 @@ class StackSpec:
         args = ["--model", str(self.draft_dir)] if self.draft_dir is not None else []
         for level in self.draft_levels:
             name, _, options = level.partition(",")
-            args += ["--draft-level", f"sparse={self.target_dir}" + (f",{options}" if options else "")
-                     if name == "sparse" else level]
+            if name == "sparse":
+                level = f"sparse={self.target_dir}" + (f",{options}" if options else "")
+            args += ["--draft-level", level]
         return args
 
 
