@@ -19,6 +19,7 @@ import datetime
 import gzip
 import json
 import platform
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                         "'none' (no sparse level, no target-only stack)")
     p.add_argument("--sets", default="humaneval,edit")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the stacks stop in `finally`
     a.out.mkdir(parents=True, exist_ok=True)
     sets = {"humaneval": [q.rstrip() for q in load_prompts()], "edit": edit_prompts(64)}
     sets = {name: sets[name] for name in a.sets.split(",")}
@@ -129,8 +131,40 @@ def write(rows: list[dict], a) -> None:
                      f"{statistics.mean(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
                      f"{mean('tokens_per_step'):.2f} | {mean('draft_ms_per_step'):.1f} | "
                      f"{mean('verify_ms_per_step'):.1f} |")
+    lines += ["", *comparisons(rows)]
     (a.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """The issue's targets, as ratios of tokens/s taken within each round (then averaged over rounds)."""
+    def tps(r: int, s: str, b: int, policy: str, stack: str = "pair") -> float | None:
+        return next((x["tokens_per_s"] for x in rows if (x["round"], x["set"], x["batch"], x["policy"], x["stack"])
+                     == (r, s, b, policy, stack)), None)
+
+    out = ["| set | batch | cascade / best single level | cascade (no small draft) / ar | cascade / cascade-fixed | "
+           "cascade / eagle2 | cascade / cast |", "|---|---|---|---|---|---|---|"]
+    for s, b in sorted({(x["set"], x["batch"]) for x in rows}, key=lambda k: (k[0], k[1])):
+        ratios: dict[str, list[float]] = {}
+        for r in sorted({x["round"] for x in rows}):
+            cascade = tps(r, s, b, "cascade")
+            singles = [v for v in (tps(r, s, b, level) for level in ("lookup", "sparse", "small")) if v]
+            pairs = {"best": max(singles) if singles else None, "fixed": tps(r, s, b, "cascade-fixed"),
+                     "eagle2": tps(r, s, b, "eagle2"), "cast": tps(r, s, b, "cast")}
+            for name, other in pairs.items():
+                if cascade and other:
+                    ratios.setdefault(name, []).append(cascade / other)
+            alone, ar = tps(r, s, b, "cascade", "target-only"), tps(r, s, b, "ar")
+            if alone and ar:
+                ratios.setdefault("alone", []).append(alone / ar)
+
+        def cell(name: str) -> str:
+            values = ratios.get(name)
+            return f"{statistics.mean(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})" if values else "-"
+
+        out.append(f"| {s} | {b} | {cell('best')} | {cell('alone')} | {cell('fixed')} | {cell('eagle2')} | "
+                   f"{cell('cast')} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -37,16 +37,21 @@ class SparseChoice:
     calibration_tokens: int
 
 
+def is_holdout(name: str, seed: int = 0, percent: float = 1.0) -> bool:
+    """cast_models.train_reference's rule for held-out files (repeated here: that module imports torch, and a
+    cached sparse level starts without it)."""
+    key = hashlib.sha256(f"holdout\0{seed}\0{name}".encode()).digest()
+    return int.from_bytes(key[:8], "big") % 10000 < round(percent * 100)
+
+
 def heldout_stdlib_text(max_chars: int = 20_000) -> tuple[str, str]:
     """(text, description): standard-library files that the reference pair's training held out (its seed 0, 1 %),
     so that the reference target is measured on text it never trained on. Any text works for other targets."""
-    from cast_models.train_reference import is_holdout
-
     root = Path(sysconfig.get_paths()["stdlib"])
     picked, text = [], ""
     for path in sorted(root.rglob("*.py")):
         name = f"stdlib/{path.relative_to(root).as_posix()}"
-        if "site-packages" in name or not is_holdout(0, name, 1.0):
+        if "site-packages" in name or not is_holdout(name):
             continue
         try:
             text += path.read_text() + "\n"
@@ -116,11 +121,9 @@ def build_sparse_checkpoint(target_dir: str | Path, layers: int = 0, calibration
                             cache_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     """The sparse checkpoint of a target (cached by content hash): layers 0 keeps two thirds of the target's layers
     (rounded up); calibration: a text file (None: the reference pair's held-out stdlib files)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     target_dir = Path(target_dir)
-    full = AutoConfig.from_pretrained(target_dir).get_text_config(decoder=True).num_hidden_layers
+    config = json.loads((target_dir / "config.json").read_text())
+    full = config.get("num_hidden_layers") or config["text_config"]["num_hidden_layers"]
     layers = layers or -(-2 * full // 3)
     if calibration is None:
         text, described = heldout_stdlib_text()
@@ -130,6 +133,9 @@ def build_sparse_checkpoint(target_dir: str | Path, layers: int = 0, calibration
         target_dir, layers, text)
     if (out / SPARSE_FILE).is_file():
         return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
     keep, score, tokens = choose_layers(target_dir, layers, text)
 
     model = AutoModelForCausalLM.from_pretrained(target_dir).eval()  # the checkpoint's own dtype

@@ -67,6 +67,15 @@ def test_level_flags(tmp_path):
             parse_level(bad)
 
 
+def test_the_held_out_files_are_the_reference_trainings():
+    from cast_models.train_reference import is_holdout as training_rule
+    from draft_service.sparse import is_holdout
+
+    names = [f"stdlib/module_{i}.py" for i in range(3000)]
+    assert [is_holdout(n) for n in names] == [training_rule(0, n, 1.0) for n in names]
+    assert 10 < sum(map(is_holdout, names)) < 60
+
+
 def test_the_sparse_checkpoint_is_the_target_with_the_chosen_layers(tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
