@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cascade_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--requests", type=int, default=8, help="requests per level at batch 1 (batch 8: twice as many)")
+    p.add_argument("--requests", type=int, default=8, help="requests per level at batch 1 (batch c: 2 c)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, prompts in sets.items():
                 for c in (int(x) for x in a.concurrency.split(",")):
                     for stack, policy in order:
-                        n = a.requests * (2 if c > 1 else 1)
+                        n = a.requests if c == 1 else 2 * c  # a batch of c until the last c requests drain
                         address = stacks[stack].spec.address
                         asyncio.run(run_level(address, prompts[n:], policy, c, 8, c, 60))  # warm-up, untimed
                         row, results = asyncio.run(run_level(address, prompts, policy, c, a.max_new_tokens, n, 300))
@@ -113,7 +113,7 @@ def write(rows: list[dict], a) -> None:
     differ = sum(r["outputs"] != ar[(r["round"], r["set"], r["batch"])] for r in rows)
     lines = [f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} "
              f"({platform.processor() or platform.machine()}); {a.rounds} rounds, {a.requests} requests per level at "
-             f"batch 1 ({2 * a.requests} at batch 8), {a.max_new_tokens} new tokens, greedy. Levels whose outputs "
+             f"batch 1 (2 c at batch c), {a.max_new_tokens} new tokens, greedy. Levels whose outputs "
              f"differ from ar's: {differ}.", "",
              "| set | batch | stack | policy | tokens/s | × ar (per round) | tokens/step | draft ms/step | "
              "verify ms/step |", "|---|---|---|---|---|---|---|---|---|"]

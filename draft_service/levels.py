@@ -268,6 +268,9 @@ class Levels:
             if len(self.sessions) + new > self.sessions.max_sessions:
                 raise ResourceExhausted(f"{self.sessions.max_sessions} live sequences: no room for another",
                                         "sequences")
+        fresh = [q.sequence_id for q, h in zip(sequences, found) if h is None]
+        for model in self.models.values():  # a level's cache of an expired history is stale
+            model.release(fresh)
         histories = [h if h is not None else self.sessions.create(q.sequence_id, History())
                      for q, h in zip(sequences, found)]
         for q, h in zip(sequences, histories):
@@ -280,9 +283,6 @@ class Levels:
         inputs = []
         for q, h in zip(sequences, histories):
             seen = model.sessions.get(q.sequence_id).length if q.sequence_id in model.sessions else 0
-            if seen >= len(h.tokens):  # its cache is ahead of the history (the history was recreated): start over
-                model.release([q.sequence_id])
-                seen = 0
             inputs.append(SequenceInput(q.sequence_id, np.asarray(h.tokens[seen:], dtype=np.int64), seen))
         return model.expand(inputs, budget)
 
