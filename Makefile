@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test protos clean
+.PHONY: install up test protos deploy-check clean
 
 # A line per step, then pip's own progress: a first install takes a minute or more.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 protos: $(STAMP)
 	$(PY) -m tools.gen_protos
+
+# deploy/: render and validate every overlay, lint the Dockerfile, run the cpu overlay's commands (tests/deploy/).
+deploy-check: $(STAMP)
+	$(PY) -m pytest -q tests/deploy
 
 clean:
 	rm -rf $(VENV) build

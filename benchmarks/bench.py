@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from cast.v1 import generation_pb2, generation_pb2_grpc
+from orchestrator.auth import add_client_flags, bearer, public_channel
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,12 @@ class RequestResult:
     expanded_nodes: float  # mean nodes the draft proposed per step (root included)
     verified_depth: float  # mean deepest verified layer per step
     step_breakdowns: list[StepBreakdown]
+    cut: bool = False      # stopped by the level's cutoff: token_ids is a prefix of the output, no step stats
+
+    @staticmethod
+    def cut_short(prompt: str, token_ids: list[int], ttft_s: float, total_s: float) -> RequestResult:
+        return RequestResult(prompt, token_ids, ttft_s, total_s, len(token_ids), 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                             0.0, [], cut=True)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class LevelResult:
     orchestrator_ms_p50: float
     overhead_ms_p50: float       # rpc + orchestrator: what serving adds to the models' work
     differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
+    cut_requests: int = 0        # of `requests`, those cancelled at the level's cutoff (their tokens count)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -112,15 +118,22 @@ def mean_of(items, attribute: str) -> float:
     return statistics.mean(getattr(i, attribute) for i in items) if items else 0.0
 
 
-async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float) -> RequestResult:
+async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeout_s: float,
+                      progress: list | None = None, metadata: tuple = ()) -> RequestResult:
+    """One streamed request. `progress`, when given, is filled as [start, first token time, token ids so far] while
+    the stream runs, so that a caller that cancels the request still knows what it received."""
     request = generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, policy=policy, return_step_stats=True)
     start = time.perf_counter()
     first = None
     last = None
     token_ids: list[int] = []
-    async for chunk in stub.GenerateStream(request, timeout=timeout_s):
+    if progress is not None:
+        progress[:] = [start, None, token_ids]
+    async for chunk in stub.GenerateStream(request, timeout=timeout_s, metadata=metadata):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
+            if progress is not None:
+                progress[1] = first
         token_ids.extend(chunk.token_ids)
         last = chunk
     end = time.perf_counter()
@@ -143,25 +156,42 @@ async def one_request(stub, prompt: str, policy: str, max_new_tokens: int, timeo
 
 
 async def run_level(
-    address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int, max_seconds: float
+    address: str, prompts: list[str], policy: str, concurrency: int, max_new_tokens: int, max_requests: int,
+    max_seconds: float, cutoff_s: float | None = None, token: str | None = None, tls_ca: Path | None = None,
 ) -> tuple[LevelResult, list[RequestResult]]:
+    """Up to `max_requests` requests, `concurrency` at a time; none starts after `max_seconds`. With `cutoff_s`,
+    requests still streaming at that time are cancelled and count with the tokens they received (`cut`)."""
     results: list[RequestResult] = []
     queue = list(reversed(prompts[:max_requests]))
-    async with grpc.aio.insecure_channel(address) as channel:
+    in_flight: dict[int, tuple[str, list]] = {}  # worker -> (prompt, one_request's progress)
+    async with public_channel(address, tls_ca, aio=True) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         start = time.perf_counter()
         deadline = start + max_seconds
 
-        async def worker() -> None:
+        async def worker(w: int) -> None:
             while queue and time.perf_counter() < deadline:
-                results.append(await one_request(stub, queue.pop(), policy, max_new_tokens, timeout_s=max(max_seconds, 60)))
+                prompt, progress = queue.pop(), []
+                in_flight[w] = (prompt, progress)
+                results.append(await one_request(stub, prompt, policy, max_new_tokens, timeout_s=max(max_seconds, 60),
+                                                 progress=progress, metadata=bearer(token)))
+                del in_flight[w]
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(concurrency))), cutoff_s)
+        except asyncio.TimeoutError:
+            now = time.perf_counter()
+            for prompt, (began, first, token_ids) in (v for v in in_flight.values() if v[1]):
+                results.append(RequestResult.cut_short(prompt, token_ids, (first or now) - began, now - began))
+            await asyncio.sleep(0.1)  # the cancelled calls' last events, before the channel and the loop close
         wall = time.perf_counter() - start
+    finished = [r for r in results if not r.cut]
     tokens = sum(r.completion_tokens for r in results)
-    tpots = [(r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in results if r.completion_tokens > 1]
-    steps = sum(r.steps for r in results)
-    steps_ms = [b for r in results for b in r.step_breakdowns]
+    # Per-step figures come from the requests that finished (a cut one has no step stats).
+    finished_tokens = sum(r.completion_tokens for r in finished)
+    tpots = [(r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in finished if r.completion_tokens > 1]
+    steps = sum(r.steps for r in finished)
+    steps_ms = [b for r in finished for b in r.step_breakdowns]
     return LevelResult(
         policy=policy,
         concurrency=concurrency,
@@ -169,18 +199,19 @@ async def run_level(
         completion_tokens=tokens,
         wall_s=wall,
         tokens_per_s=tokens / wall if wall else 0.0,
+        cut_requests=len(results) - len(finished),
         ttft_p50_ms=percentile([r.ttft_s * 1e3 for r in results], 50),
         ttft_p99_ms=percentile([r.ttft_s * 1e3 for r in results], 99),
         tpot_p50_ms=percentile([t * 1e3 for t in tpots], 50),
         tpot_p99_ms=percentile([t * 1e3 for t in tpots], 99),
         latency_p50_s=statistics.median(r.total_s for r in results) if results else float("nan"),
-        mean_accepted_length=tokens / steps if steps else 0.0,
-        draft_ms_per_step=1e3 * sum(r.draft_s for r in results) / steps if steps else 0.0,
-        verify_ms_per_step=1e3 * sum(r.verify_s for r in results) / steps if steps else 0.0,
-        other_ms_per_step=1e3 * sum(r.other_s for r in results) / steps if steps else 0.0,
-        verified_nodes_per_step=mean_of(results, "verified_nodes"),
-        expanded_nodes_per_step=mean_of(results, "expanded_nodes"),
-        verified_depth_per_step=mean_of(results, "verified_depth"),
+        mean_accepted_length=finished_tokens / steps if steps else 0.0,
+        draft_ms_per_step=1e3 * sum(r.draft_s for r in finished) / steps if steps else 0.0,
+        verify_ms_per_step=1e3 * sum(r.verify_s for r in finished) / steps if steps else 0.0,
+        other_ms_per_step=1e3 * sum(r.other_s for r in finished) / steps if steps else 0.0,
+        verified_nodes_per_step=mean_of(finished, "verified_nodes"),
+        expanded_nodes_per_step=mean_of(finished, "expanded_nodes"),
+        verified_depth_per_step=mean_of(finished, "verified_depth"),
         step_ms_p50=percentile([b.step for b in steps_ms], 50),
         draft_model_ms_p50=percentile([b.draft_model for b in steps_ms], 50),
         verify_model_ms_p50=percentile([b.verify_model for b in steps_ms], 50),
@@ -260,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--title", default="cast bench")
+    add_client_flags(p)
     a = p.parse_args(argv)
     prompts = load_prompts(a.prompts)
     if a.rstrip_prompts:
@@ -269,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in (int(c) for c in a.concurrency.split(",")):
             if a.warmup > 0:
                 asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.warmup * concurrency,
-                                      a.seconds))
+                                      a.seconds, token=a.token, tls_ca=a.tls_ca))
             row, results = asyncio.run(run_level(a.addr, prompts, policy, concurrency, a.max_new_tokens, a.requests,
-                                                 a.seconds))
+                                                 a.seconds, token=a.token, tls_ca=a.tls_ca))
             print(
                 f"{policy:>7} c={concurrency:<3} {row.tokens_per_s:8.1f} tok/s  ttft p50 {row.ttft_p50_ms:7.1f} ms  "
                 f"tpot p50 {row.tpot_p50_ms:6.2f} ms  {row.mean_accepted_length:.2f} tok/step  "

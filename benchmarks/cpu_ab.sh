@@ -9,9 +9,13 @@ BASE_TREE=${BASE_TREE:?an export of the commit to compare against}
 NEW_TREE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$NEW_TREE/.venv/bin/python}
 mkdir -p "$OUT"
-(cd "$BASE_TREE" && PYTHONPATH=$BASE_TREE:$BASE_TREE/protos $PY -m orchestrator.cli up --port 53051 --draft-port 53052 \
-    --verify-port 53053 > "$OUT/stack_base.log" 2>&1 &)
-(cd "$NEW_TREE" && $PY -m orchestrator.cli up --port 54051 --draft-port 54052 --verify-port 54053 > "$OUT/stack_new.log" 2>&1 &)
+(cd "$BASE_TREE" && PYTHONPATH=$BASE_TREE:$BASE_TREE/protos exec $PY -m orchestrator.cli up --port 53051 \
+    --draft-port 53052 --verify-port 53053) > "$OUT/stack_base.log" 2>&1 &
+BASE_PID=$!
+(cd "$NEW_TREE" && exec $PY -m orchestrator.cli up --port 54051 --draft-port 54052 --verify-port 54053) \
+    > "$OUT/stack_new.log" 2>&1 &
+NEW_PID=$!
+trap 'kill $BASE_PID $NEW_PID 2>/dev/null; wait' EXIT  # `cast up` stops its services on SIGTERM
 for _ in $(seq 1 300); do grep -q '^ready' "$OUT/stack_base.log" && grep -q '^ready' "$OUT/stack_new.log" && break; sleep 1; done
 round=0
 for who in base new new base base new; do
@@ -23,4 +27,3 @@ for who in base new new base base new; do
         echo "round $round $who c=$c"; grep -E "c=|step p50" "$OUT/r${round}_${who}_c$c.log"
     done
 done
-pkill -f "orchestrator.cli up --port 5[34]051"

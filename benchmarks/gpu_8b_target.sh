@@ -91,7 +91,7 @@ fi
 
 if has bench_ref; then
     stage "cast bench on the reference pair"
-    $CAST up > "$OUT/stack_ref.log" 2>&1 &
+    $CAST up ${REF_UP_FLAGS:-} > "$OUT/stack_ref.log" 2>&1 &  # e.g. REF_UP_FLAGS="--verify-dtype float32"
     STACK=$!
     for _ in $(seq 1 300); do grep -q '^ready' "$OUT/stack_ref.log" && break; kill -0 $STACK 2>/dev/null || break; sleep 1; done
     tail -n 3 "$OUT/stack_ref.log"
@@ -155,7 +155,7 @@ if has bench_ab; then
     start_wide_stack "$OUT/stack_new.log" --port 50071 --draft-port 50072 --verify-port 50073
     for round in $(seq 1 ${AB_ROUNDS:-2}); do
         order="base new"; (( round % 2 == 0 )) && order="new base"
-        for mode in idle awake; do
+        for mode in ${AB_MODES:-idle awake}; do
             SPIN=
             if [[ $mode == awake ]]; then
                 python3 -m orchestrator.keep_awake --cpus ${KEEP_AWAKE_CPUS:-all} & SPIN=$!

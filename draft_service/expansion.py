@@ -7,6 +7,9 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 2. Expand, EAGLE-2 style: each layer keeps its best candidates by value (`layer_keep_count`); if another layer
    is wanted (`expand_another_layer`), one forward over the kept nodes, with a tree mask, gives each of them
    top_k children: the next layer's candidates, value = parent value * draft probability.
+   CAST also drops, before its breadth rule, every candidate below the value of the tree's `max_returned_nodes`-th
+   best node so far: the trimming in 3 would drop it and all its descendants, so expanding it is wasted draft
+   work (the planner sets that bound from the counts its reranking verified lately).
 3. Return every candidate of every layer (kept or not; or the best `max_returned_nodes` by value): the
    orchestrator reranks. The tree's KV was temporary: only the committed tokens stay in the cache.
 
@@ -170,6 +173,13 @@ class _Tree:
         self.size += n * k
         return new
 
+    def value_floor(self, m: int) -> float:
+        """The m-th largest value among the nodes so far (0 while there are at most m). A node below it can never be
+        among the tree's best m, nor can any of its descendants (a child is worth at most its parent)."""
+        if self.size <= m:
+            return 0.0
+        return float(np.partition(self.values[: self.size], self.size - m)[self.size - m])
+
     def to_token_tree(self) -> TokenTree:
         n = self.size
         return TokenTree(self.tokens[:n].copy(), self.parents[:n].copy(), self.depths[:n].copy(),
@@ -330,6 +340,8 @@ class Expander:
         while any(nodes.size for nodes in layer):
             # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
             ranked = [nodes[np.argsort(-t.values[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
+            if budget.cast is not None and budget.max_returned_nodes > 0:
+                ranked = [r[t.values[r] >= t.value_floor(budget.max_returned_nodes)] for r, t in zip(ranked, trees)]
             n_keep = min(layer_keep_count([t.values[r] for r, t in zip(ranked, trees)], budget, forwarded),
                          budget.max_breadth)
             kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]

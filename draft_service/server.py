@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from cast_runtime.grpc_options import server_options
+from cast_runtime import serving
 from cast_runtime.identity import vocab_hash
 from cast_runtime.sessions import SessionStore
+from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
@@ -36,10 +34,16 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  
 
 @dataclass
 class Running:
-    server: grpc.aio.Server
-    port: int
-    health: health.aio.HealthServicer
+    grpc: serving.GrpcServer
     servicer: DraftServicer
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.grpc.server
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
 
 
 def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
@@ -144,24 +148,18 @@ def warm_up(expander: Expander) -> None:
 
 
 async def start(config: DraftConfig) -> Running:
+    telemetry = setup_telemetry("draft", config.metrics_port, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, tls=config.tls,
+                                interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
     # Export and warm-up are seconds of CPU work: keep them off the event loop.
     expander, replica = await asyncio.to_thread(build_expander, config)
-    servicer = DraftServicer(expander, replica)
-    server = grpc.aio.server(options=server_options())  # admits the orchestrator's keepalive pings
-    draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if not port:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    servicer = DraftServicer(expander, replica, telemetry)
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.server)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Keep a reference, or the task may be garbage-collected; serve() cancels it on shutdown.
     servicer.expiry_task = asyncio.create_task(servicer.expire_periodically(min(config.session_ttl_s / 2, 10.0)))
-    log.info("draft service on %s:%d (%s, %s)", config.host, port, replica.backend, replica.model_name)
-    return Running(server, port, health_servicer, servicer)
+    log.info("draft service on %s (%s, %s)", server.address, replica.backend, replica.model_name)
+    return Running(server, servicer)
 
 
 async def start_server(config: DraftConfig) -> tuple[grpc.aio.Server, int]:
@@ -172,25 +170,14 @@ async def start_server(config: DraftConfig) -> tuple[grpc.aio.Server, int]:
 
 async def serve(config: DraftConfig) -> None:
     running = await start(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    sessions = running.servicer.expander.sessions
-    log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", len(sessions), config.grace_s)
-    await running.health.enter_graceful_shutdown()
-    deadline = asyncio.get_running_loop().time() + config.grace_s
-    while len(sessions) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
-    await running.server.stop(1.0)
+    await running.grpc.serve_until_signalled(config.grace_s, held=lambda: len(running.servicer.expander.sessions))
     running.servicer.close()
+    running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cast serve draft ...` and `python -m draft_service.server ...`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(DraftConfig.from_args(argv)))
+    serving.run(serve, DraftConfig.from_args(argv))
 
 
 if __name__ == "__main__":

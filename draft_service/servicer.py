@@ -17,11 +17,13 @@ import numpy as np
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import CastError, InvalidArgument
+from cast_runtime.telemetry import Telemetry, set_rpc_status
 from draft_service.errors import status_code
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
 from draft_service.levels import CascadeExpansion, Levels, cascade_from_proto
 
 log = logging.getLogger(__name__)
+EXPAND_METHOD = "/cast.v1.DraftService/Expand"  # a message's span (telemetry.message_span): one Expand
 
 
 def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
@@ -71,9 +73,12 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, expander: Levels | Expander, replica: common_pb2.ReplicaDescription) -> None:
+    def __init__(self, expander: Levels | Expander, replica: common_pb2.ReplicaDescription,
+                 telemetry: Telemetry | None = None) -> None:
         self.expander = expander
         self.replica = replica
+        self.telemetry = telemetry or Telemetry("draft")
+        self.telemetry.observe_sessions(lambda: len(expander.sessions), expander.sessions.max_sessions)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
         self.expiry_task: asyncio.Task | None = None  # set by the server
 
@@ -95,6 +100,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             budget = cascade_from_proto(request.cascade, budget_from_proto)
         sequences = sequences_from_proto(request.sequences)
         trees, seconds, cold = await self.in_executor(self.timed_expand, sequences, budget)
+        self.telemetry.record_forward("draft.forward", "expand", seconds, time.time_ns(), {
+            "cast.device": self.replica.device, "cast.forward.cold": cold, "cast.forward.sequences": len(sequences),
+            "cast.forward.layers": max((len(e.layers) for e in trees), default=0),
+            "cast.expanded_nodes": sum(e.expanded_nodes for e in trees)})
         return draft_pb2.ExpandResponse(trees=[expansion_to_proto(e) for e in trees], draft_seconds=seconds,
                                         cold=cold)
 
@@ -102,11 +111,14 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         """Expand each request in turn; a failed one is answered with its status (StepError), and the stream goes
         on."""
         async for request in requests:
-            try:
-                reply = draft_pb2.ExpandStreamResponse(response=await self.expand(request))
-            except CastError as e:
-                reply = draft_pb2.ExpandStreamResponse(
-                    error=common_pb2.StepError(code=status_code(e).value[0], message=str(e)))
+            with self.telemetry.message_span(EXPAND_METHOD, request.trace_context,
+                                             {"cast.sequences": len(request.sequences)}) as span:
+                try:
+                    reply = draft_pb2.ExpandStreamResponse(response=await self.expand(request))
+                except CastError as e:
+                    set_rpc_status(span, status_code(e), str(e))
+                    reply = draft_pb2.ExpandStreamResponse(
+                        error=common_pb2.StepError(code=status_code(e).value[0], message=str(e)))
             yield reply
 
     async def Release(self, request: draft_pb2.DraftReleaseRequest, context) -> draft_pb2.DraftReleaseResponse:

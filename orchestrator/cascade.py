@@ -186,22 +186,24 @@ class CascadePlanner(Planner):
 
     # --- selection and learning -------------------------------------------------------------------------------
 
-    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
+    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int,
+               draft_ms: float = 0.0) -> list[TokenTree]:
         if self.policy.cast is None or self.chosen is None:
             # A fixed cascade, or lookup alone: its values are acceptance estimates; CAST's rerank on them.
-            return super().select(trees, self.draft_costs(costs), batch, context)
-        return self.level_planner(self.chosen).select(trees, costs.levels[self.chosen], batch, context)
+            return super().select(trees, self.draft_costs(costs), batch, context, draft_ms)
+        return self.level_planner(self.chosen).select(trees, costs.levels[self.chosen], batch, context, draft_ms)
 
     def learn_layers(self, layer_utilities: list[list[float]]) -> None:
         if self.chosen is not None:
             self.level_planner(self.chosen).learn_layers(layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> None:
-        super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
+                   step_ms: float, one_off: bool) -> bool:
+        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
         if drafted and self.chosen is not None:  # the chosen level's value calibration
             self.level_planner(self.chosen).calibration.observe(
                 sum(float(t.values[1:].sum()) for t in verified), sum(n - 1 for n in committed))
+        return switched
 
     def learn_levels(self, expanded: list, verified: list[TokenTree], committed: list[list[int]]) -> None:
         """Each drafted sequence's verified tree, with the levels of its nodes (from its Expand's node_levels),

@@ -6,6 +6,8 @@
     cast replicas [--addr A]     the draft and verify replicas an orchestrator sees, their state and load
     cast serve draft|verify|orchestrator [...]
     cast bench [...]             a bounded load test: throughput, TTFT, TPOT per policy and concurrency
+    cast sweep [...]             CAST against every fixed tree shape of a grid, per concurrency (the oracle)
+    cast soak --minutes N        a bounded soak on loopback: mixed load, cancels, deadlines, replicas killed
     cast profile verify|draft    measure a service's cost table f(B, c, n) on this machine (JSON, optional plot)
     cast train-reference [...]   build the project's reference model pair
 """
@@ -38,6 +40,12 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--verify-port", type=int, default=50053)
     p.add_argument("--http-port", type=int, default=8000,
                    help="the orchestrator's OpenAI-compatible HTTP API and demo page (-1: off)")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus metrics at /metrics: the orchestrator's on this port, draft replica i's on "
+                        "+1+2i, verify replica i's on +2+2i (0: off)")
+    p.add_argument("--trace", choices=("console", "otlp", "none"), default=None,
+                   help="where the services send spans: console (one line per span on standard output), otlp "
+                        "(OTEL_EXPORTER_OTLP_ENDPOINT), none; default: as OTEL_TRACES_EXPORTER and the endpoint say")
     p.add_argument("--verify-dtype", default="auto")
     p.add_argument("--draft-replicas", type=int, default=1, help="draft services to start (ports draft-port + 2 i)")
     p.add_argument("--verify-replicas", type=int, default=1, help="verify services to start (ports verify-port + 2 i)")
@@ -45,7 +53,17 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--keep-cpus-awake", metavar="CPUS", default="",
                    help="'all' or e.g. 0-7: SCHED_IDLE spinners keep these CPUs from halting between a step's "
                         "messages (cuts RPC time on VMs; costs power; see orchestrator/keep_awake.py)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate every service serves TLS with (names the host)")
+    p.add_argument("--tls-key", type=Path, help="its PEM private key")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed --tls-cert (the orchestrator trusts it)")
+    p.add_argument("--mtls", action="store_true", help="the draft and verify services accept only clients with a "
+                   "certificate --tls-ca signed (the orchestrator shows --tls-cert)")
+    p.add_argument("--auth-tokens", type=Path, help="token file: the public APIs require bearer tokens")
     a = p.parse_args(argv)
+    if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_cert is not None and a.tls_ca is None):
+        p.error("--tls-cert, --tls-key and --tls-ca go together")
+    if a.mtls and a.tls_cert is None:
+        p.error("--mtls needs --tls-cert, --tls-key and --tls-ca")
     try:
         keep_awake = parse_cpus(a.keep_cpus_awake) if a.keep_cpus_awake else []
     except ValueError as e:
@@ -60,7 +78,9 @@ def cmd_up(argv: list[str]) -> int:
         p.error("--draft-replicas and --verify-replicas must be at least 1")
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
                      keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
-                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas, draft_levels=levels)
+                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas, draft_levels=levels,
+                     metrics_port=a.metrics_port or None, env={"OTEL_TRACES_EXPORTER": a.trace} if a.trace else {},
+                     tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca, mtls=a.mtls, auth_tokens=a.auth_tokens)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft or '(none)'}, levels {', '.join(levels) or '(none)'}",
@@ -70,7 +90,11 @@ def cmd_up(argv: list[str]) -> int:
         stack.wait_ready(a.timeout)
         print(f"ready {spec.address}", flush=True)
         if spec.http_url:
-            print(f"http {spec.http_url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
+            url = spec.http_url.replace("http:", "https:") if spec.tls_cert else spec.http_url
+            print(f"http {url} (OpenAI-compatible API under /v1; the demo page at /)", flush=True)
+        if spec.metrics_port:
+            print("metrics " + " ".join(f"{name}=http://{a.host}:{port}/metrics"
+                                        for name, port in spec.metrics_ports().items()), flush=True)
         # A replica that exits is the orchestrator's to route around (its sequences move); the stack stops when
         # the orchestrator does, or when no replica of a service is left.
         reported: set[str] = set()
@@ -95,6 +119,7 @@ def cmd_generate(argv: list[str]) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from cast.v1 import generation_pb2, generation_pb2_grpc
+    from orchestrator.auth import add_client_flags, bearer, public_channel
 
     p = argparse.ArgumentParser(prog="cast generate", description="Generate a completion.")
     p.add_argument("prompt", help="the prompt; - reads it, verbatim, from standard input")
@@ -112,6 +137,7 @@ def cmd_generate(argv: list[str]) -> int:
                    help="print the whole response with its stats; with --stream, one JSON object per chunk (JSON lines)")
     p.add_argument("--stats", action="store_true", help="then print tokens/s and tokens per step on stderr")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_client_flags(p)
     a = p.parse_args(argv)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     request = generation_pb2.GenerateRequest(
@@ -122,11 +148,11 @@ def cmd_generate(argv: list[str]) -> int:
     def as_json(message) -> str:
         return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=None if a.stream else 2)
 
-    with grpc.insecure_channel(a.addr) as channel:
+    with public_channel(a.addr, a.tls_ca) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         try:
             if a.stream:
-                for last in stub.GenerateStream(request, timeout=a.timeout):
+                for last in stub.GenerateStream(request, timeout=a.timeout, metadata=bearer(a.token)):
                     if a.json:
                         print(as_json(last), flush=True)
                     else:
@@ -134,7 +160,7 @@ def cmd_generate(argv: list[str]) -> int:
                 if not a.json:
                     print()
             else:
-                last = stub.Generate(request, timeout=a.timeout)
+                last = stub.Generate(request, timeout=a.timeout, metadata=bearer(a.token))
                 print(as_json(last) if a.json else last.text)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -151,14 +177,16 @@ def cmd_replicas(argv: list[str]) -> int:
     import grpc
 
     from cast.v1 import generation_pb2, generation_pb2_grpc
+    from orchestrator.auth import add_client_flags, bearer, public_channel
 
     p = argparse.ArgumentParser(prog="cast replicas", description="The replicas an orchestrator sees.")
     p.add_argument("--addr", default="127.0.0.1:50051")
+    add_client_flags(p)
     a = p.parse_args(argv)
-    with grpc.insecure_channel(a.addr) as channel:
+    with public_channel(a.addr, a.tls_ca) as channel:
         try:
             reply = generation_pb2_grpc.GenerationServiceStub(channel).ListReplicas(
-                generation_pb2.ListReplicasRequest(), timeout=10)
+                generation_pb2.ListReplicasRequest(), timeout=10, metadata=bearer(a.token))
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -197,13 +225,26 @@ def cmd_bench(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    from benchmarks.sweep import main
+
+    return main(argv)
+
+
+def cmd_soak(argv: list[str]) -> int:
+    from benchmarks.soak import main
+
+    return main(argv)
+
+
 def cmd_profile(argv: list[str]) -> int:
     from orchestrator.profile_cmd import main
 
     return main(argv)
 
 
-COMMANDS = {"up": cmd_up, "bench": cmd_bench, "generate": cmd_generate, "replicas": cmd_replicas, "serve": cmd_serve,
+COMMANDS = {"up": cmd_up, "bench": cmd_bench, "sweep": cmd_sweep, "soak": cmd_soak, "generate": cmd_generate,
+            "replicas": cmd_replicas, "serve": cmd_serve,
             "train-reference": cmd_train_reference, "profile": cmd_profile}
 
 

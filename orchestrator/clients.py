@@ -2,7 +2,8 @@
 
 Every call is batched: one RPC carries all sequences of a step. The per-step calls (Expand, Verify) are messages on
 one long-lived bidi stream per client (ExpandStream, VerifyStream), which skips gRPC's per-call setup; a failure is
-a grpc.aio.AioRpcError with the service's status code and details.
+a grpc.aio.AioRpcError with the service's status code and details. Each call carries the current trace context (the
+step's, a prefill's or a release's span): a unary call in its metadata, a stream message in its trace_context field.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import propagate
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from cast_runtime.grpc_options import channel_options
+from cast_runtime.telemetry import trace_metadata
 from cast_core.tree import TokenTree
 from cast_runtime.wire import tree_from_proto, tree_to_proto
 
@@ -133,10 +136,17 @@ class VerifyItem:
     sampling: verify_pb2.SamplingParams
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    """A channel to a replica: TLS with `credentials` (cast_runtime.tls), else plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+    return grpc.aio.secure_channel(address, credentials, options=channel_options())
+
+
 class DraftClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, credentials)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
         self.stream = StepStream(self.stub.ExpandStream, "ExpandStream")
 
@@ -155,11 +165,13 @@ class DraftClient:
             request.cascade.CopyFrom(budget)
         else:
             request.budget.CopyFrom(budget)
+        propagate.inject(request.trace_context)
         response = await self.stream.request(request, timeout)
         return [expanded_from_proto(result) for result in response.trees], response.draft_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
-        return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
+        return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout,
+                                        metadata=trace_metadata())).released
 
     async def close(self) -> None:
         self.stream.drop()
@@ -167,9 +179,9 @@ class DraftClient:
 
 
 class VerifyClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, credentials)
         self.stub = verify_pb2_grpc.VerifyServiceStub(self.channel)
         self.stream = StepStream(self.stub.VerifyStream, "VerifyStream")
 
@@ -180,7 +192,7 @@ class VerifyClient:
         request = verify_pb2.PrefillRequest(
             sequences=[verify_pb2.PrefillSequence(sequence_id=s, token_ids=ids) for s, ids in prompts.items()]
         )
-        await self.stub.Prefill(request, timeout=timeout)
+        await self.stub.Prefill(request, timeout=timeout, metadata=trace_metadata())
 
     async def verify(self, items: list[VerifyItem], timeout: float | None) -> tuple[list[list[int]], float, bool]:
         """Per sequence, the committed tokens (the accepted drafts, then the bonus token); the verify service's
@@ -189,11 +201,13 @@ class VerifyClient:
             sequences=[verify_pb2.VerifySequence(sequence_id=i.sequence_id, tree=tree_to_proto(i.tree), sampling=i.sampling)
                        for i in items]
         )
+        propagate.inject(request.trace_context)
         response = await self.stream.request(request, timeout)
         return [list(result.committed_tokens) for result in response.results], response.verify_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
-        return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout)).released
+        return (await self.stub.Release(verify_pb2.VerifyReleaseRequest(sequence_ids=sequence_ids), timeout=timeout,
+                                        metadata=trace_metadata())).released
 
     async def close(self) -> None:
         self.stream.drop()

@@ -51,6 +51,7 @@ class DraftGate:
     plain: dict[int, Efficiency] = field(default_factory=dict)
     streak: dict[int, int] = field(default_factory=dict)  # steps of the winner since the other kind was last tried
     warmed: set[tuple[int, bool]] = field(default_factory=set)  # (bucket, drafted) whose first step was seen
+    plain_measured: set[int] = field(default_factory=set)  # buckets where a plain step was measured, not expected
 
     def winner_drafts(self, batch: int) -> bool:
         batch = bucket(batch)
@@ -60,9 +61,13 @@ class DraftGate:
         return drafted.rate >= plain.rate
 
     def expect_plain(self, batch: int, step_ms: float) -> None:
-        """Until a plain step is measured at this batch size, expect what the cost tables say one costs (a one-token
-        verify step): the gate can then judge drafting from its first measured step instead of exploring."""
-        self.plain.setdefault(bucket(batch), Efficiency(1.0, step_ms))
+        """Until a plain step is measured at this batch size, expect what the cost tables say one costs now (a
+        one-token verify step, with the online corrections): the gate can judge drafting from its first measured
+        steps. Plain steps are still measured early (`should_draft`): a table profiled while the machine was busy
+        (a shared CPU) overprices them, and then drafting kept winning where plain decoding was twice as fast."""
+        batch = bucket(batch)
+        if batch not in self.plain_measured:
+            self.plain[batch] = Efficiency(1.0, step_ms)
 
     def describe(self, batch: int) -> str:
         batch = bucket(batch)
@@ -76,7 +81,7 @@ class DraftGate:
         if batch not in self.drafted:
             return True  # learn what drafting gives first
         drafts = self.winner_drafts(batch)
-        if batch in self.plain:
+        if batch in self.plain_measured:
             # A probe of the losing kind costs its step time: probe a slow loser (a drafted step can cost five
             # plain ones) less often, so that probing stays near 1/explore_every of the time.
             winner, loser = (self.drafted, self.plain) if drafts else (self.plain, self.drafted)
@@ -97,7 +102,10 @@ class DraftGate:
             self.warmed.add((batch, drafted))
             self.streak[batch] = 0 if probe else self.streak.get(batch, 0) + 1
             return
-        if batch in kind:
+        if not drafted and batch not in self.plain_measured:  # the first measured plain step replaces the table's
+            self.plain_measured.add(batch)
+            kind[batch] = Efficiency(tokens_per_sequence, step_ms)
+        elif batch in kind:
             kind[batch].add(tokens_per_sequence, step_ms, PROBE_WEIGHT if probe else WEIGHT)
         else:
             kind[batch] = Efficiency(tokens_per_sequence, step_ms)

@@ -67,6 +67,7 @@ class Fleet:
     vocab_hash: str
     refresh_s: float = 5.0     # DNS and health checks this often
     check_timeout_s: float = 2.0
+    credentials: grpc.ChannelCredentials | None = None  # TLS to the replicas (None: plaintext)
     replicas: dict[tuple[str, str], Replica] = field(default_factory=dict)  # (role, address) -> replica
     listeners: list = field(default_factory=list)  # called with no arguments after a replica changes state
 
@@ -132,7 +133,7 @@ class Fleet:
                 log.warning("resolving %s replicas (%s) failed: %s", role, target, exc)
                 continue  # keep what we had
             for address in addresses - {r.address for r in self.of(role)}:
-                client = DraftClient(address) if role == "draft" else VerifyClient(address)
+                client = (DraftClient if role == "draft" else VerifyClient)(address, self.credentials)
                 self.replicas[role, address] = Replica(role, address, client)
                 log.info("%s replica %s found", role, address)
             for replica in self.of(role):

@@ -16,6 +16,10 @@ where each token came from: the draft's tree, or the target's bonus token.
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status of the gRPC
 status that the gRPC API answers. A client that disconnects ends its generation, whose sessions are released as
 on a gRPC cancel. Authentication plugs in as one FastAPI dependency on /v1 (create_app's `authorize`).
+
+Each completion is traced as the gRPC API's Generate is (telemetry.py): a server span `POST /v1/...`, a child of the
+W3C trace context in the request's headers where there is one, with the GenAI attributes; `cast.trace_id` in the
+response names its trace.
 """
 
 from __future__ import annotations
@@ -39,16 +43,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from google.protobuf.json_format import MessageToDict
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from cast_core.errors import CastError, InvalidArgument, NotFound
 from cast_core.tree import TokenTree
-from orchestrator.decoding import Chunk, FinishReason, GenerationRequest
+from cast_runtime.telemetry import trace_id
+from cast_runtime.tls import CertificateFiles
+from orchestrator.auth import ClientLimits
+from orchestrator.decoding import Chunk, GenerationRequest
 from orchestrator.errors import status_of
 from orchestrator.requests import RequestBuilder
 from orchestrator.servicer import stats_to_proto, timing_fields
 from orchestrator.router import Router
+from orchestrator.telemetry import FINISH_REASONS
 
 STATIC = Path(__file__).parent / "static"
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to as many as fit
@@ -68,8 +78,6 @@ HTTP_STATUS = {
 }  # anything else: 500
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 429: "rate_limit_error"}  # else server_error
-FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop",
-                  FinishReason.CONTEXT: "length"}
 
 # OpenAI request fields this server does not serve, with the values that ask for nothing: those (and null) are
 # accepted as if absent; any other value answers 400. A value matches only with its own type (0 is not False).
@@ -313,8 +321,10 @@ async def allow_all(request: Request) -> None:
 
 
 class HttpApi:
-    def __init__(self, router: Router, requests: RequestBuilder, model_id: str) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, model_id: str,
+                 limits: ClientLimits | None = None) -> None:
         self.router = router
+        self.route = limits.limit(router.generate) if limits is not None else router.generate
         self.requests = requests
         self.tokenizer = requests.tokenizer
         self.model_id = model_id
@@ -328,12 +338,18 @@ class HttpApi:
         }]}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self.traced(request, lambda span: self.completion(body, request, span))
+
+    async def completion(self, body: CompletionRequest, request: Request, span: trace.Span) -> Response:
         self.check(body)
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         generation = self.build(body, one_prompt(body.prompt), max_tokens, {"max_new_tokens": "max_tokens"})
-        return await self.respond(request, body, generation, chat=False)
+        return await self.respond(request, body, generation, chat=False, span=span)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
+        return await self.traced(request, lambda span: self.chat_completion(body, request, span))
+
+    async def chat_completion(self, body: ChatRequest, request: Request, span: trace.Span) -> Response:
         self.check(body)
         if not self.tokenizer.chat_template:
             raise InvalidArgument(f"the model {self.model_id!r} has no chat template (its tokenizer defines none): "
@@ -347,7 +363,36 @@ class HttpApi:
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         generation = self.build(body, prompt, max_tokens, {"max_new_tokens": field, "prompt": "messages"})
-        return await self.respond(request, body, generation, chat=True)
+        return await self.respond(request, body, generation, chat=True, span=span)
+
+    async def traced(self, request: Request, handle: Callable[[trace.Span], Awaitable[Response]]) -> Response:
+        """Answer the request under its server span, which ends with the response (a stream's: when it closes)."""
+        route = request.url.path
+        span = self.router.telemetry.tracer.start_span(
+            f"POST {route}", context=propagate.extract(request.headers), kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": route, "url.path": route})
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                response = await handle(span)
+        except BaseException as exc:
+            end_http_span(span, error_response(exc).status_code if isinstance(exc, Exception) else 499)
+            raise
+        if isinstance(response, EventStream):
+            on_close = response.on_close
+
+            async def close_and_end() -> None:
+                await on_close()
+                end_http_span(span, response.status_code)
+
+            response.on_close = close_and_end
+        else:
+            end_http_span(span, response.status_code)
+        return response
+
+    def generate(self, generation: GenerationRequest, chat: bool, span: trace.Span) -> AsyncIterator[Chunk]:
+        """The generation's chunks, traced and measured (telemetry.py) under the request's span."""
+        return self.router.telemetry.observe(self.route(generation, span), generation,
+                                             "chat" if chat else "text_completion", span)
 
     def check(self, body: Sampling) -> None:
         check_extra_fields(body)
@@ -365,26 +410,28 @@ class HttpApi:
             ignore_eos=ext.ignore_eos, names={**names, "policy": "cast.policy", "top_k": "cast.top_k"},
         )
 
-    async def respond(self, request: Request, body: Sampling, generation: GenerationRequest, chat: bool) -> Response:
+    async def respond(self, request: Request, body: Sampling, generation: GenerationRequest, chat: bool,
+                      span: trace.Span) -> Response:
         view = StepView(self.tokenizer, generation.prompt_ids) if body.cast and body.cast.step_stats else None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self.stream(request, generation, chat, head, view, include_usage)
-        return await self.whole(request, generation, chat, head, view)
+            return await self.stream(request, generation, chat, head, view, include_usage, span)
+        return await self.whole(request, generation, chat, head, view, span)
 
     async def whole(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
-                    view: StepView | None) -> JSONResponse:
+                    view: StepView | None, span: trace.Span) -> JSONResponse:
         async def collect() -> list[Chunk]:
-            async with aclosing(self.router.generate(generation)) as stream:
+            async with aclosing(self.generate(generation, chat, span)) as stream:
                 return [chunk async for chunk in stream]
 
         chunks = await unless_disconnected(request, collect())
         final = chunks[-1]
         text = "".join(c.text for c in chunks)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
-        ext = {"token_ids": [t for c in chunks for t in c.token_ids], "stats": stats_json(final)}
+        ext = {"token_ids": [t for c in chunks for t in c.token_ids], "stats": stats_json(final),
+               **traced_as(span)}
         if view is not None:
             ext["steps"] = [s for s in map(view.step, chunks) if s is not None]
         return JSONResponse({
@@ -394,8 +441,9 @@ class HttpApi:
         })
 
     async def stream(self, request: Request, generation: GenerationRequest, chat: bool, head: dict,
-                     view: StepView | None, include_usage: bool) -> EventStream:
-        stream = self.router.generate(generation)
+                     view: StepView | None, include_usage: bool, span: trace.Span) -> EventStream:
+        stream = self.generate(generation, chat, span)
+        traced = traced_as(span)
         # The first chunk is awaited here, so that what fails before any token (a full server: 429) has its status.
         try:
             first = await unless_disconnected(request, anext(stream))
@@ -407,7 +455,7 @@ class HttpApi:
         def event(chunk: Chunk, delta: dict) -> str:
             finish = FINISH_REASONS[chunk.finish_reason] if chunk.finish_reason is not None else None
             choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": chunk.text}
-            ext: dict[str, Any] = {"token_ids": chunk.token_ids}
+            ext: dict[str, Any] = {"token_ids": chunk.token_ids, **traced}
             if view is not None and (step := view.step(chunk)) is not None:
                 ext["step"] = step
             if finish is not None:
@@ -435,6 +483,19 @@ class HttpApi:
         return EventStream(events(), stream.aclose)
 
 
+def traced_as(span: trace.Span) -> dict:
+    """{"trace_id": ...} where the request is traced."""
+    tid = trace_id(span)
+    return {"trace_id": tid} if tid else {}
+
+
+def end_http_span(span: trace.Span, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:  # a server span's error (HTTP conventions); 4xx are the client's
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
 def usage(generation: GenerationRequest, final: Chunk) -> dict:
     prompt = len(generation.prompt_ids)
     return {"prompt_tokens": prompt, "completion_tokens": final.completion_tokens,
@@ -442,9 +503,11 @@ def usage(generation: GenerationRequest, final: Chunk) -> dict:
 
 
 def create_app(router: Router, requests: RequestBuilder, model_id: str,
-               authorize: Callable[[Request], Awaitable[None]] = allow_all) -> FastAPI:
-    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open)."""
-    api = HttpApi(router, requests, model_id)
+               authorize: Callable[[Request], Awaitable[None]] = allow_all,
+               limits: ClientLimits | None = None) -> FastAPI:
+    """The HTTP API on `router`. `authorize` guards every /v1 route (the page and /health stay open); `limits`
+    bound each client's requests (auth.py)."""
+    api = HttpApi(router, requests, model_id, limits)
     app = FastAPI(title="CAST Serve", summary="OpenAI-compatible API of the orchestrator", redoc_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     v1.add_api_route("/models", api.models, methods=["GET"])
@@ -490,14 +553,19 @@ def create_app(router: Router, requests: RequestBuilder, model_id: str,
 class HttpServer:
     """uvicorn serving an app in this event loop, on a socket bound before start() returns (port 0: any free one)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 5.0,
+                 tls: CertificateFiles | None = None) -> None:
         # log_config None: the orchestrator's logging stays as it is; uvicorn says only what goes wrong.
+        tls_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                                    lifespan="off", timeout_graceful_shutdown=grace_s))
+                                                    lifespan="off", timeout_graceful_shutdown=grace_s, **tls_files))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
         self.port: int = self.socket.getsockname()[1]
         self.task: asyncio.Task | None = None
+        # Its own view of the files (the gRPC server's notes what it loaded separately)
+        self.tls = CertificateFiles(tls.cert, tls.key) if tls is not None else None
+        self.watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.socket]), name="http")
@@ -506,11 +574,23 @@ class HttpServer:
                 self.task.result()  # start-up failed: raise why
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        if self.tls is not None:
+            self.tls.load()
+            self.watch = asyncio.get_running_loop().create_task(self.reload_certificate(), name="http-tls")
         return self.port
+
+    async def reload_certificate(self, every_s: float = 2.0) -> None:
+        """Load the certificate again when its files change: new connections get it (as the gRPC API's do)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.tls.fetch() is not None:  # a whole, matching pair
+                self.server.config.ssl.load_cert_chain(self.tls.cert, self.tls.key)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests finish for the grace period, then cancel them (which ends
         their generations)."""
+        if self.watch is not None:
+            self.watch.cancel()
         if self.task is not None:
             self.server.should_exit = True
             await self.task

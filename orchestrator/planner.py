@@ -6,13 +6,19 @@ verifier forward and one draft forward per layer):
 - the gain buffer (R layer-to-layer gains; the depth rule C2 reads its mean alpha),
 - the value calibration (accepted tokens per unit of node value; every rule weighs value against cost),
 - the draft gate (whether drafting pays at all at this batch size: the depth rule at depth 0),
-- the next step's Expand budget, priced while this step's Verify runs.
+- the next step's Expand budget, priced while this step's Verify runs,
+- the nodes per tree and the depth its reranking verified lately: the draft grows no more than 1.5x + 2 those
+  nodes and 2 layers past that depth (C1 and C2 price a node against its value, not against the verifier's cut,
+  and let the draft grow trees mostly thrown away: reports/cast-vs-fixed/).
 Fixed trees (`eagle2`, `chain`) learn nothing: the same budget and the top `verify_tokens` nodes every step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,6 +40,9 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
+        # CAST: per batch size, the nodes per tree and the depth that reranking verified in its last steps
+        self.verified_counts: dict[int, deque[int]] = {}
+        self.verified_depths: dict[int, deque[int]] = {}
         # The next step's budgets, per pairing (CostModel) they were priced for: id -> ((batch, table cells), budget)
         self.prepared: dict[int, tuple[tuple, draft_pb2.ExpandBudget]] = {}
 
@@ -71,6 +80,8 @@ class Planner:
         budget = draft_pb2.ExpandBudget(top_k=policy.top_k, max_depth=policy.max_depth,
                                         max_breadth=policy.max_breadth, max_returned_nodes=policy.verify_tokens)
         if policy.cast is not None:
+            budget.max_returned_nodes = self.returned_nodes(batch)
+            budget.max_depth = self.draft_depth(batch)
             prices = costs.draft_slice(batch, context)
             scale = self.value_scale
             budget.cast.CopyFrom(draft_pb2.CastBudget(
@@ -91,18 +102,47 @@ class Planner:
         """The prices an Expand of this policy is measured against (a cascade: its level's)."""
         return costs
 
-    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int) -> list[TokenTree]:
+    def returned_nodes(self, batch: int) -> int:
+        """CAST: how many nodes per tree the draft returns, and so grows (it expands no node that could not be
+        among them): the most that reranking verified in the last R steps at this batch size, with room to grow
+        (x1.5 + 2), within the policy's verify_tokens. Before any step at this batch size: verify_tokens."""
+        recent = self.verified_counts.get(batch)
+        if not recent:
+            return self.policy.verify_tokens
+        return min(self.policy.verify_tokens, math.ceil(1.5 * max(recent)) + 2)
+
+    def draft_depth(self, batch: int) -> int:
+        """CAST: the most layers the draft may grow: the deepest that reranking verified in the last R steps at this
+        batch size, plus 2 (room to grow), within the policy's max_depth. A layer below what is ever verified costs
+        a draft forward and returns nothing that is checked; C2 cannot see that, as it prices a layer against its
+        value, not against the verifier's cut."""
+        recent = self.verified_depths.get(batch)
+        if not recent:
+            return self.policy.max_depth
+        return min(self.policy.max_depth, max(recent) + 2)
+
+    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int,
+               draft_ms: float = 0.0) -> list[TokenTree]:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
         CAST picks one m for the whole batch, which shares one verifier forward: the reranking rule (C3) bounds it,
-        then, within that bound, the cut with the most expected tokens per unit of step cost."""
+        then, within that bound, the cut with the most expected tokens per unit of step cost. The step's cost
+        includes what its Expand took (`draft_ms`, paid whatever m is): priced on the verifier alone, the cut
+        favoured a few nodes where the verifier's cost is flat in m (a CPU at batch 1) and the draft is a third
+        of the step."""
         m = self.policy.verify_tokens
         if self.policy.cast is not None:
             utilities = batch_topk_utilities([t.values for t in trees])  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
             scale = self.value_scale
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold / scale), m)
-            m = most_efficient_cut(utilities, prices, m, scale)
+            step = prices + draft_ms / costs.verify_step_ms(batch, context, 1)  # the same unit: one plain step
+            m = most_efficient_cut(utilities, step, m, scale)
+            chosen = [t.top_m(m) for t in trees]
+            size = self.policy.cast.gain_buffer_size
+            self.verified_counts.setdefault(batch, deque(maxlen=size)).append(m)
+            self.verified_depths.setdefault(batch, deque(maxlen=size)).append(max(t.max_depth for t in chosen))
+            return chosen
         return [t.top_m(m) for t in trees]
 
     def learn_layers(self, layer_utilities: list[list[float]]) -> None:
@@ -111,19 +151,47 @@ class Planner:
             self.gains = batch_gains(self.gains, layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> None:
+                   step_ms: float, one_off: bool) -> bool:
         """A verified step of this policy's sequences: their trees, the tokens each committed, the step's time.
         A one-off step (a graph capture, a prefill, a draft catching up) teaches the calibration but not the
-        gate, which judges step times."""
+        gate, which judges step times. Returns whether the draft gate switched."""
         if self.policy.cast is None:
-            return
+            return False
         if drafted:
             self.calibration.observe(sum(float(t.values[1:].sum()) for t in verified),
                                      sum(n - 1 for n in committed))
         if one_off:
-            return
+            return False
         was = self.gate.winner_drafts(batch)
         self.gate.observe(batch, drafted, sum(committed) / len(committed), step_ms)
-        if self.gate.winner_drafts(batch) != was:
-            log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
-                     self.gate.describe(batch))
+        if self.gate.winner_drafts(batch) == was:
+            return False
+        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
+                 self.gate.describe(batch))
+        return True
+
+
+class Planners:
+    """A step loop's planners, one per policy name. A learning policy's planner (`cast`) is kept for good: it holds
+    what the policy learned. Fixed shapes learn nothing, so theirs are kept only for reuse, at most `max_fixed`
+    of them (the least recently used goes): requests that name ever new shapes cannot grow a loop's state."""
+
+    def __init__(self, make: Callable[[TreePolicy], Planner] = Planner, max_fixed: int = 32) -> None:
+        self.make = make  # a policy's planner (a cascade's: cascade.make_planner)
+        self.max_fixed = max_fixed
+        self.learning: dict[str, Planner] = {}
+        self.fixed: OrderedDict[str, Planner] = OrderedDict()
+
+    def get(self, policy: TreePolicy) -> Planner:
+        kept = self.learning if policy.learns else self.fixed
+        planner = kept.get(policy.name)
+        if planner is None:
+            planner = kept[policy.name] = self.make(policy)
+        if not policy.learns:
+            self.fixed.move_to_end(policy.name)
+            while len(self.fixed) > self.max_fixed:
+                self.fixed.popitem(last=False)
+        return planner
+
+    def __len__(self) -> int:
+        return len(self.learning) + len(self.fixed)

@@ -8,15 +8,29 @@
 `cascade` CAS-Spec's draft levels (small model, sparse target, prompt lookup) priced per step (orchestrator/cascade.py);
          `small`, `sparse`, `lookup`: one level alone, priced the same way; `cascade-fixed`: every level every step.
 
+Fixed shapes by parameter, for tuning and for judging CAST against the best fixed tree of a setting (`cast sweep`):
+`chain:D`      one child per node, D layers (D + 1 nodes verified, the root included);
+`tree:KxD/N`   EAGLE-2's shape: each layer keeps its best K nodes, each proposes its top K children, D layers;
+               the best N nodes by value are verified (at most as many as the tree holds).
+A shape is parsed once and cached (`fixed_shape`), and its name is written canonically (`tree:4x5/16`).
+
 A policy is configuration; planner.Planner is a policy at work in a step loop, with what it learns.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 
 from cast_core.errors import InvalidArgument
 from cast_core.selection import CastParams
+
+# Limits of a fixed shape a request may name: the draft service's exported top-K (draft_service.config.top_k),
+# the verify service's tree room (verify_service.config.max_tree_tokens), and a depth past any that pays.
+MAX_SHAPE_TOP_K = 8
+MAX_SHAPE_DEPTH = 16
+MAX_SHAPE_VERIFIED = 128
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,22 @@ class TreePolicy:
     @property
     def uses_draft(self) -> bool:
         return self.max_depth > 0
+
+    @property
+    def learns(self) -> bool:
+        """Whether a step loop keeps state for it between steps (CAST's gains, calibration, gate; a cascade's
+        acceptance per level)."""
+        return self.cast is not None or bool(self.levels)
+
+    @property
+    def tree_nodes(self) -> int:
+        """The most nodes its draft tree holds, root included: layer 1 has top_k, each later layer top_k
+        children of each of the (at most max_breadth) nodes the layer above kept."""
+        nodes, layer = 1, self.top_k if self.max_depth else 0
+        for _ in range(self.max_depth):
+            nodes += layer
+            layer = min(layer, self.max_breadth) * self.top_k
+        return nodes
 
 
 def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
@@ -53,9 +83,44 @@ def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
 
 POLICIES = make_policies()
 
+SHAPE_SYNTAX = (f"chain:D (D in 1..{MAX_SHAPE_DEPTH}) or tree:KxD/N (top-K in 1..{MAX_SHAPE_TOP_K}, depth D in "
+                f"1..{MAX_SHAPE_DEPTH}, N nodes verified in 2..{MAX_SHAPE_VERIFIED})")
+_CHAIN = re.compile(r"chain:(\d+)")
+_TREE = re.compile(r"tree:(\d+)x(\d+)/(\d+)")
+
+
+def _in_range(value: int, low: int, high: int, what: str, spec: str) -> int:
+    if not low <= value <= high:
+        raise ValueError(f"{spec!r}: {what} {value} is outside [{low}, {high}]")
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def fixed_shape(spec: str) -> TreePolicy:
+    """`chain:D` or `tree:KxD/N` as a TreePolicy named canonically; ValueError saying which rule it breaks.
+    Cached: a request names its shape as a string, and the step loop keys planners by name."""
+    if m := _CHAIN.fullmatch(spec):
+        depth = _in_range(int(m[1]), 1, MAX_SHAPE_DEPTH, "depth", spec)
+        return TreePolicy(f"chain:{depth}", top_k=1, max_depth=depth, max_breadth=1, verify_tokens=depth + 1)
+    if m := _TREE.fullmatch(spec):
+        k = _in_range(int(m[1]), 1, MAX_SHAPE_TOP_K, "top-K", spec)
+        depth = _in_range(int(m[2]), 1, MAX_SHAPE_DEPTH, "depth", spec)
+        verified = _in_range(int(m[3]), 2, MAX_SHAPE_VERIFIED, "nodes verified", spec)
+        return TreePolicy(f"tree:{k}x{depth}/{verified}", top_k=k, max_depth=depth, max_breadth=k,
+                          verify_tokens=verified)
+    raise ValueError(f"{spec!r} is not a fixed shape: {SHAPE_SYNTAX}")
+
 
 def resolve_policy(name: str, default: str, policies: dict[str, TreePolicy] = POLICIES, field: str = "policy") -> TreePolicy:
-    policy = policies.get(name or default)
-    if policy is None:
-        raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(policies))}", field)
-    return policy
+    """The named policy (the default where `name` is empty), or a fixed shape; InvalidArgument naming `field`."""
+    name = name or default
+    policy = policies.get(name)
+    if policy is not None:
+        return policy
+    if name.startswith(("chain:", "tree:")):
+        try:
+            return fixed_shape(name)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field) from None
+    raise InvalidArgument(f"unknown policy {name!r}; choose one of {', '.join(sorted(policies))}, or a fixed shape "
+                          f"{SHAPE_SYNTAX}", field)

@@ -12,6 +12,10 @@ from cast_core.errors import InvalidArgument, OutOfRange
 from orchestrator.decoding import GenerationRequest
 from orchestrator.policies import TreePolicy, resolve_policy
 
+MAX_STOP_STRINGS = 16   # stop strings per request at most (each is matched against the text at every step)
+MAX_STOP_CHARS = 256    # characters per stop string at most
+MAX_CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per token of the context is refused untokenized
+
 
 @dataclass(frozen=True)
 class RequestBuilder:
@@ -52,6 +56,10 @@ class RequestBuilder:
         tree_policy = resolve_policy(policy, self.default_policy, self.policies, name("policy"))
         if any(not s for s in stop):
             raise InvalidArgument("stop strings must not be empty", name("stop"))
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}", name("stop"))
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise InvalidArgument(f"a stop string has more than {MAX_STOP_CHARS} characters", name("stop"))
         if not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgument(f"must be >= 0, got {temperature}", name("temperature"))
         if not 0 < top_p <= 1:
@@ -83,6 +91,9 @@ class RequestBuilder:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidArgument("must not be empty", field)
+            if len(prompt) > MAX_CHARS_PER_TOKEN * self.max_context:  # cannot fit: spare the tokenizer the work
+                raise OutOfRange(f"{len(prompt)} characters cannot fit the model's context of {self.max_context} "
+                                 "tokens", field)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
             if not ids:
                 raise InvalidArgument("encodes to no tokens", field)

@@ -17,18 +17,22 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
 from cast.v1 import verify_pb2
 from cast_core.errors import ResourceExhausted, Unavailable
 from orchestrator.decoding import Chunk, GenerationRequest, GenerationStats, TextAssembler
 from orchestrator.fleet import Fleet, Replica, State
 from orchestrator.step_loop import MAX_REPLAYS, LiveSequence, StepLoop
+from orchestrator.telemetry import OrchestratorTelemetry
 
 log = logging.getLogger("cast.orchestrator")
 
 
 class Router:
     def __init__(self, fleet: Fleet, tokenizer, max_context: int, rpc_timeout_s: float = 60.0, max_live: int = 32,
-                 max_queued: int = 256, orphan_timeout_s: float = 60.0) -> None:
+                 max_queued: int = 256, orphan_timeout_s: float = 60.0,
+                 telemetry: OrchestratorTelemetry | None = None) -> None:
         self.fleet = fleet
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -40,11 +44,15 @@ class Router:
         self.orphans: list[LiveSequence] = []  # lost their verify replica and found no other yet
         self.background: set[asyncio.Task] = set()
         self.replays = 0
+        self.telemetry = telemetry or OrchestratorTelemetry()
+        self.telemetry.observe_router(self)
         fleet.listeners.append(self.on_fleet_change)
 
     # --- the request's side ---------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest, span: trace.Span | None = None) -> AsyncIterator[Chunk]:
+        """The request's chunks as its steps commit them. `span`: the request's server span (default: the current
+        span), the parent of its queue, prefill and replay spans and what its steps link to."""
         waiting = len(self.orphans) + sum(len(loop.waiting) for loop in self.loops.values())
         if waiting >= self.max_queued:
             live = sum(len(loop.live) for loop in self.loops.values())
@@ -58,6 +66,7 @@ class Router:
                 temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                 seed=request.seed or 0, has_seed=request.seed is not None,
             ),
+            trace=self.telemetry.request_trace(span or trace.get_current_span()),
         )
         if request.policy.uses_draft:
             self.keep_draft_replica(seq)
@@ -74,6 +83,7 @@ class Router:
                     return
         finally:
             # Cancelled, timed out or finished: its loop releases the sessions at the next boundary.
+            seq.trace.close("the request ended while waiting")  # (spans still open: a queue, prefill or replay)
             seq.done = True
             if seq.loop is not None:
                 seq.loop.wake()
@@ -87,6 +97,7 @@ class Router:
         """Pin the sequence to the least loaded serving verify replica and queue it in that replica's loop; with
         none serving, it waits as an orphan."""
         replica = self.fleet.pick_verify({r: len(loop.waiting) for r, loop in self.loops.items()})
+        s.trace.enter("queue")
         if replica is None:
             s.loop, s.lost_since = None, asyncio.get_running_loop().time()
             self.orphans.append(s)
@@ -117,6 +128,8 @@ class Router:
             s.verify_id = uuid.uuid4().hex
             s.stats.replays += 1
             self.replays += 1
+            self.telemetry.replays.add(1)
+            s.trace.replayed(source.replica.address, source.replica.state.value, s.stats.replays)
             if s.stats.replays > MAX_REPLAYS:
                 s.fail(Unavailable(f"sequence {s.sequence_id} failed on {MAX_REPLAYS + 1} verify replicas"))
                 self.drop_draft_replica(s)

@@ -1,12 +1,23 @@
-"""GenerationService: translates protos to the decoding loop's types and back (validation: requests.py)."""
+"""GenerationService: translates protos to the decoding loop's types and back (validation: requests.py).
+
+Each call's server span comes from the stock gRPC interceptor (server.py); here it gets the GenAI attributes
+(telemetry.py), and a call that the client cancelled or whose deadline passed gets that status, which the stock
+interceptor leaves out.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import aclosing
+
 import grpc
+from opentelemetry import trace
 
 from cast.v1 import generation_pb2, generation_pb2_grpc
 from cast_core.errors import CastError, InvalidArgument
+from cast_runtime.telemetry import cancellation_code, set_rpc_status, trace_id
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepTiming
+from orchestrator.auth import ClientLimits
 from orchestrator.router import Router
 from orchestrator.errors import abort_with
 from orchestrator.requests import RequestBuilder
@@ -54,9 +65,11 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, router: Router, requests: RequestBuilder) -> None:
+    def __init__(self, router: Router, requests: RequestBuilder, limits: ClientLimits | None = None) -> None:
         self.router = router
         self.requests = requests  # validation, shared with the HTTP API
+        # The router's generate, holding one of the calling client's slots while it runs (auth.py)
+        self.route = limits.limit(router.generate) if limits is not None else router.generate
 
     def to_request(self, msg: generation_pb2.GenerateRequest) -> GenerationRequest:
         if msg.max_new_tokens <= 0:  # proto3's 0 is unset: the HTTP API's "as many as fit" is not the gRPC API's
@@ -67,18 +80,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None, ignore_eos=msg.ignore_eos,
         )
 
+    def generate(self, domain: GenerationRequest, context):
+        """The request's chunks, traced and measured (telemetry.py) under the call's server span."""
+        span = trace.get_current_span()
+        return self.router.telemetry.observe(self.route(domain, span), domain, "text_completion", span,
+                                             lambda: cancellation_code(context))
+
     async def Generate(self, request, context):
         text: list[str] = []
         token_ids: list[int] = []
         final: Chunk | None = None
         try:
             domain = self.to_request(request)
-            async for chunk in self.router.generate(domain):
-                text.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                final = chunk
+            async with aclosing(self.generate(domain, context)) as chunks:
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    token_ids.extend(chunk.token_ids)
+                    final = chunk
         except (CastError, grpc.aio.AioRpcError) as exc:
             await abort_with(context, exc)
+        except asyncio.CancelledError:
+            set_rpc_status(trace.get_current_span(), cancellation_code(context))
+            raise
         assert final is not None and final.stats is not None
         return generation_pb2.GenerateResponse(
             text="".join(text),
@@ -86,22 +109,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             finish_reason=FINISH_REASONS[final.finish_reason],
             usage=generation_pb2.Usage(prompt_tokens=len(domain.prompt_ids), completion_tokens=final.completion_tokens),
             stats=stats_to_proto(final.stats, request.return_step_stats),
+            trace_id=trace_id(trace.get_current_span()),
         )
 
     async def GenerateStream(self, request, context):
+        request_trace_id = trace_id(trace.get_current_span())
         try:
             domain = self.to_request(request)
-            async for chunk in self.router.generate(domain):
-                msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
-                    msg.usage.CopyFrom(
-                        generation_pb2.Usage(prompt_tokens=len(domain.prompt_ids), completion_tokens=chunk.completion_tokens)
-                    )
-                    msg.stats.CopyFrom(stats_to_proto(chunk.stats, request.return_step_stats))
-                yield msg
+            async with aclosing(self.generate(domain, context)) as chunks:
+                async for chunk in chunks:
+                    msg = generation_pb2.GenerateStreamResponse(text=chunk.text, token_ids=chunk.token_ids,
+                                                                trace_id=request_trace_id)
+                    if chunk.finish_reason is not None:
+                        msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
+                        msg.usage.CopyFrom(generation_pb2.Usage(prompt_tokens=len(domain.prompt_ids),
+                                                                completion_tokens=chunk.completion_tokens))
+                        msg.stats.CopyFrom(stats_to_proto(chunk.stats, request.return_step_stats))
+                    yield msg
         except (CastError, grpc.aio.AioRpcError) as exc:
             await abort_with(context, exc)
+        except asyncio.CancelledError:
+            set_rpc_status(trace.get_current_span(), cancellation_code(context))
+            raise
 
     async def ListReplicas(self, request, context):
         return generation_pb2.ListReplicasResponse(

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cast_runtime.cache import default_cache_dir
+from cast_runtime.tls import channel_credentials
 from orchestrator.keep_awake import KeepAwake
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,31 @@ class StackSpec:
     # Served beside the draft (draft_service/levels.py): "sparse" (of the target; "sparse,layers=N" to choose the
     # layer count; "sparse=DIR" a checkpoint draft_service.sparse wrote) and "lookup".
     draft_levels: tuple[str, ...] = ("sparse", "lookup")
+    metrics_port: int | None = None  # Prometheus endpoints: the orchestrator's; draft replica i's at metrics_port + 1
+                                     # + 2 i, verify replica i's at metrics_port + 2 + 2 i. None: off
+    env: dict[str, str] = field(default_factory=dict)  # for every service, over this process's (OTEL_*, ...)
+    tls_cert: Path | None = None  # every service serves TLS with this certificate (its names cover `host`)
+    tls_key: Path | None = None
+    tls_ca: Path | None = None    # the CA that signed it: what the orchestrator (and wait_ready) trust
+    mtls: bool = False            # the replicas require a client certificate signed by tls_ca; the orchestrator
+                                  # shows tls_cert
+    auth_tokens: Path | None = None  # the orchestrator's token file (auth.py)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """What a client of the stack's services (the orchestrator, health checks) connects with; None: plaintext."""
+        if self.tls_ca is None:
+            return None
+        return channel_credentials(self.tls_ca, *((self.tls_cert, self.tls_key) if self.mtls else ()))
+
+    def tls_args(self, role: str) -> list[str]:
+        if self.tls_cert is None:
+            return []
+        args = ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
+        if role != "orchestrator":
+            return args + (["--tls-client-ca", str(self.tls_ca)] if self.mtls else [])
+        args += ["--tls-ca", str(self.tls_ca)] if self.tls_ca else []
+        args += ["--tls-client-cert", str(self.tls_cert), "--tls-client-key", str(self.tls_key)] if self.mtls else []
+        return args + (["--auth-tokens", str(self.auth_tokens)] if self.auth_tokens else [])
 
     @property
     def address(self) -> str:
@@ -63,22 +89,35 @@ class StackSpec:
         count, first = (self.draft_replicas, self.draft_port) if role == "draft" else (self.verify_replicas, self.verify_port)
         return {role if i == 0 else f"{role}-{i + 1}": f"{self.host}:{first + 2 * i}" for i in range(count)}
 
+    def metrics_ports(self) -> dict[str, int]:
+        """{process name: its Prometheus port}, where metrics are on."""
+        if self.metrics_port is None:
+            return {}
+        out = {"orchestrator": self.metrics_port}
+        for role, first in (("draft", 1), ("verify", 2)):
+            for i, name in enumerate(self.replica_addresses(role)):
+                out[name] = self.metrics_port + first + 2 * i
+        return out
+
     def commands(self) -> dict[str, list[str]]:
         py = sys.executable
+        metrics = {name: ["--metrics-port", str(port)] for name, port in self.metrics_ports().items()}
         out = {}
         for name, address in self.replica_addresses("draft").items():
             out[name] = [py, "-m", "draft_service.server", *self.level_args(), "--host", self.host,
-                         "--port", address.rpartition(":")[2], *self.draft_args]
+                         "--port", address.rpartition(":")[2], *metrics.get(name, []), *self.tls_args("draft"),
+                         *self.draft_args]
         for name, address in self.replica_addresses("verify").items():
             out[name] = [py, "-m", "verify_service.server", "--model", str(self.target_dir), "--host", self.host,
-                         "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *self.verify_args]
+                         "--port", address.rpartition(":")[2], "--dtype", self.verify_dtype, *metrics.get(name, []),
+                         *self.tls_args("verify"), *self.verify_args]
         out["orchestrator"] = [
             py, "-m", "orchestrator.server", "--tokenizer", str(self.target_dir), "--host", self.host,
             "--port", str(self.port), "--draft", ",".join(self.replica_addresses("draft").values()),
             "--verify", ",".join(self.replica_addresses("verify").values()),
-            *(["--http-port", str(self.http_port)] if self.http_port is not None else []), *self.orchestrator_args]
+            *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
+            *metrics.get("orchestrator", []), *self.tls_args("orchestrator"), *self.orchestrator_args]
         return out
-
 
     def level_args(self) -> list[str]:
         """The draft service's levels: the draft model as `small` (--model), then sparse (of the target), lookup."""
@@ -102,8 +141,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
@@ -133,7 +172,7 @@ class Stack:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.spec.log_dir / f"{name}.log", "a")
             self._logs.append(out)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
         self.processes[name] = subprocess.Popen(self.spec.commands()[name], env=env, stdout=out,
                                                 stderr=subprocess.STDOUT if out else None)
 
@@ -144,12 +183,13 @@ class Stack:
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         pending = dict(self.addresses())
+        credentials = self.spec.credentials()
         while pending:
             for name, proc in self.processes.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"the {name} service exited with code {proc.returncode}{self._log_hint(name)}")
             for name, address in list(pending.items()):
-                if is_serving(address):
+                if is_serving(address, credentials=credentials):
                     del pending[name]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s:.0f} s: {', '.join(pending)}")

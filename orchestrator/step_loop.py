@@ -14,16 +14,19 @@ roots alone this step (plain decoding) and draft on another replica from the nex
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from cast.v1 import verify_pb2
 from cast_core.errors import Unavailable
@@ -33,8 +36,9 @@ from orchestrator.costs import CostModel, ReplicaCosts
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
 from orchestrator.fleet import Replica, State
 from orchestrator.cascade import CascadePlanner, make_planner
-from orchestrator.planner import Planner
+from orchestrator.planner import Planner, Planners
 from orchestrator.policies import TreePolicy
+from orchestrator.telemetry import RequestTrace, StepTrace, policy_label
 
 if TYPE_CHECKING:
     from orchestrator.router import Router
@@ -71,6 +75,7 @@ class LiveSequence:
     admitted: bool = False        # a Prefill was sent for it to its verify replica
     loop: StepLoop | None = None  # the step loop of its verify replica; None: waiting for one (router.py)
     lost_since: float = 0.0       # ... since (loop clock)
+    trace: RequestTrace = field(default_factory=lambda: RequestTrace(trace.NoOpTracer(), trace.INVALID_SPAN))
 
     def __post_init__(self) -> None:
         self.verify_id = self.verify_id or self.sequence_id
@@ -151,10 +156,12 @@ class StepLoop:
         # Admitted sequences whose prompts the verifier is prefilling while the live batch steps on, and that call.
         self.joining: list[LiveSequence] = []
         self.prefilling: asyncio.Task | None = None
+        self.prefill_span: trace.Span | None = None  # the running prefill's, where traced
         self.admit_after = 0.0          # the verifier was full: admit again from this time (loop clock)
-        self.planners: dict[str, Planner] = {}  # per policy: its budgets, selection and learned state
+        self.planners = Planners(make_planner)  # per policy: its budgets, selection and learned state
         self.pairs: dict[str, CostModel] = {}   # per draft replica: prices on this verify replica
         self.no_draft = ReplicaCosts.for_replica("draft", None)
+        self.telemetry = router.telemetry
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -186,7 +193,9 @@ class StepLoop:
 
     def wake(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"step-loop {self.replica.address}")
+            # In a context of its own: not the trace context of the request that happened to wake it.
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"step-loop {self.replica.address}",
+                                                                context=contextvars.Context())
         self._wake.set()
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -257,19 +266,27 @@ class StepLoop:
             return
         self.waiting = self.waiting[len(joining):]
         self.joining = joining
+        span = self.prefill_span = self.telemetry.batch_span("prefill", joining, **{
+            "cast.verify.replica": self.replica.address, "cast.prefill.sequences": len(joining),
+            "cast.prefill.tokens": sum(len(s.tokens) for s in joining)})
         for s in joining:
             s.admitted = True
-        self.prefilling = asyncio.ensure_future(timed(
-            self.replica.client.prefill({s.verify_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
+            s.trace.enter("prefill", [trace.Link(span.get_span_context())] if span else [])
+        with trace.use_span(span) if span else nullcontext():  # the call's metadata carries its context
+            self.prefilling = asyncio.ensure_future(timed(
+                self.replica.client.prefill({s.verify_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
 
     async def _join(self) -> list[LiveSequence]:
         """Wait for the running prefill; its sequences join the live batch. Returns them."""
-        task, joining = self.prefilling, self.joining
-        self.prefilling, self.joining = None, []
+        task, joining, span = self.prefilling, self.joining, self.prefill_span
+        self.prefilling, self.joining, self.prefill_span = None, [], None
         try:
             _, seconds = await task
         except grpc.aio.AioRpcError as exc:
+            self.telemetry.failed(span, exc)
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # its slots are taken (another orchestrator's)
+                for s in joining:
+                    s.trace.enter("queue")
                 self.waiting[:0] = joining
                 self.admit_after = asyncio.get_running_loop().time() + 0.1
             elif replica_failure(exc):
@@ -280,8 +297,12 @@ class StepLoop:
                     s.fail(exc)
                 self.live.extend(joining)  # _retire releases whatever the verifier kept
             return []
+        finally:
+            if span is not None:
+                span.end()
         for s in joining:
             s.stats.verify_seconds += seconds
+            s.trace.joined()
         self.live.extend(joining)
         return joining
 
@@ -300,25 +321,33 @@ class StepLoop:
         """Release the sequences' sessions on this verifier and on their draft replicas."""
         if not sequences:
             return
-        calls = [self.replica.client.release([s.verify_id for s in sequences], timeout_s)]
-        drafted: dict[Replica, list[str]] = defaultdict(list)
-        for s in sequences:
-            if s.opened_draft and s.draft is not None:
-                drafted[s.draft].append(s.sequence_id)
-        calls += [replica.client.release(ids, timeout_s) for replica, ids in drafted.items()]
-        # A failed release is nobody's error to report: the sessions' TTL frees them.
-        await asyncio.gather(*calls, return_exceptions=True)
+        span = self.telemetry.batch_span("release", sequences, **{"cast.release.sequences": len(sequences)})
+        with trace.use_span(span, end_on_exit=True) if span else nullcontext():  # the calls carry its context
+            calls = [self.replica.client.release([s.verify_id for s in sequences], timeout_s)]
+            drafted: dict[Replica, list[str]] = defaultdict(list)
+            for s in sequences:
+                if s.opened_draft and s.draft is not None:
+                    drafted[s.draft].append(s.sequence_id)
+            calls += [replica.client.release(ids, timeout_s) for replica, ids in drafted.items()]
+            # A failed release is nobody's error to report: the sessions' TTL frees them.
+            await asyncio.gather(*calls, return_exceptions=True)
 
     # --- one step -------------------------------------------------------------------------------------------
 
     async def _step(self, batch: list[LiveSequence]) -> None:
-        """One decoding step of the live batch: schedule, expand, select, verify, commit, learn."""
+        """One decoding step of the live batch: schedule, expand, select, verify, commit, learn. Where one of its
+        requests is traced, the step is a span linked to them, and its Expand and Verify messages carry its context."""
         for s in batch:
             if len(s.tokens) >= self.router.max_context:  # no room for another tree
                 s.finish(FinishReason.CONTEXT, [])
         batch = [s for s in batch if not s.done]
         if not batch:
             return
+        step = self.telemetry.start_step(batch, self.replica)
+        with trace.use_span(step.span, end_on_exit=True) if step else nullcontext():
+            await self._run_step(batch, step)
+
+    async def _run_step(self, batch: list[LiveSequence], step: StepTrace | None) -> None:
         started = time.perf_counter()
         timing = StepTiming(one_off=self.prefilling is not None)
         size, context = len(batch), max(len(s.tokens) for s in batch)
@@ -330,7 +359,7 @@ class StepLoop:
         drafts = {s.sequence_id: Draft.root_only(s) for s in batch}
 
         # Expand: one batched Expand per drafting policy and draft replica, all at once.
-        calls = [self._expand(g, replica, members, size, context, timing)
+        calls = [self._expand(g, replica, members, size, context, timing, step)
                  for g in groups if g.drafts for replica, members in g.by_draft_replica().items()]
         expand_started = time.perf_counter()
         learn_while_verifying = [learn for learn in await asyncio.gather(*calls) if learn is not None]
@@ -343,7 +372,8 @@ class StepLoop:
             if not drafted:
                 continue
             expansions = [g.expanded[s.sequence_id] for s in drafted]
-            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context)
+            trees = g.planner.select([e.tree for e in expansions], self.costs(drafted[0].draft), size, context,
+                                     timing.draft_rpc * 1e3)
             for s, tree, e in zip(drafted, trees, expansions):
                 drafts[s.sequence_id] = Draft(tree, e.expanded_nodes)
         if self.prefilling is not None:
@@ -360,10 +390,13 @@ class StepLoop:
 
         # Verify: one call for the whole batch.
         items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
+        if step is not None:
+            step.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
         except grpc.aio.AioRpcError as exc:
+            self.telemetry.failed(step and step.span, exc)
             if replica_failure(exc):  # the sequences lose nothing: replayed on another replica
                 self.router.fleet.report_failure(self.replica, exc)
                 self.live = [s for s in self.live if s not in batch]
@@ -390,6 +423,7 @@ class StepLoop:
                 s.out.put_nowait(Chunk(None, taken, completion_tokens=len(s.assembler.token_ids), step=record,
                                        tree=item.tree))
         timing.step = time.perf_counter() - started  # the records above share this object
+        self.telemetry.step_done(step, batch, [s.stats.steps[-1] for s in batch], timing)
 
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.
         if not timing.one_off:
@@ -397,8 +431,10 @@ class StepLoop:
         committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
         verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
         for g in groups:
-            g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
-                                 [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off)
+            if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
+                                    [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off):
+                self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
+                                                     "cast.batch_size": size})
             if isinstance(g.planner, CascadePlanner) and g.drafts:
                 tokens = {s.sequence_id: t for s, t in zip(batch, results)}
                 g.planner.learn_levels([g.expanded.get(s.sequence_id) for s in g.sequences],
@@ -414,16 +450,14 @@ class StepLoop:
                 members[s.policy.name].append(s)
         groups = []
         for name, sequences in members.items():
-            planner = self.planners.get(name)
-            if planner is None:
-                planner = self.planners[name] = make_planner(sequences[0].policy)
+            planner = self.planners.get(sequences[0].policy)
             with_draft = [s.draft for s in sequences if s.draft is not None]
             drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
             groups.append(PolicyGroup(planner, sequences, drafts))
         return groups
 
     async def _expand(self, group: PolicyGroup, replica: Replica, sequences: list[LiveSequence], size: int,
-                      context: int, timing: StepTiming):
+                      context: int, timing: StepTiming, step: StepTrace | None):
         """One batched Expand on one draft replica for some of a policy's sequences (into group.expanded). Returns
         what it teaches, a job for the Verify's wait; None when the replica failed them: they verify their roots
         alone this step and move to another draft replica."""
@@ -441,6 +475,9 @@ class StepLoop:
                 self.router.fleet.report_failure(replica, exc)
             else:  # our bug, or the replica lost the sequence's state: start its draft afresh elsewhere
                 log.error("draft replica %s refused an Expand: %s: %s", replica.address, exc.code().name, exc.details())
+            if step is not None:
+                step.span.add_event("draft replica failed", {"cast.draft.replica": replica.address,
+                                                             "rpc.grpc.status_code": exc.code().value[0]})
             for s in sequences:
                 self.router.drop_draft_replica(s)
             return None
@@ -449,12 +486,14 @@ class StepLoop:
             s.draft_seen = len(s.tokens)
         timing.draft_model = max(timing.draft_model, model_seconds)
         timing.one_off |= cold
+        longest = max(range(len(items)), key=lambda i: len(items[i].new_tokens))
+        forwards = expanded[longest].forwards(len(items[longest].new_tokens))
+        if step is not None:
+            step.predict_expand(costs, size, context, forwards)
 
         def learn() -> None:
             if not timing.one_off:
-                longest = max(items, key=lambda i: len(i.new_tokens))
-                costs.observe_draft(size, context, expanded[items.index(longest)].forwards(len(longest.new_tokens)),
-                                    seconds, model_seconds)
+                costs.observe_draft(size, context, forwards, seconds, model_seconds)
             for s in sequences:
                 s.stats.draft_seconds += seconds
             group.planner.learn_layers([e.layer_utilities for e in expanded])

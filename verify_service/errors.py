@@ -3,12 +3,15 @@ them to servicer methods."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
 import grpc
+from opentelemetry import trace
 
 from cast_core.errors import CastError
+from cast_runtime.telemetry import cancellation_code, set_rpc_status
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +21,8 @@ def status_code(error: CastError) -> grpc.StatusCode:
 
 
 def abort_on_domain_error(method):
-    """Wrap an async servicer method: a CastError aborts the call with its status code and message (field first)."""
+    """Wrap an async servicer method: a CastError aborts the call with its status code and message (field first).
+    A call cancelled or past its deadline has that status recorded on its span."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
@@ -29,5 +33,8 @@ def abort_on_domain_error(method):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unmapped domain error in %s", method.__name__)
             await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            set_rpc_status(trace.get_current_span(), cancellation_code(context))
+            raise
 
     return wrapper

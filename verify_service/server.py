@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
-from cast_runtime.grpc_options import server_options
+from cast_runtime import serving
+from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
 from verify_service.profile import startup_cost_table
@@ -39,29 +35,26 @@ WARM_BATCHES = (1, 2, 4, 8)
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
-    port: int
-    health: health_aio.HealthServicer
+    grpc: serving.GrpcServer
     servicer: VerifyServicer
     expiry: asyncio.Task
 
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.grpc.server
 
-def bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    @property
+    def port(self) -> int:
+        return self.grpc.port
 
 
 async def start(config: VerifyConfig) -> RunningServer:
     """Bind, load and warm the model, start serving, then report SERVING."""
-    server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    # Bind before the (slow) model load, so a taken port fails at once.
-    port = server.add_insecure_port(bind_address(config.host, config.port))
-    if port == 0:
-        raise RuntimeError(f"could not bind {bind_address(config.host, config.port)}")
-
-    health = health_aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Bound before the (slow) model load, so a taken port fails at once.
+    telemetry = setup_telemetry("verify", config.metrics_port, config.host)
+    server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, config.max_concurrent_rpcs, tls=config.tls,
+                                interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Prefill",
+                                                                            f"/{SERVICE_NAME}/Release"]))
 
     # One worker thread: it loads the model and then runs every domain call (see servicer.py).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
@@ -87,23 +80,16 @@ async def start(config: VerifyConfig) -> RunningServer:
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    servicer = VerifyServicer(verifier, executor)
+    servicer = VerifyServicer(verifier, executor, telemetry)
     if cost_table is not None:
         servicer.description.cost_table.CopyFrom(cost_table_to_proto(cost_table))
-    verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, server.server)
     await server.start()
-    expiry = asyncio.create_task(expire_sessions_until_stopped(server, servicer, config.expire_interval_s))
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    expiry = asyncio.create_task(expire_sessions_until_stopped(server.server, servicer, config.expire_interval_s))
     target = verifier.target
-    log.info(
-        "verify service on %s: %s (%s, %s, max_context %d)",
-        bind_address(config.host, port), target.model_name, target.device, target.dtype_name, target.max_context,
-    )
-    return RunningServer(server=server, port=port, health=health, servicer=servicer, expiry=expiry)
+    log.info("verify service on %s: %s (%s, %s, max_context %d)", server.address, target.model_name, target.device,
+             target.dtype_name, target.max_context)
+    return RunningServer(server, servicer, expiry)
 
 
 async def start_server(config: VerifyConfig) -> tuple[grpc.aio.Server, int]:
@@ -113,32 +99,15 @@ async def start_server(config: VerifyConfig) -> tuple[grpc.aio.Server, int]:
 
 
 async def serve(config: VerifyConfig) -> None:
-    """Serve until SIGTERM or SIGINT; then drain: report NOT_SERVING at once and keep answering for the sequences held
-    until they are gone (orchestrators move them to other replicas) or config.grace_s passes."""
+    """Serve until SIGTERM or SIGINT, then drain (cast_runtime.serving) and stop."""
     running = await start(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining: NOT_SERVING, serving the %d sequences held for up to %.0f s", len(running.servicer.verifier.sessions),
-             config.grace_s)
-    await running.health.enter_graceful_shutdown()
-    await drain(lambda: len(running.servicer.verifier.sessions), config.grace_s)
-    await running.server.stop(1.0)
+    await running.grpc.serve_until_signalled(config.grace_s, held=lambda: len(running.servicer.verifier.sessions))
     await running.expiry
-
-
-async def drain(held: Callable[[], int], grace_s: float) -> None:
-    """Wait until no sequence is held or grace_s passed."""
-    deadline = asyncio.get_running_loop().time() + grace_s
-    while held() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
+    running.servicer.telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(VerifyConfig.from_args(argv)))
+    serving.run(serve, VerifyConfig.from_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 All domain calls run on one worker thread: model work stays off the event loop, and the Verifier, which is not
 thread-safe, is only ever touched by that thread.
+
+Telemetry (cast_runtime/telemetry.py): Prefill and Release get their server spans from the stock interceptor
+(server.py), each Verify message on a stream its own (message_span); every model forward is a child span.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -18,12 +23,14 @@ import numpy as np
 from cast.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from cast_core.errors import CastError
 from cast_core.tree import TokenTree
+from cast_runtime.telemetry import Telemetry, set_rpc_status
 from verify_service.errors import abort_on_domain_error, status_code
 from verify_service.sampling import SamplingParams
 from verify_service.target import device_name
 from verify_service.verifier import PrefillItem, Verifier, VerifyItem
 
 log = logging.getLogger(__name__)
+VERIFY_METHOD = "/cast.v1.VerifyService/Verify"  # a message's span: one Verify, as if a unary call
 
 
 def sampling_from_proto(msg: verify_pb2.SamplingParams) -> SamplingParams:
@@ -46,6 +53,17 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
     )
 
 
+@dataclass(frozen=True)
+class Forward:
+    """The model forward that ran a Verify request, perhaps with others' (what its span and metrics say)."""
+
+    seconds: float  # the forward's own time (acceptance and compaction included)
+    cold: bool      # it captured a CUDA graph
+    end_ns: int     # when it ended (time.time_ns)
+    requests: int   # Verify requests it ran together
+    sequences: int  # ... and their sequences
+
+
 class Coalescer:
     """Verify requests that arrive while the model is busy run together in its next forward: orchestrators sharing
     this replica (each with its own step stream) get one batch, as a single orchestrator's sequences do.
@@ -60,8 +78,8 @@ class Coalescer:
         self.lock = threading.Lock()  # pending is filled on the event loop and taken on the worker
         self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
 
-    async def verify(self, items: list[VerifyItem]) -> tuple[list, float, bool]:
-        """(acceptances, seconds of the forward that ran them, whether it captured a CUDA graph)."""
+    async def verify(self, items: list[VerifyItem]) -> tuple[list, Forward]:
+        """(acceptances, the forward that ran them)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.lock:
@@ -80,29 +98,34 @@ class Coalescer:
         with self.lock:
             batch, self.pending = self.pending, []
         if len(batch) > 1:
+            merged = [i for items, _ in batch for i in items]
             try:
-                accepted, seconds, cold = self.verifier.verify_noting_captures([i for items, _ in batch for i in items])
+                accepted, seconds, cold = self.verifier.verify_noting_captures(merged)
             except Exception:
                 pass  # one request is at fault: each alone, below
             else:
+                forward = Forward(seconds, cold, time.time_ns(), len(batch), len(merged))
                 out, start = [], 0
                 for entry in batch:
-                    out.append((entry, (accepted[start:start + len(entry[0])], seconds, cold)))
+                    out.append((entry, (accepted[start:start + len(entry[0])], forward)))
                     start += len(entry[0])
                 return out
         out = []
         for entry in batch:
             try:
-                out.append((entry, self.verifier.verify_noting_captures(entry[0])))
+                accepted, seconds, cold = self.verifier.verify_noting_captures(entry[0])
+                out.append((entry, (accepted, Forward(seconds, cold, time.time_ns(), 1, len(entry[0])))))
             except Exception as e:
                 out.append((entry, e))
         return out
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, verifier: Verifier, executor: ThreadPoolExecutor, telemetry: Telemetry | None = None) -> None:
         self.verifier = verifier
         self.executor = executor
+        self.telemetry = telemetry or Telemetry("verify")
+        self.telemetry.observe_sessions(lambda: len(verifier.sessions), verifier.sessions.max_sessions, occupancy=True)
         target = verifier.target
         self.description = common_pb2.ReplicaDescription(
             model_name=target.model_name,
@@ -125,7 +148,10 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     @abort_on_domain_error
     async def Prefill(self, request: verify_pb2.PrefillRequest, context) -> verify_pb2.PrefillResponse:
         items = [PrefillItem(s.sequence_id, list(s.token_ids)) for s in request.sequences]
-        seconds = await self._in_worker(self.verifier.prefill, items)
+        seconds, end_ns = await self._in_worker(lambda: (self.verifier.prefill(items), time.time_ns()))
+        self.telemetry.record_forward("verify.prefill_forward", "prefill", seconds, end_ns, {
+            "cast.device": self.description.device, "cast.forward.sequences": len(items),
+            "cast.forward.tokens": sum(len(i.token_ids) for i in items)})
         return verify_pb2.PrefillResponse(verify_seconds=seconds)
 
     async def verify(self, request: verify_pb2.VerifyRequest) -> verify_pb2.VerifyResponse:
@@ -134,7 +160,11 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, seconds, cold = await self.coalescer.verify(items)
+        accepted, forward = await self.coalescer.verify(items)
+        self.telemetry.record_forward("verify.forward", "verify", forward.seconds, forward.end_ns, {
+            "cast.device": self.description.device, "cast.forward.cold": forward.cold,
+            "cast.forward.requests": forward.requests, "cast.forward.sequences": forward.sequences,
+            "cast.forward.tokens": sum(len(i.tree) for i in items)})
         results = [
             verify_pb2.VerifyResult(
                 sequence_id=item.sequence_id,
@@ -143,19 +173,23 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             )
             for item, a in zip(items, accepted, strict=True)
         ]
-        return verify_pb2.VerifyResponse(results=results, verify_seconds=seconds, cold=cold)
+        return verify_pb2.VerifyResponse(results=results, verify_seconds=forward.seconds, cold=forward.cold)
 
     async def VerifyStream(self, requests, context):
         """Verify each request in turn; a failed one is answered with its status (StepError, mapped as
         abort_on_domain_error maps a call's), and the stream goes on."""
         async for request in requests:
-            try:
-                reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request))
-            except CastError as e:
-                code = status_code(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("unmapped domain error in VerifyStream")
-                reply = verify_pb2.VerifyStreamResponse(error=common_pb2.StepError(code=code.value[0], message=str(e)))
+            with self.telemetry.message_span(VERIFY_METHOD, request.trace_context,
+                                             {"cast.sequences": len(request.sequences)}) as span:
+                try:
+                    reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request))
+                except CastError as e:
+                    code = status_code(e)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("unmapped domain error in VerifyStream")
+                    set_rpc_status(span, code, str(e))
+                    reply = verify_pb2.VerifyStreamResponse(error=common_pb2.StepError(code=code.value[0],
+                                                                                       message=str(e)))
             yield reply
 
     @abort_on_domain_error

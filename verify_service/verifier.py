@@ -78,6 +78,8 @@ class Verifier:
     def prefill(self, items: Sequence[PrefillItem]) -> float:
         """Create one session per item, then one padded forward over all prompts; returns the seconds spent."""
         self._check_prefill(items)
+        if not items:
+            return 0.0
         created: list[str] = []
         start = time.perf_counter()
         try:
@@ -99,6 +101,8 @@ class Verifier:
         """One tree forward for all sequences, acceptance (greedy or sampled) per sequence, KV compaction. Returns
         results in order and model seconds."""
         sessions = self._check_verify(items)
+        if not items:  # nothing to verify (the draft service answers an empty Expand alike)
+            return [], 0.0
         start = time.perf_counter()
         kvs = [s.kv for s in sessions]
         prefix_lengths = [kv.length for kv in kvs]

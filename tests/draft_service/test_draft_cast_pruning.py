@@ -73,3 +73,20 @@ def test_the_efficiency_rule_stops_where_a_layer_would_lower_tokens_per_cost(mak
     # A higher measured acceptance per unit of value makes deep layers worth more: the tree goes deeper.
     trusting = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=4.0, step_base_cost=1.5))
     assert len(trusting.layers) >= len(efficient.layers)
+
+
+def test_cast_grows_no_node_that_the_returned_trees_would_trim(make_expander):
+    """With max_returned_nodes = m, a node below the tree's m-th best value can never be returned, nor can its
+    descendants: CAST does not expand it. The m nodes returned are the same as those of the whole tree, from fewer
+    nodes drafted."""
+    free = CastBudget(linear_prices(1e-6, 1e-6), 0.0, 0.0, 1.0)  # C1 and C2 keep everything: only the cut prunes
+    expander = make_expander()
+    whole = expander.expand([SequenceInput("a", np.asarray(PROMPT), 0)], Budget(**LIMITS, cast=free))[0][0]
+    cut = expander.expand([SequenceInput("b", np.asarray(PROMPT), 0)],
+                          Budget(**LIMITS, cast=free, max_returned_nodes=6))[0][0]
+    assert whole.expanded_nodes == 1 + 4 + 4 * 16  # top-4 x depth 5, 4 kept per layer: 1 + 4 + 16 x 4
+    assert cut.expanded_nodes < whole.expanded_nodes / 2
+    best = whole.tree.top_m(6)
+    assert len(cut.tree) == 6
+    assert sorted(zip(cut.tree.depths.tolist(), cut.tree.tokens.tolist())) == \
+        sorted(zip(best.depths.tolist(), best.tokens.tolist()))

@@ -40,9 +40,10 @@ def test_flags_override_env_and_env_overrides_defaults(draft_model_dir, monkeypa
         (["--session-ttl-s", "0"], "session_ttl_s"),
     ],
 )
-def test_bad_values_are_rejected_on_creation(draft_model_dir, argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_values_exit_with_a_message_naming_the_setting(draft_model_dir, argv, message, capsys):
+    with pytest.raises(SystemExit):
         DraftConfig.from_args(["--model", str(draft_model_dir), *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
@@ -53,6 +54,23 @@ def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
         DraftConfig(model=tmp_path)
     with pytest.raises(SystemExit):
         DraftConfig.from_args(["--model", str(tmp_path), "--port", "abc"])
+
+
+def test_draft_levels_come_from_repeated_flags_or_the_variable(draft_model_dir, capsys):
+    """--model is optional once a model level is given; --draft-level repeats, CAST_DRAFT_DRAFT_LEVEL splits on ';'."""
+    config = DraftConfig.from_args(["--draft-level", f"sparse={draft_model_dir},layers=1", "--draft-level", "lookup"],
+                                   environ={})
+    assert config.model is None
+    assert [(spec.name, spec.path, spec.layers) for spec in config.levels] == [("sparse", draft_model_dir, 1),
+                                                                              ("lookup", None, 0)]
+    config = DraftConfig.from_args(["--model", str(draft_model_dir)], environ={"CAST_DRAFT_DRAFT_LEVEL": "lookup"})
+    assert [spec.name for spec in config.levels] == ["small", "lookup"]
+    for argv in (["--draft-level", "lookup"], ["--model", str(draft_model_dir), "--draft-level", "medium=x"]):
+        with pytest.raises(SystemExit) as info:
+            DraftConfig.from_args(argv, environ={})
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "a draft model (--model) or a model level" in err and "draft_level: 'medium' is not one of" in err
 
 
 def test_the_replica_reports_the_runner_it_serves_with(draft_model_dir, onnx_cache_dir):

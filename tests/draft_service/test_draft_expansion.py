@@ -69,7 +69,7 @@ def test_full_tree_holds_the_greedy_continuation_as_its_best_path(make_expander,
     assert best_path(e.tree) == greedy(PROMPT, 4)
 
 
-def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utilities(make_expander):
+def test_a_trimmed_tree_is_the_full_trees_best_nodes(make_expander):
     from dataclasses import replace
 
     from cast_core.cost_table import NormalizedCostSlice
@@ -81,15 +81,13 @@ def test_a_trimmed_tree_is_the_full_trees_best_nodes_and_keeps_its_layer_utiliti
     budget = Budget(top_k=4, max_depth=4, max_breadth=3, cast=cast)  # 4 + 12 + 12 + 12 nodes: 41 with the root
     [full], _ = make_expander().expand([seq("a", PROMPT)], budget)
     [trimmed], _ = make_expander().expand([seq("a", PROMPT)], replace(budget, max_returned_nodes=10))
-    assert full.expanded_nodes == trimmed.expanded_nodes == len(full.tree) == 41
+    # CAST grows no node that the trimming would drop (nor its descendants): fewer nodes, the same best 10.
+    assert full.expanded_nodes == len(full.tree) == 41 and trimmed.expanded_nodes < 41
     assert len(trimmed.tree) == 10
     trimmed.tree.validate()  # the best nodes by value are a tree: closed under ancestors
     best = full.tree.top_m(10)
     for field in ("tokens", "parents", "depths", "values"):
         assert np.array_equal(getattr(trimmed.tree, field), getattr(best, field)), field
-    # What CAST's depth rule learns from stays that of the whole expansion.
-    assert trimmed.layers == full.layers
-    assert trimmed.layer_utilities == full.layer_utilities
     assert full.layer_utilities == pytest.approx(kept_layer_utilities(full.tree, [3, 3, 3, 0]), rel=1e-6)
     # The caller's selection of m <= 10 nodes is the same on either tree.
     for m in (1, 4, 10):

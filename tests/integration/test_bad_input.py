@@ -28,8 +28,11 @@ def call_error(stub, **fields) -> grpc.RpcError:
         (dict(max_new_tokens=10**6), grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
         (dict(prompt="x = 1\n" * 2000), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
         (dict(policy="beam"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
+        (dict(policy="tree:9x5/16"), grpc.StatusCode.INVALID_ARGUMENT, "policy"),
         (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (dict(stop=["x"] * 17), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (dict(stop=["x" * 257]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     ],
 )
 def test_bad_generate_requests(generation_stub, fields, code, field_name):

@@ -27,7 +27,29 @@ def test_a_level_reports_what_it_measured_and_outputs_match_ar(tiny_stack, tmp_p
     count_differences(levels)
     assert ar.differ_from_ar == cast.differ_from_ar == eagle2.differ_from_ar == 0  # float64 verifier: lossless
     write_csv([ar, cast], tmp_path / "bench.csv")
-    assert (tmp_path / "bench.csv").read_text().splitlines()[0].endswith("differ_from_ar")
+    assert "differ_from_ar" in (tmp_path / "bench.csv").read_text().splitlines()[0].split(",")
+
+
+def test_a_cutoff_cancels_the_requests_in_flight_and_counts_what_they_received(tiny_stack):
+    prompts = prompts_for_tests(2)
+    _, full = asyncio.run(run_level(tiny_stack.spec.address, prompts, "ar", 2, max_new_tokens=24, max_requests=2,
+                                    max_seconds=120))
+    # The cutoff falls halfway through the same requests' whole run on this machine, however fast it is today.
+    whole, _ = asyncio.run(run_level(tiny_stack.spec.address, prompts, "cast", 2, max_new_tokens=400, max_requests=2,
+                                     max_seconds=120))
+    cutoff_s = whole.wall_s / 2
+    level, cut = asyncio.run(run_level(tiny_stack.spec.address, prompts, "cast", 2, max_new_tokens=400,
+                                       max_requests=2, max_seconds=120, cutoff_s=cutoff_s))
+    assert level.wall_s < cutoff_s + 4 and level.cut_requests == level.requests == 2
+    assert level.completion_tokens == sum(len(r.token_ids) for r in cut) > 0
+    reference = {r.prompt: r.token_ids for r in full}
+    for r in cut:  # a prefix of the whole output, and the same tokens as ar's as far as both go
+        n = min(len(r.token_ids), len(reference[r.prompt]))
+        assert r.cut and r.token_ids[:n] == reference[r.prompt][:n]
+    # the cancelled requests left nothing behind that stops the next ones
+    again, results = asyncio.run(run_level(tiny_stack.spec.address, prompts, "cast", 2, max_new_tokens=8,
+                                           max_requests=2, max_seconds=120, cutoff_s=60))
+    assert again.cut_requests == 0 and all(len(r.token_ids) == 8 for r in results)
 
 
 def test_differences_are_counted_against_ar_per_prompt():

@@ -62,7 +62,7 @@ def test_every_policy_and_the_stream_agree(stack, stub, target_model):
     model, tokenizer = target_model
     prompt = "def fibonacci(n):"
     expected = greedy_reference(model, tokenizer, prompt, 24)
-    for policy in ("eagle2", "chain", "ar"):
+    for policy in ("eagle2", "chain", "ar", "chain:6", "tree:4x5/16"):
         response = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy=policy))
         assert list(response.token_ids) == expected, policy
         assert response.stats.policy == policy

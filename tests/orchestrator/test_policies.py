@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 
 from cast_core.cost_table import CostTable
@@ -59,6 +61,28 @@ def test_trees_come_back_trimmed_to_what_the_policy_may_verify():
         assert budget.max_returned_nodes == POLICIES[name].verify_tokens > 1, name
 
 
+def test_cast_asks_for_no_more_nodes_nor_layers_than_its_reranking_lately_verified_with_room_to_grow():
+    costs = CostModel(verify=CostTable.linear(1.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+    planner = Planner(POLICIES["cast"])
+    verified = len(planner.select([chain([0.9, 0.8, 0.6, 0.3, 0.1, 0.05, 0.02])] * 2, costs, 2, 100)[0])
+    assert 1 < verified and math.ceil(1.5 * verified) + 2 < POLICIES["cast"].verify_tokens
+    assert planner.price_budget(costs, 2, 100).max_returned_nodes == math.ceil(1.5 * verified) + 2
+    assert planner.price_budget(costs, 1, 100).max_returned_nodes == POLICIES["cast"].verify_tokens  # no step at 1 yet
+    # nor deeper than it verified, plus 2 (a chain's m nodes reach depth m - 1)
+    assert planner.price_budget(costs, 2, 100).max_depth == min(verified - 1 + 2, POLICIES["cast"].max_depth)
+    assert planner.price_budget(costs, 1, 100).max_depth == POLICIES["cast"].max_depth
+
+
+def test_a_dearer_draft_makes_cast_verify_more_of_what_it_drafted():
+    """The Expand is paid whatever the cut: the dearer it was, the more nodes are worth verifying for it."""
+    fine = dict(GRID, token_counts=tuple(range(1, 17)))  # a verifier whose cost grows with every node
+    costs = CostModel(verify=CostTable.linear(1.0, 5.0, **fine), draft=CostTable.linear(0.05, 1.0, **fine))
+    trees = [chain([0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05])]
+    cheap = len(Planner(POLICIES["cast"]).select(trees, costs, 1, 100, draft_ms=0.0)[0])
+    dear = len(Planner(POLICIES["cast"]).select(trees, costs, 1, 100, draft_ms=10.0)[0])
+    assert dear > cheap
+
+
 def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
     """n nodes, each under a random earlier one, a value its parent's times a factor in [low, 1) (as a draft's)."""
     parents, depths, values = [-1], [0], [1.0]
@@ -91,3 +115,45 @@ def test_a_tree_trimmed_to_the_policys_cap_selects_what_the_whole_tree_does():
             got = planner.select(trimmed, costs, batch, 300)
             for e, g in zip(expected, got, strict=True):
                 assert np.array_equal(e.tokens, g.tokens) and np.array_equal(e.parents, g.parents)
+
+
+def test_fixed_shapes_are_parsed_into_the_trees_they_name():
+    from orchestrator.policies import resolve_policy
+
+    chain6 = resolve_policy("chain:6", "cast")
+    assert (chain6.top_k, chain6.max_depth, chain6.max_breadth, chain6.verify_tokens) == (1, 6, 1, 7)
+    assert chain6.tree_nodes == 7 and chain6.uses_draft and not chain6.learns
+    tree = resolve_policy("tree:4x5/16", "cast")
+    assert (tree.name, tree.top_k, tree.max_depth, tree.max_breadth, tree.verify_tokens) == ("tree:4x5/16", 4, 5, 4, 16)
+    assert tree.tree_nodes == 1 + 4 + 4 * 16  # layer 1: 4 children of the root; then 4 kept x 4 children a layer
+    assert resolve_policy("chain:06", "cast").name == "chain:6"  # one canonical name: one planner
+
+
+def test_a_bad_shape_is_invalid_argument_naming_the_field_and_the_rule():
+    import pytest
+
+    from cast_core.errors import InvalidArgument
+    from orchestrator.policies import resolve_policy
+
+    for spec, rule in [("chain:0", "depth 0 is outside [1, 16]"), ("tree:9x5/16", "top-K 9 is outside [1, 8]"),
+                       ("tree:4x5/1", "nodes verified 1 is outside [2, 128]"), ("tree:4x5", "tree:KxD/N"),
+                       ("chain:x", "chain:D"), ("beam", "unknown policy")]:
+        with pytest.raises(InvalidArgument) as info:
+            resolve_policy(spec, "cast", field="cast.policy")
+        assert info.value.field == "cast.policy" and rule in str(info.value), spec
+
+
+def test_a_step_loop_keeps_few_planners_for_fixed_shapes_and_cast_for_good():
+    from orchestrator.planner import Planners
+    from orchestrator.policies import resolve_policy
+
+    planners = Planners(max_fixed=4)
+    cast = planners.get(POLICIES["cast"])
+    cast.calibration.scale = 1.7  # learned
+    for depth in range(1, 17):
+        for k in range(2, 9):
+            planners.get(resolve_policy(f"tree:{k}x{depth}/32", "cast"))
+    assert len(planners) == 1 + 4  # ever new shapes do not grow it
+    assert planners.get(POLICIES["cast"]) is cast and cast.calibration.scale == 1.7
+    recent = planners.get(resolve_policy("tree:8x16/32", "cast"))
+    assert planners.get(resolve_policy("tree:8x16/32", "cast")) is recent  # a shape in use keeps its planner

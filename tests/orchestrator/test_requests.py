@@ -29,6 +29,7 @@ def test_no_token_limit_means_what_the_context_and_the_server_allow(builder):
     (dict(max_new_tokens=0), InvalidArgument, "max_tokens"),
     (dict(max_new_tokens=41), OutOfRange, "max_tokens"),
     (dict(policy="beam"), InvalidArgument, "cast.policy"),
+    (dict(policy="tree:4x5/200"), InvalidArgument, "cast.policy"),
     (dict(prompt="x = 1\n" * 40), OutOfRange, "messages"),
     (dict(prompt=[5, 10**6]), InvalidArgument, "messages[1]"),
     (dict(temperature=float("nan")), InvalidArgument, "temperature"),
@@ -45,3 +46,20 @@ def test_token_ids_pass_as_they_are_and_seeds_are_drawn_when_absent(builder):
     request = builder.build([5, 6, 7], 4, temperature=0.7)
     assert request.prompt_ids == [5, 6, 7] and request.seed is not None
     assert builder.build([5, 6, 7], 4, seed=9).seed == 9
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(builder, monkeypatch):
+    def no_encode(*args, **kwargs):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(builder.tokenizer, "encode", no_encode)
+    with pytest.raises(OutOfRange, match="characters cannot fit") as info:
+        builder.build("x" * (32 * 64 + 1), 4)
+    assert info.value.field == "prompt"
+
+
+@pytest.mark.parametrize("stop", [["x"] * 17, ["x" * 257]])
+def test_stop_strings_are_limited_in_count_and_length(builder, stop):
+    with pytest.raises(InvalidArgument) as info:
+        builder.build("def f(x):", 4, stop=stop)
+    assert info.value.field == "stop"

@@ -44,11 +44,12 @@ def test_flags_win_over_environment_which_wins_over_defaults(tiny_pair):
         (["--grace-s", "-1"], "grace_s"),
     ],
 )
-def test_bad_settings_exit_with_a_message(tiny_pair, argv, message):
+def test_bad_settings_exit_with_a_message(tiny_pair, argv, message, capsys):
     if argv and argv[0] != "--model":
         argv = ["--model", str(tiny_pair[0]), *argv]
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit):
         VerifyConfig.from_args(argv, environ={})
+    assert message in capsys.readouterr().err
 
 
 def test_module_entry_point_serves_until_sigterm(tiny_pair):

@@ -70,14 +70,23 @@ class CascadeBudget(_message.Message):
     def __init__(self, levels: _Optional[_Iterable[_Union[LevelBudget, _Mapping]]] = ..., max_returned_nodes: _Optional[int] = ...) -> None: ...
 
 class ExpandRequest(_message.Message):
-    __slots__ = ("sequences", "budget", "cascade")
+    __slots__ = ("sequences", "budget", "trace_context", "cascade")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CASCADE_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[DraftSequence]
     budget: ExpandBudget
+    trace_context: _containers.ScalarMap[str, str]
     cascade: CascadeBudget
-    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., cascade: _Optional[_Union[CascadeBudget, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., cascade: _Optional[_Union[CascadeBudget, _Mapping]] = ...) -> None: ...
 
 class DraftLayerStats(_message.Message):
     __slots__ = ("candidates", "kept", "kept_utility")

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from cast.v1 import common_pb2 as cast_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61st/v1/verify.proto\x12\x07\x63\x61st.v1\x1a\x14\x63\x61st/v1/common.proto\"9\n\x0fPrefillSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"=\n\x0ePrefillRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.cast.v1.PrefillSequence\")\n\x0fPrefillResponse\x12\x16\n\x0everify_seconds\x18\x01 \x01(\x01\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\"r\n\x0eVerifySequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12 \n\x04tree\x18\x02 \x01(\x0b\x32\x12.cast.v1.TokenTree\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.cast.v1.SamplingParams\";\n\rVerifyRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.cast.v1.VerifySequence\"U\n\x0cVerifyResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_tokens\x18\x02 \x03(\x05\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x03 \x03(\x05\"^\n\x0eVerifyResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.cast.v1.VerifyResult\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04\x63old\x18\x03 \x01(\x08\"r\n\x14VerifyStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.cast.v1.VerifyResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cast.v1.StepErrorH\x00\x42\x08\n\x06result\",\n\x14VerifyReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\")\n\x15VerifyReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\x17\n\x15VerifyDescribeRequest\"F\n\x16VerifyDescribeResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.cast.v1.ReplicaDescription2\xaf\x02\n\rVerifyService\x12<\n\x07Prefill\x12\x17.cast.v1.PrefillRequest\x1a\x18.cast.v1.PrefillResponse\x12I\n\x0cVerifyStream\x12\x16.cast.v1.VerifyRequest\x1a\x1d.cast.v1.VerifyStreamResponse(\x01\x30\x01\x12H\n\x07Release\x12\x1d.cast.v1.VerifyReleaseRequest\x1a\x1e.cast.v1.VerifyReleaseResponse\x12K\n\x08\x44\x65scribe\x12\x1e.cast.v1.VerifyDescribeRequest\x1a\x1f.cast.v1.VerifyDescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61st/v1/verify.proto\x12\x07\x63\x61st.v1\x1a\x14\x63\x61st/v1/common.proto\"9\n\x0fPrefillSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"=\n\x0ePrefillRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.cast.v1.PrefillSequence\")\n\x0fPrefillResponse\x12\x16\n\x0everify_seconds\x18\x01 \x01(\x01\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\"r\n\x0eVerifySequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12 \n\x04tree\x18\x02 \x01(\x0b\x32\x12.cast.v1.TokenTree\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.cast.v1.SamplingParams\"\xb1\x01\n\rVerifyRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.cast.v1.VerifySequence\x12?\n\rtrace_context\x18\x02 \x03(\x0b\x32(.cast.v1.VerifyRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x0cVerifyResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_tokens\x18\x02 \x03(\x05\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x03 \x03(\x05\"^\n\x0eVerifyResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.cast.v1.VerifyResult\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04\x63old\x18\x03 \x01(\x08\"r\n\x14VerifyStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.cast.v1.VerifyResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cast.v1.StepErrorH\x00\x42\x08\n\x06result\",\n\x14VerifyReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\")\n\x15VerifyReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\x17\n\x15VerifyDescribeRequest\"F\n\x16VerifyDescribeResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.cast.v1.ReplicaDescription2\xaf\x02\n\rVerifyService\x12<\n\x07Prefill\x12\x17.cast.v1.PrefillRequest\x1a\x18.cast.v1.PrefillResponse\x12I\n\x0cVerifyStream\x12\x16.cast.v1.VerifyRequest\x1a\x1d.cast.v1.VerifyStreamResponse(\x01\x30\x01\x12H\n\x07Release\x12\x1d.cast.v1.VerifyReleaseRequest\x1a\x1e.cast.v1.VerifyReleaseResponse\x12K\n\x08\x44\x65scribe\x12\x1e.cast.v1.VerifyDescribeRequest\x1a\x1f.cast.v1.VerifyDescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cast.v1.verify_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PREFILLSEQUENCE']._serialized_start=55
   _globals['_PREFILLSEQUENCE']._serialized_end=112
   _globals['_PREFILLREQUEST']._serialized_start=114
@@ -42,22 +44,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=319
   _globals['_VERIFYSEQUENCE']._serialized_start=321
   _globals['_VERIFYSEQUENCE']._serialized_end=435
-  _globals['_VERIFYREQUEST']._serialized_start=437
-  _globals['_VERIFYREQUEST']._serialized_end=496
-  _globals['_VERIFYRESULT']._serialized_start=498
-  _globals['_VERIFYRESULT']._serialized_end=583
-  _globals['_VERIFYRESPONSE']._serialized_start=585
-  _globals['_VERIFYRESPONSE']._serialized_end=679
-  _globals['_VERIFYSTREAMRESPONSE']._serialized_start=681
-  _globals['_VERIFYSTREAMRESPONSE']._serialized_end=795
-  _globals['_VERIFYRELEASEREQUEST']._serialized_start=797
-  _globals['_VERIFYRELEASEREQUEST']._serialized_end=841
-  _globals['_VERIFYRELEASERESPONSE']._serialized_start=843
-  _globals['_VERIFYRELEASERESPONSE']._serialized_end=884
-  _globals['_VERIFYDESCRIBEREQUEST']._serialized_start=886
-  _globals['_VERIFYDESCRIBEREQUEST']._serialized_end=909
-  _globals['_VERIFYDESCRIBERESPONSE']._serialized_start=911
-  _globals['_VERIFYDESCRIBERESPONSE']._serialized_end=981
-  _globals['_VERIFYSERVICE']._serialized_start=984
-  _globals['_VERIFYSERVICE']._serialized_end=1287
+  _globals['_VERIFYREQUEST']._serialized_start=438
+  _globals['_VERIFYREQUEST']._serialized_end=615
+  _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._serialized_start=564
+  _globals['_VERIFYREQUEST_TRACECONTEXTENTRY']._serialized_end=615
+  _globals['_VERIFYRESULT']._serialized_start=617
+  _globals['_VERIFYRESULT']._serialized_end=702
+  _globals['_VERIFYRESPONSE']._serialized_start=704
+  _globals['_VERIFYRESPONSE']._serialized_end=798
+  _globals['_VERIFYSTREAMRESPONSE']._serialized_start=800
+  _globals['_VERIFYSTREAMRESPONSE']._serialized_end=914
+  _globals['_VERIFYRELEASEREQUEST']._serialized_start=916
+  _globals['_VERIFYRELEASEREQUEST']._serialized_end=960
+  _globals['_VERIFYRELEASERESPONSE']._serialized_start=962
+  _globals['_VERIFYRELEASERESPONSE']._serialized_end=1003
+  _globals['_VERIFYDESCRIBEREQUEST']._serialized_start=1005
+  _globals['_VERIFYDESCRIBEREQUEST']._serialized_end=1028
+  _globals['_VERIFYDESCRIBERESPONSE']._serialized_start=1030
+  _globals['_VERIFYDESCRIBERESPONSE']._serialized_end=1100
+  _globals['_VERIFYSERVICE']._serialized_start=1103
+  _globals['_VERIFYSERVICE']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)
