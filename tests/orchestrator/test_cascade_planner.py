@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
-from cast.v1 import draft_pb2
 from cast_core.cost_table import CostTable
 from cast_core.tree import TokenTree
 from orchestrator.cascade import PRIOR_RATE, CascadePlanner, LevelAcceptance
@@ -70,3 +66,21 @@ def test_a_level_alone_and_a_replica_without_it():
     fixed = CascadePlanner(POLICIES["cascade-fixed"])
     assert [level.level for level in fixed.budget(costs, 8, 100).levels] == ["lookup", "small"]
     assert not fixed.budget(costs, 8, 100).levels[1].budget.HasField("cast")
+
+
+def test_a_step_loops_cascade_planners_outlive_fixed_shapes():
+    """The step loop's Planners builds a cascade's planner (the fixed cascade's too, which learns each level's
+    acceptance) and keeps it however many fixed shapes requests name."""
+    from orchestrator.cascade import make_planner
+    from orchestrator.planner import Planners
+    from orchestrator.policies import resolve_policy
+
+    planners = Planners(make_planner, max_fixed=2)
+    kept = {name: planners.get(POLICIES[name]) for name in ("cascade", "cascade-fixed", "lookup")}
+    assert all(isinstance(p, CascadePlanner) for p in kept.values())
+    kept["cascade-fixed"].acceptance.count_step({"lookup"})  # learned
+    for depth in range(1, 9):
+        planners.get(resolve_policy(f"chain:{depth}", "cast"))
+    assert all(planners.get(POLICIES[name]) is p for name, p in kept.items())
+    assert kept["cascade-fixed"].acceptance.tries("lookup") == 1
+    assert type(planners.get(POLICIES["cast"])) is not CascadePlanner
