@@ -67,6 +67,7 @@ class CostModel:
     verify_overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: a step beyond its forward
     draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
     draft_call_ms: dict[int, float] = field(default_factory=dict)       # per batch size: an Expand's RPC, once per call
+    levels: dict[str, CostModel] = field(default_factory=dict)  # the draft replica's levels, each with its table
     # draft_slice's table part, which changes only with the table cells it reads: (cells) -> [nodes][counts] ms
     _slice_tables: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
