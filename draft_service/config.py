@@ -26,6 +26,8 @@ class DraftConfig:
     dtype: str = setting("auto", "export dtype: float32, float16, auto (float16 on CUDA, float32 on CPU)")
     cache_dir: Path | None = setting(None, "export and cost-table cache; default $CAST_CACHE_DIR or ~/.cache/cast-serve")
     max_sessions: int = setting(1024, "live sequences at most")
+    max_batch: int = setting(16, "sequences per Expand whose KV memory (CPU) is reserved at start-up, at the full "
+                                 "context; a larger batch runs, on memory of its own")
     session_ttl_s: float = setting(600.0, "seconds an idle sequence lives")
     max_context: int = setting(0, "tokens per sequence at most; 0: the model's max_position_embeddings")
     grace_s: float = setting(30.0, "on SIGTERM: NOT_SERVING, and calls answered this long while sequences are held")
@@ -70,6 +72,8 @@ class DraftConfig:
             raise ValueError(f"top_k: {self.top_k} must be >= 1")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions: {self.max_sessions} must be >= 1")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch: {self.max_batch} must be >= 1")
         if self.session_ttl_s <= 0:
             raise ValueError(f"session_ttl_s: {self.session_ttl_s} must be > 0")
         if self.max_context < 0:

@@ -77,9 +77,11 @@ def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
     if meta.max_context and max_context > meta.max_context:
         raise ValueError(f"max_context: {max_context} exceeds the {spec.name} model's {meta.max_context} positions")
     runner = DraftRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
-                         threads=config.threads)
+                         threads=config.threads, max_batch=config.max_batch)
     if runner.cuda_graphs:
         runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
+    if not runner.fixed_buffers:
+        runner.warm_memory()  # the memory of the largest forward, now: serving then adds none
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
     level_config = replace(config, model=model_dir, draft_level=(), cost_table=config.cost_table if default else None)
