@@ -91,6 +91,11 @@ class CostModel:
     def draft_forward_ms(self, batch: int, context: int, tokens: int) -> float:
         return self.draft.lookup(batch, context, tokens) + self.draft_overhead_ms.get(batch, 0.0)
 
+    def expand_ms(self, batch: int, context: int, forwards: list[tuple[int, int]]) -> float:
+        """An Expand's predicted time: the call's learned RPC cost and its forwards [(tree nodes so far, tokens)]."""
+        return self.draft_call_ms.get(batch, 0.0) + sum(self.draft_forward_ms(batch, context + nodes, n)
+                                                        for nodes, n in forwards)
+
     def rerank_costs(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
         """[max_tokens] c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1], the step overhead included in both."""
         steps = self.verify.costs_for_counts(batch, context, max_tokens) + self.verify_overhead_ms.get(batch, 0.0)

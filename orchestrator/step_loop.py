@@ -390,8 +390,7 @@ class StepLoop:
 
         # Verify: one call for the whole batch.
         items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
-        if step is not None:
-            step.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
+        timing.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
@@ -488,8 +487,7 @@ class StepLoop:
         timing.one_off |= cold
         longest = max(range(len(items)), key=lambda i: len(items[i].new_tokens))
         forwards = expanded[longest].forwards(len(items[longest].new_tokens))
-        if step is not None:
-            step.predict_expand(costs, size, context, forwards)
+        timing.predicted_draft_ms = max(timing.predicted_draft_ms, costs.expand_ms(size, context, forwards))
 
         def learn() -> None:
             if not timing.one_off:
