@@ -25,7 +25,8 @@ from orchestrator.auth import add_client_flags, bearer, public_channel
 
 @dataclass(frozen=True)
 class StepBreakdown:
-    """One step's milliseconds: the services' own work, the two RPCs' overhead and the orchestrator's time."""
+    """One step's milliseconds: the services' own work, the two RPCs' overhead and the orchestrator's time; what
+    the cost model predicted for the two calls; and the tree it verified."""
 
     step: float
     draft_model: float
@@ -33,10 +34,24 @@ class StepBreakdown:
     expand_rpc: float    # Expand wall - draft's work (0 in a step without a draft)
     verify_rpc: float    # Verify wall - verifier's work
     orchestrator: float  # step wall - both RPC walls: policy, trees, bookkeeping, streaming
+    predicted_draft: float = 0.0   # the cost model's price of the Expand wall (0: not predicted)
+    predicted_verify: float = 0.0  # ... of the Verify wall
+    verified_nodes: int = 0
+    depth: int = 0
+    accepted_tokens: int = 0
 
     @property
     def rpc(self) -> float:
         return self.expand_rpc + self.verify_rpc
+
+    @property
+    def calls(self) -> float:
+        """The Expand and Verify walls: what the cost model predicts (the step less the orchestrator's own time)."""
+        return self.step - self.orchestrator
+
+    @property
+    def predicted(self) -> float:
+        return self.predicted_draft + self.predicted_verify
 
     @staticmethod
     def from_proto(s) -> StepBreakdown:
@@ -47,6 +62,11 @@ class StepBreakdown:
             expand_rpc=1e3 * (s.draft_rpc_seconds - s.draft_model_seconds),
             verify_rpc=1e3 * (s.verify_rpc_seconds - s.verify_model_seconds),
             orchestrator=1e3 * (s.step_seconds - s.draft_rpc_seconds - s.verify_rpc_seconds),
+            predicted_draft=s.predicted_draft_ms,
+            predicted_verify=s.predicted_verify_ms,
+            verified_nodes=s.verified_nodes,
+            depth=s.depth,
+            accepted_tokens=s.accepted_tokens,
         )
 
 
@@ -103,6 +123,13 @@ class LevelResult:
     verify_rpc_ms_p50: float     # ... of Verify alone
     orchestrator_ms_p50: float
     overhead_ms_p50: float       # rpc + orchestrator: what serving adds to the models' work
+    # Medians over the steps, of the verified trees and of the cost model's prediction against the measured time:
+    verified_nodes_p50: float = 0.0
+    verified_depth_p50: float = 0.0
+    accepted_tokens_p50: float = 0.0
+    predicted_ms_p50: float = 0.0        # the cost model's price of the step's Expand + Verify (0: none predicted)
+    measured_ms_p50: float = 0.0         # the step's Expand + Verify walls, as the orchestrator waited for them
+    measured_over_predicted_p50: float = 0.0  # per step measured / predicted, over the steps with a prediction
     differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
     cut_requests: int = 0        # of `requests`, those cancelled at the level's cutoff (their tokens count)
 
@@ -220,6 +247,12 @@ async def run_level(
         verify_rpc_ms_p50=percentile([b.verify_rpc for b in steps_ms], 50),
         orchestrator_ms_p50=percentile([b.orchestrator for b in steps_ms], 50),
         overhead_ms_p50=percentile([b.rpc + b.orchestrator for b in steps_ms], 50),
+        verified_nodes_p50=percentile([b.verified_nodes for b in steps_ms], 50),
+        verified_depth_p50=percentile([b.depth for b in steps_ms], 50),
+        accepted_tokens_p50=percentile([b.accepted_tokens for b in steps_ms], 50),
+        predicted_ms_p50=percentile([b.predicted for b in steps_ms], 50),
+        measured_ms_p50=percentile([b.calls for b in steps_ms], 50),
+        measured_over_predicted_p50=percentile([b.calls / b.predicted for b in steps_ms if b.predicted > 0], 50),
     ), results
 
 

@@ -8,7 +8,9 @@ drifts (a shared one) slows all cells alike; a cell's tokens/s is its median ove
 Reported per concurrency: the oracle (the best fixed shape there; `ar`, the depth-0 shape, counts as one), the best
 single shape across concurrencies (the highest geometric mean of its ratio to the oracle), and CAST's ratio to both;
 as a CSV of every round (`rounds.csv`), a CSV of the medians (`sweep.csv`), a markdown summary (`sweep.md`) and a
-plot (`sweep.png`).
+plot (`sweep.png`). Why a cell misses (CAST under MISS_RATIO of the oracle): sweep.md sets, per concurrency, the
+trees CAST verified beside the oracle's (median verified nodes, depth and tokens accepted per step) and the cost
+model's predicted Expand + Verify time against the measured one (the step stats the orchestrator returns).
 
 The issue's grid (`--policies ar,grid,cast`): chains of depth 2-8; EAGLE-2 trees of top-K 2, 4, 8 x depth 3, 5, 7 x
 8, 16, 32, 64 nodes verified. A tree that holds fewer nodes than it may verify is the same tree as its smaller
@@ -32,6 +34,7 @@ from benchmarks.bench import LevelResult, RequestResult, load_prompts, run_level
 from orchestrator.policies import POLICIES, resolve_policy
 
 ISSUE_CHAINS = tuple(f"chain:{d}" for d in range(2, 9))
+MISS_RATIO = 0.97  # issue 21: CAST reaches this share of the oracle's tokens/s in every cell
 ISSUE_TREES = tuple(f"tree:{k}x{d}/{n}" for k in (2, 4, 8) for d in (3, 5, 7) for n in (8, 16, 32, 64))
 
 
@@ -182,7 +185,9 @@ def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
     with (out / "sweep.csv").open("w", newline="") as f:
         fields = ["policy", "concurrency", "tokens_per_s", "rounds", "requests", "cut_requests", "differ_from_ar",
                   "tokens_per_step", "verified_nodes_per_step", "expanded_nodes_per_step", "verified_depth_per_step",
-                  "step_ms_p50", "draft_model_ms_p50", "verify_model_ms_p50", "overhead_ms_p50"]
+                  "step_ms_p50", "draft_model_ms_p50", "verify_model_ms_p50", "overhead_ms_p50", "verified_nodes_p50",
+                  "verified_depth_p50", "accepted_tokens_p50", "predicted_ms_p50", "measured_ms_p50",
+                  "measured_over_predicted_p50"]
         writer = csv.writer(f)
         writer.writerow(fields)
         for cell in cells.values():
@@ -191,7 +196,9 @@ def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
                              cell.requests, sum(r.cut_requests for r in cell.rounds), cell.differ_from_ar, f"{t.mean_accepted_length:.2f}",
                              f"{t.verified_nodes_per_step:.1f}", f"{t.expanded_nodes_per_step:.1f}",
                              f"{t.verified_depth_per_step:.2f}", f"{t.step_ms_p50:.1f}", f"{t.draft_model_ms_p50:.1f}",
-                             f"{t.verify_model_ms_p50:.1f}", f"{t.overhead_ms_p50:.1f}"])
+                             f"{t.verify_model_ms_p50:.1f}", f"{t.overhead_ms_p50:.1f}", f"{t.verified_nodes_p50:g}",
+                             f"{t.verified_depth_p50:g}", f"{t.accepted_tokens_p50:g}", f"{t.predicted_ms_p50:.1f}",
+                             f"{t.measured_ms_p50:.1f}", f"{t.measured_over_predicted_p50:.2f}"])
 
 
 def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str], title: str) -> str:
@@ -239,7 +246,28 @@ def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str
                          f"{t.expanded_nodes_per_step:.1f} | {t.verified_nodes_per_step:.1f} | "
                          f"{t.verified_depth_per_step:.2f} | {t.step_ms_p50:.1f} | {t.draft_model_ms_p50:.1f} | "
                          f"{t.verify_model_ms_p50:.1f} | {t.overhead_ms_p50:.1f} |")
+    if (s.cast, cs[0]) in cells:
+        lines += ["", why_section(cells, s)]
     return "\n".join(lines) + "\n"
+
+
+def why_section(cells: dict[tuple[str, int], Cell], s: Summary) -> str:
+    """Per concurrency, CAST's trees beside the oracle's and the cost model's predicted step time against the
+    measured one (the median round's step medians); a cell where CAST misses MISS_RATIO of the oracle is marked."""
+    lines = ["## Why CAST misses: its trees against the oracle's, predicted against measured step time", "",
+             f"Per step medians. predicted: the cost model's price of the step's Expand + Verify before it ran; "
+             f"measured: their walls as the orchestrator waited; ratio: the median of measured / predicted per step. "
+             f"MISS: {s.cast} under {MISS_RATIO}x the oracle's tokens/s.", "",
+             "| concurrency | policy | tok/s | / oracle | verified nodes | depth | tokens/step | predicted ms "
+             "| measured ms | measured / predicted |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in s.concurrency:
+        miss = s.ratio(s.cast, c) < MISS_RATIO
+        for policy, label in ((s.cast, f"{s.cast} (MISS)" if miss else s.cast), (s.oracle[c], f"oracle: {s.oracle[c]}")):
+            t = cells[policy, c].typical
+            lines.append(f"| {c} | {label} | {cells[policy, c].tokens_per_s:.1f} | {s.ratio(policy, c):.3f} | "
+                         f"{t.verified_nodes_p50:g} | {t.verified_depth_p50:g} | {t.accepted_tokens_p50:g} | "
+                         f"{t.predicted_ms_p50:.1f} | {t.measured_ms_p50:.1f} | {t.measured_over_predicted_p50:.2f} |")
+    return "\n".join(lines)
 
 
 def plot(cells: dict[tuple[str, int], Cell], s: Summary, path: Path, title: str) -> None:

@@ -62,9 +62,8 @@ def one_step(orch: OrchestratorTelemetry, draft: Telemetry, verify: Telemetry, b
         with verify.message_span(VERIFY, verify_request.trace_context, {"cast.sequences": len(batch)}):
             verify.record_forward("verify.forward", "verify", 0.02, time.time_ns(),
                                   {"cast.forward.sequences": len(batch)})
-        if step is not None:
-            step.predicted_draft_ms, step.predicted_verify_ms = 10.0, 20.0
-        orch.step_done(step, batch, records, StepTiming(0.03, 0.011, 0.01, 0.021, 0.02))
+        orch.step_done(step, batch, records, StepTiming(0.03, 0.011, 0.01, 0.021, 0.02, predicted_draft_ms=10.0,
+                                                        predicted_verify_ms=20.0))
 
 
 class _nothing:

@@ -106,14 +106,16 @@ class TokenTree:
         Values never increase from parent to child, so the kept set is closed under ancestors whenever ties are
         broken by index (a parent precedes its child): the result is a tree.
         """
-        n = len(self)
-        if m >= n:
+        if m >= len(self):
             return self
-        m = max(m, 1)
+        return self.subtree(self.top_m_indices(m))
+
+    def top_m_indices(self, m: int) -> np.ndarray:
+        """The sorted indices of the nodes top_m keeps."""
+        m = min(max(m, 1), len(self))
         # Stable sort by value, descending; ties keep tree order so parents win over equal-valued children.
         order = np.argsort(-self.values[1:], kind="stable") + 1
-        keep = np.sort(np.concatenate([[0], order[: m - 1]]))
-        return self.subtree(keep)
+        return np.sort(np.concatenate([[0], order[: m - 1]]))
 
     def subtree(self, keep: np.ndarray) -> TokenTree:
         """The nodes `keep` (sorted, root included, closed under ancestors), re-indexed."""

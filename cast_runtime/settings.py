@@ -4,6 +4,7 @@ A field declared with `setting()` is a flag (`--max-batch` for `max_batch`) and 
 (`CAST_VERIFY_MAX_BATCH`); a flag wins over its variable, which wins over the default. The value is parsed by the
 field's type (int, float, str, Path, bool, or one of them `| None`, where an empty value is None), and the dataclass
 validates it on creation: a bad value exits with the message that names the field, as `--help` lists them all.
+A field of type `tuple[X, ...]` is a repeatable flag; its variable holds the values separated by ';'.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def parser_for(annotation: Any) -> Callable[[str], Any]:
     raise TypeError(f"no parser for settings of type {annotation!r}")
 
 
+def repeated_type(annotation: Any) -> Any:
+    """X for `tuple[X, ...]` (a repeatable setting), else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 def flag_name(f: Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -69,6 +78,10 @@ def parse_settings(cls: type[Config], argv: Sequence[str] | None, *, prog: str, 
     for f in settings_fields(cls):
         env = env_name(f, env_prefix)
         default = "required" if f.default is MISSING else f.default
+        if repeated_type(hints[f.name]) is not None:
+            parser.add_argument(flag_name(f), dest=f.name, metavar=f.name.upper(), action="append",
+                                help=f"{f.metadata['help']}; repeatable (env {env}, ';'-separated; default {default or 'none'})")
+            continue
         parser.add_argument(flag_name(f), dest=f.name, metavar=f.name.upper(),
                             help=f"{f.metadata['help']} (env {env}; default {default})")
         if hints[f.name] is bool:
@@ -83,7 +96,12 @@ def parse_settings(cls: type[Config], argv: Sequence[str] | None, *, prog: str, 
                 parser.error(f"{flag_name(f)} (or {env_name(f, env_prefix)}) is required")
             continue
         try:
-            values[f.name] = parser_for(hints[f.name])(text)
+            inner = repeated_type(hints[f.name])
+            if inner is None:
+                values[f.name] = parser_for(hints[f.name])(text)
+            else:  # a list of flags, or the variable's text
+                texts = text if isinstance(text, list) else [t for t in text.split(";") if t.strip()]
+                values[f.name] = tuple(parser_for(inner)(t) for t in texts)
         except ValueError as e:
             parser.error(f"{flag_name(f)}: {e}")
     try:

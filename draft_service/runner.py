@@ -12,6 +12,10 @@
 - Growing buffers (the default on CPU): S follows the longest sequence of the bucket (`reserve`), every run takes
   that one session without fixed sizes, and T is not padded. A CPU forward costs by its work: attending over the
   whole `capacity` (the model's context + tree room) where a few hundred columns hold tokens cost several times more.
+  Their memory is reserved once, at `max_batch` rows of `capacity` columns per set, layer and key/value, written
+  through so that it is resident from the start; every batch bucket up to `max_batch` is a view of its first
+  B x Hkv x S x D values. Buckets share that memory, so a bucket that writes it voids the rows of the one before
+  (those sequences are recomputed if they come back). A larger bucket gets memory of its own on first use.
 
 The caller (kv.py) decides which sequence lives in which buffer row and which columns each token uses.
 """
@@ -31,6 +35,7 @@ DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}  # Or
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
+MAX_FORWARD_ROWS = 256  # rows (sequences x tokens) of one forward at most: a prompt runs as several
 COLUMN_STEP = 16  # growing buffers: widths are multiples of this (a resize every few steps, not every step)
 
 
@@ -70,6 +75,7 @@ class _BatchBuffers:
     sets: tuple[list[ort.OrtValue], list[ort.OrtValue]]  # per set: key0, value0, key1, ... [B, Hkv, S, D]
     holders: list[tuple[object, int] | None]
     current: int = 0
+    arrays: tuple[list[np.ndarray], list[np.ndarray]] = ((), ())  # growing buffers: the arrays the sets wrap
 
     @property
     def columns(self) -> int:
@@ -92,9 +98,11 @@ class DraftRunner:
 
     def __init__(self, onnx_path: str | Path, meta: ExportMeta, provider: str = "auto", capacity: int = 0,
                  ancestors: int = 65, threads: int = 0, fixed_buffers: bool | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, max_rows: int = MAX_FORWARD_ROWS, max_batch: int = 16) -> None:
         """capacity: the most columns a buffer holds (0: the model's context + TREE_ROOM); fixed_buffers,
-        cuda_graphs: None for the provider's default (both on CUDA, neither on CPU; tests run fixed buffers on CPU)."""
+        cuda_graphs: None for the provider's default (both on CUDA, neither on CPU; tests run fixed buffers on CPU);
+        max_rows: the most rows (sequences x tokens) one forward takes (run); max_batch: growing buffers reserve
+        memory for this many sequences at `capacity` columns at start (module docstring)."""
         self.meta = meta
         self.onnx_path = str(onnx_path)
         self.provider = choose_provider(provider)
@@ -108,6 +116,13 @@ class DraftRunner:
         if self.cuda_graphs and not (on_cuda and self.fixed_buffers):
             raise ValueError("cuda_graphs needs the CUDA provider and fixed buffers")
         self.threads = threads
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        # Rounded up to its batch bucket, as BufferKV rounds a call's batch (past the largest: a multiple of it).
+        self.max_batch = bucket(max_batch, BATCH_BUCKETS) or -(-max_batch // BATCH_BUCKETS[-1]) * BATCH_BUCKETS[-1]
         if on_cuda and hasattr(ort, "preload_dlls"):
             # cuBLAS / cuDNN from the nvidia-* wheels: without torch imported first (a cached start imports none),
             # ORT finds them only when asked to.
@@ -116,6 +131,11 @@ class DraftRunner:
         self.flexible = ort.InferenceSession(self.onnx_path, sess_options=self._options(),
                                              providers=[self.provider])
         self.buffers: dict[int, _BatchBuffers] = {}
+        # Growing buffers: per set, per layer key/value, flat memory that the batch buckets view; who wrote it last.
+        self.storage: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.storage_user: dict[int, int] = {}
+        if not self.fixed_buffers:
+            self._storage(self.max_batch)
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         # First runs of a (batch, tokens) bucket in one direction: a CUDA graph capture on CUDA, the new session's
         # first run on CPU. Either costs many steps' time once.
@@ -163,21 +183,37 @@ class DraftRunner:
             return
         columns = min(self.capacity, -(-need // COLUMN_STEP) * COLUMN_STEP)
         keep = min(columns - 1, buffers.columns - 1)  # the old trash column is garbage
-        for s, values in enumerate(buffers.sets):
-            for i, value in enumerate(values):
-                array = np.zeros((batch, self.meta.num_kv_heads, columns, self.meta.head_dim), dtype=self.dtype)
-                if s == buffers.current:
-                    array[:, :, :keep] = value.numpy()[:, :, :keep]
-                values[i] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        # The latest KV moves to the other set's memory, laid out at the new width; that set becomes the current.
+        read, write = buffers.current, 1 - buffers.current
+        new = self._views(batch, columns)
+        for old, array in zip(buffers.arrays[read], new[write]):
+            array[:, :, :keep] = old[:, :, :keep]
+        buffers.arrays = new
+        buffers.sets = tuple([ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in arrays] for arrays in new)
+        buffers.current = write
         for r, entry in enumerate(buffers.holders):
             if entry is not None and entry[1] > keep:
                 buffers.holders[r] = None
 
     def run(self, rows: np.ndarray) -> np.ndarray:
-        """One forward; rows [B, T, W] with B a batch bucket or above the largest. Returns top-K [B, T, 2, K]."""
+        """rows [B, T, W] with B a batch bucket or above the largest. Returns top-K [B, T, 2, K].
+
+        One forward, or several over slices of T of at most `max_rows` rows each (B x T): a forward's working
+        memory (logits [B, T, V], masks and attention [B, T, S]) grows with its rows, and ONNX Runtime's arena
+        keeps the most it ever needed. A slice sees the columns that the slices before it wrote, as a token sees
+        those of the tokens before it, and a tree node sees only its ancestors' columns, not its layer's.
+        """
         B, T, W = rows.shape
         if W != self.width:
             raise ValueError(f"rows have {W} fields, this runner {self.width}")
+        step = max(1, self.max_rows // B)
+        if T <= step:
+            return self._run_once(rows)
+        # copy: a bucket session's top-K is one preallocated output, which the next slice's run overwrites
+        return np.concatenate([self._run_once(rows[:, t : t + step]).copy() for t in range(0, T, step)], axis=1)
+
+    def _run_once(self, rows: np.ndarray) -> np.ndarray:
+        B, T, _ = rows.shape
         buffers = self._buffers(B)
         read = buffers.current
         padded = bucket(T, TOKEN_BUCKETS)
@@ -220,14 +256,44 @@ class DraftRunner:
 
     def _buffers(self, batch: int) -> _BatchBuffers:
         buffers = self.buffers.get(batch)
-        if buffers is None:
-            columns = self.capacity if self.fixed_buffers else min(self.capacity, 2 * COLUMN_STEP)
-            shape = (batch, self.meta.num_kv_heads, columns, self.meta.head_dim)  # [B, Hkv, S, D]
+        if buffers is None and self.fixed_buffers:
+            shape = (batch, self.meta.num_kv_heads, self.capacity, self.meta.head_dim)  # [B, Hkv, S, D]
             # One array each: on the CPU provider an OrtValue wraps its array's memory instead of copying it.
             sets = tuple([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device, 0)
                           for _ in range(2 * self.meta.num_layers)] for _ in range(2))
             buffers = self.buffers[batch] = _BatchBuffers(sets, [None] * batch)
+        elif buffers is None:
+            arrays = self._views(batch, min(self.capacity, 2 * COLUMN_STEP))
+            sets = tuple([ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in views] for views in arrays)
+            buffers = self.buffers[batch] = _BatchBuffers(sets, [None] * batch, arrays=arrays)
+        if not self.fixed_buffers:
+            rows = self._storage_rows(batch)
+            if self.storage_user.get(rows, batch) != batch:  # another bucket wrote this memory since: rows void
+                buffers.holders[:] = [None] * batch
+            self.storage_user[rows] = batch
         return buffers
+
+    def _storage_rows(self, batch: int) -> int:
+        return self.max_batch if batch <= self.max_batch else batch
+
+    def _storage(self, rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Flat memory for `rows` sequences at `capacity` columns, per set and layer key/value: written through when
+        reserved (rows == max_batch), so that serving never adds to it; else touched as buffers use it."""
+        storage = self.storage.get(rows)
+        if storage is None:
+            size = rows * self.meta.num_kv_heads * self.capacity * self.meta.head_dim
+            storage = self.storage[rows] = tuple(
+                [np.zeros(size, dtype=self.dtype) for _ in range(2 * self.meta.num_layers)] for _ in range(2))
+            if rows == self.max_batch:
+                for flat in (f for flats in storage for f in flats):
+                    flat.fill(0)  # np.zeros maps its pages on first write: write them now
+        return storage
+
+    def _views(self, batch: int, columns: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per set, per layer key/value: [B, Hkv, columns, D] arrays over the first values of the storage."""
+        shape = (batch, self.meta.num_kv_heads, columns, self.meta.head_dim)
+        size = int(np.prod(shape))
+        return tuple([flat[:size].reshape(shape) for flat in flats] for flats in self._storage(self._storage_rows(batch)))
 
     def _bucket(self, batch: int, tokens: int) -> _Bucket:
         b = self.buckets.get((batch, tokens))
@@ -252,6 +318,14 @@ class DraftRunner:
         # ORT's idle threads spin after each run by default, taking the CPU from a verifier beside them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
+
+    def warm_memory(self) -> None:
+        """Growing buffers: the largest forwards (`max_rows` rows, over one sequence and over `max_batch`) at the full
+        width, with rows that write only the trash column, so that ORT's arena holds what serving will ever ask of
+        it before serving starts. The next call narrows the buffers again."""
+        for batch in (self.max_batch, 1):
+            self.reserve(batch, self.last_column)
+            self.run(self.padding_rows(batch, max(1, self.max_rows // batch)))
 
     def warm(self, batches: tuple[int, ...] = (1,)) -> None:
         """Run (on CUDA: capture) every token bucket of these batch buckets in both directions, with rows that

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -22,9 +22,11 @@ from cast_runtime.wire import cost_table_to_proto
 from draft_service.config import DraftConfig
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
+from draft_service.levels import KINDS, Levels, LevelSpec, lookup_cost_table
 from draft_service.profile import device_name, startup_cost_table
 from draft_service.runner import TREE_ROOM, DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
+from draft_service.sparse import build_sparse_checkpoint, load_choice
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # "cast.v1.DraftService"
@@ -62,35 +64,76 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
 WARM_BATCHES = (1, 2, 4, 8)
 
 
-def build_expander(config: DraftConfig) -> tuple[Expander, common_pb2.ReplicaDescription]:
-    """Export or load the graph, open the ORT session, warm it up; describe the replica."""
+def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
+    """Export or load one model level's graph, open its ORT session, warm it up, take its cost table (--cost-table
+    is the default level's). Returns (expander, checkpoint dir, cost table or None)."""
     provider = choose_provider(config.provider)
-    onnx_path, meta = export_draft(config.model, top_k=config.top_k, dtype=choose_dtype(config.dtype, provider),
+    model_dir = spec.path
+    if spec.name == "sparse" and load_choice(spec.path) is None:  # a target: choose its layers (cached)
+        model_dir = build_sparse_checkpoint(spec.path, spec.layers, cache_dir=config.cache_dir)
+    onnx_path, meta = export_draft(model_dir, top_k=config.top_k, dtype=choose_dtype(config.dtype, provider),
                                    cache_dir=config.cache_dir)
     max_context = config.max_context or meta.max_context
     if meta.max_context and max_context > meta.max_context:
-        raise ValueError(f"max_context: {max_context} exceeds the model's {meta.max_context} positions")
+        raise ValueError(f"max_context: {max_context} exceeds the {spec.name} model's {meta.max_context} positions")
     runner = DraftRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
-                         threads=config.threads)
+                         threads=config.threads, max_batch=config.max_batch)
     if runner.cuda_graphs:
         runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
+    if not runner.fixed_buffers:
+        runner.warm_memory()  # the memory of the largest forward, now: serving then adds none
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
     warm_up(expander)
-    cost_table = startup_cost_table(runner, config)  # after the warm-up: first-run costs stay out of it
-    vocab = checkpoint_vocab(config.model)
+    level_config = replace(config, model=model_dir, draft_level=(), cost_table=config.cost_table if default else None)
+    cost_table = startup_cost_table(runner, level_config)  # after the warm-up: first-run costs stay out of it
+    return expander, model_dir, cost_table
+
+
+def model_name(spec: LevelSpec, expander: Expander) -> str:
+    """The draft's directory name; a sparse level's: the target's, with the layers it keeps."""
+    name = spec.path.resolve().name
+    if spec.name == "sparse" and load_choice(spec.path) is None:
+        return f"{name}-sparse{expander.runner.meta.num_layers}"
+    return name
+
+
+def build_expander(config: DraftConfig) -> tuple[Levels, common_pb2.ReplicaDescription]:
+    """Every level of the config (levels.py), warmed up and priced; describe the replica (its default level's
+    model, runner and table, and each level's table)."""
+    specs = {spec.name: spec for spec in config.levels}
+    models, dirs, tables = {}, {}, {}
+    default = next(k for k in KINDS if k in specs and k != "lookup")
+    for name, spec in specs.items():
+        if name != "lookup":
+            models[name], dirs[name], tables[name] = build_model_level(config, spec, name == default)
+    if "lookup" in specs:
+        tables["lookup"] = lookup_cost_table()
+    first = models[default]
+    meta = first.runner.meta
+    max_context = min(m.max_context for m in models.values())
+    levels = Levels(models, "lookup" in specs, SessionStore(config.max_sessions, config.session_ttl_s),
+                    meta.vocab_size, max_context)
+    vocab = checkpoint_vocab(dirs[default])
     replica = common_pb2.ReplicaDescription(
-        model_name=config.model.resolve().name,
+        model_name=model_name(specs[default], models[default]),
         vocab_hash=vocab_hash(vocab),
         vocab_size=meta.vocab_size,
         max_context=max_context,
-        device=device_name(runner.provider),
+        device=device_name(first.runner.provider),
         dtype=meta.dtype,
-        backend=runner.backend,
+        backend=first.runner.backend,
         max_sequences=config.max_sessions,
     )
-    if cost_table is not None:
-        replica.cost_table.CopyFrom(cost_table_to_proto(cost_table))
-    return expander, replica
+    if tables[default] is not None:
+        replica.cost_table.CopyFrom(cost_table_to_proto(tables[default]))
+    for name in levels.names:
+        level = replica.draft_levels.add(name=name, kind=name)
+        if name in models:
+            level.model_name = model_name(specs[name], models[name])
+        if tables[name] is not None:
+            level.cost_table.CopyFrom(cost_table_to_proto(tables[name]))
+    log.info("draft levels %s (default %s)", levels.names, default)
+    return levels, replica
 
 
 def warm_up(expander: Expander) -> None:

@@ -20,6 +20,7 @@ from cast_core.errors import CastError, InvalidArgument
 from cast_runtime.telemetry import Telemetry, set_rpc_status
 from draft_service.errors import status_code
 from draft_service.expansion import Budget, CastBudget, Expander, Expansion, SequenceInput
+from draft_service.levels import CascadeExpansion, Levels, cascade_from_proto
 
 log = logging.getLogger(__name__)
 EXPAND_METHOD = "/cast.v1.DraftService/Expand"  # a message's span (telemetry.message_span): one Expand
@@ -67,11 +68,12 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
         layers=[draft_pb2.DraftLayerStats(candidates=s.candidates, kept=s.kept, kept_utility=u)
                 for s, u in zip(e.layers, e.layer_utilities, strict=True)],
         expanded_nodes=e.expanded_nodes,
+        node_levels=e.node_levels.tolist() if isinstance(e, CascadeExpansion) else [],
     )
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, expander: Expander, replica: common_pb2.ReplicaDescription,
+    def __init__(self, expander: Levels | Expander, replica: common_pb2.ReplicaDescription,
                  telemetry: Telemetry | None = None) -> None:
         self.expander = expander
         self.replica = replica
@@ -94,6 +96,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     async def expand(self, request: draft_pb2.ExpandRequest) -> draft_pb2.ExpandResponse:
         """One Expand; raises CastError."""
         budget = budget_from_proto(request.budget)
+        if request.HasField("cascade"):
+            budget = cascade_from_proto(request.cascade, budget_from_proto)
         sequences = sequences_from_proto(request.sequences)
         trees, seconds, cold = await self.in_executor(self.timed_expand, sequences, budget)
         self.telemetry.record_forward("draft.forward", "expand", seconds, time.time_ns(), {

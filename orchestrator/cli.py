@@ -28,7 +28,12 @@ def cmd_up(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="cast up", description="Start draft, verify and orchestrator on loopback.")
     p.add_argument("--target", type=Path, help="target checkpoint dir (default: the reference pair)")
-    p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the reference pair)")
+    p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the reference pair's; none when "
+                   "--target is given alone: the target drafts for itself with the sparse and lookup levels)")
+    p.add_argument("--draft-levels", default="sparse,lookup",
+                   help="levels served beside the draft (comma-separated, of sparse and lookup; '' for none): "
+                        "the `cascade` policy and its per-level policies use them; sparse=DIR serves a checkpoint "
+                        "that `python -m draft_service.sparse` wrote")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--draft-port", type=int, default=50052)
@@ -63,17 +68,23 @@ def cmd_up(argv: list[str]) -> int:
         keep_awake = parse_cpus(a.keep_cpus_awake) if a.keep_cpus_awake else []
     except ValueError as e:
         p.error(str(e))
-    target, draft = (a.target, a.draft) if a.target and a.draft else default_pair()
+    target, draft = (a.target, a.draft) if a.target else default_pair()
+    levels = tuple(x for x in a.draft_levels.split(",") if x)
+    if {x.partition("=")[0] for x in levels} - {"sparse", "lookup"}:
+        p.error(f"--draft-levels: {a.draft_levels!r}: only sparse and lookup (the draft is level small)")
+    if draft is None and not any(x.startswith("sparse") for x in levels):
+        p.error("without --draft the draft service needs the sparse level")
     if a.draft_replicas < 1 or a.verify_replicas < 1:
         p.error("--draft-replicas and --verify-replicas must be at least 1")
     spec = StackSpec(target, draft, a.host, a.port, a.draft_port, a.verify_port, a.verify_dtype,
                      keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
-                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas,
+                     draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas, draft_levels=levels,
                      metrics_port=a.metrics_port or None, env={"OTEL_TRACES_EXPORTER": a.trace} if a.trace else {},
                      tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca, mtls=a.mtls, auth_tokens=a.auth_tokens)
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    print(f"starting: target {target}, draft {draft}", file=sys.stderr, flush=True)
+    print(f"starting: target {target}, draft {draft or '(none)'}, levels {', '.join(levels) or '(none)'}",
+          file=sys.stderr, flush=True)
     stack.start()
     try:
         stack.wait_ready(a.timeout)
@@ -113,7 +124,7 @@ def cmd_generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cast generate", description="Generate a completion.")
     p.add_argument("prompt", help="the prompt; - reads it, verbatim, from standard input")
     p.add_argument("--addr", default="127.0.0.1:50051")
-    p.add_argument("--policy", default="", help="cast, eagle2, chain or ar (default: the server's)")
+    p.add_argument("--policy", default="", help="cast, eagle2, chain, ar, cascade, cascade-fixed, small, sparse or lookup (default: the server's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import propagate
@@ -98,6 +98,7 @@ class Expanded:
     kept_per_layer: list[int]
     layer_utilities: list[float]
     expanded_nodes: int  # root included, before the draft trimmed the tree
+    node_levels: list[int] = field(default_factory=list)  # a cascaded Expand: each node's level (its index there)
 
     def forwards(self, new_tokens: int) -> list[tuple[int, int]]:
         """The draft forwards this expansion took: [(tree nodes so far, new tokens)], the committing one first."""
@@ -117,6 +118,7 @@ def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
         kept_per_layer=[layer.kept for layer in result.layers],
         layer_utilities=[layer.kept_utility for layer in result.layers],
         expanded_nodes=result.expanded_nodes,
+        node_levels=list(result.node_levels),
     )
 
 
@@ -151,15 +153,18 @@ class DraftClient:
     async def describe(self, timeout: float | None = None) -> common_pb2.ReplicaDescription:
         return (await self.stub.Describe(draft_pb2.DraftDescribeRequest(), timeout=timeout)).replica
 
-    async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget,
+    async def expand(self, items: list[DraftItem], budget: draft_pb2.ExpandBudget | draft_pb2.CascadeBudget,
                      timeout: float | None) -> tuple[list[Expanded], float, bool]:
         """The expanded trees in order, the draft service's own seconds for the call, and whether the call captured
         a CUDA graph (then those seconds are not a step's)."""
         request = draft_pb2.ExpandRequest(
             sequences=[draft_pb2.DraftSequence(sequence_id=i.sequence_id, new_tokens=i.new_tokens,
                                                start_position=i.start_position) for i in items],
-            budget=budget,
         )
+        if isinstance(budget, draft_pb2.CascadeBudget):
+            request.cascade.CopyFrom(budget)
+        else:
+            request.budget.CopyFrom(budget)
         propagate.inject(request.trace_context)
         response = await self.stream.request(request, timeout)
         return [expanded_from_proto(result) for result in response.trees], response.draft_seconds, response.cold

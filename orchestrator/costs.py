@@ -67,6 +67,7 @@ class CostModel:
     verify_overhead_ms: dict[int, float] = field(default_factory=dict)  # per batch size: a step beyond its forward
     draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
     draft_call_ms: dict[int, float] = field(default_factory=dict)       # per batch size: an Expand's RPC, once per call
+    levels: dict[str, CostModel] = field(default_factory=dict)  # the draft replica's levels, each with its table
     # draft_slice's table part, which changes only with the table cells it reads: (cells) -> [nodes][counts] ms
     _slice_tables: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
@@ -89,6 +90,11 @@ class CostModel:
 
     def draft_forward_ms(self, batch: int, context: int, tokens: int) -> float:
         return self.draft.lookup(batch, context, tokens) + self.draft_overhead_ms.get(batch, 0.0)
+
+    def expand_ms(self, batch: int, context: int, forwards: list[tuple[int, int]]) -> float:
+        """An Expand's predicted time: the call's learned RPC cost and its forwards [(tree nodes so far, tokens)]."""
+        return self.draft_call_ms.get(batch, 0.0) + sum(self.draft_forward_ms(batch, context + nodes, n)
+                                                        for nodes, n in forwards)
 
     def rerank_costs(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
         """[max_tokens] c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1], the step overhead included in both."""

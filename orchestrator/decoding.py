@@ -50,6 +50,9 @@ class StepTiming:
     draft_model: float = 0.0
     verify_rpc: float = 0.0
     verify_model: float = 0.0
+    # The cost model's prediction for the step, made before it ran (milliseconds; 0: none, e.g. no Expand).
+    predicted_draft_ms: float = 0.0   # the slowest of its parallel Expands, RPC included
+    predicted_verify_ms: float = 0.0  # its Verify, for the batch's largest tree
     # The step paid a one-time cost: a CUDA graph capture, newcomers' prefill on the verifier, a draft catching up
     # on a prompt. Its times are not what a step costs: nothing that learns from step times learns from it.
     one_off: bool = False

@@ -45,6 +45,7 @@ class Replica:
     state: State = State.STARTING
     description: common_pb2.ReplicaDescription | None = None
     costs: ReplicaCosts | None = None  # its table and the online corrections, shared by every pairing
+    level_costs: dict[str, ReplicaCosts] = field(default_factory=dict)  # a draft replica's levels, the same way
     sequences: int = 0                 # live sequences this orchestrator pinned to it
     failed_checks: int = 0
     listed: bool = True                # named by its target's latest resolution
@@ -179,6 +180,8 @@ class Fleet:
         replica.description = description
         table = cost_table_from_proto(description.cost_table)
         replica.costs = ReplicaCosts.for_replica(replica.role, table)
+        replica.level_costs = {level.name: ReplicaCosts.for_replica(replica.role, cost_table_from_proto(level.cost_table))
+                               for level in description.draft_levels}
 
     def _set(self, replica: Replica, state: State) -> None:
         replica.state = state

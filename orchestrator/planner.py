@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -97,6 +98,10 @@ class Planner:
             ))
         return budget
 
+    def draft_costs(self, costs: CostModel) -> CostModel:
+        """The prices an Expand of this policy is measured against (a cascade: its level's)."""
+        return costs
+
     def returned_nodes(self, batch: int) -> int:
         """CAST: how many nodes per tree the draft returns, and so grows (it expands no node that could not be
         among them): the most that reranking verified in the last R steps at this batch size, with room to grow
@@ -171,7 +176,8 @@ class Planners:
     what the policy learned. Fixed shapes learn nothing, so theirs are kept only for reuse, at most `max_fixed`
     of them (the least recently used goes): requests that name ever new shapes cannot grow a loop's state."""
 
-    def __init__(self, max_fixed: int = 32) -> None:
+    def __init__(self, make: Callable[[TreePolicy], Planner] = Planner, max_fixed: int = 32) -> None:
+        self.make = make  # a policy's planner (a cascade's: cascade.make_planner)
         self.max_fixed = max_fixed
         self.learning: dict[str, Planner] = {}
         self.fixed: OrderedDict[str, Planner] = OrderedDict()
@@ -180,7 +186,7 @@ class Planners:
         kept = self.learning if policy.learns else self.fixed
         planner = kept.get(policy.name)
         if planner is None:
-            planner = kept[policy.name] = Planner(policy)
+            planner = kept[policy.name] = self.make(policy)
         if not policy.learns:
             self.fixed.move_to_end(policy.name)
             while len(self.fixed) > self.max_fixed:

@@ -5,6 +5,8 @@
 `eagle2` fixed depth, top-K per layer, the best `verify_tokens` nodes by value are verified.
 `chain`  one child per node, a fixed length, like transformers' assisted generation.
 `ar`     no draft: each step verifies the root alone, which is plain autoregressive decoding.
+`cascade` CAS-Spec's draft levels (small model, sparse target, prompt lookup) priced per step (orchestrator/cascade.py);
+         `small`, `sparse`, `lookup`: one level alone, priced the same way; `cascade-fixed`: every level every step.
 
 Fixed shapes by parameter, for tuning and for judging CAST against the best fixed tree of a setting (`cast sweep`):
 `chain:D`      one child per node, D layers (D + 1 nodes verified, the root included);
@@ -39,6 +41,7 @@ class TreePolicy:
     max_breadth: int = 0      # nodes kept per layer
     verify_tokens: int = 1    # nodes sent to the verifier at most, root included
     cast: CastParams | None = None  # set: CAST prunes within the limits above
+    levels: tuple[str, ...] = ()    # set: draft levels of a cascade (orchestrator/cascade.py), in the Expand's order
 
     @property
     def uses_draft(self) -> bool:
@@ -46,8 +49,9 @@ class TreePolicy:
 
     @property
     def learns(self) -> bool:
-        """Whether a step loop keeps state for it between steps (CAST's gains, calibration, gate)."""
-        return self.cast is not None
+        """Whether a step loop keeps state for it between steps (CAST's gains, calibration, gate; a cascade's
+        acceptance per level)."""
+        return self.cast is not None or bool(self.levels)
 
     @property
     def tree_nodes(self) -> int:
@@ -68,6 +72,12 @@ def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
         "eagle2": TreePolicy("eagle2", top_k=8, max_depth=6, max_breadth=8, verify_tokens=32),
         "chain": TreePolicy("chain", top_k=1, max_depth=4, max_breadth=1, verify_tokens=5),
         "ar": TreePolicy("ar"),
+        "cascade": TreePolicy("cascade", top_k=8, max_depth=8, max_breadth=8, verify_tokens=48, cast=cast or CastParams(),
+                              levels=("lookup", "sparse", "small")),
+        "cascade-fixed": TreePolicy("cascade-fixed", top_k=8, max_depth=6, max_breadth=8, verify_tokens=32,
+                                    levels=("lookup", "sparse", "small")),
+        **{level: TreePolicy(level, top_k=8, max_depth=8, max_breadth=8, verify_tokens=48, cast=cast or CastParams(),
+                             levels=(level,)) for level in ("small", "sparse", "lookup")},
     }
 
 

@@ -1,7 +1,7 @@
 """`cast profile verify|draft`: measure a service's cost table f(B, c, n) on this machine and write it as JSON.
 
     cast profile verify --model DIR [--quick] [--out FILE.json] [--plot FILE.png]
-    cast profile draft  --model DIR [--quick] [--out FILE.json] [--plot FILE.png]
+    cast profile draft  --model DIR [--level small|sparse [--layers N]] [--quick] [--out FILE.json] [--plot FILE.png]
 
 By default the table goes where the service looks for it at start-up ($CAST_CACHE_DIR/cost-tables/, keyed by
 device, model identity, dtype and backend), so a service started afterwards on this machine serves it; or pass
@@ -159,7 +159,16 @@ def profile_draft(argv: list[str]) -> int:
                    help="export dtype, as the service's --dtype (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--top-k", type=int, default=8, help="as the service's --top-k (part of the graph)")
     p.add_argument("--cache-dir", type=Path, help="as the service's --cache-dir (default $CAST_CACHE_DIR)")
+    p.add_argument("--level", choices=("small", "sparse"), default="small",
+                   help="sparse: --model is a target; profile its sparse level (--layers), as the service serves it "
+                        "with --draft-level sparse=DIR[,layers=N] (the table lands where the service reads it)")
+    p.add_argument("--layers", type=int, default=0, help="the sparse level's layers (0: the service's default)")
     a = p.parse_args(argv)
+    if a.level == "sparse":
+        from draft_service.sparse import build_sparse_checkpoint, load_choice
+
+        if load_choice(a.model) is None:
+            a.model = build_sparse_checkpoint(a.model, a.layers, cache_dir=a.cache_dir)
     dtype = choose_dtype(a.dtype, choose_provider(a.provider))
     onnx_path, meta = export_draft(a.model, top_k=a.top_k, dtype=dtype, cache_dir=a.cache_dir)
     runner = DraftRunner(onnx_path, meta, provider=a.provider)

@@ -39,6 +39,8 @@ def timing_fields(timing: StepTiming | None) -> dict[str, float]:
         "draft_model_seconds": timing.draft_model,
         "verify_rpc_seconds": timing.verify_rpc,
         "verify_model_seconds": timing.verify_model,
+        "predicted_draft_ms": timing.predicted_draft_ms,
+        "predicted_verify_ms": timing.predicted_verify_ms,
     }
 
 

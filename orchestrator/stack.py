@@ -33,7 +33,7 @@ def default_pair() -> tuple[Path, Path]:
 @dataclass
 class StackSpec:
     target_dir: Path
-    draft_dir: Path
+    draft_dir: Path | None  # None: no small draft; the draft service drafts with the target's own levels
     host: str = "127.0.0.1"
     port: int = 50051
     draft_port: int = 50052
@@ -47,6 +47,9 @@ class StackSpec:
     draft_replicas: int = 1      # replica i listens on draft_port + 2 i (beside verify replica i on verify_port + 2 i)
     verify_replicas: int = 1
     http_port: int | None = None  # the orchestrator's OpenAI-compatible HTTP API; None: off
+    # Served beside the draft (draft_service/levels.py): "sparse" (of the target; "sparse,layers=N" to choose the
+    # layer count; "sparse=DIR" a checkpoint draft_service.sparse wrote) and "lookup".
+    draft_levels: tuple[str, ...] = ("sparse", "lookup")
     metrics_port: int | None = None  # Prometheus endpoints: the orchestrator's; draft replica i's at metrics_port + 1
                                      # + 2 i, verify replica i's at metrics_port + 2 + 2 i. None: off
     env: dict[str, str] = field(default_factory=dict)  # for every service, over this process's (OTEL_*, ...)
@@ -101,7 +104,7 @@ class StackSpec:
         metrics = {name: ["--metrics-port", str(port)] for name, port in self.metrics_ports().items()}
         out = {}
         for name, address in self.replica_addresses("draft").items():
-            out[name] = [py, "-m", "draft_service.server", "--model", str(self.draft_dir), "--host", self.host,
+            out[name] = [py, "-m", "draft_service.server", *self.level_args(), "--host", self.host,
                          "--port", address.rpartition(":")[2], *metrics.get(name, []), *self.tls_args("draft"),
                          *self.draft_args]
         for name, address in self.replica_addresses("verify").items():
@@ -115,6 +118,16 @@ class StackSpec:
             *(["--http-port", str(self.http_port)] if self.http_port is not None else []),
             *metrics.get("orchestrator", []), *self.tls_args("orchestrator"), *self.orchestrator_args]
         return out
+
+    def level_args(self) -> list[str]:
+        """The draft service's levels: the draft model as `small` (--model), then sparse (of the target), lookup."""
+        args = ["--model", str(self.draft_dir)] if self.draft_dir is not None else []
+        for level in self.draft_levels:
+            name, _, options = level.partition(",")
+            if name == "sparse":
+                level = f"sparse={self.target_dir}" + (f",{options}" if options else "")
+            args += ["--draft-level", level]
+        return args
 
 
 def free_ports(n: int) -> list[int]:

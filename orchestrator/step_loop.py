@@ -35,6 +35,7 @@ from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
 from orchestrator.costs import CostModel, ReplicaCosts
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, GenerationStats, StepRecord, StepTiming, TextAssembler
 from orchestrator.fleet import Replica, State
+from orchestrator.cascade import CascadePlanner, make_planner
 from orchestrator.planner import Planner, Planners
 from orchestrator.policies import TreePolicy
 from orchestrator.telemetry import RequestTrace, StepTrace, policy_label
@@ -157,7 +158,7 @@ class StepLoop:
         self.prefilling: asyncio.Task | None = None
         self.prefill_span: trace.Span | None = None  # the running prefill's, where traced
         self.admit_after = 0.0          # the verifier was full: admit again from this time (loop clock)
-        self.planners = Planners()  # per policy: its budgets, selection and learned state
+        self.planners = Planners(make_planner)  # per policy: its budgets, selection and learned state
         self.pairs: dict[str, CostModel] = {}   # per draft replica: prices on this verify replica
         self.no_draft = ReplicaCosts.for_replica("draft", None)
         self.telemetry = router.telemetry
@@ -179,6 +180,8 @@ class StepLoop:
         pair = self.pairs.get(key)
         if pair is None:
             pair = self.pairs[key] = CostModel.pair(self.replica.costs, draft.costs if draft else self.no_draft)
+            if draft is not None:
+                pair.levels = {name: CostModel.pair(self.replica.costs, c) for name, c in draft.level_costs.items()}
         return pair
 
     def enqueue(self, s: LiveSequence, front: bool = False) -> None:
@@ -387,8 +390,7 @@ class StepLoop:
 
         # Verify: one call for the whole batch.
         items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
-        if step is not None:
-            step.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
+        timing.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
@@ -432,6 +434,11 @@ class StepLoop:
                                     [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off):
                 self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
                                                      "cast.batch_size": size})
+            if isinstance(g.planner, CascadePlanner) and g.drafts:
+                tokens = {s.sequence_id: t for s, t in zip(batch, results)}
+                g.planner.learn_levels([g.expanded.get(s.sequence_id) for s in g.sequences],
+                                       [verified[s.sequence_id] for s in g.sequences],
+                                       [tokens[s.sequence_id] for s in g.sequences])
 
     def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
         """The batch's drafting policies, each with its sequences and whether it drafts this step (a policy whose
@@ -453,8 +460,8 @@ class StepLoop:
         """One batched Expand on one draft replica for some of a policy's sequences (into group.expanded). Returns
         what it teaches, a job for the Verify's wait; None when the replica failed them: they verify their roots
         alone this step and move to another draft replica."""
-        costs = self.costs(replica)
-        budget = group.planner.budget(costs, size, context)
+        budget = group.planner.budget(self.costs(replica), size, context)
+        costs = group.planner.draft_costs(self.costs(replica))
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
         timing.one_off |= draft_catching_up(sequences)
         for s in sequences:
@@ -480,8 +487,7 @@ class StepLoop:
         timing.one_off |= cold
         longest = max(range(len(items)), key=lambda i: len(items[i].new_tokens))
         forwards = expanded[longest].forwards(len(items[longest].new_tokens))
-        if step is not None:
-            step.predict_expand(costs, size, context, forwards)
+        timing.predicted_draft_ms = max(timing.predicted_draft_ms, costs.expand_ms(size, context, forwards))
 
         def learn() -> None:
             if not timing.one_off:

@@ -32,7 +32,6 @@ from cast_runtime.telemetry import (
     GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, PROVIDER, REQUEST_DURATION_BUCKETS,
     STEP_SECONDS_BUCKETS, TIME_PER_OUTPUT_TOKEN_BUCKETS, TIME_TO_FIRST_TOKEN_BUCKETS, TOKEN_USAGE_BUCKETS, Telemetry,
 )
-from orchestrator.costs import CostModel
 from orchestrator.decoding import Chunk, FinishReason, GenerationRequest, StepRecord, StepTiming
 from orchestrator.errors import status_of
 
@@ -117,17 +116,9 @@ class RequestTrace:
 
 @dataclass
 class StepTrace:
-    """A traced step: its span and the cost model's predictions, filled in as the step runs."""
+    """A traced step: its span (the cost model's predictions are on the step's StepTiming)."""
 
     span: trace.Span
-    predicted_draft_ms: float = 0.0   # the slowest of the step's parallel Expands
-    predicted_verify_ms: float = 0.0
-
-    def predict_expand(self, costs: CostModel, batch: int, context: int, forwards: list[tuple[int, int]]) -> None:
-        """An Expand's predicted time: the call's learned RPC cost and its forwards [(tree nodes so far, tokens)]."""
-        ms = costs.draft_call_ms.get(batch, 0.0) + sum(costs.draft_forward_ms(batch, context + nodes, n)
-                                                       for nodes, n in forwards)
-        self.predicted_draft_ms = max(self.predicted_draft_ms, ms)
 
 
 class OrchestratorTelemetry:
@@ -305,12 +296,12 @@ class OrchestratorTelemetry:
             "cast.step.depth": max(r.depth for r in records),
             "cast.step.accepted_tokens": committed,
             "cast.step.accepted_length": committed / len(records),
-            "cast.step.predicted_ms": step.predicted_draft_ms + step.predicted_verify_ms,
+            "cast.step.predicted_ms": timing.predicted_draft_ms + timing.predicted_verify_ms,
             "cast.step.measured_ms": timing.step * 1e3,
-            "cast.step.draft.predicted_ms": step.predicted_draft_ms,
+            "cast.step.draft.predicted_ms": timing.predicted_draft_ms,
             "cast.step.draft.measured_ms": timing.draft_rpc * 1e3,
             "cast.step.draft.model_ms": timing.draft_model * 1e3,
-            "cast.step.verify.predicted_ms": step.predicted_verify_ms,
+            "cast.step.verify.predicted_ms": timing.predicted_verify_ms,
             "cast.step.verify.measured_ms": timing.verify_rpc * 1e3,
             "cast.step.verify.model_ms": timing.verify_model * 1e3,
             "cast.step.one_off": timing.one_off,

@@ -62,6 +62,24 @@ def test_bad_input_exits_with_usage_and_a_message_naming_the_setting(argv, env, 
     assert message in capsys.readouterr().err
 
 
+@dataclass
+class Repeated:
+    level: tuple[str, ...] = setting((), "a level")
+    weight: tuple[int, ...] = setting((1,), "a weight")
+
+
+def test_a_tuple_setting_is_a_repeatable_flag_or_a_semicolon_separated_variable(capsys):
+    def parse(argv, environ):
+        return parse_settings(Repeated, argv, prog="example", description="", env_prefix="CAST_EX_", environ=environ)
+
+    assert parse(["--level", "a=1", "--level", "b"], {"CAST_EX_LEVEL": "c"}).level == ("a=1", "b")
+    assert parse([], {"CAST_EX_LEVEL": "a=1;b;", "CAST_EX_WEIGHT": "2;3"}) == Repeated(("a=1", "b"), (2, 3))
+    assert parse([], {}) == Repeated((), (1,))
+    with pytest.raises(SystemExit) as info:
+        parse(["--weight", "2", "--weight", "x"], {})
+    assert info.value.code == 2 and "--weight: invalid literal" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config, prefix", [(DraftConfig, "CAST_DRAFT_"), (VerifyConfig, "CAST_VERIFY_"),
                                             (OrchestratorConfig, "CAST_ORCH_")])
 def test_every_service_lists_each_setting_with_its_variable_in_help(config, prefix, capsys):

@@ -56,6 +56,23 @@ def test_model_is_required_and_must_be_a_checkpoint(tmp_path, monkeypatch):
         DraftConfig.from_args(["--model", str(tmp_path), "--port", "abc"])
 
 
+def test_draft_levels_come_from_repeated_flags_or_the_variable(draft_model_dir, capsys):
+    """--model is optional once a model level is given; --draft-level repeats, CAST_DRAFT_DRAFT_LEVEL splits on ';'."""
+    config = DraftConfig.from_args(["--draft-level", f"sparse={draft_model_dir},layers=1", "--draft-level", "lookup"],
+                                   environ={})
+    assert config.model is None
+    assert [(spec.name, spec.path, spec.layers) for spec in config.levels] == [("sparse", draft_model_dir, 1),
+                                                                              ("lookup", None, 0)]
+    config = DraftConfig.from_args(["--model", str(draft_model_dir)], environ={"CAST_DRAFT_DRAFT_LEVEL": "lookup"})
+    assert [spec.name for spec in config.levels] == ["small", "lookup"]
+    for argv in (["--draft-level", "lookup"], ["--model", str(draft_model_dir), "--draft-level", "medium=x"]):
+        with pytest.raises(SystemExit) as info:
+            DraftConfig.from_args(argv, environ={})
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "a draft model (--model) or a model level" in err and "draft_level: 'medium' is not one of" in err
+
+
 def test_the_replica_reports_the_runner_it_serves_with(draft_model_dir, onnx_cache_dir):
     """On the CPU provider: growing buffers, no graphs; the buffers hold the configured context and a tree."""
     import numpy as np
@@ -67,7 +84,7 @@ def test_the_replica_reports_the_runner_it_serves_with(draft_model_dir, onnx_cac
     expander, replica = build_expander(DraftConfig(model=draft_model_dir, provider="cpu", top_k=8, dtype="float32",
                                                    max_context=300, profile=False))
     assert replica.backend == "onnxruntime:CPUExecutionProvider+growing" and replica.max_context == 300
-    assert expander.runner.capacity == 300 + TREE_ROOM
+    assert expander.models["small"].runner.capacity == 300 + TREE_ROOM
     [e], _ = expander.expand([SequenceInput("a", np.array([5, 17, 99]), 0)], Budget(top_k=2, max_depth=2,
                                                                                    max_breadth=2))
     assert len(e.tree) == 1 + 2 + 4

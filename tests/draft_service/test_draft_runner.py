@@ -172,3 +172,23 @@ def test_defaults_follow_the_provider(runner, fixed_runner):
     assert choose_dtype("float32", "CUDAExecutionProvider") == "float32"
     with pytest.raises(ValueError, match="cuda_graphs"):
         DraftRunner(runner.onnx_path, runner.meta, provider="cpu", cuda_graphs=True)
+
+
+def test_forwards_sliced_to_a_few_rows_and_buckets_sharing_memory_grow_the_same_trees(exported):
+    """A runner that slices every forward into 8 rows and reserves memory for 2 sequences (larger buckets then get
+    their own) grows the same trees as one forward per call: prompts, recomputes, trees and bucket changes."""
+    whole = expander(DraftRunner(*exported, provider="cpu", max_rows=10**6))
+    sliced_runner = DraftRunner(*exported, provider="cpu", max_rows=8, max_batch=2)
+    sliced = expander(sliced_runner)
+    long_prompt = [(5 * i) % 400 + 1 for i in range(90)]
+    calls = [
+        ([seq("a", PROMPT), seq("b", long_prompt)], EAGLE),          # bucket 2: the reserved memory
+        ([seq("a", [11, 12], 9)], Budget(8, 3, 8)),                  # bucket 1 writes it: b's row is void
+        ([seq("a", [13], 11), seq("b", [1, 2, 3], 90), seq("c", long_prompt)], EAGLE),  # bucket 4: its own
+        ([seq("a", [14], 12), seq("b", [4], 93)], Budget(4, 4, 4)),  # back to bucket 2: both recomputed
+    ]
+    for sequences, budget in calls:
+        want, _ = whole.expand(sequences, budget)
+        got, _ = sliced.expand(sequences, budget)
+        assert_same_trees(got, want)
+    assert set(sliced_runner.storage) == {2, 4}, "buckets 1 and 2 share the reserved memory, bucket 4 has its own"

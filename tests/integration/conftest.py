@@ -12,8 +12,9 @@ from tests.integration.stacks import start_stack
 
 @pytest.fixture(scope="session")
 def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
-    """stack_factory("tiny-draft" | "target-as-draft" | "reference") -> a running Stack (float64 verifier, so that
-    argmax never flips between a tree forward and the reference's one-token decode)."""
+    """stack_factory("tiny-draft" | "target-as-draft" | "target-only" | "reference") -> a running Stack (float64
+    verifier, so that argmax never flips between a tree forward and the reference's one-token decode). Each draft
+    service also serves the sparse and lookup levels; "target-only" has no draft model, only those."""
     running = {}
 
     def get(kind: str):
@@ -21,9 +22,13 @@ def stack_factory(tiny_pair, onnx_cache_dir, tmp_path_factory):
             target, draft = tiny_pair
             if kind == "target-as-draft":
                 draft = target
+            elif kind == "target-only":
+                draft = None
             elif kind == "reference":
                 target, draft = REFERENCE_PAIR / "target", REFERENCE_PAIR / "draft"
-            running[kind] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}"))
+            # The reference pair's tests measure its draft: no sparse level to build at its start.
+            levels = {"draft_levels": ("lookup",)} if kind == "reference" else {}
+            running[kind] = start_stack(target, draft, tmp_path_factory.mktemp(f"logs-{kind}"), **levels)
         return running[kind]
 
     yield get

@@ -7,10 +7,12 @@ from pathlib import Path
 from orchestrator.stack import Stack, StackSpec, free_ports
 
 
-def start_stack(target: Path, draft: Path, log_dir: Path, verify_dtype: str = "float64", **kw) -> Stack:
+def start_stack(target: Path, draft: Path | None, log_dir: Path, verify_dtype: str = "float64",
+                draft_levels: tuple[str, ...] = ("sparse,layers=1", "lookup"), **kw) -> Stack:
+    """The draft service serves the draft (None: none), the target with one layer (sparse) and lookup."""
     port, draft_port, verify_port, http_port = free_ports(4)
     spec = StackSpec(target, draft, port=port, draft_port=draft_port, verify_port=verify_port,
-                     verify_dtype=verify_dtype, log_dir=log_dir, http_port=http_port, **kw)
+                     verify_dtype=verify_dtype, log_dir=log_dir, http_port=http_port, draft_levels=draft_levels, **kw)
     stack = Stack(spec).start()
     try:
         stack.wait_ready(timeout_s=600)

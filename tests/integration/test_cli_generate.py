@@ -32,6 +32,11 @@ def test_stream_json_prints_one_object_per_chunk(tiny_stack, generation_stub, ca
     last = chunks[-1]
     assert last["finish_reason"] == "FINISH_REASON_LENGTH" and last["usage"]["completion_tokens"] == 24
     assert len(last["stats"]["step_stats"]) == last["stats"]["steps"] == len(chunks)
+    # the cost model's prediction of every step (JSON leaves out zeros): its Verify, and its Expand where it drafted
+    steps = last["stats"]["step_stats"]
+    assert all(s.get("predicted_verify_ms", 0) > 0 for s in steps), steps
+    assert all(s.get("predicted_draft_ms", 0) > 0 for s in steps if s.get("expanded_nodes", 0) > 1), steps
+    assert any(s.get("expanded_nodes", 0) > 1 for s in steps)
     assert all("finish_reason" not in c for c in chunks[:-1])
 
 

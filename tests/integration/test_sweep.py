@@ -31,6 +31,25 @@ def test_a_sweep_measures_every_cell_and_checks_it_against_ar(tiny_stack, tmp_pa
     assert "oracle (best fixed shape)" in text and "cast / best single" in text
     assert "tree:2x2/16 = tree:2x2/8" in text and (out / "sweep.png").stat().st_size > 0
 
+    # Why a cell misses: the verified trees and the cost model's predicted step time against the measured one.
+    by = {(r["policy"], r["concurrency"]): r for r in rows}
+    for c in ("1", "2"):
+        plain, chain = by["ar", c], by["chain:2", c]
+        assert float(plain["verified_nodes_p50"]) == 1 and float(plain["verified_depth_p50"]) == 0
+        assert float(plain["accepted_tokens_p50"]) == 1  # plain decoding: one token a step
+        assert 1 <= float(chain["verified_nodes_p50"]) <= 3 and float(chain["verified_depth_p50"]) <= 2
+        for r in (chain, by["tree:2x2/8", c], by["cast", c]):  # drafted policies: Expand and Verify predicted
+            assert float(r["predicted_ms_p50"]) > 0 and float(r["measured_ms_p50"]) > 0, r
+            assert float(r["measured_over_predicted_p50"]) > 0, r
+            assert float(r["accepted_tokens_p50"]) >= 1, r
+    why = text[text.index("## Why CAST misses"):].splitlines()
+    for c in ("1", "2"):
+        oracle = max(("ar", "chain:2", "tree:2x2/8"), key=lambda p: float(by[p, c]["tokens_per_s"]))
+        assert any(line.startswith(f"| {c} | oracle: {oracle} |") for line in why), (c, oracle)
+        cast_row = next(line for line in why if line.startswith(f"| {c} | cast"))
+        ratio = float(by["cast", c]["tokens_per_s"]) / float(by[oracle, c]["tokens_per_s"])
+        assert ("(MISS)" in cast_row) == (ratio < 0.97), (cast_row, ratio)
+
 
 def level(policy: str, c: int, rate: float) -> LevelResult:
     return LevelResult(policy, c, 8, 100, 1.0, rate, *([1.0] * 21))

@@ -37,7 +37,7 @@ class CostTable(_message.Message):
     def __init__(self, device: _Optional[str] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., context_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., millis: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReplicaDescription(_message.Message):
-    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend", "live_sequences", "max_sequences")
+    __slots__ = ("model_name", "vocab_hash", "vocab_size", "max_context", "device", "dtype", "cost_table", "backend", "live_sequences", "max_sequences", "draft_levels")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class ReplicaDescription(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_LEVELS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_hash: str
     vocab_size: int
@@ -58,7 +59,20 @@ class ReplicaDescription(_message.Message):
     backend: str
     live_sequences: int
     max_sequences: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ...) -> None: ...
+    draft_levels: _containers.RepeatedCompositeFieldContainer[DraftLevel]
+    def __init__(self, model_name: _Optional[str] = ..., vocab_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ..., backend: _Optional[str] = ..., live_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., draft_levels: _Optional[_Iterable[_Union[DraftLevel, _Mapping]]] = ...) -> None: ...
+
+class DraftLevel(_message.Message):
+    __slots__ = ("name", "kind", "model_name", "cost_table")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    COST_TABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    model_name: str
+    cost_table: CostTable
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., model_name: _Optional[str] = ..., cost_table: _Optional[_Union[CostTable, _Mapping]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message")

@@ -51,8 +51,26 @@ class DraftSequence(_message.Message):
     start_position: int
     def __init__(self, sequence_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
 
+class LevelBudget(_message.Message):
+    __slots__ = ("level", "budget", "acceptance")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    budget: ExpandBudget
+    acceptance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, level: _Optional[str] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., acceptance: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CascadeBudget(_message.Message):
+    __slots__ = ("levels", "max_returned_nodes")
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETURNED_NODES_FIELD_NUMBER: _ClassVar[int]
+    levels: _containers.RepeatedCompositeFieldContainer[LevelBudget]
+    max_returned_nodes: int
+    def __init__(self, levels: _Optional[_Iterable[_Union[LevelBudget, _Mapping]]] = ..., max_returned_nodes: _Optional[int] = ...) -> None: ...
+
 class ExpandRequest(_message.Message):
-    __slots__ = ("sequences", "budget", "trace_context")
+    __slots__ = ("sequences", "budget", "trace_context", "cascade")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,10 +81,12 @@ class ExpandRequest(_message.Message):
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[DraftSequence]
     budget: ExpandBudget
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    cascade: CascadeBudget
+    def __init__(self, sequences: _Optional[_Iterable[_Union[DraftSequence, _Mapping]]] = ..., budget: _Optional[_Union[ExpandBudget, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., cascade: _Optional[_Union[CascadeBudget, _Mapping]] = ...) -> None: ...
 
 class DraftLayerStats(_message.Message):
     __slots__ = ("candidates", "kept", "kept_utility")
@@ -79,16 +99,18 @@ class DraftLayerStats(_message.Message):
     def __init__(self, candidates: _Optional[int] = ..., kept: _Optional[int] = ..., kept_utility: _Optional[float] = ...) -> None: ...
 
 class ExpandedTree(_message.Message):
-    __slots__ = ("sequence_id", "tree", "layers", "expanded_nodes")
+    __slots__ = ("sequence_id", "tree", "layers", "expanded_nodes", "node_levels")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPANDED_NODES_FIELD_NUMBER: _ClassVar[int]
+    NODE_LEVELS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     tree: _common_pb2.TokenTree
     layers: _containers.RepeatedCompositeFieldContainer[DraftLayerStats]
     expanded_nodes: int
-    def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ..., expanded_nodes: _Optional[int] = ...) -> None: ...
+    node_levels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_id: _Optional[str] = ..., tree: _Optional[_Union[_common_pb2.TokenTree, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[DraftLayerStats, _Mapping]]] = ..., expanded_nodes: _Optional[int] = ..., node_levels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpandResponse(_message.Message):
     __slots__ = ("trees", "draft_seconds", "cold")

@@ -1,0 +1,40 @@
+"""Prompt lookup (the `lookup` draft level): the tokens that followed the latest earlier occurrence of the
+sequence's recent suffix, in the prompt or in what was generated since. Almost free, and right wherever the output
+repeats its input (code edits, quotes, lists); transformers' `prompt_lookup_num_tokens` does the same search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+MAX_NGRAM = 3  # the longest suffix matched first; shorter ones are tried when it has no earlier occurrence
+MIN_NGRAM = 1
+
+
+def lookup_chain(tokens: np.ndarray, max_length: int, max_ngram: int = MAX_NGRAM,
+                 min_ngram: int = MIN_NGRAM) -> np.ndarray:
+    """tokens [n] int64, the sequence so far (its last token is the tree's root). Returns [<= max_length] int64:
+    the continuation of the latest earlier occurrence of the longest matching suffix (max_ngram down to
+    min_ngram tokens); empty when nothing matches."""
+    n = tokens.shape[0]
+    if max_length <= 0:
+        return tokens[:0]
+    for size in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        suffix = tokens[n - size:]
+        # Windows that start before the suffix itself and leave at least one token after them.
+        windows = sliding_window_view(tokens[: n - 1], size)  # [n - size, size]
+        hits = np.nonzero((windows == suffix).all(axis=1))[0]
+        if hits.size:
+            start = int(hits[-1]) + size
+            return tokens[start: start + max_length]
+    return tokens[:0]
+
+
+def chain_values(length: int, acceptance: list[float]) -> np.ndarray:
+    """[length] float32: node d's value, the product of acceptance[0..d] (the last entry repeats past the list),
+    each entry clipped to [0, 1] so that a child's value never exceeds its parent's."""
+    if length == 0:
+        return np.zeros(0, dtype=np.float32)
+    rates = np.asarray([acceptance[min(d, len(acceptance) - 1)] for d in range(length)], dtype=np.float64)
+    return np.cumprod(np.clip(rates, 0.0, 1.0)).astype(np.float32)

@@ -1,0 +1,231 @@
+"""The `cascade` policy at work: a Dynamic Tree Cascade (DyTC, CAS-Spec arXiv 2510.26843) over the draft levels a
+draft replica serves (small model, sparse target, prompt lookup), priced as CAST prices layers.
+
+Per step, for the step's batch:
+1. Each model level of the policy that the replica serves is priced: its expected accepted tokens, from the
+   acceptance learned online per level and tree depth (`LevelAcceptance`), against the step's cost with it, from
+   that level's own cost table (Describe's draft_levels) and the verifier's. Lookup, where the policy has it, joins
+   every step (its cost is a chain search, microseconds): its chain comes first and is worth the learned acceptance
+   of lookup chains, so the merged tree keeps it where lookup has been right and drops it where not.
+2. The best level by expected tokens per millisecond drafts the rest of the tree with CAST's breadth and depth
+   rules inside Expand (its own Planner: gain buffer and value calibration per level). One step in EXPLORE_EVERY
+   drafts with the least-tried level instead, so that every level's acceptance stays measured.
+3. The draft service runs lookup and the chosen level inside the one Expand and merges their trees by token path;
+   CAST's reranking (C3) then picks the nodes to verify from the combined tree, as for `cast`.
+The draft gate (plain decoding when drafting does not pay) is the same as `cast`'s.
+
+What the paper's DyTC does beyond this: it routes each *layer* of the tree to a level (lookup proposes, the sparse
+target extends, the small draft fills breadth) and sets each level's draft length from the same estimates; here a
+step's model part comes from one level, chosen per step and batch size.
+
+`cascade-fixed` is the fixed vertical cascade to compare against: every level of the policy drafts every step with
+fixed budgets, and the best `verify_tokens` nodes of the merged tree are verified.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cast.v1 import draft_pb2
+from cast_core.tree import TokenTree
+from orchestrator.costs import CostModel
+from orchestrator.planner import Planner
+from orchestrator.policies import TreePolicy
+
+log = logging.getLogger("cast.orchestrator")
+
+PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
+PRIOR_WEIGHT = 4.0      # ... worth this many observations
+WEIGHT = 0.05           # moving-average weight of one observation once past the prior
+EXPLORE_EVERY = 16      # one step in this many drafts with the least-tried model level
+MAX_DEPTH = 64
+
+
+@dataclass
+class LevelAcceptance:
+    """Per level and tree depth d: how often, when the level proposed children of the accepted node at depth d-1,
+    one of them was accepted. The product over depths 1..d estimates the chance the level's path reaches d."""
+
+    offered: dict[str, np.ndarray] = field(default_factory=lambda: defaultdict(lambda: np.zeros(MAX_DEPTH + 1)))
+    accepted: dict[str, np.ndarray] = field(default_factory=lambda: defaultdict(lambda: np.zeros(MAX_DEPTH + 1)))
+    proposed: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [steps with a
+                                                                                               # node, steps]
+
+    def rates(self, level: str, depth: int) -> np.ndarray:
+        """[depth] the acceptance at depths 1..depth (the prior where unmeasured)."""
+        off, acc = self.offered[level][1: depth + 1], self.accepted[level][1: depth + 1]
+        return (acc + PRIOR_RATE * PRIOR_WEIGHT) / (off + PRIOR_WEIGHT)
+
+    def propose_rate(self, level: str) -> float:
+        """The share of drafted steps in which the level proposed anything (lookup: found a match)."""
+        hits, steps = self.proposed[level]
+        return (hits + PRIOR_WEIGHT) / (steps + PRIOR_WEIGHT)
+
+    def expected_tokens(self, level: str, depth: int) -> float:
+        """Accepted tokens a step expects from the level's part of the tree, up to `depth` (bonus excluded)."""
+        return self.propose_rate(level) * float(np.cumprod(self.rates(level, depth)).sum())
+
+    def tries(self, level: str) -> int:
+        return self.proposed[level][1]
+
+    def observe(self, tree: TokenTree, levels: list[str | None], committed: list[int]) -> None:
+        """One verified tree: `levels` names each node's level (root: None), `committed` the tokens the step
+        committed (the accepted path's tokens, then the bonus token)."""
+        for level in set(levels) - {None}:
+            self.proposed[level][0] += 1
+        node, accepted_path = 0, committed[:-1]
+        for depth in range(1, min(tree.max_depth, MAX_DEPTH) + 1):
+            children = np.nonzero(tree.parents == node)[0]
+            if children.size == 0:
+                break
+            for level in {levels[c] for c in children}:
+                self._count(self.offered, level, depth)
+            token = accepted_path[depth - 1] if depth - 1 < len(accepted_path) else None
+            hit = next((int(c) for c in children if int(tree.tokens[c]) == token), None)
+            if hit is None:
+                break
+            self._count(self.accepted, levels[hit], depth)
+            node = hit
+
+    def count_step(self, levels: set[str]) -> None:
+        for level in levels:
+            self.proposed[level][1] += 1
+
+    @staticmethod
+    def _count(table, level: str, depth: int) -> None:
+        table[level][depth] += 1
+
+
+class CascadePlanner(Planner):
+    """A cascade policy at work in one step loop (the module docstring); `cast`'s Planner per model level."""
+
+    def __init__(self, policy: TreePolicy) -> None:
+        super().__init__(policy)
+        self.acceptance = LevelAcceptance()
+        self.levels: dict[str, Planner] = {}  # per model level: its CAST state
+        self.steps = 0
+        self.plan: list[str] = []             # this step's levels, in the Expand's order
+        self.chosen: str | None = None        # this step's model level
+
+    # --- pricing ----------------------------------------------------------------------------------------------
+
+    def served(self, costs: CostModel) -> list[str]:
+        """The policy's levels that the draft replica serves (costs.levels: its levels' prices)."""
+        return [level for level in self.policy.levels if level in costs.levels]
+
+    def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
+        if not self.served(costs):
+            return False
+        return super().drafts(costs, batch, context)
+
+    def step_tokens_per_ms(self, level: str, costs: CostModel, batch: int, context: int) -> float:
+        """What a step drafted by this model level is expected to commit per millisecond, lookup's part included."""
+        depth = self.policy.max_depth
+        expected = self.acceptance.expected_tokens(level, depth)
+        if "lookup" in self.plan:
+            expected = max(expected, self.acceptance.expected_tokens("lookup", depth))
+        width = min(self.policy.max_breadth, 4)  # a typical CAST layer
+        nodes = min(1 + depth * width, self.policy.verify_tokens)
+        millis = (costs.verify_step_ms(batch, context, nodes) + costs.draft_call_ms.get(batch, 0.0)
+                  + sum(costs.draft_forward_ms(batch, context + d * width, width) for d in range(depth)))
+        return (1.0 + expected) / max(millis, 1e-6)
+
+    def choose_level(self, costs: CostModel, batch: int, context: int) -> str | None:
+        models = [level for level in self.served(costs) if level != "lookup"]
+        if not models:
+            return None
+        self.steps += 1
+        if len(models) > 1 and self.steps % EXPLORE_EVERY == 0:
+            return min(models, key=self.acceptance.tries)
+        return max(models, key=lambda level: self.step_tokens_per_ms(level, costs.levels[level], batch, context))
+
+    def level_planner(self, level: str) -> Planner:
+        planner = self.levels.get(level)
+        if planner is None:
+            planner = self.levels[level] = Planner(TreePolicy(
+                f"{self.policy.name}/{level}", self.policy.top_k, self.policy.max_depth, self.policy.max_breadth,
+                self.policy.verify_tokens, self.policy.cast))
+        return planner
+
+    def budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.CascadeBudget:
+        """This step's cascade: lookup first (where the policy has it), then the chosen model level (DyTC) or,
+        for a fixed cascade, every model level. Priced now: the chosen level decides which prices apply."""
+        served = self.served(costs)
+        self.plan = [level for level in served if level == "lookup"]
+        if self.policy.cast is None:
+            self.plan += [level for level in served if level != "lookup"]
+            self.chosen = next((level for level in self.plan if level != "lookup"), None)
+        else:
+            self.chosen = self.choose_level(costs, batch, context)
+            self.plan += [self.chosen] if self.chosen else []
+        scale = self.level_planner(self.chosen).value_scale if self.chosen else 1.0
+        out = draft_pb2.CascadeBudget(max_returned_nodes=self.policy.verify_tokens)
+        for level in self.plan:
+            if level == "lookup":
+                # In the model level's value unit: its calibration says how many tokens a unit of value is worth.
+                rates = self.acceptance.rates("lookup", self.policy.max_depth) / scale
+                out.levels.add(level="lookup", budget=draft_pb2.ExpandBudget(max_depth=self.policy.max_depth),
+                               acceptance=rates.tolist())
+            else:
+                planner = self.level_planner(level)
+                out.levels.add(level=level, budget=planner.price_budget(costs.levels[level], batch, context))
+        self.acceptance.count_step(set(self.plan))
+        return out
+
+    def prepare_budget(self, costs: CostModel, batch: int, context: int) -> None:
+        """Nothing to prepare: the next step's level is chosen when it starts."""
+
+    def draft_costs(self, costs: CostModel) -> CostModel:
+        """The prices the step's Expand is measured against: its model level's (or lookup's)."""
+        level = self.chosen or (self.plan[0] if self.plan else None)
+        return costs.levels.get(level, costs) if level else costs
+
+    # --- selection and learning -------------------------------------------------------------------------------
+
+    def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int,
+               draft_ms: float = 0.0) -> list[TokenTree]:
+        if self.policy.cast is None or self.chosen is None:
+            # A fixed cascade, or lookup alone: its values are acceptance estimates; CAST's rerank on them.
+            return super().select(trees, self.draft_costs(costs), batch, context, draft_ms)
+        return self.level_planner(self.chosen).select(trees, costs.levels[self.chosen], batch, context, draft_ms)
+
+    def learn_layers(self, layer_utilities: list[list[float]]) -> None:
+        if self.chosen is not None:
+            self.level_planner(self.chosen).learn_layers(layer_utilities)
+
+    def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
+                   step_ms: float, one_off: bool) -> bool:
+        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
+        if drafted and self.chosen is not None:  # the chosen level's value calibration
+            self.level_planner(self.chosen).calibration.observe(
+                sum(float(t.values[1:].sum()) for t in verified), sum(n - 1 for n in committed))
+        return switched
+
+    def learn_levels(self, expanded: list, verified: list[TokenTree], committed: list[list[int]]) -> None:
+        """Each drafted sequence's verified tree, with the levels of its nodes (from its Expand's node_levels),
+        and the tokens it committed: the per-level, per-depth acceptance."""
+        for e, tree, tokens in zip(expanded, verified, committed):
+            if e is None:
+                continue
+            by_path = node_levels_by_path(e.tree, [self.plan[i] if i >= 0 else None for i in e.node_levels])
+            self.acceptance.observe(tree, [by_path.get(p) for p in tree_paths(tree)], tokens)
+
+
+def tree_paths(tree: TokenTree) -> list[tuple[int, ...]]:
+    """Each node's token path from the root (root: ())."""
+    paths: list[tuple[int, ...]] = [()]
+    for i in range(1, len(tree)):
+        paths.append(paths[int(tree.parents[i])] + (int(tree.tokens[i]),))
+    return paths
+
+
+def node_levels_by_path(tree: TokenTree, levels: list[str | None]) -> dict[tuple[int, ...], str | None]:
+    return dict(zip(tree_paths(tree), levels))
+
+
+def make_planner(policy: TreePolicy) -> Planner:
+    return CascadePlanner(policy) if policy.levels else Planner(policy)
