@@ -629,7 +629,7 @@ class StepLoop:
         draft commits them and its own next top-1, the new tree's root. CAST selects the tree right away, pricing the
         draft at what it delays the next step: nothing while the Verify is still running."""
         costs = self.costs(replica)
-        budget = group.planner.budget(costs, size, context)
+        budget = group.planner.prepared_budget(costs, size, context)
         items = [DraftItem(s.sequence_id, [s.tokens[-1], *path], len(s.tokens) - 1, predict_root=True)
                  for s, path in ready]
         try:
@@ -645,7 +645,9 @@ class StepLoop:
                 for s, _ in ready:
                     s.draft_seen = 0
             return
-        trees = group.planner.select([e.tree for e in expanded], costs, size, context, clock.delay_ms())
+        delay_ms = clock.delay_ms()  # the draft priced at what it delays: only its time past the Verify
+        group.planner.learn_exposed(size, seconds * 1e3, delay_ms)
+        trees = group.planner.select([e.tree for e in expanded], costs, size, context, delay_ms)
         for (s, _), e, tree in zip(ready, expanded, trees):
             s.stats.draft_seconds += seconds
             if s.prepared is not None:
