@@ -39,6 +39,8 @@ class StepBreakdown:
     verified_nodes: int = 0
     depth: int = 0
     accepted_tokens: int = 0
+    drafted: bool = False    # the step verified a drafted tree (more than its root)
+    pipeline: str = "none"   # hit / miss / none (StepStats.pipeline)
 
     @property
     def rpc(self) -> float:
@@ -67,6 +69,8 @@ class StepBreakdown:
             verified_nodes=s.verified_nodes,
             depth=s.depth,
             accepted_tokens=s.accepted_tokens,
+            drafted=s.verified_nodes > 1,
+            pipeline=s.pipeline or "none",
         )
 
 
@@ -132,6 +136,10 @@ class LevelResult:
     measured_over_predicted_p50: float = 0.0  # per step measured / predicted, over the steps with a prediction
     differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
     cut_requests: int = 0        # of `requests`, those cancelled at the level's cutoff (their tokens count)
+    # Pipelined steps: of the steps with a prepared tree, those whose guess came true; and a drafted step's time
+    # outside the verify service's forward (step - verify model), median.
+    pipeline_hit_rate: float = float("nan")
+    outside_verify_ms_p50: float = float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -253,7 +261,14 @@ async def run_level(
         predicted_ms_p50=percentile([b.predicted for b in steps_ms], 50),
         measured_ms_p50=percentile([b.calls for b in steps_ms], 50),
         measured_over_predicted_p50=percentile([b.calls / b.predicted for b in steps_ms if b.predicted > 0], 50),
+        pipeline_hit_rate=hit_rate(steps_ms),
+        outside_verify_ms_p50=percentile([b.step - b.verify_model for b in steps_ms if b.drafted], 50),
     ), results
+
+
+def hit_rate(steps: list[StepBreakdown]) -> float:
+    hits, misses = (sum(b.pipeline == outcome for b in steps) for outcome in ("hit", "miss"))
+    return hits / (hits + misses) if hits + misses else float("nan")
 
 
 def count_differences(rows: list[tuple[LevelResult, list[RequestResult]]]) -> None:
@@ -346,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'':>13}step p50 {row.step_ms_p50:.2f} ms = draft model {row.draft_model_ms_p50:.2f} + verify model "
                 f"{row.verify_model_ms_p50:.2f} + rpc {row.rpc_ms_p50:.2f} + orchestrator {row.orchestrator_ms_p50:.2f} "
                 f"(overhead p50 {row.overhead_ms_p50:.2f} ms; rpc p50 Expand {row.expand_rpc_ms_p50:.2f}, "
-                f"Verify {row.verify_rpc_ms_p50:.2f})",
+                f"Verify {row.verify_rpc_ms_p50:.2f})\n"
+                f"{'':>13}pipeline hits {row.pipeline_hit_rate:.2f}, drafted step outside the verify forward p50 "
+                f"{row.outside_verify_ms_p50:.2f} ms",
                 file=sys.stderr,
                 flush=True,
             )

@@ -3,7 +3,9 @@
 Per sequence the draft keeps a KV cache of every committed token it has seen. One Expand call, for a batch:
 
 1. Commit: forward each sequence's new tokens (causal) on top of its cache and append their KV for good.
-   The last new token is the tree's root (node 0); its top-K are the candidates of layer 1.
+   The last new token is the tree's root (node 0); its top-K are the candidates of layer 1. A start position
+   before the cache's end rewinds it there first (a prepared branch the verifier did not take). A prepared Expand
+   (`predict_root`) commits one more token, the draft's own top-1 after the new ones, and roots the tree there.
 2. Expand, EAGLE-2 style: each layer keeps its best candidates by value (`layer_keep_count`); if another layer
    is wanted (`expand_another_layer`), one forward over the kept nodes, with a tree mask, gives each of them
    top_k children: the next layer's candidates, value = parent value * draft probability.
@@ -59,7 +61,8 @@ class Budget:
 class SequenceInput:
     sequence_id: str
     new_tokens: np.ndarray  # [n] int64, committed since the last call
-    start_position: int     # position of new_tokens[0]
+    start_position: int     # position of new_tokens[0]; before the cached length: rewind there
+    predict_root: bool = False  # the root is the draft's top-1 after new_tokens, committed too
 
 
 @dataclass(frozen=True)
@@ -213,9 +216,14 @@ class Expander:
             return [], 0.0
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, DraftSession())
                     for q, s in zip(sequences, sessions)]
+        for q, s in zip(sequences, sessions):
+            if q.start_position < s.length:
+                self.rewind_session(s, q.start_position)
         # A tree forwards at most max_breadth nodes in each of its layers but the last.
         tree_room = max(budget.max_depth - 1, 0) * budget.max_breadth
         root_probs, root_ids = self.kv.commit(sequences, sessions, tree_room)
+        if any(q.predict_root for q in sequences):
+            sequences, root_probs, root_ids = self.commit_predicted_roots(sequences, sessions, root_ids, tree_room)
         trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = []
         for q, t, s, u in zip(sequences, trees, stats, utilities):
@@ -223,6 +231,27 @@ class Expander:
             trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
             out.append(Expansion(q.sequence_id, trimmed, s, u, len(tree)))
         return out, self.kv.model_seconds
+
+    def commit_predicted_roots(self, sequences, sessions, root_ids, tree_room: int):
+        """Commit each predict_root sequence's top-1 next token (its tree's root); the others commit their last new
+        token again (rewound by one), so that one batched forward of one token serves them all. Returns the sequences
+        as the trees see them (new_tokens ending with their roots) and the roots' top-K, [B, K] each."""
+        again = []
+        for q, s, ids in zip(sequences, sessions, root_ids):
+            if q.predict_root:
+                again.append(SequenceInput(q.sequence_id, ids[:1].astype(np.int64), s.length))
+            else:
+                self.rewind_session(s, s.length - 1)
+                again.append(SequenceInput(q.sequence_id, q.new_tokens[-1:], s.length))
+        root_probs, root_ids = self.kv.commit(again, sessions, tree_room)
+        seen = [SequenceInput(q.sequence_id, np.concatenate([q.new_tokens, a.new_tokens]) if q.predict_root
+                              else q.new_tokens, q.start_position) for q, a in zip(sequences, again)]
+        return seen, root_probs, root_ids
+
+    def rewind_session(self, session: DraftSession, length: int) -> None:
+        self.kv.rewind(session, length)
+        session.length = length
+        del session.tokens[length:]
 
     @property
     def cold_runs(self) -> int:
@@ -235,9 +264,7 @@ class Expander:
         session = self.sessions.get(sequence_id)
         if not 0 <= length <= session.length:
             raise OutOfRange(f"{length} is outside [0, {session.length}]", "length")
-        self.kv.rewind(session, length)
-        session.length = length
-        del session.tokens[length:]
+        self.rewind_session(session, length)
 
     def release(self, sequence_ids: list[str]) -> int:
         return self.sessions.release(sequence_ids)
@@ -288,15 +315,15 @@ class Expander:
                                       f"{f}.new_tokens[{j}]")
             if q.start_position < 0:
                 raise InvalidArgument(f"{q.start_position} must be >= 0", f"{f}.start_position")
-            end = q.start_position + q.new_tokens.size
+            end = q.start_position + q.new_tokens.size + q.predict_root
             if end > self.max_context:
                 raise OutOfRange(f"the sequence would hold {end} tokens, the context is {self.max_context}",
                                  f"{f}.new_tokens")
             if q.sequence_id in self.sessions:
                 session = self.sessions.get(q.sequence_id)
-                if q.start_position != session.length:
+                if q.start_position > session.length:
                     raise FailedPrecondition(
-                        f"{q.start_position} does not match the {session.length} tokens cached for "
+                        f"{q.start_position} is past the {session.length} tokens cached for "
                         f"{q.sequence_id!r}", f"{f}.start_position")
                 found.append(session)
             elif q.start_position > 0:

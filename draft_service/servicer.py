@@ -54,7 +54,8 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
 
 def sequences_from_proto(sequences) -> list[SequenceInput]:
     return [
-        SequenceInput(q.sequence_id, np.asarray(q.new_tokens, dtype=np.int64), q.start_position) for q in sequences
+        SequenceInput(q.sequence_id, np.asarray(q.new_tokens, dtype=np.int64), q.start_position, q.predict_root)
+        for q in sequences
     ]
 
 

@@ -59,6 +59,8 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--mtls", action="store_true", help="the draft and verify services accept only clients with a "
                    "certificate --tls-ca signed (the orchestrator shows --tls-cert)")
     p.add_argument("--auth-tokens", type=Path, help="token file: the public APIs require bearer tokens")
+    p.add_argument("--pipeline", choices=("on", "off"), default=None,
+                   help="draft the next step's tree while a step is verified (default: the orchestrator's)")
     a = p.parse_args(argv)
     if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_cert is not None and a.tls_ca is None):
         p.error("--tls-cert, --tls-key and --tls-ca go together")
@@ -80,7 +82,8 @@ def cmd_up(argv: list[str]) -> int:
                      keep_cpus_awake=keep_awake, http_port=a.http_port if a.http_port >= 0 else None,
                      draft_replicas=a.draft_replicas, verify_replicas=a.verify_replicas, draft_levels=levels,
                      metrics_port=a.metrics_port or None, env={"OTEL_TRACES_EXPORTER": a.trace} if a.trace else {},
-                     tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca, mtls=a.mtls, auth_tokens=a.auth_tokens)
+                     tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca, mtls=a.mtls, auth_tokens=a.auth_tokens,
+                     orchestrator_args=["--pipeline", a.pipeline] if a.pipeline else [])
     stack = Stack(spec)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"starting: target {target}, draft {draft or '(none)'}, levels {', '.join(levels) or '(none)'}",

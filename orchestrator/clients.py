@@ -126,7 +126,8 @@ def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
 class DraftItem:
     sequence_id: str
     new_tokens: list[int]  # committed since the draft's last call
-    start_position: int    # position of new_tokens[0]
+    start_position: int    # position of new_tokens[0]; before what the draft holds: it rewinds there
+    predict_root: bool = False  # a prepared Expand: the root is the draft's top-1 after new_tokens
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ class DraftClient:
         a CUDA graph (then those seconds are not a step's)."""
         request = draft_pb2.ExpandRequest(
             sequences=[draft_pb2.DraftSequence(sequence_id=i.sequence_id, new_tokens=i.new_tokens,
-                                               start_position=i.start_position) for i in items],
+                                               start_position=i.start_position, predict_root=i.predict_root)
+                       for i in items],
         )
         if isinstance(budget, draft_pb2.CascadeBudget):
             request.cascade.CopyFrom(budget)

@@ -41,6 +41,9 @@ class OrchestratorConfig:
     cast_c2: float = setting(CastParams.depth_threshold, "CAST depth threshold C2")
     cast_c3: float = setting(CastParams.rerank_threshold, "CAST reranking threshold C3")
     cast_r: int = setting(CastParams.gain_buffer_size, "CAST gain buffer size R")
+    pipeline: bool = setting(False, "on: while a step's Verify runs, the draft prepares the next step's tree from "
+                                    "the outcome it predicts (used when the prediction comes true); off: draft, then "
+                                    "verify. Off by default: it lost on a 2-core CPU (reports/pipeline/)")
     tls_cert: Path | None = setting(None, "PEM certificate chain of the public APIs (gRPC and HTTP): TLS only; the gRPC "
                                           "API reloads it when the file changes")
     tls_key: Path | None = setting(None, "PEM private key of --tls-cert")

@@ -29,6 +29,7 @@ PRIOR_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Rows of the draft's slice: tree nodes forwarded so far in one Expand.
 NODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ONLINE_WEIGHT = 0.2  # moving-average weight of one observation
+MIN_PRICE = 1e-3  # the least a tree's growth costs, in one-token verify steps (a hidden draft, a flat verifier)
 
 
 def prior_table(role: str, lam_ms: float, delta_ms: float) -> CostTable:
@@ -68,8 +69,9 @@ class CostModel:
     draft_overhead_ms: dict[int, float] = field(default_factory=dict)   # per batch size: one draft forward beyond the model
     draft_call_ms: dict[int, float] = field(default_factory=dict)       # per batch size: an Expand's RPC, once per call
     levels: dict[str, CostModel] = field(default_factory=dict)  # the draft replica's levels, each with its table
-    # draft_slice's table part, which changes only with the table cells it reads: (cells) -> [nodes][counts] ms
-    _slice_tables: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    # draft_slice's table parts, which change only with the table cells they read: (cells) -> ([nodes][counts] ms of
+    # the draft's forwards, of the verifier's extra cost)
+    _slice_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     def from_tables(verify: CostTable | None, draft: CostTable | None) -> CostModel:
@@ -101,9 +103,11 @@ class CostModel:
         steps = self.verify.costs_for_counts(batch, context, max_tokens) + self.verify_overhead_ms.get(batch, 0.0)
         return steps / steps[0]
 
-    def draft_slice(self, batch: int, context: int) -> NormalizedCostSlice:
+    def draft_slice(self, batch: int, context: int, draft_share: float = 1.0) -> NormalizedCostSlice:
         """The prices of growing the tree by k nodes after r, in units of a one-token verify step: the draft's
         forward (at the committed context plus the tree so far) and the verifier's extra cost for checking them.
+        draft_share: the part of the draft's time that the step waits for (1; less for a tree drafted while the
+        last step was verified: only what ran past that Verify delays the step).
 
         The verifier's share is what keeps CAST's breadth and depth rules from growing nodes that reranking (C3)
         must drop: a node worth less than its verification is never verified, nor is any of its descendants (a
@@ -116,10 +120,12 @@ class CostModel:
         tables = self._slice_tables.get(cells)
         if tables is None:
             rows = [self.draft.row(batch, context + r) for r in NODE_BUCKETS]  # [len(NODE_BUCKETS)] x [len(counts)]
-            tables = np.array(rows) + self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
+            tables = np.array(rows), self.verify_extra_ms(batch, context, NODE_BUCKETS, self.draft.token_counts)
             self._slice_tables[cells] = tables
+        draft, verify_extra = tables
         one_token_step = self.verify_step_ms(batch, context, 1)
-        matrix = (tables + self.draft_overhead_ms.get(batch, 0.0)) / one_token_step
+        matrix = (draft_share * (draft + self.draft_overhead_ms.get(batch, 0.0)) + verify_extra) / one_token_step
+        matrix = np.maximum(matrix, MIN_PRICE)  # a wholly hidden draft: the rules divide by these
         return NormalizedCostSlice(NODE_BUCKETS, self.draft.token_counts, matrix)
 
     def price_cells(self, batch: int, context: int) -> tuple[int, ...]:
@@ -128,13 +134,13 @@ class CostModel:
         return (*self.draft.cell(batch, context, 1)[:2], *self.verify.cell(batch, context, 1)[:2],
                 *(self.draft.cell(batch, context + r, 1)[1] for r in NODE_BUCKETS))
 
-    def drafted_step_base(self, batch: int, context: int) -> float:
+    def drafted_step_base(self, batch: int, context: int, draft_share: float = 1.0) -> float:
         """What a drafted step costs before its first layer, in units of a one-token verify step: that step itself
         (1), the Expand call's RPC and its commit forward (the tokens committed since the last call: ~1 + accepted,
-        priced at one token, as the tables' cost is nearly flat there)."""
+        priced at one token, as the tables' cost is nearly flat there); the draft's part times draft_share."""
         one_token_step = self.verify_step_ms(batch, context, 1)
         call = self.draft_call_ms.get(batch, 0.0) + self.draft_forward_ms(batch, context, 1)
-        return 1.0 + call / one_token_step
+        return 1.0 + draft_share * call / one_token_step
 
     def verify_extra_ms(self, batch: int, context: int, before: Sequence[int], added: Sequence[int]) -> np.ndarray:
         """[len(before)] x [len(added)] the verifier's extra milliseconds for a tree of root + r + k nodes over one

@@ -39,6 +39,7 @@ class StepRecord:
     depth: int
     accepted_tokens: int
     timing: StepTiming | None = None  # shared by every sequence of the batched step
+    pipeline: str = "none"  # hit / miss: the tree prepared during the last Verify was used / was not; none: none was
 
 
 @dataclass

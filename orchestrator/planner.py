@@ -9,7 +9,10 @@ verifier forward and one draft forward per layer):
 - the next step's Expand budget, priced while this step's Verify runs,
 - the nodes per tree and the depth its reranking verified lately: the draft grows no more than 1.5x + 2 those
   nodes and 2 layers past that depth (C1 and C2 price a node against its value, not against the verifier's cut,
-  and let the draft grow trees mostly thrown away: reports/cast-vs-fixed/).
+  and let the draft grow trees mostly thrown away: reports/cast-vs-fixed/),
+- pipelined steps: the share of a prepared Expand's time that ran past the Verify it overlapped (what the next step
+  waited for), per batch size. A prepared tree's budget prices the draft's forwards at that share: a draft hidden
+  behind the verifier costs nothing, and CAST may grow deeper or wider trees.
 Fixed trees (`eagle2`, `chain`) learn nothing: the same budget and the top `verify_tokens` nodes every step.
 """
 
@@ -45,6 +48,7 @@ class Planner:
         self.verified_depths: dict[int, deque[int]] = {}
         # The next step's budgets, per pairing (CostModel) they were priced for: id -> ((batch, table cells), budget)
         self.prepared: dict[int, tuple[tuple, draft_pb2.ExpandBudget]] = {}
+        self.exposed: dict[int, float] = {}  # per batch size: the part of a prepared Expand the next step waited for
 
     @property
     def value_scale(self) -> float:
@@ -72,17 +76,31 @@ class Planner:
         """Price the next step's budget (called while this step's Verify runs)."""
         self.prepared[id(costs)] = ((batch, costs.price_cells(batch, context)), self.price_budget(costs, batch, context))
 
-    def price_budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.ExpandBudget:
+    def prepared_budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.ExpandBudget:
+        """The budget of a prepared Expand (drafted while a Verify runs): its draft time priced at the share that
+        delayed the next steps lately (all of it until measured)."""
+        return self.price_budget(costs, batch, context, self.exposed.get(batch, 1.0))
+
+    def learn_exposed(self, batch: int, expand_ms: float, delay_ms: float) -> None:
+        """A prepared Expand took `expand_ms`, of which `delay_ms` ran past the Verify it overlapped."""
+        if self.policy.cast is not None and expand_ms > 0:
+            share = min(max(delay_ms / expand_ms, 0.0), 1.0)
+            old = self.exposed.get(batch)
+            self.exposed[batch] = share if old is None else 0.8 * old + 0.2 * share
+
+    def price_budget(self, costs: CostModel, batch: int, context: int,
+                     draft_share: float = 1.0) -> draft_pb2.ExpandBudget:
         """What the draft may expand. Trees come back trimmed to the most nodes `select` can keep. For CAST: the
         draft's cost slice and the thresholds; every rule weighs value against cost, so scaling the values by the
-        calibration is dividing the thresholds C1 and C2 by it."""
+        calibration is dividing the thresholds C1 and C2 by it. draft_share: the part of the draft's time the step
+        waits for (costs.draft_slice)."""
         policy = self.policy
         budget = draft_pb2.ExpandBudget(top_k=policy.top_k, max_depth=policy.max_depth,
                                         max_breadth=policy.max_breadth, max_returned_nodes=policy.verify_tokens)
         if policy.cast is not None:
             budget.max_returned_nodes = self.returned_nodes(batch)
             budget.max_depth = self.draft_depth(batch)
-            prices = costs.draft_slice(batch, context)
+            prices = costs.draft_slice(batch, context, draft_share)
             scale = self.value_scale
             budget.cast.CopyFrom(draft_pb2.CastBudget(
                 node_buckets=prices.node_buckets,
@@ -94,7 +112,8 @@ class Planner:
                 value_scale=scale,
                 # Where the verifier runs on a GPU, depth also stops where another layer would lower the step's
                 # expected tokens per unit of cost (it won there at batch 8; on a CPU it lost to C2 alone).
-                step_base_cost=costs.drafted_step_base(batch, context) if costs.verifier_on_gpu else 0.0,
+                step_base_cost=(costs.drafted_step_base(batch, context, draft_share) if costs.verifier_on_gpu
+                                else 0.0),
             ))
         return budget
 

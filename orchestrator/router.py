@@ -32,7 +32,7 @@ log = logging.getLogger("cast.orchestrator")
 class Router:
     def __init__(self, fleet: Fleet, tokenizer, max_context: int, rpc_timeout_s: float = 60.0, max_live: int = 32,
                  max_queued: int = 256, orphan_timeout_s: float = 60.0,
-                 telemetry: OrchestratorTelemetry | None = None) -> None:
+                 telemetry: OrchestratorTelemetry | None = None, pipeline: bool = False) -> None:
         self.fleet = fleet
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -40,6 +40,7 @@ class Router:
         self.max_live = max_live          # sequences per verify replica at most (and its slots)
         self.max_queued = max_queued      # waiting requests at most; past it, RESOURCE_EXHAUSTED at once
         self.orphan_timeout_s = orphan_timeout_s
+        self.pipeline = pipeline          # draft the next step's tree while a step is verified (step_loop.py)
         self.loops: dict[Replica, StepLoop] = {}
         self.orphans: list[LiveSequence] = []  # lost their verify replica and found no other yet
         self.background: set[asyncio.Task] = set()

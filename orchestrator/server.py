@@ -59,7 +59,7 @@ async def start(config: OrchestratorConfig) -> Running:
     max_context = min(r.description.max_context for r in serving_replicas)
     model_id = fleet.serving("verify")[0].description.model_name or config.tokenizer_dir.name
     router = Router(fleet, tokenizer, max_context, config.rpc_timeout_s, config.max_live, config.max_queued,
-                    telemetry=OrchestratorTelemetry(telemetry, model_id))
+                    telemetry=OrchestratorTelemetry(telemetry, model_id), pipeline=config.pipeline)
     requests = RequestBuilder(tokenizer, max_context, config.max_new_tokens_limit, config.default_policy,
                               make_policies(config.cast))
     limits = ClientLimits(config.client_max_live, config.client_max_queued)

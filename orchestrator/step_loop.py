@@ -6,6 +6,13 @@ batched Expand per drafting policy and draft replica, all in parallel), select (
 verify, commit, learn. Results reach each request through its own queue (router.py), so a slow reader of a stream
 never holds up the others.
 
+Pipelined steps (router.pipeline): once a step's Verify is on its way, the draft prepares the next step's tree from
+the outcome it predicts: the path it expects the verifier to accept (from the root, the child of highest value at
+each node of the verified tree) and the bonus token after it (the draft's own top-1, which it commits as the new
+tree's root: a prepared Expand). When the Verify answers, a sequence whose committed tokens are exactly that path and
+bonus (a hit) verifies the prepared tree at the next step with no Expand before it; any other (a miss) rewinds the
+draft to where the real tokens part from the guess and expands as usual. Verification is unchanged: so is the output.
+
 When the verify replica fails, or drains while another serves, its sequences go back to the router, which replays
 them elsewhere (prompt + committed tokens prefilled again); when a draft replica fails, its sequences verify their
 roots alone this step (plain decoding) and draft on another replica from the next.
@@ -69,7 +76,8 @@ class LiveSequence:
     verify_id: str = ""           # its session on the verify replica: a new one for each replay
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Chunk, then None; or an exception
     draft: Replica | None = None  # its draft replica; None: none serves, plain steps until one does
-    draft_seen: int = 0           # how many of `tokens` the draft replica has cached
+    draft_seen: int = 0           # how many of `tokens` the draft replica has cached (it may hold more: a guess)
+    prepared: Prepared | None = None  # the next step's tree, drafted during this step's Verify (pipelined steps)
     opened_draft: bool = False    # the draft replica holds a session for it
     done: bool = False            # finished, failed or abandoned: leaves at the next boundary
     admitted: bool = False        # a Prefill was sent for it to its verify replica
@@ -119,6 +127,85 @@ def draft_catching_up(sequences: list[LiveSequence]) -> bool:
 
 
 @dataclass
+class Prepared:
+    """A sequence's tree for the next step, drafted from a predicted outcome while this step's Verify runs."""
+
+    base: int                   # len(tokens) when sent: the draft then holds tokens[:base] + path + [bonus]
+    path: list[int]             # the accepted path the draft predicts
+    task: asyncio.Future        # the prepared Expand (shared by its batch); sets the fields below when it answers
+    tree: TokenTree | None = None  # selected for the verifier
+    expanded_nodes: int = 0
+    bonus: int = -1             # the predicted bonus token: the tree's root
+
+    @property
+    def predicted(self) -> list[int]:
+        return [*self.path, self.bonus]
+
+
+def predicted_path(tree: TokenTree) -> list[int]:
+    """The tokens the draft expects the verifier to accept: from the root, its child of highest value (the draft's
+    most likely token), while the tree holds one. The bonus token after them is the draft's next top-1."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for node in range(1, len(tree)):
+        children[int(tree.parents[node])].append(node)
+    node, path = 0, []
+    while children[node]:
+        node = max(children[node], key=lambda c: tree.values[c])
+        path.append(int(tree.tokens[node]))
+    return path
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+async def settle_prepared(sequences: list[LiveSequence]) -> None:
+    """Wait for the prepared Expands of these sequences to answer (or fail)."""
+    tasks = {s.prepared.task for s in sequences if s.prepared is not None}
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def take_prepared(sequences: list[LiveSequence]) -> tuple[dict[str, Prepared], dict[str, str]]:
+    """Once the sequences' prepared Expands answered: the hits' prepared trees by sequence id, and each prepared
+    sequence's outcome ("hit", "miss"; "none" where its Expand failed). A miss's draft rewinds, at its next Expand,
+    to where the committed tokens part from the guess."""
+    await settle_prepared(sequences)
+    hits: dict[str, Prepared] = {}
+    outcomes: dict[str, str] = {}
+    for s in sequences:
+        p, s.prepared = s.prepared, None
+        if p is None:
+            continue
+        if p.tree is None:  # it failed: the draft holds at least tokens[:base] (its failure path may have said less)
+            s.draft_seen = min(s.draft_seen, p.base, len(s.tokens) - 1)
+            outcomes[s.sequence_id] = "none"
+            continue
+        real = s.tokens[p.base:]
+        if real == p.predicted:
+            s.draft_seen = len(s.tokens)
+            hits[s.sequence_id] = p
+            outcomes[s.sequence_id] = "hit"
+        else:  # (at least the root is sent again: new tokens are never empty)
+            s.draft_seen = min(p.base + common_prefix(real, p.predicted), len(s.tokens) - 1)
+            outcomes[s.sequence_id] = "miss"
+    return hits, outcomes
+
+
+@dataclass
+class VerifyClock:
+    """When a step's Verify answered: what a prepared Expand that answers later delays the next step by."""
+
+    answered: float | None = None  # time.perf_counter()
+
+    def delay_ms(self) -> float:
+        return 0.0 if self.answered is None else (time.perf_counter() - self.answered) * 1e3
+
+
+@dataclass
 class Draft:
     """What a step verifies for one sequence: its tree and how many nodes the draft expanded for it."""
 
@@ -138,11 +225,12 @@ class PolicyGroup:
     sequences: list[LiveSequence]
     drafts: bool
     expanded: dict[str, Expanded] = field(default_factory=dict)  # sequence id -> its expansion
+    hits: set[str] = field(default_factory=set)  # sequence ids whose prepared tree this step verifies
 
-    def by_draft_replica(self) -> dict[Replica, list[LiveSequence]]:
+    def by_draft_replica(self, skip: set[str] = frozenset()) -> dict[Replica, list[LiveSequence]]:
         out: dict[Replica, list[LiveSequence]] = defaultdict(list)
         for s in self.sequences:
-            if s.draft is not None:
+            if s.draft is not None and s.sequence_id not in skip:
                 out[s.draft].append(s)
         return out
 
@@ -208,6 +296,7 @@ class StepLoop:
         for s in self.sequences:
             s.fail(Unavailable("the orchestrator is shutting down"))
         self.live, self.joining, self.waiting = [], [], []
+        await settle_prepared(admitted)
         await self._release(admitted, timeout_s)
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -313,6 +402,7 @@ class StepLoop:
             return
         self.live = [s for s in self.live if not s.done]
         self.waiting = [s for s in self.waiting if not s.done]
+        await settle_prepared(leaving)  # their prepared Expands answer before the draft releases them
         await self._release([s for s in leaving if s.admitted])
         for s in leaving:
             self.router.forget(s)
@@ -352,19 +442,30 @@ class StepLoop:
         timing = StepTiming(one_off=self.prefilling is not None)
         size, context = len(batch), max(len(s.tokens) for s in batch)
 
+        # Pipelined: the trees prepared during the last Verify, where the draft's guess came true.
+        waited = time.perf_counter()
+        hits, outcomes = await take_prepared(batch)
+        timing.draft_rpc = time.perf_counter() - waited if outcomes else 0.0
+
         # Schedule: each policy's sequences draft this step, or verify their roots alone (plain decoding).
         for s in batch:
             self.router.keep_draft_replica(s)
         groups = self._groups(batch, size, context)
         drafts = {s.sequence_id: Draft.root_only(s) for s in batch}
+        for g in groups:
+            g.hits = {s.sequence_id for s in g.sequences if s.sequence_id in hits} if g.drafts else set()
+            for sid in g.hits:
+                drafts[sid] = Draft(hits[sid].tree, hits[sid].expanded_nodes)
+        for sid in hits.keys() - set().union(*(g.hits for g in groups)):
+            outcomes[sid] = "none"  # its policy does not draft this step
 
-        # Expand: one batched Expand per drafting policy and draft replica, all at once.
+        # Expand: one batched Expand per drafting policy and draft replica, all at once (not for hits).
         calls = [self._expand(g, replica, members, size, context, timing, step)
-                 for g in groups if g.drafts for replica, members in g.by_draft_replica().items()]
+                 for g in groups if g.drafts for replica, members in g.by_draft_replica(g.hits).items()]
         expand_started = time.perf_counter()
         learn_while_verifying = [learn for learn in await asyncio.gather(*calls) if learn is not None]
         if calls:
-            timing.draft_rpc = time.perf_counter() - expand_started
+            timing.draft_rpc += time.perf_counter() - expand_started
 
         # Select: per policy, one cut for all its sequences (they share the verifier's forward).
         for g in groups:
@@ -391,6 +492,10 @@ class StepLoop:
         # Verify: one call for the whole batch.
         items = [VerifyItem(s.verify_id, self._fit(drafts[s.sequence_id].tree, s), s.sampling) for s in batch]
         timing.predicted_verify_ms = self.costs(None).verify_step_ms(size, context, max(len(i.tree) for i in items))
+        clock = VerifyClock()
+        if self.router.pipeline:  # the next step's trees, drafted while this Verify runs
+            verified = {s.sequence_id: item.tree for s, item in zip(batch, items)}
+            learn_while_verifying.append(lambda: self._prepare(groups, verified, size, context + 1, clock))
         try:
             (results, model_seconds, cold), seconds = await call_while(
                 self.replica.client.verify(items, self.router.rpc_timeout_s), *learn_while_verifying)
@@ -404,6 +509,7 @@ class StepLoop:
                 for s in batch:
                     s.fail(exc)
             return
+        clock.answered = time.perf_counter()
         timing.one_off |= cold
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
 
@@ -414,7 +520,7 @@ class StepLoop:
             taken, reason = s.assembler.add(committed)
             # The step's accepted tokens are those the request emits: none past max_new_tokens, a stop or EOS.
             record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
-                                len(taken), timing)
+                                len(taken), timing, outcomes.get(s.sequence_id, "none"))
             s.stats.steps.append(record)
             if reason is not None:
                 s.finish(reason, taken, record, item.tree)
@@ -497,6 +603,64 @@ class StepLoop:
             group.planner.learn_layers([e.layer_utilities for e in expanded])
 
         return learn
+
+    def _prepare(self, groups: list[PolicyGroup], verified: dict[str, TokenTree], size: int, context: int,
+                 clock: VerifyClock) -> None:
+        """Start the next step's prepared Expands (one per drafting policy and draft replica) for the sequences whose
+        tree came from the draft and whose draft holds exactly their committed tokens. Cascade policies are not
+        prepared: they step as without --pipeline."""
+        for g in groups:
+            # A cascade chooses its levels when its step starts, and learns from this step's plan after the Verify.
+            if not g.drafts or isinstance(g.planner, CascadePlanner):
+                continue
+            for replica, members in g.by_draft_replica().items():
+                ready = []
+                for s in members:
+                    if s.done or s.sequence_id not in g.expanded and s.sequence_id not in g.hits:
+                        continue
+                    if not s.opened_draft or s.draft_seen != len(s.tokens):
+                        continue
+                    path = predicted_path(verified[s.sequence_id])
+                    # Room for the guess and a tree after it; near the context's end, steps are not prepared.
+                    if len(s.tokens) + len(path) + 2 + s.policy.max_depth >= self.router.max_context:
+                        continue
+                    ready.append((s, path))
+                if not ready:
+                    continue
+                task = asyncio.ensure_future(self._prepared_expand(g, replica, ready, size, context, clock))
+                for s, path in ready:
+                    s.prepared = Prepared(len(s.tokens), path, task)
+
+    async def _prepared_expand(self, group: PolicyGroup, replica: Replica, ready: list[tuple[LiveSequence, list[int]]],
+                               size: int, context: int, clock: VerifyClock) -> None:
+        """One prepared Expand: each sequence's root again (a new token is never empty), then its predicted path; the
+        draft commits them and its own next top-1, the new tree's root. CAST selects the tree right away, pricing the
+        draft at what it delays the next step: nothing while the Verify is still running."""
+        costs = self.costs(replica)
+        budget = group.planner.prepared_budget(costs, size, context)
+        items = [DraftItem(s.sequence_id, [s.tokens[-1], *path], len(s.tokens) - 1, predict_root=True)
+                 for s, path in ready]
+        try:
+            (expanded, _, _), seconds = await timed(replica.client.expand(items, budget, self.router.rpc_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            if replica_failure(exc):
+                self.router.fleet.report_failure(replica, exc)
+                for s, _ in ready:
+                    self.router.drop_draft_replica(s)
+            else:  # what the draft holds is unknown: the next Expand sends every token again
+                log.error("draft replica %s refused a prepared Expand: %s: %s", replica.address, exc.code().name,
+                          exc.details())
+                for s, _ in ready:
+                    s.draft_seen = 0
+            return
+        delay_ms = clock.delay_ms()  # the draft priced at what it delays: only its time past the Verify
+        group.planner.learn_exposed(size, seconds * 1e3, delay_ms)
+        trees = group.planner.select([e.tree for e in expanded], costs, size, context, delay_ms)
+        for (s, _), e, tree in zip(ready, expanded, trees):
+            s.stats.draft_seconds += seconds
+            if s.prepared is not None:
+                s.prepared.tree, s.prepared.expanded_nodes, s.prepared.bonus = tree, e.expanded_nodes, int(e.tree.tokens[0])
+        group.planner.learn_layers([e.layer_utilities for e in expanded])
 
     def _fit(self, tree: TokenTree, s: LiveSequence) -> TokenTree:
         """Cut the tree's deepest layers where the context has no room for them."""

@@ -184,14 +184,48 @@ def test_bad_requests_name_the_field_and_change_nothing(make_expander, budget, s
     assert len(ex.sessions) == 0, "a rejected request creates no session"
 
 
-def test_stale_start_position_is_a_failed_precondition(make_expander):
+def test_a_start_past_the_cache_is_a_failed_precondition(make_expander):
     ex = make_expander()
     ex.expand([seq("a", PROMPT)], Budget(2, 2, 2))
-    for start in (0, len(PROMPT) - 1, len(PROMPT) + 1):
+    for start in (len(PROMPT) + 1, len(PROMPT) + 5):
         with pytest.raises(FailedPrecondition) as info:
             ex.expand([seq("b", [1]), seq("a", [1], start)], Budget(2, 2, 2))
         assert info.value.field == "sequences[1].start_position"
     assert "b" not in ex.sessions and ex.sessions.get("a").length == len(PROMPT)
+
+
+def test_an_earlier_start_rewinds_the_cache(make_expander):
+    """A branch committed on a guess (a prepared Expand the verifier did not take) is forgotten from the start
+    position on: the tree is the one a fresh session with the real tokens gets."""
+    budget = Budget(top_k=3, max_depth=3, max_breadth=3)
+    ex = make_expander()
+    ex.expand([seq("a", PROMPT), seq("other", [9, 8, 7])], budget)
+    ex.expand([seq("a", [11, 12, 13], len(PROMPT)), seq("other", [6], 3)], budget)  # the guess
+    real = [11, 40, 41]
+    trees, _ = ex.expand([seq("other", [5], 4), seq("a", real[1:], len(PROMPT) + 1)], budget)
+    assert ex.sessions.get("a").tokens == PROMPT + real
+    [fresh], _ = make_expander().expand([seq("new", PROMPT + real)], budget)
+    assert_same_tree(trees[1], fresh)
+    for start in (0, 3):  # back into the prompt, and to the very start
+        [again], _ = ex.expand([seq("a", (PROMPT + real)[start:], start)], budget)
+        assert_same_tree(again, fresh)
+
+
+def test_a_predicted_root_is_the_drafts_top_choice_committed(make_expander, greedy):
+    """predict_root: the draft commits the new tokens and its own most likely next token, and roots the tree there:
+    the same tree as an ordinary Expand that sent that token; sequences without it in the batch are unchanged."""
+    budget = Budget(top_k=3, max_depth=3, max_breadth=3)
+    ex = make_expander()
+    ex.expand([seq("a", PROMPT), seq("b", [9, 8, 7])], budget)
+    path = greedy(PROMPT, 3)
+    trees, _ = ex.expand([SequenceInput("a", np.asarray(path[:2]), len(PROMPT), predict_root=True),
+                          seq("b", [6, 5], 3)], budget)
+    assert int(trees[0].tree.tokens[0]) == path[2]
+    assert ex.sessions.get("a").tokens == PROMPT + path and ex.sessions.get("b").tokens == [9, 8, 7, 6, 5]
+    fresh = make_expander()
+    [a, b], _ = fresh.expand([seq("a", PROMPT + path), seq("b", [9, 8, 7, 6, 5])], budget)
+    assert_same_tree(trees[0], a)
+    assert_same_tree(trees[1], b)
 
 
 def test_no_room_for_new_sessions_is_resource_exhausted(make_expander):

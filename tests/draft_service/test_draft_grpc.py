@@ -119,7 +119,7 @@ async def test_each_bad_input_gets_its_code_and_field_and_the_stream_goes_on(cha
     assert await stream.code() == grpc.StatusCode.OK
 
 
-async def test_stale_start_is_failed_precondition(channel):
+async def test_a_start_past_the_cache_is_failed_precondition(channel):
     stub = StepStub(draft_pb2_grpc.DraftServiceStub(channel))
     await stub.Expand(expand_request(("a", PROMPT, 0)))
     with pytest.raises(grpc.aio.AioRpcError) as info:

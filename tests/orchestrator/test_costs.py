@@ -102,3 +102,14 @@ def test_draft_slice_reused_across_steps_equals_a_fresh_computation():
         np.testing.assert_allclose(warm.draft_slice(batch, context).normalized_cost,
                                    cold.draft_slice(batch, context).normalized_cost, rtol=1e-12)
     assert 1 < len(warm._slice_tables) < 200  # reused, and per set of cells
+
+
+def test_a_hidden_draft_is_priced_at_the_share_the_step_waits_for():
+    """A tree drafted while the last step was verified: its draft forwards cost their exposed share; the verifier's
+    extra cost for its nodes stays whole."""
+    costs = model()
+    full, hidden, half = (costs.draft_slice(1, 100, share).cost(0, 8) for share in (1.0, 0.0, 0.5))
+    verifier_only = costs.verify_extra_ms(1, 100, [0], [8])[0, 0] / costs.verify_step_ms(1, 100, 1)
+    assert verifier_only > 0 and abs(hidden - verifier_only) < 1e-9
+    assert hidden < half < full and abs(half - (full + hidden) / 2) < 1e-9
+    assert costs.drafted_step_base(1, 100, 0.0) == 1.0 < costs.drafted_step_base(1, 100)

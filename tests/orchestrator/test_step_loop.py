@@ -27,7 +27,7 @@ from orchestrator.policies import POLICIES
 from orchestrator.discovery import parse_target
 from orchestrator.fleet import Fleet
 from orchestrator.router import Router
-from orchestrator.step_loop import call_while
+from orchestrator.step_loop import LiveSequence, Prepared, call_while, predicted_path, take_prepared
 from tests.orchestrator.test_step_rpc import start_services, stop_services
 
 GREEDY = verify_pb2.SamplingParams()
@@ -218,3 +218,48 @@ async def test_closing_the_router_releases_every_session_and_ends_the_requests(t
     finally:
         await close(loop)
         await stop_services(draft, verify)
+
+
+# Pipelined steps: the guess the draft's tree makes, and what a miss leaves the draft to catch up on.
+
+
+def test_the_predicted_path_follows_the_best_child_to_a_leaf():
+    #        0 (root)
+    #     1 (.6)    2 (.3)
+    #  3 (.2) 4 (.5)   5 (.25)
+    #          6 (.4)
+    tree = TokenTree.from_lists([10, 11, 12, 13, 14, 15, 16], [-1, 0, 0, 1, 1, 2, 4], [0, 1, 1, 2, 2, 2, 3],
+                                [1.0, 0.6, 0.3, 0.2, 0.5, 0.25, 0.4])
+    assert predicted_path(tree) == [11, 14, 16]
+    assert predicted_path(TokenTree.root_only(10)) == []
+
+
+async def test_a_guess_is_a_hit_only_when_path_and_bonus_come_true():
+    """A hit's draft holds exactly the committed tokens; a miss's draft rewinds to where they part from the guess,
+    and at least the root goes again (an Expand's new tokens are never empty)."""
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    tree = TokenTree.root_only(7)
+
+    def sequence(committed: list[int], path: list[int], bonus: int) -> LiveSequence:
+        s = LiveSequence(GenerationRequest([1, 2, 3], 8, POLICIES["chain"]), None, None, [1, 2, 3], GREEDY)
+        s.draft_seen = 3
+        s.prepared = Prepared(3, path, done, tree, 5, bonus)
+        s.tokens += committed
+        return s
+
+    hit = sequence([4, 5, 6], [4, 5], 6)
+    wrong_bonus = sequence([4, 5, 9], [4, 5], 6)
+    early = sequence([4, 8], [4, 5], 6)
+    none_accepted = sequence([8], [4, 5], 6)
+    failed = sequence([4, 5, 6], [4, 5], 6)
+    failed.prepared.tree = None
+    hits, outcomes = await take_prepared([hit, wrong_bonus, early, none_accepted, failed])
+    assert list(hits) == [hit.sequence_id] and hits[hit.sequence_id].tree is tree
+    assert [outcomes[s.sequence_id] for s in (hit, wrong_bonus, early, none_accepted, failed)] == \
+        ["hit", "miss", "miss", "miss", "none"]
+    assert hit.draft_seen == 6
+    assert wrong_bonus.draft_seen == 5  # it holds 1 2 3 4 5 6: 4 5 were right, the root 9 goes again
+    assert early.draft_seen == 4 and none_accepted.draft_seen == 3
+    assert failed.draft_seen == 3
+    assert all(s.prepared is None for s in (hit, wrong_bonus, early, none_accepted, failed))

@@ -42,14 +42,16 @@ class ExpandBudget(_message.Message):
     def __init__(self, top_k: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_breadth: _Optional[int] = ..., cast: _Optional[_Union[CastBudget, _Mapping]] = ..., max_returned_nodes: _Optional[int] = ...) -> None: ...
 
 class DraftSequence(_message.Message):
-    __slots__ = ("sequence_id", "new_tokens", "start_position")
+    __slots__ = ("sequence_id", "new_tokens", "start_position", "predict_root")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PREDICT_ROOT_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
-    def __init__(self, sequence_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
+    predict_root: bool
+    def __init__(self, sequence_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., predict_root: _Optional[bool] = ...) -> None: ...
 
 class LevelBudget(_message.Message):
     __slots__ = ("level", "budget", "acceptance")
