@@ -9,7 +9,9 @@ several drafters. `--draft-level NAME=SPEC`, repeatable:
 
 Per sequence the levels share one history of committed tokens: lookup searches it, and a model level that sat out
 some steps commits what it missed at its next call (its own KV cache lives in its Expander, keyed by the same
-sequence id). An Expand either names the default level's budget (the first model level: small, else sparse), as a
+sequence id). A start position before the history's end rewinds the history and every level's cache there (a
+prepared branch the verifier did not take); a prepared Expand (`predict_root`, plain budgets only) adds the default
+level's own next token, the tree's root, to the history. An Expand either names the default level's budget (the first model level: small, else sparse), as a
 single-draft Expand does, or carries a cascade: its levels run in order inside the one call and their trees are
 merged by token path, so that a step still pays one Expand per draft replica.
 """
@@ -210,6 +212,10 @@ class Levels:
         """A plain Expand (a Budget: the default level) or a cascaded one; validated whole before anything
         changes. Returns the expansions and the model time (s)."""
         if isinstance(budget, Cascade):
+            for i, q in enumerate(sequences):
+                if q.predict_root:
+                    raise InvalidArgument("a prepared Expand takes a plain budget, not a cascade",
+                                          f"sequences[{i}].predict_root")
             for i, step in enumerate(budget.steps):
                 if step.level not in self.names:
                     raise FailedPrecondition(f"this replica serves {self.names}, not {step.level!r}",
@@ -248,13 +254,14 @@ class Levels:
                                       f"[0, {self.vocab_size})", f"{f}.new_tokens[{j}]")
             if q.start_position < 0:
                 raise InvalidArgument(f"{q.start_position} must be >= 0", f"{f}.start_position")
-            if q.start_position + q.new_tokens.size > self.max_context:
-                raise OutOfRange(f"the sequence would hold {q.start_position + q.new_tokens.size} tokens, the "
-                                 f"context is {self.max_context}", f"{f}.new_tokens")
+            end = q.start_position + q.new_tokens.size + q.predict_root
+            if end > self.max_context:
+                raise OutOfRange(f"the sequence would hold {end} tokens, the context is {self.max_context}",
+                                 f"{f}.new_tokens")
             if q.sequence_id in self.sessions:
                 history = self.sessions.get(q.sequence_id)
-                if q.start_position != len(history.tokens):
-                    raise FailedPrecondition(f"{q.start_position} does not match the {len(history.tokens)} tokens "
+                if q.start_position > len(history.tokens):
+                    raise FailedPrecondition(f"{q.start_position} is past the {len(history.tokens)} tokens "
                                              f"cached for {q.sequence_id!r}", f"{f}.start_position")
                 found.append(history)
             elif q.start_position > 0:
@@ -274,6 +281,11 @@ class Levels:
         histories = [h if h is not None else self.sessions.create(q.sequence_id, History())
                      for q, h in zip(sequences, found)]
         for q, h in zip(sequences, histories):
+            if q.start_position < len(h.tokens):  # a rewind: the history and every level's cache past it
+                del h.tokens[q.start_position:]
+                for model in self.models.values():
+                    if q.sequence_id in model.sessions and model.sessions.get(q.sequence_id).length > q.start_position:
+                        model.rewind(q.sequence_id, q.start_position)
             h.tokens.extend(q.new_tokens.tolist())
         return histories
 
@@ -283,8 +295,13 @@ class Levels:
         inputs = []
         for q, h in zip(sequences, histories):
             seen = model.sessions.get(q.sequence_id).length if q.sequence_id in model.sessions else 0
-            inputs.append(SequenceInput(q.sequence_id, np.asarray(h.tokens[seen:], dtype=np.int64), seen))
-        return model.expand(inputs, budget)
+            inputs.append(SequenceInput(q.sequence_id, np.asarray(h.tokens[seen:], dtype=np.int64), seen,
+                                        q.predict_root))
+        out, seconds = model.expand(inputs, budget)
+        for q, h, e in zip(sequences, histories, out):
+            if q.predict_root:  # the model committed its own next token: the tree's root
+                h.tokens.append(int(e.tree.tokens[0]))
+        return out, seconds
 
     def expand_cascade(self, sequences, histories, cascade: Cascade) -> tuple[list[Expansion], float]:
         trees: list[list[TokenTree]] = [[] for _ in sequences]

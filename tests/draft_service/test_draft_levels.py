@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cast_core.errors import FailedPrecondition
+from cast_core.errors import FailedPrecondition, InvalidArgument
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
@@ -125,3 +125,30 @@ def test_a_level_that_sat_out_steps_catches_up(runner):
     with pytest.raises(FailedPrecondition, match="cascade.levels\\[0\\].level"):
         lazily.expand([SequenceInput("s", np.array([1]), start)], Cascade((LevelStep("sparse", budget=budget),)))
     assert len(lazily.sessions.get("s").tokens) == start  # a refused call changes nothing
+
+
+def test_levels_serve_prepared_expands_and_rewinds(runner):
+    """The service's path for pipelined steps: a prepared Expand (predict_root) roots its tree at the model's own
+    next token and adds it to the history; a later Expand that starts before the history's end (the verifier took
+    another branch) gets the tree a fresh expander gives for the real tokens. A cascade may not predict its root."""
+    model = Expander(runner, SessionStore(8, 60.0), runner.meta.max_context)
+    levels = Levels({"small": model}, True, SessionStore(8, 60.0), runner.meta.vocab_size, 256)
+    budget = Budget(top_k=3, max_depth=3, max_breadth=3)
+    prompt = [5, 17, 99, 5, 17, 3]
+    levels.expand([SequenceInput("s", np.array(prompt), 0)], budget)
+    [guess], _ = levels.expand([SequenceInput("s", np.array([3, 8]), len(prompt) - 1, predict_root=True)], budget)
+    bonus = int(guess.tree.tokens[0])
+    assert levels.sessions.get("s").tokens == [*prompt, 8, bonus]
+    assert model.sessions.get("s").tokens == [*prompt, 8, bonus]
+    with pytest.raises(InvalidArgument, match="predict_root"):
+        levels.expand([SequenceInput("s", np.array([bonus]), len(prompt) + 1, predict_root=True)],
+                      Cascade((LevelStep("small", budget=budget),)))
+    real = [9, 4]  # the verifier accepted 9, not 8, then gave 4
+    [after], _ = levels.expand([SequenceInput("s", np.array(real), len(prompt))], budget)
+    assert levels.sessions.get("s").tokens == [*prompt, *real]
+    [fresh], _ = Expander(runner, SessionStore(8, 60.0), runner.meta.max_context).expand(
+        [SequenceInput("f", np.array([*prompt, *real]), 0)], budget)
+    assert after.tree.tokens.tolist() == fresh.tree.tokens.tolist()
+    np.testing.assert_allclose(after.tree.values, fresh.tree.values, rtol=1e-5)
+    with pytest.raises(FailedPrecondition, match="past"):
+        levels.expand([SequenceInput("s", np.array([1]), len(prompt) + 3)], budget)
