@@ -11,9 +11,10 @@ Per sequence the levels share one history of committed tokens: lookup searches i
 some steps commits what it missed at its next call (its own KV cache lives in its Expander, keyed by the same
 sequence id). A start position before the history's end rewinds the history and every level's cache there (a
 prepared branch the verifier did not take); a prepared Expand (`predict_root`, plain budgets only) adds the default
-level's own next token, the tree's root, to the history. An Expand either names the default level's budget (the first model level: small, else sparse), as a
-single-draft Expand does, or carries a cascade: its levels run in order inside the one call and their trees are
-merged by token path, so that a step still pays one Expand per draft replica.
+level's own next token, the tree's root, to the history. An Expand either names the default level's budget (the
+first model level: small, else sparse), as a single-draft Expand does, or carries a cascade: its levels run in
+order inside the one call and their trees are merged by token path, so that a step still pays one Expand per draft
+replica.
 """
 
 from __future__ import annotations
