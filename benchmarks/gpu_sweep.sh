@@ -57,7 +57,7 @@ for shape in $SHAPES; do
             --device cuda --check-prompts "${CHECK_PROMPTS:-1}" --report "$dir/widen.json"
     fi
     stage "stack on the $shape-shaped target (services profile their cost tables at start-up)"
-    $CAST up --target "$wide" --draft $DRAFT --port $port --draft-port $((port + 1)) --verify-port $((port + 2)) \
+    $CAST up --draft-levels '' --target "$wide" --draft $DRAFT --port $port --draft-port $((port + 1)) --verify-port $((port + 2)) \
         --http-port -1 > "$dir/stack.log" 2>&1 &
     STACK=$!
     for _ in $(seq 1 400); do

@@ -30,10 +30,11 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--target", type=Path, help="target checkpoint dir (default: the reference pair)")
     p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the reference pair's; none when "
                    "--target is given alone: the target drafts for itself with the sparse and lookup levels)")
-    p.add_argument("--draft-levels", default="sparse,lookup",
+    p.add_argument("--draft-levels", default=None,
                    help="levels served beside the draft (comma-separated, of sparse and lookup; '' for none): "
                         "the `cascade` policy and its per-level policies use them; sparse=DIR serves a checkpoint "
-                        "that `python -m draft_service.sparse` wrote")
+                        "that `python -m draft_service.sparse` wrote (default: lookup with a draft model; sparse,lookup "
+                        "without one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--draft-port", type=int, default=50052)
@@ -71,6 +72,8 @@ def cmd_up(argv: list[str]) -> int:
     except ValueError as e:
         p.error(str(e))
     target, draft = (a.target, a.draft) if a.target else default_pair()
+    if a.draft_levels is None:  # a sparse copy of a large target takes minutes to export: only where no draft exists
+        a.draft_levels = "lookup" if draft is not None else "sparse,lookup"
     levels = tuple(x for x in a.draft_levels.split(",") if x)
     if {x.partition("=")[0] for x in levels} - {"sparse", "lookup"}:
         p.error(f"--draft-levels: {a.draft_levels!r}: only sparse and lookup (the draft is level small)")
