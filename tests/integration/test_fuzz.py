@@ -14,7 +14,7 @@ from cast.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_gr
 from cast_core.tree import TokenTree
 from orchestrator.stack import free_ports
 from tests.integration.fuzzing import EXAMPLES, fuzz_draft, fuzz_orchestrator, fuzz_raw_bytes, fuzz_verify
-from tests.integration.test_bad_input import live_sequences, wait_until_released
+from tests.integration.test_bad_input import wait_until_released
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,7 +37,9 @@ def still_serves(stack) -> None:
 
 
 def test_fuzz_verify_service(tiny_stack):
-    assert live_sequences(tiny_stack) == (0, 0)
+    # The stack is shared: an earlier test's request may still be releasing its sequences (the orchestrator releases
+    # them after the reply), so wait for them; a leak would stay and fail here.
+    assert wait_until_released(tiny_stack) == (0, 0)
     replica = describe(tiny_stack, "verify")
     fuzz_verify(tiny_stack.addresses()["verify"], replica.vocab_size, replica.max_context)
     still_serves(tiny_stack)
