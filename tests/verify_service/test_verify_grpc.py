@@ -290,3 +290,71 @@ async def test_verify_requests_that_wait_for_the_model_run_as_one_forward(tiny_p
     finally:
         await channel.close()
         await running.server.stop(None)
+
+
+async def test_the_batching_window_merges_two_active_streams_and_never_holds_one_alone(tiny_pair, target64,
+                                                                                        monkeypatch):
+    """Two orchestrators take turns on a shared replica (one verifies while the other drafts): a Verify that arrives
+    while another stream is active waits for that stream's next Verify, and both run in one forward. Outputs stay
+    the target's own greedy decoding; a stream alone (the other closed, or idle) is never held."""
+    from verify_service import servicer as servicer_module
+    from verify_service.server import start
+    from verify_helpers import greedy_reference
+
+    # A window far longer than a tiny model's forward, so that loopback timing cannot decide the test.
+    monkeypatch.setattr(servicer_module, "WINDOW_FRACTION", 1e6)
+    monkeypatch.setattr(servicer_module, "WINDOW_CAP_S", 1.0)
+    monkeypatch.setattr(servicer_module, "ACTIVE_STREAM_S", 0.5)
+    running = await start(config_for(tiny_pair, max_batch=8))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    forwards = []  # the telemetry attributes of each Verify's forward
+    record = running.servicer.telemetry.record_forward
+    monkeypatch.setattr(running.servicer.telemetry, "record_forward",
+                        lambda name, kind, seconds, end_ns, attrs: (forwards.append(attrs),
+                                                                    record(name, kind, seconds, end_ns, attrs)))
+    prompts = {"a": [3, 8, 12], "b": [9, 4, 2, 11]}  # no EOS in their first 16 tokens
+    refs = {s: greedy_reference(target64, p, 16) for s, p in prompts.items()}
+    committed = {s: [] for s in prompts}
+    try:
+        stub = verify_pb2_grpc.VerifyServiceStub(channel)
+        for s, p in prompts.items():
+            await stub.Prefill(prefill(s, p))
+        streams = {s: StepStub(stub) for s in prompts}  # one stream each, as separate orchestrators have
+
+        async def step(s, delay=0.0):
+            """One greedy step of sequence s on its own stream: a chain of the next correct token and a wrong one."""
+            await asyncio.sleep(delay)
+            k, pending = len(committed[s]), (committed[s] or prompts[s])[-1]
+            wrong = (refs[s][k + 1] + 1) % target64.vocab_size
+            start = time.perf_counter()
+            reply = await streams[s].Verify(verify(dict(sequence_id=s, tree=tree([pending, refs[s][k], wrong],
+                                                                                  [-1, 0, 1]))))
+            committed[s] += reply.results[0].committed_tokens
+            return time.perf_counter() - start
+
+        await asyncio.gather(step("a"), step("b"))  # both streams active
+        for _ in range(3):  # b arrives 0.1 s after a (drafting its step): a waits for it, one forward runs both
+            forwards.clear()
+            await asyncio.gather(step("a"), step("b", delay=0.1))
+            assert [(f["cast.forward.requests"], f["cast.forward.sequences"]) for f in forwards] == [(2, 2)] * 2
+            assert max(f["cast.forward.waited_s"] for f in forwards) >= 0.05
+        for s in prompts:
+            assert committed[s] == refs[s][:len(committed[s])] and len(committed[s]) == 8
+
+        # b idle past ACTIVE_STREAM_S, its stream still open: a alone is not held.
+        await asyncio.sleep(0.6)
+        forwards.clear()
+        assert await step("a") < 0.5
+        assert [(f["cast.forward.requests"], f["cast.forward.waited_s"]) for f in forwards] == [(1, 0.0)]
+        # b's stream closed: a, just after b's last Verify, is not held either.
+        await step("b")
+        streams["b"].verify_stream.drop()
+        await asyncio.sleep(0.1)  # the cancel reaches the server
+        forwards.clear()
+        assert await step("a") < 0.5
+        assert [(f["cast.forward.requests"], f["cast.forward.waited_s"]) for f in forwards] == [(1, 0.0)]
+        for s in prompts:
+            assert committed[s] == refs[s][:len(committed[s])]
+    finally:
+        await channel.close()
+        await running.server.stop(None)
