@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,17 +53,6 @@ def tree_from_proto(msg: common_pb2.TokenTree) -> TokenTree:
     )
 
 
-# The batching window (Coalescer): while more than one step stream is active, a Verify waits a little for the other
-# streams' next Verify. Orchestrators each keep one step in flight, so two of them sharing this replica fall into
-# turns (one verifies while the other drafts) and the model runs half batches; a request that waits for the other
-# stream's puts them back into one forward. A stream is active if it sent a Verify within ACTIVE_STREAM_S; the wait is
-# bounded by a fraction of the last forward (what a missed merge would cost at most) and a hard cap. One stream alone
-# never waits: no other stream is active.
-ACTIVE_STREAM_S = 1.0
-WINDOW_FRACTION = 0.5
-WINDOW_CAP_S = 0.05
-
-
 @dataclass(frozen=True)
 class Forward:
     """The model forward that ran a Verify request, perhaps with others' (what its span and metrics say)."""
@@ -74,42 +62,30 @@ class Forward:
     end_ns: int     # when it ended (time.time_ns)
     requests: int   # Verify requests it ran together
     sequences: int  # ... and their sequences
-    waited: float = 0.0  # seconds the batching window held it for other streams' requests
 
 
 class Coalescer:
-    """Verify requests from several step streams (orchestrators sharing this replica) run together in one forward,
-    as a single orchestrator's sequences do: those that arrive while the model is busy, and, while more than one
-    stream is active, those that arrive within the batching window (above).
+    """Verify requests that arrive while the model is busy run together in its next forward: orchestrators sharing
+    this replica (each with its own step stream) get one batch, as a single orchestrator's sequences do.
 
-    Each request queues its items and a job on the model's worker; the first job to run waits out the window, then
-    takes everything queued (later ones find nothing left). A merged forward that fails is run again request by
-    request, so that only the request at fault gets the error (the verifier checks every item before it changes
-    anything)."""
+    Each request queues its items and a job on the model's worker; the first job to run takes everything queued
+    (later ones find nothing left). A merged forward that fails is run again request by request, so that only the
+    request at fault gets the error (the verifier checks every item before it changes anything)."""
 
     def __init__(self, verifier: Verifier, executor) -> None:
         self.verifier = verifier
         self.executor = executor
-        self.window = float(os.environ.get("CAST_VERIFY_WINDOW", WINDOW_FRACTION))  # MEASURING ONLY
-        self.cap = float(os.environ.get("CAST_VERIFY_WINDOW_CAP", WINDOW_CAP_S))  # MEASURING ONLY
-        # Guards pending and last_request (filled on the event loop, taken on the worker); notified on each arrival.
-        self.arrived = threading.Condition()
-        self.pending: list[tuple[object, list[VerifyItem], asyncio.Future]] = []  # (stream, items, future)
-        self.last_request: dict[object, float] = {}  # stream -> time.monotonic() of its last Verify
-        self.last_forward_s = 0.0
+        self.lock = threading.Lock()  # pending is filled on the event loop and taken on the worker
+        self.pending: list[tuple[list[VerifyItem], asyncio.Future]] = []
 
-    async def verify(self, items: list[VerifyItem], stream: object = None) -> tuple[list, Forward]:
-        """(acceptances, the forward that ran them); `stream` names the step stream the request came on."""
+    async def verify(self, items: list[VerifyItem]) -> tuple[list, Forward]:
+        """(acceptances, the forward that ran them)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        now = time.monotonic()
-        with self.arrived:
-            self.last_request[stream] = now
-            self.pending.append((stream, items, future))
-            self.arrived.notify()
-        deadline = now + min(self.cap, self.window * self.last_forward_s)
-        batch = await loop.run_in_executor(self.executor, self.take_and_run, deadline)
-        for (_, _, f), outcome in batch:
+        with self.lock:
+            self.pending.append((items, future))
+        batch = await loop.run_in_executor(self.executor, self.take_and_run)
+        for (_, f), outcome in batch:
             if not f.done():  # its caller may have gone (a cancelled stream)
                 if isinstance(outcome, BaseException):
                     f.set_exception(outcome)
@@ -117,46 +93,28 @@ class Coalescer:
                     f.set_result(outcome)
         return await future
 
-    def stream_ended(self, stream: object) -> None:
-        with self.arrived:
-            self.last_request.pop(stream, None)
-            self.arrived.notify()
-
-    def awaited_streams(self, now: float) -> int:
-        """Active streams with no request queued (call with the lock held)."""
-        queued = {stream for stream, _, _ in self.pending}
-        return sum(1 for stream, last in self.last_request.items()
-                   if stream not in queued and now - last < ACTIVE_STREAM_S)
-
-    def take_and_run(self, deadline: float) -> list[tuple[tuple, object]]:
-        """On the worker: wait out the window, then run every queued request, merged if it can be;
-        [(queued entry, result or exception)]."""
-        start, waited = time.monotonic(), 0.0
-        with self.arrived:
-            while self.pending and self.awaited_streams(now := time.monotonic()) and now < deadline:
-                self.arrived.wait(deadline - now)
-                waited = time.monotonic() - start
+    def take_and_run(self) -> list[tuple[tuple, object]]:
+        """On the worker: run every queued request, merged if it can be; [(queued entry, result or exception)]."""
+        with self.lock:
             batch, self.pending = self.pending, []
         if len(batch) > 1:
-            merged = [i for _, items, _ in batch for i in items]
+            merged = [i for items, _ in batch for i in items]
             try:
                 accepted, seconds, cold = self.verifier.verify_noting_captures(merged)
             except Exception:
                 pass  # one request is at fault: each alone, below
             else:
-                self.last_forward_s = seconds
-                forward = Forward(seconds, cold, time.time_ns(), len(batch), len(merged), waited)
+                forward = Forward(seconds, cold, time.time_ns(), len(batch), len(merged))
                 out, start = [], 0
                 for entry in batch:
-                    out.append((entry, (accepted[start:start + len(entry[1])], forward)))
-                    start += len(entry[1])
+                    out.append((entry, (accepted[start:start + len(entry[0])], forward)))
+                    start += len(entry[0])
                 return out
         out = []
         for entry in batch:
             try:
-                accepted, seconds, cold = self.verifier.verify_noting_captures(entry[1])
-                self.last_forward_s = seconds
-                out.append((entry, (accepted, Forward(seconds, cold, time.time_ns(), 1, len(entry[1]), waited))))
+                accepted, seconds, cold = self.verifier.verify_noting_captures(entry[0])
+                out.append((entry, (accepted, Forward(seconds, cold, time.time_ns(), 1, len(entry[0])))))
             except Exception as e:
                 out.append((entry, e))
         return out
@@ -196,17 +154,16 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             "cast.forward.tokens": sum(len(i.token_ids) for i in items)})
         return verify_pb2.PrefillResponse(verify_seconds=seconds)
 
-    async def verify(self, request: verify_pb2.VerifyRequest, stream: object = None) -> verify_pb2.VerifyResponse:
-        """One Verify (from `stream`, the step stream it came on); raises CastError."""
+    async def verify(self, request: verify_pb2.VerifyRequest) -> verify_pb2.VerifyResponse:
+        """One Verify; raises CastError."""
         items = [
             VerifyItem(s.sequence_id, tree_from_proto(s.tree), sampling_from_proto(s.sampling))
             for s in request.sequences
         ]
-        accepted, forward = await self.coalescer.verify(items, stream)
+        accepted, forward = await self.coalescer.verify(items)
         self.telemetry.record_forward("verify.forward", "verify", forward.seconds, forward.end_ns, {
             "cast.device": self.description.device, "cast.forward.cold": forward.cold,
             "cast.forward.requests": forward.requests, "cast.forward.sequences": forward.sequences,
-            "cast.forward.waited_s": forward.waited,
             "cast.forward.tokens": sum(len(i.tree) for i in items)})
         results = [
             verify_pb2.VerifyResult(
@@ -221,23 +178,19 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     async def VerifyStream(self, requests, context):
         """Verify each request in turn; a failed one is answered with its status (StepError, mapped as
         abort_on_domain_error maps a call's), and the stream goes on."""
-        stream = object()  # this stream's key in the coalescer's batching window
-        try:
-            async for request in requests:
-                with self.telemetry.message_span(VERIFY_METHOD, request.trace_context,
-                                                 {"cast.sequences": len(request.sequences)}) as span:
-                    try:
-                        reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request, stream))
-                    except CastError as e:
-                        code = status_code(e)
-                        if code == grpc.StatusCode.INTERNAL:
-                            log.exception("unmapped domain error in VerifyStream")
-                        set_rpc_status(span, code, str(e))
-                        reply = verify_pb2.VerifyStreamResponse(error=common_pb2.StepError(code=code.value[0],
-                                                                                           message=str(e)))
-                yield reply
-        finally:
-            self.coalescer.stream_ended(stream)  # the others stop waiting for it
+        async for request in requests:
+            with self.telemetry.message_span(VERIFY_METHOD, request.trace_context,
+                                             {"cast.sequences": len(request.sequences)}) as span:
+                try:
+                    reply = verify_pb2.VerifyStreamResponse(response=await self.verify(request))
+                except CastError as e:
+                    code = status_code(e)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("unmapped domain error in VerifyStream")
+                    set_rpc_status(span, code, str(e))
+                    reply = verify_pb2.VerifyStreamResponse(error=common_pb2.StepError(code=code.value[0],
+                                                                                       message=str(e)))
+            yield reply
 
     @abort_on_domain_error
     async def Release(self, request: verify_pb2.VerifyReleaseRequest, context) -> verify_pb2.VerifyReleaseResponse:
