@@ -43,7 +43,8 @@ class OrchestratorConfig:
     cast_r: int = setting(CastParams.gain_buffer_size, "CAST gain buffer size R")
     pipeline: bool = setting(False, "on: while a step's Verify runs, the draft prepares the next step's tree from "
                                     "the outcome it predicts (used when the prediction comes true); off: draft, then "
-                                    "verify. Off by default: it lost on a 2-core CPU (reports/pipeline/)")
+                                    "verify. Off by default: it won only at batch 1 with the draft on its own hardware "
+                                    "(reports/pipeline/)")
     tls_cert: Path | None = setting(None, "PEM certificate chain of the public APIs (gRPC and HTTP): TLS only; the gRPC "
                                           "API reloads it when the file changes")
     tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
