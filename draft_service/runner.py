@@ -37,6 +37,11 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
 MAX_FORWARD_ROWS = 256  # rows (sequences x tokens) of one forward at most: a prompt runs as several
 COLUMN_STEP = 16  # growing buffers: widths are multiples of this (a resize every few steps, not every step)
+# On CUDA each (batch, tokens) bucket runs as a session of its own with a captured CUDA graph, which saves a small
+# model's kernel launches; but every session holds its own copy of the weights. A model past this size (a sparse
+# level of an 8B target: ~9 GB) runs every shape in the one flexible session instead: its forward is long enough
+# that the launches matter little, and 30+ copies of its weights would not fit a GPU.
+GRAPH_MAX_WEIGHT_BYTES = 1 << 30
 
 
 def choose_provider(provider: str = "auto") -> str:
@@ -93,6 +98,12 @@ class _Bucket:
     ran: set[int] = field(default_factory=set)  # directions run once (on CUDA: captured)
 
 
+def weight_bytes(onnx_path: str | Path) -> int:
+    """The exported graph's size on disk: its directory's files (export.py writes the graph, any external weights
+    beside it, and a small meta.json there)."""
+    return sum(f.stat().st_size for f in Path(onnx_path).parent.iterdir() if f.is_file())
+
+
 class DraftRunner:
     """rows [B, T, W] -> top-K [B, T, 2, K]; the KV stays in this runner's buffers."""
 
@@ -112,9 +123,12 @@ class DraftRunner:
         self.width = ROW_FIELDS + ancestors  # W: a row's fields, then the visible ancestor columns
         on_cuda = self.provider == PROVIDERS["cuda"]
         self.fixed_buffers = on_cuda if fixed_buffers is None else fixed_buffers
-        self.cuda_graphs = on_cuda and self.fixed_buffers if cuda_graphs is None else cuda_graphs
+        small = weight_bytes(onnx_path) <= GRAPH_MAX_WEIGHT_BYTES
+        self.cuda_graphs = on_cuda and self.fixed_buffers and small if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (on_cuda and self.fixed_buffers):
             raise ValueError("cuda_graphs needs the CUDA provider and fixed buffers")
+        # Sessions per (batch, tokens) bucket: on CUDA for the graphs only; on CPU (fixed buffers: tests) always.
+        self.bucket_sessions = self.fixed_buffers and (self.cuda_graphs or not on_cuda)
         self.threads = threads
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -217,7 +231,7 @@ class DraftRunner:
         buffers = self._buffers(B)
         read = buffers.current
         padded = bucket(T, TOKEN_BUCKETS)
-        if not self.fixed_buffers or B not in BATCH_BUCKETS or padded is None:
+        if not self.bucket_sessions or B not in BATCH_BUCKETS or padded is None:
             topk = self._run_flexible(rows, buffers.sets[read], buffers.sets[1 - read])
         else:
             if padded != T:
