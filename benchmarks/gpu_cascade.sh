@@ -15,10 +15,8 @@
 # layers spread as in the target). Its acceptance is then exactly the reference sparse level's and its forward costs
 # what a real 8B with a third of its layers skipped costs. The draft service serves that checkpoint as it is
 # (sparse=DIR with sparse.json in it). Exporting that 21-layer 8B-shaped checkpoint to ONNX and checking it against
-# torch on the CPU takes minutes of its own (6 such layers: 67 s + 24 s on a 2-core VM), more than one device call
-# can hold beside the benchmark: PREPARE=1 stops after building the checkpoints and starting both stacks once on a
-# tiny run, which leaves every export and cost table in $CAST_CACHE_DIR for the next call (the machine keeps /tmp
-# while it stays warm). SPARSE=0 leaves the sparse level and the target-only stack out (small and lookup only).
+# torch on the CPU takes about 4 minutes on the GPU machine (6 such layers: 67 s + 24 s on a 2-core VM): it runs as a
+# stage of its own before the stacks start. SPARSE=0 leaves the sparse level and the target-only stack out.
 set -u
 OUT=${1:-gpu-cascade}
 mkdir -p "$OUT"
@@ -58,14 +56,17 @@ fi
 SPARSE_ARG="sparse=$SPARSE_WIDE"
 fi
 
-if [[ ${PREPARE:-0} == 1 ]]; then
-    stage "prepare: both stacks once, exports and cost tables into $CAST_CACHE_DIR"
-    python3 -m benchmarks.cascade_report --out "$OUT/prepare" --target "$WIDE" --draft models/reference/draft \
-        --sparse "$SPARSE_ARG" --rounds 1 --requests 1 --max-new-tokens 8 --sets humaneval --concurrency 1 \
-        --policies ar,cascade 2>&1 | grep -v "^\s*$" | tail -5
-    grep -h "draft levels\|export\|ERROR" "$OUT"/prepare/logs-*/draft.log | head -8
-    date -u
-    exit 0
+if [[ $SPARSE_ARG != none ]]; then
+    # Before the stacks start: the orchestrator gives a draft service 300 s to come up, less than this export takes.
+    stage "export the sparse level (cached in $CAST_CACHE_DIR)"
+    python3 - "$SPARSE_WIDE" "$CAST_CACHE_DIR" <<'PY'
+import sys, time
+from draft_service.export import export_draft
+from draft_service.runner import choose_dtype, choose_provider
+start = time.perf_counter()
+path, meta = export_draft(sys.argv[1], dtype=choose_dtype("auto", choose_provider("auto")), cache_dir=sys.argv[2])
+print(f"{path}: {meta.num_layers} layers, {meta.dtype}, {time.perf_counter() - start:.0f} s")
+PY
 fi
 
 stage "the levels, batch 1 and 8 (two stacks: the pair with every level, the target alone)"
