@@ -22,18 +22,19 @@ OUT=${1:-gpu-cascade}
 mkdir -p "$OUT"
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
 export CAST_DRAFT_PROVIDER=${CAST_DRAFT_PROVIDER:-auto}
-SHAPE_JSON='{"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "tie_word_embeddings": false'
+SHAPE=${SHAPE:-8b}  # or 1b (Llama-3.2-1B's shape: a sparse level of 11 of its 16 layers exports in well under a minute)
+WIDE_LAYERS=$(python3 -c "from benchmarks.widen_target import SHAPES; print(SHAPES['$SHAPE']['num_hidden_layers'])")
 REF=models/reference/target
-WIDE=${WIDE:-/tmp/wide-8b}
+WIDE=${WIDE:-/tmp/wide-$SHAPE}
 SPARSE_REF=${SPARSE_REF:-/tmp/sparse-ref}
-SPARSE_WIDE=${SPARSE_WIDE:-/tmp/wide-8b-sparse}
+SPARSE_WIDE=${SPARSE_WIDE:-/tmp/wide-$SHAPE-sparse}
 stage() { echo; echo "== $1 ($(date -u +%T))"; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
-stage "8B-shaped target"
-[[ -f $WIDE/config.json ]] || python3 -m benchmarks.widen_target --source $REF --shape 8b --out "$WIDE" --dtype bfloat16 \
+stage "$SHAPE-shaped target"
+[[ -f $WIDE/config.json ]] || python3 -m benchmarks.widen_target --source $REF --shape $SHAPE --out "$WIDE" --dtype bfloat16 \
     --check-prompts ${CHECK_PROMPTS:-5} --report "$OUT/widen_target.json" | tail -3
 
 SPARSE_ARG=none
@@ -43,15 +44,15 @@ stage "sparse level: layers chosen on the reference target's own layers, then wi
 cp "$SPARSE_REF/sparse.json" "$OUT/sparse_ref.json"
 KEPT=$(python3 -c "import json; print(len(json.load(open('$SPARSE_REF/sparse.json'))['layers']))")
 FULL=$(python3 -c "import json; print(json.load(open('$SPARSE_REF/sparse.json'))['target_layers'])")
-LAYERS=$(( (32 * KEPT + FULL / 2) / FULL ))
-echo "the reference sparse level keeps $KEPT of $FULL layers: widened to $LAYERS of 32"
+LAYERS=$(( (WIDE_LAYERS * KEPT + FULL / 2) / FULL ))
+echo "the reference sparse level keeps $KEPT of $FULL layers: widened to $LAYERS of $WIDE_LAYERS"
 if [[ ! -f $SPARSE_WIDE/sparse.json ]]; then
-    python3 -m benchmarks.widen_target --source "$SPARSE_REF" --shape "$SHAPE_JSON, \"num_hidden_layers\": $LAYERS}" \
+    python3 -m benchmarks.widen_target --source "$SPARSE_REF" --shape "$(python3 -c "import json; from benchmarks.widen_target import SHAPES; print(json.dumps(dict(SHAPES['$SHAPE'], num_hidden_layers=$LAYERS)))")" \
         --out "$SPARSE_WIDE" --dtype bfloat16 --check-prompts ${CHECK_PROMPTS:-5} --report "$OUT/widen_sparse.json" | tail -3
     # sparse.json (the reference choice, as it is) marks it a sparse checkpoint, served as it is; widened.json says
     # how it was widened.
     cp "$SPARSE_REF/sparse.json" "$SPARSE_WIDE/sparse.json"
-    echo "{\"widened_to\": \"8b\", \"layers\": $LAYERS, \"of\": 32}" > "$SPARSE_WIDE/widened.json"
+    echo "{\"widened_to\": \"$SHAPE\", \"layers\": $LAYERS, \"of\": $WIDE_LAYERS}" > "$SPARSE_WIDE/widened.json"
 fi
 SPARSE_ARG="sparse=$SPARSE_WIDE"
 fi
