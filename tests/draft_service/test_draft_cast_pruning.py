@@ -117,3 +117,27 @@ def test_the_returned_trees_are_the_best_nodes_by_calibrated_value(make_expander
     assert sorted(zip(cut.tree.depths.tolist(), cut.tree.tokens.tolist())) == \
         sorted(zip(best.depths.tolist(), best.tokens.tolist()))
     assert cut.tree.max_depth > whole.tree.top_m(8).max_depth  # raw values would have kept a shallower tree
+
+
+def test_an_older_clients_one_scale_reads_as_before_and_bad_depth_scales_are_refused():
+    """A client that sends value_scale and thresholds divided by it (no depth_scales) gets the rules it had; a depth
+    scale that is not a finite number > 0 is InvalidArgument naming it."""
+    import pytest
+
+    from cast.v1 import draft_pb2
+    from cast_core.errors import InvalidArgument
+    from draft_service.servicer import budget_from_proto
+
+    def budget(**cast):
+        return draft_pb2.ExpandBudget(top_k=4, max_depth=5, max_breadth=4, cast=draft_pb2.CastBudget(
+            node_buckets=[1], token_counts=[1], normalized_cost=[0.1], gain_mean=1.0, **cast))
+
+    old = budget_from_proto(budget(breadth_threshold=0.5, depth_threshold=1.5, value_scale=2.0)).cast
+    assert (old.breadth_threshold, old.depth_threshold, old.depth_scales) == (1.0, 3.0, (2.0,))
+    new = budget_from_proto(budget(breadth_threshold=1.0, depth_threshold=1.0, value_scale=2.0,
+                                   depth_scales=[1.5, 3.0])).cast
+    assert (new.breadth_threshold, new.depth_threshold, new.depth_scales) == (1.0, 1.0, (1.5, 3.0))
+    assert new.scale(1) == 1.5 and new.scale(7) == 3.0
+    with pytest.raises(InvalidArgument) as info:
+        budget_from_proto(budget(depth_scales=[1.0, 0.0]))
+    assert info.value.field == "budget.cast.depth_scales[1]"
