@@ -2,8 +2,11 @@
 # `cast sweep` on the GPU machine (issue 21): CAST against every fixed tree shape of the issue's grid at concurrency
 # 1, 8 and 32, for the reference target widened to the 8B and the 1B shape (benchmarks/widen_target.py), the
 # reference draft on ONNX Runtime (CUDA where onnxruntime-gpu is importable, see /work/shared/device/ORT_GPU.md).
-# One call, under 8 minutes of wall time with the defaults (a cell is cut at CUTOFF seconds); everything lands in OUT (log, per target: sweep.md,
-# sweep.csv, rounds.csv, sweep.png, the stack's log and the widening report) and OUT/gpu_sweep.tar.gz.
+# One call: both targets on both prompt sets (one stack per target, a sweep per set on it), under 8 minutes of wall
+# time with the defaults (a cell is cut at CUTOFF seconds; a sweep that would start after DEADLINE seconds is
+# skipped, and says so). Everything lands in OUT: the log, per target the stack's log, its cost tables and the
+# widening report, per target and set (OUT/SHAPE/SET/) sweep.md, sweep.csv, rounds.csv, sweep.png and the sweep's
+# log; and all of it in OUT/gpu_sweep.tar.gz.
 # Run from the repository root with the project importable:
 #   PYTHONPATH=$PWD:$PWD/protos bash benchmarks/gpu_sweep.sh "$OUT"
 # With onnxruntime-gpu carried as ORT_GPU.md says, put it first: PYTHONPATH=/tmp/ortsite:$PWD:$PWD/protos.
@@ -19,7 +22,9 @@
 #   WIDE_DIR         /tmp/wide-SHAPE: where the widened target is written (an existing one is reused)
 #   PORT             50151: the first stack's orchestrator port
 #   WARMUP_TOKENS    2: before each cell, one untimed wave this long (graph captures stay out of the cell)
-#   PROMPTS          humaneval (default; the tuning set) or benchmarks/prompts/heldout.jsonl (held out)
+#   SETS             "humaneval heldout" (default): humaneval (the tuning set) and/or heldout
+#                    (benchmarks/prompts/heldout.jsonl, kept out of tuning), each swept on the same stack
+#   DEADLINE         420: seconds after the start past which no further sweep starts (the call's budget is 8 min)
 #   CHECK_PROMPTS    1: HumanEval prompts on which widen_target checks the widened logits
 set -euo pipefail
 OUT=${1:?usage: PYTHONPATH=\$PWD:\$PWD/protos bash benchmarks/gpu_sweep.sh OUT_DIR}
@@ -28,6 +33,8 @@ exec > >(tee -a "$OUT/gpu_sweep.log") 2>&1
 export CAST_CACHE_DIR=${CAST_CACHE_DIR:-/tmp/cast-cache}
 export CAST_DRAFT_PROVIDER=${DRAFT_PROVIDER:-auto}
 SHAPES=${SHAPES:-8b 1b}
+SETS=${SETS:-humaneval heldout}
+DEADLINE=${DEADLINE:-420}
 REF_TARGET=models/reference/target
 DRAFT=models/reference/draft
 CAST="python3 -m orchestrator.cli"
@@ -70,19 +77,33 @@ for shape in $SHAPES; do
         failed=1; kill $STACK 2>/dev/null || true; wait $STACK 2>/dev/null || true; STACK=; continue
     fi
     grep -E "serves|service on" "$dir/stack.log" || true
-    stage "cast sweep, $shape-shaped target"
-    # A failed sweep (say, one target out of memory) must not lose the other target's results.
-    if ! $CAST sweep --addr 127.0.0.1:$port --policies "${POLICIES:-ar,grid,cast}" \
-            --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-1,8,32}" --rounds "${ROUNDS:-1}" \
-            --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-0.5}" \
-            --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-2}" --prompts "${PROMPTS:-humaneval}" \
-            --rstrip-prompts --out "$dir" \
-            --title "cast sweep: $shape-shaped target on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), draft $CAST_DRAFT_PROVIDER" \
-            > "$dir/sweep_stdout.md" 2> "$dir/sweep.log"; then
-        echo "the $shape sweep failed:"; tail -n 30 "$dir/sweep.log"; failed=1
-    fi
-    tail -n 3 "$dir/sweep.log" || true
-    sed -n '1,12p' "$dir/sweep.md" 2>/dev/null || true
+    mkdir -p "$dir/cost-tables"
+    cp "$CAST_CACHE_DIR"/cost-tables/*.json "$dir/cost-tables/" 2>/dev/null || true  # as profiled at start-up
+    for set in $SETS; do
+        case $set in
+            humaneval) prompts=humaneval ;;
+            heldout) prompts=benchmarks/prompts/heldout.jsonl ;;
+            *) prompts=$set; set=$(basename "$set" .jsonl) ;;
+        esac
+        if (( SECONDS > DEADLINE )); then
+            echo "skipped: the $shape sweep on $set would start at ${SECONDS} s, past DEADLINE=${DEADLINE} s"
+            failed=1; continue
+        fi
+        stage "cast sweep, $shape-shaped target, $set prompts"
+        mkdir -p "$dir/$set"
+        # A failed sweep (say, one target out of memory) must not lose the other sweeps' results.
+        if ! $CAST sweep --addr 127.0.0.1:$port --policies "${POLICIES:-ar,grid,cast}" \
+                --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-1,8,32}" --rounds "${ROUNDS:-1}" \
+                --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-0.5}" \
+                --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-2}" --prompts "$prompts" \
+                --rstrip-prompts --out "$dir/$set" \
+                --title "cast sweep: $shape-shaped target, $set prompts, on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), draft $CAST_DRAFT_PROVIDER" \
+                > "$dir/$set/sweep_stdout.md" 2> "$dir/$set/sweep.log"; then
+            echo "the $shape sweep on $set failed:"; tail -n 30 "$dir/$set/sweep.log"; failed=1
+        fi
+        tail -n 3 "$dir/$set/sweep.log" || true
+        sed -n '1,12p' "$dir/$set/sweep.md" 2>/dev/null || true
+    done
     kill $STACK 2>/dev/null || true; wait $STACK 2>/dev/null || true; STACK=
     port=$((port + 10))
 done

@@ -173,6 +173,38 @@ def _check_costs(costs: np.ndarray, needed: int, name: str) -> np.ndarray:
     return c[:needed]
 
 
+# ---- value calibration per depth ---------------------------------------------------------------------------------
+
+
+def depth_scale(scales: Sequence[float], depth: int) -> float:
+    """The scale of a node at `depth` (>= 1): scales[depth - 1], the last one past their end, 1 without any."""
+    if not scales:
+        return 1.0
+    return float(scales[min(depth, len(scales)) - 1])
+
+
+def calibrated_values(tree: TokenTree, scales: Sequence[float]) -> np.ndarray:
+    """[N] float64: each node's expected accepted tokens, min(its parent's, scales[d-1] * value) at depth d; 1 for
+    the root. scales: accepted tokens per unit of value at each depth, as measured (orchestrator/calibration.py).
+
+    The draft's value (the product of its probabilities) underrates a deep node where the draft agrees with the
+    target more than its probabilities say, and by more the deeper it is: one scale for all depths cannot fix
+    both ends. The min keeps a child below its parent (a path is accepted only through its parent), so the top-m
+    nodes by calibrated value stay a tree. The draft computes the same numbers layer by layer
+    (draft_service/expansion.py), so both sides rank nodes alike.
+    """
+    keys = tree.values.astype(np.float64)
+    keys[0] = 1.0
+    if len(tree) == 1:
+        return keys
+    depths, parents = tree.depths, tree.parents
+    keys[1:] *= np.asarray([depth_scale(scales, d) for d in range(1, int(depths.max()) + 1)])[depths[1:] - 1]
+    for d in range(1, int(depths.max()) + 1):  # parents before children: each layer sees its parents' final keys
+        layer = np.nonzero(depths == d)[0]
+        keys[layer] = np.minimum(keys[layer], keys[parents[layer]])
+    return keys
+
+
 # ---- C1: breadth pruning ----------------------------------------------------------------------------------------
 
 

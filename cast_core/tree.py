@@ -100,21 +100,22 @@ class TokenTree:
             mask[i, i] = True
         return mask
 
-    def top_m(self, m: int) -> TokenTree:
+    def top_m(self, m: int, keys: np.ndarray | None = None) -> TokenTree:
         """Keep the root and the m-1 other nodes of highest value, in tree order.
 
         Values never increase from parent to child, so the kept set is closed under ancestors whenever ties are
-        broken by index (a parent precedes its child): the result is a tree.
+        broken by index (a parent precedes its child): the result is a tree. keys: [N] rank by these instead of
+        the values (CAST's calibrated values, selection.calibrated_values), which must not increase either.
         """
         if m >= len(self):
             return self
-        return self.subtree(self.top_m_indices(m))
+        return self.subtree(self.top_m_indices(m, keys))
 
-    def top_m_indices(self, m: int) -> np.ndarray:
+    def top_m_indices(self, m: int, keys: np.ndarray | None = None) -> np.ndarray:
         """The sorted indices of the nodes top_m keeps."""
         m = min(max(m, 1), len(self))
         # Stable sort by value, descending; ties keep tree order so parents win over equal-valued children.
-        order = np.argsort(-self.values[1:], kind="stable") + 1
+        order = np.argsort(-(self.values if keys is None else keys)[1:], kind="stable") + 1
         return np.sort(np.concatenate([[0], order[: m - 1]]))
 
     def subtree(self, keep: np.ndarray) -> TokenTree:

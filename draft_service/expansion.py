@@ -12,6 +12,9 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
    CAST also drops, before its breadth rule, every candidate below the value of the tree's `max_returned_nodes`-th
    best node so far: the trimming in 3 would drop it and all its descendants, so expanding it is wasted draft
    work (the planner sets that bound from the counts its reranking verified lately).
+   CAST ranks and weighs nodes by their calibrated value (the orchestrator's measured accepted tokens per unit of
+   value at the node's depth, never above the parent's: selection.calibrated_values), the returned trees' values
+   stay the draft's own.
 3. Return every candidate of every layer (kept or not; or the best `max_returned_nodes` by value): the
    orchestrator reranks. The tree's KV was temporary: only the committed tokens stay in the cache.
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, layer_sums, should_expand
+from cast_core.selection import breadth_keep, depth_scale, layer_sums, should_expand
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.kv import BufferKV
@@ -44,8 +47,12 @@ class CastBudget:
     breadth_threshold: float     # C1
     depth_threshold: float       # C2
     gain_mean: float             # alpha
-    value_scale: float = 1.0     # accepted tokens per unit of node value
     step_base_cost: float = 0.0  # a drafted step's cost before any layer (same unit as prices); 0: C2 alone
+    depth_scales: tuple[float, ...] = ()  # accepted tokens per unit of node value, per depth (d-1); (): 1
+
+    def scale(self, depth: int) -> float:
+        """Accepted tokens per unit of value at `depth` (the last scale past the end)."""
+        return depth_scale(self.depth_scales, depth)
 
 
 @dataclass(frozen=True)
@@ -94,9 +101,10 @@ class DraftSession:
 def layer_keep_count(layer_values: list[np.ndarray], budget: Budget, nodes_so_far: int) -> int:
     """How many candidates of the current layer each sequence keeps (the kept ones propose children).
 
-    layer_values: per sequence, its candidates' values sorted descending. nodes_so_far: tree nodes forwarded
-    so far in this call, the row of the draft's cost slice. EAGLE-2: a fixed max_breadth. CAST: the breadth rule
-    (C1) on the batch-average cumulative value against the cost of forwarding k nodes, within max_breadth.
+    layer_values: per sequence, its candidates' (calibrated) values sorted descending. nodes_so_far: tree nodes
+    forwarded so far in this call, the row of the draft's cost slice. EAGLE-2: a fixed max_breadth. CAST: the
+    breadth rule (C1) on the batch-average cumulative value against the cost of forwarding k nodes, within
+    max_breadth.
     """
     if budget.cast is None:
         return budget.max_breadth
@@ -112,10 +120,13 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
                          tree_so_far: tuple[float, float] = (1.0, 0.0)) -> bool:
     """Whether the kept nodes of layer `depth` propose children (layer depth + 1).
 
-    kept: the most nodes a sequence kept at this layer; utility: their batch-average summed value u (layer_utility).
-    EAGLE-2: up to max_depth layers. CAST: also the depth rule (C2), alpha * u / c >= C2, where c is the cost of
-    the forward that would expand them. With a step base cost, also the efficiency rule: the next
-    layer's expected tokens per unit of cost, value_scale * alpha * u / c, must reach the tree's so far, U / C
+    kept: the most nodes a sequence kept at this layer; utility: their batch-average summed value u (layer_utility,
+    the draft's own values: the gain buffer's alpha = u^(i+1) / u^(i) is learned on those).
+    EAGLE-2: up to max_depth layers. CAST: also the depth rule (C2), s_(i+1) * alpha * u / c >= C2, where c is the
+    cost of the forward that would expand them and s_(i+1) the measured tokens per unit of value at the next depth
+    (the paper's alpha * u / c, in expected tokens: with one scale for all depths, deep layers were undervalued and
+    C2 stopped trees early, reports/cast-vs-fixed/). With a step base cost, also the efficiency rule: the next
+    layer's expected tokens per unit of cost, s_(i+1) * alpha * u / c, must reach the tree's so far, U / C
     (tree_so_far = (U, C): expected tokens of the tree up to this layer, the step's cost before this forward).
     C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond, which
     matters where a draft layer costs a fair share of a verify step.
@@ -128,12 +139,13 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
         return False
     cast = budget.cast
     cost = cast.prices.cost(nodes_so_far, kept)
-    if not should_expand(cast.gain_mean, utility, cost, cast.depth_threshold):
+    expected = cast.scale(depth + 1) * utility  # in expected tokens, at the next layer's calibration
+    if not should_expand(cast.gain_mean, expected, cost, cast.depth_threshold):
         return False
     tokens, spent = tree_so_far
     if cast.step_base_cost <= 0 or spent <= 0 or cost <= 0:
         return True
-    return cast.value_scale * cast.gain_mean * utility / cost >= tokens / spent
+    return cast.gain_mean * expected / cost >= tokens / spent
 
 
 # --- the expander -------------------------------------------------------------------------------------------
@@ -150,19 +162,22 @@ def max_tree_nodes(budget: Budget) -> int:
 
 class _Tree:
     """A tree being grown, in preallocated arrays. paths[i] lists node i's ancestors by depth, itself included
-    (-1 past its depth): the tree mask compares KV columns against it."""
+    (-1 past its depth): the tree mask compares KV columns against it. keys[i]: node i's calibrated value, what
+    ranks it (selection.calibrated_values, computed layer by layer; the values themselves without CAST)."""
 
     def __init__(self, root_token: int, capacity: int, max_depth: int) -> None:
         self.tokens = np.zeros(capacity, dtype=np.int64)
         self.parents = np.full(capacity, -1, dtype=np.int64)
         self.depths = np.zeros(capacity, dtype=np.int64)
         self.values = np.zeros(capacity, dtype=np.float32)
+        self.keys = np.zeros(capacity, dtype=np.float64)
         self.paths = np.full((capacity, max_depth + 1), -1, dtype=np.int64)  # [N, depth+1]
-        self.tokens[0], self.values[0], self.paths[0, 0] = root_token, 1.0, 0
+        self.tokens[0], self.values[0], self.keys[0], self.paths[0, 0] = root_token, 1.0, 1.0, 0
         self.size = 1
 
-    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """parents [n]; tokens, probs [n, k]: each parent's top-k. Returns the new nodes' indices [n * k]."""
+    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """parents [n]; tokens, probs [n, k]: each parent's top-k; scale: the calibration at their depth. Returns
+        the new nodes' indices [n * k]."""
         n, k = tokens.shape
         new = np.arange(self.size, self.size + n * k)
         parent = np.repeat(parents, k)
@@ -171,22 +186,25 @@ class _Tree:
         self.depths[new] = self.depths[parent] + 1
         # float32 product of a value and a probability <= 1: never above the parent's value.
         self.values[new] = (self.values[parents][:, None] * probs).reshape(-1)
+        self.keys[new] = np.minimum(self.keys[parent], scale * self.values[new].astype(np.float64))
         self.paths[new] = self.paths[parent]
         self.paths[new, self.depths[new]] = new
         self.size += n * k
         return new
 
     def value_floor(self, m: int) -> float:
-        """The m-th largest value among the nodes so far (0 while there are at most m). A node below it can never be
+        """The m-th largest key among the nodes so far (0 while there are at most m). A node below it can never be
         among the tree's best m, nor can any of its descendants (a child is worth at most its parent)."""
         if self.size <= m:
             return 0.0
-        return float(np.partition(self.values[: self.size], self.size - m)[self.size - m])
+        return float(np.partition(self.keys[: self.size], self.size - m)[self.size - m])
 
-    def to_token_tree(self) -> TokenTree:
+    def to_token_tree(self, keep: int = 0) -> TokenTree:
+        """The tree, trimmed to its best `keep` nodes by key where keep > 0."""
         n = self.size
-        return TokenTree(self.tokens[:n].copy(), self.parents[:n].copy(), self.depths[:n].copy(),
+        tree = TokenTree(self.tokens[:n].copy(), self.parents[:n].copy(), self.depths[:n].copy(),
                          self.values[:n].copy())
+        return tree.top_m(keep, self.keys[:n]) if keep > 0 else tree
 
 
 class Expander:
@@ -227,9 +245,7 @@ class Expander:
         trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
         out = []
         for q, t, s, u in zip(sequences, trees, stats, utilities):
-            tree = t.to_token_tree()
-            trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
-            out.append(Expansion(q.sequence_id, trimmed, s, u, len(tree)))
+            out.append(Expansion(q.sequence_id, t.to_token_tree(budget.max_returned_nodes), s, u, t.size))
         return out, self.kv.model_seconds
 
     def commit_predicted_roots(self, sequences, sessions, root_ids, tree_room: int):
@@ -357,7 +373,8 @@ class Expander:
         utilities: list[list[float]] = [[] for _ in range(B)]
         empty = np.zeros(0, dtype=np.int64)
         # Per sequence, the node indices of the current layer's candidates.
-        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
+        scale = budget.cast.scale if budget.cast is not None else lambda depth: 1.0
+        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k], scale(1))
                  if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
         forwarded, depth = 0, 1
         # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
@@ -366,10 +383,10 @@ class Expander:
         spent = budget.cast.step_base_cost if budget.cast is not None else 0.0
         while any(nodes.size for nodes in layer):
             # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
-            ranked = [nodes[np.argsort(-t.values[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
+            ranked = [nodes[np.argsort(-t.keys[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
             if budget.cast is not None and budget.max_returned_nodes > 0:
-                ranked = [r[t.values[r] >= t.value_floor(budget.max_returned_nodes)] for r, t in zip(ranked, trees)]
-            n_keep = min(layer_keep_count([t.values[r] for r, t in zip(ranked, trees)], budget, forwarded),
+                ranked = [r[t.keys[r] >= t.value_floor(budget.max_returned_nodes)] for r, t in zip(ranked, trees)]
+            n_keep = min(layer_keep_count([t.keys[r] for r, t in zip(ranked, trees)], budget, forwarded),
                          budget.max_breadth)
             kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
             most_kept = max(kp.size for kp in kept)
@@ -377,7 +394,7 @@ class Expander:
             if budget.cast is not None and most_kept:
                 sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
                 utility = sum(sums) / B
-                tokens_so_far += budget.cast.value_scale * utility
+                tokens_so_far += sum(float(t.keys[kp].sum()) for kp, t in zip(kept, trees)) / B
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept):  # the buffers are full: the tree ends here
@@ -397,8 +414,8 @@ class Expander:
                 spent += budget.cast.prices.cost(forwarded, max(kp.size for kp in kept))
             probs, ids = self.kv.forward_layer(trees, kept, roots)  # [B, N, K] each
             forwarded += sum(kp.size for kp in kept)
-            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k]) if kp.size else empty
-                     for b, (t, kp) in enumerate(zip(trees, kept))]
+            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k], scale(depth + 1))
+                     if kp.size else empty for b, (t, kp) in enumerate(zip(trees, kept))]
             depth += 1
         if budget.cast is None:
             utilities = [[0.0] * len(s) for s in stats]

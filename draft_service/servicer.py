@@ -46,8 +46,14 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
             value = getattr(c, field)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidArgument(f"must be a finite number >= 0, got {value}", f"budget.cast.{field}")
-        cast = CastBudget(prices, c.breadth_threshold, c.depth_threshold, c.gain_mean,
-                          value_scale=c.value_scale or 1.0, step_base_cost=c.step_base_cost)
+        for i, value in enumerate(c.depth_scales):
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidArgument(f"must be a finite number > 0, got {value}", f"budget.cast.depth_scales[{i}]")
+        breadth, depth, scales = c.breadth_threshold, c.depth_threshold, tuple(c.depth_scales)
+        if not scales:  # an older client: one value_scale, and thresholds it divided by it
+            scales = (c.value_scale or 1.0,)
+            breadth, depth = breadth * scales[0], depth * scales[0]
+        cast = CastBudget(prices, breadth, depth, c.gain_mean, step_base_cost=c.step_base_cost, depth_scales=scales)
     return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast,
                   max_returned_nodes=budget.max_returned_nodes)
 

@@ -201,8 +201,7 @@ class CascadePlanner(Planner):
                    step_ms: float, one_off: bool) -> bool:
         switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
         if drafted and self.chosen is not None:  # the chosen level's value calibration
-            self.level_planner(self.chosen).calibration.observe(
-                sum(float(t.values[1:].sum()) for t in verified), sum(n - 1 for n in committed))
+            self.level_planner(self.chosen).calibration.observe(verified, committed)
         return switched
 
     def learn_levels(self, expanded: list, verified: list[TokenTree], committed: list[list[int]]) -> None:

@@ -4,7 +4,8 @@ verifier checks, and what the policy learns from the steps it ran.
 For `cast` the planner owns CAST's learned state, all of it batch-wide as in the paper (a step's sequences share one
 verifier forward and one draft forward per layer):
 - the gain buffer (R layer-to-layer gains; the depth rule C2 reads its mean alpha),
-- the value calibration (accepted tokens per unit of node value; every rule weighs value against cost),
+- the value calibration (accepted tokens per unit of node value, per depth; every rule weighs the calibrated
+  value, in expected tokens, against cost),
 - the draft gate (whether drafting pays at all at this batch size: the depth rule at depth 0),
 - the next step's Expand budget, priced while this step's Verify runs,
 - the nodes per tree and the depth its reranking verified lately: the draft grows no more than 1.5x + 2 those
@@ -26,7 +27,8 @@ from collections.abc import Callable
 import numpy as np
 
 from cast.v1 import draft_pb2
-from cast_core.selection import GainBuffer, batch_gains, batch_topk_utilities, most_efficient_cut, select_count
+from cast_core.selection import (GainBuffer, batch_gains, batch_topk_utilities, calibrated_values, most_efficient_cut,
+                                 select_count)
 from cast_core.tree import TokenTree
 from orchestrator.calibration import ValueCalibration
 from orchestrator.costs import CostModel
@@ -52,7 +54,12 @@ class Planner:
 
     @property
     def value_scale(self) -> float:
+        """One scale for all depths (a cascade's lookup level converts its acceptance rates with it)."""
         return self.calibration.scale if self.policy.cast else 1.0
+
+    def depth_scales(self) -> list[float]:
+        """CAST: accepted tokens per unit of value at depths 1..max_depth, as the draft and reranking use them."""
+        return self.calibration.scales(max(self.policy.max_depth, 1))
 
     def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
         """Whether this step drafts; if not, its sequences verify their roots alone (a plain decoding step)."""
@@ -91,9 +98,9 @@ class Planner:
     def price_budget(self, costs: CostModel, batch: int, context: int,
                      draft_share: float = 1.0) -> draft_pb2.ExpandBudget:
         """What the draft may expand. Trees come back trimmed to the most nodes `select` can keep. For CAST: the
-        draft's cost slice and the thresholds; every rule weighs value against cost, so scaling the values by the
-        calibration is dividing the thresholds C1 and C2 by it. draft_share: the part of the draft's time the step
-        waits for (costs.draft_slice)."""
+        draft's cost slice, the thresholds and the calibration per depth; every rule weighs a node's calibrated
+        value (its expected tokens) against cost. draft_share: the part of the draft's time the step waits for
+        (costs.draft_slice)."""
         policy = self.policy
         budget = draft_pb2.ExpandBudget(top_k=policy.top_k, max_depth=policy.max_depth,
                                         max_breadth=policy.max_breadth, max_returned_nodes=policy.verify_tokens)
@@ -101,15 +108,14 @@ class Planner:
             budget.max_returned_nodes = self.returned_nodes(batch)
             budget.max_depth = self.draft_depth(batch)
             prices = costs.draft_slice(batch, context, draft_share)
-            scale = self.value_scale
             budget.cast.CopyFrom(draft_pb2.CastBudget(
                 node_buckets=prices.node_buckets,
                 token_counts=prices.token_counts,
                 normalized_cost=np.asarray(prices.normalized_cost).ravel().tolist(),
-                breadth_threshold=policy.cast.breadth_threshold / scale,
-                depth_threshold=policy.cast.depth_threshold / scale,
+                breadth_threshold=policy.cast.breadth_threshold,
+                depth_threshold=policy.cast.depth_threshold,
                 gain_mean=self.gains.alpha,
-                value_scale=scale,
+                depth_scales=self.depth_scales(),
                 # Where the verifier runs on a GPU, depth also stops where another layer would lower the step's
                 # expected tokens per unit of cost (it won there at batch 8; on a CPU it lost to C2 alone).
                 step_base_cost=(costs.drafted_step_base(batch, context, draft_share) if costs.verifier_on_gpu
@@ -145,19 +151,21 @@ class Planner:
         """The nodes to verify per tree: the root and the best nodes by value (closed under ancestors).
 
         CAST picks one m for the whole batch, which shares one verifier forward: the reranking rule (C3) bounds it,
-        then, within that bound, the cut with the most expected tokens per unit of step cost. The step's cost
+        then, within that bound, the cut with the most expected tokens per unit of step cost. Both rank and sum the
+        nodes' calibrated values (selection.calibrated_values: expected tokens, per depth). The step's cost
         includes what its Expand took (`draft_ms`, paid whatever m is): priced on the verifier alone, the cut
         favoured a few nodes where the verifier's cost is flat in m (a CPU at batch 1) and the draft is a third
         of the step."""
         m = self.policy.verify_tokens
         if self.policy.cast is not None:
-            utilities = batch_topk_utilities([t.values for t in trees])  # [max N]
+            scales = self.depth_scales()
+            keys = [calibrated_values(t, scales) for t in trees]
+            utilities = batch_topk_utilities(keys)  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
-            scale = self.value_scale
-            m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold / scale), m)
+            m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold), m)
             step = prices + draft_ms / costs.verify_step_ms(batch, context, 1)  # the same unit: one plain step
-            m = most_efficient_cut(utilities, step, m, scale)
-            chosen = [t.top_m(m) for t in trees]
+            m = most_efficient_cut(utilities, step, m)
+            chosen = [t.top_m(m, k) for t, k in zip(trees, keys)]
             size = self.policy.cast.gain_buffer_size
             self.verified_counts.setdefault(batch, deque(maxlen=size)).append(m)
             self.verified_depths.setdefault(batch, deque(maxlen=size)).append(max(t.max_depth for t in chosen))
@@ -177,8 +185,7 @@ class Planner:
         if self.policy.cast is None:
             return False
         if drafted:
-            self.calibration.observe(sum(float(t.values[1:].sum()) for t in verified),
-                                     sum(n - 1 for n in committed))
+            self.calibration.observe(verified, committed)
         if one_off:
             return False
         was = self.gate.winner_drafts(batch)

@@ -59,3 +59,18 @@ def test_tokens_outside_the_vocabulary():
     tree = TokenTree.from_lists([1, 2, 99], [-1, 0, 1], [0, 1, 2], [1, 1, 1])
     with pytest.raises(InvalidArgument, match=r"tokens\[2\]"):
         tree.validate(vocab_size=50)
+
+
+def test_calibrated_values_scale_each_depth_and_never_pass_a_parent():
+    """Scales rising with depth lift deep nodes above shallow siblings, but a child never outranks its parent: the
+    best m by calibrated value are still a tree."""
+    from cast_core.selection import calibrated_values
+
+    # root; 1: 0.6, 2: 0.48 (siblings); 3: 0.5 under 1 (p = 0.83); 4: 0.45 under 3 (p = 0.9)
+    tree = TokenTree.from_lists([0, 1, 2, 3, 4], [-1, 0, 0, 1, 3], [0, 1, 1, 2, 3], [1.0, 0.6, 0.48, 0.5, 0.45])
+    keys = calibrated_values(tree, [1.0, 2.0, 4.0])
+    assert np.allclose(keys, [1.0, 0.6, 0.48, 0.6, 0.6])  # 2.0 * 0.5 and 4.0 * 0.45 capped at their parent's 0.6
+    assert tree.top_m(4, keys).tokens.tolist() == [0, 1, 3, 4]  # the deep chain, not the sibling 2
+    assert tree.top_m(4).tokens.tolist() == [0, 1, 2, 3]       # by the draft's values: the sibling
+    assert np.allclose(calibrated_values(tree, []), tree.values)  # no scales: the values themselves
+    assert np.allclose(calibrated_values(tree, [2.0]), [1.0, 1.0, 0.96, 1.0, 0.9])  # the last scale for deeper

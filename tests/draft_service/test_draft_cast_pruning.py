@@ -58,7 +58,7 @@ def test_the_efficiency_rule_stops_where_a_layer_would_lower_tokens_per_cost(mak
     cost, so the efficiency rule stops sooner; a free step base (0) leaves C2 alone."""
     prices = linear_prices(0.0, 0.1)
     c2_alone = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0))
-    efficient = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=1.0, step_base_cost=1.5))
+    efficient = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, step_base_cost=1.5))
     assert 1 < len(efficient.layers) < len(c2_alone.layers)
     # Its stopping point: the last expanded layer still paid for itself against the tree so far.
     values = efficient.tree.values
@@ -68,10 +68,10 @@ def test_the_efficiency_rule_stops_where_a_layer_would_lower_tokens_per_cost(mak
     for d, k in enumerate(kept[:-1], start=1):
         layer_value = float(np.sort(values[depths == d])[::-1][:k].sum())
         tokens += layer_value
-        assert layer_value / 0.1 >= tokens / spent  # alpha = 1, value_scale = 1
+        assert layer_value / 0.1 >= tokens / spent  # alpha = 1, depth scales 1
         spent += 0.1
     # A higher measured acceptance per unit of value makes deep layers worth more: the tree goes deeper.
-    trusting = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, value_scale=4.0, step_base_cost=1.5))
+    trusting = expand(make_expander, CastBudget(prices, 0.0, 0.01, 1.0, step_base_cost=1.5, depth_scales=(4.0,)))
     assert len(trusting.layers) >= len(efficient.layers)
 
 
@@ -90,3 +90,54 @@ def test_cast_grows_no_node_that_the_returned_trees_would_trim(make_expander):
     assert len(cut.tree) == 6
     assert sorted(zip(cut.tree.depths.tolist(), cut.tree.tokens.tolist())) == \
         sorted(zip(best.depths.tolist(), best.tokens.tolist()))
+
+
+def test_deep_acceptance_measured_high_grows_deeper_trees(make_expander):
+    """The same budget, but the orchestrator measured that deep nodes are accepted far more often than their
+    values say (scales rising with depth): C2 keeps expanding where one scale for all depths stopped."""
+    prices = linear_prices(0.02, 0.1)
+    flat = expand(make_expander, CastBudget(prices, 1.0, 1.0, 0.5, depth_scales=(1.5,)))
+    deep = expand(make_expander, CastBudget(prices, 1.0, 1.0, 0.5, depth_scales=(1.5, 15.0, 150.0, 1500.0, 15000.0)))
+    assert len(deep.layers) > len(flat.layers)
+    assert deep.tree.max_depth > flat.tree.max_depth
+
+
+def test_the_returned_trees_are_the_best_nodes_by_calibrated_value(make_expander):
+    """Trimmed to m nodes, a tree keeps its best m by calibrated value (what the orchestrator ranks by), a tree."""
+    from cast_core.selection import calibrated_values
+
+    scales = (1.0, 10.0, 100.0, 1000.0)  # the tiny random draft is far less sure than a trained one
+    free = CastBudget(linear_prices(1e-6, 1e-6), 0.0, 0.0, 1.0, depth_scales=scales)
+    expander = make_expander()
+    whole = expander.expand([SequenceInput("a", np.asarray(PROMPT), 0)], Budget(**LIMITS, cast=free))[0][0]
+    cut = expander.expand([SequenceInput("b", np.asarray(PROMPT), 0)],
+                          Budget(**LIMITS, cast=free, max_returned_nodes=8))[0][0]
+    cut.tree.validate()
+    best = whole.tree.top_m(8, calibrated_values(whole.tree, scales))
+    assert sorted(zip(cut.tree.depths.tolist(), cut.tree.tokens.tolist())) == \
+        sorted(zip(best.depths.tolist(), best.tokens.tolist()))
+    assert cut.tree.max_depth > whole.tree.top_m(8).max_depth  # raw values would have kept a shallower tree
+
+
+def test_an_older_clients_one_scale_reads_as_before_and_bad_depth_scales_are_refused():
+    """A client that sends value_scale and thresholds divided by it (no depth_scales) gets the rules it had; a depth
+    scale that is not a finite number > 0 is InvalidArgument naming it."""
+    import pytest
+
+    from cast.v1 import draft_pb2
+    from cast_core.errors import InvalidArgument
+    from draft_service.servicer import budget_from_proto
+
+    def budget(**cast):
+        return draft_pb2.ExpandBudget(top_k=4, max_depth=5, max_breadth=4, cast=draft_pb2.CastBudget(
+            node_buckets=[1], token_counts=[1], normalized_cost=[0.1], gain_mean=1.0, **cast))
+
+    old = budget_from_proto(budget(breadth_threshold=0.5, depth_threshold=1.5, value_scale=2.0)).cast
+    assert (old.breadth_threshold, old.depth_threshold, old.depth_scales) == (1.0, 3.0, (2.0,))
+    new = budget_from_proto(budget(breadth_threshold=1.0, depth_threshold=1.0, value_scale=2.0,
+                                   depth_scales=[1.5, 3.0])).cast
+    assert (new.breadth_threshold, new.depth_threshold, new.depth_scales) == (1.0, 1.0, (1.5, 3.0))
+    assert new.scale(1) == 1.5 and new.scale(7) == 3.0
+    with pytest.raises(InvalidArgument) as info:
+        budget_from_proto(budget(depth_scales=[1.0, 0.0]))
+    assert info.value.field == "budget.cast.depth_scales[1]"

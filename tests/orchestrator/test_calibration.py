@@ -1,26 +1,43 @@
+import numpy as np
+
+from cast_core.tree import TokenTree
 from orchestrator.calibration import LIMITS, ValueCalibration
 
 
-def test_the_scale_follows_accepted_tokens_per_unit_of_value():
-    scale = ValueCalibration()
+def chain(values: list[float]) -> TokenTree:
+    n = len(values)
+    return TokenTree.from_lists(range(n + 1), [-1, *range(n)], range(n + 1), [1.0, *values])
+
+
+def test_each_depth_learns_its_own_accepted_tokens_per_unit_of_value():
+    """A chain whose values halve per layer, accepted to depth 3 of 4 every step: depth d's scale is what was
+    accepted there per unit of value there (1/0.5, 1/0.25, 1/0.125, 0/0.0625), not one pooled figure."""
+    calibration = ValueCalibration()
     for _ in range(200):
-        scale.observe(verified_value=2.0, accepted=3)  # greedy: 1.5 tokens accepted per unit of value
-    assert abs(scale.scale - 1.5) < 0.01
+        calibration.observe([chain([0.5, 0.25, 0.125, 0.0625])], [4])  # 3 accepted + the bonus token
+    scales = calibration.scales(5)
+    assert np.allclose(scales[:3], [2.0, 4.0, 8.0], rtol=0.06)  # a little prior left at the deep end
+    assert scales[3] < scales[2] / 4  # never accepted at depth 4: far lower, yet bounded
+    assert scales[3] >= LIMITS[0] and scales[4] == scales[3]  # depth 5, never verified: its prior, depth 4's
+    assert 1.0 < calibration.scale < scales[2]  # the pooled scale sits between
 
 
-def test_steps_without_drafted_value_teach_nothing_and_outliers_are_capped():
-    scale = ValueCalibration()
-    scale.observe(verified_value=0.0, accepted=0)
-    assert scale.scale == 1.0
+def test_a_batch_counts_every_sequence_and_outliers_stay_within_bounds():
+    calibration = ValueCalibration()
+    calibration.observe([TokenTree.root_only(3)] * 4, [1] * 4)  # plain steps teach nothing
+    assert calibration.scales(3) == [1.0, 1.0, 1.0]
     for _ in range(1000):
-        scale.observe(verified_value=1e-6, accepted=5)
-    assert scale.scale <= LIMITS[1]
+        calibration.observe([chain([1e-6, 1e-7])] * 8, [3] * 8)  # accepted far beyond a tiny value
+    assert all(LIMITS[0] <= s <= LIMITS[1] for s in calibration.scales(4))
+    assert calibration.scales(2) == [LIMITS[1]] * 2
 
 
-def test_the_first_steps_set_the_scale_at_once():
-    """The gate judges drafting on CAST's first trees: those must already be sized by the measured scale."""
-    scale = ValueCalibration()
-    scale.observe(verified_value=2.0, accepted=3)
-    assert scale.scale == 1.5
-    scale.observe(verified_value=2.0, accepted=2)
-    assert abs(scale.scale - 1.25) < 1e-12  # the mean of the two
+def test_depths_not_seen_yet_take_the_depth_above_and_little_evidence_moves_little():
+    calibration = ValueCalibration()
+    calibration.observe([chain([0.8])] * 8, [2] * 8)  # batch 8, depth 1: 8 accepted per 6.4 of value
+    assert abs(calibration.scales(1)[0] - (8 + 0.25) / (6.4 + 0.25)) < 1e-6  # the first step counts at once
+    deep = ValueCalibration()
+    deep.observe([chain([0.8, 0.6, 0.45, 0.01])], [5])  # one step, depth 4 accepted from a value of 0.01
+    scales = deep.scales(6)
+    assert scales[3] < 3 * scales[2]  # a tiny value is weak evidence: near its prior, not 100x
+    assert scales[4] == scales[5] == scales[3]

@@ -3,8 +3,9 @@ import math
 import numpy as np
 
 from cast_core.cost_table import CostTable
-from cast_core.selection import GainBuffer, batch_gains, kept_layer_utilities
+from cast_core.selection import GainBuffer, batch_gains, calibrated_values, kept_layer_utilities
 from cast_core.tree import TokenTree
+from orchestrator.calibration import LIMITS, ValueCalibration
 from orchestrator.costs import CostModel
 from orchestrator.planner import Planner
 from orchestrator.policies import POLICIES
@@ -26,9 +27,14 @@ def test_a_batched_step_pushes_one_gain_per_layer_not_one_per_sequence():
     assert gains.gains == (1.0,) * 6 + (0.5, 0.5)
 
 
+def uniform(scale: float) -> ValueCalibration:
+    """A calibration that measured `scale` tokens per unit of value at every depth, on plenty of evidence."""
+    return ValueCalibration(accepted=[scale * 1e9] * 16, value=[1e9] * 16)
+
+
 def calibrated(scale: float) -> Planner:
     planner = Planner(POLICIES["cast"])
-    planner.calibration.scale = scale
+    planner.calibration = uniform(scale)
     return planner
 
 
@@ -40,8 +46,38 @@ def test_a_higher_value_calibration_verifies_more_of_the_tree():
     assert scaled > plain_values
     budget = calibrated(2.0).price_budget(costs, 8, 100)
     cast = POLICIES["cast"].cast
-    assert np.isclose(budget.cast.depth_threshold, cast.depth_threshold / 2.0)
-    assert np.isclose(budget.cast.breadth_threshold, cast.breadth_threshold / 2.0)
+    assert np.allclose(budget.cast.depth_scales, [2.0] * POLICIES["cast"].max_depth)  # the draft weighs by them
+    assert np.isclose(budget.cast.depth_threshold, cast.depth_threshold)
+    assert np.isclose(budget.cast.breadth_threshold, cast.breadth_threshold)
+
+
+def test_deep_acceptance_measured_high_verifies_deeper_trees():
+    """Trees with a deep chain and shallow siblings: where deep nodes were measured to be accepted far more often
+    than their values say, reranking verifies the deep chain; with one scale for every depth, the siblings."""
+    costs = CostModel(verify=CostTable.linear(2.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+    # root; 1: 0.5 (chain) 2: 0.3 3: 0.2 (siblings at depth 1); then the chain 4..8 below node 1
+    tree = TokenTree.from_lists(range(9), [-1, 0, 0, 0, 1, 4, 5, 6, 7], [0, 1, 1, 1, 2, 3, 4, 5, 6],
+                                [1.0, 0.5, 0.3, 0.2, 0.3, 0.18, 0.11, 0.07, 0.04])
+    flat, deep = calibrated(1.5), Planner(POLICIES["cast"])
+    deep.calibration = ValueCalibration(accepted=[0.9e9, 0.85e9, 0.8e9, 0.75e9, 0.7e9, 0.65e9],
+                                        value=[1e9, 0.6e9, 0.36e9, 0.22e9, 0.14e9, 0.08e9])
+    shallow_tree = flat.select([tree], costs, 1, 100)[0]
+    deep_tree = deep.select([tree], costs, 1, 100)[0]
+    assert deep_tree.max_depth > shallow_tree.max_depth
+    deep_tree.validate()  # still a tree: a child never outranks its parent
+
+
+def test_a_budget_carries_a_scale_per_depth_within_bounds():
+    costs = CostModel(verify=CostTable.linear(2.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
+    planner = Planner(POLICIES["cast"])
+    planner.learn_step(1, True, [TokenTree.from_lists(range(4), [-1, 0, 1, 2], [0, 1, 2, 3], [1.0, 1e-4, 1e-5, 1e-6])],
+                       [4], 10.0, True)
+    for _ in range(100):
+        planner.learn_step(1, True, [TokenTree.from_lists(range(4), [-1, 0, 1, 2], [0, 1, 2, 3],
+                                                          [1.0, 1e-4, 1e-5, 1e-6])], [4], 10.0, True)
+    scales = list(planner.price_budget(costs, 1, 100).cast.depth_scales)
+    assert len(scales) == POLICIES["cast"].max_depth
+    assert all(LIMITS[0] <= s <= LIMITS[1] for s in scales) and scales[0] == LIMITS[1]
 
 
 def test_the_efficiency_rule_is_on_where_the_verifier_runs_on_a_gpu():
@@ -108,9 +144,10 @@ def test_a_tree_trimmed_to_the_policys_cap_selects_what_the_whole_tree_does():
         batch = (1, 8)[trial // 2 % 2]
         for name in ("cast", "eagle2"):
             planner = Planner(POLICIES[name])
-            planner.calibration.scale = float(rng.uniform(0.5, 2.0))
+            planner.calibration = ValueCalibration(accepted=rng.uniform(0.5, 2.0, 8).tolist(), value=[1.0] * 8)
             whole = [random_tree(rng, int(rng.integers(2, 400)), float(rng.uniform(0.05, 0.9))) for _ in range(batch)]
-            trimmed = [t.top_m(planner.policy.verify_tokens) for t in whole]  # what the draft returns
+            scales = planner.depth_scales() if planner.policy.cast else []  # the draft ranks CAST's nodes alike
+            trimmed = [t.top_m(planner.policy.verify_tokens, calibrated_values(t, scales)) for t in whole]
             expected = planner.select(whole, costs, batch, 300)
             got = planner.select(trimmed, costs, batch, 300)
             for e, g in zip(expected, got, strict=True):
@@ -149,11 +186,11 @@ def test_a_step_loop_keeps_few_planners_for_fixed_shapes_and_cast_for_good():
 
     planners = Planners(max_fixed=4)
     cast = planners.get(POLICIES["cast"])
-    cast.calibration.scale = 1.7  # learned
+    cast.calibration = uniform(1.7)  # learned
     for depth in range(1, 17):
         for k in range(2, 9):
             planners.get(resolve_policy(f"tree:{k}x{depth}/32", "cast"))
     assert len(planners) == 1 + 4  # ever new shapes do not grow it
-    assert planners.get(POLICIES["cast"]) is cast and cast.calibration.scale == 1.7
+    assert planners.get(POLICIES["cast"]) is cast and abs(cast.calibration.scale - 1.7) < 1e-6
     recent = planners.get(resolve_policy("tree:8x16/32", "cast"))
     assert planners.get(resolve_policy("tree:8x16/32", "cast")) is recent  # a shape in use keeps its planner

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CastBudget(_message.Message):
-    __slots__ = ("node_buckets", "token_counts", "normalized_cost", "breadth_threshold", "depth_threshold", "gain_mean", "value_scale", "step_base_cost")
+    __slots__ = ("node_buckets", "token_counts", "normalized_cost", "breadth_threshold", "depth_threshold", "gain_mean", "value_scale", "step_base_cost", "depth_scales")
     NODE_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_COST_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class CastBudget(_message.Message):
     GAIN_MEAN_FIELD_NUMBER: _ClassVar[int]
     VALUE_SCALE_FIELD_NUMBER: _ClassVar[int]
     STEP_BASE_COST_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_SCALES_FIELD_NUMBER: _ClassVar[int]
     node_buckets: _containers.RepeatedScalarFieldContainer[int]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     normalized_cost: _containers.RepeatedScalarFieldContainer[float]
@@ -25,7 +26,8 @@ class CastBudget(_message.Message):
     gain_mean: float
     value_scale: float
     step_base_cost: float
-    def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ..., value_scale: _Optional[float] = ..., step_base_cost: _Optional[float] = ...) -> None: ...
+    depth_scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ..., value_scale: _Optional[float] = ..., step_base_cost: _Optional[float] = ..., depth_scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ExpandBudget(_message.Message):
     __slots__ = ("top_k", "max_depth", "max_breadth", "cast", "max_returned_nodes")
