@@ -189,6 +189,24 @@ class _Tree:
                          self.values[:n].copy())
 
 
+@dataclass
+class _Growth:
+    """One request's running totals while its trees grow (grow_trees): the rows of its cost slice and CAST's
+    efficiency rule are its own, whatever else shares the forwards."""
+
+    span: range     # its sequences in the call
+    budget: Budget
+    forwarded: int = 0  # tree nodes it forwarded so far (the row of its cost slice)
+    # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
+    # nodes' values) and the step's cost so far (before any layer, then each layer's forward).
+    tokens_so_far: float = 1.0
+    spent: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.budget.cast is not None:
+            self.spent = self.budget.cast.step_base_cost
+
+
 class Expander:
     """Owns the sessions and the runner; all calls come from one thread (the servicer's executor)."""
 
@@ -209,27 +227,44 @@ class Expander:
 
         The whole request is validated before anything changes: an error leaves every session as it was.
         """
-        self.validate_budget(budget)
+        [out], seconds = self.expand_together([(sequences, budget)])
+        return out, seconds
+
+    def expand_together(self, requests: list[tuple[list[SequenceInput], Budget]]
+                        ) -> tuple[list[list[Expansion]], float]:
+        """Several Expand requests as one expansion over all their sequences: one commit forward and one forward per
+        layer for all of them (the servicer merges requests that wait for the model: orchestrators sharing this
+        replica). Each request keeps its own budget; per request its trees, in order, and the model time (s) of the
+        whole call. Validated whole before anything changes."""
+        for _, budget in requests:
+            self.validate_budget(budget)
+        sequences = [q for qs, _ in requests for q in qs]
         sessions = self.validate_sequences(sequences)
         self.kv.model_seconds = 0.0
         if not sequences:
-            return [], 0.0
+            return [[] for _ in requests], 0.0
         sessions = [s if s is not None else self.sessions.create(q.sequence_id, DraftSession())
                     for q, s in zip(sequences, sessions)]
         for q, s in zip(sequences, sessions):
             if q.start_position < s.length:
                 self.rewind_session(s, q.start_position)
         # A tree forwards at most max_breadth nodes in each of its layers but the last.
-        tree_room = max(budget.max_depth - 1, 0) * budget.max_breadth
+        tree_room = max(max(b.max_depth - 1, 0) * b.max_breadth for _, b in requests)
         root_probs, root_ids = self.kv.commit(sequences, sessions, tree_room)
         if any(q.predict_root for q in sequences):
             sequences, root_probs, root_ids = self.commit_predicted_roots(sequences, sessions, root_ids, tree_room)
-        trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
+        spans, start = [], 0
+        for qs, budget in requests:
+            spans.append((range(start, start + len(qs)), budget))
+            start += len(qs)
+        trees, stats, utilities = self.grow_trees(sequences, spans, root_probs, root_ids)
         out = []
-        for q, t, s, u in zip(sequences, trees, stats, utilities):
-            tree = t.to_token_tree()
-            trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
-            out.append(Expansion(q.sequence_id, trimmed, s, u, len(tree)))
+        for span, budget in spans:
+            out.append([])
+            for b in span:
+                tree = trees[b].to_token_tree()
+                trimmed = tree.top_m(budget.max_returned_nodes) if budget.max_returned_nodes > 0 else tree
+                out[-1].append(Expansion(sequences[b].sequence_id, trimmed, stats[b], utilities[b], len(tree)))
         return out, self.kv.model_seconds
 
     def commit_predicted_roots(self, sequences, sessions, root_ids, tree_room: int):
@@ -340,66 +375,85 @@ class Expander:
                                         f"sequences[{new[room]}].sequence_id")
         return found
 
-    def grow_trees(self, sequences, budget: Budget, root_probs, root_ids):
+    def grow_trees(self, sequences, spans: list[tuple[range, Budget]], root_probs, root_ids):
         """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.
+
+        spans: the requests in this call, each a range of `sequences` and its budget. The forwards are shared, but
+        every decision (breadth, depth, the efficiency rule, room in the buffers) is taken per request over its own
+        sequences, exactly as if it ran alone: its orchestrator priced the tree for its own batch, and a request's
+        trees must not depend on who else asked at the same time.
 
         Returns per sequence its tree, its LayerStats and its layer utilities u^(i) (kept_layer_utilities's, from
         the sums taken here: the nodes a layer kept, or for its last layer the best as many as the layer above
         kept). Only CAST's depth rule learns from the utilities: other policies get zeros.
         """
-        B, k = len(sequences), budget.top_k
+        B = len(sequences)
+        budget_of = [budget for span, budget in spans for _ in span]
         roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
-        depth_room = np.minimum(budget.max_depth, self.max_context - 1 - roots)
-        capacity = max_tree_nodes(budget)
-        trees = [_Tree(int(q.new_tokens[-1]), capacity, budget.max_depth) for q in sequences]
+        depth_room = np.minimum([b.max_depth for b in budget_of], self.max_context - 1 - roots)
+        trees = [_Tree(int(q.new_tokens[-1]), max_tree_nodes(budget), budget.max_depth)
+                 for q, budget in zip(sequences, budget_of)]
         stats: list[list[LayerStats]] = [[] for _ in range(B)]
         utilities: list[list[float]] = [[] for _ in range(B)]
         empty = np.zeros(0, dtype=np.int64)
         # Per sequence, the node indices of the current layer's candidates.
         layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k])
-                 if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
-        forwarded, depth = 0, 1
-        # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
-        # nodes' values) and the step's cost so far (before any layer, then each layer's forward).
-        tokens_so_far = 1.0
-        spent = budget.cast.step_base_cost if budget.cast is not None else 0.0
+                 if depth_room[b] >= 1 else empty
+                 for b, (t, k) in enumerate(zip(trees, (budget.top_k for budget in budget_of)))]
+        growths = [_Growth(span, budget) for span, budget in spans]
+        depth = 1
         while any(nodes.size for nodes in layer):
-            # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
-            ranked = [nodes[np.argsort(-t.values[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
-            if budget.cast is not None and budget.max_returned_nodes > 0:
-                ranked = [r[t.values[r] >= t.value_floor(budget.max_returned_nodes)] for r, t in zip(ranked, trees)]
-            n_keep = min(layer_keep_count([t.values[r] for r, t in zip(ranked, trees)], budget, forwarded),
-                         budget.max_breadth)
-            kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
-            most_kept = max(kp.size for kp in kept)
-            utility, sums = 0.0, None
-            if budget.cast is not None and most_kept:
-                sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
-                utility = sum(sums) / B
-                tokens_so_far += budget.cast.value_scale * utility
-            if not most_kept or not expand_another_layer(
-                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
-            ) or not self.kv.fits(kept):  # the buffers are full: the tree ends here
-                kept, sums = [empty] * B, None
-            for b, t in enumerate(trees):
-                if not layer[b].size:
-                    continue
-                stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
-                if budget.cast is not None and kept[b].size:
-                    utilities[b].append(sums[b])
-                elif budget.cast is not None:  # its last layer: its best as many as the layer above kept (root: 1)
-                    above = stats[b][-2].kept if len(stats[b]) > 1 else 1
-                    utilities[b].append(float(t.values[ranked[b][:above]].sum(dtype=np.float64)))
+            kept = [empty] * B
+            for g in growths:
+                if any(layer[b].size for b in g.span):
+                    self.keep_layer(g, depth, depth_room, trees, layer, kept, stats, utilities)
             if not any(kp.size for kp in kept):
                 break
-            if budget.cast is not None:
-                spent += budget.cast.prices.cost(forwarded, max(kp.size for kp in kept))
             probs, ids = self.kv.forward_layer(trees, kept, roots)  # [B, N, K] each
-            forwarded += sum(kp.size for kp in kept)
+            for g in growths:
+                g.forwarded += sum(kept[b].size for b in g.span)
             layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k]) if kp.size else empty
-                     for b, (t, kp) in enumerate(zip(trees, kept))]
+                     for b, (t, kp, k) in enumerate(zip(trees, kept, (budget.top_k for budget in budget_of)))]
             depth += 1
-        if budget.cast is None:
-            utilities = [[0.0] * len(s) for s in stats]
+        for span, budget in spans:
+            if budget.cast is None:
+                for b in span:
+                    utilities[b] = [0.0] * len(stats[b])
         return trees, stats, utilities
+
+    def keep_layer(self, g: _Growth, depth: int, depth_room, trees, layer, kept, stats, utilities) -> None:
+        """One request's decision at layer `depth`: which of its candidates propose children (into kept), its
+        LayerStats and utilities."""
+        budget, span, empty = g.budget, g.span, np.zeros(0, dtype=np.int64)
+        # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
+        ranked = {b: layer[b][np.argsort(-trees[b].values[layer[b]], kind="stable")] for b in span}
+        if budget.cast is not None and budget.max_returned_nodes > 0:
+            ranked = {b: r[trees[b].values[r] >= trees[b].value_floor(budget.max_returned_nodes)]
+                      for b, r in ranked.items()}
+        n_keep = min(layer_keep_count([trees[b].values[r] for b, r in ranked.items()], budget, g.forwarded),
+                     budget.max_breadth)
+        mine = {b: r[:n_keep] if depth < depth_room[b] else empty for b, r in ranked.items()}
+        most_kept = max(kp.size for kp in mine.values())
+        utility, sums = 0.0, None
+        if budget.cast is not None and most_kept:
+            sums = dict(zip(span, layer_sums([trees[b].values[mine[b]] for b in span])))
+            utility = sum(sums.values()) / len(span)
+            g.tokens_so_far += budget.cast.value_scale * utility
+        if not most_kept or not expand_another_layer(
+            depth, most_kept, utility, budget, g.forwarded, (g.tokens_so_far, g.spent)
+        ) or not self.kv.fits(mine):  # the buffers are full: the tree ends here
+            mine, sums = {b: empty for b in span}, None
+        for b in span:
+            if not layer[b].size:
+                continue
+            stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(mine[b].size)))
+            if budget.cast is not None and mine[b].size:
+                utilities[b].append(sums[b])
+            elif budget.cast is not None:  # its last layer: its best as many as the layer above kept (root: 1)
+                above = stats[b][-2].kept if len(stats[b]) > 1 else 1
+                utilities[b].append(float(trees[b].values[ranked[b][:above]].sum(dtype=np.float64)))
+        if budget.cast is not None and any(kp.size for kp in mine.values()):
+            g.spent += budget.cast.prices.cost(g.forwarded, max(kp.size for kp in mine.values()))
+        for b in span:
+            kept[b] = mine[b]

@@ -108,10 +108,9 @@ class BufferKV:
                 if entry is not None and entry[0] is session and entry[1] >= length:
                     holders[r] = (session, length)
 
-    def fits(self, kept) -> bool:
-        """Whether every sequence's kept nodes fit in the buffers' columns."""
-        last = self.next_column + np.array([kp.size for kp in kept]) - 1
-        return bool((last <= self.runner.last_column).all())
+    def fits(self, kept: dict[int, np.ndarray]) -> bool:
+        """Whether the kept nodes of these sequences (index in the call -> nodes) fit in the buffers' columns."""
+        return all(int(self.next_column[b]) + kp.size - 1 <= self.runner.last_column for b, kp in kept.items())
 
     def forward_layer(self, trees, kept, roots) -> tuple[np.ndarray, np.ndarray]:
         """One forward over the kept nodes. Returns the children's probabilities and ids, [B, N, K] each."""

@@ -212,28 +212,44 @@ class Levels:
     def expand(self, sequences: list[SequenceInput], budget: Budget | Cascade) -> tuple[list[Expansion], float]:
         """A plain Expand (a Budget: the default level) or a cascaded one; validated whole before anything
         changes. Returns the expansions and the model time (s)."""
-        if isinstance(budget, Cascade):
-            for i, q in enumerate(sequences):
-                if q.predict_root:
-                    raise InvalidArgument("a prepared Expand takes a plain budget, not a cascade",
-                                          f"sequences[{i}].predict_root")
-            for i, step in enumerate(budget.steps):
-                if step.level not in self.names:
-                    raise FailedPrecondition(f"this replica serves {self.names}, not {step.level!r}",
-                                             f"cascade.levels[{i}].level")
-                if step.budget is not None:
-                    try:
-                        self.models[step.level].validate_budget(step.budget)
-                    except CastError as e:  # name the level too
-                        raise type(e)(str(e), f"cascade.levels[{i}]") from None
-        elif self.default is None:
-            raise FailedPrecondition(f"this replica serves only {self.names}: send a cascade", "budget")
-        else:
-            self.models[self.default].validate_budget(budget)
-        histories = self.commit(sequences)
         if not isinstance(budget, Cascade):
-            return self.expand_level(self.default, sequences, histories, budget)
+            [out], seconds = self.expand_together([(sequences, budget)])
+            return out, seconds
+        for i, q in enumerate(sequences):
+            if q.predict_root:
+                raise InvalidArgument("a prepared Expand takes a plain budget, not a cascade",
+                                      f"sequences[{i}].predict_root")
+        for i, step in enumerate(budget.steps):
+            if step.level not in self.names:
+                raise FailedPrecondition(f"this replica serves {self.names}, not {step.level!r}",
+                                         f"cascade.levels[{i}].level")
+            if step.budget is not None:
+                try:
+                    self.models[step.level].validate_budget(step.budget)
+                except CastError as e:  # name the level too
+                    raise type(e)(str(e), f"cascade.levels[{i}]") from None
+        histories = self.commit(sequences)
         return self.expand_cascade(sequences, histories, budget)
+
+    def expand_together(self, requests: list[tuple[list[SequenceInput], Budget]]
+                        ) -> tuple[list[list[Expansion]], float]:
+        """Plain Expands (the default level's budgets) as one expansion of the default level, each request keeping
+        its own budget (Expander.expand_together); validated whole before anything changes. Per request its
+        expansions, and the model time (s) of the whole call."""
+        if self.default is None:
+            raise FailedPrecondition(f"this replica serves only {self.names}: send a cascade", "budget")
+        model = self.models[self.default]
+        for _, budget in requests:
+            model.validate_budget(budget)
+        sequences = [q for qs, _ in requests for q in qs]
+        histories = self.commit(sequences)
+        inputs, start = [], 0
+        for qs, budget in requests:
+            inputs.append((self.unseen(model, qs, histories[start:start + len(qs)]), budget))
+            start += len(qs)
+        outs, seconds = model.expand_together(inputs)
+        self.add_predicted_roots(sequences, histories, [e for out in outs for e in out])
+        return outs, seconds
 
     def commit(self, sequences: list[SequenceInput]) -> list[History]:
         """Validate the sequences against their histories, then append their new tokens."""
@@ -293,16 +309,25 @@ class Levels:
     def expand_level(self, name: str, sequences, histories, budget: Budget) -> tuple[list[Expansion], float]:
         """One model level's expansion: it first commits whatever of each history it has not seen."""
         model = self.models[name]
+        out, seconds = model.expand(self.unseen(model, sequences, histories), budget)
+        self.add_predicted_roots(sequences, histories, out)
+        return out, seconds
+
+    @staticmethod
+    def unseen(model: Expander, sequences, histories) -> list[SequenceInput]:
+        """What a model level commits: whatever of each history it has not seen."""
         inputs = []
         for q, h in zip(sequences, histories):
             seen = model.sessions.get(q.sequence_id).length if q.sequence_id in model.sessions else 0
             inputs.append(SequenceInput(q.sequence_id, np.asarray(h.tokens[seen:], dtype=np.int64), seen,
                                         q.predict_root))
-        out, seconds = model.expand(inputs, budget)
-        for q, h, e in zip(sequences, histories, out):
+        return inputs
+
+    @staticmethod
+    def add_predicted_roots(sequences, histories, expansions) -> None:
+        for q, h, e in zip(sequences, histories, expansions):
             if q.predict_root:  # the model committed its own next token: the tree's root
                 h.tokens.append(int(e.tree.tokens[0]))
-        return out, seconds
 
     def expand_cascade(self, sequences, histories, cascade: Cascade) -> tuple[list[Expansion], float]:
         trees: list[list[TokenTree]] = [[] for _ in sequences]

@@ -150,6 +150,33 @@ def test_batch_equals_one_at_a_time(make_expander):
         assert_same_tree(e, alone)
 
 
+def test_requests_expanded_together_get_the_trees_of_their_own_budgets(make_expander):
+    """Orchestrators sharing a draft replica: their Expands run as one expansion, and each request's trees are what
+    its own budget gives alone (CAST's breadth and depth decisions included: they are taken per request)."""
+    from cast_core.cost_table import NormalizedCostSlice
+    from draft_service.expansion import CastBudget
+
+    prices = NormalizedCostSlice((1, 16, 64), (1, 2, 4, 8, 64), np.array([[0.001, 0.0015, 0.003, 0.006, 0.05]] * 3))
+    cast = Budget(top_k=4, max_depth=5, max_breadth=4, cast=CastBudget(prices, 10.0, 3.0, 0.8))
+    requests = [
+        ([seq("a", PROMPT), seq("b", [1, 2])], cast),
+        ([], Budget(2, 2, 2)),
+        ([seq("c", [300, 301, 302, 303])], Budget(top_k=2, max_depth=4, max_breadth=3, max_returned_nodes=9)),
+        ([seq("d", [7, 8, 9])], Budget(top_k=8, max_depth=1, max_breadth=1)),
+    ]
+    together, seconds = make_expander().expand_together(requests)
+    assert seconds > 0 and [len(out) for out in together] == [2, 0, 1, 1]
+    for (sequences, budget), out in zip(requests, together):
+        alone, _ = make_expander().expand(sequences, budget)
+        assert [e.sequence_id for e in out] == [q.sequence_id for q in sequences]
+        for e, a in zip(out, alone):
+            assert_same_tree(e, a)
+            assert e.expanded_nodes == a.expanded_nodes
+            assert e.layer_utilities == pytest.approx(a.layer_utilities, rel=1e-4)
+    assert 0 < together[0][0].layers[1].kept < cast.max_breadth  # CAST pruned this breadth
+    assert len(together[2][0].tree) == 9 and [len(e.layers) for e in together[3]] == [1]
+
+
 def test_tree_is_clipped_at_the_context_end(make_expander):
     ex = make_expander(max_context=len(PROMPT) + 2)
     [e], _ = ex.expand([seq("a", PROMPT)], Budget(2, 5, 2))

@@ -179,3 +179,86 @@ async def test_reflection_lists_the_service(channel):
     async for reply in call:
         names |= {s.name for s in reply.list_services_response.service}
     assert {"cast.v1.DraftService", "grpc.health.v1.Health"} <= names
+
+
+async def test_expands_that_wait_for_the_model_run_as_one_expansion_and_decoding_stays_lossless(config, tiny_pair):
+    """Two orchestrators sharing a draft replica, each on its own stream with its own budget: Expands that arrive
+    while the model is busy run as one expansion, each gets only its own trees, and greedy decoding through the
+    verifier gives the target's own greedy output. A bad request among merged ones fails alone."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cast.v1 import verify_pb2, verify_pb2_grpc
+    from draft_service.server import start
+    from verify_service.config import VerifyConfig
+    from verify_service.server import start_server as start_verify
+
+    draft = await start(config)
+    verify_server, verify_port = await start_verify(VerifyConfig(
+        model=tiny_pair[0], host="127.0.0.1", port=0, dtype="float64", device="cpu", max_context=64, max_batch=4))
+    draft_channel = grpc.aio.insecure_channel(f"127.0.0.1:{draft.port}")
+    verify_channel = grpc.aio.insecure_channel(f"127.0.0.1:{verify_port}")
+    calls = []  # per expansion, the sequence ids of each request in it
+    expand_together = draft.servicer.expander.expand_together
+
+    def recording(requests):
+        calls.append([[q.sequence_id for q in sequences] for sequences, _ in requests])
+        return expand_together(requests)
+
+    draft.servicer.expander.expand_together = recording
+    prompts = {"a": [5, 17, 99, 3, 200, 42, 7], "b": [9, 4, 2, 11]}
+    budgets = {"a": draft_pb2.ExpandBudget(top_k=4, max_depth=3, max_breadth=2),
+               "b": draft_pb2.ExpandBudget(top_k=2, max_depth=4, max_breadth=1)}
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair[0], torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        refs = {s: target.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
+                for s, p in prompts.items()}
+    try:
+        drafts = {s: StepStub(draft_pb2_grpc.DraftServiceStub(draft_channel)) for s in prompts}  # a stream each
+        verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
+        verifies = {s: StepStub(verify_stub) for s in prompts}
+        for s, p in prompts.items():
+            await verify_stub.Prefill(verify_pb2.PrefillRequest(
+                sequences=[verify_pb2.PrefillSequence(sequence_id=s, token_ids=p)]))
+        tokens = {s: list(p) for s, p in prompts.items()}
+        seen = {s: 0 for s in prompts}  # tokens the draft has
+
+        async def step(s):
+            reply = await drafts[s].Expand(expand_request((s, tokens[s][seen[s]:], seen[s]), budget=budgets[s]))
+            seen[s] = len(tokens[s])
+            [tree] = reply.trees
+            assert tree.sequence_id == s and reply.draft_seconds > 0
+            result = await verifies[s].Verify(verify_pb2.VerifyRequest(
+                sequences=[verify_pb2.VerifySequence(sequence_id=s, tree=tree.tree)]))
+            tokens[s] += result.results[0].committed_tokens
+            return len(tree.layers)
+
+        while min(len(tokens[s]) - len(prompts[s]) for s in prompts) < 16:
+            calls.clear()
+            draft.servicer.executor.submit(time.sleep, 0.3)  # the model is busy while both Expands arrive
+            layers = await asyncio.gather(*(step(s) for s in prompts))
+            assert [sorted(c) for c in calls] == [[["a"], ["b"]]]  # one expansion for both requests
+            assert layers == [3, 4]  # each request's own budget
+        for s, p in prompts.items():
+            out = tokens[s][len(p):]
+            assert out == refs[s][:len(out)]
+
+        calls.clear()
+        draft.servicer.executor.submit(time.sleep, 0.3)
+        replies = await asyncio.gather(
+            drafts["a"].Expand(expand_request(("c", [1, 2, 3], 0))),
+            StepStub(draft_pb2_grpc.DraftServiceStub(draft_channel)).Expand(expand_request(("bad", [1, 10**6], 0))),
+            drafts["b"].Expand(expand_request(("d", [4, 5], 0))), return_exceptions=True)
+        assert isinstance(replies[1], grpc.aio.AioRpcError) and replies[1].code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert replies[1].details().startswith("sequences[0].new_tokens[1]:")
+        assert [[t.sequence_id for t in r.trees] for r in (replies[0], replies[2])] == [["c"], ["d"]]
+        # One expansion tried, then each request alone.
+        assert sorted(calls[0]) == [["bad"], ["c"], ["d"]] and calls[1:] == [[r] for r in calls[0]]
+    finally:
+        await draft_channel.close()
+        await verify_channel.close()
+        await draft.server.stop(None)
+        draft.servicer.close()
+        await verify_server.stop(None)

@@ -151,11 +151,15 @@ def test_an_expand_that_first_runs_a_shape_says_it_is_cold(exported):
     servicer = DraftServicer(expander(runner), common_pb2.ReplicaDescription())
     try:
         budget = Budget(top_k=2, max_depth=2, max_breadth=2)
-        _, _, cold = servicer.timed_expand([seq("a", PROMPT)], budget)
+
+        def expand(sequences, budget):
+            return servicer.coalescer.timed(servicer.expander.expand, sequences, budget)
+
+        _, _, cold = expand([seq("a", PROMPT)], budget)
         assert cold, "new buckets: the prompt's, and the tree layers'"
-        _, _, cold = servicer.timed_expand([seq("b", PROMPT)], budget)  # a's row is b's now: the same shapes
+        _, _, cold = expand([seq("b", PROMPT)], budget)  # a's row is b's now: the same shapes
         assert not cold
-        _, _, cold = servicer.timed_expand([seq("a", [1], 9), seq("b", [2], 9)], budget)  # batch bucket 2: new
+        _, _, cold = expand([seq("a", [1], 9), seq("b", [2], 9)], budget)  # batch bucket 2: new
         assert cold
     finally:
         servicer.close()
