@@ -77,7 +77,9 @@ def expansion_to_proto(e: Expansion) -> draft_pb2.ExpandedTree:
     )
 
 
-MERGE = os.environ.get("CAST_DRAFT_MERGE", "1") != "0"  # MEASURING ONLY: Expands merged (1) or run apart (0)
+# MEASURING ONLY, until benchmarks/gpu_replicas.sh has run: waiting Expands merged (1) or run apart (0). On the 2-core
+# CPU the two could not be told apart (reports/replicas); the setting that loses on the GPU goes, and this knob too.
+MERGE = os.environ.get("CAST_DRAFT_MERGE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ class Expansions:
 
 
 class Coalescer:
-    """Expand requests that arrive while the model is busy run as one expansion in its next turn: orchestrators
-    sharing this replica (each with its own step stream) get one batch, as one orchestrator's sequences do (on two
-    cores, two batch-4 Expands one after the other took 88-108 ms each, one batch-8 Expand 52-64 ms). Each request
-    keeps its own budget and gets only its own trees (Expander.expand_together decides breadth and depth per request).
+    """Expand requests that wait for the model together run as one expansion in its next turn: orchestrators
+    sharing this replica (each with its own step stream) get one batch, as one orchestrator's sequences do. Each
+    request keeps its own budget and gets only its own trees (Expander.expand_together decides breadth and depth per
+    request, as if it ran alone: its orchestrator priced its tree for its own batch). Only requests queued while the
+    model is busy merge: two orchestrators that take turns (one drafts while the other verifies) mostly do not.
 
     Each request queues itself and a job on the model's worker; the first job to run takes everything queued (later
     ones find nothing left). A cascade runs alone: its levels run in turn, each with its own budget, and its trees
