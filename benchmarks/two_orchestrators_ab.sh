@@ -24,9 +24,13 @@ bench() {  # bench ADDR CONCURRENCY NAME
         --seconds 120 --max-new-tokens "$TOKENS" --rstrip-prompts --warmup 1 --out "$OUT/$3" > "$OUT/$3.log" 2>&1
 }
 
-wait_for() {  # wait_for FILE PATTERN
-    for _ in $(seq 1 900); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 1; done
-    echo "$1: no '$2' after 900 s"; tail -5 "$1"; exit 1
+wait_for() {  # wait_for FILE PATTERN PID: until the process's log says PATTERN; exit if it dies or takes 900 s
+    for _ in $(seq 1 900); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        kill -0 "$3" 2>/dev/null || break
+        sleep 1
+    done
+    echo "$1: no '$2'"; tail -5 "$1"; exit 1
 }
 
 i=0
@@ -36,11 +40,11 @@ for setting in $SETTINGS; do  # stacks in turn (each profiles or reads its cost 
         --draft-port $((port + 1)) --verify-port $((port + 2)) --http-port -1 --metrics-port 0 ${UP_ARGS:-} \
         > "$OUT/stack_$name.log" 2>&1 &
     PIDS+=($!)
-    wait_for "$OUT/stack_$name.log" '^ready'
+    wait_for "$OUT/stack_$name.log" '^ready' $!
     $PY -m orchestrator.server --tokenizer models/reference/target --port $((port + 10)) \
         --draft 127.0.0.1:$((port + 1)) --verify 127.0.0.1:$((port + 2)) > "$OUT/orchestrator2_$name.log" 2>&1 &
     PIDS+=($!)
-    wait_for "$OUT/orchestrator2_$name.log" "orchestrator serving"
+    wait_for "$OUT/orchestrator2_$name.log" "orchestrator serving" $!
     i=$((i + 1))
 done
 
