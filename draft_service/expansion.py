@@ -207,6 +207,53 @@ class _Tree:
         return tree.top_m(keep, self.keys[:n]) if keep > 0 else tree
 
 
+def check_sequences(sequences: list[SequenceInput], vocab_size: int, max_context: int, sessions: SessionStore,
+                    cached_length) -> list:
+    """A request's sequences checked against the request, the vocabulary, the context and the cached sessions
+    (cached_length(session): the tokens it holds); the cached session of each (None: one to create). Raises a
+    CastError naming the field. Shared by the single-draft Expander and the draft levels (levels.py)."""
+    seen: set[str] = set()
+    found: list = []
+    for i, q in enumerate(sequences):
+        f = f"sequences[{i}]"
+        if not q.sequence_id:
+            raise InvalidArgument("must not be empty", f"{f}.sequence_id")
+        if q.sequence_id in seen:
+            raise InvalidArgument(f"{q.sequence_id!r} appears twice in one request", f"{f}.sequence_id")
+        seen.add(q.sequence_id)
+        if q.new_tokens.size == 0:
+            raise InvalidArgument("must not be empty: the last new token is the tree's root", f"{f}.new_tokens")
+        bad = np.nonzero((q.new_tokens < 0) | (q.new_tokens >= vocab_size))[0]
+        if bad.size:
+            j = int(bad[0])
+            raise InvalidArgument(f"token {int(q.new_tokens[j])} is outside the vocabulary [0, {vocab_size})",
+                                  f"{f}.new_tokens[{j}]")
+        if q.start_position < 0:
+            raise InvalidArgument(f"{q.start_position} must be >= 0", f"{f}.start_position")
+        end = q.start_position + q.new_tokens.size + q.predict_root
+        if end > max_context:
+            raise OutOfRange(f"the sequence would hold {end} tokens, the context is {max_context}", f"{f}.new_tokens")
+        if q.sequence_id in sessions:
+            session = sessions.get(q.sequence_id)
+            if q.start_position > cached_length(session):
+                raise FailedPrecondition(f"{q.start_position} is past the {cached_length(session)} tokens cached "
+                                         f"for {q.sequence_id!r}", f"{f}.start_position")
+            found.append(session)
+        elif q.start_position > 0:
+            raise NotFound(f"unknown sequence {q.sequence_id!r} (never created, released or expired): "
+                           "send the whole sequence with start_position 0", f"{f}.sequence_id")
+        else:
+            found.append(None)
+    new = [i for i, s in enumerate(found) if s is None]
+    if new and len(sessions) + len(new) > sessions.max_sessions:
+        sessions.expire()
+        room = sessions.max_sessions - len(sessions)
+        if len(new) > room:  # name the first sequence that does not fit
+            raise ResourceExhausted(f"{sessions.max_sessions} live sequences: no room for another",
+                                    f"sequences[{new[room]}].sequence_id")
+    return found
+
+
 class Expander:
     """Owns the sessions and the runner; all calls come from one thread (the servicer's executor)."""
 
@@ -312,49 +359,8 @@ class Expander:
 
     def validate_sequences(self, sequences: list[SequenceInput]) -> list[DraftSession | None]:
         """Check every sequence against the request and the cache; the session of each (None: to create)."""
-        vocab = self.runner.meta.vocab_size
-        seen: set[str] = set()
-        found: list[DraftSession | None] = []
-        for i, q in enumerate(sequences):
-            f = f"sequences[{i}]"
-            if not q.sequence_id:
-                raise InvalidArgument("must not be empty", f"{f}.sequence_id")
-            if q.sequence_id in seen:
-                raise InvalidArgument(f"{q.sequence_id!r} appears twice in one request", f"{f}.sequence_id")
-            seen.add(q.sequence_id)
-            if q.new_tokens.size == 0:
-                raise InvalidArgument("must not be empty: the last new token is the tree's root", f"{f}.new_tokens")
-            bad = np.nonzero((q.new_tokens < 0) | (q.new_tokens >= vocab))[0]
-            if bad.size:
-                j = int(bad[0])
-                raise InvalidArgument(f"token {int(q.new_tokens[j])} is outside the vocabulary [0, {vocab})",
-                                      f"{f}.new_tokens[{j}]")
-            if q.start_position < 0:
-                raise InvalidArgument(f"{q.start_position} must be >= 0", f"{f}.start_position")
-            end = q.start_position + q.new_tokens.size + q.predict_root
-            if end > self.max_context:
-                raise OutOfRange(f"the sequence would hold {end} tokens, the context is {self.max_context}",
-                                 f"{f}.new_tokens")
-            if q.sequence_id in self.sessions:
-                session = self.sessions.get(q.sequence_id)
-                if q.start_position > session.length:
-                    raise FailedPrecondition(
-                        f"{q.start_position} is past the {session.length} tokens cached for "
-                        f"{q.sequence_id!r}", f"{f}.start_position")
-                found.append(session)
-            elif q.start_position > 0:
-                raise NotFound(f"unknown sequence {q.sequence_id!r} (never created, released or expired): "
-                               "send the whole sequence with start_position 0", f"{f}.sequence_id")
-            else:
-                found.append(None)
-        new = [i for i, s in enumerate(found) if s is None]
-        if new and len(self.sessions) + len(new) > self.sessions.max_sessions:
-            self.sessions.expire()
-            room = self.sessions.max_sessions - len(self.sessions)
-            if len(new) > room:  # name the first sequence that does not fit
-                raise ResourceExhausted(f"{self.sessions.max_sessions} live sequences: no room for another",
-                                        f"sequences[{new[room]}].sequence_id")
-        return found
+        return check_sequences(sequences, self.runner.meta.vocab_size, self.max_context, self.sessions,
+                               lambda session: session.length)
 
     def grow_trees(self, sequences, budget: Budget, root_probs, root_ids):
         """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from cast_core.cost_table import CostTable
-from cast_core.errors import CastError, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from cast_core.errors import CastError, FailedPrecondition, InvalidArgument
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
-from draft_service.expansion import Budget, Expander, Expansion, LayerStats, SequenceInput
+from draft_service.expansion import Budget, Expander, Expansion, LayerStats, SequenceInput, check_sequences
 from draft_service.lookup import chain_values, lookup_chain
 
 KINDS = ("small", "sparse", "lookup")  # the default level is the first model level in this order
@@ -237,45 +237,8 @@ class Levels:
 
     def commit(self, sequences: list[SequenceInput]) -> list[History]:
         """Validate the sequences against their histories, then append their new tokens."""
-        found: list[History | None] = []
-        seen: set[str] = set()
-        for i, q in enumerate(sequences):
-            f = f"sequences[{i}]"
-            if not q.sequence_id:
-                raise InvalidArgument("must not be empty", f"{f}.sequence_id")
-            if q.sequence_id in seen:
-                raise InvalidArgument(f"{q.sequence_id!r} appears twice in one request", f"{f}.sequence_id")
-            seen.add(q.sequence_id)
-            if q.new_tokens.size == 0:
-                raise InvalidArgument("must not be empty: the last new token is the tree's root", f"{f}.new_tokens")
-            bad = np.nonzero((q.new_tokens < 0) | (q.new_tokens >= self.vocab_size))[0]
-            if bad.size:
-                j = int(bad[0])
-                raise InvalidArgument(f"token {int(q.new_tokens[j])} is outside the vocabulary "
-                                      f"[0, {self.vocab_size})", f"{f}.new_tokens[{j}]")
-            if q.start_position < 0:
-                raise InvalidArgument(f"{q.start_position} must be >= 0", f"{f}.start_position")
-            end = q.start_position + q.new_tokens.size + q.predict_root
-            if end > self.max_context:
-                raise OutOfRange(f"the sequence would hold {end} tokens, the context is {self.max_context}",
-                                 f"{f}.new_tokens")
-            if q.sequence_id in self.sessions:
-                history = self.sessions.get(q.sequence_id)
-                if q.start_position > len(history.tokens):
-                    raise FailedPrecondition(f"{q.start_position} is past the {len(history.tokens)} tokens "
-                                             f"cached for {q.sequence_id!r}", f"{f}.start_position")
-                found.append(history)
-            elif q.start_position > 0:
-                raise NotFound(f"unknown sequence {q.sequence_id!r} (never created, released or expired): "
-                               "send the whole sequence with start_position 0", f"{f}.sequence_id")
-            else:
-                found.append(None)
-        new = sum(h is None for h in found)
-        if new and len(self.sessions) + new > self.sessions.max_sessions:
-            self.sessions.expire()
-            if len(self.sessions) + new > self.sessions.max_sessions:
-                raise ResourceExhausted(f"{self.sessions.max_sessions} live sequences: no room for another",
-                                        "sequences")
+        found = check_sequences(sequences, self.vocab_size, self.max_context, self.sessions,
+                                lambda history: len(history.tokens))
         fresh = [q.sequence_id for q, h in zip(sequences, found) if h is None]
         for model in self.models.values():  # a level's cache of an expired history is stale
             model.release(fresh)
