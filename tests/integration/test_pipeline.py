@@ -9,7 +9,6 @@ cache to the real tokens and expands again). Within a batch of 8, sequences hit 
 from __future__ import annotations
 
 import statistics
-
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
