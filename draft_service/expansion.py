@@ -175,7 +175,8 @@ class _Tree:
         self.tokens[0], self.values[0], self.keys[0], self.paths[0, 0] = root_token, 1.0, 1.0, 0
         self.size = 1
 
-    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
+                     scale: float = 1.0) -> np.ndarray:
         """parents [n]; tokens, probs [n, k]: each parent's top-k; scale: the calibration at their depth. Returns
         the new nodes' indices [n * k]."""
         n, k = tokens.shape

@@ -123,8 +123,9 @@ class DraftRunner:
         self.width = ROW_FIELDS + ancestors  # W: a row's fields, then the visible ancestor columns
         on_cuda = self.provider == PROVIDERS["cuda"]
         self.fixed_buffers = on_cuda if fixed_buffers is None else fixed_buffers
-        small = weight_bytes(onnx_path) <= GRAPH_MAX_WEIGHT_BYTES
-        self.cuda_graphs = on_cuda and self.fixed_buffers and small if cuda_graphs is None else cuda_graphs
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and self.fixed_buffers and weight_bytes(onnx_path) <= GRAPH_MAX_WEIGHT_BYTES
+        self.cuda_graphs = cuda_graphs
         if self.cuda_graphs and not (on_cuda and self.fixed_buffers):
             raise ValueError("cuda_graphs needs the CUDA provider and fixed buffers")
         # Sessions per (batch, tokens) bucket: on CUDA for the graphs only; on CPU (fixed buffers: tests) always.
