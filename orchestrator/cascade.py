@@ -1,18 +1,24 @@
 """The `cascade` policy at work: a Dynamic Tree Cascade (DyTC, CAS-Spec arXiv 2510.26843) over the draft levels a
-draft replica serves (small model, sparse target, prompt lookup), priced as CAST prices layers.
+draft replica serves (small model, sparse target, prompt lookup), priced as CAST prices layers and judged on
+measured steps.
 
 Per step, for the step's batch:
-1. Each model level of the policy that the replica serves is priced: its expected accepted tokens, from the
-   acceptance learned online per level and tree depth (`LevelAcceptance`), against the step's cost with it, from
-   that level's own cost table (Describe's draft_levels) and the verifier's. Lookup, where the policy has it, joins
-   every step (its cost is a chain search, microseconds): its chain comes first and is worth the learned acceptance
-   of lookup chains, so the merged tree keeps it where lookup has been right and drops it where not.
-2. The best level by expected tokens per millisecond drafts the rest of the tree with CAST's breadth and depth
-   rules inside Expand (its own Planner: gain buffer and value calibration per level). One step in EXPLORE_EVERY
-   drafts with the least-tried level instead, so that every level's acceptance stays measured.
+1. The draft gate (orchestrator/draft_gate.py) picks the step's arm: one per model level of the policy that the
+   replica serves, with lookup's chain riding along where the policy has lookup; lookup alone; or plain decoding.
+   Each arm is judged as `cast`'s gate judges drafting against plain decoding: tokens committed per sequence per ms
+   of the whole step, per batch size, the losers probed now and then. Until an arm's own steps judge it, a model
+   level counts at DyTC's price: its expected accepted tokens, from the acceptance learned online per level and
+   tree depth (`LevelAcceptance`), lookup's included, against the step's cost with it, from that level's own cost
+   table (Describe's draft_levels) and the verifier's; plain decoding at the verifier's one-token step. Lookup alone
+   is not priced (with the same acceptance prior as a model level it would look as good for nothing and win every
+   first step): it is measured early instead, as every unjudged arm is. So a model level that does not pay is
+   dropped and lookup's nearly free chains kept, or plain decoding runs where nothing pays; and the model level is
+   the one that measured best, not the one the tables price best.
+2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
+   where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
+   CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
 3. The draft service runs lookup and the chosen level inside the one Expand and merges their trees by token path;
    CAST's reranking (C3) then picks the nodes to verify from the combined tree, as for `cast`.
-The draft gate (plain decoding when drafting does not pay) is the same as `cast`'s.
 
 What the paper's DyTC does beyond this: it routes each *layer* of the tree to a level (lookup proposes, the sparse
 target extends, the small draft fills breadth) and sets each level's draft length from the same estimates; here a
@@ -33,6 +39,7 @@ import numpy as np
 from cast.v1 import draft_pb2
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
+from orchestrator.draft_gate import LOOKUP, PLAIN, DraftGate
 from orchestrator.planner import Planner
 from orchestrator.policies import TreePolicy
 
@@ -41,7 +48,6 @@ log = logging.getLogger("cast.orchestrator")
 PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
-EXPLORE_EVERY = 16      # one step in this many drafts with the least-tried model level
 MAX_DEPTH = 64
 
 
@@ -107,41 +113,66 @@ class CascadePlanner(Planner):
         super().__init__(policy)
         self.acceptance = LevelAcceptance()
         self.levels: dict[str, Planner] = {}  # per model level: its CAST state
-        self.steps = 0
+        if self.gate is not None:
+            self.gate = DraftGate(arms=arm_names(policy.levels))
+        self.arm: str | None = None           # this step's arm (the gate's choice)
         self.plan: list[str] = []             # this step's levels, in the Expand's order
         self.chosen: str | None = None        # this step's model level
 
-    # --- pricing ----------------------------------------------------------------------------------------------
+    # --- the step's arm ---------------------------------------------------------------------------------------
 
     def served(self, costs: CostModel) -> list[str]:
         """The policy's levels that the draft replica serves (costs.levels: its levels' prices)."""
         return [level for level in self.policy.levels if level in costs.levels]
 
     def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
-        if not self.served(costs):
+        served = self.served(costs)
+        if not served:
+            self.arms = (PLAIN,)
             return False
-        return super().drafts(costs, batch, context)
+        if self.gate is None:
+            return True  # a fixed cascade: every level, every step
+        self.arms = arm_names(served)
+        for arm in self.arms:
+            price = self.step_price(arm, costs, batch, context)
+            if price is not None:
+                self.gate.expect(batch, arm, *price)
+        self.arm = self.gate.choose(batch, self.arms)
+        if self.arm == PLAIN:
+            self.prepared.clear()
+        return self.arm != PLAIN
 
-    def step_tokens_per_ms(self, level: str, costs: CostModel, batch: int, context: int) -> float:
-        """What a step drafted by this model level is expected to commit per millisecond, lookup's part included."""
+    def step_arm(self, drafted: bool) -> str:
+        return self.arm if drafted and self.arm is not None else PLAIN
+
+    def step_price(self, arm: str, costs: CostModel, batch: int, context: int) -> tuple[float, float] | None:
+        """DyTC's price of a step of this arm: (tokens committed per sequence, ms), lookup's part included where
+        the replica serves lookup. Lookup alone: None (not priced; the module docstring)."""
+        if arm == PLAIN:
+            return 1.0, costs.verify_step_ms(batch, context, 1)
+        if arm == LOOKUP:
+            return None
+        level = costs.levels[arm]
         depth = self.policy.max_depth
-        expected = self.acceptance.expected_tokens(level, depth)
-        if "lookup" in self.plan:
-            expected = max(expected, self.acceptance.expected_tokens("lookup", depth))
+        expected = self.acceptance.expected_tokens(arm, depth)
+        if LOOKUP in costs.levels and LOOKUP in self.policy.levels:
+            expected = max(expected, self.acceptance.expected_tokens(LOOKUP, depth))
         width = min(self.policy.max_breadth, 4)  # a typical CAST layer
         nodes = min(1 + depth * width, self.policy.verify_tokens)
-        millis = (costs.verify_step_ms(batch, context, nodes) + costs.draft_call_ms.get(batch, 0.0)
-                  + sum(costs.draft_forward_ms(batch, context + d * width, width) for d in range(depth)))
-        return (1.0 + expected) / max(millis, 1e-6)
+        millis = (level.verify_step_ms(batch, context, nodes) + level.draft_call_ms.get(batch, 0.0)
+                  + sum(level.draft_forward_ms(batch, context + d * width, width) for d in range(depth)))
+        return 1.0 + expected, millis
 
-    def choose_level(self, costs: CostModel, batch: int, context: int) -> str | None:
-        models = [level for level in self.served(costs) if level != "lookup"]
+    def model_level(self, costs: CostModel, batch: int, context: int) -> str | None:
+        """The step's model level (None: lookup alone): the gate's arm; where this replica does not serve it, or
+        no gate chose (a budget priced outside a step), the served model level with the best price."""
+        served = self.served(costs)
+        if self.arm in served:
+            return None if self.arm == LOOKUP else self.arm
+        models = [level for level in served if level != LOOKUP]
         if not models:
             return None
-        self.steps += 1
-        if len(models) > 1 and self.steps % EXPLORE_EVERY == 0:
-            return min(models, key=self.acceptance.tries)
-        return max(models, key=lambda level: self.step_tokens_per_ms(level, costs.levels[level], batch, context))
+        return max(models, key=lambda level: rate(self.step_price(level, costs, batch, context)))
 
     def level_planner(self, level: str) -> Planner:
         planner = self.levels.get(level)
@@ -152,15 +183,16 @@ class CascadePlanner(Planner):
         return planner
 
     def budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.CascadeBudget:
-        """This step's cascade: lookup first (where the policy has it), then the chosen model level (DyTC) or,
-        for a fixed cascade, every model level. Priced now: the chosen level decides which prices apply."""
+        """This step's cascade: lookup first (where the policy has it), then the model level of the gate's arm
+        (none for lookup alone) or, for a fixed cascade, every model level. Priced now: the chosen level decides
+        which prices apply."""
         served = self.served(costs)
         self.plan = [level for level in served if level == "lookup"]
         if self.policy.cast is None:
             self.plan += [level for level in served if level != "lookup"]
             self.chosen = next((level for level in self.plan if level != "lookup"), None)
         else:
-            self.chosen = self.choose_level(costs, batch, context)
+            self.chosen = self.model_level(costs, batch, context)
             self.plan += [self.chosen] if self.chosen else []
         scale = self.level_planner(self.chosen).value_scale if self.chosen else 1.0
         out = draft_pb2.CascadeBudget(max_returned_nodes=self.policy.verify_tokens)
@@ -224,6 +256,16 @@ def tree_paths(tree: TokenTree) -> list[tuple[int, ...]]:
 
 def node_levels_by_path(tree: TokenTree, levels: list[str | None]) -> dict[tuple[int, ...], str | None]:
     return dict(zip(tree_paths(tree), levels))
+
+
+def arm_names(levels) -> tuple[str, ...]:
+    """The gate's arms for these levels: each model level (lookup riding along), lookup alone, plain decoding."""
+    models = tuple(level for level in levels if level != LOOKUP)
+    return models + ((LOOKUP,) if LOOKUP in levels else ()) + (PLAIN,)
+
+
+def rate(price: tuple[float, float]) -> float:
+    return price[0] / max(price[1], 1e-6)
 
 
 def make_planner(policy: TreePolicy) -> Planner:

@@ -32,7 +32,7 @@ from cast_core.selection import (GainBuffer, batch_gains, batch_topk_utilities, 
 from cast_core.tree import TokenTree
 from orchestrator.calibration import ValueCalibration
 from orchestrator.costs import CostModel
-from orchestrator.draft_gate import DraftGate
+from orchestrator.draft_gate import DRAFTED, PLAIN, DraftGate, arm_label
 from orchestrator.policies import TreePolicy
 
 log = logging.getLogger("cast.orchestrator")
@@ -45,6 +45,7 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
+        self.arms: tuple[str, ...] | None = None  # the gate's arms this step can run (None: all of the gate's)
         # CAST: per batch size, the nodes per tree and the depth that reranking verified in its last steps
         self.verified_counts: dict[int, deque[int]] = {}
         self.verified_depths: dict[int, deque[int]] = {}
@@ -181,20 +182,27 @@ class Planner:
                    step_ms: float, one_off: bool) -> bool:
         """A verified step of this policy's sequences: their trees, the tokens each committed, the step's time.
         A one-off step (a graph capture, a prefill, a draft catching up) teaches the calibration but not the
-        gate, which judges step times. Returns whether the draft gate switched."""
+        gate, which judges step times. Returns whether the draft gate switched (its winner at this batch size
+        changed: drafting or plain decoding; for a cascade, also from one model level or lookup alone to another)."""
         if self.policy.cast is None:
             return False
         if drafted:
             self.calibration.observe(verified, committed)
         if one_off:
             return False
-        was = self.gate.winner_drafts(batch)
-        self.gate.observe(batch, drafted, sum(committed) / len(committed), step_ms)
-        if self.gate.winner_drafts(batch) == was:
+        was = self.gate.winner(batch, self.arms)
+        self.gate.record(batch, self.step_arm(drafted), sum(committed) / len(committed), step_ms, self.arms)
+        now = self.gate.winner(batch, self.arms)
+        if now == was:
             return False
-        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, "plain decoding" if was else "drafting",
-                 self.gate.describe(batch))
+        arms = self.arms or self.gate.arms
+        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, arm_label(now, arms),
+                 self.gate.describe(batch, arms))
         return True
+
+    def step_arm(self, drafted: bool) -> str:
+        """The gate's arm that the step ran."""
+        return DRAFTED if drafted else PLAIN
 
 
 class Planners:

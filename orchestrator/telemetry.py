@@ -160,7 +160,8 @@ class OrchestratorTelemetry:
             "cast.orchestrator.replays", unit="{sequence}", description="sequences replayed on another verify replica")
         self.gate_switches = meter.create_counter(
             "cast.orchestrator.draft_gate.switches", unit="{switch}",
-            description="the draft gate switched a policy at a batch size between drafting and plain decoding")
+            description="the draft gate switched a policy at a batch size between its kinds of step (drafting, plain "
+                        "decoding; a cascade's: each model level with lookup, lookup alone, plain decoding)")
         for counter in (self.replays, self.gate_switches):
             counter.add(0)  # exported from the start (a counter appears at its first add)
 

@@ -39,21 +39,107 @@ def costs_with_levels(small_ms: float, sparse_ms: float) -> CostModel:
     return costs
 
 
-def test_the_level_with_more_tokens_per_millisecond_drafts_lookup_always_joins():
+def test_before_steps_are_measured_the_level_with_more_expected_tokens_per_millisecond_drafts():
+    """DyTC's price (acceptance per level and depth against each level's cost table): the gate's prior."""
     planner = CascadePlanner(POLICIES["cascade"])
-    costs = costs_with_levels(small_ms=1.0, sparse_ms=5.0)
+    costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)  # both priced above plain decoding's 0.1 tokens/ms
+    assert planner.drafts(costs, 1, 100)
     budget = planner.budget(costs, 1, 100)
     assert [level.level for level in budget.levels] == ["lookup", "small"]  # equal priors: the cheaper level
     assert budget.levels[1].budget.HasField("cast") and budget.levels[0].acceptance
-    # Sparse's chains of 8 are accepted whole, small's first token never: sparse wins despite its cost.
+    # Sparse's chains of 8 are accepted whole, small's first token never: sparse is priced best despite its cost.
     chain = TokenTree.from_lists(list(range(9)), list(range(-1, 8)), list(range(9)), [1.0] * 9)
     choices = []
-    for _ in range(64):
+    for _ in range(32):
+        planner.arm = None  # a budget priced outside a step: the price alone decides
         chosen = [level.level for level in planner.budget(costs, 1, 100).levels][-1]
         choices.append(chosen)
         levels = [None] + [chosen] * 8
         planner.acceptance.observe(chain, levels, list(range(1, 10)) if chosen == "sparse" else [99])
-    assert choices[-32:].count("sparse") >= 30 and "small" in choices[-32:]  # one step in 16 tries the other
+    assert choices[-16:] == ["sparse"] * 16
+    small, sparse = (planner.step_price(level, costs, 1, 100) for level in ("small", "sparse"))
+    assert sparse[0] / sparse[1] > small[0] / small[1]
+
+
+ROOT = TokenTree.from_lists([5], [-1], [0], [1.0])
+
+
+def drive(planner: CascadePlanner, costs: CostModel, steps: int, outcomes: dict[str, tuple[float, float]],
+          batch: int = 1) -> tuple[list[str], int]:
+    """Steps as the step loop runs them, each arm's step committing and taking what `outcomes` says (tokens per
+    sequence, ms). Returns each step's arm (its Expand's last level: a model level, or lookup alone; else plain)
+    and how many times the gate switched."""
+    arms, switches = [], 0
+    for _ in range(steps):
+        drafts = planner.drafts(costs, batch, 100)
+        arm = [level.level for level in planner.budget(costs, batch, 100).levels][-1] if drafts else "plain"
+        arms.append(arm)
+        tokens, millis = outcomes[arm]
+        switches += planner.learn_step(batch, drafts, [ROOT] * batch, [tokens] * batch, millis, False)
+    return arms, switches
+
+
+def sparse_and_lookup() -> CostModel:
+    """A target with no draft model: sparse and lookup, sparse priced well worth drafting."""
+    costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)
+    del costs.levels["small"]
+    return costs
+
+
+def test_a_model_level_slower_per_token_than_lookup_alone_is_dropped_and_lookup_kept():
+    """reports/cascade/ (H100, edit prompts): sparse + lookup 8.6 ms a step against 2.4 plain; the gate judged
+    drafting as a whole and decoded plainly, losing lookup's chains (630 tok/s against lookup alone's 722)."""
+    planner = CascadePlanner(POLICIES["cascade"])
+    outcomes = {"sparse": (3.0, 35.0), "lookup": (2.5, 10.5), "plain": (1.0, 10.0)}  # 0.086, 0.24, 0.1 tokens/ms
+    arms, switches = drive(planner, sparse_and_lookup(), 400, outcomes)
+    assert arms[0] == "sparse"  # priced best until measured
+    assert arms[100:].count("lookup") / 300 > 0.9 and arms[100:].count("plain") < 10
+    assert "sparse" in arms[-150:] and "plain" in arms[-150:]  # both still probed
+    assert planner.gate.winner(1, planner.arms) == "lookup" and 1 <= switches <= 6
+
+
+def test_where_plain_decoding_beats_every_level_it_runs_and_the_levels_are_probed():
+    planner = CascadePlanner(POLICIES["cascade"])
+    outcomes = {"sparse": (3.0, 40.0), "lookup": (1.2, 12.0), "plain": (1.0, 5.0)}  # 0.075, 0.1, 0.2 tokens/ms
+    arms, _ = drive(planner, sparse_and_lookup(), 400, outcomes)
+    assert arms[100:].count("plain") / 300 > 0.9
+    assert "sparse" in arms[-150:] and "lookup" in arms[-150:]
+
+
+def test_a_level_that_recovers_drafts_again():
+    planner = CascadePlanner(POLICIES["cascade"])
+    costs = sparse_and_lookup()
+    drive(planner, costs, 200, {"sparse": (3.0, 35.0), "lookup": (2.5, 10.5), "plain": (1.0, 10.0)})
+    assert planner.gate.winner(1, planner.arms) == "lookup"
+    # The sparse level got cheap (e.g. its CUDA graphs): 6 tokens in 15 ms, 0.4 tokens/ms against lookup's 0.24.
+    arms, _ = drive(planner, costs, 400, {"sparse": (6.0, 15.0), "lookup": (2.5, 10.5), "plain": (1.0, 10.0)})
+    assert planner.gate.winner(1, planner.arms) == "sparse" and arms[-100:].count("sparse") > 90
+
+
+def test_the_model_level_that_measures_best_drafts_not_the_one_priced_best():
+    planner = CascadePlanner(POLICIES["cascade"])
+    costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)  # small priced best
+    outcomes = {"small": (2.0, 30.0), "sparse": (4.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
+    arms, _ = drive(planner, costs, 400, outcomes)
+    assert arms[0] == "small" and arms[100:].count("sparse") / 300 > 0.9
+    assert {"small", "lookup", "plain"} <= set(arms[-200:])  # every loser probed
+
+
+def test_levels_priced_below_plain_decoding_are_still_measured_and_draft_where_they_pay():
+    """A table that overprices a level (profiled on a busy machine) must not keep the cascade plain."""
+    planner = CascadePlanner(POLICIES["cascade"])
+    costs = costs_with_levels(small_ms=1.0, sparse_ms=5.0)  # every model level priced below plain's 0.1 tokens/ms
+    outcomes = {"small": (2.0, 30.0), "sparse": (5.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
+    arms, _ = drive(planner, costs, 200, outcomes)
+    assert arms[0] == "plain" and arms[60:].count("sparse") / 140 > 0.9
+
+
+def test_batch_sizes_choose_their_arms_separately():
+    planner = CascadePlanner(POLICIES["cascade"])
+    costs = sparse_and_lookup()
+    drive(planner, costs, 200, {"sparse": (3.0, 35.0), "lookup": (2.5, 10.5), "plain": (1.0, 10.0)}, batch=1)
+    drive(planner, costs, 200, {"sparse": (3.0, 35.0), "lookup": (1.1, 10.5), "plain": (1.0, 5.0)}, batch=8)
+    assert planner.gate.winner(1, planner.arms) == "lookup" and planner.gate.winner(8, planner.arms) == "plain"
 
 
 def test_a_level_alone_and_a_replica_without_it():

@@ -1,4 +1,4 @@
-from orchestrator.draft_gate import JUDGE_AFTER, DraftGate
+from orchestrator.draft_gate import JUDGE_AFTER, PLAIN, DraftGate
 
 
 def run(gate: DraftGate, steps: int, drafted_step: tuple[float, float], plain_step: tuple[float, float], batch: int = 8):
@@ -102,6 +102,40 @@ def test_one_off_spikes_do_not_turn_drafting_off():
         spike = 50.0 if i % 20 == 5 else 1.0
         gate.observe(1, drafts, *((5.0, 20.0 * spike) if drafts else (1.0, 10.0)))
     assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.95
+
+
+def run_arms(gate: DraftGate, steps: int, outcomes: dict[str, tuple[float, float]], batch: int = 1) -> list[str]:
+    """Drive a gate of named arms with fixed step outcomes per arm; returns its choices."""
+    choices = []
+    for _ in range(steps):
+        arm = gate.choose(batch)
+        choices.append(arm)
+        gate.record(batch, arm, *outcomes[arm])
+    return choices
+
+
+def test_of_several_arms_the_best_measured_runs_and_each_loser_is_probed_within_max_period():
+    gate = DraftGate(arms=("sparse", "lookup", PLAIN))
+    gate.expect(1, "sparse", 3.0, 12.0)  # priced best (0.25 tokens/ms); measured 0.1
+    gate.expect(1, PLAIN, 1.0, 9.0)
+    choices = run_arms(gate, 600, {"sparse": (3.0, 30.0), "lookup": (2.5, 10.0), PLAIN: (1.0, 9.0)})
+    assert choices[0] == "sparse"  # the price decides until measured
+    assert gate.winner(1) == "lookup" and choices[100:].count("lookup") / 500 > 0.9
+    late = choices[-2 * gate.max_period:]
+    assert "sparse" in late and PLAIN in late
+    for arm in ("sparse", PLAIN):  # each loser within max_period of the winner's steps
+        runs = [i for i, c in enumerate(choices) if c == arm and i > 100]
+        assert max(b - a for a, b in zip(runs, runs[1:])) <= gate.max_period + 2
+
+
+def test_an_arm_not_judged_yet_counts_at_its_price_and_is_measured_early():
+    gate = DraftGate(arms=("sparse", "lookup", PLAIN))
+    gate.expect(1, "sparse", 3.0, 12.0)
+    gate.expect(1, PLAIN, 1.0, 9.0)
+    choices = run_arms(gate, 40, {"sparse": (3.0, 12.0), "lookup": (1.0, 9.5), PLAIN: (1.0, 9.0)})
+    assert gate.judged(1, "lookup") and gate.judged(1, PLAIN)  # lookup has no price: measured, not guessed
+    assert choices.count("lookup") == 1 + JUDGE_AFTER  # its warm-up step, then judged on its own steps
+    assert gate.winner(1) == "sparse" and choices[-10:] == ["sparse"] * 10
 
 
 def test_a_draft_catching_up_is_not_a_drafted_steps_cost():
