@@ -88,8 +88,9 @@ class Router:
             seq.done = True
             if seq.loop is not None:
                 seq.loop.wake()
-            elif seq in self.orphans:
+            elif seq in self.orphans:  # its verify session went at the replay; its draft session goes now
                 self.orphans.remove(seq)
+                self.drop_draft_replica(seq)
                 self.forget(seq)
 
     # --- placement ------------------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class Router:
             for s in [s for s in self.orphans if now - s.lost_since > self.orphan_timeout_s]:
                 self.orphans.remove(s)
                 s.fail(Unavailable(f"no verify replica served for {self.orphan_timeout_s:.0f} s"))
+                self.drop_draft_replica(s)
                 self.forget(s)
 
     def _background(self, coroutine, name: str | None = None) -> None:
@@ -206,9 +208,12 @@ class Router:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop every loop and release every session; requests still running end with UNAVAILABLE."""
-        for s in self.orphans:
+        orphans, self.orphans = self.orphans, []
+        for s in orphans:
             s.fail(Unavailable("the orchestrator is shutting down"))
-        self.orphans = []
+        # Their verify sessions went when they were replayed; their draft sessions go now.
+        await asyncio.gather(*(s.draft.client.release([s.sequence_id], timeout_s) for s in orphans
+                               if s.opened_draft and s.draft is not None), return_exceptions=True)
         await asyncio.gather(*(loop.close(timeout_s) for loop in self.loops.values()))
         for task in list(self.background):
             task.cancel()
