@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import time
 from collections import Counter
 
@@ -17,7 +19,7 @@ from cast.v1 import generation_pb2, generation_pb2_grpc
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import start_server
 from tests.integration.stacks import prompts_for_tests
-from tests.integration.test_bad_input import wait_until_released
+from tests.integration.test_bad_input import live_sequences, wait_until_released
 from tests.orchestrator.test_step_rpc import start_services, stop_services
 
 FATES = ("deadline", "cancel_at_once", "cancel_after_first", "cancel_mid", "http_hang_up", "complete")
@@ -130,8 +132,8 @@ async def test_leaving_clients_of_a_slow_verifier_whose_calls_time_out_leave_no_
     draft, verify = await start_services(tiny_pair, max_batch=8)
     rng = random.Random(3)
     verifier = verify.servicer.verifier
-    verifier.prefill = slowed(rng, verifier.prefill, 0.15)
-    verifier.verify_noting_captures = slowed(rng, verifier.verify_noting_captures, 0.15)
+    verifier.prefill = slowed(rng, verifier.prefill, 0.3)
+    verifier.verify_noting_captures = slowed(rng, verifier.verify_noting_captures, 0.3)
     draft.servicer.timed_expand = slowed(rng, draft.servicer.timed_expand, 0.05)
     config = OrchestratorConfig(tokenizer_dir=tiny_pair[0], draft=f"127.0.0.1:{draft.port}",
                                 verify=f"127.0.0.1:{verify.port}", port=0, rpc_timeout_s=0.25, refresh_s=0.2)
@@ -150,3 +152,43 @@ async def test_leaving_clients_of_a_slow_verifier_whose_calls_time_out_leave_no_
         await orchestrator.close()
         await stop_services(draft, verify)
 
+
+async def test_a_verifier_that_stalls_past_the_release_deadline_gets_its_sessions_released(tiny_stack):
+    """The shared stack's verify process stalls (SIGSTOP: a long pause, an overloaded host) under an orchestrator of
+    short deadlines: the step's Verify times out, the sequences leave the replica (its release times out too) and
+    wait for a replica, and their clients leave meanwhile. Once the verifier answers again, nothing is left on it
+    or on the draft replica, which served throughout."""
+    assert await asyncio.to_thread(wait_until_released, tiny_stack) == (0, 0)
+    addresses = tiny_stack.addresses()
+    config = OrchestratorConfig(tokenizer_dir=tiny_stack.spec.target_dir, draft=addresses["draft"],
+                                verify=addresses["verify"], port=0, rpc_timeout_s=1.0, refresh_s=0.5)
+    orchestrator, port = await start_server(config)
+    verify = tiny_stack.processes["verify"]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            calls = [stub.GenerateStream(generation_pb2.GenerateRequest(
+                prompt="import os\n", max_new_tokens=3000, ignore_eos=True, policy=policy), timeout=120)
+                for policy in ("eagle2", "eagle2", "chain", "ar")]
+            for call in calls:
+                for _ in range(3):  # drafting from the second step on
+                    await call.read()
+            assert await asyncio.to_thread(live_sequences, tiny_stack) == (3, 4)
+            os.kill(verify.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(2.0)  # the Verify's deadline (1 s) passed: the sequences wait for a replica
+                for call in calls:
+                    call.cancel()
+                await asyncio.sleep(6.0)  # past the deadline of the release of their verify sessions (5 s)
+            finally:
+                os.kill(verify.pid, signal.SIGCONT)
+        assert orchestrator.router.replays >= 4
+        assert await asyncio.to_thread(wait_until_released, tiny_stack, 15.0) == (0, 0)
+    finally:
+        await orchestrator.stop(None)
+        await orchestrator.close()
+    # The stack's own orchestrator saw the stall too: it serves again.
+    async with grpc.aio.insecure_channel(tiny_stack.spec.address) as channel:
+        reply = await generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            generation_pb2.GenerateRequest(prompt="def f():", max_new_tokens=4, ignore_eos=True), timeout=60)
+    assert reply.usage.completion_tokens == 4
