@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-
 from opentelemetry import trace
 
 from cast.v1 import verify_pb2
