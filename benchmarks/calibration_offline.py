@@ -152,6 +152,43 @@ def pred_power(t, v, depth):
     return np.exp(t[depth - 1, 0] + t[depth - 1, 1] * np.log(v))
 
 
+Q_EDGES = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # bins of the draft's own probability
+
+
+def conditional(v, parent, depth):
+    """q: each node's own draft probability (its value over its parent's; the root's value is 1)."""
+    pv = np.where(parent >= 0, v[np.maximum(parent, 0)], 1.0)
+    return np.clip(v / pv, 0.0, 1.0)
+
+
+def fit_chain(v, y, depth, D, parent_ok, q, per_depth=False):
+    """Acceptance given the parent accepted, as a function of q: per q-bin rate (prior: q itself, 2 nodes' worth),
+    made non-decreasing, interpolated linearly between the bins' mean q (and through (0, 0) and (1, 1))."""
+    tables = []
+    for d in (range(1, D + 1) if per_depth else [None]):
+        m = parent_ok & ((depth == d) if d is not None else True)
+        b = np.searchsorted(Q_EDGES, q[m])
+        xs, ys = [0.0], [0.0]
+        for k in range(len(Q_EDGES) + 1):
+            c = b == k
+            if c.sum():
+                xs.append(float(q[m][c].mean()))
+                ys.append(float((y[m][c].sum() + 2 * q[m][c].mean()) / (c.sum() + 2)))
+        xs.append(1.0); ys.append(1.0)
+        tables.append((np.array(xs), np.maximum.accumulate(np.array(ys))))
+    return tables
+
+
+def pred_chain(tables, v, depth, parent, q):
+    p = np.zeros_like(v)
+    for d in range(1, int(depth.max()) + 1):
+        i = np.nonzero(depth == d)[0]
+        xs, ys = tables[min(d, len(tables)) - 1]
+        g = np.interp(q[i], xs, ys)
+        p[i] = g * np.where(parent[i] >= 0, p[np.maximum(parent[i], 0)], 1.0)
+    return p
+
+
 METHODS = {"a: scale per depth": (fit_depth, pred_depth), "b: scale per (depth, log-value bin)": (fit_bins, pred_bins),
            "c: power law per depth": (fit_power, pred_power)}
 
@@ -181,6 +218,25 @@ def analyse(a) -> int:
                         fitted = train & (top_ranks(ranked, tree_id) < a.fit_top - 1)  # m counts the root
                 p[test] = pred(params, v[test], depth[test])
             preds[name] = cap_by_parent(p, parent, depth)
+        q = conditional(v, parent, depth)
+        parent_ok = np.where(parent >= 0, y[np.maximum(parent, 0)] > 0, True)
+        for label, per_depth in (("d: chain, acceptance given parent by q", False),
+                                 ("e: chain, per depth", True)):
+            p = np.zeros_like(v)
+            for h in (0, 1):
+                train, test = sel_set & (half != h), sel_set & (half == h)
+                fitted = train
+                for _ in range(3 if a.fit_top else 1):
+                    tables = fit_chain(v[fitted], y[fitted], depth[fitted], D, parent_ok[fitted], q[fitted],
+                                       per_depth)
+                    if a.fit_top:
+                        ranked = pred_chain(tables, v, depth, parent, q)
+                        fitted = train & (top_ranks(ranked, tree_id) < a.fit_top - 1)
+                p[test] = pred_chain(tables, v, depth, parent, q)[test]
+            preds[label] = p
+            if h == 1 and s == 2:
+                print(f"\n{label}, table (q: acceptance given parent): "
+                      + "; ".join(" ".join(f"{x:.2f}:{y_:.2f}" for x, y_ in zip(*t)) for t in tables[:3]))
         preds["draft value (no calibration)"] = v
         m = sel_set
         print("| predictor | Brier | log loss | sum predicted / sum accepted |")
@@ -191,9 +247,9 @@ def analyse(a) -> int:
             ll = -np.mean(y[m] * np.log(pc) + (1 - y[m]) * np.log1p(-pc))
             print(f"| {name} | {brier:.5f} | {ll:.4f} | {p[m].sum() / y[m].sum():.3f} |")
         print("\nReliability (predicted vs observed acceptance) by depth and log-value bin, (a) and (b):\n")
-        print("| depth | value bin | nodes | observed | (a) predicted | (b) predicted | (c) predicted |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        names = list(METHODS)
+        print("| depth | value bin | nodes | observed | (a) predicted | (b) predicted | (c) predicted | (d) | (e) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        names = list(preds)[:5]
         lab = ["<1e-3", "1e-3..1e-2", "1e-2..0.05", "0.05..0.2", "0.2..0.5", ">0.5"]
         bins = np.searchsorted(EDGES, np.log(v))
         for d in range(1, D + 1):
