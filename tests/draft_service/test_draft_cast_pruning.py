@@ -186,9 +186,11 @@ def test_sibling_scales_are_read_capped_by_the_top_1_scales_and_bad_ones_are_ref
     cast = budget_from_proto(budget(depth_scales=[1.5, 3.0], sibling_scales=[0.5, 4.0])).cast
     assert cast.sibling_scales == (0.5, 4.0)
     assert (cast.sibling_scale(1), cast.sibling_scale(2), cast.sibling_scale(9)) == (0.5, 3.0, 3.0)
-    for bad, field in (([1.0, -1.0], "budget.cast.sibling_scales[1]"), ([float("nan")], "budget.cast.sibling_scales[0]"),
-                       ([1.0, float("inf")], "budget.cast.sibling_scales[1]"), ([0.0], "budget.cast.sibling_scales[0]"),
-                       ([1.0] * 4, "budget.cast.sibling_scales")):
+    for bad, field in (([1.0, -1.0], "budget.cast.sibling_scales[1]"),
+                       ([float("nan")], "budget.cast.sibling_scales[0]"),
+                       ([1.0, float("inf")], "budget.cast.sibling_scales[1]"),
+                       ([0.0], "budget.cast.sibling_scales[0]"),
+                       ([1.0] * 4, "budget.cast.sibling_scales")):  # more than max_depth 3 and depth_scales' 2
         with pytest.raises(InvalidArgument) as info:
             budget_from_proto(budget(depth_scales=[1.5, 3.0], sibling_scales=bad))
         assert info.value.field == field, bad
