@@ -197,3 +197,20 @@ def test_sibling_scales_are_read_capped_by_the_top_1_scales_and_bad_ones_are_ref
     with pytest.raises(InvalidArgument) as info:
         budget_from_proto(budget(value_scale=2.0, sibling_scales=[1.0]))
     assert info.value.field == "budget.cast.sibling_scales"
+
+
+def test_the_depth_rule_weighs_the_next_layer_by_its_share_of_top_1_value():
+    """C2 at the next depth: its top-1 scale where the kept layer's value is all in top-1 children, its sibling scale
+    where it is all in siblings, mixed in between; without sibling_scales the share does not matter."""
+    from draft_service.expansion import expand_another_layer
+
+    prices = linear_prices(0.1, 0.0)  # forwarding 2 nodes costs 0.2
+    split = CastBudget(prices, 0.0, 1.0, 1.0, depth_scales=(1.0, 3.0), sibling_scales=(1.0, 0.5))
+    budget = Budget(**LIMITS, cast=split)
+    # u = 0.1: expected 0.3 tokens at the top-1 scale, 0.05 at the siblings', against 1.0 * 0.2 of cost
+    assert expand_another_layer(1, 2, 0.1, budget, 1, top_share=1.0)
+    assert not expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.0)
+    assert not expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.5)  # 0.175 < 0.2
+    assert expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.7)      # 0.225 >= 0.2
+    old = Budget(**LIMITS, cast=CastBudget(prices, 0.0, 1.0, 1.0, depth_scales=(1.0, 3.0)))
+    assert expand_another_layer(1, 2, 0.1, old, 1, top_share=0.0)
