@@ -74,3 +74,42 @@ def test_calibrated_values_scale_each_depth_and_never_pass_a_parent():
     assert tree.top_m(4).tokens.tolist() == [0, 1, 2, 3]       # by the draft's values: the sibling
     assert np.allclose(calibrated_values(tree, []), tree.values)  # no scales: the values themselves
     assert np.allclose(calibrated_values(tree, [2.0]), [1.0, 1.0, 0.96, 1.0, 0.9])  # the last scale for deeper
+
+
+def test_siblings_take_their_own_scale_capped_by_the_top_1_one_and_trimming_keeps_every_key():
+    """With sibling_scales a node that is not its parent's top child (highest value, first among equals) is weighed
+    by them, never above its depth's top-1 scale; calibrated values never rise along a path; a tree trimmed to its
+    best m by calibrated value gives its kept nodes the keys they had (what the draft and the orchestrator rank
+    by: each computes them on its own tree); no sibling_scales is the per-depth calibration as before."""
+    from cast_core.selection import calibrated_values, top_children
+
+    # root; 1: 0.3 and 2: 0.6 (2 is the top child, after its sibling); 3: 0.2 and 4: 0.2 under 2 (3 first: top)
+    tree = TokenTree.from_lists([0, 1, 2, 3, 4], [-1, 0, 0, 2, 2], [0, 1, 1, 2, 2], [1.0, 0.3, 0.6, 0.2, 0.2])
+    assert top_children(tree).tolist() == [False, False, True, True, False]
+    keys = calibrated_values(tree, [1.5, 2.0], [0.5, 4.0])  # 4.0 at depth 2 is capped at that depth's 2.0
+    assert np.allclose(keys, [1.0, 0.15, 0.9, 0.4, 0.4])
+    assert np.array_equal(calibrated_values(tree, [1.5, 2.0], []), calibrated_values(tree, [1.5, 2.0]))
+    assert np.allclose(calibrated_values(tree, [1.5, 2.0], [0.25]), [1.0, 0.075, 0.9, 0.4, 0.05])
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(2, 120))
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        depths = [0] * n
+        values = [1.0] * n
+        for i in range(1, n):
+            depths[i] = depths[parents[i]] + 1
+            values[i] = values[parents[i]] * float(rng.choice([rng.uniform(0, 1), 0.5]))  # ties too
+        t = TokenTree.from_lists(range(n), parents, depths, values)
+        scales = rng.uniform(0.5, 3.0, 6).astype(np.float32).tolist()
+        siblings = rng.uniform(0.2, 4.0, int(rng.integers(1, 7))).astype(np.float32).tolist()
+        keys = calibrated_values(t, scales, siblings)
+        assert (keys[1:] <= keys[t.parents[1:]]).all()  # monotone along every path
+        top = top_children(t)
+        for p in set(parents[1:]):  # the top child outranks (or ties and precedes) each sibling
+            kids = np.nonzero(t.parents == p)[0]
+            first = kids[top[kids]]
+            assert first.size == 1 and (keys[kids] <= keys[first[0]]).all()
+        m = int(rng.integers(1, n + 1))
+        kept = t.top_m_indices(m, keys)
+        assert np.array_equal(calibrated_values(t.subtree(kept), scales, siblings), keys[kept]), trial
