@@ -183,53 +183,23 @@ def depth_scale(scales: Sequence[float], depth: int) -> float:
     return float(scales[min(depth, len(scales)) - 1])
 
 
-def sibling_scale(scales: Sequence[float], sibling_scales: Sequence[float], depth: int) -> float:
-    """The scale of a node at `depth` that is not its parent's top child: sibling_scales' entry, capped by the top
-    children's at that depth (a sibling never outranks its top brother); without sibling_scales, the depth's one."""
-    top = depth_scale(scales, depth)
-    return min(depth_scale(sibling_scales, depth), top) if sibling_scales else top
-
-
-def top_children(tree: TokenTree) -> np.ndarray:
-    """[N] bool: whether each node is its parent's top child, the child of highest value, the first in tree order
-    among equals (the root: False). The draft adds each parent's top-k children in descending probability, so this
-    is its top-1 child; a tree trimmed by calibrated value keeps it whenever it keeps a sibling."""
-    top = np.zeros(len(tree), dtype=bool)
-    if len(tree) > 1:
-        idx = np.arange(1, len(tree))
-        order = idx[np.lexsort((idx, -tree.values[1:], tree.parents[1:]))]  # by parent, then value desc, then index
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = tree.parents[order[1:]] != tree.parents[order[:-1]]
-        top[order[first]] = True
-    return top
-
-
-def calibrated_values(tree: TokenTree, scales: Sequence[float], sibling_scales: Sequence[float] = ()) -> np.ndarray:
-    """[N] float64: each node's expected accepted tokens, min(its parent's, s * value) at depth d, s = scales[d-1]
-    for a top child (top_children) and sibling_scale(...) for the others; 1 for the root. scales, sibling_scales:
-    accepted tokens per unit of value at each depth, as measured (orchestrator/calibration.py); no sibling_scales:
-    scales for every node.
+def calibrated_values(tree: TokenTree, scales: Sequence[float]) -> np.ndarray:
+    """[N] float64: each node's expected accepted tokens, min(its parent's, scales[d-1] * value) at depth d; 1 for
+    the root. scales: accepted tokens per unit of value at each depth, as measured (orchestrator/calibration.py).
 
     The draft's value (the product of its probabilities) underrates a deep node where the draft agrees with the
     target more than its probabilities say, and by more the deeper it is: one scale for all depths cannot fix
-    both ends. Its top-1 child is accepted more often than its value says and its other children less (about 2x
-    less per unit of value on the reference pair: reports/cast-vs-fixed/calibration_offline.md), so one scale per
-    depth overvalued the siblings that a larger cut adds. The min keeps a child below its parent (a path is
-    accepted only through its parent), so the top-m nodes by calibrated value stay a tree. The draft computes the
-    same numbers layer by layer (draft_service/expansion.py), so both sides rank nodes alike.
+    both ends. The min keeps a child below its parent (a path is accepted only through its parent), so the top-m
+    nodes by calibrated value stay a tree. The draft computes the same numbers layer by layer
+    (draft_service/expansion.py), so both sides rank nodes alike.
     """
     keys = tree.values.astype(np.float64)
     keys[0] = 1.0
     if len(tree) == 1:
         return keys
     depths, parents = tree.depths, tree.parents
-    layers = range(1, int(depths.max()) + 1)
-    top = np.asarray([depth_scale(scales, d) for d in layers])[depths[1:] - 1]
-    if sibling_scales:
-        other = np.asarray([sibling_scale(scales, sibling_scales, d) for d in layers])[depths[1:] - 1]
-        top = np.where(top_children(tree)[1:], top, other)
-    keys[1:] *= top
-    for d in layers:  # parents before children: each layer sees its parents' final keys
+    keys[1:] *= np.asarray([depth_scale(scales, d) for d in range(1, int(depths.max()) + 1)])[depths[1:] - 1]
+    for d in range(1, int(depths.max()) + 1):  # parents before children: each layer sees its parents' final keys
         layer = np.nonzero(depths == d)[0]
         keys[layer] = np.minimum(keys[layer], keys[parents[layer]])
     return keys

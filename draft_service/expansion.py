@@ -32,7 +32,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, depth_scale, layer_sums, should_expand, sibling_scale
+from cast_core.selection import breadth_keep, depth_scale, layer_sums, should_expand
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.kv import BufferKV
@@ -49,15 +49,10 @@ class CastBudget:
     gain_mean: float             # alpha
     step_base_cost: float = 0.0  # a drafted step's cost before any layer (same unit as prices); 0: C2 alone
     depth_scales: tuple[float, ...] = ()  # accepted tokens per unit of node value, per depth (d-1); (): 1
-    sibling_scales: tuple[float, ...] = ()  # set: depth_scales is for top-1 children, these for the others
 
     def scale(self, depth: int) -> float:
-        """Accepted tokens per unit of value at `depth` (the last scale past the end): a top-1 child's."""
+        """Accepted tokens per unit of value at `depth` (the last scale past the end)."""
         return depth_scale(self.depth_scales, depth)
-
-    def sibling_scale(self, depth: int) -> float:
-        """The same for a child that is not its parent's top-1 (selection.sibling_scale)."""
-        return sibling_scale(self.depth_scales, self.sibling_scales, depth)
 
 
 @dataclass(frozen=True)
@@ -122,7 +117,7 @@ def layer_keep_count(layer_values: list[np.ndarray], budget: Budget, nodes_so_fa
 
 
 def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, nodes_so_far: int,
-                         tree_so_far: tuple[float, float] = (1.0, 0.0), top_share: float = 1.0) -> bool:
+                         tree_so_far: tuple[float, float] = (1.0, 0.0)) -> bool:
     """Whether the kept nodes of layer `depth` propose children (layer depth + 1).
 
     kept: the most nodes a sequence kept at this layer; utility: their batch-average summed value u (layer_utility,
@@ -134,9 +129,7 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
     layer's expected tokens per unit of cost, s_(i+1) * alpha * u / c, must reach the tree's so far, U / C
     (tree_so_far = (U, C): expected tokens of the tree up to this layer, the step's cost before this forward).
     C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond, which
-    matters where a draft layer costs a fair share of a verify step. With sibling scales, s_(i+1) mixes the next
-    depth's top-1 and sibling scales by top_share, the share of u in top-1 children (the next layer's mix is
-    unknown before its forward; this layer's is the nearest measure).
+    matters where a draft layer costs a fair share of a verify step.
     """
     if depth >= budget.max_depth:
         return False
@@ -146,10 +139,7 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
         return False
     cast = budget.cast
     cost = cast.prices.cost(nodes_so_far, kept)
-    scale = cast.scale(depth + 1)
-    if cast.sibling_scales:
-        scale = top_share * scale + (1 - top_share) * cast.sibling_scale(depth + 1)
-    expected = scale * utility  # in expected tokens, at the next layer's calibration
+    expected = cast.scale(depth + 1) * utility  # in expected tokens, at the next layer's calibration
     if not should_expand(cast.gain_mean, expected, cost, cast.depth_threshold):
         return False
     tokens, spent = tree_so_far
@@ -173,8 +163,7 @@ def max_tree_nodes(budget: Budget) -> int:
 class _Tree:
     """A tree being grown, in preallocated arrays. paths[i] lists node i's ancestors by depth, itself included
     (-1 past its depth): the tree mask compares KV columns against it. keys[i]: node i's calibrated value, what
-    ranks it (selection.calibrated_values, computed layer by layer; the values themselves without CAST). top[i]:
-    whether node i is its parent's top child (selection.top_children: the highest value, the first among equals)."""
+    ranks it (selection.calibrated_values, computed layer by layer; the values themselves without CAST)."""
 
     def __init__(self, root_token: int, capacity: int, max_depth: int) -> None:
         self.tokens = np.zeros(capacity, dtype=np.int64)
@@ -182,15 +171,14 @@ class _Tree:
         self.depths = np.zeros(capacity, dtype=np.int64)
         self.values = np.zeros(capacity, dtype=np.float32)
         self.keys = np.zeros(capacity, dtype=np.float64)
-        self.top = np.zeros(capacity, dtype=bool)
         self.paths = np.full((capacity, max_depth + 1), -1, dtype=np.int64)  # [N, depth+1]
         self.tokens[0], self.values[0], self.keys[0], self.paths[0, 0] = root_token, 1.0, 1.0, 0
         self.size = 1
 
     def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
-                     scale: float = 1.0, sibling: float | None = None) -> np.ndarray:
-        """parents [n]; tokens, probs [n, k]: each parent's top-k (all its children); scale: the calibration at
-        their depth, of top children; sibling: of the others (None: scale). Returns the new nodes' indices [n * k]."""
+                     scale: float = 1.0) -> np.ndarray:
+        """parents [n]; tokens, probs [n, k]: each parent's top-k; scale: the calibration at their depth. Returns
+        the new nodes' indices [n * k]."""
         n, k = tokens.shape
         new = np.arange(self.size, self.size + n * k)
         parent = np.repeat(parents, k)
@@ -198,13 +186,8 @@ class _Tree:
         self.parents[new] = parent
         self.depths[new] = self.depths[parent] + 1
         # float32 product of a value and a probability <= 1: never above the parent's value.
-        values = self.values[parents][:, None] * probs  # [n, k] float32
-        self.values[new] = values.reshape(-1)
-        top = np.zeros((n, k), dtype=bool)
-        top[np.arange(n), np.argmax(values, axis=1)] = True  # the first of the highest, as top_children says
-        self.top[new] = top.reshape(-1)
-        scales = np.where(self.top[new], scale, scale if sibling is None else sibling)
-        self.keys[new] = np.minimum(self.keys[parent], scales * self.values[new].astype(np.float64))
+        self.values[new] = (self.values[parents][:, None] * probs).reshape(-1)
+        self.keys[new] = np.minimum(self.keys[parent], scale * self.values[new].astype(np.float64))
         self.paths[new] = self.paths[parent]
         self.paths[new, self.depths[new]] = new
         self.size += n * k
@@ -398,9 +381,7 @@ class Expander:
         empty = np.zeros(0, dtype=np.int64)
         # Per sequence, the node indices of the current layer's candidates.
         scale = budget.cast.scale if budget.cast is not None else lambda depth: 1.0
-        sibling = budget.cast.sibling_scale if budget.cast is not None else lambda depth: 1.0
-        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k], scale(1),
-                                sibling(1))
+        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k], scale(1))
                  if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
         forwarded, depth = 0, 1
         # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
@@ -416,15 +397,13 @@ class Expander:
                          budget.max_breadth)
             kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
             most_kept = max(kp.size for kp in kept)
-            utility, sums, top_share = 0.0, None, 1.0
+            utility, sums = 0.0, None
             if budget.cast is not None and most_kept:
                 sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
                 utility = sum(sums) / B
-                top_sum = sum(float(t.values[kp][t.top[kp]].sum(dtype=np.float64)) for kp, t in zip(kept, trees))
-                top_share = min(top_sum / (utility * B), 1.0) if utility > 0 else 1.0
                 tokens_so_far += sum(float(t.keys[kp].sum()) for kp, t in zip(kept, trees)) / B
             if not most_kept or not expand_another_layer(
-                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent), top_share
+                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept):  # the buffers are full: the tree ends here
                 kept, sums = [empty] * B, None
             for b, t in enumerate(trees):
@@ -442,8 +421,7 @@ class Expander:
                 spent += budget.cast.prices.cost(forwarded, max(kp.size for kp in kept))
             probs, ids = self.kv.forward_layer(trees, kept, roots)  # [B, N, K] each
             forwarded += sum(kp.size for kp in kept)
-            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k], scale(depth + 1),
-                                    sibling(depth + 1))
+            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k], scale(depth + 1))
                      if kp.size else empty for b, (t, kp) in enumerate(zip(trees, kept))]
             depth += 1
         if budget.cast is None:
