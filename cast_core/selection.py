@@ -132,11 +132,17 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
     values_per_sequence: B arrays, sequence b with its own n_b >= 0 values in any order (ragged batch); a single
     1-D array is one sequence (B = 1). A sequence with fewer than k values contributes all of them.
     """
-    batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
-    if not batch:
-        raise ValueError("a batch needs at least one sequence")
-    # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
-    padded = _one_array(batch)
+    if isinstance(values_per_sequence, np.ndarray) and values_per_sequence.ndim == 2:
+        padded = values_per_sequence.astype(np.float64, copy=False)  # B rows of n values each (the draft's layers)
+        if padded.shape[0] == 0:
+            raise ValueError("a batch needs at least one sequence")
+        batch = padded
+    else:
+        batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
+        if not batch:
+            raise ValueError("a batch needs at least one sequence")
+        # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
+        padded = _one_array(batch)
     if padded is None:
         arrays = [np.asarray(v, dtype=np.float64) for v in batch]
         if any(v.ndim != 1 for v in arrays):
@@ -144,10 +150,11 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
         padded = np.zeros((len(arrays), max(v.shape[0] for v in arrays)), dtype=np.float64)  # [B, max_n]; pad: 0
         for b, v in enumerate(arrays):
             padded[b, : v.shape[0]] = v
-    if not ((padded >= 0).all() and np.isfinite(padded).all()):  # NaN fails the first test, inf the second
+    # min >= 0 fails on NaN, max < inf on inf: two reductions instead of two masks (this runs for every layer)
+    if padded.size and not (padded.min() >= 0 and padded.max() < np.inf):
         b = next(b for b, row in enumerate(padded) if not ((row >= 0).all() and np.isfinite(row).all()))
         raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
-    padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
+    padded = np.sort(padded, axis=1)[:, ::-1]  # descending; the padding (0, the least value) stays last
     # sum / B is what mean() computes, bit for bit, without its Python wrapper (this runs for every layer).
     return np.cumsum(padded, axis=1).sum(axis=0) / padded.shape[0]
 

@@ -37,12 +37,12 @@ class BufferKV:
         self.runner = runner
         self.model_seconds = 0.0
         # The current call: per sequence its buffer row, its committed length and its next free column; per tree
-        # node its column.
+        # node its ancestors' columns.
         self.batch = 0
         self.row_of = np.zeros(0, dtype=np.int64)     # [B]
         self.committed = np.zeros(0, dtype=np.int64)  # [B]
         self.next_column = np.zeros(0, dtype=np.int64)  # [B]
-        self.node_columns: list[np.ndarray] = []
+        self.ancestors = np.zeros((0, 0), dtype=np.int64)  # per tree node of expansion._Trees (forward_layer)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -83,7 +83,7 @@ class BufferKV:
             s.tokens.extend(q.new_tokens.tolist())
             s.length = int(end)
         self.committed, self.next_column = ends, ends.copy()
-        self.node_columns = []
+        self.ancestors = np.zeros((0, 0), dtype=np.int64)
         last = topk[self.row_of, np.array([t.size for t in tokens]) - 1]  # [B, 2, K]
         return last[:, 0], last[:, 1].astype(np.int64)
 
@@ -108,35 +108,37 @@ class BufferKV:
                 if entry is not None and entry[0] is session and entry[1] >= length:
                     holders[r] = (session, length)
 
-    def fits(self, kept) -> bool:
-        """Whether every sequence's kept nodes fit in the buffers' columns."""
-        last = self.next_column + np.array([kp.size for kp in kept]) - 1
-        return bool((last <= self.runner.last_column).all())
+    def fits(self, counts: np.ndarray) -> bool:
+        """Whether every sequence's kept nodes (counts [B]) fit in the buffers' columns."""
+        return bool((self.next_column + counts - 1 <= self.runner.last_column).all())
 
-    def forward_layer(self, trees, kept, roots) -> tuple[np.ndarray, np.ndarray]:
-        """One forward over the kept nodes. Returns the children's probabilities and ids, [B, N, K] each."""
-        if not self.node_columns:
-            self.node_columns = [np.full(t.tokens.size, -1, dtype=np.int64) for t in trees]
-        N = max(kp.size for kp in kept)
-        self.runner.reserve(self.batch, int((self.next_column + np.array([kp.size for kp in kept])).max()) - 1)
+    def forward_layer(self, trees, kept: np.ndarray, counts: np.ndarray, depth: int,
+                      roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward over the kept nodes of layer `depth`: row b of kept [B, N] (node entries of expansion._Trees),
+        its first counts[b]. Returns the children's probabilities and ids, [B, N, K] each."""
+        B, N = kept.shape
+        if self.ancestors.shape[0] != trees.keys.shape[0]:
+            # Per node, once forwarded: its ancestors' columns by depth from 1, its own included (-1 elsewhere).
+            self.ancestors = np.empty((trees.keys.shape[0], trees.max_depth + 1), dtype=np.int64)
+            self.ancestors[trees.offsets] = -1  # the roots (committed tokens: every row sees them)
+        self.runner.reserve(self.batch, int((self.next_column + counts).max()) - 1)
         rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
-        for b, (t, kp) in enumerate(zip(trees, kept)):
-            n = kp.size
-            if n == 0:
-                continue
-            r = self.row_of[b]
-            columns = self.next_column[b] + np.arange(n)
-            self.next_column[b] += n
-            node_columns = self.node_columns[b]
-            node_columns[kp] = columns
-            paths = t.paths[kp]  # [n, depth+1] node ids by depth, -1 past the node's depth; node 0 is committed
-            rows[r, :n, 0] = t.tokens[kp]
-            rows[r, :n, 1] = roots[b] + t.depths[kp]
-            rows[r, :n, 2] = columns
-            rows[r, :n, 3] = self.committed[b]
-            # The ancestors' columns (the node's own among them); the root and unused entries repeat its own.
-            ancestors = np.where(paths > 0, node_columns[np.maximum(paths, 0)], columns[:, None])
-            rows[r, :n, ROW_FIELDS:] = columns[:, None]
-            rows[r, :n, ROW_FIELDS : ROW_FIELDS + ancestors.shape[1]] = ancestors
+        held = np.arange(N) < counts[:, None]  # [B, N]
+        b, j = np.nonzero(held)
+        nodes = kept[held]
+        columns = (self.next_column[:, None] + np.arange(N))[held]
+        self.next_column += counts
+        ancestors = self.ancestors[trees.parents[nodes]]  # [n, depth+1]
+        ancestors[:, depth] = columns
+        self.ancestors[nodes] = ancestors
+        block = np.empty((nodes.shape[0], rows.shape[2]), dtype=np.int64)
+        block[:, 0] = trees.tokens[nodes]
+        block[:, 1] = roots[b] + depth
+        block[:, 2] = columns
+        block[:, 3] = self.committed[b]
+        # The ancestors' columns (the node's own among them); the root (committed) and unused entries repeat its own.
+        block[:, ROW_FIELDS:] = columns[:, None]
+        block[:, ROW_FIELDS : ROW_FIELDS + ancestors.shape[1]] = np.where(ancestors >= 0, ancestors, columns[:, None])
+        rows[self.row_of[b], j] = block
         topk = self.run(rows)[self.row_of]  # [B, N, 2, K]
         return topk[:, :, 0], topk[:, :, 1].astype(np.int64)
