@@ -17,7 +17,8 @@ context. Timed per call:
   the next step's budget), on a copy of the planner, so that every call starts from the same state.
 
 It prints medians and writes a digest of the returned and the selected trees: two code versions that print the same
-digest returned and verified the same trees. `--profile F` writes a cProfile of the non-model work (the replayed Expand, the proto, the orchestrator; pstats).
+digest returned and verified the same trees. `--profile F` writes a cProfile of the non-model work (the replayed
+Expand, the proto, the orchestrator; pstats).
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"{r['batch']:>5} {r['candidates']:>6} {r['forwarded']:>4} {r['layers']:>4} {r['returned']:>4} "
               f"{r['verified']:>4} {r['draft_wall_ms']:>9.3f} {r['draft_model_ms']:>7.3f} "
-              f"{r['draft_nonmodel_ms']:>9.3f} {r['draft_replay_ms']:>7.3f} {r['draft_proto_ms']:>6.3f} {r['orch_ms']:>6.3f}  "
+              f"{r['draft_nonmodel_ms']:>9.3f} {r['draft_replay_ms']:>7.3f} {r['draft_proto_ms']:>6.3f} "
+              f"{r['orch_ms']:>6.3f}  "
               f"{r['returned_digest']} {r['verified_digest']}")
         sys.stdout.flush()
     if profiler is not None:
