@@ -16,7 +16,8 @@ context. Timed per call:
   VerifyRequest, and the learning a step does (gain buffer, calibration, the draft gate, the cost model's correction,
   the next step's budget), on a copy of the planner, so that every call starts from the same state.
 
-It prints medians and writes a digest of the returned and the selected trees: two code versions that print the same
+Replays and the orchestrator's work are also timed in thread CPU time (`cpu`): on a shared machine, wall time also
+counts the time other processes took the CPU. It prints medians and writes a digest of the returned and the selected trees: two code versions that print the same
 digest returned and verified the same trees. `--profile F` writes a cProfile of the non-model work (the replayed
 Expand, the proto, the orchestrator; pstats).
 """
@@ -160,7 +161,8 @@ def run_cell(runner: ReplayRunner, model: Path, batch: int, context: int, repeat
     costs = gpu_shaped_costs()
     planner = warm_planner(batch, verified)
     budget_proto = planner.price_budget(costs, batch, context)
-    rows = {"draft_wall": [], "draft_model": [], "draft_replay": [], "draft_proto": [], "orch": []}
+    rows = {"draft_wall": [], "draft_model": [], "draft_replay": [], "draft_replay_cpu": [], "draft_proto": [],
+            "orch": [], "orch_cpu": []}
     for i in range(warmup + repeats):
         budget = budget_from_proto(budget_proto)  # the servicer parses the budget per call too
         on = profiler is not None and i >= warmup
@@ -178,11 +180,11 @@ def run_cell(runner: ReplayRunner, model: Path, batch: int, context: int, repeat
         for s in ids:
             expander.rewind(s, start)
         runner.replay()
-        r0 = time.perf_counter()
+        c0, r0 = time.thread_time(), time.perf_counter()
         if on:
             profiler.enable()
         again, _ = expander.expand(step, budget)
-        r1 = time.perf_counter()
+        r1, c1 = time.perf_counter(), time.thread_time()
         if on:
             profiler.disable()
         runner.check()
@@ -190,17 +192,19 @@ def run_cell(runner: ReplayRunner, model: Path, batch: int, context: int, repeat
         for s in ids:
             expander.rewind(s, start)
         p, c = copy.deepcopy(planner), copy.deepcopy(costs)
-        t3 = time.perf_counter()
+        c3, t3 = time.thread_time(), time.perf_counter()
         if on:
             profiler.enable()
         expanded, chosen = orchestrator_step(p, c, data, batch, context, (t2 - t0) * 1e3)
-        t4 = time.perf_counter()
+        t4, c4 = time.perf_counter(), time.thread_time()
         if on:
             profiler.disable()
         if i >= warmup:
             rows["draft_wall"].append((t1 - t0) * 1e3)
             rows["draft_model"].append(model_seconds * 1e3)
             rows["draft_replay"].append((r1 - r0) * 1e3)
+            rows["draft_replay_cpu"].append((c1 - c0) * 1e3)
+            rows["orch_cpu"].append((c4 - c3) * 1e3)
             rows["draft_proto"].append((t2 - t1) * 1e3)
             rows["orch"].append((t4 - t3) * 1e3)
     nonmodel = np.array(rows["draft_wall"]) - np.array(rows["draft_model"])
@@ -216,8 +220,10 @@ def run_cell(runner: ReplayRunner, model: Path, batch: int, context: int, repeat
         "draft_model_ms": float(np.median(rows["draft_model"])),
         "draft_nonmodel_ms": float(np.median(nonmodel)),
         "draft_replay_ms": float(np.median(rows["draft_replay"])),
+        "draft_replay_cpu_ms": float(np.median(rows["draft_replay_cpu"])),
         "draft_proto_ms": float(np.median(rows["draft_proto"])),
         "orch_ms": float(np.median(rows["orch"])),
+        "orch_cpu_ms": float(np.median(rows["orch_cpu"])),
         "returned_digest": digest([x.tree for x in trees]),
         "verified_digest": digest(chosen),
     }
@@ -240,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile() if a.profile else None
     rows = []
     print(f"{'batch':>5} {'cands':>6} {'fwd':>4} {'lay':>4} {'ret':>4} {'ver':>4} {'draft ms':>9} {'model':>7} "
-          f"{'non-model':>9} {'replay':>7} {'proto':>6} {'orch':>6}  digests")
+          f"{'non-model':>9} {'replay':>7} {'cpu':>6} {'proto':>6} {'orch':>6} {'cpu':>6}  digests")
     for batch in [int(x) for x in a.batch.split(",")]:
         r = run_cell(runner, a.model, batch, a.context, a.repeats, a.warmup, a.verified, profiler)
         rows.append(r)
         print(f"{r['batch']:>5} {r['candidates']:>6} {r['forwarded']:>4} {r['layers']:>4} {r['returned']:>4} "
               f"{r['verified']:>4} {r['draft_wall_ms']:>9.3f} {r['draft_model_ms']:>7.3f} "
-              f"{r['draft_nonmodel_ms']:>9.3f} {r['draft_replay_ms']:>7.3f} {r['draft_proto_ms']:>6.3f} "
-              f"{r['orch_ms']:>6.3f}  "
+              f"{r['draft_nonmodel_ms']:>9.3f} {r['draft_replay_ms']:>7.3f} {r['draft_replay_cpu_ms']:>6.3f} "
+              f"{r['draft_proto_ms']:>6.3f} {r['orch_ms']:>6.3f} {r['orch_cpu_ms']:>6.3f}  "
               f"{r['returned_digest']} {r['verified_digest']}")
         sys.stdout.flush()
     if profiler is not None:
