@@ -168,106 +168,104 @@ def max_tree_nodes(budget: Budget) -> int:
 
 
 class _Trees:
-    """The B trees of one Expand, grown together in preallocated flat arrays: tree b holds entries b*capacity ..
-    (b+1)*capacity - 1, its nodes in the order they were added (its root first, parents before children). A node is
-    named by its entry (its flat index), so that a layer costs a few one-dimensional numpy calls for the whole
-    batch, not a few per sequence. keys: each node's calibrated value, what ranks it (selection.calibrated_values,
-    computed layer by layer; the values themselves without CAST).
+    """The B trees of one Expand, grown together one layer at a time. Layer d is a block of [B, w] arrays, one row
+    per tree: the children that the tree's kept nodes of layer d - 1 proposed, k each, in the order those were kept
+    (so a node's parent is the (slot // k)-th node its layer above kept). Nothing is copied into per-node arrays while
+    the trees grow: a layer costs a few numpy calls for the whole batch, not a few per sequence, and the trees are
+    assembled once, at the end (`trimmed`). keys: each node's calibrated value, what ranks it
+    (selection.calibrated_values, computed layer by layer; the values themselves without CAST); -inf in a slot that
+    holds no node (a parent past its row's count, or a child dropped).
 
     keep_best > 0 (CAST, whose trees are returned trimmed to their best keep_best nodes): a child whose key is below
-    the keep_best-th best key proposed so far is never added. Keys never increase from parent to child, and that
+    the keep_best-th best key proposed so far is dropped at once. Keys never increase from parent to child, and that
     bound only rises, so neither the child nor any of its descendants could be among the best keep_best at the end;
-    the nodes added keep their order (ties go by it), so the trimmed trees are the same as with every child added.
+    the nodes held keep their order (ties go by it), so the trimmed trees are the same as with every child kept.
     """
 
-    def __init__(self, roots: np.ndarray, capacity: int, max_depth: int, keep_best: int = 0) -> None:
+    def __init__(self, roots: np.ndarray, keep_best: int = 0) -> None:
         B = roots.shape[0]
-        self.capacity = capacity
-        self.offsets = np.arange(B) * capacity  # [B]: each tree's root
-        self.tokens = np.zeros(B * capacity, dtype=np.int64)
-        self.parents = np.full(B * capacity, -1, dtype=np.int64)  # entries, -1 for the roots
-        self.depths = np.zeros(B * capacity, dtype=np.int64)
-        self.values = np.zeros(B * capacity, dtype=np.float32)
-        self.keys = np.zeros(B * capacity, dtype=np.float64)
-        self.max_depth = max_depth
-        self.tokens[self.offsets], self.values[self.offsets], self.keys[self.offsets] = roots, 1.0, 1.0
-        self.size = np.ones(B, dtype=np.int64)      # nodes held per tree
-        self.start = np.ones(B, dtype=np.int64)     # the current layer's first node (the layer: start .. size-1)
-        self.proposed = np.ones(B, dtype=np.int64)  # nodes proposed, root included: the pruned ones too
-        self.keep_best = keep_best if 0 < keep_best < capacity else 0
+        self.row_starts = np.arange(B)[:, None]  # times a layer's width: each row's first entry, flattened
+        # Per layer (the roots' first): tokens, values (float32), keys (float64), the parent's slot in the layer above.
+        self.tokens = [roots.astype(np.int64)[:, None]]
+        self.values = [np.ones((B, 1), dtype=np.float32)]
+        self.keys = [np.ones((B, 1))]
+        self.parents = [np.full((B, 1), -1, dtype=np.int64)]
+        self.counts = np.ones(B, dtype=np.int64)    # nodes held in the current layer per tree
+        self.proposed = np.ones(B, dtype=np.int64)  # nodes proposed, root included: the dropped ones too
+        self.keep_best = keep_best
         self.best: np.ndarray | None = None  # [B, keep_best] the best keys proposed, once a tree had more
-        self.layer_nodes = np.zeros((B, 0), dtype=np.int64)  # [B, n] the current layer (add_children)
-        self.layer_keys = np.zeros((B, 0))
 
-    def add_children(self, parents: np.ndarray, counts: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
-                     depth: int, scale: float = 1.0) -> np.ndarray:
-        """parents [B, N]: the entries of the nodes of layer depth - 1 that proposed children, the first counts[b] of
-        row b; tokens, probs [B, N, k]: their top-k; scale: the calibration at `depth`. The children become the
+    def add_children(self, kept: np.ndarray, counts: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
+                     scale: float = 1.0) -> np.ndarray:
+        """kept [B, N]: the slots of the current layer's nodes that proposed children, the first counts[b] of row b;
+        tokens, probs [B, N, k]: their top-k; scale: the calibration at the children's depth. The children become the
         current layer. Returns how many children each tree was proposed, [B] (some dropped where keep_best is set)."""
         B, N, k = tokens.shape
         proposed = counts * k
         self.proposed += proposed
-        held = np.arange(N * k) < proposed[:, None]  # [B, N * k]: parent j's children are entries j*k .. j*k+k-1
+        held = np.arange(N * k) < proposed[:, None]  # [B, N * k]: the j-th kept node's children are slots j*k ..
         # float32 product of a value and a probability <= 1: never above the parent's value.
-        values = (self.values[parents][:, :, None] * probs).reshape(B, N * k)
-        keys = np.where(held, np.minimum(np.repeat(self.keys[parents], k, axis=1),
+        values = (self.gather(self.values[-1], kept)[:, :, None] * probs).reshape(B, N * k)
+        keys = np.where(held, np.minimum(np.repeat(self.gather(self.keys[-1], kept), k, axis=1),
                                          np.multiply(values, scale, dtype=np.float64)), -np.inf)
         m = self.keep_best
         if m and (self.proposed > m).any():
-            if self.best is None:  # every node so far was added, at most m a tree: they are the best so far
-                self.best = np.where(np.arange(m) < self.size[:, None], self.keys.reshape(B, -1)[:, :m], -np.inf)
+            if self.best is None:  # nothing was dropped yet: the best so far are the best of every layer
+                pool = np.concatenate([*self.keys, np.full((B, m), -np.inf)], axis=1)
+                self.best = np.partition(pool, -m, axis=1)[:, -m:]
             pool = np.partition(np.concatenate([self.best, keys], axis=1), -m, axis=1)
             self.best = pool[:, -m:]
             # At or above the m-th best key proposed so far (with fewer than m, the -inf padding: all are).
             held &= keys >= self.best[:, :1]
-            keys[~held] = -np.inf
-        rank = np.cumsum(held, axis=1, dtype=np.int64)  # [B, N * k]: each added child's place among its tree's, from 1
-        self.start = self.size
-        self.size = self.size + rank[:, -1]
-        # The layer as ranked_layer reads it: entries, keys (-inf where nothing was added).
-        self.layer_nodes = (self.offsets + self.start - 1)[:, None] + rank
-        self.layer_keys = keys
-        new = self.layer_nodes[held]  # row-major: each tree's children in order
-        if not new.size:
-            return proposed
-        self.tokens[new] = tokens.reshape(B, N * k)[held]
-        self.parents[new] = np.repeat(parents, k, axis=1)[held]
-        self.depths[new] = depth
-        self.values[new] = values[held]
-        self.keys[new] = keys[held]
+            keys = np.where(held, keys, -np.inf)
+        self.tokens.append(tokens.reshape(B, N * k))
+        self.values.append(values)
+        self.keys.append(keys)
+        self.parents.append(np.repeat(kept, k, axis=1))
+        self.counts = np.count_nonzero(held, axis=1)
         return proposed
 
     def ranked_layer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The current layer's nodes per tree, best key first (stable: ties keep tree order, so a parent beats an
-        equal child): their entries [B, M] and keys [B, M] (0 past a tree's count), and the counts [B]."""
-        B, width = self.layer_keys.shape
-        counts = self.size - self.start
-        M = int(counts.max())
-        order = np.argsort(-self.layer_keys, axis=1, kind="stable")[:, :M] + (np.arange(B) * width)[:, None]
-        keys = self.layer_keys.reshape(-1)[order]
-        return self.layer_nodes.reshape(-1)[order], np.maximum(keys, 0.0), counts
+        """The current layer's nodes per tree, best key first (stable: ties keep their order, so a parent beats an
+        equal child): their slots [B, M] and keys [B, M] (0 past a tree's count), and the counts [B]."""
+        keys = self.keys[-1]
+        order = np.argsort(-keys, axis=1, kind="stable")[:, : int(self.counts.max())]
+        return order, np.maximum(self.gather(keys, order), 0.0), self.counts
+
+    def gather(self, layer: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """layer [B, w] read at slots [B, n]: row b's entries slots[b] ([B, n])."""
+        return layer.reshape(-1)[slots + self.row_starts * layer.shape[1]]
 
     def trimmed(self, keep: int = 0) -> list[TokenTree]:
-        """Each tree, trimmed to its root and its best `keep` - 1 other nodes by key where keep > 0, in tree order
-        (TokenTree.top_m's choice: ties go to the earlier node)."""
-        n = self.size
-        B, width = n.shape[0], int(n.max())
-        keep = min(keep, width) if keep > 0 else width
-        held = np.arange(width) < n[:, None]
-        keys = np.where(held, self.keys.reshape(B, self.capacity)[:, :width], -np.inf)
-        keys[:, 0] = np.inf  # the root first
+        """Each tree, in tree order (layer by layer, each in the order its nodes were proposed), trimmed to its root
+        and its best `keep` - 1 other nodes by key where keep > 0 (TokenTree.top_m's choice: ties go to the earlier
+        node)."""
+        widths = [keys.shape[1] for keys in self.keys]
+        starts = np.cumsum([0, *widths[:-1]])  # each layer's first column
+        keys = np.concatenate(self.keys, axis=1)  # [B, T]
+        B, T = keys.shape
+        held = keys > -np.inf
+        n = np.count_nonzero(held, axis=1)
+        keep = min(keep, T) if keep > 0 else T
         count = np.minimum(n, keep)
-        chosen = np.argsort(-keys, axis=1, kind="stable")[:, :keep]
-        held = np.arange(keep) < count[:, None]
-        chosen = np.sort(np.where(held, chosen, width), axis=1)  # tree order; past a tree's count: last
-        chosen = np.where(held, chosen + self.offsets[:, None], 0)  # [B, keep] entries
-        new_index = np.full(self.keys.shape[0], -1, dtype=np.int64)
-        new_index[chosen[held]] = np.nonzero(held)[1]
-        parents = self.parents[chosen]
-        parents = np.where(parents >= 0, new_index[parents], -1)
-        if (held[:, 1:] & (parents[:, 1:] < 0)).any():
+        ranking = keys.copy()
+        ranking[:, 0] = np.inf  # the root first
+        chosen = np.argsort(-ranking, axis=1, kind="stable")[:, :keep]  # no node (-inf) last
+        taken = np.arange(keep) < count[:, None]
+        chosen = np.sort(np.where(taken, chosen, T), axis=1)  # tree order; past a tree's count: last
+        chosen = np.where(taken, chosen, 0)
+        rows = self.row_starts * T
+        new_index = np.full(B * T, -1, dtype=np.int64)
+        new_index[(chosen + rows)[taken]] = np.nonzero(taken)[1]
+        parents = np.concatenate([self.parents[0]] + [p + start for p, start in zip(self.parents[1:], starts)],
+                                 axis=1)  # [B, T] columns
+        parents = self.gather(parents, chosen)
+        parents = np.where(parents >= 0, new_index[np.maximum(parents, 0) + rows], -1)
+        if (taken[:, 1:] & (parents[:, 1:] < 0)).any():
             raise ValueError("trimmed: the kept nodes are not closed under ancestors")
-        tokens, depths, values = self.tokens[chosen], self.depths[chosen], self.values[chosen]
+        tokens = self.gather(np.concatenate(self.tokens, axis=1), chosen)
+        values = self.gather(np.concatenate(self.values, axis=1), chosen)
+        depths = np.repeat(np.arange(len(widths)), widths)[chosen]
         return [TokenTree(tokens[b, :c], parents[b, :c], depths[b, :c], values[b, :c])
                 for b, c in enumerate(count.tolist())]
 
@@ -454,14 +452,15 @@ class Expander:
         roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
         depth_room = np.minimum(budget.max_depth, self.max_context - 1 - roots)
-        # CAST adds no candidate that the trimming would drop (_Trees): its breadth rule ranks, and its forwards
+        shallowest = int(depth_room.min())
+        # CAST keeps no candidate that the trimming would drop (_Trees): its breadth rule ranks, and its forwards
         # expand, only candidates that can still be returned.
-        trees = _Trees(np.array([int(q.new_tokens[-1]) for q in sequences]), max_tree_nodes(budget), budget.max_depth,
+        trees = _Trees(np.array([int(q.new_tokens[-1]) for q in sequences]),
                        budget.max_returned_nodes if cast is not None else 0)
         scale = cast.scale if cast is not None else lambda depth: 1.0
-        proposed = trees.add_children(trees.offsets[:, None], (depth_room >= 1).astype(np.int64),
-                                      root_ids[:, None, :k], root_probs[:, None, :k], 1, scale(1))
-        layers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per layer: [B] proposed, kept, u^(i)
+        proposed = trees.add_children(np.zeros((B, 1), dtype=np.int64), (depth_room >= 1).astype(np.int64),
+                                      root_ids[:, None, :k], root_probs[:, None, :k], scale(1))
+        layers: list[tuple[np.ndarray, np.ndarray, list[float] | np.ndarray]] = []  # per layer: proposed, kept, u^(i)
         kept_above = np.ones(B, dtype=np.int64)  # the layer above's kept nodes per sequence (the root: 1)
         forwarded, depth = 0, 1
         # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
@@ -471,14 +470,20 @@ class Expander:
         while proposed.any():
             ranked, ranked_keys, counts = trees.ranked_layer()  # [B, M] candidates by key, best first
             n_keep = min(layer_keep_count(ranked_keys, budget, forwarded), budget.max_breadth)
-            kept_counts = np.where(depth < depth_room, np.minimum(counts, n_keep), 0)
+            kept_counts = np.minimum(counts, n_keep)
+            if depth >= shallowest:  # a sequence near the context's end stops here
+                kept_counts[depth >= depth_room] = 0
             most_kept = int(kept_counts.max())
             kept = ranked[:, :most_kept]  # row b: its first kept_counts[b]
             utility, sums = 0.0, None
             if cast is not None and most_kept:
-                sums = row_sums(trees.values[kept], kept_counts)
+                kept_values = trees.gather(trees.values[-1], kept).astype(np.float64)
+                if cast.step_base_cost > 0:  # the efficiency rule's (expand_another_layer reads it only then)
+                    kept_values = np.concatenate([kept_values, trees.gather(trees.keys[-1], kept)])
+                sums = row_sums(kept_values, np.concatenate([kept_counts] * (kept_values.shape[0] // B)))
+                sums, key_sums = sums[:B], sums[B:]
                 utility = sum(sums) / B
-                tokens_so_far += sum(row_sums(trees.keys[kept], kept_counts)) / B
+                tokens_so_far += sum(key_sums) / B
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept_counts):  # the buffers are full: the tree ends here
@@ -488,16 +493,17 @@ class Expander:
                 # A sequence's last layer: its best as many as the layer above kept.
                 last = np.minimum(counts, kept_above)
                 layer_utilities = np.where(kept_counts > 0, layer_utilities,
-                                           row_sums(trees.values[ranked[:, : int(last.max())]], last))
+                                           row_sums(trees.gather(trees.values[-1], ranked[:, : int(last.max())]), last))
             layers.append((proposed, kept_counts, layer_utilities))
             if not most_kept:
                 break
             if cast is not None:
                 spent += cast.prices.cost(forwarded, most_kept)
-            probs, ids = self.kv.forward_layer(trees, kept, kept_counts, depth, roots)  # [B, most_kept, K] each
+            # [B, most_kept, K] each; a kept node's parent is the (slot // k)-th node the layer above kept
+            probs, ids = self.kv.forward_layer(trees.gather(trees.tokens[-1], kept), kept // k, kept_counts, depth,
+                                               roots)
             forwarded += int(kept_counts.sum())
-            proposed = trees.add_children(kept, kept_counts, ids[:, :, :k], probs[:, :, :k], depth + 1,
-                                          scale(depth + 1))
+            proposed = trees.add_children(kept, kept_counts, ids[:, :, :k], probs[:, :, :k], scale(depth + 1))
             kept_above = kept_counts
             depth += 1
         stats: list[list[LayerStats]] = [[] for _ in range(B)]

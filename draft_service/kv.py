@@ -36,13 +36,13 @@ class BufferKV:
                              f"{max_context} and a tree")
         self.runner = runner
         self.model_seconds = 0.0
-        # The current call: per sequence its buffer row, its committed length and its next free column; per tree
-        # node its ancestors' columns.
+        # The current call: per sequence its buffer row, its committed length and its next free column; per node of
+        # the last tree layer forwarded, its ancestors' columns.
         self.batch = 0
         self.row_of = np.zeros(0, dtype=np.int64)     # [B]
         self.committed = np.zeros(0, dtype=np.int64)  # [B]
         self.next_column = np.zeros(0, dtype=np.int64)  # [B]
-        self.ancestors = np.zeros((0, 0), dtype=np.int64)  # per tree node of expansion._Trees (forward_layer)
+        self.ancestors = np.zeros((0, 0, 0), dtype=np.int64)  # [B, N, depth + 1] the last forward's (forward_layer)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -83,7 +83,7 @@ class BufferKV:
             s.tokens.extend(q.new_tokens.tolist())
             s.length = int(end)
         self.committed, self.next_column = ends, ends.copy()
-        self.ancestors = np.zeros((0, 0), dtype=np.int64)
+        self.ancestors = np.zeros((0, 0, 0), dtype=np.int64)
         last = topk[self.row_of, np.array([t.size for t in tokens]) - 1]  # [B, 2, K]
         return last[:, 0], last[:, 1].astype(np.int64)
 
@@ -112,33 +112,33 @@ class BufferKV:
         """Whether every sequence's kept nodes (counts [B]) fit in the buffers' columns."""
         return bool((self.next_column + counts - 1 <= self.runner.last_column).all())
 
-    def forward_layer(self, trees, kept: np.ndarray, counts: np.ndarray, depth: int,
+    def forward_layer(self, tokens: np.ndarray, parent_rows: np.ndarray, counts: np.ndarray, depth: int,
                       roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One forward over the kept nodes of layer `depth`: row b of kept [B, N] (node entries of expansion._Trees),
-        its first counts[b]. Returns the children's probabilities and ids, [B, N, K] each."""
-        B, N = kept.shape
-        if self.ancestors.shape[0] != trees.keys.shape[0]:
-            # Per node, once forwarded: its ancestors' columns by depth from 1, its own included (-1 elsewhere).
-            self.ancestors = np.empty((trees.keys.shape[0], trees.max_depth + 1), dtype=np.int64)
-            self.ancestors[trees.offsets] = -1  # the roots (committed tokens: every row sees them)
+        """One forward over a tree layer's kept nodes: row b's first counts[b] of tokens [B, N], at `depth`, whose
+        parents were row b's parent_rows [B, N]-th nodes in the last forward of this call (the root's children:
+        0). Returns their children's probabilities and ids, [B, N, K] each."""
+        B, N = tokens.shape
+        if depth == 1:
+            self.ancestors = np.full((B, 1, 1), -1, dtype=np.int64)  # the root: committed, every row sees it
         self.runner.reserve(self.batch, int((self.next_column + counts).max()) - 1)
         rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
-        held = np.arange(N) < counts[:, None]  # [B, N]
-        b, j = np.nonzero(held)
-        nodes = kept[held]
-        columns = (self.next_column[:, None] + np.arange(N))[held]
+        columns = self.next_column[:, None] + np.arange(N)  # [B, N] (past a row's count: unused)
         self.next_column += counts
-        ancestors = self.ancestors[trees.parents[nodes]]  # [n, depth+1]
-        ancestors[:, depth] = columns
-        self.ancestors[nodes] = ancestors
-        block = np.empty((nodes.shape[0], rows.shape[2]), dtype=np.int64)
-        block[:, 0] = trees.tokens[nodes]
-        block[:, 1] = roots[b] + depth
-        block[:, 2] = columns
-        block[:, 3] = self.committed[b]
+        # Each node's ancestors' columns by depth from 1, its own last (-1 at depth 0): its parent's, then its own.
+        # (Past a row's count: garbage, which no node of the next layer reads: they proposed no child.)
+        self.ancestors = np.concatenate([self.ancestors[np.arange(B)[:, None], parent_rows], columns[:, :, None]],
+                                        axis=2)  # [B, N, depth + 1]
+        block = np.empty((B, N, rows.shape[2]), dtype=np.int64)
+        block[:, :, 0] = tokens
+        block[:, :, 1] = roots[:, None] + depth
+        block[:, :, 2] = columns
+        block[:, :, 3] = self.committed[:, None]
         # The ancestors' columns (the node's own among them); the root (committed) and unused entries repeat its own.
-        block[:, ROW_FIELDS:] = columns[:, None]
-        block[:, ROW_FIELDS : ROW_FIELDS + ancestors.shape[1]] = np.where(ancestors >= 0, ancestors, columns[:, None])
-        rows[self.row_of[b], j] = block
+        block[:, :, ROW_FIELDS:] = columns[:, :, None]
+        block[:, :, ROW_FIELDS : ROW_FIELDS + depth + 1] = np.where(self.ancestors >= 0, self.ancestors,
+                                                                    columns[:, :, None])
+        if counts.min() < N:  # a row's nodes past its count stay padding
+            block = np.where((np.arange(N) < counts[:, None])[:, :, None], block, rows[self.row_of])
+        rows[self.row_of] = block
         topk = self.run(rows)[self.row_of]  # [B, N, 2, K]
         return topk[:, :, 0], topk[:, :, 1].astype(np.int64)
