@@ -45,6 +45,11 @@ from draft_service.export import export_draft
 from draft_service.runner import DraftRunner
 from draft_service.servicer import budget_from_proto, expansion_to_proto
 from orchestrator.clients import expanded_from_proto
+
+try:
+    from orchestrator.clients import expansions_from_proto
+except ImportError:  # an older tree, for A/B runs
+    expansions_from_proto = None
 from orchestrator.costs import CostModel
 from orchestrator.planner import Planner
 from orchestrator.policies import POLICIES
@@ -133,7 +138,10 @@ def prompt_ids(model: Path, count: int, length: int) -> list[np.ndarray]:
 def orchestrator_step(planner: Planner, costs: CostModel, data: bytes, batch: int, context: int, draft_ms: float):
     """What the orchestrator does with one Expand's answer in a step, bar the RPCs (step_loop.py's order)."""
     response = draft_pb2.ExpandResponse.FromString(data)
-    expanded = [expanded_from_proto(r) for r in response.trees]
+    if expansions_from_proto is not None:
+        expanded = expansions_from_proto(response.trees)
+    else:  # before issue 21's batch checks
+        expanded = [expanded_from_proto(r) for r in response.trees]
     chosen = planner.select([e.tree for e in expanded], costs, batch, context, draft_ms)
     request = verify_pb2.VerifyRequest(sequences=[
         verify_pb2.VerifySequence(sequence_id=f"s{b}", tree=tree_to_proto(t), sampling=verify_pb2.SamplingParams())

@@ -114,3 +114,46 @@ def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
         assert [g.tolist() for g in got] == [layer_by_layer(t, scales).tolist() for t in batch]
 
     check()
+
+
+def test_a_batch_of_trees_is_checked_as_each_tree_alone():
+    """validate_trees accepts what each tree's validate accepts and, for a batch with a bad tree (a parent at or
+    after its child, a wrong depth, a bad root, a missing entry), raises what the first bad tree's validate raises."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cast_core.tree import validate_trees
+
+    @st.composite
+    def trees(draw):
+        n = draw(st.integers(1, 12))
+        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+        depths = [0]
+        for p in parents[1:]:
+            depths.append(depths[p] + 1)
+        if draw(st.integers(0, 3)) == 0:  # break it
+            what, i = draw(st.sampled_from(["parent", "depth", "root", "short"])), draw(st.integers(0, n - 1))
+            if what == "parent":
+                parents[i] = draw(st.integers(-2, n + 2))
+            elif what == "depth":
+                depths[i] += draw(st.sampled_from([-1, 1, 2]))
+            elif what == "root":
+                parents[0] = 0
+            else:
+                depths = depths[:-1]
+        return TokenTree(np.arange(n), np.array(parents), np.array(depths), np.ones(n, dtype=np.float32))
+
+    def outcome(check):
+        try:
+            check()
+        except InvalidArgument as e:
+            return (e.field, str(e))
+        return None
+
+    @settings(max_examples=300, deadline=None)
+    @given(batch=st.lists(trees(), min_size=1, max_size=5))
+    def check(batch):
+        alone = next((o for o in (outcome(lambda t=t: t.validate("draft tree")) for t in batch) if o), None)
+        assert outcome(lambda: validate_trees(batch, "draft tree")) == alone
+
+    check()
