@@ -185,11 +185,13 @@ class _Trees:
     def __init__(self, roots: np.ndarray, keep_best: int = 0) -> None:
         B = roots.shape[0]
         self.row_starts = np.arange(B)[:, None]  # times a layer's width: each row's first entry, flattened
-        # Per layer (the roots' first): tokens, values (float32), keys (float64), the parent's slot in the layer above.
+        # Per layer (the roots' first): tokens, values (float32), keys (float64), the parent's column (its layer's
+        # first column in the trees assembled by `trimmed`, plus its slot).
         self.tokens = [roots.astype(np.int64)[:, None]]
         self.values = [np.ones((B, 1), dtype=np.float32)]
         self.keys = [np.ones((B, 1))]
         self.parents = [np.full((B, 1), -1, dtype=np.int64)]
+        self.start, self.columns = 0, 1  # the current layer's first column; all layers' columns
         self.counts = np.ones(B, dtype=np.int64)    # nodes held in the current layer per tree
         self.proposed = np.ones(B, dtype=np.int64)  # nodes proposed, root included: the dropped ones too
         self.keep_best = keep_best
@@ -203,11 +205,15 @@ class _Trees:
         B, N, k = tokens.shape
         proposed = counts * k
         self.proposed += proposed
-        held = np.arange(N * k) < proposed[:, None]  # [B, N * k]: the j-th kept node's children are slots j*k ..
+        flat = kept + self.row_starts * self.keys[-1].shape[1]  # the parents' entries in the flattened layer
         # float32 product of a value and a probability <= 1: never above the parent's value.
-        values = (self.gather(self.values[-1], kept)[:, :, None] * probs).reshape(B, N * k)
-        keys = np.where(held, np.minimum(np.repeat(self.gather(self.keys[-1], kept), k, axis=1),
-                                         np.multiply(values, scale, dtype=np.float64)), -np.inf)
+        values = self.values[-1].reshape(-1)[flat][:, :, None] * probs  # [B, N, k]
+        keys = np.minimum(self.keys[-1].reshape(-1)[flat][:, :, None], scale * values.astype(np.float64))
+        values, keys = values.reshape(B, N * k), keys.reshape(B, N * k)
+        held = None  # every slot holds a child
+        if counts.min() < N:  # past a row's count: no parent, no children
+            held = np.arange(N * k) < proposed[:, None]
+            keys[~held] = -np.inf
         m = self.keep_best
         if m and (self.proposed > m).any():
             if self.best is None:  # nothing was dropped yet: the best so far are the best of every layer
@@ -216,13 +222,15 @@ class _Trees:
             pool = np.partition(np.concatenate([self.best, keys], axis=1), -m, axis=1)
             self.best = pool[:, -m:]
             # At or above the m-th best key proposed so far (with fewer than m, the -inf padding: all are).
-            held &= keys >= self.best[:, :1]
-            keys = np.where(held, keys, -np.inf)
+            above = keys >= self.best[:, :1]
+            held = above if held is None else held & above
+            keys[~held] = -np.inf
         self.tokens.append(tokens.reshape(B, N * k))
         self.values.append(values)
         self.keys.append(keys)
-        self.parents.append(np.repeat(kept, k, axis=1))
-        self.counts = np.count_nonzero(held, axis=1)
+        self.parents.append(np.repeat(kept + self.start, k, axis=1))
+        self.start, self.columns = self.columns, self.columns + N * k
+        self.counts = proposed if held is None else held.sum(axis=1)
         return proposed
 
     def ranked_layer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,32 +248,26 @@ class _Trees:
         """Each tree, in tree order (layer by layer, each in the order its nodes were proposed), trimmed to its root
         and its best `keep` - 1 other nodes by key where keep > 0 (TokenTree.top_m's choice: ties go to the earlier
         node)."""
-        widths = [keys.shape[1] for keys in self.keys]
-        starts = np.cumsum([0, *widths[:-1]])  # each layer's first column
-        keys = np.concatenate(self.keys, axis=1)  # [B, T]
+        keys = np.concatenate(self.keys, axis=1)  # [B, T]: every layer's columns
         B, T = keys.shape
-        held = keys > -np.inf
-        n = np.count_nonzero(held, axis=1)
+        n = np.count_nonzero(keys > -np.inf, axis=1)  # nodes held
         keep = min(keep, T) if keep > 0 else T
         count = np.minimum(n, keep)
-        ranking = keys.copy()
-        ranking[:, 0] = np.inf  # the root first
-        chosen = np.argsort(-ranking, axis=1, kind="stable")[:, :keep]  # no node (-inf) last
+        keys[:, 0] = np.inf  # the root first
+        chosen = np.argsort(-keys, axis=1, kind="stable")[:, :keep]  # no node (-inf) last
         taken = np.arange(keep) < count[:, None]
         chosen = np.sort(np.where(taken, chosen, T), axis=1)  # tree order; past a tree's count: last
         chosen = np.where(taken, chosen, 0)
         rows = self.row_starts * T
         new_index = np.full(B * T, -1, dtype=np.int64)
         new_index[(chosen + rows)[taken]] = np.nonzero(taken)[1]
-        parents = np.concatenate([self.parents[0]] + [p + start for p, start in zip(self.parents[1:], starts)],
-                                 axis=1)  # [B, T] columns
-        parents = self.gather(parents, chosen)
+        parents = self.gather(np.concatenate(self.parents, axis=1), chosen)
         parents = np.where(parents >= 0, new_index[np.maximum(parents, 0) + rows], -1)
         if (taken[:, 1:] & (parents[:, 1:] < 0)).any():
             raise ValueError("trimmed: the kept nodes are not closed under ancestors")
         tokens = self.gather(np.concatenate(self.tokens, axis=1), chosen)
         values = self.gather(np.concatenate(self.values, axis=1), chosen)
-        depths = np.repeat(np.arange(len(widths)), widths)[chosen]
+        depths = np.repeat(np.arange(len(self.keys)), [keys.shape[1] for keys in self.keys])[chosen]
         return [TokenTree(tokens[b, :c], parents[b, :c], depths[b, :c], values[b, :c])
                 for b, c in enumerate(count.tolist())]
 
@@ -477,13 +479,10 @@ class Expander:
             kept = ranked[:, :most_kept]  # row b: its first kept_counts[b]
             utility, sums = 0.0, None
             if cast is not None and most_kept:
-                kept_values = trees.gather(trees.values[-1], kept).astype(np.float64)
-                if cast.step_base_cost > 0:  # the efficiency rule's (expand_another_layer reads it only then)
-                    kept_values = np.concatenate([kept_values, trees.gather(trees.keys[-1], kept)])
-                sums = row_sums(kept_values, np.concatenate([kept_counts] * (kept_values.shape[0] // B)))
-                sums, key_sums = sums[:B], sums[B:]
+                sums = row_sums(trees.gather(trees.values[-1], kept), kept_counts)
                 utility = sum(sums) / B
-                tokens_so_far += sum(key_sums) / B
+                if cast.step_base_cost > 0:  # the efficiency rule's (expand_another_layer reads it only then)
+                    tokens_so_far += sum(row_sums(trees.gather(trees.keys[-1], kept), kept_counts)) / B
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
             ) or not self.kv.fits(kept_counts):  # the buffers are full: the tree ends here

@@ -126,8 +126,10 @@ class BufferKV:
         self.next_column += counts
         # Each node's ancestors' columns by depth from 1, its own last (-1 at depth 0): its parent's, then its own.
         # (Past a row's count: garbage, which no node of the next layer reads: they proposed no child.)
-        self.ancestors = np.concatenate([self.ancestors[np.arange(B)[:, None], parent_rows], columns[:, :, None]],
-                                        axis=2)  # [B, N, depth + 1]
+        above = self.ancestors.shape[1]
+        self.ancestors = np.concatenate(
+            [self.ancestors.reshape(B * above, depth)[parent_rows + np.arange(B)[:, None] * above], columns[:, :, None]],
+            axis=2)  # [B, N, depth + 1]
         block = np.empty((B, N, rows.shape[2]), dtype=np.int64)
         block[:, :, 0] = tokens
         block[:, :, 1] = roots[:, None] + depth
