@@ -9,6 +9,9 @@
   T. On CUDA each such session replays CUDA graphs (`enable_cuda_graph`), one per ping-pong direction
   (`gpu_graph_id`): a graph needs fixed shapes at fixed device addresses. Anything larger (a prompt, B > 32) runs on
   one more session without fixed sizes and without graphs.
+- One copy of the weights: where there are bucket sessions (up to 42), the runner loads the graph's weights once,
+  on its device, and every session uses them in place (`SessionOptions.add_initializer`) instead of loading its own
+  copy; so a large model (a sparse level of an 8B target: ~9 GB) gets CUDA graphs too.
 - Growing buffers (the default on CPU): S follows the longest sequence of the bucket (`reserve`), every run takes
   that one session without fixed sizes, and T is not padded. A CPU forward costs by its work: attending over the
   whole `capacity` (the model's context + tree room) where a few hundred columns hold tokens cost several times more.
@@ -37,11 +40,10 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TREE_ROOM = 512  # buffer columns past the context for a tree's nodes (a tree that needs more ends early)
 MAX_FORWARD_ROWS = 256  # rows (sequences x tokens) of one forward at most: a prompt runs as several
 COLUMN_STEP = 16  # growing buffers: widths are multiples of this (a resize every few steps, not every step)
-# On CUDA each (batch, tokens) bucket runs as a session of its own with a captured CUDA graph, which saves a small
-# model's kernel launches; but every session holds its own copy of the weights. A model past this size (a sparse
-# level of an 8B target: ~9 GB) runs every shape in the one flexible session instead: its forward is long enough
-# that the launches matter little, and 30+ copies of its weights would not fit a GPU.
-GRAPH_MAX_WEIGHT_BYTES = 1 << 30
+# Initializers this large or larger are the weights that sessions share (load_weights). Smaller ones (shape
+# constants) stay each session's own: a CUDA session keeps some of them in CPU memory, where ORT would not take a
+# copy on the GPU (it warns and loads its own), and their copies cost nothing.
+SHARED_MIN_BYTES = 1024
 
 
 def choose_provider(provider: str = "auto") -> str:
@@ -98,10 +100,27 @@ class _Bucket:
     ran: set[int] = field(default_factory=set)  # directions run once (on CUDA: captured)
 
 
-def weight_bytes(onnx_path: str | Path) -> int:
-    """The exported graph's size on disk: its directory's files (export.py writes the graph, any external weights
-    beside it, and a small meta.json there)."""
-    return sum(f.stat().st_size for f in Path(onnx_path).parent.iterdir() if f.is_file())
+def load_weights(onnx_path: str | Path, device: str) -> dict[str, ort.OrtValue]:
+    """The graph's initializers of SHARED_MIN_BYTES or more, read once (export.py saves them inside model.onnx, or
+    beside it as external data past 2 GB: read one tensor at a time), as OrtValues on `device` ("cpu" or "cuda")
+    for SessionOptions.add_initializer. A session uses such a value in place where it lies on the device that the
+    session plans for it, else it warns and loads its own copy (onnxruntime/core/framework/session_state_utils.cc,
+    SaveInitializedTensors)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {}
+    for tensor in model.graph.initializer:
+        if np.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize < SHARED_MIN_BYTES:
+            continue
+        array = numpy_helper.to_array(tensor, base_dir=str(Path(onnx_path).parent))
+        # On CPU the OrtValue wraps the array (and keeps it). On CUDA ortvalue_from_numpy copies it into memory that
+        # ORT owns, which add_initializer refuses (a session only borrows what it is given): the sessions get a
+        # DLPack view of that copy instead, which keeps the copy alive.
+        value = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+        weights[tensor.name] = value if device == "cpu" else ort.OrtValue.from_dlpack(value)
+    return weights
 
 
 class DraftRunner:
@@ -123,9 +142,7 @@ class DraftRunner:
         self.width = ROW_FIELDS + ancestors  # W: a row's fields, then the visible ancestor columns
         on_cuda = self.provider == PROVIDERS["cuda"]
         self.fixed_buffers = on_cuda if fixed_buffers is None else fixed_buffers
-        if cuda_graphs is None:
-            cuda_graphs = on_cuda and self.fixed_buffers and weight_bytes(onnx_path) <= GRAPH_MAX_WEIGHT_BYTES
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = on_cuda and self.fixed_buffers if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (on_cuda and self.fixed_buffers):
             raise ValueError("cuda_graphs needs the CUDA provider and fixed buffers")
         # Sessions per (batch, tokens) bucket: on CUDA for the graphs only; on CPU (fixed buffers: tests) always.
@@ -143,6 +160,8 @@ class DraftRunner:
             # ORT finds them only when asked to.
             ort.preload_dlls()
         self.input_names, self.output_names = io_names(meta.num_layers)
+        # One copy of the weights for all sessions (module docstring); a lone flexible session loads its own.
+        self.weights = load_weights(self.onnx_path, self.device) if self.bucket_sessions else {}
         self.flexible = ort.InferenceSession(self.onnx_path, sess_options=self._options(),
                                              providers=[self.provider])
         self.buffers: dict[int, _BatchBuffers] = {}
@@ -332,6 +351,12 @@ class DraftRunner:
             options.intra_op_num_threads = self.threads
         # ORT's idle threads spin after each run by default, taking the CPU from a verifier beside them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, value in self.weights.items():
+            options.add_initializer(name, value)
+        if self.weights and self.device == "cpu":
+            # ORT's CPU MatMul re-lays its weight out into memory of its own session (prepacking): a copy per session
+            # again. ORT shares prepacked weights only through a container that its Python API does not offer.
+            options.add_session_config_entry("session.disable_prepacking", "1")
         return options
 
     def warm_memory(self) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import grpc
 from opentelemetry import trace
 
 from cast.v1 import verify_pb2
@@ -27,6 +28,8 @@ from orchestrator.step_loop import MAX_REPLAYS, LiveSequence, StepLoop
 from orchestrator.telemetry import OrchestratorTelemetry
 
 log = logging.getLogger("cast.orchestrator")
+# How long a release that failed is tried again: the services' default session TTL, by when they freed it anyway.
+RELEASE_RETRY_S = 600.0
 
 
 class Router:
@@ -88,8 +91,9 @@ class Router:
             seq.done = True
             if seq.loop is not None:
                 seq.loop.wake()
-            elif seq in self.orphans:
+            elif seq in self.orphans:  # its verify session went at the replay; its draft session goes now
                 self.orphans.remove(seq)
+                self.drop_draft_replica(seq)
                 self.forget(seq)
 
     # --- placement ------------------------------------------------------------------------------------------
@@ -113,10 +117,10 @@ class Router:
 
     def replay(self, sequences: list[LiveSequence], source: StepLoop) -> None:
         """Sequences that leave `source` (its replica failed or drains) start again elsewhere, ahead of new requests;
-        their sessions there are released in the background (if it still answers)."""
+        their sessions there are released in the background (again while it does not answer)."""
         admitted = [s.verify_id for s in sequences if s.admitted]
         if admitted:
-            self._background(source.replica.client.release(admitted, timeout=5.0))
+            self._background(self.release(source.replica, admitted))
         for s in sequences:
             if s.done:
                 self.drop_draft_replica(s)
@@ -159,7 +163,8 @@ class Router:
         if s.draft is None:
             return
         if s.opened_draft:
-            self._background(s.draft.client.release([s.sequence_id], timeout=5.0))
+            replica = s.draft  # (not once the sequence is back there: its session is in use again)
+            self._background(self.release(replica, [s.sequence_id], wanted=lambda _: s.draft is not replica))
         s.draft.sequences -= 1
         s.draft, s.draft_seen, s.opened_draft = None, 0, False
 
@@ -182,6 +187,40 @@ class Router:
             if loop.sequences:
                 loop.wake()
 
+    # --- releases -------------------------------------------------------------------------------------------
+
+    async def release(self, replica: Replica, ids: list[str], timeout_s: float = 5.0,
+                      wanted: Callable[[str], bool] = lambda _: True) -> None:
+        """Release sessions on a replica: one call now and, where it fails (the replica stalled past the deadline,
+        or is unreachable a while), again in the background until it answers. A session left there would hold
+        its slot (a verify replica's KV memory) for the service's whole TTL. `wanted(id)`: whether an id still
+        needs releasing when the call goes."""
+        ids = [i for i in ids if wanted(i)]
+        if not ids:
+            return
+        try:
+            await replica.client.release(ids, timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.info("releasing %d sequences on %s replica %s failed (%s): trying again", len(ids), replica.role,
+                     replica.address, exc.code().name)
+            self._background(self._release_again(replica, ids, timeout_s, wanted))
+
+    async def _release_again(self, replica: Replica, ids: list[str], timeout_s: float,
+                             wanted: Callable[[str], bool]) -> None:
+        """Retries of a failed release, with backoff, while the fleet lists the replica, for RELEASE_RETRY_S."""
+        clock = asyncio.get_running_loop()
+        give_up, delay = clock.time() + RELEASE_RETRY_S, 0.5
+        while clock.time() < give_up and self.fleet.replicas.get((replica.role, replica.address)) is replica:
+            await asyncio.sleep(delay)
+            ids = [i for i in ids if wanted(i)]
+            if not ids:
+                return
+            try:
+                await replica.client.release(ids, timeout_s)
+                return
+            except grpc.aio.AioRpcError:
+                delay = min(2 * delay, 10.0)
+
     # --- housekeeping ---------------------------------------------------------------------------------------
 
     def _ensure_housekeeping(self) -> None:
@@ -196,6 +235,7 @@ class Router:
             for s in [s for s in self.orphans if now - s.lost_since > self.orphan_timeout_s]:
                 self.orphans.remove(s)
                 s.fail(Unavailable(f"no verify replica served for {self.orphan_timeout_s:.0f} s"))
+                self.drop_draft_replica(s)
                 self.forget(s)
 
     def _background(self, coroutine, name: str | None = None) -> None:
@@ -206,9 +246,12 @@ class Router:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop every loop and release every session; requests still running end with UNAVAILABLE."""
-        for s in self.orphans:
+        orphans, self.orphans = self.orphans, []
+        for s in orphans:
             s.fail(Unavailable("the orchestrator is shutting down"))
-        self.orphans = []
+        # Their verify sessions went when they were replayed; their draft sessions go now.
+        await asyncio.gather(*(self.release(s.draft, [s.sequence_id], timeout_s) for s in orphans
+                               if s.opened_draft and s.draft is not None), return_exceptions=True)
         await asyncio.gather(*(loop.close(timeout_s) for loop in self.loops.values()))
         for task in list(self.background):
             task.cancel()

@@ -413,13 +413,13 @@ class StepLoop:
             return
         span = self.telemetry.batch_span("release", sequences, **{"cast.release.sequences": len(sequences)})
         with trace.use_span(span, end_on_exit=True) if span else nullcontext():  # the calls carry its context
-            calls = [self.replica.client.release([s.verify_id for s in sequences], timeout_s)]
+            calls = [self.router.release(self.replica, [s.verify_id for s in sequences], timeout_s)]
             drafted: dict[Replica, list[str]] = defaultdict(list)
             for s in sequences:
                 if s.opened_draft and s.draft is not None:
                     drafted[s.draft].append(s.sequence_id)
-            calls += [replica.client.release(ids, timeout_s) for replica, ids in drafted.items()]
-            # A failed release is nobody's error to report: the sessions' TTL frees them.
+            calls += [self.router.release(replica, ids, timeout_s) for replica, ids in drafted.items()]
+            # A failed call goes again in the background (Router.release), while the loop steps on.
             await asyncio.gather(*calls, return_exceptions=True)
 
     # --- one step -------------------------------------------------------------------------------------------

@@ -24,6 +24,21 @@ def exported(draft_model_dir, onnx_cache_dir) -> tuple[Path, ExportMeta]:
 
 
 @pytest.fixture(scope="session")
+def wide_exported(tmp_path_factory, onnx_cache_dir) -> tuple[Path, ExportMeta]:
+    """A random draft 512 wide (2 layers, 20 MiB of weights): a session's own memory is small beside its weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from cast_models.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(512, hidden=512, layers=2, heads=4, kv_heads=2, eos_id=0))
+    path = tmp_path_factory.mktemp("wide-draft")
+    model.save_pretrained(path)
+    return export_draft(path, top_k=8, dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def runner(exported) -> DraftRunner:
     """The CPU default: buffers that grow with the longest sequence, one session of free shapes."""
     return DraftRunner(*exported, provider="cpu")

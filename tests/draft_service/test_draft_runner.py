@@ -4,10 +4,12 @@ trees while sequences join, leave, change batch bucket, outgrow the token bucket
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
+from draft_service.export import sample_tree
 from draft_service.runner import COLUMN_STEP, TOKEN_BUCKETS, DraftRunner
 
 PROMPT = [5, 17, 99, 3, 200, 42, 7, 310, 64]
@@ -165,6 +167,8 @@ def test_defaults_follow_the_provider(runner, fixed_runner):
     from draft_service.runner import choose_dtype
 
     assert (runner.fixed_buffers, runner.cuda_graphs) == (False, False)
+    assert not runner.weights, "one session: it loads its own weights"
+    assert fixed_runner.weights, "bucket sessions: they share the runner's"
     assert runner.backend == "onnxruntime:CPUExecutionProvider+growing"
     assert fixed_runner.backend == "onnxruntime:CPUExecutionProvider+static"
     assert choose_dtype("auto", "CUDAExecutionProvider") == "float16"
@@ -192,3 +196,20 @@ def test_forwards_sliced_to_a_few_rows_and_buckets_sharing_memory_grow_the_same_
         got, _ = sliced.expand(sequences, budget)
         assert_same_trees(got, want)
     assert set(sliced_runner.storage) == {2, 4}, "buckets 1 and 2 share the reserved memory, bucket 4 has its own"
+
+
+def test_sessions_on_the_shared_weights_compute_what_the_graph_with_its_own_weights_computes(wide_exported):
+    """A bucket session and the flexible one, both on the runner's one copy of the weights, give the same top-K and
+    KV, to the bit, as a session that loads the graph's weights itself, on a tree with past KV. (Without prepacking,
+    as the runner's sessions on CPU: prepacked MatMul weights round differently, by up to 3e-5 in the KV here.)"""
+    onnx_path, meta = wide_exported
+    runner = DraftRunner(onnx_path, meta, provider="cpu", fixed_buffers=True, capacity=12, ancestors=3)
+    dims = {name: getattr(meta, name) for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size")}
+    feeds = sample_tree(dims, meta.dtype, batch=2, capacity=12, new=4, ancestors=3).feeds
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    own = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    want = own.run(None, feeds)
+    for session in (runner._bucket(2, 4).session, runner.flexible):
+        for have, expected in zip(session.run(None, feeds), want):  # top-K, then KV
+            np.testing.assert_array_equal(have, expected)
