@@ -83,6 +83,7 @@ class BufferKV:
             s.tokens.extend(q.new_tokens.tolist())
             s.length = int(end)
         self.committed, self.next_column = ends, ends.copy()
+        self.row_starts = np.arange(B)[:, None]
         self.ancestors = np.zeros((0, 0, 0), dtype=np.int64)
         last = topk[self.row_of, np.array([t.size for t in tokens]) - 1]  # [B, 2, K]
         return last[:, 0], last[:, 1].astype(np.int64)
@@ -113,22 +114,25 @@ class BufferKV:
         return bool((self.next_column + counts - 1 <= self.runner.last_column).all())
 
     def forward_layer(self, tokens: np.ndarray, parent_rows: np.ndarray, counts: np.ndarray, depth: int,
-                      roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One forward over a tree layer's kept nodes: row b's first counts[b] of tokens [B, N], at `depth`, whose
-        parents were row b's parent_rows [B, N]-th nodes in the last forward of this call (the root's children:
-        0). Returns their children's probabilities and ids, [B, N, K] each."""
+                      roots: np.ndarray, ragged: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One forward over a tree layer's kept nodes: row b's first counts[b] of tokens [B, N] (ragged False: all N
+        of every row), at `depth`, whose parents were row b's parent_rows [B, N]-th nodes in the last forward of this
+        call (the root's children: 0). Returns their children's probabilities and ids, [B, N, K] each."""
         B, N = tokens.shape
         if depth == 1:
             self.ancestors = np.full((B, 1, 1), -1, dtype=np.int64)  # the root: committed, every row sees it
         self.runner.reserve(self.batch, int((self.next_column + counts).max()) - 1)
-        rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
+        if ragged or B < self.batch:
+            rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
+        else:  # the block below fills every row
+            rows = np.empty((B, N, self.runner.width), dtype=np.int64)
         columns = self.next_column[:, None] + np.arange(N)  # [B, N] (past a row's count: unused)
         self.next_column += counts
         # Each node's ancestors' columns by depth from 1, its own last (-1 at depth 0): its parent's, then its own.
         # (Past a row's count: garbage, which no node of the next layer reads: they proposed no child.)
         above = self.ancestors.shape[1]
         self.ancestors = np.concatenate(
-            [self.ancestors.reshape(B * above, depth)[parent_rows + np.arange(B)[:, None] * above], columns[:, :, None]],
+            [self.ancestors.reshape(B * above, depth)[parent_rows + self.row_starts * above], columns[:, :, None]],
             axis=2)  # [B, N, depth + 1]
         block = np.empty((B, N, rows.shape[2]), dtype=np.int64)
         block[:, :, 0] = tokens
@@ -139,7 +143,7 @@ class BufferKV:
         block[:, :, ROW_FIELDS:] = columns[:, :, None]
         block[:, :, ROW_FIELDS : ROW_FIELDS + depth + 1] = np.where(self.ancestors >= 0, self.ancestors,
                                                                     columns[:, :, None])
-        if counts.min() < N:  # a row's nodes past its count stay padding
+        if ragged:  # a row's nodes past its count stay padding
             block = np.where((np.arange(N) < counts[:, None])[:, :, None], block, rows[self.row_of])
         rows[self.row_of] = block
         topk = self.run(rows)[self.row_of]  # [B, N, 2, K]
