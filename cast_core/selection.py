@@ -211,13 +211,16 @@ def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float])
     parent's, applied from the root down), so it is found by pointer jumping over the trees concatenated: each
     round takes the min with the ancestor 2^r levels up, log2(depth) rounds of three numpy calls for the whole
     batch, where a loop per tree and depth took four calls per depth and tree. The same numbers: a min is exact."""
-    sizes = [len(t) for t in trees]
-    values = np.concatenate([t.values for t in trees]).astype(np.float64)
-    depths = np.concatenate([t.depths for t in trees])
-    starts = np.cumsum([0, *sizes[:-1]])  # [B] each tree's root
-    offsets = np.repeat(starts, sizes)
-    parents = np.concatenate([t.parents for t in trees]) + offsets
-    parents[starts] = starts  # a root is its own ancestor: the jumps stop there
+    if len(trees) == 1:  # nothing to concatenate
+        values, depths, starts = trees[0].values.astype(np.float64), trees[0].depths, np.zeros(1, dtype=np.int64)
+        parents = np.maximum(trees[0].parents, 0)  # the root (0) is its own ancestor: the jumps stop there
+    else:
+        sizes = [len(t) for t in trees]
+        values = np.concatenate([t.values for t in trees]).astype(np.float64)
+        depths = np.concatenate([t.depths for t in trees])
+        starts = np.cumsum([0, *sizes[:-1]])  # [B] each tree's root
+        parents = np.concatenate([t.parents for t in trees]) + np.repeat(starts, sizes)
+        parents[starts] = starts  # a root is its own ancestor: the jumps stop there
     deepest = int(depths.max())
     if deepest:
         values *= np.asarray([depth_scale(scales, d) for d in range(1, deepest + 1)])[np.maximum(depths, 1) - 1]
@@ -225,7 +228,7 @@ def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float])
     for _ in range(deepest.bit_length()):  # after r rounds, the min over the 2^r - 1 nearest ancestors and itself
         values = np.minimum(values, values[parents])
         parents = parents[parents]
-    return np.split(values, starts[1:])
+    return np.split(values, starts[1:]) if len(trees) > 1 else [values]
 
 
 # ---- C1: breadth pruning ----------------------------------------------------------------------------------------

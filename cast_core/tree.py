@@ -130,10 +130,10 @@ class TokenTree:
 
 def validate_trees(trees: list[TokenTree], field: str = "tree") -> None:
     """Each tree's validate(field), checked over all of them at once (the orchestrator checks every draft tree of a
-    step: one pass for the batch, where a validate per tree took a dozen numpy calls each); a bad tree raises as its
-    own validate does."""
+    step: one pass for the batch, where a validate per tree took a dozen numpy calls each; below 4 trees, the
+    concatenations cost more than that); a bad tree raises as its own validate does."""
     sizes = [len(t) for t in trees]
-    if not trees or min(sizes) == 0 or any(t.parents.shape[0] != n or t.depths.shape[0] != n or t.values.shape[0] != n
+    if len(trees) < 4 or min(sizes) == 0 or any(t.parents.shape[0] != n or t.depths.shape[0] != n or t.values.shape[0] != n
                                            for t, n in zip(trees, sizes)):
         for t in trees:
             t.validate(field)

@@ -151,7 +151,7 @@ def test_a_batch_of_trees_is_checked_as_each_tree_alone():
         return None
 
     @settings(max_examples=300, deadline=None)
-    @given(batch=st.lists(trees(), min_size=1, max_size=5))
+    @given(batch=st.lists(trees(), min_size=1, max_size=8))
     def check(batch):
         alone = next((o for o in (outcome(lambda t=t: t.validate("draft tree")) for t in batch) if o), None)
         assert outcome(lambda: validate_trees(batch, "draft tree")) == alone
