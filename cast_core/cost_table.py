@@ -28,6 +28,7 @@ services' job, not this module's.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,15 @@ def _bucket_index(grid: Sequence[int], value: int) -> int:
 def _bucket_indices(grid: Sequence[int], values: np.ndarray) -> np.ndarray:
     """Vectorised `_bucket_index`."""
     return np.minimum(np.searchsorted(grid, values, side="left"), len(grid) - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _count_buckets(grid: tuple[int, ...], max_tokens: int) -> np.ndarray:
+    """_bucket_indices(grid, 1..max_tokens), read-only: the columns costs_for_counts reads (each layer of each Expand
+    asks for the same few)."""
+    indices = _bucket_indices(grid, np.arange(1, max_tokens + 1))
+    indices.setflags(write=False)
+    return indices
 
 
 def _frozen_array(values, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -139,8 +149,7 @@ class CostTable:
 
     def costs_for_counts(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
         """[max_tokens] milliseconds: entry k-1 is f(B, c, k) for k = 1..max_tokens (a step function of k)."""
-        counts = np.arange(1, max_tokens + 1)
-        return self.row(batch, context)[_bucket_indices(self.token_counts, counts)]
+        return self.row(batch, context)[_count_buckets(self.token_counts, max_tokens)]
 
     def normalized_costs(self, batch: int, context: int, max_tokens: int) -> np.ndarray:
         """[max_tokens] reranking costs c_k = S_T(B)[ctx][k] / S_T(B)[ctx][1], k = 1..max_tokens (so c_1 = 1)."""
@@ -235,4 +244,4 @@ class NormalizedCostSlice:
     def costs_for_counts(self, nodes_so_far: int, max_tokens: int) -> np.ndarray:
         """[max_tokens] breadth costs: entry k-1 is cost(nodes_so_far, k) for k = 1..max_tokens."""
         r = _bucket_index(self.node_buckets, nodes_so_far)
-        return self.normalized_cost[r, _bucket_indices(self.token_counts, np.arange(1, max_tokens + 1))]
+        return self.normalized_cost[r, _count_buckets(self.token_counts, max_tokens)]

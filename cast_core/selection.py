@@ -132,11 +132,17 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
     values_per_sequence: B arrays, sequence b with its own n_b >= 0 values in any order (ragged batch); a single
     1-D array is one sequence (B = 1). A sequence with fewer than k values contributes all of them.
     """
-    batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
-    if not batch:
-        raise ValueError("a batch needs at least one sequence")
-    # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
-    padded = _one_array(batch)
+    if isinstance(values_per_sequence, np.ndarray) and values_per_sequence.ndim == 2:
+        padded = values_per_sequence.astype(np.float64, copy=False)  # B rows of n values each (the draft's layers)
+        if padded.shape[0] == 0:
+            raise ValueError("a batch needs at least one sequence")
+        batch = padded
+    else:
+        batch = [values_per_sequence] if _is_one_sequence(values_per_sequence) else list(values_per_sequence)
+        if not batch:
+            raise ValueError("a batch needs at least one sequence")
+        # Few numpy calls for the whole batch: this runs for every layer of every Expand (the breadth rule).
+        padded = _one_array(batch)
     if padded is None:
         arrays = [np.asarray(v, dtype=np.float64) for v in batch]
         if any(v.ndim != 1 for v in arrays):
@@ -144,10 +150,11 @@ def batch_topk_utilities(values_per_sequence: Sequence[np.ndarray] | np.ndarray)
         padded = np.zeros((len(arrays), max(v.shape[0] for v in arrays)), dtype=np.float64)  # [B, max_n]; pad: 0
         for b, v in enumerate(arrays):
             padded[b, : v.shape[0]] = v
-    if not ((padded >= 0).all() and np.isfinite(padded).all()):  # NaN fails the first test, inf the second
+    # min >= 0 fails on NaN, max < inf on inf: two reductions instead of two masks (this runs for every layer)
+    if padded.size and not (padded.min() >= 0 and padded.max() < np.inf):
         b = next(b for b, row in enumerate(padded) if not ((row >= 0).all() and np.isfinite(row).all()))
         raise ValueError(f"sequence {b}: values must be a 1-D array of finite numbers >= 0")
-    padded = -np.sort(-padded, axis=1)  # descending; the padding (0, the least value) stays last
+    padded = np.sort(padded, axis=1)[:, ::-1]  # descending; the padding (0, the least value) stays last
     # sum / B is what mean() computes, bit for bit, without its Python wrapper (this runs for every layer).
     return np.cumsum(padded, axis=1).sum(axis=0) / padded.shape[0]
 
@@ -193,16 +200,35 @@ def calibrated_values(tree: TokenTree, scales: Sequence[float]) -> np.ndarray:
     nodes by calibrated value stay a tree. The draft computes the same numbers layer by layer
     (draft_service/expansion.py), so both sides rank nodes alike.
     """
-    keys = tree.values.astype(np.float64)
-    keys[0] = 1.0
-    if len(tree) == 1:
-        return keys
-    depths, parents = tree.depths, tree.parents
-    keys[1:] *= np.asarray([depth_scale(scales, d) for d in range(1, int(depths.max()) + 1)])[depths[1:] - 1]
-    for d in range(1, int(depths.max()) + 1):  # parents before children: each layer sees its parents' final keys
-        layer = np.nonzero(depths == d)[0]
-        keys[layer] = np.minimum(keys[layer], keys[parents[layer]])
-    return keys
+    return batch_calibrated_values([tree], scales)[0]
+
+
+def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float]) -> list[np.ndarray]:
+    """calibrated_values of each tree, computed for all of them at once (the orchestrator's step does it for every
+    sequence of its batch).
+
+    A node's calibrated value is the least scaled value on its path from the root (the min of each node and its
+    parent's, applied from the root down), so it is found by pointer jumping over the trees concatenated: each
+    round takes the min with the ancestor 2^r levels up, log2(depth) rounds of three numpy calls for the whole
+    batch, where a loop per tree and depth took four calls per depth and tree. The same numbers: a min is exact."""
+    if len(trees) == 1:  # nothing to concatenate
+        values, depths, starts = trees[0].values.astype(np.float64), trees[0].depths, np.zeros(1, dtype=np.int64)
+        parents = np.maximum(trees[0].parents, 0)  # the root (0) is its own ancestor: the jumps stop there
+    else:
+        sizes = [len(t) for t in trees]
+        values = np.concatenate([t.values for t in trees]).astype(np.float64)
+        depths = np.concatenate([t.depths for t in trees])
+        starts = np.cumsum([0, *sizes[:-1]])  # [B] each tree's root
+        parents = np.concatenate([t.parents for t in trees]) + np.repeat(starts, sizes)
+        parents[starts] = starts  # a root is its own ancestor: the jumps stop there
+    deepest = int(depths.max())
+    if deepest:
+        values *= np.asarray([depth_scale(scales, d) for d in range(1, deepest + 1)])[np.maximum(depths, 1) - 1]
+    values[starts] = 1.0
+    for _ in range(deepest.bit_length()):  # after r rounds, the min over the 2^r - 1 nearest ancestors and itself
+        values = np.minimum(values, values[parents])
+        parents = parents[parents]
+    return np.split(values, starts[1:]) if len(trees) > 1 else [values]
 
 
 # ---- C1: breadth pruning ----------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 2. Expand, EAGLE-2 style: each layer keeps its best candidates by value (`layer_keep_count`); if another layer
    is wanted (`expand_another_layer`), one forward over the kept nodes, with a tree mask, gives each of them
    top_k children: the next layer's candidates, value = parent value * draft probability.
-   CAST also drops, before its breadth rule, every candidate below the value of the tree's `max_returned_nodes`-th
-   best node so far: the trimming in 3 would drop it and all its descendants, so expanding it is wasted draft
-   work (the planner sets that bound from the counts its reranking verified lately).
+   CAST also drops, as it is proposed, every candidate below the value of the `max_returned_nodes`-th best node
+   proposed so far: the trimming in 3 would drop it and all its descendants, so ranking, keeping or expanding it
+   is wasted draft work (the planner sets that bound from the counts its reranking verified lately). The trees
+   returned are the same as with every candidate kept until 3 (`_Trees`); `expanded_nodes` and each layer's
+   `candidates` still count every node proposed.
    CAST ranks and weighs nodes by their calibrated value (the orchestrator's measured accepted tokens per unit of
    value at the node's depth, never above the parent's: selection.calibrated_values), the returned trees' values
    stay the draft's own.
@@ -21,7 +23,9 @@ Per sequence the draft keeps a KV cache of every committed token it has seen. On
 Those two functions are where CAST's breadth (C1) and depth (C2) pruning plug in.
 
 The KV lives in rows of the runner's buffers (kv.py, runner.py): only the top-K of each forward come back to the
-host.
+host. The batch's trees grow together, one block of [B, width] arrays per layer (`_Trees`): a layer costs a few
+numpy calls for all of them, not a few per sequence (reports/cast-overhead/: per Expand at batch 8, 3.1 ms of
+per-sequence bookkeeping became 1.6 ms; at batch 32, 10.6 ms became 3.1 ms).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, depth_scale, layer_sums, should_expand
+from cast_core.selection import breadth_keep, depth_scale, should_expand
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.kv import BufferKV
@@ -98,18 +102,22 @@ class DraftSession:
 # --- the two decisions that CAST replaces -------------------------------------------------------------------
 
 
-def layer_keep_count(layer_values: list[np.ndarray], budget: Budget, nodes_so_far: int) -> int:
+def layer_keep_count(layer_values: list[np.ndarray] | np.ndarray, budget: Budget, nodes_so_far: int) -> int:
     """How many candidates of the current layer each sequence keeps (the kept ones propose children).
 
-    layer_values: per sequence, its candidates' (calibrated) values sorted descending. nodes_so_far: tree nodes
-    forwarded so far in this call, the row of the draft's cost slice. EAGLE-2: a fixed max_breadth. CAST: the
-    breadth rule (C1) on the batch-average cumulative value against the cost of forwarding k nodes, within
-    max_breadth.
+    layer_values: per sequence, its candidates' (calibrated) values sorted descending (or [B, n], 0 past a sequence's
+    candidates). nodes_so_far: tree nodes forwarded so far in this call, the row of the draft's cost slice.
+    EAGLE-2: a fixed max_breadth. CAST: the breadth rule (C1) on the batch-average cumulative value against the cost
+    of forwarding k nodes, within max_breadth.
     """
     if budget.cast is None:
         return budget.max_breadth
-    values = [v[: budget.max_breadth] for v in layer_values]
-    widest = max((v.size for v in values), default=0)
+    if isinstance(layer_values, np.ndarray):  # [B, n], padded with 0: one array for the batch
+        values = layer_values[:, : budget.max_breadth]
+        widest = values.shape[1]
+    else:
+        values = [v[: budget.max_breadth] for v in layer_values]
+        widest = max((v.size for v in values), default=0)
     if widest == 0:
         return budget.max_breadth
     costs = budget.cast.prices.costs_for_counts(nodes_so_far, widest)
@@ -160,52 +168,132 @@ def max_tree_nodes(budget: Budget) -> int:
     return nodes
 
 
-class _Tree:
-    """A tree being grown, in preallocated arrays. paths[i] lists node i's ancestors by depth, itself included
-    (-1 past its depth): the tree mask compares KV columns against it. keys[i]: node i's calibrated value, what
-    ranks it (selection.calibrated_values, computed layer by layer; the values themselves without CAST)."""
+class _Trees:
+    """The B trees of one Expand, grown together one layer at a time. Layer d is a block of [B, w] arrays, one row
+    per tree: the children that the tree's kept nodes of layer d - 1 proposed, k each, in the order those were kept
+    (so a node's parent is the (slot // k)-th node its layer above kept). Nothing is copied into per-node arrays while
+    the trees grow: a layer costs a few numpy calls for the whole batch, not a few per sequence, and the trees are
+    assembled once, at the end (`trimmed`). keys: each node's calibrated value, what ranks it
+    (selection.calibrated_values, computed layer by layer; the values themselves without CAST); -inf in a slot that
+    holds no node (a parent past its row's count, or a child dropped).
 
-    def __init__(self, root_token: int, capacity: int, max_depth: int) -> None:
-        self.tokens = np.zeros(capacity, dtype=np.int64)
-        self.parents = np.full(capacity, -1, dtype=np.int64)
-        self.depths = np.zeros(capacity, dtype=np.int64)
-        self.values = np.zeros(capacity, dtype=np.float32)
-        self.keys = np.zeros(capacity, dtype=np.float64)
-        self.paths = np.full((capacity, max_depth + 1), -1, dtype=np.int64)  # [N, depth+1]
-        self.tokens[0], self.values[0], self.keys[0], self.paths[0, 0] = root_token, 1.0, 1.0, 0
-        self.size = 1
+    keep_best > 0 (CAST, whose trees are returned trimmed to their best keep_best nodes): a child whose key is below
+    the keep_best-th best key proposed so far is dropped at once. Keys never increase from parent to child, and that
+    bound only rises, so neither the child nor any of its descendants could be among the best keep_best at the end;
+    the nodes held keep their order (ties go by it), so the trimmed trees are the same as with every child kept.
+    """
 
-    def add_children(self, parents: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
-                     scale: float = 1.0) -> np.ndarray:
-        """parents [n]; tokens, probs [n, k]: each parent's top-k; scale: the calibration at their depth. Returns
-        the new nodes' indices [n * k]."""
-        n, k = tokens.shape
-        new = np.arange(self.size, self.size + n * k)
-        parent = np.repeat(parents, k)
-        self.tokens[new] = tokens.reshape(-1)
-        self.parents[new] = parent
-        self.depths[new] = self.depths[parent] + 1
+    def __init__(self, roots: np.ndarray, keep_best: int = 0) -> None:
+        B = roots.shape[0]
+        self.row_starts = np.arange(B)[:, None]  # times a layer's width: each row's first entry, flattened
+        # Per layer (the roots' first): tokens, values (float32), keys (float64), the parent's column (its layer's
+        # first column in the trees assembled by `trimmed`, plus its slot).
+        self.tokens = [roots.astype(np.int64)[:, None]]
+        self.values = [np.ones((B, 1), dtype=np.float32)]
+        self.keys = [np.ones((B, 1))]
+        self.parents = [np.full((B, 1), -1, dtype=np.int64)]
+        self.start, self.columns = 0, 1  # the current layer's first column; all layers' columns
+        self.counts = np.ones(B, dtype=np.int64)    # nodes held in the current layer per tree
+        self.proposed = np.ones(B, dtype=np.int64)  # nodes proposed, root included: the dropped ones too
+        self.keep_best = keep_best
+        self.best: np.ndarray | None = None  # [B, keep_best] the best keys proposed, once a tree had more
+
+    def add_children(self, kept: np.ndarray, counts: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
+                     scale: float = 1.0, ragged: bool = True) -> np.ndarray:
+        """kept [B, N]: the slots of the current layer's nodes that proposed children, the first counts[b] of row b
+        (ragged False: every row's N); tokens, probs [B, N, k]: their top-k; scale: the calibration at the children's
+        depth. The children become the current layer. Returns how many children each tree was proposed, [B] (some
+        dropped where keep_best is set)."""
+        B, N, k = tokens.shape
+        proposed = counts * k
+        self.proposed += proposed
+        flat = kept + self.row_starts * self.keys[-1].shape[1]  # the parents' entries in the flattened layer
         # float32 product of a value and a probability <= 1: never above the parent's value.
-        self.values[new] = (self.values[parents][:, None] * probs).reshape(-1)
-        self.keys[new] = np.minimum(self.keys[parent], scale * self.values[new].astype(np.float64))
-        self.paths[new] = self.paths[parent]
-        self.paths[new, self.depths[new]] = new
-        self.size += n * k
-        return new
+        values = self.values[-1].reshape(-1)[flat][:, :, None] * probs  # [B, N, k]
+        keys = np.minimum(self.keys[-1].reshape(-1)[flat][:, :, None], scale * values.astype(np.float64))
+        values, keys = values.reshape(B, N * k), keys.reshape(B, N * k)
+        held = None  # every slot holds a child
+        if ragged:  # past a row's count: no parent, no children
+            held = np.arange(N * k) < proposed[:, None]
+            keys[~held] = -np.inf
+        m = self.keep_best
+        if m and int(self.proposed.max()) > m:
+            if self.best is None:  # nothing was dropped yet: the best so far are the best of every layer
+                pool = np.concatenate([*self.keys, np.full((B, m), -np.inf)], axis=1)
+                self.best = np.partition(pool, -m, axis=1)[:, -m:]
+            pool = np.partition(np.concatenate([self.best, keys], axis=1), -m, axis=1)
+            self.best = pool[:, -m:]
+            # At or above the m-th best key proposed so far (with fewer than m, the -inf padding: all are).
+            above = keys >= self.best[:, :1]
+            held = above if held is None else held & above
+            keys[~held] = -np.inf
+        self.tokens.append(tokens.reshape(B, N * k))
+        self.values.append(values)
+        self.keys.append(keys)
+        self.parents.append(np.repeat(kept + self.start, k, axis=1))
+        self.start, self.columns = self.columns, self.columns + N * k
+        self.counts = proposed if held is None else held.sum(axis=1)
+        return proposed
 
-    def value_floor(self, m: int) -> float:
-        """The m-th largest key among the nodes so far (0 while there are at most m). A node below it can never be
-        among the tree's best m, nor can any of its descendants (a child is worth at most its parent)."""
-        if self.size <= m:
-            return 0.0
-        return float(np.partition(self.keys[: self.size], self.size - m)[self.size - m])
+    def ranked_layer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The current layer's nodes per tree, best key first (stable: ties keep their order, so a parent beats an
+        equal child): their slots [B, M] and keys [B, M] (0 past a tree's count), and the counts [B]."""
+        keys = self.keys[-1]
+        order = np.argsort(-keys, axis=1, kind="stable")[:, : int(self.counts.max())]
+        return order, np.maximum(self.gather(keys, order), 0.0), self.counts
 
-    def to_token_tree(self, keep: int = 0) -> TokenTree:
-        """The tree, trimmed to its best `keep` nodes by key where keep > 0."""
-        n = self.size
-        tree = TokenTree(self.tokens[:n].copy(), self.parents[:n].copy(), self.depths[:n].copy(),
-                         self.values[:n].copy())
-        return tree.top_m(keep, self.keys[:n]) if keep > 0 else tree
+    def gather(self, layer: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """layer [B, w] read at slots [B, n]: row b's entries slots[b] ([B, n])."""
+        return layer.reshape(-1)[slots + self.row_starts * layer.shape[1]]
+
+    def entries(self, slots: np.ndarray) -> np.ndarray:
+        """slots [B, n] of the current layer as entries of its flattened arrays (gather's index, for several reads)."""
+        return slots + self.row_starts * self.keys[-1].shape[1]
+
+    def trimmed(self, keep: int = 0) -> list[TokenTree]:
+        """Each tree, in tree order (layer by layer, each in the order its nodes were proposed), trimmed to its root
+        and its best `keep` - 1 other nodes by key where keep > 0 (TokenTree.top_m's choice: ties go to the earlier
+        node)."""
+        keys = np.concatenate(self.keys, axis=1)  # [B, T]: every layer's columns
+        B, T = keys.shape
+        n = np.count_nonzero(keys > -np.inf, axis=1)  # nodes held
+        keep = min(keep, T) if keep > 0 else T
+        count = np.minimum(n, keep)
+        keys[:, 0] = np.inf  # the root first
+        chosen = np.argsort(-keys, axis=1, kind="stable")[:, :keep]  # no node (-inf) last
+        taken = np.arange(keep) < count[:, None]
+        chosen = np.sort(np.where(taken, chosen, T), axis=1)  # tree order; past a tree's count: last
+        chosen = np.where(taken, chosen, 0)
+        rows = self.row_starts * T
+        new_index = np.full(B * T, -1, dtype=np.int64)
+        new_index[(chosen + rows)[taken]] = np.nonzero(taken)[1]
+        parents = self.gather(np.concatenate(self.parents, axis=1), chosen)
+        parents = np.where(parents >= 0, new_index[np.maximum(parents, 0) + rows], -1)
+        if (taken[:, 1:] & (parents[:, 1:] < 0)).any():
+            raise ValueError("trimmed: the kept nodes are not closed under ancestors")
+        tokens = self.gather(np.concatenate(self.tokens, axis=1), chosen)
+        values = self.gather(np.concatenate(self.values, axis=1), chosen)
+        depths = np.repeat(np.arange(len(self.keys)), [keys.shape[1] for keys in self.keys])[chosen]
+        return [TokenTree(tokens[b, :c], parents[b, :c], depths[b, :c], values[b, :c])
+                for b, c in enumerate(count.tolist())]
+
+
+def row_sums(values: np.ndarray, counts: np.ndarray) -> list[float]:
+    """Per row b of values [B, n], the float64 sum of its first counts[b] entries: numpy's sum of each as an array
+    of its own (selection.layer_sums' numbers, bit for bit), in one call per distinct count."""
+    values = values.astype(np.float64)
+    if values.shape[0] == 1:  # batch 1: the one row's first counts[0]
+        return [float(values[0, : int(counts[0])].sum())]
+    distinct = set(counts.tolist())
+    if len(distinct) == 1:  # the usual case
+        c = distinct.pop()
+        return values[:, :c].sum(axis=1).tolist() if c else [0.0] * values.shape[0]
+    sums = np.zeros(values.shape[0])
+    for c in distinct:
+        if c:
+            rows = counts == c
+            sums[rows] = values[rows, :c].sum(axis=1)
+    return sums.tolist()
 
 
 def check_sequences(sequences: list[SequenceInput], vocab_size: int, max_context: int, sessions: SessionStore,
@@ -290,10 +378,9 @@ class Expander:
         root_probs, root_ids = self.kv.commit(sequences, sessions, tree_room)
         if any(q.predict_root for q in sequences):
             sequences, root_probs, root_ids = self.commit_predicted_roots(sequences, sessions, root_ids, tree_room)
-        trees, stats, utilities = self.grow_trees(sequences, budget, root_probs, root_ids)
-        out = []
-        for q, t, s, u in zip(sequences, trees, stats, utilities):
-            out.append(Expansion(q.sequence_id, t.to_token_tree(budget.max_returned_nodes), s, u, t.size))
+        trees, stats, utilities, proposed = self.grow_trees(sequences, budget, root_probs, root_ids)
+        out = [Expansion(q.sequence_id, t, s, u, n)
+               for q, t, s, u, n in zip(sequences, trees, stats, utilities, proposed)]
         return out, self.kv.model_seconds
 
     def commit_predicted_roots(self, sequences, sessions, root_ids, tree_room: int):
@@ -366,64 +453,72 @@ class Expander:
     def grow_trees(self, sequences, budget: Budget, root_probs, root_ids):
         """Layer by layer: keep the best candidates, forward them with a tree mask, collect their children.
 
-        Returns per sequence its tree, its LayerStats and its layer utilities u^(i) (kept_layer_utilities's, from
-        the sums taken here: the nodes a layer kept, or for its last layer the best as many as the layer above
-        kept). Only CAST's depth rule learns from the utilities: other policies get zeros.
+        Returns per sequence its tree (trimmed to budget.max_returned_nodes where set), its LayerStats, its layer
+        utilities u^(i) (kept_layer_utilities's, from the sums taken here: the nodes a layer kept, or for its last
+        layer the best as many as the layer above kept) and the nodes proposed, root included. Only CAST's depth rule
+        learns from the utilities: other policies get zeros.
         """
-        B, k = len(sequences), budget.top_k
+        B, k, cast = len(sequences), budget.top_k, budget.cast
         roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])  # [B] root positions
         # Tree positions stop at the context's end: a sequence near it gets a shallower tree, not an error.
         depth_room = np.minimum(budget.max_depth, self.max_context - 1 - roots)
-        capacity = max_tree_nodes(budget)
-        trees = [_Tree(int(q.new_tokens[-1]), capacity, budget.max_depth) for q in sequences]
-        stats: list[list[LayerStats]] = [[] for _ in range(B)]
-        utilities: list[list[float]] = [[] for _ in range(B)]
-        empty = np.zeros(0, dtype=np.int64)
-        # Per sequence, the node indices of the current layer's candidates.
-        scale = budget.cast.scale if budget.cast is not None else lambda depth: 1.0
-        layer = [t.add_children(np.array([0]), root_ids[b : b + 1, :k], root_probs[b : b + 1, :k], scale(1))
-                 if depth_room[b] >= 1 else empty for b, t in enumerate(trees)]
+        shallowest = int(depth_room.min())
+        # CAST keeps no candidate that the trimming would drop (_Trees): its breadth rule ranks, and its forwards
+        # expand, only candidates that can still be returned.
+        trees = _Trees(np.array([int(q.new_tokens[-1]) for q in sequences]),
+                       budget.max_returned_nodes if cast is not None else 0)
+        scale = cast.scale if cast is not None else lambda depth: 1.0
+        proposed = trees.add_children(np.zeros((B, 1), dtype=np.int64), (depth_room >= 1).astype(np.int64),
+                                      root_ids[:, None, :k], root_probs[:, None, :k], scale(1))
+        layers: list[tuple[np.ndarray, np.ndarray, list[float] | np.ndarray]] = []  # per layer: proposed, kept, u^(i)
+        kept_above = np.ones(B, dtype=np.int64)  # the layer above's kept nodes per sequence (the root: 1)
         forwarded, depth = 0, 1
         # The efficiency rule's running totals: expected tokens of the tree so far (the root's one, then the kept
         # nodes' values) and the step's cost so far (before any layer, then each layer's forward).
         tokens_so_far = 1.0
-        spent = budget.cast.step_base_cost if budget.cast is not None else 0.0
-        while any(nodes.size for nodes in layer):
-            # Candidates by value, best first (stable: ties keep tree order, so a parent beats an equal child).
-            ranked = [nodes[np.argsort(-t.keys[nodes], kind="stable")] for nodes, t in zip(layer, trees)]
-            if budget.cast is not None and budget.max_returned_nodes > 0:
-                ranked = [r[t.keys[r] >= t.value_floor(budget.max_returned_nodes)] for r, t in zip(ranked, trees)]
-            n_keep = min(layer_keep_count([t.keys[r] for r, t in zip(ranked, trees)], budget, forwarded),
-                         budget.max_breadth)
-            kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
-            most_kept = max(kp.size for kp in kept)
+        spent = cast.step_base_cost if cast is not None else 0.0
+        while proposed.any():
+            ranked, ranked_keys, counts = trees.ranked_layer()  # [B, M] candidates by key, best first
+            n_keep = min(layer_keep_count(ranked_keys, budget, forwarded), budget.max_breadth)
+            kept_counts = np.minimum(counts, n_keep)
+            if depth >= shallowest:  # a sequence near the context's end stops here
+                kept_counts[depth >= depth_room] = 0
+            most_kept = int(kept_counts.max())
+            kept = ranked[:, :most_kept]  # row b: its first kept_counts[b]
             utility, sums = 0.0, None
-            if budget.cast is not None and most_kept:
-                sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
+            if cast is not None and most_kept:
+                entries = trees.entries(kept)
+                sums = row_sums(trees.values[-1].reshape(-1)[entries], kept_counts)
                 utility = sum(sums) / B
-                tokens_so_far += sum(float(t.keys[kp].sum()) for kp, t in zip(kept, trees)) / B
+                if cast.step_base_cost > 0:  # the efficiency rule's (expand_another_layer reads it only then)
+                    tokens_so_far += sum(row_sums(trees.keys[-1].reshape(-1)[entries], kept_counts)) / B
             if not most_kept or not expand_another_layer(
                 depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
-            ) or not self.kv.fits(kept):  # the buffers are full: the tree ends here
-                kept, sums = [empty] * B, None
-            for b, t in enumerate(trees):
-                if not layer[b].size:
-                    continue
-                stats[b].append(LayerStats(candidates=int(layer[b].size), kept=int(kept[b].size)))
-                if budget.cast is not None and kept[b].size:
-                    utilities[b].append(sums[b])
-                elif budget.cast is not None:  # its last layer: its best as many as the layer above kept (root: 1)
-                    above = stats[b][-2].kept if len(stats[b]) > 1 else 1
-                    utilities[b].append(float(t.values[ranked[b][:above]].sum(dtype=np.float64)))
-            if not any(kp.size for kp in kept):
+            ) or not self.kv.fits(kept_counts):  # the buffers are full: the tree ends here
+                kept_counts, most_kept, sums = np.zeros(B, dtype=np.int64), 0, None
+            layer_utilities = sums or [0.0] * B
+            if cast is not None and not kept_counts.all():
+                # A sequence's last layer: its best as many as the layer above kept.
+                last = np.minimum(counts, kept_above)
+                layer_utilities = np.where(kept_counts > 0, layer_utilities,
+                                           row_sums(trees.gather(trees.values[-1], ranked[:, : int(last.max())]), last))
+            layers.append((proposed, kept_counts, layer_utilities))
+            if not most_kept:
                 break
-            if budget.cast is not None:
-                spent += budget.cast.prices.cost(forwarded, max(kp.size for kp in kept))
-            probs, ids = self.kv.forward_layer(trees, kept, roots)  # [B, N, K] each
-            forwarded += sum(kp.size for kp in kept)
-            layer = [t.add_children(kp, ids[b, : kp.size, :k], probs[b, : kp.size, :k], scale(depth + 1))
-                     if kp.size else empty for b, (t, kp) in enumerate(zip(trees, kept))]
+            if cast is not None:
+                spent += cast.prices.cost(forwarded, most_kept)
+            ragged = B > 1 and int(kept_counts.min()) < most_kept
+            # [B, most_kept, K] each; a kept node's parent is the (slot // k)-th node the layer above kept
+            probs, ids = self.kv.forward_layer(trees.gather(trees.tokens[-1], kept), kept // k, kept_counts, depth,
+                                               roots, ragged)
+            forwarded += int(kept_counts.sum())
+            proposed = trees.add_children(kept, kept_counts, ids[:, :, :k], probs[:, :, :k], scale(depth + 1), ragged)
+            kept_above = kept_counts
             depth += 1
-        if budget.cast is None:
-            utilities = [[0.0] * len(s) for s in stats]
-        return trees, stats, utilities
+        stats: list[list[LayerStats]] = [[] for _ in range(B)]
+        utilities: list[list[float]] = [[] for _ in range(B)]
+        for layer_proposed, layer_kept, layer_utilities in layers:
+            for b in np.nonzero(layer_proposed)[0].tolist():  # the layers where a sequence had candidates
+                stats[b].append(LayerStats(candidates=int(layer_proposed[b]), kept=int(layer_kept[b])))
+                utilities[b].append(float(layer_utilities[b]) if cast is not None else 0.0)
+        return trees.trimmed(budget.max_returned_nodes), stats, utilities, trees.proposed.tolist()

@@ -36,13 +36,13 @@ class BufferKV:
                              f"{max_context} and a tree")
         self.runner = runner
         self.model_seconds = 0.0
-        # The current call: per sequence its buffer row, its committed length and its next free column; per tree
-        # node its column.
+        # The current call: per sequence its buffer row, its committed length and its next free column; per node of
+        # the last tree layer forwarded, its ancestors' columns.
         self.batch = 0
         self.row_of = np.zeros(0, dtype=np.int64)     # [B]
         self.committed = np.zeros(0, dtype=np.int64)  # [B]
         self.next_column = np.zeros(0, dtype=np.int64)  # [B]
-        self.node_columns: list[np.ndarray] = []
+        self.ancestors = np.zeros((0, 0, 0), dtype=np.int64)  # [B, N, depth + 1] the last forward's (forward_layer)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -83,7 +83,8 @@ class BufferKV:
             s.tokens.extend(q.new_tokens.tolist())
             s.length = int(end)
         self.committed, self.next_column = ends, ends.copy()
-        self.node_columns = []
+        self.row_starts = np.arange(B)[:, None]
+        self.ancestors = np.zeros((0, 0, 0), dtype=np.int64)
         last = topk[self.row_of, np.array([t.size for t in tokens]) - 1]  # [B, 2, K]
         return last[:, 0], last[:, 1].astype(np.int64)
 
@@ -108,35 +109,42 @@ class BufferKV:
                 if entry is not None and entry[0] is session and entry[1] >= length:
                     holders[r] = (session, length)
 
-    def fits(self, kept) -> bool:
-        """Whether every sequence's kept nodes fit in the buffers' columns."""
-        last = self.next_column + np.array([kp.size for kp in kept]) - 1
-        return bool((last <= self.runner.last_column).all())
+    def fits(self, counts: np.ndarray) -> bool:
+        """Whether every sequence's kept nodes (counts [B]) fit in the buffers' columns."""
+        return bool((self.next_column + counts - 1 <= self.runner.last_column).all())
 
-    def forward_layer(self, trees, kept, roots) -> tuple[np.ndarray, np.ndarray]:
-        """One forward over the kept nodes. Returns the children's probabilities and ids, [B, N, K] each."""
-        if not self.node_columns:
-            self.node_columns = [np.full(t.tokens.size, -1, dtype=np.int64) for t in trees]
-        N = max(kp.size for kp in kept)
-        self.runner.reserve(self.batch, int((self.next_column + np.array([kp.size for kp in kept])).max()) - 1)
-        rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
-        for b, (t, kp) in enumerate(zip(trees, kept)):
-            n = kp.size
-            if n == 0:
-                continue
-            r = self.row_of[b]
-            columns = self.next_column[b] + np.arange(n)
-            self.next_column[b] += n
-            node_columns = self.node_columns[b]
-            node_columns[kp] = columns
-            paths = t.paths[kp]  # [n, depth+1] node ids by depth, -1 past the node's depth; node 0 is committed
-            rows[r, :n, 0] = t.tokens[kp]
-            rows[r, :n, 1] = roots[b] + t.depths[kp]
-            rows[r, :n, 2] = columns
-            rows[r, :n, 3] = self.committed[b]
-            # The ancestors' columns (the node's own among them); the root and unused entries repeat its own.
-            ancestors = np.where(paths > 0, node_columns[np.maximum(paths, 0)], columns[:, None])
-            rows[r, :n, ROW_FIELDS:] = columns[:, None]
-            rows[r, :n, ROW_FIELDS : ROW_FIELDS + ancestors.shape[1]] = ancestors
+    def forward_layer(self, tokens: np.ndarray, parent_rows: np.ndarray, counts: np.ndarray, depth: int,
+                      roots: np.ndarray, ragged: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One forward over a tree layer's kept nodes: row b's first counts[b] of tokens [B, N] (ragged False: all N
+        of every row), at `depth`, whose parents were row b's parent_rows [B, N]-th nodes in the last forward of this
+        call (the root's children: 0). Returns their children's probabilities and ids, [B, N, K] each."""
+        B, N = tokens.shape
+        if depth == 1:
+            self.ancestors = np.full((B, 1, 1), -1, dtype=np.int64)  # the root: committed, every row sees it
+        self.runner.reserve(self.batch, int((self.next_column + counts).max()) - 1)
+        if ragged or B < self.batch:
+            rows = self.runner.padding_rows(self.batch, N)  # [Bb, N, W]
+        else:  # the block below fills every row
+            rows = np.empty((B, N, self.runner.width), dtype=np.int64)
+        columns = self.next_column[:, None] + np.arange(N)  # [B, N] (past a row's count: unused)
+        self.next_column += counts
+        # Each node's ancestors' columns by depth from 1, its own last (-1 at depth 0): its parent's, then its own.
+        # (Past a row's count: garbage, which no node of the next layer reads: they proposed no child.)
+        above = self.ancestors.shape[1]
+        self.ancestors = np.concatenate(
+            [self.ancestors.reshape(B * above, depth)[parent_rows + self.row_starts * above], columns[:, :, None]],
+            axis=2)  # [B, N, depth + 1]
+        block = np.empty((B, N, rows.shape[2]), dtype=np.int64)
+        block[:, :, 0] = tokens
+        block[:, :, 1] = roots[:, None] + depth
+        block[:, :, 2] = columns
+        block[:, :, 3] = self.committed[:, None]
+        # The ancestors' columns (the node's own among them); the root (committed) and unused entries repeat its own.
+        block[:, :, ROW_FIELDS:] = columns[:, :, None]
+        block[:, :, ROW_FIELDS : ROW_FIELDS + depth + 1] = np.where(self.ancestors >= 0, self.ancestors,
+                                                                    columns[:, :, None])
+        if ragged:  # a row's nodes past its count stay padding
+            block = np.where((np.arange(N) < counts[:, None])[:, :, None], block, rows[self.row_of])
+        rows[self.row_of] = block
         topk = self.run(rows)[self.row_of]  # [B, N, 2, K]
         return topk[:, :, 0], topk[:, :, 1].astype(np.int64)

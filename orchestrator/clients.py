@@ -19,7 +19,7 @@ from opentelemetry import propagate
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from cast_runtime.grpc_options import channel_options
 from cast_runtime.telemetry import trace_metadata
-from cast_core.tree import TokenTree
+from cast_core.tree import TokenTree, validate_trees
 from cast_runtime.wire import tree_from_proto, tree_to_proto
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -111,15 +111,22 @@ class Expanded:
         return out
 
 
-def expanded_from_proto(result: draft_pb2.ExpandedTree) -> Expanded:
+def expanded_from_proto(result: draft_pb2.ExpandedTree, validate: bool = True) -> Expanded:
     return Expanded(
-        tree=tree_from_proto(result.tree, "draft tree"),
+        tree=tree_from_proto(result.tree, "draft tree", validate=validate),
         candidates_per_layer=[layer.candidates for layer in result.layers],
         kept_per_layer=[layer.kept for layer in result.layers],
         layer_utilities=[layer.kept_utility for layer in result.layers],
         expanded_nodes=result.expanded_nodes,
         node_levels=list(result.node_levels),
     )
+
+
+def expansions_from_proto(results) -> list[Expanded]:
+    """An Expand's trees, each checked as a tree (validate_trees: one pass for all of them)."""
+    expanded = [expanded_from_proto(result, validate=False) for result in results]
+    validate_trees([e.tree for e in expanded], "draft tree")
+    return expanded
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ class DraftClient:
             request.budget.CopyFrom(budget)
         propagate.inject(request.trace_context)
         response = await self.stream.request(request, timeout)
-        return [expanded_from_proto(result) for result in response.trees], response.draft_seconds, response.cold
+        return expansions_from_proto(response.trees), response.draft_seconds, response.cold
 
     async def release(self, sequence_ids: list[str], timeout: float | None = 10.0) -> int:
         return (await self.stub.Release(draft_pb2.DraftReleaseRequest(sequence_ids=sequence_ids), timeout=timeout,

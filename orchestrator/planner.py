@@ -27,8 +27,8 @@ from collections.abc import Callable
 import numpy as np
 
 from cast.v1 import draft_pb2
-from cast_core.selection import (GainBuffer, batch_gains, batch_topk_utilities, calibrated_values, most_efficient_cut,
-                                 select_count)
+from cast_core.selection import (GainBuffer, batch_calibrated_values, batch_gains, batch_topk_utilities,
+                                 most_efficient_cut, select_count)
 from cast_core.tree import TokenTree
 from orchestrator.calibration import ValueCalibration
 from orchestrator.costs import CostModel
@@ -160,7 +160,7 @@ class Planner:
         m = self.policy.verify_tokens
         if self.policy.cast is not None:
             scales = self.depth_scales()
-            keys = [calibrated_values(t, scales) for t in trees]
+            keys = batch_calibrated_values(trees, scales)
             utilities = batch_topk_utilities(keys)  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold), m)

@@ -74,3 +74,86 @@ def test_calibrated_values_scale_each_depth_and_never_pass_a_parent():
     assert tree.top_m(4).tokens.tolist() == [0, 1, 2, 3]       # by the draft's values: the sibling
     assert np.allclose(calibrated_values(tree, []), tree.values)  # no scales: the values themselves
     assert np.allclose(calibrated_values(tree, [2.0]), [1.0, 1.0, 0.96, 1.0, 0.9])  # the last scale for deeper
+
+
+def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
+    """The batch's calibrated values (one pass over all trees) are, bit for bit, each tree's min(parent's key,
+    scale x value) taken layer by layer from the root, whatever the trees' node order (parents first), depth or
+    scales: the draft computes them that way and both sides must rank nodes alike."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cast_core.selection import batch_calibrated_values
+
+    def layer_by_layer(tree: TokenTree, scales) -> np.ndarray:
+        keys = tree.values.astype(np.float64)
+        keys[0] = 1.0
+        for i in range(1, len(tree)):  # parents precede children
+            d = int(tree.depths[i])
+            scale = float(scales[min(d, len(scales)) - 1]) if scales else 1.0
+            keys[i] = min(keys[tree.parents[i]], scale * float(tree.values[i]))
+        return keys
+
+    @st.composite
+    def trees(draw):
+        n = draw(st.integers(1, 40))
+        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+        depths = [0]
+        for p in parents[1:]:
+            depths.append(depths[p] + 1)
+        values = [1.0]
+        for p in parents[1:]:  # a child is worth at most its parent
+            values.append(values[p] * draw(st.sampled_from([1.0, 0.5, 0.9, 0.3, 0.01])))
+        return TokenTree.from_lists(list(range(n)), parents, depths, values)
+
+    @settings(max_examples=200, deadline=None)
+    @given(batch=st.lists(trees(), min_size=1, max_size=6),
+           scales=st.lists(st.floats(0.25, 16.0, width=32), max_size=8))
+    def check(batch, scales):
+        got = batch_calibrated_values(batch, scales)
+        assert [g.tolist() for g in got] == [layer_by_layer(t, scales).tolist() for t in batch]
+
+    check()
+
+
+def test_a_batch_of_trees_is_checked_as_each_tree_alone():
+    """validate_trees accepts what each tree's validate accepts and, for a batch with a bad tree (a parent at or
+    after its child, a wrong depth, a bad root, a missing entry), raises what the first bad tree's validate raises."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cast_core.tree import validate_trees
+
+    @st.composite
+    def trees(draw):
+        n = draw(st.integers(1, 12))
+        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+        depths = [0]
+        for p in parents[1:]:
+            depths.append(depths[p] + 1)
+        if draw(st.integers(0, 3)) == 0:  # break it
+            what, i = draw(st.sampled_from(["parent", "depth", "root", "short"])), draw(st.integers(0, n - 1))
+            if what == "parent":
+                parents[i] = draw(st.integers(-2, n + 2))
+            elif what == "depth":
+                depths[i] += draw(st.sampled_from([-1, 1, 2]))
+            elif what == "root":
+                parents[0] = 0
+            else:
+                depths = depths[:-1]
+        return TokenTree(np.arange(n), np.array(parents), np.array(depths), np.ones(n, dtype=np.float32))
+
+    def outcome(check):
+        try:
+            check()
+        except InvalidArgument as e:
+            return (e.field, str(e))
+        return None
+
+    @settings(max_examples=300, deadline=None)
+    @given(batch=st.lists(trees(), min_size=1, max_size=8))
+    def check(batch):
+        alone = next((o for o in (outcome(lambda t=t: t.validate("draft tree")) for t in batch) if o), None)
+        assert outcome(lambda: validate_trees(batch, "draft tree")) == alone
+
+    check()
