@@ -371,6 +371,9 @@ class StepLoop:
         self.prefilling, self.joining, self.prefill_span = None, [], None
         try:
             _, seconds = await task
+        except asyncio.CancelledError:
+            self.joining = joining  # the loop is closing: close() fails them and releases their sessions
+            raise
         except grpc.aio.AioRpcError as exc:
             self.telemetry.failed(span, exc)
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # its slots are taken (another orchestrator's)
@@ -386,6 +389,9 @@ class StepLoop:
                     s.fail(exc)
                 self.live.extend(joining)  # _retire releases whatever the verifier kept
             return []
+        except Exception:
+            self.live.extend(joining)  # the loop fails every sequence it holds (_run), and _retire releases them
+            raise
         finally:
             if span is not None:
                 span.end()
@@ -400,10 +406,13 @@ class StepLoop:
         leaving = [s for s in self.live + self.waiting if s.done]
         if not leaving:
             return
-        self.live = [s for s in self.live if not s.done]
-        self.waiting = [s for s in self.waiting if not s.done]
         await settle_prepared(leaving)  # their prepared Expands answer before the draft releases them
         await self._release([s for s in leaving if s.admitted])
+        # Dropped only now: a loop cancelled during the release (the orchestrator closing) leaves them in `live`,
+        # where close() releases them (releasing a session twice is harmless; never releasing it holds its slot).
+        gone = {id(s) for s in leaving}
+        self.live = [s for s in self.live if id(s) not in gone]
+        self.waiting = [s for s in self.waiting if id(s) not in gone]
         for s in leaving:
             self.router.forget(s)
 

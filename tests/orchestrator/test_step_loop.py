@@ -220,6 +220,28 @@ async def test_closing_the_router_releases_every_session_and_ends_the_requests(t
         await stop_services(draft, verify)
 
 
+async def test_closing_the_router_while_it_releases_a_finished_sequence_still_releases_it(tiny_pair, onnx_cache_dir):
+    draft, verify = await start_services(tiny_pair)
+    loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    verify_client = loop.fleet.serving("verify")[0].client
+    release, releasing = verify_client.release, asyncio.Event()
+
+    async def slow_release(*args):  # the orchestrator's side: the call has not gone out when the loop is cancelled
+        releasing.set()
+        await asyncio.sleep(0.5)
+        return await release(*args)
+
+    try:
+        verify_client.release = slow_release
+        await run_request(loop, [5, 17, 99, 3, 200], 4)  # done: the loop releases its sessions, slowly
+        await asyncio.wait_for(releasing.wait(), 10)
+        await loop.close()  # cancels the loop mid-release
+        assert len(verify.servicer.verifier.sessions) == 0
+    finally:
+        await close(loop)
+        await stop_services(draft, verify)
+
+
 # Pipelined steps: the guess the draft's tree makes, and what a miss leaves the draft to catch up on.
 
 
