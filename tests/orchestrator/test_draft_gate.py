@@ -52,13 +52,10 @@ def test_a_slow_first_step_does_not_decide():
     assert gate.winner_drafts(8) and sum(choices[20:]) / 280 > 0.95
 
 
-def test_a_misjudged_loser_is_probed_again_and_wins_back():
-    """Drafting looked terrible at first (200 ms a step). A probe of it costs what it was measured at, so the next
-    comes after explore_every of those steps' time (640 plain steps of 10 ms), not after max_period plain steps as
-    before probes were paced by time (then 128 probes of 200 ms took 16 % of the time); one probe then shows it."""
+def test_a_misjudged_loser_is_probed_again_within_max_period():
     gate = DraftGate()
     run(gate, 50, drafted_step=(5.0, 200.0), plain_step=(1.0, 10.0))  # drafting looked terrible at first
-    choices = run(gate, gate.explore_every * 20 + 60, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
+    choices = run(gate, 2 * gate.max_period + 10, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
     assert gate.winner_drafts(8) and choices[-1]
 
 
@@ -117,19 +114,18 @@ def run_arms(gate: DraftGate, steps: int, outcomes: dict[str, tuple[float, float
     return choices
 
 
-def test_of_several_arms_the_best_measured_runs_and_each_loser_is_probed_within_max_period_of_its_steps():
+def test_of_several_arms_the_best_measured_runs_and_each_loser_is_probed_within_max_period():
     gate = DraftGate(arms=("sparse", "lookup", PLAIN))
     gate.expect(1, "sparse", 3.0, 12.0)  # priced best (0.25 tokens/ms); measured 0.1
     gate.expect(1, PLAIN, 1.0, 9.0)
     choices = run_arms(gate, 600, {"sparse": (3.0, 30.0), "lookup": (2.5, 10.0), PLAIN: (1.0, 9.0)})
     assert choices[0] == "sparse"  # the price decides until measured
     assert gate.winner(1) == "lookup" and choices[100:].count("lookup") / 500 > 0.9
-    clock = [0.0]
-    for arm in choices:
-        clock.append(clock[-1] + {"sparse": 30.0, "lookup": 10.0, PLAIN: 9.0}[arm])
-    for arm, ms in (("sparse", 30.0), (PLAIN, 9.0)):  # each loser within max_period of its own steps' time
-        runs = [clock[i] for i, c in enumerate(choices) if c == arm and i > 100]
-        assert len(runs) >= 2 and max(b - a for a, b in zip(runs, runs[1:])) <= gate.max_period * ms + 10.0
+    late = choices[-2 * gate.max_period:]
+    assert "sparse" in late and PLAIN in late
+    for arm in ("sparse", PLAIN):  # each loser within max_period of the winner's steps
+        runs = [i for i, c in enumerate(choices) if c == arm and i > 100]
+        assert max(b - a for a, b in zip(runs, runs[1:])) <= gate.max_period + 2
 
 
 def test_an_arm_not_judged_yet_counts_at_its_price_and_is_measured_early():
