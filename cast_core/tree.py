@@ -133,8 +133,9 @@ def validate_trees(trees: list[TokenTree], field: str = "tree") -> None:
     step: one pass for the batch, where a validate per tree took a dozen numpy calls each; below 4 trees, the
     concatenations cost more than that); a bad tree raises as its own validate does."""
     sizes = [len(t) for t in trees]
-    if len(trees) < 4 or min(sizes) == 0 or any(t.parents.shape[0] != n or t.depths.shape[0] != n or t.values.shape[0] != n
-                                           for t, n in zip(trees, sizes)):
+    ragged = any(t.parents.shape[0] != n or t.depths.shape[0] != n or t.values.shape[0] != n
+                 for t, n in zip(trees, sizes))
+    if len(trees) < 4 or min(sizes) == 0 or ragged:
         for t in trees:
             t.validate(field)
         return

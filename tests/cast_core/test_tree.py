@@ -76,6 +76,22 @@ def test_calibrated_values_scale_each_depth_and_never_pass_a_parent():
     assert np.allclose(calibrated_values(tree, [2.0]), [1.0, 1.0, 0.96, 1.0, 0.9])  # the last scale for deeper
 
 
+def tree_shapes(max_nodes: int):
+    """Hypothesis: (n, parents, depths) of a random tree of 1..max_nodes nodes, parents before children."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def shapes(draw):
+        n = draw(st.integers(1, max_nodes))
+        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+        depths = [0]
+        for p in parents[1:]:
+            depths.append(depths[p] + 1)
+        return n, parents, depths
+
+    return shapes()
+
+
 def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
     """The batch's calibrated values (one pass over all trees) are, bit for bit, each tree's min(parent's key,
     scale x value) taken layer by layer from the root, whatever the trees' node order (parents first), depth or
@@ -96,11 +112,7 @@ def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
 
     @st.composite
     def trees(draw):
-        n = draw(st.integers(1, 40))
-        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
-        depths = [0]
-        for p in parents[1:]:
-            depths.append(depths[p] + 1)
+        n, parents, depths = draw(tree_shapes(40))
         values = [1.0]
         for p in parents[1:]:  # a child is worth at most its parent
             values.append(values[p] * draw(st.sampled_from([1.0, 0.5, 0.9, 0.3, 0.01])))
@@ -126,11 +138,7 @@ def test_a_batch_of_trees_is_checked_as_each_tree_alone():
 
     @st.composite
     def trees(draw):
-        n = draw(st.integers(1, 12))
-        parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
-        depths = [0]
-        for p in parents[1:]:
-            depths.append(depths[p] + 1)
+        n, parents, depths = draw(tree_shapes(12))
         if draw(st.integers(0, 3)) == 0:  # break it
             what, i = draw(st.sampled_from(["parent", "depth", "root", "short"])), draw(st.integers(0, n - 1))
             if what == "parent":
