@@ -249,6 +249,18 @@ def test_cast_drafts_once_drafting_has_warmed_up(make_gate=DraftGate):
         assert run.speed(100, 400) > (0.7 if world.warm_up > 20 else 0.83), name
 
 
+def test_cast_warms_drafting_up_early_and_drafts_soon_after(make_gate=DraftGate):
+    """Drafting improves only as it runs (CAST's calibration learns from drafted steps): its 20th drafted step must
+    come early in a cell, and drafting win within a bounded number of steps after (main's gate: the 20th drafted
+    step at steps 30-250, drafting winning up to 150 steps after it, 20 seeds)."""
+    name, make, arms = CAST_WARMS
+    for seed in range(10):
+        run = simulate(make_gate(arms=arms), make(seed), 200, arms)
+        warm = [i for i, arm in enumerate(run.arms) if arm == DRAFTED][19] + 1
+        assert warm <= 60, seed
+        assert any(run.winners[i:i + 20] == [DRAFTED] * 20 for i in range(warm, warm + 50)), seed
+
+
 def test_cast_returns_to_drafting_within_a_bounded_number_of_steps_after_it_improves(make_gate=DraftGate):
     """Drafting improves at step 60, 0.22 to 0.52 tokens/ms against plain's 0.33: what the gate learned of it is
     stale and its probe of it costs little then (main's gate: within 300 steps)."""
