@@ -190,20 +190,52 @@ def depth_scale(scales: Sequence[float], depth: int) -> float:
     return float(scales[min(depth, len(scales)) - 1])
 
 
-def calibrated_values(tree: TokenTree, scales: Sequence[float]) -> np.ndarray:
-    """[N] float64: each node's expected accepted tokens, min(its parent's, scales[d-1] * value) at depth d; 1 for
-    the root. scales: accepted tokens per unit of value at each depth, as measured (orchestrator/calibration.py).
+def sibling_scale(scales: Sequence[float], sibling_scales: Sequence[float], depth: int) -> float:
+    """The scale of a node at `depth` that is not its parent's top child: sibling_scales' entry, capped by the top
+    children's at that depth (a sibling never outranks its top brother); without sibling_scales, the depth's one."""
+    top = depth_scale(scales, depth)
+    return min(depth_scale(sibling_scales, depth), top) if sibling_scales else top
+
+
+def top_children(tree: TokenTree) -> np.ndarray:
+    """[N] bool: whether each node is its parent's top child, the child of highest value, the first in tree order
+    among equals (the root: False). The draft adds each parent's top-k children in descending probability, so this
+    is its top-1 child; a tree trimmed by calibrated value keeps it whenever it keeps a sibling."""
+    return _top_children(tree.values, tree.parents, tree.depths > 0)
+
+
+def _top_children(values: np.ndarray, parents: np.ndarray, children: np.ndarray) -> np.ndarray:
+    """top_children over nodes whose parents index the same arrays (one tree, or trees concatenated with their
+    parents offset); children: the nodes that have a parent (not a root)."""
+    top = np.zeros(values.shape[0], dtype=bool)
+    idx = np.nonzero(children)[0]
+    if idx.size:
+        order = idx[np.lexsort((idx, -values[idx], parents[idx]))]  # by parent, then value desc, then index
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = parents[order[1:]] != parents[order[:-1]]
+        top[order[first]] = True
+    return top
+
+
+def calibrated_values(tree: TokenTree, scales: Sequence[float], sibling_scales: Sequence[float] = ()) -> np.ndarray:
+    """[N] float64: each node's expected accepted tokens, min(its parent's, s * value) at depth d, s = scales[d-1]
+    for a top child (top_children) and sibling_scale(...) for the others; 1 for the root. scales, sibling_scales:
+    accepted tokens per unit of value at each depth, as measured (orchestrator/calibration.py); no sibling_scales:
+    scales for every node.
 
     The draft's value (the product of its probabilities) underrates a deep node where the draft agrees with the
     target more than its probabilities say, and by more the deeper it is: one scale for all depths cannot fix
-    both ends. The min keeps a child below its parent (a path is accepted only through its parent), so the top-m
-    nodes by calibrated value stay a tree. The draft computes the same numbers layer by layer
-    (draft_service/expansion.py), so both sides rank nodes alike.
+    both ends. Its top-1 child is accepted more often than its value says and its other children less (about 2x
+    less per unit of value on the reference pair: reports/cast-vs-fixed/calibration_offline.md), so one scale per
+    depth overvalued the siblings that a larger cut adds. The min keeps a child below its parent (a path is
+    accepted only through its parent), so the top-m nodes by calibrated value stay a tree. The draft computes the
+    same numbers layer by layer (draft_service/expansion.py), so both sides rank nodes alike.
     """
-    return batch_calibrated_values([tree], scales)[0]
+    return batch_calibrated_values([tree], scales, sibling_scales)[0]
 
 
-def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float]) -> list[np.ndarray]:
+def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float],
+                            sibling_scales: Sequence[float] = ()) -> list[np.ndarray]:
     """calibrated_values of each tree, computed for all of them at once (the orchestrator's step does it for every
     sequence of its batch).
 
@@ -212,18 +244,24 @@ def batch_calibrated_values(trees: Sequence[TokenTree], scales: Sequence[float])
     round takes the min with the ancestor 2^r levels up, log2(depth) rounds of three numpy calls for the whole
     batch, where a loop per tree and depth took four calls per depth and tree. The same numbers: a min is exact."""
     if len(trees) == 1:  # nothing to concatenate
-        values, depths, starts = trees[0].values.astype(np.float64), trees[0].depths, np.zeros(1, dtype=np.int64)
+        raw, depths, starts = trees[0].values, trees[0].depths, np.zeros(1, dtype=np.int64)
         parents = np.maximum(trees[0].parents, 0)  # the root (0) is its own ancestor: the jumps stop there
     else:
         sizes = [len(t) for t in trees]
-        values = np.concatenate([t.values for t in trees]).astype(np.float64)
+        raw = np.concatenate([t.values for t in trees])
         depths = np.concatenate([t.depths for t in trees])
         starts = np.cumsum([0, *sizes[:-1]])  # [B] each tree's root
         parents = np.concatenate([t.parents for t in trees]) + np.repeat(starts, sizes)
         parents[starts] = starts  # a root is its own ancestor: the jumps stop there
+    values = raw.astype(np.float64)
     deepest = int(depths.max())
     if deepest:
-        values *= np.asarray([depth_scale(scales, d) for d in range(1, deepest + 1)])[np.maximum(depths, 1) - 1]
+        layers = range(1, deepest + 1)
+        scale = np.asarray([depth_scale(scales, d) for d in layers])[np.maximum(depths, 1) - 1]
+        if sibling_scales:
+            other = np.asarray([sibling_scale(scales, sibling_scales, d) for d in layers])[np.maximum(depths, 1) - 1]
+            scale = np.where(_top_children(raw, parents, depths > 0), scale, other)
+        values *= scale
     values[starts] = 1.0
     for _ in range(deepest.bit_length()):  # after r rounds, the min over the 2^r - 1 nearest ancestors and itself
         values = np.minimum(values, values[parents])

@@ -36,7 +36,7 @@ import numpy as np
 
 from cast_core.cost_table import NormalizedCostSlice
 from cast_core.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from cast_core.selection import breadth_keep, depth_scale, should_expand
+from cast_core.selection import breadth_keep, depth_scale, should_expand, sibling_scale
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.kv import BufferKV
@@ -53,10 +53,15 @@ class CastBudget:
     gain_mean: float             # alpha
     step_base_cost: float = 0.0  # a drafted step's cost before any layer (same unit as prices); 0: C2 alone
     depth_scales: tuple[float, ...] = ()  # accepted tokens per unit of node value, per depth (d-1); (): 1
+    sibling_scales: tuple[float, ...] = ()  # set: depth_scales is for top-1 children, these for the others
 
     def scale(self, depth: int) -> float:
-        """Accepted tokens per unit of value at `depth` (the last scale past the end)."""
+        """Accepted tokens per unit of value at `depth` (the last scale past the end): a top-1 child's."""
         return depth_scale(self.depth_scales, depth)
+
+    def sibling_scale(self, depth: int) -> float:
+        """The same for a child that is not its parent's top-1 (selection.sibling_scale)."""
+        return sibling_scale(self.depth_scales, self.sibling_scales, depth)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def layer_keep_count(layer_values: list[np.ndarray] | np.ndarray, budget: Budget
 
 
 def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, nodes_so_far: int,
-                         tree_so_far: tuple[float, float] = (1.0, 0.0)) -> bool:
+                         tree_so_far: tuple[float, float] = (1.0, 0.0), top_share: float = 1.0) -> bool:
     """Whether the kept nodes of layer `depth` propose children (layer depth + 1).
 
     kept: the most nodes a sequence kept at this layer; utility: their batch-average summed value u (layer_utility,
@@ -137,7 +142,9 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
     layer's expected tokens per unit of cost, s_(i+1) * alpha * u / c, must reach the tree's so far, U / C
     (tree_so_far = (U, C): expected tokens of the tree up to this layer, the step's cost before this forward).
     C2 alone keeps a layer that beats a plain decoding step yet lowers the step's tokens per millisecond, which
-    matters where a draft layer costs a fair share of a verify step.
+    matters where a draft layer costs a fair share of a verify step. With sibling scales, s_(i+1) mixes the next
+    depth's top-1 and sibling scales by top_share, the share of u in top-1 children (the next layer's mix is
+    unknown before its forward; this layer's is the nearest measure).
     """
     if depth >= budget.max_depth:
         return False
@@ -147,7 +154,10 @@ def expand_another_layer(depth: int, kept: int, utility: float, budget: Budget, 
         return False
     cast = budget.cast
     cost = cast.prices.cost(nodes_so_far, kept)
-    expected = cast.scale(depth + 1) * utility  # in expected tokens, at the next layer's calibration
+    scale = cast.scale(depth + 1)
+    if cast.sibling_scales:
+        scale = top_share * scale + (1 - top_share) * cast.sibling_scale(depth + 1)
+    expected = scale * utility  # in expected tokens, at the next layer's calibration
     if not should_expand(cast.gain_mean, expected, cost, cast.depth_threshold):
         return False
     tokens, spent = tree_so_far
@@ -175,7 +185,9 @@ class _Trees:
     the trees grow: a layer costs a few numpy calls for the whole batch, not a few per sequence, and the trees are
     assembled once, at the end (`trimmed`). keys: each node's calibrated value, what ranks it
     (selection.calibrated_values, computed layer by layer; the values themselves without CAST); -inf in a slot that
-    holds no node (a parent past its row's count, or a child dropped).
+    holds no node (a parent past its row's count, or a child dropped). top (with sibling scales): whether each node
+    of the current layer is its parent's top child (selection.top_children: the highest value, the first among
+    equals), which takes the top-1 scale where the others take the sibling scale.
 
     keep_best > 0 (CAST, whose trees are returned trimmed to their best keep_best nodes): a child whose key is below
     the keep_best-th best key proposed so far is dropped at once. Keys never increase from parent to child, and that
@@ -192,6 +204,7 @@ class _Trees:
         self.values = [np.ones((B, 1), dtype=np.float32)]
         self.keys = [np.ones((B, 1))]
         self.parents = [np.full((B, 1), -1, dtype=np.int64)]
+        self.top: np.ndarray | None = None  # [B, w] the current layer's, where children take sibling scales
         self.start, self.columns = 0, 1  # the current layer's first column; all layers' columns
         self.counts = np.ones(B, dtype=np.int64)    # nodes held in the current layer per tree
         self.proposed = np.ones(B, dtype=np.int64)  # nodes proposed, root included: the dropped ones too
@@ -199,18 +212,24 @@ class _Trees:
         self.best: np.ndarray | None = None  # [B, keep_best] the best keys proposed, once a tree had more
 
     def add_children(self, kept: np.ndarray, counts: np.ndarray, tokens: np.ndarray, probs: np.ndarray,
-                     scale: float = 1.0, ragged: bool = True) -> np.ndarray:
+                     scale: float = 1.0, ragged: bool = True, sibling: float | None = None) -> np.ndarray:
         """kept [B, N]: the slots of the current layer's nodes that proposed children, the first counts[b] of row b
-        (ragged False: every row's N); tokens, probs [B, N, k]: their top-k; scale: the calibration at the children's
-        depth. The children become the current layer. Returns how many children each tree was proposed, [B] (some
-        dropped where keep_best is set)."""
+        (ragged False: every row's N); tokens, probs [B, N, k]: their top-k (all their children); scale: the
+        calibration at the children's depth, of top children; sibling: of the others (None: scale). The children
+        become the current layer. Returns how many children each tree was proposed, [B] (some dropped where
+        keep_best is set)."""
         B, N, k = tokens.shape
         proposed = counts * k
         self.proposed += proposed
         flat = kept + self.row_starts * self.keys[-1].shape[1]  # the parents' entries in the flattened layer
         # float32 product of a value and a probability <= 1: never above the parent's value.
         values = self.values[-1].reshape(-1)[flat][:, :, None] * probs  # [B, N, k]
-        keys = np.minimum(self.keys[-1].reshape(-1)[flat][:, :, None], scale * values.astype(np.float64))
+        scales, top = scale, None
+        if sibling is not None:
+            top = np.zeros((B, N, k), dtype=bool)
+            np.put_along_axis(top, np.argmax(values, axis=2)[:, :, None], True, axis=2)  # the first of the highest
+            scales = np.where(top, scale, sibling)
+        keys = np.minimum(self.keys[-1].reshape(-1)[flat][:, :, None], scales * values.astype(np.float64))
         values, keys = values.reshape(B, N * k), keys.reshape(B, N * k)
         held = None  # every slot holds a child
         if ragged:  # past a row's count: no parent, no children
@@ -231,6 +250,7 @@ class _Trees:
         self.values.append(values)
         self.keys.append(keys)
         self.parents.append(np.repeat(kept + self.start, k, axis=1))
+        self.top = None if top is None else top.reshape(B, N * k)
         self.start, self.columns = self.columns, self.columns + N * k
         self.counts = proposed if held is None else held.sum(axis=1)
         return proposed
@@ -468,8 +488,10 @@ class Expander:
         trees = _Trees(np.array([int(q.new_tokens[-1]) for q in sequences]),
                        budget.max_returned_nodes if cast is not None else 0)
         scale = cast.scale if cast is not None else lambda depth: 1.0
+        siblings = cast is not None and bool(cast.sibling_scales)
+        sibling = cast.sibling_scale if siblings else lambda depth: None
         proposed = trees.add_children(np.zeros((B, 1), dtype=np.int64), (depth_room >= 1).astype(np.int64),
-                                      root_ids[:, None, :k], root_probs[:, None, :k], scale(1))
+                                      root_ids[:, None, :k], root_probs[:, None, :k], scale(1), sibling=sibling(1))
         layers: list[tuple[np.ndarray, np.ndarray, list[float] | np.ndarray]] = []  # per layer: proposed, kept, u^(i)
         kept_above = np.ones(B, dtype=np.int64)  # the layer above's kept nodes per sequence (the root: 1)
         forwarded, depth = 0, 1
@@ -485,15 +507,19 @@ class Expander:
                 kept_counts[depth >= depth_room] = 0
             most_kept = int(kept_counts.max())
             kept = ranked[:, :most_kept]  # row b: its first kept_counts[b]
-            utility, sums = 0.0, None
+            utility, sums, top_share = 0.0, None, 1.0
             if cast is not None and most_kept:
                 entries = trees.entries(kept)
-                sums = row_sums(trees.values[-1].reshape(-1)[entries], kept_counts)
+                kept_values = trees.values[-1].reshape(-1)[entries]
+                sums = row_sums(kept_values, kept_counts)
                 utility = sum(sums) / B
+                if siblings and utility > 0:  # the share of u in top-1 children, which C2's next scale mixes by
+                    top_values = np.where(trees.top.reshape(-1)[entries], kept_values, 0.0)
+                    top_share = min(sum(row_sums(top_values, kept_counts)) / (utility * B), 1.0)
                 if cast.step_base_cost > 0:  # the efficiency rule's (expand_another_layer reads it only then)
                     tokens_so_far += sum(row_sums(trees.keys[-1].reshape(-1)[entries], kept_counts)) / B
             if not most_kept or not expand_another_layer(
-                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent)
+                depth, most_kept, utility, budget, forwarded, (tokens_so_far, spent), top_share
             ) or not self.kv.fits(kept_counts):  # the buffers are full: the tree ends here
                 kept_counts, most_kept, sums = np.zeros(B, dtype=np.int64), 0, None
             layer_utilities = sums or [0.0] * B
@@ -512,7 +538,8 @@ class Expander:
             probs, ids = self.kv.forward_layer(trees.gather(trees.tokens[-1], kept), kept // k, kept_counts, depth,
                                                roots, ragged)
             forwarded += int(kept_counts.sum())
-            proposed = trees.add_children(kept, kept_counts, ids[:, :, :k], probs[:, :, :k], scale(depth + 1), ragged)
+            proposed = trees.add_children(kept, kept_counts, ids[:, :, :k], probs[:, :, :k], scale(depth + 1), ragged,
+                                          sibling(depth + 1))
             kept_above = kept_counts
             depth += 1
         stats: list[list[LayerStats]] = [[] for _ in range(B)]

@@ -49,11 +49,21 @@ def budget_from_proto(budget: draft_pb2.ExpandBudget) -> Budget:
         for i, value in enumerate(c.depth_scales):
             if not (math.isfinite(value) and value > 0):
                 raise InvalidArgument(f"must be a finite number > 0, got {value}", f"budget.cast.depth_scales[{i}]")
+        for i, value in enumerate(c.sibling_scales):
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidArgument(f"must be a finite number > 0, got {value}", f"budget.cast.sibling_scales[{i}]")
+        if c.sibling_scales and not c.depth_scales:
+            raise InvalidArgument("needs depth_scales (the top-1 children's scales they are capped by)",
+                                  "budget.cast.sibling_scales")
+        if len(c.sibling_scales) > max(budget.max_depth, len(c.depth_scales)):
+            raise InvalidArgument(f"has {len(c.sibling_scales)} entries, more than max_depth {budget.max_depth} "
+                                  f"and depth_scales' {len(c.depth_scales)}", "budget.cast.sibling_scales")
         breadth, depth, scales = c.breadth_threshold, c.depth_threshold, tuple(c.depth_scales)
         if not scales:  # an older client: one value_scale, and thresholds it divided by it
             scales = (c.value_scale or 1.0,)
             breadth, depth = breadth * scales[0], depth * scales[0]
-        cast = CastBudget(prices, breadth, depth, c.gain_mean, step_base_cost=c.step_base_cost, depth_scales=scales)
+        cast = CastBudget(prices, breadth, depth, c.gain_mean, step_base_cost=c.step_base_cost, depth_scales=scales,
+                          sibling_scales=tuple(c.sibling_scales))
     return Budget(top_k=budget.top_k, max_depth=budget.max_depth, max_breadth=budget.max_breadth, cast=cast,
                   max_returned_nodes=budget.max_returned_nodes)
 

@@ -10,17 +10,32 @@ its breadth rule spent the budget on siblings, where a deep narrow tree returned
 accepted path reaches d) per unit of the verified nodes' summed value at depth d. It is measured on the verified
 nodes themselves, so it also stays right under sampling (where it is near 1).
 
-Smoothing: per depth, decayed sums of accepted tokens and verified value (a window of about 1 / WEIGHT steps), and a
-prior worth PRIOR_MASS units of value: depth 1's prior is 1 (trust the draft), a deeper depth's is the depth above's
-scale (a depth not verified yet, or rarely, is taken to be like the one above it).
+Top-1 children and siblings: the draft's top-1 child (its parent's child of highest value) is accepted more often
+per unit of value than its value says, its other children far less (about 2x less than one scale per depth predicted
+on the reference pair, so the marginal nodes of a larger cut were overvalued 1.15-1.39x and CAST verified trees
+several times larger than the best fixed tree: reports/cast-vs-fixed/calibration_offline.md). So each depth has two
+scales, measured apart: tokens accepted at depth d through a top-1 child per unit of the verified top-1 children's
+value there, and the same for siblings. Which node was accepted at each depth comes from walking the committed
+tokens down the verified tree.
+
+Smoothing: per depth and kind, decayed sums of accepted tokens and verified value (a window of about 1 / WEIGHT
+steps), and a prior worth PRIOR_MASS units of value: depth 1's prior is 1 (trust the draft), a deeper depth's is the
+depth above's scale of the same kind (a depth not verified yet, or rarely, is taken to be like the one above it).
+The siblings' prior is the sibling scale above, not the top-1 scale at the same depth: offline the sibling scales
+stay near 1 at every depth (0.7-1.5) while the top-1 ones rise from 1.2 to 2.9, so the top-1 scale would be a prior
+about 2x too high deep down, where siblings are verified rarely and their small values weigh little. A sibling's
+scale is also capped by the top-1 scale at its depth (selection.sibling_scale: a sibling never outranks its top-1
+brother).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cast_core.selection import top_children
 from cast_core.tree import TokenTree
 
 WEIGHT = 0.05  # per step, the decay of the accepted and value sums (about the last 20 steps count)
@@ -30,44 +45,74 @@ LIMITS = (0.25, 16.0)  # bounds of a depth's scale; a deep node's calibrated val
 
 @dataclass
 class ValueCalibration:
-    accepted: list[float] = field(default_factory=list)  # per depth d (entry d-1): decayed accepted tokens
-    value: list[float] = field(default_factory=list)     # per depth d: decayed summed value of verified nodes
+    accepted: list[float] = field(default_factory=list)  # per depth d (entry d-1): decayed accepted top-1 children
+    value: list[float] = field(default_factory=list)     # per depth d: decayed summed value of verified top-1 children
+    sibling_accepted: list[float] = field(default_factory=list)  # the same for the other children
+    sibling_value: list[float] = field(default_factory=list)
 
-    def observe(self, verified: list[TokenTree], committed: list[int]) -> None:
+    def observe(self, verified: list[TokenTree], committed: list[Sequence[int]]) -> None:
         """One step: each sequence's verified tree (values as the draft sent them) and the tokens it committed
-        (accepted + the bonus token), for the sequences of one batch."""
+        (its accepted path's tokens + the bonus token), for the sequences of one batch."""
         depth = max((t.max_depth for t in verified), default=0)
         if depth == 0:
             return
-        value = np.zeros(depth)
-        accepted = np.zeros(depth)
-        for tree, n in zip(verified, committed):
-            if len(tree) > 1:
-                value += np.bincount(tree.depths[1:] - 1, weights=tree.values[1:], minlength=depth)[:depth]
-                accepted[: min(n - 1, depth)] += 1  # its accepted path reaches depths 1..n-1
-        grow = depth - len(self.value)
-        if grow > 0:
-            self.value += [0.0] * grow
-            self.accepted += [0.0] * grow
-        for d in range(len(self.value)):
-            keep = 1 - WEIGHT
-            self.value[d] = keep * self.value[d] + (value[d] if d < depth else 0.0)
-            self.accepted[d] = keep * self.accepted[d] + (accepted[d] if d < depth else 0.0)
+        value, accepted = np.zeros((2, depth)), np.zeros((2, depth))  # row 0: top-1 children, row 1: siblings
+        for tree, tokens in zip(verified, committed):
+            if len(tree) == 1:
+                continue
+            sibling = ~top_children(tree)
+            d = tree.depths[1:] - 1
+            value += np.stack([np.bincount(d[s], weights=tree.values[1:][s], minlength=depth)[:depth]
+                               for s in (~sibling[1:], sibling[1:])])
+            for node in accepted_path(tree, tokens):
+                accepted[int(sibling[node]), tree.depths[node] - 1] += 1
+        kinds = ((self.accepted, accepted[0]), (self.value, value[0]),
+                 (self.sibling_accepted, accepted[1]), (self.sibling_value, value[1]))
+        size = max(depth, *(len(sums) for sums, _ in kinds))
+        for sums, step in kinds:
+            sums += [0.0] * (size - len(sums))
+            for d in range(size):
+                sums[d] = (1 - WEIGHT) * sums[d] + (float(step[d]) if d < depth else 0.0)
 
     def scales(self, depths: int) -> list[float]:
-        """Accepted tokens per unit of value at depths 1..`depths`, smoothed and bounded (float32-exact: the draft
-        receives them as float32 and must rank nodes as the orchestrator does)."""
-        out, prior = [], 1.0
-        for d in range(depths):
-            accepted = self.accepted[d] if d < len(self.accepted) else 0.0
-            value = self.value[d] if d < len(self.value) else 0.0
-            scale = (accepted + PRIOR_MASS * prior) / (value + PRIOR_MASS)
-            prior = min(max(scale, LIMITS[0]), LIMITS[1])
-            out.append(float(np.float32(prior)))
-        return out
+        """Accepted tokens per unit of value of top-1 children at depths 1..`depths`, smoothed and bounded
+        (float32-exact: the draft receives them as float32 and must rank nodes as the orchestrator does)."""
+        return _smoothed(self.accepted, self.value, depths)
+
+    def sibling_scales(self, depths: int) -> list[float]:
+        """The same for the other children, each capped by the top-1 children's scale at its depth."""
+        return [min(s, t) for s, t in zip(_smoothed(self.sibling_accepted, self.sibling_value, depths),
+                                          self.scales(depths))]
 
     @property
     def scale(self) -> float:
-        """One scale for all depths (accepted tokens per unit of value, pooled): where a rule has no depth to go by."""
-        scale = (sum(self.accepted) + PRIOR_MASS) / (sum(self.value) + PRIOR_MASS)
+        """One scale for all depths and nodes (accepted tokens per unit of value, pooled): where a rule has no depth
+        to go by."""
+        accepted = sum(self.accepted) + sum(self.sibling_accepted)
+        scale = (accepted + PRIOR_MASS) / (sum(self.value) + sum(self.sibling_value) + PRIOR_MASS)
         return min(max(scale, LIMITS[0]), LIMITS[1])
+
+
+def _smoothed(accepted: list[float], value: list[float], depths: int) -> list[float]:
+    """Per depth, the decayed ratio with the prior (1 at depth 1, the depth above's scale deeper), bounded."""
+    out, prior = [], 1.0
+    for d in range(depths):
+        a = accepted[d] if d < len(accepted) else 0.0
+        v = value[d] if d < len(value) else 0.0
+        scale = (a + PRIOR_MASS * prior) / (v + PRIOR_MASS)
+        prior = min(max(scale, LIMITS[0]), LIMITS[1])
+        out.append(float(np.float32(prior)))
+    return out
+
+
+def accepted_path(tree: TokenTree, committed: Sequence[int]) -> list[int]:
+    """The nodes of the tree's accepted path, depth 1 first: the committed tokens but the last (the bonus token)
+    walked down from the root (siblings carry distinct tokens; the walk stops where no child matches)."""
+    path, node = [], 0
+    for token in committed[:-1]:
+        match = np.nonzero((tree.parents == node) & (tree.tokens == token))[0]
+        if match.size == 0:
+            break
+        node = int(match[0])
+        path.append(node)
+    return path

@@ -230,10 +230,10 @@ class CascadePlanner(Planner):
             self.level_planner(self.chosen).learn_layers(layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> bool:
-        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
-        if drafted and self.chosen is not None:  # the chosen level's value calibration
-            self.level_planner(self.chosen).calibration.observe(verified, committed)
+                   step_ms: float, one_off: bool, tokens: list[list[int]] | None = None) -> bool:
+        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off, tokens)  # the gate
+        if drafted and self.chosen is not None and tokens is not None:  # the chosen level's value calibration
+            self.level_planner(self.chosen).calibration.observe(verified, tokens)
         return switched
 
     def learn_levels(self, expanded: list, verified: list[TokenTree], committed: list[list[int]]) -> None:

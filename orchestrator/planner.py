@@ -59,8 +59,13 @@ class Planner:
         return self.calibration.scale if self.policy.cast else 1.0
 
     def depth_scales(self) -> list[float]:
-        """CAST: accepted tokens per unit of value at depths 1..max_depth, as the draft and reranking use them."""
+        """CAST: accepted tokens per unit of value of top-1 children at depths 1..max_depth, as the draft and
+        reranking use them."""
         return self.calibration.scales(max(self.policy.max_depth, 1))
+
+    def sibling_scales(self) -> list[float]:
+        """The same for the other children (orchestrator/calibration.py: they are worth about half as much)."""
+        return self.calibration.sibling_scales(max(self.policy.max_depth, 1))
 
     def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
         """Whether this step drafts; if not, its sequences verify their roots alone (a plain decoding step)."""
@@ -117,6 +122,7 @@ class Planner:
                 depth_threshold=policy.cast.depth_threshold,
                 gain_mean=self.gains.alpha,
                 depth_scales=self.depth_scales(),
+                sibling_scales=self.sibling_scales(),
                 # Where the verifier runs on a GPU, depth also stops where another layer would lower the step's
                 # expected tokens per unit of cost (it won there at batch 8; on a CPU it lost to C2 alone).
                 step_base_cost=(costs.drafted_step_base(batch, context, draft_share) if costs.verifier_on_gpu
@@ -159,8 +165,8 @@ class Planner:
         of the step."""
         m = self.policy.verify_tokens
         if self.policy.cast is not None:
-            scales = self.depth_scales()
-            keys = batch_calibrated_values(trees, scales)
+            scales, siblings = self.depth_scales(), self.sibling_scales()
+            keys = batch_calibrated_values(trees, scales, siblings)
             utilities = batch_topk_utilities(keys)  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold), m)
@@ -179,15 +185,17 @@ class Planner:
             self.gains = batch_gains(self.gains, layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> bool:
-        """A verified step of this policy's sequences: their trees, the tokens each committed, the step's time.
+                   step_ms: float, one_off: bool, tokens: list[list[int]] | None = None) -> bool:
+        """A verified step of this policy's sequences: their trees, how many tokens each committed, the step's time;
+        tokens: the committed tokens themselves (accepted path + bonus token), which the calibration walks down the
+        verified trees to tell top-1 children from siblings (None: the calibration learns nothing from this step).
         A one-off step (a graph capture, a prefill, a draft catching up) teaches the calibration but not the
         gate, which judges step times. Returns whether the draft gate switched (its winner at this batch size
         changed: drafting or plain decoding; for a cascade, also from one model level or lookup alone to another)."""
         if self.policy.cast is None:
             return False
-        if drafted:
-            self.calibration.observe(verified, committed)
+        if drafted and tokens is not None:
+            self.calibration.observe(verified, tokens)
         if one_off:
             return False
         was = self.gate.winner(batch, self.arms)

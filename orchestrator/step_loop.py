@@ -542,18 +542,17 @@ class StepLoop:
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.
         if not timing.one_off:
             self.costs(None).observe_verify(size, context, max(len(i.tree) for i in items), seconds)
-        committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
+        committed = {s.sequence_id: list(tokens) for s, tokens in zip(batch, results)}
         verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
         for g in groups:
+            tokens = [committed[s.sequence_id] for s in g.sequences]
             if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
-                                    [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off):
+                                    [len(t) for t in tokens], timing.step * 1e3, timing.one_off, tokens):
                 self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
                                                      "cast.batch_size": size})
             if isinstance(g.planner, CascadePlanner) and g.drafts:
-                tokens = {s.sequence_id: t for s, t in zip(batch, results)}
                 g.planner.learn_levels([g.expanded.get(s.sequence_id) for s in g.sequences],
-                                       [verified[s.sequence_id] for s in g.sequences],
-                                       [tokens[s.sequence_id] for s in g.sequences])
+                                       [verified[s.sequence_id] for s in g.sequences], tokens)
 
     def _groups(self, batch: list[LiveSequence], size: int, context: int) -> list[PolicyGroup]:
         """The batch's drafting policies, each with its sequences and whether it drafts this step (a policy whose

@@ -95,18 +95,24 @@ def tree_shapes(max_nodes: int):
 def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
     """The batch's calibrated values (one pass over all trees) are, bit for bit, each tree's min(parent's key,
     scale x value) taken layer by layer from the root, whatever the trees' node order (parents first), depth or
-    scales: the draft computes them that way and both sides must rank nodes alike."""
+    scales, with or without sibling scales (a child that is not its parent's first of highest value takes its
+    depth's sibling scale, capped by the top-1 one): the draft computes them that way and both sides must rank
+    nodes alike."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from cast_core.selection import batch_calibrated_values
 
-    def layer_by_layer(tree: TokenTree, scales) -> np.ndarray:
+    def layer_by_layer(tree: TokenTree, scales, siblings) -> np.ndarray:
         keys = tree.values.astype(np.float64)
         keys[0] = 1.0
         for i in range(1, len(tree)):  # parents precede children
             d = int(tree.depths[i])
             scale = float(scales[min(d, len(scales)) - 1]) if scales else 1.0
+            brothers = [j for j in range(1, len(tree)) if tree.parents[j] == tree.parents[i]]
+            top = max(brothers, key=lambda j: (tree.values[j], -j))  # the first of the highest
+            if siblings and i != top:
+                scale = min(float(siblings[min(d, len(siblings)) - 1]), scale)
             keys[i] = min(keys[tree.parents[i]], scale * float(tree.values[i]))
         return keys
 
@@ -120,10 +126,13 @@ def test_calibrated_values_of_a_batch_are_each_trees_own_layer_by_layer():
 
     @settings(max_examples=200, deadline=None)
     @given(batch=st.lists(trees(), min_size=1, max_size=6),
-           scales=st.lists(st.floats(0.25, 16.0, width=32), max_size=8))
-    def check(batch, scales):
-        got = batch_calibrated_values(batch, scales)
-        assert [g.tolist() for g in got] == [layer_by_layer(t, scales).tolist() for t in batch]
+           scales=st.lists(st.floats(0.25, 16.0, width=32), max_size=8),
+           siblings=st.lists(st.floats(0.125, 16.0, width=32), max_size=8))
+    def check(batch, scales, siblings):
+        if siblings and not scales:  # the draft refuses sibling scales without top-1 ones
+            scales = [1.0]
+        got = batch_calibrated_values(batch, scales, siblings)
+        assert [g.tolist() for g in got] == [layer_by_layer(t, scales, siblings).tolist() for t in batch]
 
     check()
 
@@ -165,3 +174,42 @@ def test_a_batch_of_trees_is_checked_as_each_tree_alone():
         assert outcome(lambda: validate_trees(batch, "draft tree")) == alone
 
     check()
+
+
+def test_siblings_take_their_own_scale_capped_by_the_top_1_one_and_trimming_keeps_every_key():
+    """With sibling_scales a node that is not its parent's top child (highest value, first among equals) is weighed
+    by them, never above its depth's top-1 scale; calibrated values never rise along a path; a tree trimmed to its
+    best m by calibrated value gives its kept nodes the keys they had (what the draft and the orchestrator rank
+    by: each computes them on its own tree); no sibling_scales is the per-depth calibration as before."""
+    from cast_core.selection import calibrated_values, top_children
+
+    # root; 1: 0.3 and 2: 0.6 (2 is the top child, after its sibling); 3: 0.2 and 4: 0.2 under 2 (3 first: top)
+    tree = TokenTree.from_lists([0, 1, 2, 3, 4], [-1, 0, 0, 2, 2], [0, 1, 1, 2, 2], [1.0, 0.3, 0.6, 0.2, 0.2])
+    assert top_children(tree).tolist() == [False, False, True, True, False]
+    keys = calibrated_values(tree, [1.5, 2.0], [0.5, 4.0])  # 4.0 at depth 2 is capped at that depth's 2.0
+    assert np.allclose(keys, [1.0, 0.15, 0.9, 0.4, 0.4])
+    assert np.array_equal(calibrated_values(tree, [1.5, 2.0], []), calibrated_values(tree, [1.5, 2.0]))
+    assert np.allclose(calibrated_values(tree, [1.5, 2.0], [0.25]), [1.0, 0.075, 0.9, 0.4, 0.05])
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(2, 120))
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        depths = [0] * n
+        values = [1.0] * n
+        for i in range(1, n):
+            depths[i] = depths[parents[i]] + 1
+            values[i] = values[parents[i]] * float(rng.choice([rng.uniform(0, 1), 0.5]))  # ties too
+        t = TokenTree.from_lists(range(n), parents, depths, values)
+        scales = rng.uniform(0.5, 3.0, 6).astype(np.float32).tolist()
+        siblings = rng.uniform(0.2, 4.0, int(rng.integers(1, 7))).astype(np.float32).tolist()
+        keys = calibrated_values(t, scales, siblings)
+        assert (keys[1:] <= keys[t.parents[1:]]).all()  # monotone along every path
+        top = top_children(t)
+        for p in set(parents[1:]):  # the top child outranks (or ties and precedes) each sibling
+            kids = np.nonzero(t.parents == p)[0]
+            first = kids[top[kids]]
+            assert first.size == 1 and (keys[kids] <= keys[first[0]]).all()
+        m = int(rng.integers(1, n + 1))
+        kept = t.top_m_indices(m, keys)
+        assert np.array_equal(calibrated_values(t.subtree(kept), scales, siblings), keys[kept]), trial

@@ -119,6 +119,31 @@ def test_the_returned_trees_are_the_best_nodes_by_calibrated_value(make_expander
     assert cut.tree.max_depth > whole.tree.top_m(8).max_depth  # raw values would have kept a shallower tree
 
 
+def test_with_sibling_scales_the_returned_trees_are_still_the_best_nodes_as_the_orchestrator_ranks_them(make_expander):
+    """Siblings weighed 10x below top-1 children: the trimmed tree is the whole tree's best m by
+    calibrated_values(tree, scales, sibling_scales), with the same keys on both sides (float-exact), and not what
+    the per-depth scales alone keep."""
+    from cast_core.selection import calibrated_values, top_children
+
+    scales, siblings = (1.0, 10.0, 100.0, 1000.0), (0.1, 1.0, 10.0, 100.0)
+    free = CastBudget(linear_prices(1e-6, 1e-6), 0.0, 0.0, 1.0, depth_scales=scales, sibling_scales=siblings)
+    expander = make_expander()
+    whole = expander.expand([SequenceInput("a", np.asarray(PROMPT), 0)], Budget(**LIMITS, cast=free))[0][0]
+    cut = expander.expand([SequenceInput("b", np.asarray(PROMPT), 0)],
+                          Budget(**LIMITS, cast=free, max_returned_nodes=8))[0][0]
+    cut.tree.validate()
+    keys = calibrated_values(whole.tree, scales, siblings)
+    kept = whole.tree.top_m_indices(8, keys)
+    best = whole.tree.subtree(kept)
+    assert sorted(zip(cut.tree.depths.tolist(), cut.tree.tokens.tolist())) == \
+        sorted(zip(best.depths.tolist(), best.tokens.tolist()))
+    assert np.array_equal(calibrated_values(cut.tree, scales, siblings), keys[kept])  # the orchestrator's keys
+    assert np.array_equal(top_children(cut.tree), top_children(whole.tree)[kept])  # each kept parent's top-1 kept
+    per_depth = whole.tree.top_m(8, calibrated_values(whole.tree, scales))
+    assert not np.array_equal(cut.tree.tokens, per_depth.tokens)  # the sibling scales changed the choice
+    assert (~top_children(cut.tree)).sum() <= (~top_children(per_depth)).sum()  # towards top-1 children
+
+
 def test_an_older_clients_one_scale_reads_as_before_and_bad_depth_scales_are_refused():
     """A client that sends value_scale and thresholds divided by it (no depth_scales) gets the rules it had; a depth
     scale that is not a finite number > 0 is InvalidArgument naming it."""
@@ -141,3 +166,51 @@ def test_an_older_clients_one_scale_reads_as_before_and_bad_depth_scales_are_ref
     with pytest.raises(InvalidArgument) as info:
         budget_from_proto(budget(depth_scales=[1.0, 0.0]))
     assert info.value.field == "budget.cast.depth_scales[1]"
+    assert new.sibling_scales == () and new.sibling_scale(2) == new.scale(2) == 3.0  # no sibling scales: as before
+
+
+def test_sibling_scales_are_read_capped_by_the_top_1_scales_and_bad_ones_are_refused():
+    """sibling_scales (field 10) weigh the children that are not their parent's top-1, each at most the top-1 scale
+    of its depth; one that is not a finite number > 0, one without depth_scales, or more of them than max_depth and
+    depth_scales have entries is InvalidArgument naming budget.cast.sibling_scales."""
+    import pytest
+
+    from cast.v1 import draft_pb2
+    from cast_core.errors import InvalidArgument
+    from draft_service.servicer import budget_from_proto
+
+    def budget(**cast):
+        return draft_pb2.ExpandBudget(top_k=4, max_depth=3, max_breadth=4, cast=draft_pb2.CastBudget(
+            node_buckets=[1], token_counts=[1], normalized_cost=[0.1], gain_mean=1.0, **cast))
+
+    cast = budget_from_proto(budget(depth_scales=[1.5, 3.0], sibling_scales=[0.5, 4.0])).cast
+    assert cast.sibling_scales == (0.5, 4.0)
+    assert (cast.sibling_scale(1), cast.sibling_scale(2), cast.sibling_scale(9)) == (0.5, 3.0, 3.0)
+    for bad, field in (([1.0, -1.0], "budget.cast.sibling_scales[1]"),
+                       ([float("nan")], "budget.cast.sibling_scales[0]"),
+                       ([1.0, float("inf")], "budget.cast.sibling_scales[1]"),
+                       ([0.0], "budget.cast.sibling_scales[0]"),
+                       ([1.0] * 4, "budget.cast.sibling_scales")):  # more than max_depth 3 and depth_scales' 2
+        with pytest.raises(InvalidArgument) as info:
+            budget_from_proto(budget(depth_scales=[1.5, 3.0], sibling_scales=bad))
+        assert info.value.field == field, bad
+    with pytest.raises(InvalidArgument) as info:
+        budget_from_proto(budget(value_scale=2.0, sibling_scales=[1.0]))
+    assert info.value.field == "budget.cast.sibling_scales"
+
+
+def test_the_depth_rule_weighs_the_next_layer_by_its_share_of_top_1_value():
+    """C2 at the next depth: its top-1 scale where the kept layer's value is all in top-1 children, its sibling scale
+    where it is all in siblings, mixed in between; without sibling_scales the share does not matter."""
+    from draft_service.expansion import expand_another_layer
+
+    prices = linear_prices(0.1, 0.0)  # forwarding 2 nodes costs 0.2
+    split = CastBudget(prices, 0.0, 1.0, 1.0, depth_scales=(1.0, 3.0), sibling_scales=(1.0, 0.5))
+    budget = Budget(**LIMITS, cast=split)
+    # u = 0.1: expected 0.3 tokens at the top-1 scale, 0.05 at the siblings', against 1.0 * 0.2 of cost
+    assert expand_another_layer(1, 2, 0.1, budget, 1, top_share=1.0)
+    assert not expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.0)
+    assert not expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.5)  # 0.175 < 0.2
+    assert expand_another_layer(1, 2, 0.1, budget, 1, top_share=0.7)      # 0.225 >= 0.2
+    old = Budget(**LIMITS, cast=CastBudget(prices, 0.0, 1.0, 1.0, depth_scales=(1.0, 3.0)))
+    assert expand_another_layer(1, 2, 0.1, old, 1, top_share=0.0)

@@ -73,7 +73,8 @@ class TableDraft:
 def reference_expand(draft: TableDraft, sequences: list[SequenceInput], budget: Budget):
     """Per sequence: its tree, layer stats, utilities and nodes expanded, as the Expand before issue 21 computed them:
     one tree at a time, every candidate added, the candidates below the tree's max_returned_nodes-th best key dropped
-    from the ranking only, the tree trimmed at the end."""
+    from the ranking only, the tree trimmed at the end; with sibling scales, as issue 21's first version did (a top
+    flag per node, C2's next scale mixed by the kept layer's top-1 share)."""
 
     def answer(context: list[int]):
         a, b, c = ([0, 0] + context)[-3:]
@@ -84,20 +85,25 @@ def reference_expand(draft: TableDraft, sequences: list[SequenceInput], budget: 
     roots = np.array([q.start_position + q.new_tokens.size - 1 for q in sequences])
     depth_room = np.minimum(budget.max_depth, CONTEXT - 1 - roots)
     scale = cast.scale if cast is not None else lambda depth: 1.0
+    sibling = cast.sibling_scale if cast is not None else lambda depth: 1.0
     trees = []
     for q in sequences:
         n = max_tree_nodes(budget)
         trees.append(SimpleNamespace(tokens=np.zeros(n, np.int64), parents=np.full(n, -1), depths=np.zeros(n, np.int64),
-                                     values=np.zeros(n, np.float32), keys=np.zeros(n), size=1))
+                                     values=np.zeros(n, np.float32), keys=np.zeros(n), top=np.zeros(n, bool), size=1))
         trees[-1].tokens[0], trees[-1].values[0], trees[-1].keys[0] = q.new_tokens[-1], 1.0, 1.0
 
-    def add(t, parents, tokens, probs, s):
+    def add(t, parents, tokens, probs, s, sib):
         n, kk = tokens.shape
         new = np.arange(t.size, t.size + n * kk)
         parent = np.repeat(parents, kk)
         t.tokens[new], t.parents[new], t.depths[new] = tokens.reshape(-1), parent, t.depths[parent] + 1
-        t.values[new] = (t.values[parents][:, None] * probs).reshape(-1)
-        t.keys[new] = np.minimum(t.keys[parent], s * t.values[new].astype(np.float64))
+        values = t.values[parents][:, None] * probs
+        t.values[new] = values.reshape(-1)
+        top = np.zeros((n, kk), dtype=bool)
+        top[np.arange(n), np.argmax(values, axis=1)] = True
+        t.top[new] = top.reshape(-1)
+        t.keys[new] = np.minimum(t.keys[parent], np.where(t.top[new], s, sib) * t.values[new].astype(np.float64))
         t.size += n * kk
         return new
 
@@ -116,7 +122,8 @@ def reference_expand(draft: TableDraft, sequences: list[SequenceInput], budget: 
     layer = []
     for b, t in enumerate(trees):
         probs, ids = answer(histories[b])
-        layer.append(add(t, np.array([0]), ids[None, :k], probs[None, :k], scale(1)) if depth_room[b] >= 1 else empty)
+        layer.append(add(t, np.array([0]), ids[None, :k], probs[None, :k], scale(1), sibling(1))
+                     if depth_room[b] >= 1 else empty)
     stats, utilities = [[] for _ in range(B)], [[] for _ in range(B)]
     forwarded, depth, tokens_so_far = 0, 1, 1.0
     spent = cast.step_base_cost if cast is not None else 0.0
@@ -131,13 +138,15 @@ def reference_expand(draft: TableDraft, sequences: list[SequenceInput], budget: 
                      budget.max_breadth)
         kept = [r[:n_keep] if depth < depth_room[b] else empty for b, r in enumerate(ranked)]
         most_kept = max(kp.size for kp in kept)
-        utility, sums = 0.0, None
+        utility, sums, top_share = 0.0, None, 1.0
         if cast is not None and most_kept:
             sums = layer_sums([t.values[kp] for kp, t in zip(kept, trees)])
             utility = sum(sums) / B
+            top_sum = sum(float(t.values[kp][t.top[kp]].sum(dtype=np.float64)) for kp, t in zip(kept, trees))
+            top_share = min(top_sum / (utility * B), 1.0) if utility > 0 else 1.0
             tokens_so_far += sum(float(t.keys[kp].sum()) for kp, t in zip(kept, trees)) / B
         if not most_kept or not expand_another_layer(depth, most_kept, utility, budget, forwarded,
-                                                     (tokens_so_far, spent)):
+                                                     (tokens_so_far, spent), top_share):
             kept, sums = [empty] * B, None
         for b, t in enumerate(trees):
             if not layer[b].size:
@@ -159,7 +168,7 @@ def reference_expand(draft: TableDraft, sequences: list[SequenceInput], budget: 
         for b, (t, kp) in enumerate(zip(trees, kept)):
             if kp.size:
                 ids, probs = children(b, kp)
-                layer.append(add(t, kp, ids, probs, scale(depth + 1)))
+                layer.append(add(t, kp, ids, probs, scale(depth + 1), sibling(depth + 1)))
             else:
                 layer.append(empty)
         depth += 1
@@ -197,9 +206,11 @@ def budgets(draw):
     prices = np.array(draw(st.lists(st.floats(0.001, 2.0), min_size=12, max_size=12))).reshape(3, 4)
     prices = np.maximum.accumulate(prices, axis=1)  # a forward over more tokens costs no less
     scales = tuple(float(np.float32(x)) for x in draw(st.lists(st.floats(0.25, 16.0), max_size=6)))
+    siblings = tuple(float(np.float32(x)) for x in draw(st.lists(st.floats(0.125, 16.0), max_size=6))) if scales else ()
     cast = CastBudget(NormalizedCostSlice(buckets, counts, prices), breadth_threshold=draw(st.floats(0.0, 2.0)),
                       depth_threshold=draw(st.floats(0.0, 2.0)), gain_mean=draw(st.floats(0.1, 1.5)),
-                      step_base_cost=draw(st.sampled_from([0.0, 0.5, 2.0])), depth_scales=scales)
+                      step_base_cost=draw(st.sampled_from([0.0, 0.5, 2.0])), depth_scales=scales,
+                      sibling_scales=siblings)
     return Budget(**limits, cast=cast)
 
 

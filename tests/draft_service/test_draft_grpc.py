@@ -90,6 +90,11 @@ BAD = [
         top_k=2, max_depth=2, max_breadth=2,
         cast=draft_pb2.CastBudget(node_buckets=[1], token_counts=[1], normalized_cost=[0.1], step_base_cost=-1))),
      grpc.StatusCode.INVALID_ARGUMENT, "budget.cast.step_base_cost"),
+    (expand_request(("a", PROMPT, 0), budget=draft_pb2.ExpandBudget(
+        top_k=2, max_depth=2, max_breadth=2,
+        cast=draft_pb2.CastBudget(node_buckets=[1], token_counts=[1], normalized_cost=[0.1], depth_scales=[1.5, 2.0],
+                                  sibling_scales=[1.0, float("nan")]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "budget.cast.sibling_scales[1]"),
     (expand_request(("a", PROMPT, 0), ("b", [1, 2, 3, 4, 5, 999], 0)),
      grpc.StatusCode.INVALID_ARGUMENT, "sequences[1].new_tokens[5]"),
     (expand_request(("a", PROMPT, 0), ("a", [1], 0)), grpc.StatusCode.INVALID_ARGUMENT, "sequences[1].sequence_id"),

@@ -185,7 +185,8 @@ def budgets(top_k: int) -> st.SearchStrategy[draft_pb2.ExpandBudget]:
     cast = st.builds(
         draft_pb2.CastBudget, node_buckets=st.lists(INT32, max_size=4), token_counts=st.lists(INT32, max_size=4),
         normalized_cost=st.lists(FLOATS, max_size=16), breadth_threshold=FLOATS, depth_threshold=FLOATS,
-        gain_mean=FLOATS, value_scale=FLOATS, step_base_cost=FLOATS, depth_scales=st.lists(FLOATS, max_size=10))
+        gain_mean=FLOATS, value_scale=FLOATS, step_base_cost=FLOATS, depth_scales=st.lists(FLOATS, max_size=10),
+        sibling_scales=st.lists(FLOATS, max_size=10))
     return st.builds(draft_pb2.ExpandBudget, top_k=st.one_of(st.integers(0, top_k + 1), INT32),
                      max_depth=st.one_of(small, INT32), max_breadth=st.one_of(small, INT32),
                      max_returned_nodes=st.one_of(st.integers(-2, 40), INT32),

@@ -9,12 +9,17 @@ def chain(values: list[float]) -> TokenTree:
     return TokenTree.from_lists(range(n + 1), [-1, *range(n)], range(n + 1), [1.0, *values])
 
 
+def path(accepted: int, bonus: int = 99) -> list[int]:
+    """The committed tokens of a chain step that accepted its first `accepted` nodes (tokens 1..), + the bonus."""
+    return [*range(1, accepted + 1), bonus]
+
+
 def test_each_depth_learns_its_own_accepted_tokens_per_unit_of_value():
     """A chain whose values halve per layer, accepted to depth 3 of 4 every step: depth d's scale is what was
     accepted there per unit of value there (1/0.5, 1/0.25, 1/0.125, 0/0.0625), not one pooled figure."""
     calibration = ValueCalibration()
     for _ in range(200):
-        calibration.observe([chain([0.5, 0.25, 0.125, 0.0625])], [4])  # 3 accepted + the bonus token
+        calibration.observe([chain([0.5, 0.25, 0.125, 0.0625])], [path(3)])  # 3 accepted + the bonus token
     scales = calibration.scales(5)
     assert np.allclose(scales[:3], [2.0, 4.0, 8.0], rtol=0.06)  # a little prior left at the deep end
     assert scales[3] < scales[2] / 4  # never accepted at depth 4: far lower, yet bounded
@@ -24,20 +29,49 @@ def test_each_depth_learns_its_own_accepted_tokens_per_unit_of_value():
 
 def test_a_batch_counts_every_sequence_and_outliers_stay_within_bounds():
     calibration = ValueCalibration()
-    calibration.observe([TokenTree.root_only(3)] * 4, [1] * 4)  # plain steps teach nothing
+    calibration.observe([TokenTree.root_only(3)] * 4, [[7]] * 4)  # plain steps teach nothing
     assert calibration.scales(3) == [1.0, 1.0, 1.0]
     for _ in range(1000):
-        calibration.observe([chain([1e-6, 1e-7])] * 8, [3] * 8)  # accepted far beyond a tiny value
+        calibration.observe([chain([1e-6, 1e-7])] * 8, [path(2)] * 8)  # accepted far beyond a tiny value
     assert all(LIMITS[0] <= s <= LIMITS[1] for s in calibration.scales(4))
     assert calibration.scales(2) == [LIMITS[1]] * 2
 
 
 def test_depths_not_seen_yet_take_the_depth_above_and_little_evidence_moves_little():
     calibration = ValueCalibration()
-    calibration.observe([chain([0.8])] * 8, [2] * 8)  # batch 8, depth 1: 8 accepted per 6.4 of value
+    calibration.observe([chain([0.8])] * 8, [path(1)] * 8)  # batch 8, depth 1: 8 accepted per 6.4 of value
     assert abs(calibration.scales(1)[0] - (8 + 0.25) / (6.4 + 0.25)) < 1e-6  # the first step counts at once
     deep = ValueCalibration()
-    deep.observe([chain([0.8, 0.6, 0.45, 0.01])], [5])  # one step, depth 4 accepted from a value of 0.01
+    deep.observe([chain([0.8, 0.6, 0.45, 0.01])], [path(4)])  # one step, depth 4 accepted from a value of 0.01
     scales = deep.scales(6)
     assert scales[3] < 3 * scales[2]  # a tiny value is weak evidence: near its prior, not 100x
     assert scales[4] == scales[5] == scales[3]
+
+
+def test_top_1_children_and_siblings_learn_their_own_scales_from_the_accepted_path():
+    """Root with a top-1 child (value 0.6, token 1) and a sibling (0.3, token 2), each with one child (0.4 under 1,
+    token 3; 0.1 under 2, token 4) and a sibling of it (0.15 under 1, token 5): the top-1 path is accepted by 9
+    sequences of 10, the sibling at depth 1 once (then its own top child). The committed tokens tell which node was
+    accepted: siblings, accepted rarely for their values, get a low scale, top-1 children a high one; the pooled
+    view (one scale per depth, as before) sits between and would overvalue the siblings."""
+    tree = TokenTree.from_lists([0, 1, 2, 3, 5, 4], [-1, 0, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2],
+                                [1.0, 0.6, 0.3, 0.4, 0.15, 0.1])
+    calibration = ValueCalibration()
+    for _ in range(200):  # batches of 10 sequences
+        calibration.observe([tree] * 10, [[2, 4, 99]] + [[1, 3, 99]] * 9)
+    top, siblings = calibration.scales(3), calibration.sibling_scales(3)
+    # depth 1: top-1 accepted 0.9 per 0.6 of value (1.5), siblings 0.1 per 0.3 (0.33)
+    assert np.allclose([top[0], siblings[0]], [1.5, 0.1 / 0.3], rtol=0.1)
+    # depth 2: top-1 children 1.0 per 0.9 * 0.4 + 0.1 * 0.1 of value a step, siblings never accepted
+    assert np.isclose(top[1], 1.0 / 0.5, rtol=0.1) and siblings[1] < 0.5 * siblings[0] + 0.1
+    assert all(LIMITS[0] <= s <= t for s, t in zip(siblings, top))
+    pooled = (0.9 + 0.1) / (0.6 + 0.3)
+    assert siblings[0] < pooled < top[0]
+
+
+def test_sibling_scales_start_from_one_and_never_pass_the_top_1_scale():
+    calibration = ValueCalibration()
+    assert calibration.sibling_scales(3) == calibration.scales(3) == [1.0, 1.0, 1.0]  # nothing learned: the draft
+    # Siblings measured above the top-1 children (a draft that ranks its children badly) are capped by them.
+    calibration = ValueCalibration(accepted=[1.0, 1.0], value=[1.0, 1.0], sibling_accepted=[8.0], sibling_value=[1.0])
+    assert calibration.sibling_scales(2) == calibration.scales(2)

@@ -71,10 +71,11 @@ def test_a_budget_carries_a_scale_per_depth_within_bounds():
     costs = CostModel(verify=CostTable.linear(2.0, 5.0, **GRID), draft=CostTable.linear(0.05, 1.0, **GRID))
     planner = Planner(POLICIES["cast"])
     planner.learn_step(1, True, [TokenTree.from_lists(range(4), [-1, 0, 1, 2], [0, 1, 2, 3], [1.0, 1e-4, 1e-5, 1e-6])],
-                       [4], 10.0, True)
+                       [4], 10.0, True, [[1, 2, 3, 9]])
     for _ in range(100):
         planner.learn_step(1, True, [TokenTree.from_lists(range(4), [-1, 0, 1, 2], [0, 1, 2, 3],
-                                                          [1.0, 1e-4, 1e-5, 1e-6])], [4], 10.0, True)
+                                                          [1.0, 1e-4, 1e-5, 1e-6])], [4], 10.0, True,
+                           [[1, 2, 3, 9]])
     scales = list(planner.price_budget(costs, 1, 100).cast.depth_scales)
     assert len(scales) == POLICIES["cast"].max_depth
     assert all(LIMITS[0] <= s <= LIMITS[1] for s in scales) and scales[0] == LIMITS[1]
@@ -144,10 +145,13 @@ def test_a_tree_trimmed_to_the_policys_cap_selects_what_the_whole_tree_does():
         batch = (1, 8)[trial // 2 % 2]
         for name in ("cast", "eagle2"):
             planner = Planner(POLICIES[name])
-            planner.calibration = ValueCalibration(accepted=rng.uniform(0.5, 2.0, 8).tolist(), value=[1.0] * 8)
+            planner.calibration = ValueCalibration(accepted=rng.uniform(0.5, 2.0, 8).tolist(), value=[1.0] * 8,
+                                                   sibling_accepted=rng.uniform(0.1, 1.0, 8).tolist(),
+                                                   sibling_value=[1.0] * 8)
             whole = [random_tree(rng, int(rng.integers(2, 400)), float(rng.uniform(0.05, 0.9))) for _ in range(batch)]
-            scales = planner.depth_scales() if planner.policy.cast else []  # the draft ranks CAST's nodes alike
-            trimmed = [t.top_m(planner.policy.verify_tokens, calibrated_values(t, scales)) for t in whole]
+            # the draft ranks CAST's nodes alike, siblings by their own scales
+            scales, siblings = (planner.depth_scales(), planner.sibling_scales()) if planner.policy.cast else ([], [])
+            trimmed = [t.top_m(planner.policy.verify_tokens, calibrated_values(t, scales, siblings)) for t in whole]
             expected = planner.select(whole, costs, batch, 300)
             got = planner.select(trimmed, costs, batch, 300)
             for e, g in zip(expected, got, strict=True):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cast.v1 import common_pb2 as cast_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61st/v1/draft.proto\x12\x07\x63\x61st.v1\x1a\x14\x63\x61st/v1/common.proto\"\xdb\x01\n\nCastBudget\x12\x14\n\x0cnode_buckets\x18\x01 \x03(\x05\x12\x14\n\x0ctoken_counts\x18\x02 \x03(\x05\x12\x17\n\x0fnormalized_cost\x18\x03 \x03(\x02\x12\x19\n\x11\x62readth_threshold\x18\x04 \x01(\x02\x12\x17\n\x0f\x64\x65pth_threshold\x18\x05 \x01(\x02\x12\x11\n\tgain_mean\x18\x06 \x01(\x02\x12\x13\n\x0bvalue_scale\x18\x07 \x01(\x02\x12\x16\n\x0estep_base_cost\x18\x08 \x01(\x02\x12\x14\n\x0c\x64\x65pth_scales\x18\t \x03(\x02\"\x84\x01\n\x0c\x45xpandBudget\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\x12\x13\n\x0bmax_breadth\x18\x03 \x01(\x05\x12!\n\x04\x63\x61st\x18\x04 \x01(\x0b\x32\x13.cast.v1.CastBudget\x12\x1a\n\x12max_returned_nodes\x18\x05 \x01(\x05\"f\n\rDraftSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x03(\x05\x12\x16\n\x0estart_position\x18\x03 \x01(\x05\x12\x14\n\x0cpredict_root\x18\x04 \x01(\x08\"W\n\x0bLevelBudget\x12\r\n\x05level\x18\x01 \x01(\t\x12%\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x15.cast.v1.ExpandBudget\x12\x12\n\nacceptance\x18\x03 \x03(\x02\"Q\n\rCascadeBudget\x12$\n\x06levels\x18\x01 \x03(\x0b\x32\x14.cast.v1.LevelBudget\x12\x1a\n\x12max_returned_nodes\x18\x02 \x01(\x05\"\x80\x02\n\rExpandRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.cast.v1.DraftSequence\x12%\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x15.cast.v1.ExpandBudget\x12?\n\rtrace_context\x18\x03 \x03(\x0b\x32(.cast.v1.ExpandRequest.TraceContextEntry\x12\'\n\x07\x63\x61scade\x18\x04 \x01(\x0b\x32\x16.cast.v1.CascadeBudget\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0f\x44raftLayerStats\x12\x12\n\ncandidates\x18\x01 \x01(\x05\x12\x0c\n\x04kept\x18\x02 \x01(\x05\x12\x14\n\x0ckept_utility\x18\x03 \x01(\x01\"\x9c\x01\n\x0c\x45xpandedTree\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12 \n\x04tree\x18\x02 \x01(\x0b\x32\x12.cast.v1.TokenTree\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.cast.v1.DraftLayerStats\x12\x16\n\x0e\x65xpanded_nodes\x18\x04 \x01(\x05\x12\x13\n\x0bnode_levels\x18\x05 \x03(\x05\"[\n\x0e\x45xpandResponse\x12$\n\x05trees\x18\x01 \x03(\x0b\x32\x15.cast.v1.ExpandedTree\x12\x15\n\rdraft_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04\x63old\x18\x03 \x01(\x08\"r\n\x14\x45xpandStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.cast.v1.ExpandResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cast.v1.StepErrorH\x00\x42\x08\n\x06result\"+\n\x13\x44raftReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"(\n\x14\x44raftReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\x16\n\x14\x44raftDescribeRequest\"E\n\x15\x44raftDescribeResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.cast.v1.ReplicaDescription2\xec\x01\n\x0c\x44raftService\x12I\n\x0c\x45xpandStream\x12\x16.cast.v1.ExpandRequest\x1a\x1d.cast.v1.ExpandStreamResponse(\x01\x30\x01\x12\x46\n\x07Release\x12\x1c.cast.v1.DraftReleaseRequest\x1a\x1d.cast.v1.DraftReleaseResponse\x12I\n\x08\x44\x65scribe\x12\x1d.cast.v1.DraftDescribeRequest\x1a\x1e.cast.v1.DraftDescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61st/v1/draft.proto\x12\x07\x63\x61st.v1\x1a\x14\x63\x61st/v1/common.proto\"\xf3\x01\n\nCastBudget\x12\x14\n\x0cnode_buckets\x18\x01 \x03(\x05\x12\x14\n\x0ctoken_counts\x18\x02 \x03(\x05\x12\x17\n\x0fnormalized_cost\x18\x03 \x03(\x02\x12\x19\n\x11\x62readth_threshold\x18\x04 \x01(\x02\x12\x17\n\x0f\x64\x65pth_threshold\x18\x05 \x01(\x02\x12\x11\n\tgain_mean\x18\x06 \x01(\x02\x12\x13\n\x0bvalue_scale\x18\x07 \x01(\x02\x12\x16\n\x0estep_base_cost\x18\x08 \x01(\x02\x12\x14\n\x0c\x64\x65pth_scales\x18\t \x03(\x02\x12\x16\n\x0esibling_scales\x18\n \x03(\x02\"\x84\x01\n\x0c\x45xpandBudget\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\x12\x13\n\x0bmax_breadth\x18\x03 \x01(\x05\x12!\n\x04\x63\x61st\x18\x04 \x01(\x0b\x32\x13.cast.v1.CastBudget\x12\x1a\n\x12max_returned_nodes\x18\x05 \x01(\x05\"f\n\rDraftSequence\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x03(\x05\x12\x16\n\x0estart_position\x18\x03 \x01(\x05\x12\x14\n\x0cpredict_root\x18\x04 \x01(\x08\"W\n\x0bLevelBudget\x12\r\n\x05level\x18\x01 \x01(\t\x12%\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x15.cast.v1.ExpandBudget\x12\x12\n\nacceptance\x18\x03 \x03(\x02\"Q\n\rCascadeBudget\x12$\n\x06levels\x18\x01 \x03(\x0b\x32\x14.cast.v1.LevelBudget\x12\x1a\n\x12max_returned_nodes\x18\x02 \x01(\x05\"\x80\x02\n\rExpandRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.cast.v1.DraftSequence\x12%\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x15.cast.v1.ExpandBudget\x12?\n\rtrace_context\x18\x03 \x03(\x0b\x32(.cast.v1.ExpandRequest.TraceContextEntry\x12\'\n\x07\x63\x61scade\x18\x04 \x01(\x0b\x32\x16.cast.v1.CascadeBudget\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0f\x44raftLayerStats\x12\x12\n\ncandidates\x18\x01 \x01(\x05\x12\x0c\n\x04kept\x18\x02 \x01(\x05\x12\x14\n\x0ckept_utility\x18\x03 \x01(\x01\"\x9c\x01\n\x0c\x45xpandedTree\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12 \n\x04tree\x18\x02 \x01(\x0b\x32\x12.cast.v1.TokenTree\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.cast.v1.DraftLayerStats\x12\x16\n\x0e\x65xpanded_nodes\x18\x04 \x01(\x05\x12\x13\n\x0bnode_levels\x18\x05 \x03(\x05\"[\n\x0e\x45xpandResponse\x12$\n\x05trees\x18\x01 \x03(\x0b\x32\x15.cast.v1.ExpandedTree\x12\x15\n\rdraft_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04\x63old\x18\x03 \x01(\x08\"r\n\x14\x45xpandStreamResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.cast.v1.ExpandResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cast.v1.StepErrorH\x00\x42\x08\n\x06result\"+\n\x13\x44raftReleaseRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\t\"(\n\x14\x44raftReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\x16\n\x14\x44raftDescribeRequest\"E\n\x15\x44raftDescribeResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.cast.v1.ReplicaDescription2\xec\x01\n\x0c\x44raftService\x12I\n\x0c\x45xpandStream\x12\x16.cast.v1.ExpandRequest\x1a\x1d.cast.v1.ExpandStreamResponse(\x01\x30\x01\x12\x46\n\x07Release\x12\x1c.cast.v1.DraftReleaseRequest\x1a\x1d.cast.v1.DraftReleaseResponse\x12I\n\x08\x44\x65scribe\x12\x1d.cast.v1.DraftDescribeRequest\x1a\x1e.cast.v1.DraftDescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_CASTBUDGET']._serialized_start=55
-  _globals['_CASTBUDGET']._serialized_end=274
-  _globals['_EXPANDBUDGET']._serialized_start=277
-  _globals['_EXPANDBUDGET']._serialized_end=409
-  _globals['_DRAFTSEQUENCE']._serialized_start=411
-  _globals['_DRAFTSEQUENCE']._serialized_end=513
-  _globals['_LEVELBUDGET']._serialized_start=515
-  _globals['_LEVELBUDGET']._serialized_end=602
-  _globals['_CASCADEBUDGET']._serialized_start=604
-  _globals['_CASCADEBUDGET']._serialized_end=685
-  _globals['_EXPANDREQUEST']._serialized_start=688
-  _globals['_EXPANDREQUEST']._serialized_end=944
-  _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._serialized_start=893
-  _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._serialized_end=944
-  _globals['_DRAFTLAYERSTATS']._serialized_start=946
-  _globals['_DRAFTLAYERSTATS']._serialized_end=1019
-  _globals['_EXPANDEDTREE']._serialized_start=1022
-  _globals['_EXPANDEDTREE']._serialized_end=1178
-  _globals['_EXPANDRESPONSE']._serialized_start=1180
-  _globals['_EXPANDRESPONSE']._serialized_end=1271
-  _globals['_EXPANDSTREAMRESPONSE']._serialized_start=1273
-  _globals['_EXPANDSTREAMRESPONSE']._serialized_end=1387
-  _globals['_DRAFTRELEASEREQUEST']._serialized_start=1389
-  _globals['_DRAFTRELEASEREQUEST']._serialized_end=1432
-  _globals['_DRAFTRELEASERESPONSE']._serialized_start=1434
-  _globals['_DRAFTRELEASERESPONSE']._serialized_end=1474
-  _globals['_DRAFTDESCRIBEREQUEST']._serialized_start=1476
-  _globals['_DRAFTDESCRIBEREQUEST']._serialized_end=1498
-  _globals['_DRAFTDESCRIBERESPONSE']._serialized_start=1500
-  _globals['_DRAFTDESCRIBERESPONSE']._serialized_end=1569
-  _globals['_DRAFTSERVICE']._serialized_start=1572
-  _globals['_DRAFTSERVICE']._serialized_end=1808
+  _globals['_CASTBUDGET']._serialized_end=298
+  _globals['_EXPANDBUDGET']._serialized_start=301
+  _globals['_EXPANDBUDGET']._serialized_end=433
+  _globals['_DRAFTSEQUENCE']._serialized_start=435
+  _globals['_DRAFTSEQUENCE']._serialized_end=537
+  _globals['_LEVELBUDGET']._serialized_start=539
+  _globals['_LEVELBUDGET']._serialized_end=626
+  _globals['_CASCADEBUDGET']._serialized_start=628
+  _globals['_CASCADEBUDGET']._serialized_end=709
+  _globals['_EXPANDREQUEST']._serialized_start=712
+  _globals['_EXPANDREQUEST']._serialized_end=968
+  _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._serialized_start=917
+  _globals['_EXPANDREQUEST_TRACECONTEXTENTRY']._serialized_end=968
+  _globals['_DRAFTLAYERSTATS']._serialized_start=970
+  _globals['_DRAFTLAYERSTATS']._serialized_end=1043
+  _globals['_EXPANDEDTREE']._serialized_start=1046
+  _globals['_EXPANDEDTREE']._serialized_end=1202
+  _globals['_EXPANDRESPONSE']._serialized_start=1204
+  _globals['_EXPANDRESPONSE']._serialized_end=1295
+  _globals['_EXPANDSTREAMRESPONSE']._serialized_start=1297
+  _globals['_EXPANDSTREAMRESPONSE']._serialized_end=1411
+  _globals['_DRAFTRELEASEREQUEST']._serialized_start=1413
+  _globals['_DRAFTRELEASEREQUEST']._serialized_end=1456
+  _globals['_DRAFTRELEASERESPONSE']._serialized_start=1458
+  _globals['_DRAFTRELEASERESPONSE']._serialized_end=1498
+  _globals['_DRAFTDESCRIBEREQUEST']._serialized_start=1500
+  _globals['_DRAFTDESCRIBEREQUEST']._serialized_end=1522
+  _globals['_DRAFTDESCRIBERESPONSE']._serialized_start=1524
+  _globals['_DRAFTDESCRIBERESPONSE']._serialized_end=1593
+  _globals['_DRAFTSERVICE']._serialized_start=1596
+  _globals['_DRAFTSERVICE']._serialized_end=1832
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CastBudget(_message.Message):
-    __slots__ = ("node_buckets", "token_counts", "normalized_cost", "breadth_threshold", "depth_threshold", "gain_mean", "value_scale", "step_base_cost", "depth_scales")
+    __slots__ = ("node_buckets", "token_counts", "normalized_cost", "breadth_threshold", "depth_threshold", "gain_mean", "value_scale", "step_base_cost", "depth_scales", "sibling_scales")
     NODE_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_COST_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class CastBudget(_message.Message):
     VALUE_SCALE_FIELD_NUMBER: _ClassVar[int]
     STEP_BASE_COST_FIELD_NUMBER: _ClassVar[int]
     DEPTH_SCALES_FIELD_NUMBER: _ClassVar[int]
+    SIBLING_SCALES_FIELD_NUMBER: _ClassVar[int]
     node_buckets: _containers.RepeatedScalarFieldContainer[int]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     normalized_cost: _containers.RepeatedScalarFieldContainer[float]
@@ -27,7 +28,8 @@ class CastBudget(_message.Message):
     value_scale: float
     step_base_cost: float
     depth_scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ..., value_scale: _Optional[float] = ..., step_base_cost: _Optional[float] = ..., depth_scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    sibling_scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, node_buckets: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ..., normalized_cost: _Optional[_Iterable[float]] = ..., breadth_threshold: _Optional[float] = ..., depth_threshold: _Optional[float] = ..., gain_mean: _Optional[float] = ..., value_scale: _Optional[float] = ..., step_base_cost: _Optional[float] = ..., depth_scales: _Optional[_Iterable[float]] = ..., sibling_scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ExpandBudget(_message.Message):
     __slots__ = ("top_k", "max_depth", "max_breadth", "cast", "max_returned_nodes")
