@@ -18,14 +18,20 @@ scales, measured apart: tokens accepted at depth d through a top-1 child per uni
 value there, and the same for siblings. Which node was accepted at each depth comes from walking the committed
 tokens down the verified tree.
 
-Smoothing: per depth and kind, decayed sums of accepted tokens and verified value (a window of about 1 / WEIGHT
-steps), and a prior worth PRIOR_MASS units of value: depth 1's prior is 1 (trust the draft), a deeper depth's is the
-depth above's scale of the same kind (a depth not verified yet, or rarely, is taken to be like the one above it).
-The siblings' prior is the sibling scale above, not the top-1 scale at the same depth: offline the sibling scales
-stay near 1 at every depth (0.7-1.5) while the top-1 ones rise from 1.2 to 2.9, so the top-1 scale would be a prior
-about 2x too high deep down, where siblings are verified rarely and their small values weigh little. A sibling's
-scale is also capped by the top-1 scale at its depth (selection.sibling_scale: a sibling never outranks its top-1
-brother).
+Smoothing: per depth, decayed sums of accepted tokens and verified value (a window of about 1 / WEIGHT steps). The
+pooled scale of a depth (both kinds together) has a prior worth PRIOR_MASS units of value: depth 1's prior is 1
+(trust the draft), a deeper depth's is the depth above's pooled scale (a depth not verified yet, or rarely, is taken
+to be like the one above it). Each kind's scale has a prior worth KIND_MASS units of value: its depth's pooled scale,
+times the kind's ratio to the pooled scale at the depth above (1 at depth 1): it leaves the pooled scale only as its
+own kind's evidence accrues, and a depth where the kind is rarely verified (deep siblings) keeps its standing above. With each kind's prior taken from the
+depth above of the same kind (the first version, issue 21), one step halved the evidence a scale stood on and could
+crash it: a step whose accepted path went through a sibling at depth d put the top-1 scale at d near
+PRIOR_MASS / (value + PRIOR_MASS) and, through the prior chain, every top-1 scale below it (0.38 at depths 4-8 after
+one step on the reference pair; a sibling scale is capped by the top-1 one, so both), and the next trees shrank to
+one layer (benchmarks/cast_replay.py). The pooled scale is what one scale per depth measured before; a kind's own
+evidence outweighs the prior within a few steps (a depth's top-1 children verify 0.3-0.9 units of value a step).
+A sibling's scale is also capped by the top-1 scale at its depth (selection.sibling_scale: a sibling never outranks
+its top-1 brother).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cast_core.tree import TokenTree
 
 WEIGHT = 0.05  # per step, the decay of the accepted and value sums (about the last 20 steps count)
 PRIOR_MASS = 0.25  # units of verified value at which a depth's own ratio counts as much as its prior
+KIND_MASS = 1.0  # units of verified value at which a kind's (top-1 or sibling) own ratio counts as much as the pooled
 LIMITS = (0.25, 16.0)  # bounds of a depth's scale; a deep node's calibrated value is also capped by its parent's
 
 
@@ -77,12 +84,20 @@ class ValueCalibration:
     def scales(self, depths: int) -> list[float]:
         """Accepted tokens per unit of value of top-1 children at depths 1..`depths`, smoothed and bounded
         (float32-exact: the draft receives them as float32 and must rank nodes as the orchestrator does)."""
-        return _smoothed(self.accepted, self.value, depths)
+        return _kind(self.accepted, self.value, self.pooled_scales(depths))
 
     def sibling_scales(self, depths: int) -> list[float]:
         """The same for the other children, each capped by the top-1 children's scale at its depth."""
-        return [min(s, t) for s, t in zip(_smoothed(self.sibling_accepted, self.sibling_value, depths),
-                                          self.scales(depths))]
+        pooled = self.pooled_scales(depths)
+        return [min(s, t) for s, t in zip(_kind(self.sibling_accepted, self.sibling_value, pooled),
+                                          _kind(self.accepted, self.value, pooled))]
+
+    def pooled_scales(self, depths: int) -> list[float]:
+        """Accepted tokens per unit of value of all nodes at depths 1..`depths` (both kinds): the kinds' prior."""
+        size = max(len(self.accepted), len(self.sibling_accepted))
+        accepted = [_at(self.accepted, d) + _at(self.sibling_accepted, d) for d in range(size)]
+        value = [_at(self.value, d) + _at(self.sibling_value, d) for d in range(size)]
+        return _smoothed(accepted, value, depths)
 
     @property
     def scale(self) -> float:
@@ -91,6 +106,23 @@ class ValueCalibration:
         accepted = sum(self.accepted) + sum(self.sibling_accepted)
         scale = (accepted + PRIOR_MASS) / (sum(self.value) + sum(self.sibling_value) + PRIOR_MASS)
         return min(max(scale, LIMITS[0]), LIMITS[1])
+
+
+def _at(sums: list[float], d: int) -> float:
+    return sums[d] if d < len(sums) else 0.0
+
+
+def _kind(accepted: list[float], value: list[float], pooled: list[float]) -> list[float]:
+    """Per depth, one kind's decayed ratio with a prior worth KIND_MASS: the depth's pooled scale times the kind's
+    ratio to the pooled scale at the depth above (1 at depth 1), bounded. A depth where the kind has no evidence
+    keeps the kind's standing from above (a depth never verified: the scale above, as the pooled scales do)."""
+    out, ratio = [], 1.0
+    for d, prior in enumerate(pooled):
+        scale = (_at(accepted, d) + KIND_MASS * ratio * prior) / (_at(value, d) + KIND_MASS)
+        scale = min(max(scale, LIMITS[0]), LIMITS[1])
+        ratio = scale / prior
+        out.append(float(np.float32(scale)))
+    return out
 
 
 def _smoothed(accepted: list[float], value: list[float], depths: int) -> list[float]:

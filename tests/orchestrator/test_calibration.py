@@ -1,7 +1,7 @@
 import numpy as np
 
 from cast_core.tree import TokenTree
-from orchestrator.calibration import LIMITS, ValueCalibration
+from orchestrator.calibration import KIND_MASS, LIMITS, ValueCalibration
 
 
 def chain(values: list[float]) -> TokenTree:
@@ -40,11 +40,15 @@ def test_a_batch_counts_every_sequence_and_outliers_stay_within_bounds():
 def test_depths_not_seen_yet_take_the_depth_above_and_little_evidence_moves_little():
     calibration = ValueCalibration()
     calibration.observe([chain([0.8])] * 8, [path(1)] * 8)  # batch 8, depth 1: 8 accepted per 6.4 of value
-    assert abs(calibration.scales(1)[0] - (8 + 0.25) / (6.4 + 0.25)) < 1e-6  # the first step counts at once
+    pooled = (8 + 0.25) / (6.4 + 0.25)  # the first step counts at once
+    assert abs(calibration.pooled_scales(1)[0] - pooled) < 1e-6
+    assert abs(calibration.scales(1)[0] - (8 + KIND_MASS * pooled) / (6.4 + KIND_MASS)) < 1e-6  # top-1: nearly so
     deep = ValueCalibration()
     deep.observe([chain([0.8, 0.6, 0.45, 0.01])], [path(4)])  # one step, depth 4 accepted from a value of 0.01
     scales = deep.scales(6)
-    assert scales[3] < 3 * scales[2]  # a tiny value is weak evidence: near its prior, not 100x
+    pooled = deep.pooled_scales(6)
+    assert pooled[3] < 3 * pooled[2]  # a tiny value is weak evidence: near its prior, not 100x
+    assert scales[3] < 3.5 * scales[2]  # the top-1 scale's prior is the pooled one, which moved already
     assert scales[4] == scales[5] == scales[3]
 
 
@@ -75,3 +79,16 @@ def test_sibling_scales_start_from_one_and_never_pass_the_top_1_scale():
     # Siblings measured above the top-1 children (a draft that ranks its children badly) are capped by them.
     calibration = ValueCalibration(accepted=[1.0, 1.0], value=[1.0, 1.0], sibling_accepted=[8.0], sibling_value=[1.0])
     assert calibration.sibling_scales(2) == calibration.scales(2)
+
+
+def test_one_step_through_a_sibling_does_not_crash_the_top_1_scales():
+    """Issue 21's collapse in replay: a step whose accepted path leaves the top-1 children at depth 3 (a sibling
+    there, then its top child) put the top-1 scale at depth 3 at 0.42x the pooled one, and every deeper one with it,
+    so the next trees stopped after one layer. One step moves a kind's scale only so far from the pooled one."""
+    tree = TokenTree.from_lists([0, 1, 2, 3, 4, 5, 6, 7], [-1, 0, 0, 1, 1, 3, 3, 6], [0, 1, 1, 2, 2, 3, 3, 4],
+                                [1.0, 0.8, 0.1, 0.6, 0.15, 0.3, 0.25, 0.2])
+    calibration = ValueCalibration()
+    calibration.observe([tree], [[1, 3, 6, 7, 99]])
+    pooled, top = calibration.pooled_scales(6), calibration.scales(6)
+    assert all(0.75 * p <= t <= 1.35 * p for p, t in zip(pooled, top))
+    assert all(s <= t for s, t in zip(calibration.sibling_scales(6), top))
