@@ -110,6 +110,9 @@ def test_a_hit_step_sends_no_expand_before_its_verify(stacks):
     hits = [s for s in response.stats.step_stats if s.pipeline == "hit"]
     assert hits, [s.pipeline for s in response.stats.step_stats]
     assert all(s.verified_nodes > 1 for s in hits)
-    # A hit waits only for what is left of its prepared Expand (most often nothing): typically less than its Verify.
-    # The median, not every step: on a shared 2-core machine one prepared Expand can finish late (CI saw one).
-    assert statistics.median(s.draft_rpc_seconds for s in hits) < statistics.median(s.verify_rpc_seconds for s in hits)
+    # A hit waits only for what is left of its prepared Expand (most often nothing), less than the whole Expand a
+    # step waits for with pipelining off. Not against its own Verify: on a shared 2-core machine the prepared Expand
+    # runs beside the Verify and can outlast it (CI saw a median of 2.3 against 1.7 ms). Medians: one can be late.
+    [plain] = run(stacks["off"], [request("def fibonacci(n):", "chain", False)], 1)
+    whole = [s.draft_rpc_seconds for s in plain.stats.step_stats if s.verified_nodes > 1]
+    assert statistics.median(s.draft_rpc_seconds for s in hits) < statistics.median(whole)
