@@ -121,7 +121,9 @@ def test_the_model_level_that_measures_best_drafts_not_the_one_priced_best():
     costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)  # small priced best
     outcomes = {"small": (2.0, 30.0), "sparse": (4.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
     arms, _ = drive(planner, costs, 400, outcomes)
-    assert arms[0] == "small" and arms[100:].count("sparse") / 300 > 0.9
+    # Lookup alone (0.74x) and plain decoding (0.5x) are close enough to be probed now and then, together losing
+    # about 1/explore_every of the time (orchestrator/draft_gate.py).
+    assert arms[0] == "small" and arms[100:].count("sparse") / 300 > 0.8
     assert {"small", "lookup", "plain"} <= set(arms[-200:])  # every loser probed
 
 
@@ -131,7 +133,7 @@ def test_levels_priced_below_plain_decoding_are_still_measured_and_draft_where_t
     costs = costs_with_levels(small_ms=1.0, sparse_ms=5.0)  # every model level priced below plain's 0.1 tokens/ms
     outcomes = {"small": (2.0, 30.0), "sparse": (5.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
     arms, _ = drive(planner, costs, 200, outcomes)
-    assert arms[0] == "plain" and arms[60:].count("sparse") / 140 > 0.9
+    assert arms[0] == "plain" and arms[60:].count("sparse") / 140 > 0.8  # the closer losers probed, as above
 
 
 def test_batch_sizes_choose_their_arms_separately():
