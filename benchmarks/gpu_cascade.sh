@@ -73,6 +73,7 @@ fi
 stage "the levels, batch 1 and 8 (two stacks: the pair with every level, the target alone)"
 python3 -m benchmarks.cascade_report --out "$OUT/bench" --target "$WIDE" --draft models/reference/draft \
     --sparse "$SPARSE_ARG" --rounds ${ROUNDS:-1} --requests ${REQUESTS:-4} \
-    --max-new-tokens ${TOKENS:-64} --sets ${SETS:-humaneval,edit} 2>&1 | grep -v "^\s*$" | tail -60
+    --max-new-tokens ${TOKENS:-64} --sets ${SETS:-humaneval,edit} --concurrency ${CONCURRENCY:-1,8} \
+    --policies ${POLICIES:-ar,lookup,sparse,small,cast,eagle2,cascade-fixed,cascade} 2>&1 | grep -v "^\s*$" | tail -60
 grep -h "draft levels\|ERROR" "$OUT"/bench/logs-*/draft.log | head -5
 date -u
