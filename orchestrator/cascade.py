@@ -159,6 +159,9 @@ class CascadePlanner(Planner):
             self.prepared.clear()
         return self.arm != PLAIN
 
+    def gate_name(self) -> str:
+        return f"{self.policy.name}, {'copying' if self.copying else 'writing'}"
+
     def step_arm(self, drafted: bool) -> str:
         return self.arm if drafted and self.arm is not None else PLAIN
 

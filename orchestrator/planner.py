@@ -197,9 +197,13 @@ class Planner:
         if now == was:
             return False
         arms = self.arms or self.gate.arms
-        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, arm_label(now, arms),
+        log.info("%s at batch %d: %s now (%s)", self.gate_name(), batch, arm_label(now, arms),
                  self.gate.describe(batch, arms))
         return True
+
+    def gate_name(self) -> str:
+        """The step's gate, as the log names it."""
+        return self.policy.name
 
     def step_arm(self, drafted: bool) -> str:
         """The gate's arm that the step ran."""
