@@ -14,6 +14,11 @@ Per step, for the step's batch:
    first step): it is measured early instead, as every unjudged arm is. So a model level that does not pay is
    dropped and lookup's nearly free chains kept, or plain decoding runs where nothing pays; and the model level is
    the one that measured best, not the one the tables price best.
+   The gate and the acceptance are kept per mode: whether most of the batch's sequences are copying (lookup's
+   match agrees over their last COPYING tokens: cast_core/lookup.py match_run), or writing. Copying, lookup's chains
+   are mostly accepted whole and lookup alone may beat any model level; writing, they mostly miss and a model level
+   wins. One learner for both judged each arm on the mix: lookup alone won the edit set on the GPU and the cascade
+   trailed it by 8 % (reports/cascade/), drafting with no model where the text was new.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
@@ -32,11 +37,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cast.v1 import draft_pb2
+from cast_core.lookup import match_run
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
 from orchestrator.draft_gate import LOOKUP, PLAIN, DraftGate
@@ -45,6 +52,7 @@ from orchestrator.policies import TreePolicy
 
 log = logging.getLogger("cast.orchestrator")
 
+COPYING = 4            # a sequence whose last 4+ tokens agree with lookup's match is copying (module docstring)
 PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
@@ -111,10 +119,15 @@ class CascadePlanner(Planner):
 
     def __init__(self, policy: TreePolicy) -> None:
         super().__init__(policy)
-        self.acceptance = LevelAcceptance()
+        # Per mode (copying or writing, the module docstring): the levels' acceptance and the gate; the step's in
+        # self.acceptance and self.gate.
+        self.acceptances = {copying: LevelAcceptance() for copying in (False, True)}
+        self.gates = {copying: DraftGate(arms=arm_names(policy.levels)) for copying in (False, True)}
+        self.copying = False
+        self.acceptance = self.acceptances[False]
         self.levels: dict[str, Planner] = {}  # per model level: its CAST state
         if self.gate is not None:
-            self.gate = DraftGate(arms=arm_names(policy.levels))
+            self.gate = self.gates[False]
         self.arm: str | None = None           # this step's arm (the gate's choice)
         self.plan: list[str] = []             # this step's levels, in the Expand's order
         self.chosen: str | None = None        # this step's model level
@@ -125,7 +138,11 @@ class CascadePlanner(Planner):
         """The policy's levels that the draft replica serves (costs.levels: its levels' prices)."""
         return [level for level in self.policy.levels if level in costs.levels]
 
-    def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
+    def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
+        self.copying = copying(histories)
+        self.acceptance = self.acceptances[self.copying]
+        if self.gate is not None:
+            self.gate = self.gates[self.copying]
         served = self.served(costs)
         if not served:
             self.arms = (PLAIN,)
@@ -141,6 +158,9 @@ class CascadePlanner(Planner):
         if self.arm == PLAIN:
             self.prepared.clear()
         return self.arm != PLAIN
+
+    def gate_name(self) -> str:
+        return f"{self.policy.name}, {'copying' if self.copying else 'writing'}"
 
     def step_arm(self, drafted: bool) -> str:
         return self.arm if drafted and self.arm is not None else PLAIN
@@ -262,6 +282,12 @@ def arm_names(levels) -> tuple[str, ...]:
     """The gate's arms for these levels: each model level (lookup riding along), lookup alone, plain decoding."""
     models = tuple(level for level in levels if level != LOOKUP)
     return models + ((LOOKUP,) if LOOKUP in levels else ()) + (PLAIN,)
+
+
+def copying(histories: Sequence[Sequence[int]]) -> bool:
+    """Whether at least half of the sequences (their tokens so far) are copying text that lookup finds."""
+    runs = [match_run(np.asarray(tokens, dtype=np.int64), COPYING) for tokens in histories]
+    return bool(runs) and 2 * sum(run >= COPYING for run in runs) >= len(runs)
 
 
 def rate(price: tuple[float, float]) -> float:

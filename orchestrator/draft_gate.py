@@ -8,9 +8,23 @@ tokens committed per sequence per millisecond of the whole step, and runs the on
 drafting and plain decoding. A cascade has one per model level it serves (lookup's chain riding along), lookup
 alone and plain decoding: a model level that does not pay is dropped and lookup's nearly free chains kept (a sparse
 level that cost more than the target it stands in for turned the whole cascade plain: reports/cascade/). Until an
-arm's own steps judge it, it counts at what the cost tables price it at, where something does. The gate keeps
-exploring so that every estimate can recover: each loser now and then, in turn. Every arm is exact (a root-only
-tree verifies the target's own token), so the gate changes speed only.
+arm's own steps judge it, it counts at what the cost tables price it at, where something does. Every arm is exact
+(a root-only tree verifies the target's own token), so the gate changes speed only.
+
+Arms are noisy (lookup's steps commit 1.4 or 9 tokens as it misses or hits) and change (on a GPU, CAST's drafted
+steps committed 2.26 tokens until its online calibration had warmed up, then ~5.5), so:
+- an arm's estimate is a mean of its steps weighted by how recent they are: the latest MEMORY steps of the arm, and
+  what it learned fades over STALE steps it did not run. A probe of an arm not run for long thus replaces its
+  estimate, one of an arm run lately is blended in (its burst counting at least as much as what came before);
+- a probe is a burst of steps in a row, as many as make their mean vary by about SPREAD (lookup: BURST, plain: one;
+  a far loser: one): fresh, yet not one step's noise. The winner changes only between bursts, and, where both
+  estimates are worth WELL / 2 steps or more, only by more than MARGIN standard errors;
+- a loser is probed when its probes' cost so far (their time times how far behind it may be: its rate plus MARGIN
+  standard errors, which grow as its estimate fades) would be 1/explore_every of the time since its last one,
+  shared by the losers: a close loser is probed often, a far or slow one rarely, and each within explore_every *
+  len(losers) * BURST of its own steps' time, so an early misjudgement does not stick;
+- an arm whose steps vary and that has fewer than WELL is probed soon while within REACH of the winner (at once
+  where it may be ahead): drafting is judged on its warmed-up steps within a short cell.
 """
 
 from __future__ import annotations
@@ -19,8 +33,26 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-WEIGHT = 0.2  # moving-average weight of one step
-PROBE_WEIGHT = 1.0  # a probe of the losing kind replaces its estimate: probes are rare and the old one is stale
+MEMORY = 16  # an arm's estimate weighs its latest ~MEMORY steps: lookup's 1.4-or-9 tokens average out, a drafted
+             # arm warming up is followed within a few dozen steps
+STALE = 64  # what an arm learned fades by 1/e over this many steps of the bucket it did not run: a probe after a
+            # few hundred replaces the estimate, one after a few is blended in
+BURST = 4  # steps of a probe at most: fresh, and one lookup step (1.4 or 9 tokens) does not decide ...
+SPREAD = 0.2  # ... as many as make their mean vary by about this share of it (plain steps: one)
+WELL = 16  # steps of an arm, ever, before it is well sampled (probed soon before); hysteresis between estimates
+           # worth WELL / 2 steps or more now
+SOON = 8  # winner steps between probes, and between the bursts of a loser not well sampled yet and within reach of
+          # the winner ... (a cheap loser's probes may lose little, but in `cast` the drafted step after each is the
+          # draft catching up, which the gate does not see: orchestrator/step_loop.py draft_catching_up)
+REACH = 1.5  # ... that is, ahead were it this much faster (CAST's drafted steps commit over twice as many tokens
+             # once its calibration has warmed up, over its first ~20 drafted steps)
+MARGIN = 1.0  # standard errors of the two rates a challenger must lead a well-sampled winner by; a loser's rate
+              # plus this many standard errors is what it may give (its probes' expected cost)
+NOISE = 0.3  # until its steps show how much they vary, an arm's steps count as varying by this share of their tokens
+FAR = 3  # a loser under 1/FAR of the winner's rate is far behind: its probe is one step (an 82 ms sparse step
+         # against an 11 ms winner)
+CLOSE = 0.125  # a loser as good as the winner is probed as one 1/8 behind: its probes lose nothing, but switch the
+               # winner on noise
 JUDGE_AFTER = 4  # drafted steps measured before drafting can lose at a batch size: they vary far more than plain
                 # ones (the first after a prompt commit the least), and CAST's own estimates warm up meanwhile
 SPIKE = 2.0  # one step counts as at most this many times the estimate: a GPU verifier captures a CUDA graph the
@@ -31,42 +63,63 @@ LOOKUP = "lookup"
 
 @dataclass
 class Efficiency:
-    """Moving averages of tokens committed per sequence and of the step's milliseconds."""
+    """Weighted means of an arm's steps: tokens committed per sequence, the step's ms and the squared deviation of
+    its tokens from what the rate gives for its ms; `weight`: how many steps they are worth now."""
 
     tokens: float
     millis: float
-    samples: int = 1
+    weight: float = 1.0
+    spread: float = 0.0
+    samples: int = 1  # steps seen, unfaded
 
-    def add(self, tokens: float, millis: float, weight: float = WEIGHT) -> None:
+    def add(self, tokens: float, millis: float) -> None:
+        millis = min(millis, SPIKE * self.millis)
+        deviation = tokens - self.rate * millis
         self.samples += 1
-        weight = max(weight, 1 / self.samples)  # the first few count alike (their mean), not the first most
-        self.tokens += weight * (tokens - self.tokens)
-        self.millis += weight * (min(millis, SPIKE * self.millis) - self.millis)
+        self.weight = min(self.weight + 1, MEMORY)
+        share = 1 / self.weight  # the mean of the steps so far, then a moving average of the latest MEMORY
+        self.tokens += share * (tokens - self.tokens)
+        self.millis += share * (millis - self.millis)
+        self.spread += share * (deviation ** 2 - self.spread)
+
+    def fade(self, steps: int) -> None:
+        self.weight *= math.exp(-steps / STALE)
 
     @property
     def rate(self) -> float:
         return self.tokens / max(self.millis, 1e-6)  # tokens per sequence per ms
 
+    def deviation(self) -> float:
+        """One step's standard deviation in tokens (NOISE counting as one step)."""
+        return math.sqrt((self.spread * self.weight + (NOISE * self.tokens) ** 2) / (self.weight + 1))
+
+    def error(self, idle: int = 0) -> float:
+        """The rate's standard error, `idle` steps of the bucket after the arm last ran."""
+        return self.deviation() / math.sqrt(self.weight * math.exp(-idle / STALE)) / max(self.millis, 1e-6)
+
 
 @dataclass
 class DraftGate:
     """Per batch bucket, the efficiency of each kind of step (arm) the policy can run; the best runs, the others
-    are probed now and then. `cast`: drafting and plain decoding; a cascade: each model level (lookup's chain riding
-    along), lookup alone and plain decoding (orchestrator/cascade.py)."""
+    are probed in bursts now and then. `cast`: drafting and plain decoding; a cascade: each model level (lookup's
+    chain riding along), lookup alone and plain decoding (orchestrator/cascade.py)."""
 
     # In order of preference: ties go to the earlier arm, and an unjudged first arm that nothing prices wins (what
     # drafting gives is learned first).
     arms: tuple[str, ...] = (DRAFTED, PLAIN)
-    explore_every: int = 32  # probes of the losers take about 1/explore_every of the time
+    explore_every: int = 32  # probes of the losers cost about 1/explore_every of the time (module docstring)
     first_plain_after: int = 2  # winner steps between probes while a loser is not judged yet (`cast`: before plain
                                 # decoding is first measured at a batch size)
-    max_period: int = 128  # each loser is probed at least this often: an early misjudgement must not stick
     measured: dict[int, dict[str, Efficiency]] = field(default_factory=dict)  # per batch bucket, per arm
     expected: dict[int, dict[str, Efficiency]] = field(default_factory=dict)  # priced, until the arm is judged
+    leader: dict[int, str] = field(default_factory=dict)  # per bucket: the winner after its latest step
+    burst: dict[int, list] = field(default_factory=dict)  # per bucket: [the loser probed, its steps left]
     streak: dict[int, int] = field(default_factory=dict)  # steps of the winner since a loser was last tried
     warmed: set[tuple[int, str]] = field(default_factory=set)  # (bucket, arm) whose first step was seen
     last_run: dict[tuple[int, str], int] = field(default_factory=dict)  # (bucket, arm): its latest step's number
+    ran_at: dict[tuple[int, str], float] = field(default_factory=dict)  # (bucket, arm): `clock` at its latest step
     steps: dict[int, int] = field(default_factory=dict)  # per bucket: steps observed
+    clock: dict[int, float] = field(default_factory=dict)  # per bucket: ms of the steps observed
 
     # --- any arms ---------------------------------------------------------------------------------------------
 
@@ -82,12 +135,23 @@ class DraftGate:
         return self.expected.get(batch, {}).get(arm)
 
     def winner(self, batch: int, arms: Sequence[str] | None = None) -> str:
-        """The arm with the most tokens per sequence per ms (of `arms`, the gate's by default)."""
+        """The arm with the most tokens per sequence per ms (of `arms`, the gate's by default); during a probe's
+        burst the last winner, and where both are well sampled the last winner until another leads it by MARGIN
+        standard errors."""
         batch, arms = bucket(batch), arms or self.arms
-        rated = [(arm, e.rate) for arm in arms if (e := self.estimate(batch, arm)) is not None]
-        if not rated or rated[0][0] != arms[0]:
+        rated = {arm: e for arm in arms if (e := self.estimate(batch, arm)) is not None}
+        if arms[0] not in rated:
             return arms[0]  # learn what the first arm gives first (`cast`: drafting, which has no price)
-        return max(rated, key=lambda rated_arm: rated_arm[1])[0]  # the first of equals
+        last = self.leader.get(batch)
+        if last in rated and batch in self.burst:
+            return last
+        best = max(rated, key=lambda arm: rated[arm].rate)  # the first of equals
+        if last in rated and last != best and min(self.worth(batch, best), self.worth(batch, last)) >= WELL / 2:
+            lead = rated[best].rate - rated[last].rate
+            if lead <= MARGIN * math.hypot(rated[best].error(self.idle(batch, best)),
+                                           rated[last].error(self.idle(batch, last))):
+                return last
+        return best
 
     def expect(self, batch: int, arm: str, tokens: float, millis: float) -> None:
         """Until the arm is judged at this batch size, expect a step of it to commit `tokens` per sequence in
@@ -104,49 +168,92 @@ class DraftGate:
         return ", ".join(parts)
 
     def choose(self, batch: int, arms: Sequence[str] | None = None) -> str:
-        """Run the winner, and a loser after a period of the winner's steps in a row. Losers take turns (the
-        least recently run first), those not judged yet before the others and more often."""
+        """Run the winner, or the loser in a burst, or one whose probe is due (the module docstring). Losers not
+        judged yet come first, one step after every first_plain_after of the winner's."""
         batch, arms = bucket(batch), arms or self.arms
         winner = self.winner(batch, arms)
         losers = [arm for arm in arms if arm != winner]
         if winner not in self.measured.get(batch, {}) or not losers:
             return winner  # learn what the winner gives first
+        if batch in self.burst and self.burst[batch][0] in losers:
+            return self.burst[batch][0]
+        streak = self.streak.get(batch, 0)
         unjudged = [arm for arm in losers if not self.judged(batch, arm)]
-        loser = min(unjudged or losers, key=lambda arm: self.last_run.get((batch, arm), -1))
         if unjudged:
-            period = self.first_plain_after
-        else:
-            # A probe costs the loser's step time: probe a slow loser (a drafted step can cost five plain ones) less
-            # often, so that probing stays near 1/explore_every of the time; each loser within max_period.
-            ratio = self.current(batch, loser).millis / max(self.current(batch, winner).millis, 1e-6)
-            period = min(math.ceil(self.explore_every * max(1.0, ratio)), max(self.max_period // len(losers), 1))
-        return loser if self.streak.get(batch, 0) >= period else winner
+            arm = min(unjudged, key=lambda arm: self.last_run.get((batch, arm), -1))
+            return arm if streak >= self.first_plain_after else winner
+        best, now = self.measured[batch][winner], self.clock.get(batch, 0.0)
+
+        def due(arm: str) -> float:
+            """The time since the arm's last step over its probe period."""
+            e = self.measured[batch][arm]
+            may_give = e.rate + MARGIN * min(e.error(self.idle(batch, arm)), e.rate)  # at most twice its rate
+            if e.samples < WELL and e.deviation() > SPREAD * e.tokens and REACH * may_give >= best.rate:
+                # Few of its steps, which vary, and within reach: measured soon, at once where it may be ahead.
+                return math.inf if may_give >= best.rate else streak / SOON
+            behind = 1 - may_give / max(best.rate, 1e-9)
+            period = (self.explore_every * len(losers) * self.burst_steps(batch, arm, winner) * e.millis
+                      * max(behind, CLOSE))
+            return (now - self.ran_at.get((batch, arm), 0.0)) / period
+
+        loser = max(losers, key=due)
+        if streak < (SOON if due(loser) < math.inf else self.first_plain_after) or due(loser) < 1:
+            return winner
+        steps = self.burst_steps(batch, loser, winner)
+        self.burst[batch] = [loser, steps]
+        e = self.measured[batch][loser]
+        e.weight = min(e.weight, steps)  # the burst counts at least as much as what the arm learned before
+        return loser
+
+    def burst_steps(self, batch: int, arm: str, winner: str) -> int:
+        """Steps enough that their mean varies by about SPREAD (up to BURST); one for a loser far behind."""
+        e = self.measured[batch][arm]
+        if FAR * e.rate < self.measured[batch][winner].rate:
+            return 1
+        return min(max(math.ceil((e.deviation() / max(e.tokens, 1e-9) / SPREAD) ** 2), 1), BURST)
+
+    def worth(self, batch: int, arm: str) -> float:
+        """How many steps the arm's estimate is worth now (a priced arm's: none)."""
+        e = self.measured.get(batch, {}).get(arm)
+        return e.weight * math.exp(-self.idle(batch, arm) / STALE) if self.judged(batch, arm) else 0.0
+
+    def idle(self, batch: int, arm: str) -> int:
+        """Steps of the bucket since the arm last ran."""
+        return self.steps.get(batch, 0) - self.last_run.get((batch, arm), self.steps.get(batch, 0))
 
     def record(self, batch: int, arm: str, tokens_per_sequence: float, step_ms: float,
                arms: Sequence[str] | None = None) -> None:
         """A measured step of `arm`: tokens committed per sequence, the whole step's milliseconds."""
-        batch, arms = bucket(batch), arms or self.arms
+        batch, arms, key = bucket(batch), arms or self.arms, (bucket(batch), arm)
         probe = arm != self.winner(batch, arms)
-        self.steps[batch] = self.steps.get(batch, 0) + 1
-        self.last_run[(batch, arm)] = self.steps[batch]
-        if (batch, arm) not in self.warmed:
+        idle = self.idle(batch, arm)
+        step = self.steps[batch] = self.steps.get(batch, 0) + 1
+        self.clock[batch] = self.clock.get(batch, 0.0) + min(step_ms, SPIKE * self.current(batch, arm).millis)
+        self.last_run[key], self.ran_at[key] = step, self.clock[batch]
+        burst = self.burst.get(batch)
+        if burst is not None:
+            burst[1] -= 1
+            if burst[0] != arm or burst[1] <= 0:
+                del self.burst[batch]
+        if key not in self.warmed:
             # The first step of each arm at a batch size pays one-off costs (a GPU verifier captures the CUDA
             # graphs of new shapes): it would misjudge that arm for a long time.
-            self.warmed.add((batch, arm))
+            self.warmed.add(key)
             self.streak[batch] = 0 if probe else self.streak.get(batch, 0) + 1
             return
         measured = self.measured.setdefault(batch, {})
         if arm not in measured:  # the first measured step replaces what the arm was priced at
             measured[arm] = Efficiency(tokens_per_sequence, step_ms)
-        else:  # a probe of a judged loser replaces its estimate; until judged, an arm's steps count alike
-            weight = PROBE_WEIGHT if probe and self.judged(batch, arm) else WEIGHT
-            measured[arm].add(tokens_per_sequence, step_ms, weight)
+        else:
+            measured[arm].fade(max(idle - 1, 0))
+            measured[arm].add(tokens_per_sequence, step_ms)
+        self.leader[batch] = self.winner(batch, arms)
         # Steps of the winner in a row since a loser was last tried.
-        self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == self.winner(batch, arms) else 0
+        self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == self.leader[batch] else 0
 
     def current(self, batch: int, arm: str) -> Efficiency:
-        """The arm's latest estimate, judged or not (probe periods scale with its step time)."""
-        return self.measured.get(batch, {}).get(arm) or self.expected.get(batch, {}).get(arm) or Efficiency(1.0, 1.0)
+        """The arm's latest estimate, judged or not (a step's time is capped at SPIKE times its)."""
+        return self.measured.get(batch, {}).get(arm) or self.expected.get(batch, {}).get(arm) or Efficiency(1.0, 1e9)
 
     # --- `cast`'s two arms ----------------------------------------------------------------------------------
 

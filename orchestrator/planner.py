@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -62,8 +62,9 @@ class Planner:
         """CAST: accepted tokens per unit of value at depths 1..max_depth, as the draft and reranking use them."""
         return self.calibration.scales(max(self.policy.max_depth, 1))
 
-    def drafts(self, costs: CostModel, batch: int, context: int) -> bool:
-        """Whether this step drafts; if not, its sequences verify their roots alone (a plain decoding step)."""
+    def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
+        """Whether this step drafts; if not, its sequences verify their roots alone (a plain decoding step).
+        `histories`: the sequences' tokens so far (a cascade reads whether they are copying)."""
         if self.gate is None:
             return True
         self.gate.expect_plain(batch, costs.verify_step_ms(batch, context, 1))
@@ -196,9 +197,13 @@ class Planner:
         if now == was:
             return False
         arms = self.arms or self.gate.arms
-        log.info("%s at batch %d: %s now (%s)", self.policy.name, batch, arm_label(now, arms),
+        log.info("%s at batch %d: %s now (%s)", self.gate_name(), batch, arm_label(now, arms),
                  self.gate.describe(batch, arms))
         return True
+
+    def gate_name(self) -> str:
+        """The step's gate, as the log names it."""
+        return self.policy.name
 
     def step_arm(self, drafted: bool) -> str:
         """The gate's arm that the step ran."""

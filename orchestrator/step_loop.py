@@ -566,7 +566,8 @@ class StepLoop:
         for name, sequences in members.items():
             planner = self.planners.get(sequences[0].policy)
             with_draft = [s.draft for s in sequences if s.draft is not None]
-            drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context)
+            drafts = bool(with_draft) and planner.drafts(self.costs(with_draft[0]), size, context,
+                                                          [s.tokens for s in sequences])
             groups.append(PolicyGroup(planner, sequences, drafts))
         return groups
 

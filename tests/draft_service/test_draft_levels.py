@@ -14,7 +14,7 @@ from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.levels import Cascade, Levels, LevelStep, merge_trees, parse_level
-from draft_service.lookup import chain_values, lookup_chain
+from cast_core.lookup import chain_values, lookup_chain
 
 
 def test_lookup_continues_the_latest_occurrence_of_the_longest_suffix():

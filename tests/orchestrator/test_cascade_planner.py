@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cast_core.cost_table import CostTable
 from cast_core.tree import TokenTree
 from orchestrator.cascade import PRIOR_RATE, CascadePlanner, LevelAcceptance
@@ -121,7 +123,9 @@ def test_the_model_level_that_measures_best_drafts_not_the_one_priced_best():
     costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)  # small priced best
     outcomes = {"small": (2.0, 30.0), "sparse": (4.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
     arms, _ = drive(planner, costs, 400, outcomes)
-    assert arms[0] == "small" and arms[100:].count("sparse") / 300 > 0.9
+    # Lookup alone (0.74x) and plain decoding (0.5x) are close enough to be probed now and then, together losing
+    # about 1/explore_every of the time (orchestrator/draft_gate.py).
+    assert arms[0] == "small" and arms[100:].count("sparse") / 300 > 0.8
     assert {"small", "lookup", "plain"} <= set(arms[-200:])  # every loser probed
 
 
@@ -131,7 +135,7 @@ def test_levels_priced_below_plain_decoding_are_still_measured_and_draft_where_t
     costs = costs_with_levels(small_ms=1.0, sparse_ms=5.0)  # every model level priced below plain's 0.1 tokens/ms
     outcomes = {"small": (2.0, 30.0), "sparse": (5.0, 20.0), "lookup": (1.5, 10.2), "plain": (1.0, 10.0)}
     arms, _ = drive(planner, costs, 200, outcomes)
-    assert arms[0] == "plain" and arms[60:].count("sparse") / 140 > 0.9
+    assert arms[0] == "plain" and arms[60:].count("sparse") / 140 > 0.8  # the closer losers probed, as above
 
 
 def test_batch_sizes_choose_their_arms_separately():
@@ -170,3 +174,41 @@ def test_a_step_loops_cascade_planners_outlive_fixed_shapes():
     assert all(planners.get(POLICIES[name]) is p for name, p in kept.items())
     assert kept["cascade-fixed"].acceptance.tries("lookup") == 1
     assert type(planners.get(POLICIES["cast"])) is not CascadePlanner
+
+
+COPYING = [10, 11, 12, 13, 14, 15, 16, 99, 12, 13, 14, 15]  # the last 4 tokens repeat earlier text: lookup's run 4
+WRITING = [1, 2, 3, 4, 5, 6, 7, 8]  # no earlier occurrence
+
+
+def test_copying_and_writing_steps_learn_their_own_arm():
+    """The edit set on the GPU (reports/cascade/): lookup alone won on the mix of steps, the cascade trailed it.
+    Copying, lookup's chains are accepted whole; writing, they miss and the small draft pays: each mode learns its
+    own winner, and a text that alternates between the two is written faster than by any single arm."""
+    outcomes = {True: {"small": (8.5, 20.0), "sparse": (8.0, 40.0), "lookup": (8.0, 10.5), "plain": (1.0, 10.0)},
+                False: {"small": (4.0, 20.0), "sparse": (3.0, 40.0), "lookup": (1.1, 10.5), "plain": (1.0, 10.0)}}
+
+    def write(planner: CascadePlanner | None, arm: str = "", tokens: float = 20_000, segment: int = 40):
+        """Spends steps on `tokens` of text that copies `segment` tokens, then writes `segment` new ones. Returns
+        the ms taken over the second half, and the arms run there, copying and writing."""
+        costs, done, millis, arms = costs_with_levels(small_ms=0.1, sparse_ms=0.5), 0.0, 0.0, {True: [], False: []}
+        while done < tokens:
+            copying = int(done // segment) % 2 == 0
+            if planner is not None:
+                drafts = planner.drafts(costs, 1, 100, [COPYING if copying else WRITING])
+                arm = [level.level for level in planner.budget(costs, 1, 100).levels][-1] if drafts else "plain"
+            t, ms = outcomes[copying][arm]
+            if planner is not None:
+                planner.learn_step(1, drafts, [ROOT], [t], ms, False)
+            done += t
+            if done > tokens / 2:
+                millis += ms
+                arms[copying].append(arm)
+        return millis, arms
+
+    planner = CascadePlanner(POLICIES["cascade"])
+    millis, arms = write(planner)
+    assert planner.gates[True] is not planner.gates[False]
+    assert arms[True].count("lookup") / len(arms[True]) > 0.85
+    assert arms[False].count("small") / len(arms[False]) > 0.85
+    best_single = min(write(None, arm)[0] for arm in outcomes[True])  # the small draft: 294 ms per 80 tokens
+    assert millis < best_single / 1.05  # each mode's best: 252.5 ms, 1.16x; probing the losers costs some

@@ -1,4 +1,4 @@
-from orchestrator.draft_gate import JUDGE_AFTER, PLAIN, DraftGate
+from orchestrator.draft_gate import BURST, JUDGE_AFTER, PLAIN, DraftGate
 
 
 def run(gate: DraftGate, steps: int, drafted_step: tuple[float, float], plain_step: tuple[float, float], batch: int = 8):
@@ -11,10 +11,18 @@ def run(gate: DraftGate, steps: int, drafted_step: tuple[float, float], plain_st
     return choices
 
 
+def speed(choices: list[bool], drafted_step: tuple[float, float], plain_step: tuple[float, float]) -> float:
+    """Tokens per sequence per ms of the steps the gate chose."""
+    steps = [drafted_step if drafts else plain_step for drafts in choices]
+    return sum(tokens for tokens, _ in steps) / sum(ms for _, ms in steps)
+
+
 def test_drafting_that_pays_stays_on_with_rare_plain_probes():
     choices = run(DraftGate(), 200, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))  # 0.25 vs 0.1 tokens/ms
     assert choices[0] is True
-    assert sum(choices) / len(choices) > 0.95
+    # Plain probes (one step each: plain steps do not vary) lose about 1/explore_every of the time.
+    assert sum(choices) / len(choices) > 0.85
+    assert speed(choices, (5.0, 20.0), (1.0, 10.0)) > 0.25 * (1 - 1.5 / DraftGate().explore_every)
     assert not all(choices)  # plain decoding was measured, so a change of costs would be seen
 
 
@@ -49,13 +57,16 @@ def test_a_slow_first_step_does_not_decide():
         choices.append(drafts)
         slow = 10.0 if i == 0 else 1.0
         gate.observe(8, drafts, *((5.0, 20.0 * slow) if drafts else (1.0, 10.0)))
-    assert gate.winner_drafts(8) and sum(choices[20:]) / 280 > 0.95
+    assert gate.winner_drafts(8) and speed(choices[20:], (5.0, 20.0), (1.0, 10.0)) > 0.24
 
 
-def test_a_misjudged_loser_is_probed_again_within_max_period():
+def test_a_misjudged_loser_is_probed_again_and_wins_back():
+    """Drafting looked terrible at first (200 ms a step, far behind): its probes, one step each, lose about
+    1/explore_every of the time, so the next comes after ~explore_every * 200 ms * how far behind it was (16
+    plain steps of 10 ms per probe); one shows it, as what the gate learned of it long ago has faded (STALE)."""
     gate = DraftGate()
     run(gate, 50, drafted_step=(5.0, 200.0), plain_step=(1.0, 10.0))  # drafting looked terrible at first
-    choices = run(gate, 2 * gate.max_period + 10, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
+    choices = run(gate, gate.explore_every * 20 + 60, drafted_step=(5.0, 20.0), plain_step=(1.0, 10.0))
     assert gate.winner_drafts(8) and choices[-1]
 
 
@@ -89,7 +100,8 @@ def test_a_poor_first_drafted_step_does_not_turn_drafting_off():
         drafts = gate.should_draft(8)
         choices.append(drafts)
         gate.observe(8, drafts, *(next(outcomes) if drafts else (1.0, 10.0)))
-    assert sum(choices) >= 55  # drafting wins (0.17 vs 0.1 tokens/ms) after one poor measured step
+    assert sum(choices) >= 48  # drafting wins (0.17 vs 0.1 tokens/ms) after one poor measured step
+    assert gate.winner_drafts(8)
 
 
 def test_one_off_spikes_do_not_turn_drafting_off():
@@ -101,7 +113,7 @@ def test_one_off_spikes_do_not_turn_drafting_off():
         choices.append(drafts)
         spike = 50.0 if i % 20 == 5 else 1.0
         gate.observe(1, drafts, *((5.0, 20.0 * spike) if drafts else (1.0, 10.0)))
-    assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.95
+    assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.85
 
 
 def run_arms(gate: DraftGate, steps: int, outcomes: dict[str, tuple[float, float]], batch: int = 1) -> list[str]:
@@ -114,18 +126,19 @@ def run_arms(gate: DraftGate, steps: int, outcomes: dict[str, tuple[float, float
     return choices
 
 
-def test_of_several_arms_the_best_measured_runs_and_each_loser_is_probed_within_max_period():
+def test_of_several_arms_the_best_measured_runs_and_each_loser_is_probed_within_a_bounded_time():
     gate = DraftGate(arms=("sparse", "lookup", PLAIN))
     gate.expect(1, "sparse", 3.0, 12.0)  # priced best (0.25 tokens/ms); measured 0.1
     gate.expect(1, PLAIN, 1.0, 9.0)
     choices = run_arms(gate, 600, {"sparse": (3.0, 30.0), "lookup": (2.5, 10.0), PLAIN: (1.0, 9.0)})
     assert choices[0] == "sparse"  # the price decides until measured
     assert gate.winner(1) == "lookup" and choices[100:].count("lookup") / 500 > 0.9
-    late = choices[-2 * gate.max_period:]
-    assert "sparse" in late and PLAIN in late
-    for arm in ("sparse", PLAIN):  # each loser within max_period of the winner's steps
-        runs = [i for i, c in enumerate(choices) if c == arm and i > 100]
-        assert max(b - a for a, b in zip(runs, runs[1:])) <= gate.max_period + 2
+    clock = [0.0]
+    for arm in choices:
+        clock.append(clock[-1] + {"sparse": 30.0, "lookup": 10.0, PLAIN: 9.0}[arm])
+    for arm, ms in (("sparse", 30.0), (PLAIN, 9.0)):  # each loser within explore_every * losers * BURST of its ms
+        runs = [clock[i] for i, c in enumerate(choices) if c == arm and i > 100]
+        assert len(runs) >= 2 and max(b - a for a, b in zip(runs, runs[1:])) <= gate.explore_every * 2 * BURST * ms
 
 
 def test_an_arm_not_judged_yet_counts_at_its_price_and_is_measured_early():
