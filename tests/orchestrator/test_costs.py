@@ -41,6 +41,23 @@ def test_an_expands_rpc_time_does_not_price_its_layers():
     assert abs(costs.draft_call_ms[1] - 6.0) < 0.01
 
 
+def test_the_drafts_time_per_node_is_fitted_and_prices_wide_layers():
+    """GPU round 4 (reports/cast-vs-fixed): the draft's forwards cost nearly the same for 4 or 64 nodes, but its
+    service spends time per node; spread over the forwards, a wide layer looked free and CAST expanded ~350 nodes."""
+    costs, rng = model(), np.random.default_rng(0)
+    flat = costs.draft_slice(1, 100)
+    for _ in range(200):  # trees of 2-8 layers of 1-32 nodes: the service works 0.3 ms a forward, 0.01 ms a node
+        forwards = [(0, 2)] + [(0, int(n)) for n in rng.integers(1, 33, size=int(rng.integers(2, 9)))]
+        excess = 0.3 * len(forwards) + 0.01 * sum(n for _, n in forwards) + float(rng.normal(0, 0.05))
+        predicted = sum(costs.draft.lookup(1, 100 + nodes, n) for nodes, n in forwards)
+        costs.observe_draft(1, 100, forwards, seconds=(predicted + excess) / 1e3)
+    assert abs(costs.draft_overhead_ms[1] - 0.3) < 0.05 and abs(costs.draft_node_ms[1] - 0.01) < 0.002
+    fitted, step = costs.draft_slice(1, 100), costs.verify_step_ms(1, 100, 1)
+    wide_minus_narrow = (fitted.cost(0, 64) - fitted.cost(0, 1)) - (flat.cost(0, 64) - flat.cost(0, 1))
+    assert abs(wide_minus_narrow - 63 * costs.draft_node_ms[1] / step) < 1e-3
+    assert abs(costs.draft_forward_ms(1, 100, 10) - costs.draft.lookup(1, 100, 10) - 0.3 - 0.1) < 0.05
+
+
 def test_most_efficient_cut_stops_where_tokens_per_cost_peak():
     from cast_core.selection import batch_topk_utilities
     from cast_core.selection import most_efficient_cut
