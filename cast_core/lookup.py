@@ -7,7 +7,6 @@ draft service drafts with it; the orchestrator's cascade asks whether a sequence
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 MAX_NGRAM = 3  # the longest suffix matched first; shorter ones are tried when it has no earlier occurrence
 MIN_NGRAM = 1
@@ -24,15 +23,20 @@ def lookup_chain(tokens: np.ndarray, max_length: int, max_ngram: int = MAX_NGRAM
 
 def continuation_start(tokens: np.ndarray, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> int | None:
     """Where lookup's chain starts in `tokens` [n]: just after the latest earlier occurrence of the longest suffix
-    of max_ngram down to min_ngram tokens (None: no earlier occurrence)."""
+    of max_ngram down to min_ngram tokens (None: no earlier occurrence). One pass over the history finds where an
+    earlier copy of the last token ends; longer suffixes only check those places (a step of a batch of 32 long
+    histories pays this per sequence, in the draft service and in the orchestrator)."""
     n = tokens.shape[0]
-    for size in range(min(max_ngram, n - 1), min_ngram - 1, -1):
-        suffix = tokens[n - size:]
-        # Windows that start before the suffix itself and leave at least one token after them.
-        windows = sliding_window_view(tokens[: n - 1], size)  # [n - size, size]
-        hits = np.nonzero((windows == suffix).all(axis=1))[0]
-        if hits.size:
-            return int(hits[-1]) + size
+    ends = np.flatnonzero(tokens[: n - 1] == tokens[n - 1])  # [hits] where an earlier copy of the suffix ends
+    by_size = []  # [size - 1]: the ends of earlier copies of the last `size` tokens
+    for size in range(1, min(max_ngram, n - 1) + 1):
+        if size > 1:
+            ends = ends[ends >= size - 1]
+            ends = ends[tokens[ends - (size - 1)] == tokens[n - size]]
+        by_size.append(ends)
+    for size in range(len(by_size), min_ngram - 1, -1):
+        if by_size[size - 1].size:
+            return int(by_size[size - 1][-1]) + 1
     return None
 
 

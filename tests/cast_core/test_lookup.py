@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cast_core.lookup import continuation_start, lookup_chain, match_run
 
@@ -24,3 +26,19 @@ def test_a_fresh_short_match_scores_its_size_and_no_match_scores_nothing():
 def test_a_repeated_token_run_stops_at_the_start_of_the_history():
     tokens = np.array([3, 3, 3, 3, 3])  # the latest earlier "3 3 3" ends at index 3: its run reaches the start
     assert continuation_start(tokens) == 4 and match_run(tokens, 16) == 4
+
+
+def earliest_copy_naive(tokens: list[int], max_ngram: int = 3) -> int | None:
+    """The definition, written out: the latest earlier occurrence of the longest suffix (3 down to 1 tokens)."""
+    n = len(tokens)
+    for size in range(min(max_ngram, n - 1), 0, -1):
+        for start in range(n - 1 - size, -1, -1):
+            if tokens[start: start + size] == tokens[n - size:]:
+                return start + size
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40))
+def test_lookup_finds_what_the_definition_says(tokens):
+    assert continuation_start(np.array(tokens, dtype=np.int64)) == earliest_copy_naive(tokens)
