@@ -14,10 +14,10 @@ Per step, for the step's batch:
    first step): it is measured early instead, as every unjudged arm is. So a model level that does not pay is
    dropped and lookup's nearly free chains kept, or plain decoding runs where nothing pays; and the model level is
    the one that measured best, not the one the tables price best.
-   The gate and the acceptance are kept per mode: whether most of the batch's sequences are copying (lookup's
-   match agrees over their last COPYING tokens: cast_core/lookup.py match_run), or writing. Copying, lookup's chains
-   are mostly accepted whole and lookup alone may beat any model level; writing, they mostly miss and a model level
-   wins. One learner for both judged each arm on the mix: lookup alone won the edit set on the GPU and the cascade
+   With lookup among its levels, the gate and the acceptance are kept per mode: whether most of the batch's
+   sequences are copying (lookup's match agrees over their last COPYING tokens: cast_core/lookup.py match_run), or
+   writing. Copying, lookup's chains are mostly accepted whole and lookup alone may beat any model level; writing,
+   they mostly miss and a model level wins. One learner for both judged each arm on the mix: lookup alone won the edit set on the GPU and the cascade
    trailed it by 8 % (reports/cascade/), drafting with no model where the text was new.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
@@ -140,7 +140,7 @@ class CascadePlanner(Planner):
         return [level for level in self.policy.levels if level in costs.levels]
 
     def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
-        self.copying = copying(histories)
+        self.copying = LOOKUP in self.policy.levels and copying(histories)  # without lookup, one mode
         self.acceptance = self.acceptances[self.copying]
         if self.gate is not None:
             self.gate = self.gates[self.copying]

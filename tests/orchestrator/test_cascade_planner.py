@@ -212,3 +212,14 @@ def test_copying_and_writing_steps_learn_their_own_arm():
     assert arms[False].count("small") / len(arms[False]) > 0.85
     best_single = min(write(None, arm)[0] for arm in outcomes[True])  # the small draft: 294 ms per 80 tokens
     assert millis < best_single / 1.05  # each mode's best: 252.5 ms, 1.16x; probing the losers costs some
+
+
+def test_a_policy_without_lookup_learns_in_one_mode():
+    """Without lookup no arm depends on whether the text is copied: a second gate would only double the probes."""
+    planner = CascadePlanner(POLICIES["sparse"])
+    costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)
+    planner.drafts(costs, 1, 100, [COPYING])
+    assert planner.copying is False and planner.gate is planner.gates[False]
+    cascade = CascadePlanner(POLICIES["cascade"])
+    cascade.drafts(costs, 1, 100, [COPYING])
+    assert cascade.copying is True and cascade.gate is cascade.gates[True]
