@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         for lo, hi in RUNS:
             accepted = rows[(rows[:, 0] >= lo) & (rows[:, 0] <= hi), 1]
             if accepted.size:
-                print(f"| {name} | {lo}-{hi} | {accepted.size} | {accepted.mean():.2f} | {(accepted >= 2).mean():.2f} |")
+                share = (accepted >= 2).mean()
+                print(f"| {name} | {lo}-{hi} | {accepted.size} | {accepted.mean():.2f} | {share:.2f} |")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ import numpy as np
 
 from cast_core.cost_table import CostTable
 from cast_core.errors import CastError, FailedPrecondition, InvalidArgument
+from cast_core.lookup import chain_values, lookup_chain
 from cast_core.tree import TokenTree
 from cast_runtime.sessions import SessionStore
 from draft_service.expansion import Budget, Expander, Expansion, LayerStats, SequenceInput, check_sequences
-from cast_core.lookup import chain_values, lookup_chain
 
 KINDS = ("small", "sparse", "lookup")  # the default level is the first model level in this order
 MAX_CHAIN = 64  # the longest lookup chain one Expand may ask for

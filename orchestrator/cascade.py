@@ -17,8 +17,9 @@ Per step, for the step's batch:
    With lookup among its levels, the gate and the acceptance are kept per mode: whether most of the batch's
    sequences are copying (lookup's match agrees over their last COPYING tokens: cast_core/lookup.py match_run), or
    writing. Copying, lookup's chains are mostly accepted whole and lookup alone may beat any model level; writing,
-   they mostly miss and a model level wins. One learner for both judged each arm on the mix: lookup alone won the edit set on the GPU and the cascade
-   trailed it by 8 % (reports/cascade/), drafting with no model where the text was new.
+   they mostly miss and a model level wins. One learner for both judged each arm on the mix: lookup alone won the
+   edit set on the GPU and the cascade trailed it by 8 % (reports/cascade/), drafting with no model where the text
+   was new.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
