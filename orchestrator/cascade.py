@@ -19,7 +19,8 @@ Per step, for the step's batch:
    writing. Copying, lookup's chains are mostly accepted whole and lookup alone may beat any model level; writing,
    they mostly miss and a model level wins. One learner for both judged each arm on the mix: lookup alone won the
    edit set on the GPU and the cascade trailed it by 8 % (reports/cascade/), drafting with no model where the text
-   was new.
+   was new. A mode starts a batch size from what the other judged of plain decoding and the model levels (their
+   steps cost the same in both; lookup alone is what differs), so a level far behind is measured once, not per mode.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
@@ -152,6 +153,7 @@ class CascadePlanner(Planner):
         if self.gate is None:
             return True  # a fixed cascade: every level, every step
         self.arms = arm_names(served)
+        self.gate.borrow(self.gates[not self.copying], batch)  # what the other mode judged (draft_gate.py borrow)
         for arm in self.arms:
             price = self.step_price(arm, costs, batch, context)
             if price is not None:

@@ -55,6 +55,7 @@ CLOSE = 0.125  # a loser as good as the winner is probed as one 1/8 behind: its 
                # winner on noise
 JUDGE_AFTER = 4  # drafted steps measured before drafting can lose at a batch size: they vary far more than plain
                 # ones (the first after a prompt commit the least), and CAST's own estimates warm up meanwhile
+BORROWED = 4  # steps a sibling gate's estimate is worth where it starts an arm (`borrow`)
 SPIKE = 2.0  # one step counts as at most this many times the estimate: a GPU verifier captures a CUDA graph the
              # first time a shape comes up (contexts grow into new buckets mid-request), a 10-100x step
 DRAFTED, PLAIN = "drafted", "plain"  # `cast`'s arms; a cascade's: its model levels, LOOKUP (alone) and PLAIN
@@ -250,6 +251,23 @@ class DraftGate:
         self.leader[batch] = self.winner(batch, arms)
         # Steps of the winner in a row since a loser was last tried.
         self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == self.leader[batch] else 0
+
+    def borrow(self, sibling: DraftGate, batch: int) -> None:
+        """Start the arms not judged here at this batch size from what `sibling` judged of them, worth at most
+        BORROWED steps, and skip their one-off first step. A cascade's other mode (orchestrator/cascade.py): plain
+        decoding and a model level cost the same in both modes, so a level far behind in one is probed in the other
+        by regret, not measured eagerly (the GPU's sparse level: ten steps of 19 ms in a block of 1.4 s, half of
+        them in the second mode). Lookup alone is not borrowed: whether its chains hit is what tells the modes
+        apart."""
+        batch = bucket(batch)
+        mine = self.measured.setdefault(batch, {})
+        for arm, e in sibling.measured.get(batch, {}).items():
+            if arm == LOOKUP or self.judged(batch, arm) or not sibling.judged(batch, arm):
+                continue
+            mine[arm] = Efficiency(e.tokens, e.millis, min(e.weight, BORROWED), e.spread, e.samples)
+            self.warmed.add((batch, arm))
+            self.last_run[batch, arm] = self.steps.get(batch, 0)
+            self.ran_at[batch, arm] = self.clock.get(batch, 0.0)
 
     def current(self, batch: int, arm: str) -> Efficiency:
         """The arm's latest estimate, judged or not (a step's time is capped at SPIKE times its)."""
