@@ -138,7 +138,9 @@ def write(rows: list[dict], a) -> None:
 
 
 def comparisons(rows: list[dict]) -> list[str]:
-    """The issue's targets, as ratios of tokens/s taken within each round (then averaged over rounds)."""
+    """The issue's targets, as ratios of tokens/s taken within each round (then averaged over rounds). With 3
+    rounds or more, also their mean after the first ("warm"): round 0 is each stack's first block, where the
+    learners (the gate per batch size and mode, the calibration) start from nothing, as a server does once."""
     def tps(r: int, s: str, b: int, policy: str, stack: str = "pair") -> float | None:
         return next((x["tokens_per_s"] for x in rows if (x["round"], x["set"], x["batch"], x["policy"], x["stack"])
                      == (r, s, b, policy, stack)), None)
@@ -161,7 +163,10 @@ def comparisons(rows: list[dict]) -> list[str]:
 
         def cell(name: str) -> str:
             values = ratios.get(name)
-            return f"{statistics.mean(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})" if values else "-"
+            if not values:
+                return "-"
+            warm = f"; warm {statistics.mean(values[1:]):.2f}" if len(values) > 2 else ""
+            return f"{statistics.mean(values):.2f} ({', '.join(f'{v:.2f}' for v in values)}{warm})"
 
         out.append(f"| {s} | {b} | {cell('best')} | {cell('alone')} | {cell('fixed')} | {cell('eagle2')} | "
                    f"{cell('cast')} |")

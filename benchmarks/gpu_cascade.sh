@@ -74,6 +74,7 @@ stage "the levels, batch 1 and 8 (two stacks: the pair with every level, the tar
 python3 -m benchmarks.cascade_report --out "$OUT/bench" --target "$WIDE" --draft models/reference/draft \
     --sparse "$SPARSE_ARG" --rounds ${ROUNDS:-1} --requests ${REQUESTS:-4} \
     --max-new-tokens ${TOKENS:-64} --sets ${SETS:-humaneval,edit} --concurrency ${CONCURRENCY:-1,8} \
-    --policies ${POLICIES:-ar,lookup,sparse,small,cast,eagle2,cascade-fixed,cascade} 2>&1 | grep -v "^\s*$" | tail -60
+    --policies ${POLICIES:-ar,lookup,sparse,small,cast,eagle2,cascade-fixed,cascade} 2>&1 | grep -v "^\s*$" \
+    | tee "$OUT/levels.log" | tail -60  # levels.log: each level's row as it is measured (a run cut short keeps them)
 grep -h "draft levels\|ERROR" "$OUT"/bench/logs-*/draft.log | head -5
 date -u
