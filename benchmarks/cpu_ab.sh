@@ -23,7 +23,7 @@ for who in base new new base base new; do
     round=$((round + 1)); port=53051; [[ $who == new ]] && port=54051
     for c in ${CONCURRENCY:-1 8}; do
         $PY -m orchestrator.cli bench --addr 127.0.0.1:$port --policies ${POLICIES:-cast} --concurrency $c \
-            --requests ${REQUESTS:-16} --seconds 60 --max-new-tokens ${TOKENS:-64} --rstrip-prompts --warmup 1 \
+            --requests ${REQUESTS:-16} --prompts ${PROMPTS:-humaneval} --seconds 60 --max-new-tokens ${TOKENS:-64} --rstrip-prompts --warmup 1 \
             --out "$OUT/r${round}_${who}_c$c" > "$OUT/r${round}_${who}_c$c.log" 2>&1
         echo "round $round $who c=$c"; grep -E "c=|step p50" "$OUT/r${round}_${who}_c$c.log"
     done

@@ -257,12 +257,17 @@ class DraftGate:
         BORROWED steps, and skip their one-off first step. A cascade's other mode (orchestrator/cascade.py): plain
         decoding and a model level cost the same in both modes, so a level far behind in one is probed in the other
         by regret, not measured eagerly (the GPU's sparse level: ten steps of 19 ms in a block of 1.4 s, half of
-        them in the second mode). Lookup alone is not borrowed: whether its chains hit is what tells the modes
-        apart."""
+        them in the second mode); and an arm judged in both counts the steps of both towards WELL (what warms up,
+        CAST's calibration of a level, is shared: a CPU's copying steps probed the small draft soon until their
+        own 16, 17 % of a first block on the edit set). Lookup alone is not borrowed: whether its chains hit is
+        what tells the modes apart."""
         batch = bucket(batch)
         mine = self.measured.setdefault(batch, {})
         for arm, e in sibling.measured.get(batch, {}).items():
-            if arm == LOOKUP or self.judged(batch, arm) or not sibling.judged(batch, arm):
+            if arm == LOOKUP or not sibling.judged(batch, arm):
+                continue
+            if self.judged(batch, arm):  # a model level warms up in either mode: not probed soon for that here
+                mine[arm].samples = max(mine[arm].samples, e.samples)
                 continue
             mine[arm] = Efficiency(e.tokens, e.millis, min(e.weight, BORROWED), e.spread, e.samples)
             self.warmed.add((batch, arm))
