@@ -41,6 +41,8 @@ class StepBreakdown:
     accepted_tokens: int = 0
     drafted: bool = False    # the step verified a drafted tree (more than its root)
     pipeline: str = "none"   # hit / miss / none (StepStats.pipeline)
+    arm: str = "plain"       # StepStats.arm and .mode: the kind of step the policy ran
+    mode: str = ""
 
     @property
     def rpc(self) -> float:
@@ -71,6 +73,8 @@ class StepBreakdown:
             accepted_tokens=s.accepted_tokens,
             drafted=s.verified_nodes > 1,
             pipeline=s.pipeline or "none",
+            arm=s.arm or "plain",
+            mode=s.mode,
         )
 
 

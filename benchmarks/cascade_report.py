@@ -22,6 +22,7 @@ import platform
 import signal
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.bench import run_level
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "draft_ms_per_step": row.draft_ms_per_step,
                                      "verify_ms_per_step": row.verify_ms_per_step,
                                      "verified_nodes": row.verified_nodes_per_step,
-                                     "outputs": {r.prompt: r.token_ids for r in results}})
+                                     "outputs": {r.prompt: r.token_ids for r in results},
+                                     "kinds": [(b.mode, b.arm, b.accepted_tokens, b.step)
+                                               for r in results for b in r.step_breakdowns]})
                         print(f"round {r} {name:9} c={c} {stack:11} {policy:13} {row.tokens_per_s:7.1f} tok/s "
                               f"{row.mean_accepted_length:5.2f} tok/step draft {row.draft_ms_per_step:5.1f} ms "
                               f"verify {row.verify_ms_per_step:5.1f} ms", file=sys.stderr, flush=True)
@@ -103,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(rows: list[dict], a) -> None:
-    fields = [k for k in rows[0] if k != "outputs"]
+    fields = [k for k in rows[0] if k not in ("outputs", "kinds")]
     with open(a.out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows({k: v for k, v in row.items() if k != "outputs"} for row in rows)
+        w.writerows({k: v for k, v in row.items() if k in fields} for row in rows)
     # Greedy everywhere: every policy's outputs must be ar's.
     ar = {(r["round"], r["set"], r["batch"]): r["outputs"] for r in rows if r["policy"] == "ar"}
     differ = sum(tokens != ar[(r["round"], r["set"], r["batch"])].get(prompt, tokens)
@@ -132,7 +135,7 @@ def write(rows: list[dict], a) -> None:
                      f"{statistics.mean(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
                      f"{mean('tokens_per_step'):.2f} | {mean('draft_ms_per_step'):.1f} | "
                      f"{mean('verify_ms_per_step'):.1f} |")
-    lines += ["", *comparisons(rows)]
+    lines += ["", *comparisons(rows), "", *profile(rows)]
     (a.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -170,6 +173,28 @@ def comparisons(rows: list[dict]) -> list[str]:
 
         out.append(f"| {s} | {b} | {cell('best')} | {cell('alone')} | {cell('fixed')} | {cell('eagle2')} | "
                    f"{cell('cast')} |")
+    return out
+
+
+def profile(rows: list[dict]) -> list[str]:
+    """Where the learning policies' steps went (all rounds): per kind of step (StepStats.arm; a cascade's in its
+    copying or writing mode), its steps, share of the time, tokens per sequence and ms a step, and tokens per ms:
+    what the gate chose and what each arm measured."""
+    kinds: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        if r["policy"] in ("lookup", "cascade"):
+            kinds[r["set"], r["batch"], r["stack"], r["policy"]] += r["kinds"]
+    out = ["| set | batch | stack | policy | mode | arm | steps | share of time | tokens/step | ms/step | tokens/ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, steps in sorted(kinds.items()):
+        total = sum(ms for *_, ms in steps) or 1.0
+        by_kind: dict[tuple[str, str], list] = defaultdict(list)
+        for mode, arm, tokens, ms in steps:
+            by_kind[mode, arm].append((tokens, ms))
+        for (mode, arm), xs in sorted(by_kind.items()):
+            tokens, ms = sum(t for t, _ in xs), sum(m for _, m in xs)
+            out.append(f"| {' | '.join(map(str, key))} | {mode or '-'} | {arm} | {len(xs)} | {ms / total:.2f} | "
+                       f"{tokens / len(xs):.2f} | {ms / len(xs):.1f} | {tokens / max(ms, 1e-9):.3f} |")
     return out
 
 

@@ -48,7 +48,7 @@ from cast.v1 import draft_pb2
 from cast_core.lookup import match_run
 from cast_core.tree import TokenTree
 from orchestrator.costs import CostModel
-from orchestrator.draft_gate import LOOKUP, PLAIN, DraftGate
+from orchestrator.draft_gate import DRAFTED, LOOKUP, PLAIN, DraftGate
 from orchestrator.planner import Planner
 from orchestrator.policies import TreePolicy
 
@@ -168,6 +168,10 @@ class CascadePlanner(Planner):
 
     def step_arm(self, drafted: bool) -> str:
         return self.arm if drafted and self.arm is not None else PLAIN
+
+    def step_kind(self, drafted: bool) -> tuple[str, str]:
+        arm = self.step_arm(drafted) if self.gate is not None or not drafted else DRAFTED  # fixed: every level
+        return arm, ("copying" if self.copying else "writing") if LOOKUP in self.policy.levels else ""
 
     def step_price(self, arm: str, costs: CostModel, batch: int, context: int) -> tuple[float, float] | None:
         """DyTC's price of a step of this arm: (tokens committed per sequence, ms), lookup's part included where

@@ -40,6 +40,8 @@ class StepRecord:
     accepted_tokens: int
     timing: StepTiming | None = None  # shared by every sequence of the batched step
     pipeline: str = "none"  # hit / miss: the tree prepared during the last Verify was used / was not; none: none was
+    arm: str = "plain"      # the kind of step its policy ran, and a cascade's mode (StepStats in generation.proto)
+    mode: str = ""
 
 
 @dataclass

@@ -209,6 +209,10 @@ class Planner:
         """The gate's arm that the step ran."""
         return DRAFTED if drafted else PLAIN
 
+    def step_kind(self, drafted: bool) -> tuple[str, str]:
+        """The step as its stats name it (StepStats.arm and .mode): `cast` and fixed trees have no modes."""
+        return (DRAFTED if drafted else PLAIN), ""
+
 
 class Planners:
     """A step loop's planners, one per policy name. A learning policy's planner (`cast`) is kept for good: it holds

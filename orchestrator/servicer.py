@@ -59,7 +59,7 @@ def stats_to_proto(stats: GenerationStats, with_steps: bool) -> generation_pb2.G
         msg.step_stats.extend(
             generation_pb2.StepStats(
                 expanded_nodes=s.expanded_nodes, verified_nodes=s.verified_nodes, depth=s.depth, accepted_tokens=s.accepted_tokens,
-                pipeline=s.pipeline, **timing_fields(s.timing),
+                pipeline=s.pipeline, arm=s.arm, mode=s.mode, **timing_fields(s.timing),
             )
             for s in stats.steps
         )

@@ -523,13 +523,15 @@ class StepLoop:
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
 
         # Commit: each sequence takes its accepted path and bonus token, and finishes or streams them.
+        kinds = {s.sequence_id: g.planner.step_kind(g.drafts) for g in groups for s in g.sequences}
         for s, item, committed in zip(batch, items, results):
             s.stats.verify_seconds += seconds
             s.tokens.extend(committed)
             taken, reason = s.assembler.add(committed)
             # The step's accepted tokens are those the request emits: none past max_new_tokens, a stop or EOS.
             record = StepRecord(drafts[s.sequence_id].expanded_nodes, len(item.tree), item.tree.max_depth,
-                                len(taken), timing, outcomes.get(s.sequence_id, "none"))
+                                len(taken), timing, outcomes.get(s.sequence_id, "none"),
+                                *kinds.get(s.sequence_id, ("plain", "")))
             s.stats.steps.append(record)
             if reason is not None:
                 s.finish(reason, taken, record, item.tree)

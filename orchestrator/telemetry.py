@@ -306,6 +306,7 @@ class OrchestratorTelemetry:
             "cast.step.verify.measured_ms": timing.verify_rpc * 1e3,
             "cast.step.verify.model_ms": timing.verify_model * 1e3,
             "cast.step.one_off": timing.one_off,
+            "cast.step.arms": sorted({f"{r.arm} ({r.mode})" if r.mode else r.arm for r in records}),
             "cast.draft.replicas": sorted({s.draft.address for s in batch if s.draft is not None}),
         })
 

@@ -46,6 +46,27 @@ def test_each_level_and_the_cascade_are_the_targets_greedy_decode(stack, stub, t
         assert sum(accepted) / len(accepted) > 1.5, accepted
 
 
+def test_step_stats_name_the_kind_of_each_step(stack, stub):
+    """What a user profiles a cascade with: each step's arm (a model level with lookup's chain, lookup alone or
+    plain decoding) and mode (copying where lookup's match agrees with the text, else writing)."""
+    kinds = set()
+    for prompt in REPETITIVE + prompts_for_tests(2):
+        response = stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=24, policy="cascade",
+                                                                return_step_stats=True), timeout=120)
+        for step in response.stats.step_stats:
+            kinds.add((step.mode, step.arm))
+            if step.arm == "plain":
+                assert step.verified_nodes == 1 and step.draft_rpc_seconds == 0
+    assert {arm for _, arm in kinds} <= {"small", "sparse", "lookup", "plain"} and len(kinds) >= 2, kinds
+    assert {"copying", "writing"} == {mode for mode, _ in kinds}, kinds  # the repeats copy, the others write
+    for policy, arms in (("cast", {"drafted", "plain"}), ("cascade-fixed", {"drafted"}), ("ar", {"plain"})):
+        response = stub.Generate(generation_pb2.GenerateRequest(prompt=REPETITIVE[0], max_new_tokens=8, policy=policy,
+                                                                return_step_stats=True), timeout=120)
+        steps = response.stats.step_stats
+        assert {s.arm for s in steps} <= arms and {s.mode for s in steps} <= {"", "copying", "writing"}, policy
+        assert policy == "cascade-fixed" or {s.mode for s in steps} == {""}, policy
+
+
 def test_a_step_drafts_with_every_level_in_one_expand(stack):
     """The draft service answers a cascade in one call: each node says which level proposed it, a lookup chain
     comes first where the history repeats, and a level that sat out steps catches up."""

@@ -186,6 +186,8 @@ def check_request_trace(spans: list[Span], response: generation_pb2.GenerateResp
         assert a["cast.step.measured_ms"] > 0 and a["cast.step.predicted_ms"] > 0
         assert a["cast.step.verify.predicted_ms"] > 0 and a["cast.step.verify.measured_ms"] > 0
         assert a["cast.verify.replica"] == verify_address
+        assert list(a["cast.step.arms"]) in (["drafted"], ["plain"])  # the gate's choice (StepStats.arm)
+        assert a["cast.step.arms"] == ["plain"] or a["cast.step.expanded_nodes"] > 1
 
     # The services' spans are children of the step's span, in its trace: Verify every step, Expand where it drafted.
     drafted = 0

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61st/v1/generation.proto\x12\x07\x63\x61st.v1\"\xd5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x19\n\x11return_step_stats\x18\n \x01(\x08\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb6\x02\n\tStepStats\x12\x16\n\x0e\x65xpanded_nodes\x18\x01 \x01(\x05\x12\x16\n\x0everified_nodes\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x64raft_rpc_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x64raft_model_seconds\x18\x07 \x01(\x01\x12\x1a\n\x12verify_rpc_seconds\x18\x08 \x01(\x01\x12\x1c\n\x14verify_model_seconds\x18\t \x01(\x01\x12\x1a\n\x12predicted_draft_ms\x18\n \x01(\x01\x12\x1b\n\x13predicted_verify_ms\x18\x0b \x01(\x01\x12\x10\n\x08pipeline\x18\x0c \x01(\t\"\xe4\x01\n\x0fGenerationStats\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x1c\n\x14mean_accepted_length\x18\x03 \x01(\x01\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x05 \x01(\x01\x12\x15\n\rother_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12&\n\nstep_stats\x18\x08 \x03(\x0b\x32\x12.cast.v1.StepStats\x12\x0f\n\x07replays\x18\t \x01(\x05\"\xbb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.cast.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.cast.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.cast.v1.GenerationStats\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\xc1\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.cast.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.cast.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.cast.v1.GenerationStats\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\x15\n\x13ListReplicasRequest\"\x90\x01\n\rReplicaStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0elive_sequences\x18\x04 \x01(\x05\x12\x15\n\rmax_sequences\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\"Q\n\x14ListReplicasResponse\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.cast.v1.ReplicaStatus\x12\x0f\n\x07replays\x18\x02 \x01(\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xf0\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x18.cast.v1.GenerateRequest\x1a\x19.cast.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.cast.v1.GenerateRequest\x1a\x1f.cast.v1.GenerateStreamResponse0\x01\x12K\n\x0cListReplicas\x12\x1c.cast.v1.ListReplicasRequest\x1a\x1d.cast.v1.ListReplicasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61st/v1/generation.proto\x12\x07\x63\x61st.v1\"\xd5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x19\n\x11return_step_stats\x18\n \x01(\x08\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xd1\x02\n\tStepStats\x12\x16\n\x0e\x65xpanded_nodes\x18\x01 \x01(\x05\x12\x16\n\x0everified_nodes\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x05 \x01(\x01\x12\x19\n\x11\x64raft_rpc_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x64raft_model_seconds\x18\x07 \x01(\x01\x12\x1a\n\x12verify_rpc_seconds\x18\x08 \x01(\x01\x12\x1c\n\x14verify_model_seconds\x18\t \x01(\x01\x12\x1a\n\x12predicted_draft_ms\x18\n \x01(\x01\x12\x1b\n\x13predicted_verify_ms\x18\x0b \x01(\x01\x12\x10\n\x08pipeline\x18\x0c \x01(\t\x12\x0b\n\x03\x61rm\x18\r \x01(\t\x12\x0c\n\x04mode\x18\x0e \x01(\t\"\xe4\x01\n\x0fGenerationStats\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x1c\n\x14mean_accepted_length\x18\x03 \x01(\x01\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x05 \x01(\x01\x12\x15\n\rother_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12&\n\nstep_stats\x18\x08 \x03(\x0b\x32\x12.cast.v1.StepStats\x12\x0f\n\x07replays\x18\t \x01(\x05\"\xbb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.cast.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.cast.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.cast.v1.GenerationStats\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\xc1\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.cast.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.cast.v1.Usage\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.cast.v1.GenerationStats\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\x15\n\x13ListReplicasRequest\"\x90\x01\n\rReplicaStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0elive_sequences\x18\x04 \x01(\x05\x12\x15\n\rmax_sequences\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\"Q\n\x14ListReplicasResponse\x12(\n\x08replicas\x18\x01 \x03(\x0b\x32\x16.cast.v1.ReplicaStatus\x12\x0f\n\x07replays\x18\x02 \x01(\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xf0\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x18.cast.v1.GenerateRequest\x1a\x19.cast.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.cast.v1.GenerateRequest\x1a\x1f.cast.v1.GenerateStreamResponse0\x01\x12K\n\x0cListReplicas\x12\x1c.cast.v1.ListReplicasRequest\x1a\x1d.cast.v1.ListReplicasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cast.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1496
-  _globals['_FINISHREASON']._serialized_end=1641
+  _globals['_FINISHREASON']._serialized_start=1523
+  _globals['_FINISHREASON']._serialized_end=1668
   _globals['_GENERATEREQUEST']._serialized_start=38
   _globals['_GENERATEREQUEST']._serialized_end=251
   _globals['_USAGE']._serialized_start=253
   _globals['_USAGE']._serialized_end=310
   _globals['_STEPSTATS']._serialized_start=313
-  _globals['_STEPSTATS']._serialized_end=623
-  _globals['_GENERATIONSTATS']._serialized_start=626
-  _globals['_GENERATIONSTATS']._serialized_end=854
-  _globals['_GENERATERESPONSE']._serialized_start=857
-  _globals['_GENERATERESPONSE']._serialized_end=1044
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1047
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1240
-  _globals['_LISTREPLICASREQUEST']._serialized_start=1242
-  _globals['_LISTREPLICASREQUEST']._serialized_end=1263
-  _globals['_REPLICASTATUS']._serialized_start=1266
-  _globals['_REPLICASTATUS']._serialized_end=1410
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=1412
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=1493
-  _globals['_GENERATIONSERVICE']._serialized_start=1644
-  _globals['_GENERATIONSERVICE']._serialized_end=1884
+  _globals['_STEPSTATS']._serialized_end=650
+  _globals['_GENERATIONSTATS']._serialized_start=653
+  _globals['_GENERATIONSTATS']._serialized_end=881
+  _globals['_GENERATERESPONSE']._serialized_start=884
+  _globals['_GENERATERESPONSE']._serialized_end=1071
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1074
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1267
+  _globals['_LISTREPLICASREQUEST']._serialized_start=1269
+  _globals['_LISTREPLICASREQUEST']._serialized_end=1290
+  _globals['_REPLICASTATUS']._serialized_start=1293
+  _globals['_REPLICASTATUS']._serialized_end=1437
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=1439
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=1520
+  _globals['_GENERATIONSERVICE']._serialized_start=1671
+  _globals['_GENERATIONSERVICE']._serialized_end=1911
 # @@protoc_insertion_point(module_scope)

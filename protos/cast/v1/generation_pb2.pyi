@@ -53,7 +53,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class StepStats(_message.Message):
-    __slots__ = ("expanded_nodes", "verified_nodes", "depth", "accepted_tokens", "step_seconds", "draft_rpc_seconds", "draft_model_seconds", "verify_rpc_seconds", "verify_model_seconds", "predicted_draft_ms", "predicted_verify_ms", "pipeline")
+    __slots__ = ("expanded_nodes", "verified_nodes", "depth", "accepted_tokens", "step_seconds", "draft_rpc_seconds", "draft_model_seconds", "verify_rpc_seconds", "verify_model_seconds", "predicted_draft_ms", "predicted_verify_ms", "pipeline", "arm", "mode")
     EXPANDED_NODES_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class StepStats(_message.Message):
     PREDICTED_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     expanded_nodes: int
     verified_nodes: int
     depth: int
@@ -78,7 +80,9 @@ class StepStats(_message.Message):
     predicted_draft_ms: float
     predicted_verify_ms: float
     pipeline: str
-    def __init__(self, expanded_nodes: _Optional[int] = ..., verified_nodes: _Optional[int] = ..., depth: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., draft_rpc_seconds: _Optional[float] = ..., draft_model_seconds: _Optional[float] = ..., verify_rpc_seconds: _Optional[float] = ..., verify_model_seconds: _Optional[float] = ..., predicted_draft_ms: _Optional[float] = ..., predicted_verify_ms: _Optional[float] = ..., pipeline: _Optional[str] = ...) -> None: ...
+    arm: str
+    mode: str
+    def __init__(self, expanded_nodes: _Optional[int] = ..., verified_nodes: _Optional[int] = ..., depth: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., draft_rpc_seconds: _Optional[float] = ..., draft_model_seconds: _Optional[float] = ..., verify_rpc_seconds: _Optional[float] = ..., verify_model_seconds: _Optional[float] = ..., predicted_draft_ms: _Optional[float] = ..., predicted_verify_ms: _Optional[float] = ..., pipeline: _Optional[str] = ..., arm: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
     __slots__ = ("policy", "steps", "mean_accepted_length", "draft_seconds", "verify_seconds", "other_seconds", "total_seconds", "step_stats", "replays")
