@@ -163,15 +163,19 @@ class CascadePlanner(Planner):
             self.prepared.clear()
         return self.arm != PLAIN
 
+    def mode(self) -> str:
+        return "copying" if self.copying else "writing"
+
     def gate_name(self) -> str:
-        return f"{self.policy.name}, {'copying' if self.copying else 'writing'}"
+        return f"{self.policy.name}, {self.mode()}"
 
     def step_arm(self, drafted: bool) -> str:
-        return self.arm if drafted and self.arm is not None else PLAIN
+        if not drafted:
+            return PLAIN
+        return self.arm if self.arm is not None else DRAFTED  # no gate (a fixed cascade): every level drafted
 
     def step_kind(self, drafted: bool) -> tuple[str, str]:
-        arm = self.step_arm(drafted) if self.gate is not None or not drafted else DRAFTED  # fixed: every level
-        return arm, ("copying" if self.copying else "writing") if LOOKUP in self.policy.levels else ""
+        return self.step_arm(drafted), self.mode() if LOOKUP in self.policy.levels else ""
 
     def step_price(self, arm: str, costs: CostModel, batch: int, context: int) -> tuple[float, float] | None:
         """DyTC's price of a step of this arm: (tokens committed per sequence, ms), lookup's part included where

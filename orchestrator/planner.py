@@ -211,7 +211,7 @@ class Planner:
 
     def step_kind(self, drafted: bool) -> tuple[str, str]:
         """The step as its stats name it (StepStats.arm and .mode): `cast` and fixed trees have no modes."""
-        return (DRAFTED if drafted else PLAIN), ""
+        return self.step_arm(drafted), ""
 
 
 class Planners:
