@@ -26,7 +26,8 @@ Per step, for the step's batch:
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
 3. The draft service runs lookup and the chosen level inside the one Expand and merges their trees by token path;
-   CAST's reranking (C3) then picks the nodes to verify from the combined tree, as for `cast`.
+   CAST's reranking (C3) then picks the nodes to verify from the combined tree, as for `cast`. Lookup alone
+   verifies its whole chain (`select`): its acceptance is learned from what is verified.
 
 What the paper's DyTC does beyond this: it routes each *layer* of the tree to a level (lookup proposes, the sparse
 target extends, the small draft fills breadth) and sets each level's draft length from the same estimates; here a
@@ -253,9 +254,15 @@ class CascadePlanner(Planner):
 
     def select(self, trees: list[TokenTree], costs: CostModel, batch: int, context: int,
                draft_ms: float = 0.0) -> list[TokenTree]:
-        if self.policy.cast is None or self.chosen is None:
-            # A fixed cascade, or lookup alone: its values are acceptance estimates; CAST's rerank on them.
+        if self.policy.cast is None:
+            # A fixed cascade: its values are acceptance estimates; CAST's rerank on them.
             return super().select(trees, self.draft_costs(costs), batch, context, draft_ms)
+        if self.chosen is None:
+            # Lookup alone verifies its whole chain. Cut by its learned acceptance, one early miss at depth 1 cut
+            # it to the root, so nothing of it was verified, or learned, again: the `lookup` policy decoded plainly
+            # for whole CPU runs (1.00 token a step, 0.9x `ar` on the edit set). The gate judges the whole chain
+            # against plain decoding, per mode.
+            return [tree.top_m(self.policy.verify_tokens) for tree in trees]
         return self.level_planner(self.chosen).select(trees, costs.levels[self.chosen], batch, context, draft_ms)
 
     def learn_layers(self, layer_utilities: list[list[float]]) -> None:

@@ -258,3 +258,35 @@ def test_copying_runs_lookup_alone_first_not_a_level_judged_writing():
     assert arms[False][-50:].count("small") > 40  # writing: the small draft won
     assert arms[True][:5] == ["lookup"] * 5  # copying: lookup alone from the first step until it is judged
     assert arms[True].count("small") <= 2 and arms[True].count("lookup") > 34
+
+
+def test_lookup_alone_verifies_its_whole_chain_and_an_early_miss_does_not_starve_it():
+    """The CPU's `lookup` policy (reports/cascade/, 2026-12-07): cut by its learned acceptance, lookup alone's chain
+    lost its depth-1 node after one early miss, so nothing of it was verified, or learned, again, and the policy
+    decoded plainly (1.00 token a step) for whole runs. Here: a CPU-like verifier (0.5 ms a token over 7.5), a first
+    chain rejected at depth 1, then text that lookup copies exactly."""
+    from types import SimpleNamespace
+
+    verify = table(0.5, 7.5, "target")
+    costs = CostModel.from_tables(verify, table(0.01, 0.1, "small"))
+    costs.levels = {"lookup": CostModel.from_tables(verify, table(0.0, 0.01, "lookup"))}
+    planner, committed_per_step, lookup_steps = CascadePlanner(POLICIES["lookup"]), [], []
+    for step in range(30):
+        drafts = planner.drafts(costs, 1, 100, [COPYING])
+        if not drafts:  # a plain step (the gate measures plain decoding too)
+            planner.learn_step(1, False, [ROOT], [1], 8.0, False)
+            committed_per_step.append(1)
+            continue
+        acceptance = list(planner.budget(costs, 1, 100).levels[0].acceptance)
+        values = [1.0] + np.cumprod(np.clip([acceptance[min(d, len(acceptance) - 1)] for d in range(8)], 0, 1)).tolist()
+        chain = TokenTree.from_lists([5] + list(range(10, 18)), list(range(-1, 8)), list(range(9)), values)
+        verified = planner.select([chain], costs, 1, 100)[0]
+        # The target's tokens: the first step writes something else, then it copies what lookup proposes.
+        accepted = [] if step == 0 else [int(t) for t in verified.tokens[1:]]
+        committed = accepted + [99]
+        planner.learn_levels([SimpleNamespace(tree=chain, node_levels=[-1] + [0] * 8)], [verified], [committed])
+        planner.learn_step(1, True, [verified], [len(committed)], 7.5 + 0.5 * len(verified), False)
+        committed_per_step.append(len(committed))
+        lookup_steps.append(len(committed))
+    assert lookup_steps[0] == 1 and set(lookup_steps[1:]) == {9}  # the whole chain, from right after the miss
+    assert sum(committed_per_step[10:]) / 20 > 7  # lookup alone runs, not plain decoding
