@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from cast_core.cost_table import CostTable
+from cast_core.lookup import chain_values
 from cast_core.tree import TokenTree
 from orchestrator.cascade import PRIOR_RATE, CascadePlanner, LevelAcceptance
 from orchestrator.costs import CostModel
@@ -225,6 +224,19 @@ def test_a_policy_without_lookup_learns_in_one_mode():
     assert cascade.copying is True and cascade.gate is cascade.gates[True]
 
 
+def drive_modes(costs: CostModel, modes: list[bool], outcomes: dict[bool, dict[str, tuple[float, float]]]
+                ) -> dict[bool, list[str]]:
+    """A cascade's steps at batch 1, each copying or writing as `modes` says, each arm's step committing and taking
+    what `outcomes[copying]` says. Returns the arms run, per mode."""
+    planner, arms = CascadePlanner(POLICIES["cascade"]), {True: [], False: []}
+    for copying in modes:
+        drafts = planner.drafts(costs, 1, 100, [COPYING if copying else WRITING])
+        arm = [level.level for level in planner.budget(costs, 1, 100).levels][-1] if drafts else "plain"
+        arms[copying].append(arm)
+        planner.learn_step(1, drafts, [ROOT], [outcomes[copying][arm][0]], outcomes[copying][arm][1], False)
+    return arms
+
+
 def test_a_mode_starts_from_what_the_other_judged_of_plain_decoding_and_the_model_levels():
     """The GPU's target-only stack on HumanEval (reports/cascade/): the sparse level, ~2.3 tokens in 19 ms against
     plain decoding's 1 in 3.1, was measured in its first five steps in each mode, ~13 % of a short block, and the
@@ -232,12 +244,7 @@ def test_a_mode_starts_from_what_the_other_judged_of_plain_decoding_and_the_mode
     measures only lookup alone, whose chains are what differ."""
     outcomes = {True: {"sparse": (9.0, 19.0), "lookup": (8.0, 4.5), "plain": (1.0, 3.1)},
                 False: {"sparse": (2.3, 19.0), "lookup": (1.4, 4.5), "plain": (1.0, 3.1)}}
-    planner, costs, arms = CascadePlanner(POLICIES["cascade"]), sparse_and_lookup(), {True: [], False: []}
-    for copying in [False] * 100 + [True] * 100:
-        drafts = planner.drafts(costs, 1, 100, [COPYING if copying else WRITING])
-        arm = [level.level for level in planner.budget(costs, 1, 100).levels][-1] if drafts else "plain"
-        arms[copying].append(arm)
-        planner.learn_step(1, drafts, [ROOT], [outcomes[copying][arm][0]], outcomes[copying][arm][1], False)
+    arms = drive_modes(sparse_and_lookup(), [False] * 100 + [True] * 100, outcomes)
     assert 4 <= arms[False].count("sparse") <= 8  # its first step (one-off costs) and JUDGE_AFTER, then a probe
     assert arms[True].count("sparse") <= 1 and arms[True][:3].count("lookup") >= 1
     assert arms[True][20:].count("lookup") / 80 > 0.9
@@ -249,12 +256,7 @@ def test_copying_runs_lookup_alone_first_not_a_level_judged_writing():
     Copying, lookup alone is learned first."""
     outcomes = {True: {"small": (7.9, 13.4), "sparse": (8.3, 24.4), "lookup": (7.5, 5.7), "plain": (1.0, 3.7)},
                 False: {"small": (4.4, 9.5), "sparse": (2.4, 17.6), "lookup": (1.7, 5.1), "plain": (1.0, 3.1)}}
-    planner, costs, arms = CascadePlanner(POLICIES["cascade"]), costs_with_levels(0.1, 0.5), {True: [], False: []}
-    for copying in [False] * 100 + [True] * 40:
-        drafts = planner.drafts(costs, 1, 100, [COPYING if copying else WRITING])
-        arm = [level.level for level in planner.budget(costs, 1, 100).levels][-1] if drafts else "plain"
-        arms[copying].append(arm)
-        planner.learn_step(1, drafts, [ROOT], [outcomes[copying][arm][0]], outcomes[copying][arm][1], False)
+    arms = drive_modes(costs_with_levels(0.1, 0.5), [False] * 100 + [True] * 40, outcomes)
     assert arms[False][-50:].count("small") > 40  # writing: the small draft won
     assert arms[True][:5] == ["lookup"] * 5  # copying: lookup alone from the first step until it is judged
     assert arms[True].count("small") <= 2 and arms[True].count("lookup") > 34
@@ -277,8 +279,7 @@ def test_lookup_alone_verifies_its_whole_chain_and_an_early_miss_does_not_starve
             planner.learn_step(1, False, [ROOT], [1], 8.0, False)
             committed_per_step.append(1)
             continue
-        acceptance = list(planner.budget(costs, 1, 100).levels[0].acceptance)
-        values = [1.0] + np.cumprod(np.clip([acceptance[min(d, len(acceptance) - 1)] for d in range(8)], 0, 1)).tolist()
+        values = [1.0] + chain_values(8, list(planner.budget(costs, 1, 100).levels[0].acceptance)).tolist()
         chain = TokenTree.from_lists([5] + list(range(10, 18)), list(range(-1, 8)), list(range(9)), values)
         verified = planner.select([chain], costs, 1, 100)[0]
         # The target's tokens: the first step writes something else, then it copies what lookup proposes.
