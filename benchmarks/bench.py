@@ -54,6 +54,14 @@ class StepBreakdown:
         return self.step - self.orchestrator
 
     @property
+    def draft_wall(self) -> float:
+        return self.draft_model + self.expand_rpc
+
+    @property
+    def verify_wall(self) -> float:
+        return self.verify_model + self.verify_rpc
+
+    @property
     def predicted(self) -> float:
         return self.predicted_draft + self.predicted_verify
 
@@ -138,6 +146,9 @@ class LevelResult:
     predicted_ms_p50: float = 0.0        # the cost model's price of the step's Expand + Verify (0: none predicted)
     measured_ms_p50: float = 0.0         # the step's Expand + Verify walls, as the orchestrator waited for them
     measured_over_predicted_p50: float = 0.0  # per step measured / predicted, over the steps with a prediction
+    # ... per part, over the drafted steps: which of the two calls the cost model misprices
+    draft_over_predicted_p50: float = 0.0   # Expand wall / its price
+    verify_over_predicted_p50: float = 0.0  # Verify wall / its price
     differ_from_ar: int = -1     # requests whose tokens differ from `ar`'s for the same prompt (-1: no `ar` run)
     cut_requests: int = 0        # of `requests`, those cancelled at the level's cutoff (their tokens count)
     # Pipelined steps: of the steps with a prepared tree, those whose guess came true; and a drafted step's time
@@ -265,6 +276,10 @@ async def run_level(
         predicted_ms_p50=percentile([b.predicted for b in steps_ms], 50),
         measured_ms_p50=percentile([b.calls for b in steps_ms], 50),
         measured_over_predicted_p50=percentile([b.calls / b.predicted for b in steps_ms if b.predicted > 0], 50),
+        draft_over_predicted_p50=percentile([b.draft_wall / b.predicted_draft for b in steps_ms
+                                             if b.drafted and b.predicted_draft > 0], 50),
+        verify_over_predicted_p50=percentile([b.verify_wall / b.predicted_verify for b in steps_ms
+                                              if b.drafted and b.predicted_verify > 0], 50),
         pipeline_hit_rate=hit_rate(steps_ms),
         outside_verify_ms_p50=percentile([b.step - b.verify_model for b in steps_ms if b.drafted], 50),
     ), results

@@ -42,6 +42,8 @@ def test_a_sweep_measures_every_cell_and_checks_it_against_ar(tiny_stack, tmp_pa
             assert float(r["predicted_ms_p50"]) > 0 and float(r["measured_ms_p50"]) > 0, r
             assert float(r["measured_over_predicted_p50"]) > 0, r
             assert float(r["accepted_tokens_p50"]) >= 1, r
+        for r in (chain, by["tree:2x2/8", c]):  # each call's own measured / predicted, which the why section shows
+            assert float(r["draft_over_predicted_p50"]) > 0 and float(r["verify_over_predicted_p50"]) > 0, r
     why = text[text.index("## Why CAST misses"):].splitlines()
     for c in ("1", "2"):
         oracle = max(("ar", "chain:2", "tree:2x2/8"), key=lambda p: float(by[p, c]["tokens_per_s"]))
