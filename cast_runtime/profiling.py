@@ -22,6 +22,9 @@ from cast_core.cost_table import CostTable
 from cast_runtime.cache import default_cache_dir
 
 COST_TABLE_DIR = "cost-tables"
+# Part of a cached table's key: tables cached before the services started up one at a time (cache.startup_lock) may
+# be priced for a neighbour's start-up, so they are not read again.
+TABLE_GENERATION = 2
 
 
 def parse_ints(text: str | Iterable[int]) -> tuple[int, ...]:
@@ -144,7 +147,7 @@ def cache_path(
     role: str, device: str, model_id: str, dtype: str, extra: str = "", cache_dir: str | Path | None = None
 ) -> Path:
     """$CAST_CACHE_DIR/cost-tables/<role>-<model name>-<hash of device, model, dtype, extra>.json."""
-    key = json.dumps([role, host_key(device), model_id, dtype, extra])
+    key = json.dumps([role, host_key(device), model_id, dtype, extra, TABLE_GENERATION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id.split("@")[0])[:40] or "model"
     return Path(cache_dir or default_cache_dir()) / COST_TABLE_DIR / f"{role}-{name}-{digest}.json"

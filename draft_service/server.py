@@ -15,6 +15,7 @@ import numpy as np
 
 from cast.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from cast_runtime import serving
+from cast_runtime.cache import startup_lock
 from cast_runtime.identity import vocab_hash
 from cast_runtime.sessions import SessionStore
 from cast_runtime.telemetry import setup_telemetry
@@ -136,6 +137,11 @@ def build_expander(config: DraftConfig) -> tuple[Levels, common_pb2.ReplicaDescr
     return levels, replica
 
 
+def build_on_quiet_host(config: DraftConfig) -> tuple[Levels, common_pb2.ReplicaDescription]:
+    with startup_lock(config.cache_dir, log, "draft service"):
+        return build_expander(config)
+
+
 def warm_up(expander: Expander) -> None:
     """One small expansion with a prompt, then one incremental: the first real call pays no first-run costs."""
     k = expander.runner.meta.top_k
@@ -153,8 +159,9 @@ async def start(config: DraftConfig) -> Running:
     telemetry = setup_telemetry("draft", config.metrics_port, config.host)
     server = serving.GrpcServer(SERVICE_NAME, config.host, config.port, tls=config.tls,
                                 interceptors=telemetry.server_interceptors([f"/{SERVICE_NAME}/Release"]))
-    # Export and warm-up are seconds of CPU work: keep them off the event loop.
-    expander, replica = await asyncio.to_thread(build_expander, config)
+    # Export and warm-up are seconds of CPU work: keep them off the event loop, and off another service's start-up
+    # (its cost table, or this one's, would be profiled under that load: cache.py).
+    expander, replica = await asyncio.to_thread(build_on_quiet_host, config)
     servicer = DraftServicer(expander, replica, telemetry)
     draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.server)
     await server.start()

@@ -25,7 +25,7 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=parse_ints, help="e.g. 1,2,4,8 (default: by device)")
     p.add_argument("--context-buckets", type=parse_ints, help="KV lengths, e.g. 128,512,1024 (capped by the model)")
     p.add_argument("--token-counts", type=parse_ints, help="new tokens per sequence, e.g. 1,2,4,8,16")
-    p.add_argument("--repeats", type=int, help="timed forwards per cell (their median is kept)")
+    p.add_argument("--repeats", type=int, help="timed forwards per cell (the fastest is kept)")
     p.add_argument("--warmup", type=int, help="untimed forwards per cell before those")
     p.add_argument("--quick", action="store_true", help="a small grid: seconds, for a smoke test")
     p.add_argument("--out", type=Path, help="JSON file to write (default: the service's cache entry)")

@@ -16,6 +16,7 @@ import grpc
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
 from cast_runtime import serving
+from cast_runtime.cache import startup_lock
 from cast_runtime.telemetry import setup_telemetry
 from cast_runtime.wire import cost_table_to_proto
 from verify_service.config import VerifyConfig
@@ -60,6 +61,10 @@ async def start(config: VerifyConfig) -> RunningServer:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-model")
 
     def load() -> tuple[Verifier, CostTable | None]:
+        with startup_lock(None, log, "verify service"):  # its table is profiled on a quiet host (cache.py)
+            return load_and_profile()
+
+    def load_and_profile() -> tuple[Verifier, CostTable | None]:
         target = TargetModel.load(config.model, dtype=config.dtype, device=config.device,
                                   max_context=config.max_context, model_name=config.model_name)
         verifier = Verifier(target, max_batch=config.max_batch, session_ttl_s=config.session_ttl_s,

@@ -3,6 +3,8 @@ decoding with transformers' `generate()`."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import grpc
 import pytest
 import torch
@@ -107,3 +109,25 @@ def test_step_stats_count_the_tokens_emitted(stack, stub):
             assert sum(accepted) == response.usage.completion_tokens == len(response.token_ids), f"prompt {i}"
             assert min(accepted) >= 1
             assert response.stats.mean_accepted_length == pytest.approx(sum(accepted) / len(accepted))
+
+
+def startup_window(log_text: str, service: str) -> tuple[datetime, datetime]:
+    """When the service's start-up (load, export, warm-up, profile) began and ended, from its log."""
+    stamps = {}
+    for line in log_text.splitlines():
+        for event in ("began", "done"):
+            if f"{service}: start-up {event}" in line and event not in stamps:
+                stamps[event] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    assert set(stamps) == {"began", "done"}, log_text[-2000:]
+    return stamps["began"], stamps["done"]
+
+
+def test_the_draft_and_verify_services_start_up_one_at_a_time(stack):
+    """Started together, as `cast up` starts them: the one that profiles while the other loads would cache a table
+    priced for that load (cast_runtime/cache.py)."""
+    _, running = stack
+    logs = running.spec.log_dir
+    draft = startup_window((logs / "draft.log").read_text(), "draft service")
+    verify = startup_window((logs / "verify.log").read_text(), "verify service")
+    first, second = sorted([draft, verify])
+    assert first[1] <= second[0], (draft, verify)
