@@ -80,6 +80,13 @@ class Profile:
     forwards: int  # forwards run, warm-up included
 
 
+def batch_sizes_up_to(limit: int) -> tuple[int, ...]:
+    """Powers of two below `limit`, then `limit`: a table's batch axis reaching the largest batch a service runs
+    (past its last bucket a lookup clamps, and prices a step at batch 32 as one at batch 8: reports/cast-vs-fixed/)."""
+    sizes = [1 << i for i in range(max(limit - 1, 0).bit_length()) if 1 << i < limit]
+    return (*sizes, limit)
+
+
 def fastest_millis(forward: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
     """Fastest wall time of `forward` in ms over `repeats` runs after `warmup` untimed ones.
 

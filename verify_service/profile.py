@@ -20,7 +20,7 @@ import torch
 
 from cast_core.cost_table import CostTable, monotone_envelope
 from cast_runtime.profiling import (
-    Profile, ProfileGrid, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
+    Profile, ProfileGrid, batch_sizes_up_to, cache_path, fastest_millis, model_identity, no_sync, select_startup_table,
 )
 from cast_core.tree import TokenTree
 from verify_service.kv_cache import SequenceKV
@@ -50,9 +50,10 @@ CPU_GRID = ProfileGrid(
 QUICK_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4), context_buckets=(128,), token_counts=(1, 4, 16, 64), repeats=2, warmup=1
 )
-# At service start-up without a table: small, so that start-up stays short.
+# At service start-up without a table: small, so that start-up stays short; its batch sizes reach the service's
+# slots (startup_cost_table).
 STARTUP_GRID = ProfileGrid(
-    batch_sizes=(1, 2, 4, 8), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
+    batch_sizes=(1, 2, 4, 8, 16, 32), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
 )
 
 
@@ -170,7 +171,8 @@ def startup_cost_table(config, verifier: Verifier) -> CostTable | None:
         config.cost_table,
         config.profile,
         verifier_cache_path(verifier, config.model),
-        lambda: profile_verifier(verifier, STARTUP_GRID, model_id=model_id),
+        lambda: profile_verifier(verifier, replace(STARTUP_GRID, batch_sizes=batch_sizes_up_to(verifier.kv.slot_capacity)),
+                                 model_id=model_id),
         device_name(target.device),
         model_id,
         log,

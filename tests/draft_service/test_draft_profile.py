@@ -3,6 +3,8 @@ profile."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from cast_runtime.profiling import ProfileGrid, save
 from cast_runtime.wire import cost_table_from_proto
 from draft_service import profile as dp
 from draft_service.config import DraftConfig
+from verify_service.config import VerifyConfig
 from draft_service.server import start_server
 
 GRID = ProfileGrid(batch_sizes=(1, 3), context_buckets=(8, 5000), token_counts=(1, 6), repeats=2, warmup=1)
@@ -43,7 +46,9 @@ def test_tree_rows_show_the_past_the_ancestors_and_itself(runner):
 
 def test_default_grids():
     assert dp.GPU_GRID.batch_sizes == (1, 2, 4, 8, 16, 32) and dp.GPU_GRID.token_counts[-1] == 64
-    assert dp.QUICK_GRID.cells <= 12 and dp.STARTUP_GRID.batch_sizes == (1, 2, 4, 8)
+    assert dp.QUICK_GRID.cells <= 12
+    slots = next(f.default for f in dataclasses.fields(VerifyConfig) if f.name == "max_batch")
+    assert dp.STARTUP_GRID.batch_sizes[-1] == slots  # priced up to the largest batch of a default verifier
     assert dp.device_name("CPUExecutionProvider") == "cpu"
 
 

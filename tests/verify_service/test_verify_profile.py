@@ -85,7 +85,7 @@ def test_default_grids_cover_the_orchestrators_lookups():
     gpu = vp.default_grid(torch.device("cuda"))
     assert gpu.batch_sizes == (1, 2, 4, 8, 16, 32) and gpu.token_counts[-1] == 128
     assert vp.default_grid(torch.device("cpu")).cells < gpu.cells
-    assert vp.QUICK_GRID.cells <= 12 and vp.STARTUP_GRID.batch_sizes == (1, 2, 4, 8)
+    assert vp.QUICK_GRID.cells <= 12
 
 
 # ---- the service -------------------------------------------------------------------------------------------------
@@ -110,6 +110,13 @@ async def describe(config: VerifyConfig):
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("CAST_CACHE_DIR", str(tmp_path))
     return tmp_path
+
+
+async def test_the_start_up_profile_reaches_the_largest_batch_the_service_runs(tiny_pair, cache_dir):
+    """Past a table's last batch size a lookup clamps: a verifier of 12 slots priced at batch 8 would be priced low
+    for every step at batch 9-12."""
+    table = cost_table_from_proto((await describe(config_for(tiny_pair, max_batch=12))).cost_table)
+    assert table.batch_sizes == (1, 2, 4, 8, 12)
 
 
 async def test_describe_returns_a_start_up_profile_and_a_second_start_reuses_its_cache(tiny_pair, cache_dir):
