@@ -270,8 +270,8 @@ class CascadePlanner(Planner):
             self.level_planner(self.chosen).learn_layers(layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> bool:
-        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off)  # the gate
+                   step_ms: float, one_off: bool, switch: bool = False) -> bool:
+        switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off, switch)  # the gate
         if drafted and self.chosen is not None:  # the chosen level's value calibration
             self.level_planner(self.chosen).calibration.observe(verified, committed)
         return switched

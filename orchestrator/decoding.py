@@ -59,6 +59,9 @@ class StepTiming:
     # The step paid a one-time cost: a CUDA graph capture, newcomers' prefill on the verifier, a draft catching up
     # on a prompt. Its times are not what a step costs: nothing that learns from step times learns from it.
     one_off: bool = False
+    cold: bool = False      # ... of which a graph capture (a replica's `cold` flag)
+    switched: bool = False  # ... of which the draft catching up on the tokens of plain steps (or a prompt) before
+                            # drafting: what switching to drafting costs (the gate charges it to its probes)
 
 
 @dataclass

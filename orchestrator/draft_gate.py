@@ -22,9 +22,11 @@ steps committed 2.26 tokens until its online calibration had warmed up, then ~5.
 - a loser is probed when its probes' cost so far (their time times how far behind it may be: its rate plus MARGIN
   standard errors, which grow as its estimate fades) would be 1/explore_every of the time since its last one,
   shared by the losers: a close loser is probed often, a far or slow one rarely, and each within explore_every *
-  len(losers) * BURST of its own steps' time, so an early misjudgement does not stick;
-- an arm whose steps vary and that has fewer than WELL is probed soon while within REACH of the winner (at once
-  where it may be ahead): drafting is judged on its warmed-up steps within a short cell.
+  len(losers) * BURST of its own steps' time, so an early misjudgement does not stick. What starting a probe costs
+  counts too (`charge_switch`: `cast`'s draft catching up on the tokens of the plain steps before it, a one-off
+  step the arm is not judged on);
+- an arm whose steps vary, that has fewer than WELL and that is cheap to start is probed soon while within REACH of
+  the winner (at once where it may be ahead): drafting is judged on its warmed-up steps within a short cell.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ WELL = 16  # steps of an arm, ever, before it is well sampled (probed soon befor
            # worth WELL / 2 steps or more now
 SOON = 8  # winner steps between probes, and between the bursts of a loser not well sampled yet and within reach of
           # the winner ... (a cheap loser's probes may lose little, but in `cast` the drafted step after each is the
-          # draft catching up, which the gate does not see: orchestrator/step_loop.py draft_catching_up)
+          # draft catching up, a one-off the gate charges to the probe: `charge_switch`)
 REACH = 1.5  # ... that is, ahead were it this much faster (CAST's drafted steps commit over twice as many tokens
              # once its calibration has warmed up, over its first ~20 drafted steps)
 MARGIN = 1.0  # standard errors of the two rates a challenger must lead a well-sampled winner by; a loser's rate
@@ -121,6 +123,8 @@ class DraftGate:
     ran_at: dict[tuple[int, str], float] = field(default_factory=dict)  # (bucket, arm): `clock` at its latest step
     steps: dict[int, int] = field(default_factory=dict)  # per bucket: steps observed
     clock: dict[int, float] = field(default_factory=dict)  # per bucket: ms of the steps observed
+    switch_ms: dict[tuple[int, str], float] = field(default_factory=dict)  # (bucket, arm): what starting a run of
+                                                                            # it costs beyond its steps (`charge_switch`)
 
     # --- any arms ---------------------------------------------------------------------------------------------
 
@@ -188,13 +192,17 @@ class DraftGate:
         def due(arm: str) -> float:
             """The time since the arm's last step over its probe period."""
             e = self.measured[batch][arm]
+            steps = self.burst_steps(batch, arm, winner)
+            switch = self.switch_ms.get((batch, arm), 0.0)
             may_give = e.rate + MARGIN * min(e.error(self.idle(batch, arm)), e.rate)  # at most twice its rate
-            if e.samples < WELL and e.deviation() > SPREAD * e.tokens and REACH * may_give >= best.rate:
-                # Few of its steps, which vary, and within reach: measured soon, at once where it may be ahead.
+            if (e.samples < WELL and e.deviation() > SPREAD * e.tokens and REACH * may_give >= best.rate
+                    and switch <= steps * e.millis):
+                # Few of its steps, which vary, within reach and cheap to start: measured soon, at once where it
+                # may be ahead.
                 return math.inf if may_give >= best.rate else streak / SOON
             behind = 1 - may_give / max(best.rate, 1e-9)
-            period = (self.explore_every * len(losers) * self.burst_steps(batch, arm, winner) * e.millis
-                      * max(behind, CLOSE))
+            # A probe costs its steps' lag behind the winner and what starting it costs (`charge_switch`).
+            period = self.explore_every * len(losers) * (steps * e.millis * max(behind, CLOSE) + switch)
             return (now - self.ran_at.get((batch, arm), 0.0)) / period
 
         loser = max(losers, key=due)
@@ -251,6 +259,18 @@ class DraftGate:
         self.leader[batch] = self.winner(batch, arms)
         # Steps of the winner in a row since a loser was last tried.
         self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == self.leader[batch] else 0
+
+    def charge_switch(self, batch: int, arm: str, step_ms: float) -> None:
+        """A one-off step that started a run of `arm` and that the gate does not judge it on: `cast`'s draft catching
+        up on the tokens of the plain steps before it (orchestrator/step_loop.py draft_catching_up). Its time beyond
+        one of the arm's steps is what each probe of the arm costs besides its steps: at batch 32 on a 2-core CPU,
+        ~500 ms against drafted steps of 60-80 ms, and uncounted, drafting 2 % behind plain decoding by its steps
+        was probed in bursts that doubled a wave's time (reports/cast-vs-fixed/, CPU round 8)."""
+        batch, key = bucket(batch), (bucket(batch), arm)
+        extra = max(step_ms - self.current(batch, arm).millis, 0.0)
+        old = self.switch_ms.get(key)
+        self.switch_ms[key] = extra if old is None else old + 0.5 * (extra - old)
+        self.clock[batch] = self.clock.get(batch, 0.0) + step_ms
 
     def borrow(self, sibling: DraftGate, batch: int) -> None:
         """Start the arms not judged here at this batch size from what `sibling` judged of them, worth at most

@@ -180,16 +180,19 @@ class Planner:
             self.gains = batch_gains(self.gains, layer_utilities)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
-                   step_ms: float, one_off: bool) -> bool:
+                   step_ms: float, one_off: bool, switch: bool = False) -> bool:
         """A verified step of this policy's sequences: their trees, the tokens each committed, the step's time.
         A one-off step (a graph capture, a prefill, a draft catching up) teaches the calibration but not the
-        gate, which judges step times. Returns whether the draft gate switched (its winner at this batch size
-        changed: drafting or plain decoding; for a cascade, also from one model level or lookup alone to another)."""
+        gate, which judges step times; one whose draft only caught up (`switch`) tells the gate what switching to
+        drafting costs. Returns whether the draft gate switched (its winner at this batch size changed: drafting
+        or plain decoding; for a cascade, also from one model level or lookup alone to another)."""
         if self.policy.cast is None:
             return False
         if drafted:
             self.calibration.observe(verified, committed)
         if one_off:
+            if switch and drafted:
+                self.gate.charge_switch(batch, self.step_arm(drafted), step_ms)
             return False
         was = self.gate.winner(batch, self.arms)
         self.gate.record(batch, self.step_arm(drafted), sum(committed) / len(committed), step_ms, self.arms)

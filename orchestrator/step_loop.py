@@ -448,7 +448,8 @@ class StepLoop:
 
     async def _run_step(self, batch: list[LiveSequence], step: StepTrace | None) -> None:
         started = time.perf_counter()
-        timing = StepTiming(one_off=self.prefilling is not None)
+        prefill = self.prefilling is not None
+        timing = StepTiming(one_off=prefill)
         size, context = len(batch), max(len(s.tokens) for s in batch)
 
         # Pipelined: the trees prepared during the last Verify, where the draft's guess came true.
@@ -520,6 +521,7 @@ class StepLoop:
             return
         clock.answered = time.perf_counter()
         timing.one_off |= cold
+        timing.cold |= cold
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
 
         # Commit: each sequence takes its accepted path and bonus token, and finishes or streams them.
@@ -548,7 +550,8 @@ class StepLoop:
         verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
         for g in groups:
             if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
-                                    [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off):
+                                    [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off,
+                                    switch=timing.switched and not (timing.cold or prefill)):
                 self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
                                                      "cast.batch_size": size})
             if isinstance(g.planner, CascadePlanner) and g.drafts:
@@ -581,7 +584,8 @@ class StepLoop:
         budget = group.planner.budget(self.costs(replica), size, context)
         costs = group.planner.draft_costs(self.costs(replica))
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
-        timing.one_off |= draft_catching_up(sequences)
+        timing.switched |= draft_catching_up(sequences)
+        timing.one_off |= timing.switched
         for s in sequences:
             s.opened_draft = True
         try:
@@ -603,6 +607,7 @@ class StepLoop:
             s.draft_seen = len(s.tokens)
         timing.draft_model = max(timing.draft_model, model_seconds)
         timing.one_off |= cold
+        timing.cold |= cold
         longest = max(range(len(items)), key=lambda i: len(items[i].new_tokens))
         forwards = expanded[longest].forwards(len(items[longest].new_tokens))
         timing.predicted_draft_ms = max(timing.predicted_draft_ms, costs.expand_ms(size, context, forwards))

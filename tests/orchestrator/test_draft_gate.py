@@ -168,3 +168,34 @@ def test_a_draft_catching_up_is_not_a_drafted_steps_cost():
     assert not draft_catching_up([sequence(100, 100 - one_step), sequence(50, 49)])  # steady drafting
     assert draft_catching_up([sequence(100, 100 - one_step), sequence(40, 0)])  # a new prompt joins
     assert draft_catching_up([sequence(300, 200)])  # back from 100 plain steps
+
+
+def test_what_starting_to_draft_costs_is_charged_to_the_probes_of_drafting():
+    """At batch 32 on a 2-core CPU drafting was 2 % behind plain decoding by its steps, but each probe of it after a
+    run of plain steps first had the draft catch up on every sequence's tokens since (~500 ms, a one-off step the gate
+    does not judge drafting on). Uncharged, probes came in bursts that doubled a wave's time; charged, they are rare,
+    and drafting is still probed."""
+    drafted, plain, catch_up = (2.55, 72.3), (1.0, 27.7), 72.3 + 500.0
+
+    def wasted_share(charge: bool) -> tuple[float, int]:
+        gate, batch, last, spent, probes = DraftGate(), 32, True, 0.0, 0
+        gate.observe(batch, False, *plain)
+        for _ in range(4 * JUDGE_AFTER):  # drafting judged first (the first arm is learned first)
+            gate.observe(batch, True, *drafted)
+        for _ in range(2000):
+            drafts = gate.should_draft(batch)
+            if drafts and not last:  # a switch: the draft catches up first
+                probes += 1
+                spent += catch_up
+                if charge:
+                    gate.charge_switch(batch, "drafted", catch_up)
+            else:
+                tokens, millis = drafted if drafts else plain
+                spent += millis
+                gate.observe(batch, drafts, tokens, millis)
+            last = drafts
+        return spent / (2000 * plain[1]) - 1, probes
+
+    uncharged, charged = wasted_share(False), wasted_share(True)
+    assert charged[0] < 0.10 and charged[1] >= 2, charged  # drafting is still probed now and then
+    assert uncharged[0] > 2 * charged[0], (uncharged, charged)
