@@ -58,7 +58,7 @@ SPARSE_ARG="sparse=$SPARSE_WIDE"
 fi
 
 if [[ $SPARSE_ARG != none ]]; then
-    # Before the stacks start: the orchestrator gives a draft service 300 s to come up, less than this export takes.
+    # Before the stacks start: the orchestrator gives the services 600 s to come up, one after the other on a host.
     stage "export the sparse level (cached in $CAST_CACHE_DIR)"
     python3 - "$SPARSE_WIDE" "$CAST_CACHE_DIR" <<'PY'
 import sys, time

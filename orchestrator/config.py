@@ -57,7 +57,8 @@ class OrchestratorConfig:
     client_max_live: int = setting(0, "with --auth-tokens: requests of one client decoded at once; 0: no limit")
     client_max_queued: int = setting(0, "with --auth-tokens and --client-max-live: more requests of one client that "
                                         "wait; past them, RESOURCE_EXHAUSTED")
-    connect_timeout_s: float = 300.0         # how long start-up waits for the draft and verify services
+    connect_timeout_s: float = 600.0         # how long start-up waits for the draft and verify services (on one host
+                                             # they start one after the other: cast_runtime/cache.py)
     draft_target: Target = field(init=False, repr=False)   # parsed from `draft`
     verify_target: Target = field(init=False, repr=False)  # parsed from `verify`
     cast: CastParams = field(init=False)                   # C1, C2, C3 and R of the `cast` policy
