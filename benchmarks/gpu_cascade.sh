@@ -58,7 +58,8 @@ SPARSE_ARG="sparse=$SPARSE_WIDE"
 fi
 
 if [[ $SPARSE_ARG != none ]]; then
-    # Before the stacks start: the orchestrator gives the services 600 s to come up, one after the other on a host.
+    # Before the stacks start: this export takes minutes, and the orchestrator waits 600 s for the services, which start
+    # one after the other on a host.
     stage "export the sparse level (cached in $CAST_CACHE_DIR)"
     python3 - "$SPARSE_WIDE" "$CAST_CACHE_DIR" <<'PY'
 import sys, time
