@@ -41,7 +41,8 @@ QUICK_GRID = ProfileGrid(
 # Rows are looked up at the committed length plus the tree so far (orchestrator/costs.py): two buckets. Batch sizes
 # up to a verifier's default slots (32): past the last, a step is priced as one at that batch size.
 STARTUP_GRID = ProfileGrid(
-    batch_sizes=(1, 2, 4, 8, 16, 32), context_buckets=(128, 512), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
+    batch_sizes=(1, 2, 4, 8, 16, 32), context_buckets=(128, 512), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2,
+    warmup=1,
 )
 
 

@@ -56,12 +56,22 @@ class StepTiming:
     # The cost model's prediction for the step, made before it ran (milliseconds; 0: none, e.g. no Expand).
     predicted_draft_ms: float = 0.0   # the slowest of its parallel Expands, RPC included
     predicted_verify_ms: float = 0.0  # its Verify, for the batch's largest tree
-    # The step paid a one-time cost: a CUDA graph capture, newcomers' prefill on the verifier, a draft catching up
-    # on a prompt. Its times are not what a step costs: nothing that learns from step times learns from it.
-    one_off: bool = False
-    cold: bool = False      # ... of which a graph capture (a replica's `cold` flag)
-    switched: bool = False  # ... of which the draft catching up on the tokens of plain steps (or a prompt) before
-                            # drafting: what switching to drafting costs (the gate charges it to its probes)
+    # One-time costs the step paid (`one_off`): newcomers' prefill on the verifier, a CUDA graph capture (a
+    # replica's `cold` flag), the draft catching up on a prompt or the tokens of plain steps before drafting.
+    prefill: bool = False
+    cold: bool = False
+    switched: bool = False
+
+    @property
+    def one_off(self) -> bool:
+        """Its times are not what a step costs: nothing that learns from step times learns from it."""
+        return self.prefill or self.cold or self.switched
+
+    @property
+    def only_switched(self) -> bool:
+        """Its one-time cost was the draft catching up alone: what switching to drafting costs (the gate charges
+        it to its probes of drafting)."""
+        return self.switched and not (self.prefill or self.cold)
 
 
 @dataclass

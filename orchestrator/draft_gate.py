@@ -266,7 +266,8 @@ class DraftGate:
         one of the arm's steps is what each probe of the arm costs besides its steps: at batch 32 on a 2-core CPU,
         ~500 ms against drafted steps of 60-80 ms, and uncounted, drafting 2 % behind plain decoding by its steps
         was probed in bursts that doubled a wave's time (reports/cast-vs-fixed/, CPU round 8)."""
-        batch, key = bucket(batch), (bucket(batch), arm)
+        batch = bucket(batch)
+        key = (batch, arm)
         extra = max(step_ms - self.current(batch, arm).millis, 0.0)
         old = self.switch_ms.get(key)
         self.switch_ms[key] = extra if old is None else old + 0.5 * (extra - old)

@@ -448,8 +448,7 @@ class StepLoop:
 
     async def _run_step(self, batch: list[LiveSequence], step: StepTrace | None) -> None:
         started = time.perf_counter()
-        prefill = self.prefilling is not None
-        timing = StepTiming(one_off=prefill)
+        timing = StepTiming(prefill=self.prefilling is not None)
         size, context = len(batch), max(len(s.tokens) for s in batch)
 
         # Pipelined: the trees prepared during the last Verify, where the draft's guess came true.
@@ -520,7 +519,6 @@ class StepLoop:
                     s.fail(exc)
             return
         clock.answered = time.perf_counter()
-        timing.one_off |= cold
         timing.cold |= cold
         timing.verify_rpc, timing.verify_model = seconds, model_seconds
 
@@ -551,7 +549,7 @@ class StepLoop:
         for g in groups:
             if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
                                     [committed[s.sequence_id] for s in g.sequences], timing.step * 1e3, timing.one_off,
-                                    switch=timing.switched and not (timing.cold or prefill)):
+                                    switch=timing.only_switched):
                 self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
                                                      "cast.batch_size": size})
             if isinstance(g.planner, CascadePlanner) and g.drafts:
@@ -585,7 +583,6 @@ class StepLoop:
         costs = group.planner.draft_costs(self.costs(replica))
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
         timing.switched |= draft_catching_up(sequences)
-        timing.one_off |= timing.switched
         for s in sequences:
             s.opened_draft = True
         try:
@@ -606,7 +603,6 @@ class StepLoop:
             group.expanded[s.sequence_id] = e
             s.draft_seen = len(s.tokens)
         timing.draft_model = max(timing.draft_model, model_seconds)
-        timing.one_off |= cold
         timing.cold |= cold
         longest = max(range(len(items)), key=lambda i: len(items[i].new_tokens))
         forwards = expanded[longest].forwards(len(items[longest].new_tokens))

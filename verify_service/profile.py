@@ -51,9 +51,10 @@ QUICK_GRID = ProfileGrid(
     batch_sizes=(1, 2, 4), context_buckets=(128,), token_counts=(1, 4, 16, 64), repeats=2, warmup=1
 )
 # At service start-up without a table: small, so that start-up stays short; its batch sizes reach the service's
-# slots (startup_cost_table).
+# slots (`startup_grid`).
 STARTUP_GRID = ProfileGrid(
-    batch_sizes=(1, 2, 4, 8, 16, 32), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2, warmup=1
+    batch_sizes=(1, 2, 4, 8, 16, 32), context_buckets=(256,), token_counts=(1, 2, 4, 8, 16, 32, 64), repeats=2,
+    warmup=1,
 )
 
 
@@ -162,6 +163,11 @@ def verifier_cache_path(verifier: Verifier, model_dir: str | Path, cache_dir: st
                       target.dtype_name, extra=extra, cache_dir=cache_dir)
 
 
+def startup_grid(verifier: Verifier) -> ProfileGrid:
+    """STARTUP_GRID with batch sizes up to the verifier's slots, the largest batch it serves."""
+    return replace(STARTUP_GRID, batch_sizes=batch_sizes_up_to(verifier.kv.slot_capacity))
+
+
 def startup_cost_table(config, verifier: Verifier) -> CostTable | None:
     """The table Describe reports (config: a VerifyConfig): --cost-table, else cached, else a small profile through
     the verifier, cached."""
@@ -171,8 +177,7 @@ def startup_cost_table(config, verifier: Verifier) -> CostTable | None:
         config.cost_table,
         config.profile,
         verifier_cache_path(verifier, config.model),
-        lambda: profile_verifier(verifier, replace(STARTUP_GRID, batch_sizes=batch_sizes_up_to(verifier.kv.slot_capacity)),
-                                 model_id=model_id),
+        lambda: profile_verifier(verifier, startup_grid(verifier), model_id=model_id),
         device_name(target.device),
         model_id,
         log,
