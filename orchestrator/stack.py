@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -131,14 +132,35 @@ class StackSpec:
 
 
 def free_ports(n: int) -> list[int]:
-    """n loopback ports free right now (for tests and benchmarks that start several services)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n loopback ports free right now (for tests and benchmarks that start several services), each the first of 16
+    free-to-use ports (replica i's at +2 i). They lie below the kernel's ephemeral range: a port from there is never
+    handed to an outgoing connection or a bind to port 0, so it stays free until its service binds it, which can be
+    a minute later (services sharing a cache start one at a time)."""
+    top = ephemeral_ports_start() // 16
+    ports, socks = [], []
+    try:
+        while len(ports) < n:
+            port = 16 * random.randrange(max(top - 1000, 64), top)
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+            ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
     return ports
+
+
+def ephemeral_ports_start() -> int:
+    """The first port of the range the kernel hands out to outgoing connections (Linux; else the IANA range's)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def is_serving(address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> bool:
