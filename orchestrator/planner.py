@@ -73,6 +73,10 @@ class Planner:
             self.prepared.clear()  # it would be stale by the time this policy drafts again
         return drafts
 
+    def likely_drafts(self, batch: int) -> bool:
+        """Whether steps at this batch size draft now (the gate's winner; a probe aside)."""
+        return self.gate is None or self.gate.winner_drafts(batch)
+
     def budget(self, costs: CostModel, batch: int, context: int) -> draft_pb2.ExpandBudget:
         """The Expand budget: the one prepared during the last Verify where it prices the same table cells (its
         online corrections and calibration are one step older), else priced now."""

@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
-from cast.v1 import verify_pb2
+from cast.v1 import draft_pb2, verify_pb2
 from cast_core.errors import Unavailable
 from cast_core.tree import TokenTree
 from orchestrator.clients import DraftItem, Expanded, VerifyItem, timed
@@ -55,6 +55,7 @@ log = logging.getLogger("cast.orchestrator")
 # Statuses that say the request itself is wrong: the same call would fail on any replica. Any other failure of a
 # call is the replica's (down, restarted, overloaded, timed out): the sequence moves on.
 REQUEST_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}
+PREFILL_BUDGET = draft_pb2.ExpandBudget(top_k=1, max_depth=0, max_breadth=1)  # commit the tokens, draft nothing
 MAX_REPLAYS = 4  # a sequence whose every replica fails it this often fails (a bug is not retried forever)
 
 
@@ -78,6 +79,7 @@ class LiveSequence:
     draft: Replica | None = None  # its draft replica; None: none serves, plain steps until one does
     draft_seen: int = 0           # how many of `tokens` the draft replica has cached (it may hold more: a guess)
     prepared: Prepared | None = None  # the next step's tree, drafted during this step's Verify (pipelined steps)
+    draft_prefill: asyncio.Future | None = None  # the draft committing its prompt, sent when it was admitted
     opened_draft: bool = False    # the draft replica holds a session for it
     done: bool = False            # finished, failed or abandoned: leaves at the next boundary
     admitted: bool = False        # a Prefill was sent for it to its verify replica
@@ -162,18 +164,21 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-async def settle_prepared(sequences: list[LiveSequence]) -> None:
-    """Wait for the prepared Expands of these sequences to answer (or fail)."""
+async def settle_draft_calls(sequences: list[LiveSequence]) -> None:
+    """Wait for the draft calls in flight for these sequences (prepared Expands, prompt prefills) to answer or fail."""
     tasks = {s.prepared.task for s in sequences if s.prepared is not None}
+    tasks |= {s.draft_prefill for s in sequences if s.draft_prefill is not None}
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
+    for s in sequences:
+        s.draft_prefill = None
 
 
 async def take_prepared(sequences: list[LiveSequence]) -> tuple[dict[str, Prepared], dict[str, str]]:
     """Once the sequences' prepared Expands answered: the hits' prepared trees by sequence id, and each prepared
     sequence's outcome ("hit", "miss"; "none" where its Expand failed). A miss's draft rewinds, at its next Expand,
     to where the committed tokens part from the guess."""
-    await settle_prepared(sequences)
+    await settle_draft_calls(sequences)
     hits: dict[str, Prepared] = {}
     outcomes: dict[str, str] = {}
     for s in sequences:
@@ -296,7 +301,7 @@ class StepLoop:
         for s in self.sequences:
             s.fail(Unavailable("the orchestrator is shutting down"))
         self.live, self.joining, self.waiting = [], [], []
-        await settle_prepared(admitted)
+        await settle_draft_calls(admitted)
         await self._release(admitted, timeout_s)
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -364,6 +369,48 @@ class StepLoop:
         with trace.use_span(span) if span else nullcontext():  # the call's metadata carries its context
             self.prefilling = asyncio.ensure_future(timed(
                 self.replica.client.prefill({s.verify_id: s.tokens for s in joining}, self.router.rpc_timeout_s)))
+        self._prefill_drafts(joining)
+
+    def _prefill_drafts(self, joining: list[LiveSequence]) -> None:
+        """Have the draft replicas commit the newcomers' prompts while the verifier prefills them, where their policy
+        drafts at the batch size they join. Otherwise a newcomer's first drafted step would first prefill its
+        prompt on the draft, and the whole batch would wait for it. (A cascade's levels catch up at their first
+        Expand.)"""
+        size = len(self.live) + len(joining)
+        by_replica: dict[Replica, list[LiveSequence]] = defaultdict(list)
+        for s in joining:
+            if s.draft is None or s.draft_seen >= len(s.tokens) - 1 or s.draft_prefill is not None:
+                continue
+            planner = self.planners.get(s.policy)
+            if not isinstance(planner, CascadePlanner) and planner.likely_drafts(size):
+                by_replica[s.draft].append(s)
+        for replica, members in by_replica.items():
+            task = asyncio.ensure_future(self._prefill_draft(replica, members))
+            for s in members:
+                s.draft_prefill = task
+
+    async def _prefill_draft(self, replica: Replica, sequences: list[LiveSequence]) -> None:
+        """One Expand of depth 0: the draft commits the sequences' tokens but the last (the root of their first
+        tree, which their first Expand sends) and grows no tree."""
+        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:-1], s.draft_seen) for s in sequences]
+        for s in sequences:
+            s.opened_draft = True
+        try:
+            await replica.client.expand(items, PREFILL_BUDGET, self.router.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if replica_failure(exc):
+                self.router.fleet.report_failure(replica, exc)
+                for s in sequences:
+                    self.router.drop_draft_replica(s)
+            else:  # what the draft holds is unknown: the first Expand sends every token again
+                log.error("draft replica %s refused a prompt prefill: %s: %s", replica.address, exc.code().name,
+                          exc.details())
+                for s in sequences:
+                    s.draft_seen = 0
+            return
+        for s, item in zip(sequences, items):
+            if s.draft is replica:
+                s.draft_seen = item.start_position + len(item.new_tokens)
 
     async def _join(self) -> list[LiveSequence]:
         """Wait for the running prefill; its sequences join the live batch. Returns them."""
@@ -406,7 +453,7 @@ class StepLoop:
         leaving = [s for s in self.live + self.waiting if s.done]
         if not leaving:
             return
-        await settle_prepared(leaving)  # their prepared Expands answer before the draft releases them
+        await settle_draft_calls(leaving)  # their draft calls answer before the draft releases them
         await self._release([s for s in leaving if s.admitted])
         # Dropped only now: a loop cancelled during the release (the orchestrator closing) leaves them in `live`,
         # where close() releases them (releasing a session twice is harmless; never releasing it holds its slot).
@@ -579,6 +626,7 @@ class StepLoop:
         """One batched Expand on one draft replica for some of a policy's sequences (into group.expanded). Returns
         what it teaches, a job for the Verify's wait; None when the replica failed them: they verify their roots
         alone this step and move to another draft replica."""
+        await settle_draft_calls([s for s in sequences if s.draft_prefill is not None])
         budget = group.planner.budget(self.costs(replica), size, context)
         costs = group.planner.draft_costs(self.costs(replica))
         items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]

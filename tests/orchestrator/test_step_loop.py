@@ -203,6 +203,81 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
     assert any(admitted < t < prefill_end for t in expands), "the live request waited for the prefill"
 
 
+async def test_a_newcomers_prompt_is_prefilled_on_the_draft_while_the_verifier_prefills_it(tiny_pair, onnx_cache_dir):
+    draft, verify = await start_services(tiny_pair)
+    loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    verify_client = loop.fleet.serving("verify")[0].client
+    first, second = [5, 17, 99, 3, 200], [42, 7, 8, 300, 11, 12]
+    try:
+        alone = [await run_request(loop, first, 24), await run_request(loop, second, 8)]
+        asked, prefilled, expands = [], [], []
+        prefill, ask, expand = verify.servicer.verifier.prefill, verify_client.prefill, draft.servicer.expander.expand
+
+        def slow_prefill(items):
+            time.sleep(0.5)
+            result = prefill(items)
+            prefilled.append(time.perf_counter())
+            return result
+
+        async def asking(*args):
+            asked.append(time.perf_counter())
+            return await ask(*args)
+
+        def recorded_expand(sequences, budget):
+            expands.append((time.perf_counter(), {q.sequence_id: (q.new_tokens.tolist(), q.start_position)
+                                                   for q in sequences}, budget.max_depth))
+            return expand(sequences, budget)
+
+        started = asyncio.Event()
+        running = asyncio.create_task(run_request(loop, first, 24, started))
+        await started.wait()
+        verify.servicer.verifier.prefill = slow_prefill
+        verify_client.prefill = asking
+        draft.servicer.expander.expand = recorded_expand
+        together = [await run_request(loop, second, 8), await running]
+    finally:
+        await close(loop)
+        await stop_services(draft, verify)
+    assert [tokens for tokens, _ in together] == [alone[1][0], alone[0][0]]
+    (admitted,), (prefill_end,) = asked, prefilled
+    # The draft committed the newcomer's prompt (an Expand of depth 0) while the verifier prefilled it ...
+    sent = [(t, sid, depth) for t, items, depth in expands for sid, item in items.items() if item == (second[:-1], 0)]
+    assert len(sent) == 1
+    when, newcomer, depth = sent[0]
+    assert admitted < when < prefill_end and depth == 0
+    # ... so each of its drafted steps sends the draft only the tokens since its last (never the prompt again).
+    later = [items[newcomer] for t, items, _ in expands if t > when and newcomer in items]
+    assert later and all(start >= len(second) - 1 and len(tokens) <= 8 for tokens, start in later)
+
+
+async def test_a_request_that_leaves_while_the_draft_prefills_its_prompt_leaves_no_session(tiny_pair, onnx_cache_dir):
+    draft, verify = await start_services(tiny_pair)
+    loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    expand, entered = draft.servicer.expander.expand, threading.Event()
+
+    def slow_prompt_prefill(sequences, budget):
+        if budget.max_depth == 0:
+            entered.set()
+            time.sleep(0.5)
+        return expand(sequences, budget)
+
+    try:
+        await run_request(loop, [5, 17, 99, 3, 200], 4)  # warm
+        draft.servicer.expander.expand = slow_prompt_prefill
+        request = asyncio.create_task(run_request(loop, [42, 7, 8, 300, 11, 12], 50))
+        await asyncio.to_thread(entered.wait, 10)
+        request.cancel()  # the client goes away while the draft commits its prompt
+        await asyncio.gather(request, return_exceptions=True)
+        for _ in range(100):
+            if not draft.servicer.expander.sessions and not verify.servicer.verifier.sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert (len(draft.servicer.expander.sessions), len(verify.servicer.verifier.sessions)) == (0, 0)
+    finally:
+        await close(loop)
+        await stop_services(draft, verify)
+
+
 async def test_closing_the_router_releases_every_session_and_ends_the_requests(tiny_pair, onnx_cache_dir):
     draft, verify = await start_services(tiny_pair)
     loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
