@@ -203,13 +203,14 @@ async def test_the_live_batch_keeps_drafting_while_a_newcomer_prefills(tiny_pair
     assert any(admitted < t < prefill_end for t in expands), "the live request waited for the prefill"
 
 
-async def test_a_newcomers_prompt_is_prefilled_on_the_draft_while_the_verifier_prefills_it(tiny_pair, onnx_cache_dir):
+async def test_the_draft_commits_a_prompt_while_the_verifier_prefills_it_when_nothing_else_is_live(tiny_pair,
+                                                                                                  onnx_cache_dir):
     draft, verify = await start_services(tiny_pair)
     loop = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
     verify_client = loop.fleet.serving("verify")[0].client
     first, second = [5, 17, 99, 3, 200], [42, 7, 8, 300, 11, 12]
     try:
-        alone = [await run_request(loop, first, 24), await run_request(loop, second, 8)]
+        alone = await run_request(loop, second, 8)
         asked, prefilled, expands = [], [], []
         prefill, ask, expand = verify.servicer.verifier.prefill, verify_client.prefill, draft.servicer.expander.expand
 
@@ -228,26 +229,31 @@ async def test_a_newcomers_prompt_is_prefilled_on_the_draft_while_the_verifier_p
                                                    for q in sequences}, budget.max_depth))
             return expand(sequences, budget)
 
-        started = asyncio.Event()
-        running = asyncio.create_task(run_request(loop, first, 24, started))
-        await started.wait()
         verify.servicer.verifier.prefill = slow_prefill
         verify_client.prefill = asking
         draft.servicer.expander.expand = recorded_expand
-        together = [await run_request(loop, second, 8), await running]
+        alone_again = await run_request(loop, second, 8)  # nothing else live: its prompt goes to the draft at once
+        started = asyncio.Event()
+        running = asyncio.create_task(run_request(loop, first, 24, started))
+        await started.wait()
+        joined = await run_request(loop, second, 8)  # joins a live batch: its first drafted step sends its prompt
+        await running
     finally:
         await close(loop)
         await stop_services(draft, verify)
-    assert [tokens for tokens, _ in together] == [alone[1][0], alone[0][0]]
-    (admitted,), (prefill_end,) = asked, prefilled
-    # The draft committed the newcomer's prompt (an Expand of depth 0) while the verifier prefilled it ...
+    assert alone_again[0] == joined[0] == alone[0]
+    # The draft committed the prompt but its last token (an Expand of depth 0) while the verifier prefilled it ...
     sent = [(t, sid, depth) for t, items, depth in expands for sid, item in items.items() if item == (second[:-1], 0)]
     assert len(sent) == 1
-    when, newcomer, depth = sent[0]
-    assert admitted < when < prefill_end and depth == 0
-    # ... so each of its drafted steps sends the draft only the tokens since its last (never the prompt again).
-    later = [items[newcomer] for t, items, _ in expands if t > when and newcomer in items]
+    when, sequence, depth = sent[0]
+    assert asked[0] < when < prefilled[0] and depth == 0
+    # ... so each of its drafted steps sent the draft only the tokens since its last.
+    later = [items[sequence] for t, items, _ in expands if t > when and sequence in items]
     assert later and all(start >= len(second) - 1 and len(tokens) <= 8 for tokens, start in later)
+    # Joining a live batch, the prompt went with its first drafted step, after the verifier's prefill.
+    (when_joined,) = [t for t, items, _ in expands for sid, (tokens, start) in items.items()
+                      if sid != sequence and start == 0 and tokens[:len(second)] == second]
+    assert when_joined > prefilled[-1]
 
 
 async def test_a_request_that_leaves_while_the_draft_prefills_its_prompt_leaves_no_session(tiny_pair, onnx_cache_dir):
