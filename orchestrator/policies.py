@@ -68,7 +68,7 @@ def make_policies(cast: CastParams | None = None) -> dict[str, TreePolicy]:
     """The policies a request may name; `cast` with the given thresholds (defaults: cast_core.selection's)."""
     return {
         # CAST prunes within EAGLE-2's breadth and a little more depth; what it drops depends on the cost tables.
-        "cast": TreePolicy("cast", top_k=8, max_depth=8, max_breadth=8, verify_tokens=48, cast=cast or CastParams()),
+        "cast": TreePolicy("cast", top_k=4, max_depth=8, max_breadth=8, verify_tokens=48, cast=cast or CastParams()),
         "eagle2": TreePolicy("eagle2", top_k=8, max_depth=6, max_breadth=8, verify_tokens=32),
         "chain": TreePolicy("chain", top_k=1, max_depth=4, max_breadth=1, verify_tokens=5),
         "ar": TreePolicy("ar"),
