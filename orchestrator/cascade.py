@@ -21,7 +21,8 @@ Per step, for the step's batch:
    edit set on the GPU and the cascade trailed it by 8 % (reports/cascade/), drafting with no model where the text
    was new. A mode starts a batch size from what the other judged of plain decoding and the model levels (their
    steps cost the same in both; lookup alone is what differs), so a level far behind is measured once, not per mode;
-   copying, lookup alone is measured first.
+   copying, lookup alone is measured first. Where lookup finds nothing for the batch, lookup alone is no arm
+   (its step would be a plain one with an Expand call added): the step runs the mode's best model level or plain.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
@@ -144,7 +145,8 @@ class CascadePlanner(Planner):
         return [level for level in self.policy.levels if level in costs.levels]
 
     def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
-        self.copying = LOOKUP in self.policy.levels and copying(histories)  # without lookup, one mode
+        runs = match_runs(histories) if LOOKUP in self.policy.levels else []  # without lookup, one mode
+        self.copying = copying(runs)
         self.acceptance = self.acceptances[self.copying]
         if self.gate is not None:
             self.gate = self.gates[self.copying]
@@ -154,7 +156,7 @@ class CascadePlanner(Planner):
             return False
         if self.gate is None:
             return True  # a fixed cascade: every level, every step
-        self.arms = arm_names(served, self.copying)
+        self.arms = arm_names(served, self.copying, finds=finds(runs))
         self.gate.borrow(self.gates[not self.copying], batch)  # what the other mode judged (draft_gate.py borrow)
         for arm in self.arms:
             price = self.step_price(arm, costs, batch, context)
@@ -298,24 +300,35 @@ def node_levels_by_path(tree: TokenTree, levels: list[str | None]) -> dict[tuple
     return dict(zip(tree_paths(tree), levels))
 
 
-def arm_names(levels, copying: bool = False) -> tuple[str, ...]:
+def arm_names(levels, copying: bool = False, finds: bool = True) -> tuple[str, ...]:
     """The gate's arms for these levels, in order of preference: each model level (lookup riding along), lookup
     alone, plain decoding; copying, lookup alone first. The first arm is learned first (draft_gate.py): copying,
     that is what mostly wins, and a model level judged writing (`borrow`) would otherwise run there until lookup
     alone is (the GPU's HumanEval pair: 14 small-draft steps at 0.59 tokens/ms against lookup alone's 1.32, 9 % of a
-    short block)."""
+    short block). Where lookup finds nothing for the batch (`finds`), lookup alone is no arm: its step would be a
+    plain one with an Expand call added, and its mode's winner on the CPU's edit set (lookup alone by 8 % over the
+    small draft) ran one-token steps where the small draft commits five."""
     models = tuple(level for level in levels if level != LOOKUP)
-    if LOOKUP not in levels:
+    if LOOKUP not in levels or not finds:
         return models + (PLAIN,)
     return ((LOOKUP,) + models if copying else models + (LOOKUP,)) + (PLAIN,)
 
 
-def copying(histories: Sequence[Sequence[int]]) -> bool:
-    """Whether at least half of the sequences (their tokens so far; at most the first COPYING_SAMPLE) are copying
-    text that lookup finds."""
-    runs = [match_run(np.fromiter(tokens, dtype=np.int64, count=len(tokens)), COPYING)
+def match_runs(histories: Sequence[Sequence[int]]) -> list[int]:
+    """Lookup's match run (cast_core/lookup.py match_run, up to COPYING; 0: nothing found) of each of the first
+    COPYING_SAMPLE sequences (their tokens so far)."""
+    return [match_run(np.fromiter(tokens, dtype=np.int64, count=len(tokens)), COPYING)
             for tokens in histories[:COPYING_SAMPLE]]
+
+
+def copying(runs: list[int]) -> bool:
+    """Whether at least half of the sequences are copying text that lookup finds."""
     return bool(runs) and 2 * sum(run >= COPYING for run in runs) >= len(runs)
+
+
+def finds(runs: list[int]) -> bool:
+    """Whether lookup finds a match for any of the sequences (unknown histories count as found)."""
+    return not runs or any(runs)
 
 
 def rate(price: tuple[float, float]) -> float:

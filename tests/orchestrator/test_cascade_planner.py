@@ -176,7 +176,8 @@ def test_a_step_loops_cascade_planners_outlive_fixed_shapes():
 
 
 COPYING = [10, 11, 12, 13, 14, 15, 16, 99, 12, 13, 14, 15]  # the last 4 tokens repeat earlier text: lookup's run 4
-WRITING = [1, 2, 3, 4, 5, 6, 7, 8]  # no earlier occurrence
+WRITING = [1, 2, 3, 4, 5, 6, 7, 8, 3]  # the last token occurred before: lookup's run 1
+NOTHING = [1, 2, 3, 4, 5, 6, 7, 8]  # no earlier occurrence: lookup finds nothing
 
 
 def test_copying_and_writing_steps_learn_their_own_arm():
@@ -291,3 +292,23 @@ def test_lookup_alone_verifies_its_whole_chain_and_an_early_miss_does_not_starve
         lookup_steps.append(len(committed))
     assert lookup_steps[0] == 1 and set(lookup_steps[1:]) == {9}  # the whole chain, from right after the miss
     assert sum(committed_per_step[10:]) / 20 > 7  # lookup alone runs, not plain decoding
+
+
+def test_where_lookup_finds_nothing_the_step_drafts_with_a_model_level_not_lookup_alone():
+    """The CPU's edit set (reports/cascade/, 2026-12-07): writing, lookup alone won its mode by 8 % over the small
+    draft (0.236 against 0.218 tokens/ms), so it ran where lookup found no match at all, one-token steps with an
+    Expand call added, where the small draft commits five. Here: writing steps, one in four with nothing to look up."""
+    outcomes = {True: {"small": (5.6, 25.9), "sparse": (2.0, 28.0), "lookup": (3.3, 11.5), "plain": (1.0, 7.6)},
+                False: {"small": (4.5, 25.9), "sparse": (1.5, 28.0), "lookup": (1.0, 11.0), "plain": (1.0, 7.6)}}
+    planner, costs, arms = CascadePlanner(POLICIES["cascade"]), costs_with_levels(0.1, 0.5), {True: [], False: []}
+    for step in range(400):
+        found = step % 4 != 0
+        drafts = planner.drafts(costs, 1, 100, [WRITING if found else NOTHING])
+        assert planner.copying is False
+        arm = [level.level for level in planner.budget(costs, 1, 100).levels][-1] if drafts else "plain"
+        arms[found].append(arm)
+        planner.learn_step(1, drafts, [ROOT], [outcomes[found][arm][0]], outcomes[found][arm][1], False)
+    assert "lookup" not in arms[False]  # nothing found: never lookup alone ...
+    nothing = [outcomes[False][arm][0] for arm in arms[False][-100:]]
+    assert sum(nothing) / len(nothing) > 2.5  # ... but mostly the small draft (plain decoding probed): 1.0 before
+    assert arms[True][-150:].count("lookup") > 120  # found: lookup alone, its mode's winner
