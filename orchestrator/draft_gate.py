@@ -35,8 +35,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-MEMORY = 16  # an arm's estimate weighs its latest ~MEMORY steps: lookup's 1.4-or-9 tokens average out, a drafted
-             # arm warming up is followed within a few dozen steps
+MEMORY = 24  # an arm's estimate weighs its latest ~MEMORY steps: lookup's 1.4-or-9 tokens average out, a drafted
+             # arm warming up is followed within a few dozen steps (16 steps of lookup varied by ~25 %: a small
+             # draft 20-30 % behind it ran as often, tests/orchestrator/test_gate_simulation.py)
 STALE = 64  # what an arm learned fades by 1/e over this many steps of the bucket it did not run: a probe after a
             # few hundred replaces the estimate, one after a few is blended in
 BURST = 4  # steps of a probe at most: fresh, and one lookup step (1.4 or 9 tokens) does not decide ...
