@@ -21,7 +21,9 @@
 #                    against ar's prefix); with 41 policies x 3 concurrencies this bounds a target's sweep
 #   WIDE_DIR         /tmp/wide-SHAPE: where the widened target is written (an existing one is reused)
 #   PORT             50151: the first stack's orchestrator port
-#   WARMUP_TOKENS    2: before each cell, one untimed wave this long (graph captures stay out of the cell)
+#   WARMUP_TOKENS    16: before each cell, one untimed wave this long, as on the CPU (rounds 8-9): graph captures
+#                    stay out of the cell and its gate has judged the batch size. With 2, `cast` (one drafted step
+#                    in the wave) met its trees' shapes first inside the cell (reports/cast-vs-fixed/ GPU round 7)
 #   SETS             "humaneval heldout" (default): humaneval (the tuning set) and/or heldout
 #                    (benchmarks/prompts/heldout.jsonl, kept out of tuning), each swept on the same stack
 #   DEADLINE         420: seconds after the start past which no further sweep starts (the call's budget is 8 min)
@@ -95,7 +97,7 @@ for shape in $SHAPES; do
         if ! $CAST sweep --addr 127.0.0.1:$port --policies "${POLICIES:-ar,grid,cast}" \
                 --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-1,8,32}" --rounds "${ROUNDS:-1}" \
                 --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-0.5}" \
-                --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-2}" --prompts "$prompts" \
+                --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-16}" --prompts "$prompts" \
                 --rstrip-prompts --out "$dir/$set" \
                 --title "cast sweep: $shape-shaped target, $set prompts, on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), draft $CAST_DRAFT_PROVIDER" \
                 > "$dir/$set/sweep_stdout.md" 2> "$dir/$set/sweep.log"; then
