@@ -45,7 +45,7 @@ class Planner:
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
         self.gate = DraftGate() if cast else None
-        self.arms: tuple[str, ...] | None = None  # the gate's arms this step can run (None: all of the gate's)
+        self.arms: tuple[str, ...] | None = None  # the gate's arms this replica serves (None: all of the gate's)
         # CAST: per batch size, the nodes per tree and the depth that reranking verified in its last steps
         self.verified_counts: dict[int, deque[int]] = {}
         self.verified_depths: dict[int, deque[int]] = {}
