@@ -21,9 +21,13 @@ Per step, for the step's batch:
    edit set on the GPU and the cascade trailed it by 8 % (reports/cascade/), drafting with no model where the text
    was new. A mode starts a batch size from what the other judged of plain decoding and the model levels (their
    steps cost the same in both; lookup alone is what differs), so a level far behind is measured once, not per mode;
-   copying, lookup alone is measured first. Where lookup finds nothing for the batch, lookup alone is not run
-   (its step would be a plain one with an Expand call added; on the CPU's edit set, where lookup alone won the
-   writing mode, it ran at 1 token a step there): the step runs the mode's best other arm.
+   copying, lookup alone is measured first. A third mode, `new`, is writing where lookup finds nothing for the
+   batch: there lookup alone is no arm (its step would be a plain one with an Expand call added; on the CPU's edit
+   set, where lookup alone won the writing mode, it ran at 1 token a step there), and its steps learn apart, so
+   that the writing gate judges the model levels and lookup alone on the same kind of step (recorded among the
+   writing mode's arms, these steps made the small draft the leader where lookup alone was 1.3x ahead: simulated,
+   lookup alone ran on 49 % of the steps where it found a match; judged on these steps too, the small draft looked
+   worse than it is on the others). Its stats say `writing`.
 2. Lookup's chain comes first and is worth the learned acceptance of lookup chains, so the merged tree keeps it
    where lookup has been right and drops it where not. The arm's model level drafts the rest of the tree with
    CAST's breadth and depth rules inside Expand (its own Planner: gain buffer and value calibration per level).
@@ -59,6 +63,8 @@ from orchestrator.policies import TreePolicy
 log = logging.getLogger("cast.orchestrator")
 
 COPYING = 4            # a sequence whose last 4+ tokens agree with lookup's match is copying (module docstring)
+COPYING_MODE, WRITING, NEW = "copying", "writing", "new"  # NEW: writing where lookup finds nothing for the batch
+MODES = (WRITING, COPYING_MODE, NEW)
 COPYING_SAMPLE = 8     # ... of at most this many of the batch's sequences (each costs ~25 us for 2000 tokens)
 PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
@@ -126,15 +132,15 @@ class CascadePlanner(Planner):
 
     def __init__(self, policy: TreePolicy) -> None:
         super().__init__(policy)
-        # Per mode (copying or writing, the module docstring): the levels' acceptance and the gate; the step's in
+        # Per mode (MODES, the module docstring): the levels' acceptance and the gate; the step's in
         # self.acceptance and self.gate.
-        self.acceptances = {copying: LevelAcceptance() for copying in (False, True)}
-        self.gates = {copying: DraftGate(arms=arm_names(policy.levels, copying)) for copying in (False, True)}
-        self.copying = False
-        self.acceptance = self.acceptances[False]
+        self.acceptances = {mode: LevelAcceptance() for mode in MODES}
+        self.gates = {mode: DraftGate(arms=arm_names(policy.levels, mode)) for mode in MODES}
+        self.step_mode = WRITING
+        self.acceptance = self.acceptances[WRITING]
         self.levels: dict[str, Planner] = {}  # per model level: its CAST state
         if self.gate is not None:
-            self.gate = self.gates[False]
+            self.gate = self.gates[WRITING]
         self.arm: str | None = None           # this step's arm (the gate's choice)
         self.plan: list[str] = []             # this step's levels, in the Expand's order
         self.chosen: str | None = None        # this step's model level
@@ -147,38 +153,39 @@ class CascadePlanner(Planner):
 
     def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
         runs = match_runs(histories) if LOOKUP in self.policy.levels else []  # without lookup, one mode
-        self.copying = copying(runs)
-        self.acceptance = self.acceptances[self.copying]
+        self.step_mode = lookup_mode(runs)
+        self.acceptance = self.acceptances[self.step_mode]
         if self.gate is not None:
-            self.gate = self.gates[self.copying]
+            self.gate = self.gates[self.step_mode]
         served = self.served(costs)
         if not served:
             self.arms = (PLAIN,)
             return False
         if self.gate is None:
             return True  # a fixed cascade: every level, every step
-        self.arms = arm_names(served, self.copying)
-        self.gate.borrow(self.gates[not self.copying], batch)  # what the other mode judged (draft_gate.py borrow)
+        self.arms = arm_names(served, self.step_mode)
+        for other in MODES:  # what the other modes judged (draft_gate.py borrow)
+            if other != self.step_mode:
+                self.gate.borrow(self.gates[other], batch)
         for arm in self.arms:
             price = self.step_price(arm, costs, batch, context)
             if price is not None:
                 self.gate.expect(batch, arm, *price)
-        # Where lookup finds nothing for the batch, lookup alone's step would be a plain one with an Expand call
-        # added: the step runs one of the other arms. The step is still recorded among all of them (self.arms), so
-        # that the leader stays the arm ahead where lookup finds something: recorded among the others only, each
-        # such step made the small draft the leader, and the hysteresis kept it there (simulated: lookup alone
-        # 1.3x ahead ran on 19 % of the steps where it found a match).
-        runnable = self.arms if finds(runs) else tuple(arm for arm in self.arms if arm != LOOKUP)
-        self.arm = self.gate.choose(batch, runnable)
+        self.arm = self.gate.choose(batch, self.arms)
         if self.arm == PLAIN:
             self.prepared.clear()
         return self.arm != PLAIN
 
+    @property
+    def copying(self) -> bool:
+        return self.step_mode == COPYING_MODE
+
     def mode(self) -> str:
-        return "copying" if self.copying else "writing"
+        """The step's mode as its stats say it: copying or writing (lookup finding nothing is writing too)."""
+        return COPYING_MODE if self.copying else WRITING
 
     def gate_name(self) -> str:
-        return f"{self.policy.name}, {self.mode()}"
+        return f"{self.policy.name}, {self.step_mode if self.step_mode != NEW else 'writing, lookup finds nothing'}"
 
     def step_arm(self, drafted: bool) -> str:
         if not drafted:
@@ -307,16 +314,16 @@ def node_levels_by_path(tree: TokenTree, levels: list[str | None]) -> dict[tuple
     return dict(zip(tree_paths(tree), levels))
 
 
-def arm_names(levels, copying: bool = False) -> tuple[str, ...]:
-    """The gate's arms for these levels, in order of preference: each model level (lookup riding along), lookup
-    alone, plain decoding; copying, lookup alone first. The first arm is learned first (draft_gate.py): copying,
-    that is what mostly wins, and a model level judged writing (`borrow`) would otherwise run there until lookup
-    alone is (the GPU's HumanEval pair: 14 small-draft steps at 0.59 tokens/ms against lookup alone's 1.32, 9 % of a
-    short block)."""
+def arm_names(levels, mode: str = WRITING) -> tuple[str, ...]:
+    """The gate's arms for these levels in a mode, in order of preference: each model level (lookup riding along),
+    lookup alone, plain decoding; copying, lookup alone first; where lookup finds nothing, no lookup alone. The first
+    arm is learned first (draft_gate.py): copying, that is what mostly wins, and a model level judged writing
+    (`borrow`) would otherwise run there until lookup alone is (the GPU's HumanEval pair: 14 small-draft steps at
+    0.59 tokens/ms against lookup alone's 1.32, 9 % of a short block)."""
     models = tuple(level for level in levels if level != LOOKUP)
-    if LOOKUP not in levels:
+    if LOOKUP not in levels or mode == NEW:
         return models + (PLAIN,)
-    return ((LOOKUP,) + models if copying else models + (LOOKUP,)) + (PLAIN,)
+    return ((LOOKUP,) + models if mode == COPYING_MODE else models + (LOOKUP,)) + (PLAIN,)
 
 
 def match_runs(histories: Sequence[Sequence[int]]) -> list[int]:
@@ -326,14 +333,12 @@ def match_runs(histories: Sequence[Sequence[int]]) -> list[int]:
             for tokens in histories[:COPYING_SAMPLE]]
 
 
-def copying(runs: list[int]) -> bool:
-    """Whether at least half of the sequences are copying text that lookup finds."""
-    return bool(runs) and 2 * sum(run >= COPYING for run in runs) >= len(runs)
-
-
-def finds(runs: list[int]) -> bool:
-    """Whether lookup finds a match for any of the sequences (unknown histories count as found)."""
-    return not runs or any(runs)
+def lookup_mode(runs: list[int]) -> str:
+    """The batch's mode from its sequences' match runs: copying where at least half are copying text that lookup
+    finds, new where lookup finds nothing for any, else writing (also with no runs: a policy without lookup)."""
+    if runs and 2 * sum(run >= COPYING for run in runs) >= len(runs):
+        return COPYING_MODE
+    return NEW if runs and not any(runs) else WRITING
 
 
 def rate(price: tuple[float, float]) -> float:
