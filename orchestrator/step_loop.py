@@ -126,6 +126,15 @@ def draft_catching_up(sequences: list[LiveSequence]) -> bool:
     return any(len(s.tokens) - s.draft_seen > s.policy.max_depth + 1 for s in sequences)
 
 
+def draft_item(s: LiveSequence) -> DraftItem:
+    """What a sequence's Expand sends: the tokens its draft has not cached, from their position, and at least the
+    root (the draft commits them and grows the tree from the last). After a step whose Verify failed (a deadline,
+    a replay), the draft has cached every committed token: the root goes again and the draft rewinds to it (sent
+    empty, the Expand was refused, and the session left behind on the draft under a slow verifier)."""
+    start = min(s.draft_seen, len(s.tokens) - 1)
+    return DraftItem(s.sequence_id, s.tokens[start:], start)
+
+
 @dataclass
 class Prepared:
     """A sequence's tree for the next step, drafted from a predicted outcome while this step's Verify runs."""
@@ -581,7 +590,7 @@ class StepLoop:
         alone this step and move to another draft replica."""
         budget = group.planner.budget(self.costs(replica), size, context)
         costs = group.planner.draft_costs(self.costs(replica))
-        items = [DraftItem(s.sequence_id, s.tokens[s.draft_seen:], s.draft_seen) for s in sequences]
+        items = [draft_item(s) for s in sequences]
         timing.switched |= draft_catching_up(sequences)
         for s in sequences:
             s.opened_draft = True

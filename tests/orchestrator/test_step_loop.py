@@ -27,7 +27,7 @@ from orchestrator.policies import POLICIES
 from orchestrator.discovery import parse_target
 from orchestrator.fleet import Fleet
 from orchestrator.router import Router
-from orchestrator.step_loop import LiveSequence, Prepared, call_while, predicted_path, take_prepared
+from orchestrator.step_loop import LiveSequence, Prepared, call_while, draft_item, predicted_path, take_prepared
 from tests.orchestrator.test_step_rpc import start_services, stop_services
 
 GREEDY = verify_pb2.SamplingParams()
@@ -285,3 +285,16 @@ async def test_a_guess_is_a_hit_only_when_path_and_bonus_come_true():
     assert early.draft_seen == 4 and none_accepted.draft_seen == 3
     assert failed.draft_seen == 3
     assert all(s.prepared is None for s in (hit, wrong_bonus, early, none_accepted, failed))
+
+
+def test_an_expand_after_a_failed_verify_sends_the_root_again():
+    """A step's Expand succeeded (the draft cached every token) and its Verify failed (a deadline): no token was
+    committed. The next Expand must still send the root, or the draft refuses it (new tokens must not be empty) and
+    the sequence's session was left on the draft (CI, tests/integration/test_leaving_clients.py)."""
+    s = LiveSequence(GenerationRequest([1, 2, 3], 8, POLICIES["chain"]), None, None, [1, 2, 3, 4], GREEDY)
+    s.draft_seen = 4
+    item = draft_item(s)
+    assert item.new_tokens == [4] and item.start_position == 3
+    s.draft_seen = 2  # the usual case: what the draft has not cached, the root last
+    item = draft_item(s)
+    assert item.new_tokens == [3, 4] and item.start_position == 2
