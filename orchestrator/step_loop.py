@@ -130,7 +130,7 @@ def draft_item(s: LiveSequence) -> DraftItem:
     """What a sequence's Expand sends: the tokens its draft has not cached, from their position, and at least the
     root (the draft commits them and grows the tree from the last). After a step whose Verify failed (a deadline,
     a replay), the draft has cached every committed token: the root goes again and the draft rewinds to it (sent
-    empty, the Expand was refused, and the session left behind on the draft under a slow verifier)."""
+    empty, the draft refused the Expand and the sequence left its draft replica)."""
     start = min(s.draft_seen, len(s.tokens) - 1)
     return DraftItem(s.sequence_id, s.tokens[start:], start)
 

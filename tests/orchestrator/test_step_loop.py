@@ -289,8 +289,8 @@ async def test_a_guess_is_a_hit_only_when_path_and_bonus_come_true():
 
 def test_an_expand_after_a_failed_verify_sends_the_root_again():
     """A step's Expand succeeded (the draft cached every token) and its Verify failed (a deadline): no token was
-    committed. The next Expand must still send the root, or the draft refuses it (new tokens must not be empty) and
-    the sequence's session was left on the draft (CI, tests/integration/test_leaving_clients.py)."""
+    committed. The next Expand must still send the root, or the draft refuses it (new tokens must not be empty; seen
+    in a CI run of tests/integration/test_leaving_clients.py, which also left 2 sessions on the draft)."""
     s = LiveSequence(GenerationRequest([1, 2, 3], 8, POLICIES["chain"]), None, None, [1, 2, 3, 4], GREEDY)
     s.draft_seen = 4
     item = draft_item(s)
