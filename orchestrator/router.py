@@ -163,8 +163,11 @@ class Router:
         if s.draft is None:
             return
         if s.opened_draft:
-            replica = s.draft  # (not once the sequence is back there: its session is in use again)
-            self._background(self.release(replica, [s.sequence_id], wanted=lambda _: s.draft is not replica))
+            # Not once the sequence is back there and has drafted again (its session is in use again); back there
+            # but not drafting (plain steps), it may end without another Expand, and nothing else would release it.
+            replica = s.draft
+            self._background(self.release(replica, [s.sequence_id],
+                                          wanted=lambda _: s.draft is not replica or not s.opened_draft))
         s.draft.sequences -= 1
         s.draft, s.draft_seen, s.opened_draft = None, 0, False
 

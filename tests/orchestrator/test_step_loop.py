@@ -298,3 +298,48 @@ def test_an_expand_after_a_failed_verify_sends_the_root_again():
     s.draft_seen = 2  # the usual case: what the draft has not cached, the root last
     item = draft_item(s)
     assert item.new_tokens == [3, 4] and item.start_position == 2
+
+
+async def test_a_sequence_back_on_its_draft_replica_that_ends_before_drafting_there_leaves_no_session(
+        tiny_pair, onnx_cache_dir, monkeypatch):
+    # The draft refuses one Expand (the sequence leaves its replica; its session there is released in the
+    # background) and the release's first call fails (it goes again 0.5 s later). Meanwhile the sequence is back on
+    # that replica, the only one, and decodes plainly (a gate's choice) until it ends, never drafting there again.
+    draft, verify = await start_services(tiny_pair)
+    router = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    draft_client = router.fleet.serving("draft")[0].client
+    verify_client = router.fleet.serving("verify")[0].client
+    expand, release, verify_call = draft_client.expand, draft_client.release, verify_client.verify
+    refused, calls = asyncio.Event(), {"expand": 0, "release": 0}
+
+    async def refuse_the_third_expand(*args):
+        calls["expand"] += 1
+        if calls["expand"] == 3:
+            refused.set()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, details="refused by the test")
+        return await expand(*args)
+
+    async def fail_the_first_release(*args):
+        calls["release"] += 1
+        if calls["release"] == 1:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="failed by the test")
+        return await release(*args)
+
+    async def slow_verify_after_the_refusal(*args):  # the sequence outlives the release's first retry
+        if refused.is_set():
+            await asyncio.sleep(0.01)
+        return await verify_call(*args)
+
+    drafts = Planner.drafts
+    monkeypatch.setattr(Planner, "drafts", lambda self, *a, **k: not refused.is_set() and drafts(self, *a, **k))
+    draft_client.expand, draft_client.release = refuse_the_third_expand, fail_the_first_release
+    verify_client.verify = slow_verify_after_the_refusal
+    try:
+        tokens, steps = await run_request(router, [5, 17, 99, 3, 200], 160)
+        await asyncio.sleep(1.0)  # any release still on its way
+        assert calls["expand"] == 3  # as staged: the third refused, none after it
+        assert len(draft.servicer.expander.sessions) == 0
+        assert calls["release"] == 2  # the failed call and its retry
+    finally:
+        await close(router)
+        await stop_services(draft, verify)
