@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from cast.v1 import verify_pb2, verify_pb2_grpc
 from cast_core.cost_table import CostTable
@@ -28,11 +29,6 @@ from verify_service.verifier import Verifier
 log = logging.getLogger("verify_service")
 
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name  # "cast.v1.VerifyService"
-
-# Batch buckets whose CUDA graphs (every tree-size and context bucket) are captured at start-up; other buckets are
-# captured on first use (that Verify says `cold`).
-WARM_BATCHES = (1, 2, 4, 8)
-
 
 @dataclass
 class RunningServer:
@@ -72,10 +68,12 @@ async def start(config: VerifyConfig) -> RunningServer:
         log.info("%s", verifier.static.describe())
         verifier.warm_up()
         if verifier.static.use_graphs:
-            start = time.perf_counter()
-            captured = verifier.static.capture_buckets(WARM_BATCHES)
-            log.info("captured %d CUDA graphs for batches %s in %.1f s", captured,
-                     ",".join(map(str, WARM_BATCHES)), time.perf_counter() - start)
+            start, reserved = time.perf_counter(), torch.cuda.memory_reserved(verifier.target.device)
+            batches = verifier.static.batch_buckets  # every batch bucket up to max_batch: no Verify pays a capture
+            captured = verifier.static.capture_buckets(batches)
+            log.info("captured %d CUDA graphs for batches %s in %.1f s (%.2f GiB more GPU memory reserved)",
+                     captured, ",".join(map(str, batches)), time.perf_counter() - start,
+                     (torch.cuda.memory_reserved(verifier.target.device) - reserved) / 2**30)
         # After the warm-up, so that first-run costs stay out of the table; through the verifier, so that the table
         # prices its forward (and the graphs the profile captures stay for serving).
         return verifier, startup_cost_table(config, verifier)
