@@ -69,10 +69,9 @@ async def start(config: VerifyConfig) -> RunningServer:
         verifier.warm_up()
         if verifier.static.use_graphs:
             start, reserved = time.perf_counter(), torch.cuda.memory_reserved(verifier.target.device)
-            batches = verifier.static.batch_buckets  # every batch bucket up to max_batch: no Verify pays a capture
-            captured = verifier.static.capture_buckets(batches)
+            captured = verifier.static.capture_buckets()  # every batch bucket up to max_batch
             log.info("captured %d CUDA graphs for batches %s in %.1f s (%.2f GiB more GPU memory reserved)",
-                     captured, ",".join(map(str, batches)), time.perf_counter() - start,
+                     captured, ",".join(map(str, verifier.static.batch_buckets)), time.perf_counter() - start,
                      (torch.cuda.memory_reserved(verifier.target.device) - reserved) / 2**30)
         # After the warm-up, so that first-run costs stay out of the table; through the verifier, so that the table
         # prices its forward (and the graphs the profile captures stay for serving).

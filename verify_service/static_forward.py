@@ -264,15 +264,14 @@ class StaticForward:
                 return None
 
     @torch.no_grad()
-    def capture_buckets(self, batches: Sequence[int]) -> int:
-        """Capture every (tokens, context) bucket of these batch buckets now, with dummy rows only (they write
-        scratch columns): serving at those batch sizes then never pays a capture. Before any sequence exists
-        (start-up). Returns the graphs captured."""
+    def capture_buckets(self) -> int:
+        """Capture every (batch, tokens, context) bucket now, with dummy rows only (they write scratch columns):
+        serving then never pays a capture. Before any sequence exists (start-up). Returns the graphs captured."""
         if not self.use_graphs:
             return 0
         assert not self.store.owners, "capture_buckets runs before any sequence holds a slot"
         before = self.captures
-        for rows in (b for b in self.batch_buckets if b in batches):
+        for rows in self.batch_buckets:
             for n in self.token_buckets:
                 for write_at in self.context_buckets:
                     if (rows, n, write_at) in self.graphs:

@@ -335,7 +335,7 @@ async def test_a_sequence_back_on_its_draft_replica_that_ends_before_drafting_th
     draft_client.expand, draft_client.release = refuse_the_third_expand, fail_the_first_release
     verify_client.verify = slow_verify_after_the_refusal
     try:
-        tokens, steps = await run_request(router, [5, 17, 99, 3, 200], 160)
+        await run_request(router, [5, 17, 99, 3, 200], 160)
         await asyncio.sleep(1.0)  # any release still on its way
         assert calls["expand"] == 3  # as staged: the third refused, none after it
         assert len(draft.servicer.expander.sessions) == 0
