@@ -26,7 +26,7 @@ up: $(STAMP)
 	$(VENV)/bin/cast up
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 protos: $(STAMP)
 	$(PY) -m tools.gen_protos
