@@ -324,6 +324,7 @@ class StepLoop:
                     stepping = [s for s in self.live if not s.done]
                     if self.prefilling is not None and not stepping:  # nothing else to do meanwhile
                         await self._join()
+                        self._admit()  # those who came meanwhile join its first step: a burst steps as one batch
                         stepping = [s for s in self.live if not s.done]
                     if stepping:
                         await self._step(stepping)
@@ -458,7 +459,11 @@ class StepLoop:
     async def _run_step(self, batch: list[LiveSequence], step: StepTrace | None) -> None:
         started = time.perf_counter()
         timing = StepTiming(prefill=self.prefilling is not None)
-        size, context = len(batch), max(len(s.tokens) for s in batch)
+        # The step's batch is its Verify's: the live sequences and the newcomers joining it (their prefill ends
+        # before the Verify). Judged at the live size alone, a burst's first step ran one sequence at batch 1,
+        # where drafting wins, and everyone's first token waited for its draft to read its prompt.
+        verifying = batch + self.joining
+        size, context = len(verifying), max(len(s.tokens) for s in verifying)
 
         # Pipelined: the trees prepared during the last Verify, where the draft's guess came true.
         waited = time.perf_counter()

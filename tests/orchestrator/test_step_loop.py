@@ -22,6 +22,7 @@ from cast_core.tree import TokenTree
 from orchestrator.clients import VerifyClient, VerifyItem
 from orchestrator.costs import CostModel
 from orchestrator.decoding import GenerationRequest
+from orchestrator.draft_gate import DRAFTED, PLAIN
 from orchestrator.planner import Planner
 from orchestrator.policies import POLICIES
 from orchestrator.discovery import parse_target
@@ -343,3 +344,45 @@ async def test_a_sequence_back_on_its_draft_replica_that_ends_before_drafting_th
     finally:
         await close(router)
         await stop_services(draft, verify)
+
+
+async def test_a_burst_steps_as_one_batch_judged_at_its_size(tiny_pair, onnx_cache_dir):
+    # The gate has judged drafting the winner at batch 1 and plain decoding at batch 4. Four `cast` requests come
+    # at once to an idle loop: the first is admitted alone, the others while its prompt is prefilled (slowed here).
+    # Its first step must wait for them and decode plainly, the batch of 4 its Verify has; judged at batch 1, it
+    # drafted, and the draft's reading of its prompt held up everyone's first token.
+    draft, verify = await start_services(tiny_pair)
+    router = await router_for(draft, verify, AutoTokenizer.from_pretrained(tiny_pair[0]))
+    prompts = [[5, 17, 99, 3, 200], [42, 7, 8, 300, 11, 12], [9, 9, 31, 4], [77, 78, 79, 80, 81, 82, 83]]
+
+    async def cast_request(prompt_ids: list[int]):
+        request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=4, policy=POLICIES["cast"], ignore_eos=True)
+        async for chunk in router.generate(request):
+            pass
+        return chunk.stats.steps
+
+    try:
+        await cast_request(prompts[0])  # the loop exists from now on
+        (loop,) = router.loops.values()
+        gate = loop.planners.get(POLICIES["cast"]).gate
+        for _ in range(64):
+            gate.record(1, DRAFTED, 4.0, 10.0)
+            gate.record(1, PLAIN, 1.0, 10.0)
+            gate.record(4, DRAFTED, 1.0, 100.0)
+            gate.record(4, PLAIN, 1.0, 10.0)
+        prefill = verify.servicer.verifier.prefill
+
+        def slow_prefill(items):
+            time.sleep(0.3)
+            return prefill(items)
+
+        verify.servicer.verifier.prefill = slow_prefill
+        first = asyncio.create_task(cast_request(prompts[0]))
+        await asyncio.sleep(0.1)  # the first is being prefilled
+        steps = await asyncio.gather(first, *(cast_request(p) for p in prompts[1:]))
+    finally:
+        await close(router)
+        await stop_services(draft, verify)
+    first_steps = [s[0] for s in steps]
+    assert all(step.timing is first_steps[0].timing for step in first_steps)  # one step gave every first token
+    assert [(step.expanded_nodes, step.verified_nodes) for step in first_steps] == [(1, 1)] * 4  # plain, at batch 4
