@@ -71,3 +71,78 @@ class ValueCalibration:
         """One scale for all depths (accepted tokens per unit of value, pooled): where a rule has no depth to go by."""
         scale = (sum(self.accepted) + PRIOR_MASS) / (sum(self.value) + PRIOR_MASS)
         return min(max(scale, LIMITS[0]), LIMITS[1])
+
+
+RANK_BUCKETS = 7  # ranks 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64 and on: a bucket per power of two
+RANK_LIMITS = (0.25, 4.0)  # bounds of a bucket's factor
+
+
+def rank_buckets(n: int) -> np.ndarray:
+    """[n] the bucket of ranks 1..n."""
+    return np.minimum(np.log2(np.arange(1, n + 1)).astype(np.int64), RANK_BUCKETS - 1)
+
+
+@dataclass
+class RankCalibration:
+    """Accepted tokens per unit of calibrated value by a node's rank in its tree (1: the best node after the root),
+    the one correction the verifier's cut (Planner.select) applies on top of the per-depth scales.
+
+    The depth scales are right for a depth's nodes together but not for its marginal ones: the nodes a larger cut
+    adds are later siblings, accepted about half as often as their calibrated value says, while the first few are
+    underrated (offline, reports/cast-vs-fixed/calibration_offline.md: ranks 1-8 0.77x, 9-64 1.15-1.39x their real
+    acceptance). So CAST cut too many nodes wherever the verifier's cost grows with them (a GPU at batch 32: 23.8
+    nodes verified against the best fixed tree's 14.7, for 0.11 more tokens a step). The ranks do not change, only
+    how many are worth verifying. Measured like the depth scales, on the verified nodes; a bucket learns only from
+    steps that verified its ranks, and keeps what it learned while the cut stays below them."""
+
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros(RANK_BUCKETS))  # decayed accepted nodes
+    value: np.ndarray = field(default_factory=lambda: np.zeros(RANK_BUCKETS))     # decayed summed calibrated value
+
+    def observe(self, verified: list[TokenTree], keys: list[np.ndarray], committed: list[list[int]]) -> None:
+        """One step's verified trees, their nodes' calibrated values ([N] each, the root first) and the tokens each
+        sequence committed (its accepted path, then the bonus token). For the whole batch at once: a few numpy
+        calls, not a loop per tree and token (it runs after every drafted step, on its critical path)."""
+        drafted = [i for i, t in enumerate(verified) if len(t) > 1]
+        if not drafted:
+            return
+        trees = [verified[i] for i in drafted]
+        sizes = np.array([len(t) for t in trees])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # [B] each tree's root
+        owner = np.repeat(np.arange(len(trees)), sizes)  # [N] its tree
+        depths = np.concatenate([t.depths for t in trees])
+        parents = np.concatenate([t.parents for t in trees]) + starts[owner]
+        parents[starts] = starts  # a root is its own ancestor
+        value = np.concatenate([keys[i] for i in drafted]).astype(np.float64)
+        # A node is accepted when its token is the path's at its depth, and so is every ancestor's.
+        path = np.full((len(trees), int(depths.max()) + 1), -1, dtype=np.int64)  # [B, D + 1] accepted tokens
+        for b, i in enumerate(drafted):
+            accepted_path = committed[i][:-1][: path.shape[1] - 1]
+            path[b, 1 : len(accepted_path) + 1] = accepted_path
+        accepted = np.concatenate([t.tokens for t in trees]) == path[owner, depths]
+        accepted[starts] = True
+        for _ in range(int(depths.max()).bit_length()):
+            accepted &= accepted[parents]
+            parents = parents[parents]
+        # Ranks within each tree, as TokenTree.top_m orders them (ties in tree order).
+        others = np.flatnonzero(depths > 0)
+        order = others[np.lexsort((others, -value[others], owner[others]))]
+        first = np.searchsorted(owner[order], np.arange(len(trees)))  # [B] each tree's rank 1 in `order`
+        ranks = np.arange(order.shape[0]) - first[owner[order]] + 1
+        buckets = rank_buckets(int(ranks.max()))[ranks - 1]
+        value = np.bincount(buckets, weights=value[order], minlength=RANK_BUCKETS)
+        hits = np.bincount(buckets, weights=accepted[order].astype(np.float64), minlength=RANK_BUCKETS)
+        seen = value > 0
+        self.value[seen] = (1 - WEIGHT) * self.value[seen] + value[seen]
+        self.accepted[seen] = (1 - WEIGHT) * self.accepted[seen] + hits[seen]
+
+    def factors(self) -> np.ndarray:
+        """[RANK_BUCKETS] accepted tokens per unit of calibrated value, smoothed toward 1 and bounded."""
+        return np.clip((self.accepted + PRIOR_MASS) / (self.value + PRIOR_MASS), *RANK_LIMITS)
+
+    def correct(self, utilities: np.ndarray) -> np.ndarray:
+        """[n] batch_topk_utilities of calibrated values (u_1 the root's 1; u_k - u_(k-1) the batch's mean value at
+        rank k - 1), with each rank's value times its bucket's factor."""
+        gains = np.diff(utilities)  # [n - 1] ranks 1..n-1
+        buckets = rank_buckets(gains.shape[0])
+        return np.concatenate([utilities[:1], utilities[0] + np.cumsum(gains * self.factors()[buckets])])
+

@@ -271,6 +271,10 @@ class CascadePlanner(Planner):
         if self.chosen is not None:
             self.level_planner(self.chosen).learn_layers(layer_utilities)
 
+    def learn_ranks(self, verified: list[TokenTree], committed: list[list[int]]) -> None:
+        if self.chosen is not None:  # the chosen level cut the trees
+            self.level_planner(self.chosen).learn_ranks(verified, committed)
+
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
                    step_ms: float, one_off: bool, switch: bool = False) -> bool:
         switched = super().learn_step(batch, drafted, verified, committed, step_ms, one_off, switch)  # the gate

@@ -30,7 +30,7 @@ from cast.v1 import draft_pb2
 from cast_core.selection import (GainBuffer, batch_calibrated_values, batch_gains, batch_topk_utilities,
                                  most_efficient_cut, select_count)
 from cast_core.tree import TokenTree
-from orchestrator.calibration import ValueCalibration
+from orchestrator.calibration import RankCalibration, ValueCalibration
 from orchestrator.costs import CostModel
 from orchestrator.draft_gate import DRAFTED, PLAIN, DraftGate, arm_label
 from orchestrator.policies import TreePolicy
@@ -44,6 +44,7 @@ class Planner:
         cast = policy.cast
         self.gains = GainBuffer.full_of_ones(cast.gain_buffer_size if cast else 1)
         self.calibration = ValueCalibration()
+        self.ranks = RankCalibration()  # the verifier's cut: what a node's rank in its tree is worth
         self.gate = DraftGate() if cast else None
         self.arms: tuple[str, ...] | None = None  # the gate's arms this step can run (None: all of the gate's)
         # CAST: per batch size, the nodes per tree and the depth that reranking verified in its last steps
@@ -162,7 +163,7 @@ class Planner:
         if self.policy.cast is not None:
             scales = self.depth_scales()
             keys = batch_calibrated_values(trees, scales)
-            utilities = batch_topk_utilities(keys)  # [max N]
+            utilities = self.ranks.correct(batch_topk_utilities(keys))  # [max N]
             prices = costs.rerank_costs(batch, context, utilities.shape[0])
             m = min(select_count(utilities, prices, self.policy.cast.rerank_threshold), m)
             step = prices + draft_ms / costs.verify_step_ms(batch, context, 1)  # the same unit: one plain step
@@ -178,6 +179,11 @@ class Planner:
         """An Expand's per-sequence layer utilities u^(i): CAST's gain buffer takes the batch's gains."""
         if self.policy.cast is not None:
             self.gains = batch_gains(self.gains, layer_utilities)
+
+    def learn_ranks(self, verified: list[TokenTree], committed: list[list[int]]) -> None:
+        """A drafted step's verified trees and the tokens each committed: what each rank of the cut was worth."""
+        if self.policy.cast is not None:
+            self.ranks.observe(verified, batch_calibrated_values(verified, self.depth_scales()), committed)
 
     def learn_step(self, batch: int, drafted: bool, verified: list[TokenTree], committed: list[int],
                    step_ms: float, one_off: bool, switch: bool = False) -> bool:

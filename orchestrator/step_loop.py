@@ -553,7 +553,8 @@ class StepLoop:
         # Learn: the verifier's step cost, and each policy from its sequences' outcome.
         if not timing.one_off:
             self.costs(None).observe_verify(size, context, max(len(i.tree) for i in items), seconds)
-        committed = {s.sequence_id: len(tokens) for s, tokens in zip(batch, results)}
+        tokens = {s.sequence_id: t for s, t in zip(batch, results)}
+        committed = {sid: len(t) for sid, t in tokens.items()}
         verified = {s.sequence_id: i.tree for s, i in zip(batch, items)}
         for g in groups:
             if g.planner.learn_step(size, g.drafts, [verified[s.sequence_id] for s in g.sequences],
@@ -561,8 +562,10 @@ class StepLoop:
                                     switch=timing.only_switched):
                 self.telemetry.gate_switches.add(1, {"cast.policy": policy_label(g.planner.policy.name),
                                                      "cast.batch_size": size})
+            if g.drafts:
+                g.planner.learn_ranks([verified[s.sequence_id] for s in g.sequences],
+                                      [tokens[s.sequence_id] for s in g.sequences])
             if isinstance(g.planner, CascadePlanner) and g.drafts:
-                tokens = {s.sequence_id: t for s, t in zip(batch, results)}
                 g.planner.learn_levels([g.expanded.get(s.sequence_id) for s in g.sequences],
                                        [verified[s.sequence_id] for s in g.sequences],
                                        [tokens[s.sequence_id] for s in g.sequences])

@@ -1,7 +1,7 @@
 import numpy as np
 
 from cast_core.tree import TokenTree
-from orchestrator.calibration import LIMITS, ValueCalibration
+from orchestrator.calibration import LIMITS, RankCalibration, ValueCalibration
 
 
 def chain(values: list[float]) -> TokenTree:
@@ -41,3 +41,25 @@ def test_depths_not_seen_yet_take_the_depth_above_and_little_evidence_moves_litt
     scales = deep.scales(6)
     assert scales[3] < 3 * scales[2]  # a tiny value is weak evidence: near its prior, not 100x
     assert scales[4] == scales[5] == scales[3]
+
+
+def test_each_rank_learns_what_its_nodes_returned_per_unit_of_value():
+    # Tree 1: root -> a (token 5, .6) -> c (7, .5), d (8, .1); root -> b (6, .3) -> e (7, .2). The target took b then
+    # e: c has e's token at e's depth but under a, which was not accepted. Ranks by value: a, c, b, e, d. Tree 2, a
+    # chain of one node, accepted: its rank 1 counts beside tree 1's.
+    branching = TokenTree.from_lists([0, 5, 6, 7, 8, 7], [-1, 0, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2],
+                                     [1.0, 0.6, 0.3, 0.5, 0.1, 0.2])
+    one = chain([0.9])
+    ranks = RankCalibration()
+    ranks.observe([branching, one], [branching.values.astype(float), one.values.astype(float)], [[6, 7, 9], [1, 4]])
+    # buckets: rank 1 (a, and the chain's node), ranks 2-3 (c, b), ranks 4-7 (e, d)
+    assert np.allclose(ranks.value[:3], [0.6 + 0.9, 0.5 + 0.3, 0.2 + 0.1])
+    assert np.allclose(ranks.accepted[:3], [1, 1, 1])
+    assert np.all(ranks.value[3:] == 0)  # ranks not verified teach nothing...
+    factors = ranks.factors()
+    assert np.all(factors[3:] == 1.0)  # ... and keep their prior
+    assert factors[2] > factors[1] > factors[0]  # 1 accepted of 0.3, of 0.8, of 1.5
+    # The cut's utilities: each rank's value times its bucket's factor (ranks 1 | 2, 3 | 4).
+    utilities = np.array([1.0, 1.6, 2.1, 2.3, 2.4])  # a tree's root, then values .6, .5, .2, .1
+    gains = np.array([0.6 * factors[0], 0.5 * factors[1], 0.2 * factors[1], 0.1 * factors[2]])
+    assert np.allclose(ranks.correct(utilities), 1.0 + np.concatenate([[0.0], np.cumsum(gains)]))

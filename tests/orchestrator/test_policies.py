@@ -194,3 +194,44 @@ def test_a_step_loop_keeps_few_planners_for_fixed_shapes_and_cast_for_good():
     assert planners.get(POLICIES["cast"]) is cast and abs(cast.calibration.scale - 1.7) < 1e-6
     recent = planners.get(resolve_policy("tree:8x16/32", "cast"))
     assert planners.get(resolve_policy("tree:8x16/32", "cast")) is recent  # a shape in use keeps its planner
+
+
+def chain_with_siblings(chain_values: list[float], sibling_share: float, siblings: int) -> TokenTree:
+    """A chain (tokens 1..d) whose every node has `siblings` siblings, each worth `sibling_share` of its parent's
+    value (tokens 100 and on)."""
+    tokens, parents, depths, values = [0], [-1], [0], [1.0]
+    parent = 0
+    for depth, value in enumerate(chain_values, start=1):
+        for j in range(siblings):
+            tokens.append(100 + len(tokens))
+            parents.append(parent)
+            depths.append(depth)
+            values.append(values[parent] * sibling_share * (1 - 0.1 * j))
+        tokens.append(depth)
+        parents.append(parent)
+        depths.append(depth)
+        values.append(value)
+        parent = len(tokens) - 1
+    return TokenTree.from_lists(tokens, parents, depths, values)
+
+
+def test_the_cut_stops_verifying_siblings_the_target_never_accepts_and_keeps_its_chain():
+    # The draft's trees: a chain the target always accepts, its values falling slowly, with three siblings at every
+    # depth worth 30 % of their parent, which it never accepts; a node costs the verifier 5 % of a plain step. The
+    # per-depth scales price a depth's nodes together (the chain's acceptance spread over its siblings), so the
+    # siblings look worth verifying; what each rank of the cut returns tells them apart.
+    fine = dict(batch_sizes=(1, 8), context_buckets=(128, 1024), token_counts=tuple(range(1, 65)))
+    costs = CostModel(verify=CostTable.linear(0.3, 5.0, **fine), draft=CostTable.linear(0.05, 1.0, **fine))
+    tree = chain_with_siblings([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], sibling_share=0.3, siblings=3)
+    planner, batch = Planner(POLICIES["cast"]), 8
+    sizes = []
+    for _ in range(40):
+        verified = planner.select([tree] * batch, costs, batch, 100)
+        reached = [sum(1 for t in range(1, 7) if t in v.tokens[1:]) for v in verified]  # the chain's verified part
+        committed = [[*range(1, k + 1), k + 1] for k in reached]  # accepted, then the bonus token
+        planner.learn_step(batch, True, verified, [len(c) for c in committed], 10.0, False)
+        planner.learn_ranks(verified, committed)
+        sizes.append(len(verified[0]))
+    assert sizes[0] >= 12  # the chain and half a dozen siblings
+    assert set(range(1, 7)) <= set(verified[0].tokens.tolist())  # the chain, all of it accepted, still verified
+    assert sizes[-1] <= 9, sizes  # and little else
