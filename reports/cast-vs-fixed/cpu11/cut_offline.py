@@ -17,6 +17,7 @@ import argparse
 
 import numpy as np
 
+from benchmarks.calibration_offline import top_ranks
 from orchestrator.calibration import PRIOR_MASS
 
 RANK_BUCKETS = 7  # ranks 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64 and on
@@ -48,12 +49,12 @@ def main() -> None:
     for h in (0, 1):
         train = half != h
         # per-depth scales on the training half's top 32 of each tree by value
-        rank = rank_in_tree(value, tree_id)
+        rank = top_ranks(value, tree_id)
         fit = train & (rank < 31)
         scales = np.array([(accepted[fit & (depth == d)].sum() + PRIOR_MASS) /
                            (value[fit & (depth == d)].sum() + PRIOR_MASS) for d in range(1, D + 1)])
         key = capped(scales[depth - 1] * value, parent, depth)
-        rank = rank_in_tree(key, tree_id)
+        rank = top_ranks(key, tree_id)
         fit = train & (rank < 31)
         buckets = rank_buckets(int(rank.max()) + 1)[rank]
         hits = np.bincount(buckets[fit], weights=accepted[fit], minlength=RANK_BUCKETS)
@@ -93,15 +94,6 @@ def main() -> None:
         got = np.mean(returned[rule])
         print(f"  ({rule}) {name}: m median {np.median(chosen[rule]):.0f} (p10-p90 {np.percentile(chosen[rule], 10):.0f}-"
               f"{np.percentile(chosen[rule], 90):.0f}), {got:.4f} tokens/ms = {got / oracle:.3f} of m*")
-
-
-def rank_in_tree(p: np.ndarray, tree_id: np.ndarray) -> np.ndarray:
-    """Each node's rank (0 = best) within its tree by p."""
-    order = np.lexsort((-p, tree_id))
-    starts = np.searchsorted(tree_id[order], tree_id[order], side="left")
-    rank = np.empty(len(p), dtype=np.int64)
-    rank[order] = np.arange(len(p)) - starts
-    return rank
 
 
 def capped(pred: np.ndarray, parent: np.ndarray, depth: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# CPU round 8: steady state (an untimed 16-token wave before each cell), 9 fixed shapes + ar, both prompt sets on one stack.
+# CPU round 8 (and 11): steady state (an untimed 16-token wave before each cell), 9 fixed shapes + ar, both prompt sets on one stack.
 set -u
-cd /work/main
-OUT=/work/runs/sweep8
+cd "$(dirname "$0")/../../.."
+OUT=${1:-/work/runs/sweep8}
 PY=.venv/bin/python
 $PY -m orchestrator.cli up --port 58051 --draft-port 58052 --verify-port 58053 --metrics-port 0 --http-port -1 > $OUT/stack.log 2>&1 &
 S=$!
