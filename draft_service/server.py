@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from draft_service.expansion import Budget, Expander, SequenceInput
 from draft_service.export import export_draft
 from draft_service.levels import KINDS, Levels, LevelSpec, lookup_cost_table
 from draft_service.profile import device_name, startup_cost_table
-from draft_service.runner import TREE_ROOM, DraftRunner, choose_dtype, choose_provider
+from draft_service.runner import BATCH_BUCKETS, TREE_ROOM, DraftRunner, choose_dtype, choose_provider
 from draft_service.servicer import DraftServicer
 from draft_service.sparse import build_sparse_checkpoint, load_choice
 
@@ -61,10 +62,6 @@ def checkpoint_vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
-# The batch buckets whose CUDA graphs are captured at start-up (others on first use, their Expand flagged `cold`).
-WARM_BATCHES = (1, 2, 4, 8)
-
-
 def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
     """Export or load one model level's graph, open its ORT session, warm it up, take its cost table (--cost-table
     is the default level's). Returns (expander, checkpoint dir, cost table or None)."""
@@ -79,8 +76,11 @@ def build_model_level(config: DraftConfig, spec: LevelSpec, default: bool):
         raise ValueError(f"max_context: {max_context} exceeds the {spec.name} model's {meta.max_context} positions")
     runner = DraftRunner(onnx_path, meta, provider=config.provider, capacity=max_context + TREE_ROOM,
                          threads=config.threads, max_batch=config.max_batch)
-    if runner.cuda_graphs:
-        runner.warm(WARM_BATCHES)  # capture now, not in the first steps at these batch sizes
+    if runner.cuda_graphs:  # every batch bucket's graphs now: a capture inside a step costs more than the step
+        start = time.perf_counter()
+        runner.warm(BATCH_BUCKETS)
+        log.info("captured the %s level's CUDA graphs for batches %s in %.1f s", spec.name,
+                 ",".join(map(str, BATCH_BUCKETS)), time.perf_counter() - start)
     if not runner.fixed_buffers:
         runner.warm_memory()  # the memory of the largest forward, now: serving then adds none
     expander = Expander(runner, SessionStore(config.max_sessions, config.session_ttl_s), max_context)
