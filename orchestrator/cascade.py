@@ -63,6 +63,7 @@ PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
 MAX_DEPTH = 64
+MAX_CHAIN = 64          # lookup's longest chain (the draft service's limit, draft_service/levels.py)
 
 
 @dataclass
@@ -84,6 +85,16 @@ class LevelAcceptance:
         """The share of drafted steps in which the level proposed anything (lookup: found a match)."""
         hits, steps = self.proposed[level]
         return (hits + PRIOR_WEIGHT) / (steps + PRIOR_WEIGHT)
+
+    def extrapolated_rates(self, level: str, depth: int) -> np.ndarray:
+        """[depth] as `rates`, except that depths past the deepest one measured (offered PRIOR_WEIGHT times or more)
+        take that one's rate: a chain longer than any proposed yet is priced as the text so far went on, not at the
+        prior (which would never let it grow to be measured)."""
+        rates = self.rates(level, depth)
+        measured = np.flatnonzero(self.offered[level][1: depth + 1] >= PRIOR_WEIGHT)
+        if measured.size:
+            rates[measured[-1] + 1:] = rates[measured[-1]]
+        return rates
 
     def expected_tokens(self, level: str, depth: int) -> float:
         """Accepted tokens a step expects from the level's part of the tree, up to `depth` (bonus excluded)."""
@@ -234,15 +245,32 @@ class CascadePlanner(Planner):
         out = draft_pb2.CascadeBudget(max_returned_nodes=self.policy.verify_tokens)
         for level in self.plan:
             if level == "lookup":
+                alone = self.chosen is None and self.policy.cast is not None
+                length = self.lookup_length(costs, batch, context) if alone else self.policy.max_depth
                 # In the model level's value unit: its calibration says how many tokens a unit of value is worth.
-                rates = self.acceptance.rates("lookup", self.policy.max_depth) / scale
-                out.levels.add(level="lookup", budget=draft_pb2.ExpandBudget(max_depth=self.policy.max_depth),
+                rates = (self.acceptance.extrapolated_rates if alone else self.acceptance.rates)("lookup", length)
+                rates = rates / scale
+                out.levels.add(level="lookup", budget=draft_pb2.ExpandBudget(max_depth=length),
                                acceptance=rates.tolist())
             else:
                 planner = self.level_planner(level)
                 out.levels.add(level=level, budget=planner.price_budget(costs.levels[level], batch, context))
         self.acceptance.count_step(set(self.plan))
         return out
+
+    def lookup_length(self, costs: CostModel, batch: int, context: int) -> int:
+        """Lookup alone: its chain's length, as DyTC sets a level's draft length: the one whose step commits the
+        most tokens per ms, from lookup's acceptance per depth (this mode's, extrapolated past the deepest measured)
+        against the verifier's cost of 1 + length tokens. Copying, chains are mostly accepted whole and grow past
+        the policy's depth (at CPU prices, to ~20 at a 0.9 rate a token); writing, they shrink."""
+        level = costs.levels.get(LOOKUP, costs)
+        longest = max(1, min(MAX_CHAIN, self.policy.verify_tokens - 1))
+        reach = np.cumprod(self.acceptance.extrapolated_rates(LOOKUP, longest))  # [longest] P(path reaches d)
+        tokens = 1.0 + self.acceptance.propose_rate(LOOKUP) * np.cumsum(reach)  # [longest] for lengths 1..longest
+        search = level.draft_call_ms.get(batch, 0.0) + level.draft_forward_ms(batch, context, 1)
+        verify = level.verify.costs_for_counts(batch, context, longest + 1)[1:]  # [longest] 2..longest+1 tokens
+        millis = verify + level.verify_overhead_ms.get(batch, 0.0) + search
+        return int(np.argmax(tokens / millis)) + 1
 
     def prepare_budget(self, costs: CostModel, batch: int, context: int) -> None:
         """Nothing to prepare: the next step's level is chosen when it starts."""

@@ -312,3 +312,47 @@ def test_where_lookup_finds_nothing_the_step_drafts_with_a_model_level_not_looku
     nothing = [outcomes[False][arm][0] for arm in arms[False][-100:]]
     assert sum(nothing) / len(nothing) > 2.5  # ... but mostly the small draft (plain decoding probed): 1.0 before
     assert arms[True][-150:].count("lookup") > 120  # found: lookup alone, its mode's winner
+
+
+def lookup_alone_budget(planner: CascadePlanner, costs: CostModel):
+    planner.arm = "lookup"
+    planner.chosen = None
+    return planner.budget(costs, 1, 100).levels[0]
+
+
+def observe_chains(planner: CascadePlanner, length: int, accepted: int, steps: int = 40) -> None:
+    """Lookup-alone steps whose chain of `length` had its first `accepted` tokens accepted."""
+    chain = TokenTree.from_lists(list(range(length + 1)), list(range(-1, length)), list(range(length + 1)),
+                                 [1.0] * (length + 1))
+    for _ in range(steps):
+        planner.acceptance.count_step({"lookup"})
+        planner.acceptance.observe(chain, [None] + ["lookup"] * length, list(range(1, accepted + 1)) + [99])
+
+
+def test_lookup_alone_grows_its_chain_where_it_is_accepted_whole_and_shrinks_it_where_it_misses():
+    """DyTC's draft length: a copying sequence's chains of 8 accepted whole are worth growing; chains that miss at
+    their second token are cut short (a verifier that costs 10 ms and 0.5 ms a token, a CPU's shape)."""
+    verify = CostTable.linear(0.5, 10.0, batch_sizes=(1, 8), context_buckets=(128, 2048),
+                              token_counts=(1, 2, 4, 8, 16, 32, 64), device="cpu", model_id="target", dtype="float32")
+    costs = CostModel.from_tables(verify, table(0.01, 0.1, "small"))
+    costs.levels = {"lookup": CostModel.from_tables(verify, table(0.0, 0.01, "lookup"))}
+    copying = CascadePlanner(POLICIES["lookup"])
+    first = lookup_alone_budget(copying, costs).budget.max_depth
+    observe_chains(copying, 8, accepted=8)
+    grown = lookup_alone_budget(copying, costs)
+    assert grown.budget.max_depth > 8 >= first
+    assert grown.budget.max_depth <= POLICIES["lookup"].verify_tokens - 1  # what lookup alone verifies
+    assert len(grown.acceptance) == grown.budget.max_depth and min(grown.acceptance) > 0.9  # extrapolated
+    writing = CascadePlanner(POLICIES["lookup"])
+    observe_chains(writing, 8, accepted=1)
+    assert lookup_alone_budget(writing, costs).budget.max_depth == 1
+
+
+def test_lookup_riding_along_a_model_level_keeps_the_policys_depth():
+    planner = CascadePlanner(POLICIES["cascade"])
+    costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)
+    observe_chains(planner, 8, accepted=8)
+    assert planner.drafts(costs, 1, 100)
+    budget = planner.budget(costs, 1, 100)
+    assert [level.level for level in budget.levels] == ["lookup", "small"]
+    assert budget.levels[0].budget.max_depth == POLICIES["cascade"].max_depth
