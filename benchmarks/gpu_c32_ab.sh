@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU A/B of ./alt (e.g. `git archive dcap -- . ":!models" ":!reports" ":!tests" | tar -x -C alt`) against this tree:
+# GPU A/B of ./alt (e.g. `git archive BRANCH -- . ":!models" ":!reports" ":!tests" | tar -x -C alt`) against this tree:
 # issue 21's held-out c = 32 cell on the 1B shape (round 10's cell), each code on its own stack, in ORDER; ~6 min.
 set -u
 OUT=${1:?out}; mkdir -p "$OUT"; R=/tmp/r; rm -rf $R; mkdir -p $R

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, type=Path, help="draft checkpoint or exported draft directory")
     p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16"), help="of a checkpoint's export")
-    p.add_argument("--batches", default="1,2,4,8", help="batch buckets warmed (the server's WARM_BATCHES)")
+    p.add_argument("--batches", default="1,2,4,8,16,32", help="batch buckets warmed (the server warms every one)")
     p.add_argument("--capacity", type=int, default=0, help="KV buffer columns (0: the model's context + tree room)")
     p.add_argument("--context", type=int, default=256, help="committed tokens before the timed tree's root")
     p.add_argument("--depth", type=int, default=6)

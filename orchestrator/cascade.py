@@ -31,8 +31,9 @@ Per step, for the step's batch:
    verifies its whole chain (`select`): its acceptance is learned from what is verified.
 
 What the paper's DyTC does beyond this: it routes each *layer* of the tree to a level (lookup proposes, the sparse
-target extends, the small draft fills breadth) and sets each level's draft length from the same estimates; here a
-step's model part comes from one level, chosen per step and batch size.
+target extends, the small draft fills breadth); here a step's model part comes from one level, chosen per step and
+batch size. Draft lengths are set from the same estimates: a model level's by CAST's depth rule, lookup alone's by
+`lookup_length` (lookup riding along a model level keeps the policy's depth: CAST's rerank cuts the merged tree).
 
 `cascade-fixed` is the fixed vertical cascade to compare against: every level of the policy drafts every step with
 fixed budgets, and the best `verify_tokens` nodes of the merged tree are verified.
