@@ -18,5 +18,5 @@ for name in ${ORDER:-main alt alt main main alt}; do
   grep -h "captured" $R/$i-$name/1b/stack.log | sed 's/^/   /'
   sed -n '1,14p' $R/$i-$name/1b/heldout/sweep.md 2>/dev/null | grep -E "cast|oracle|4x5/16" | head -4
 done
-tar -czf $OUT/dcap_ab.tar.gz -C $R .
+tar -czf $OUT/ab.tar.gz -C $R .
 date -u

@@ -63,8 +63,7 @@ COPYING_SAMPLE = 8     # ... of at most this many of the batch's sequences (each
 PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
-MAX_DEPTH = 64
-MAX_CHAIN = 64          # lookup's longest chain (the draft service's limit, draft_service/levels.py)
+MAX_DEPTH = 64          # the deepest acceptance learned; lookup alone's longest chain (the draft service's too)
 
 
 @dataclass
@@ -265,7 +264,7 @@ class CascadePlanner(Planner):
         against the verifier's cost of 1 + length tokens. Copying, chains are mostly accepted whole and grow past
         the policy's depth (at CPU prices, to ~20 at a 0.9 rate a token); writing, they shrink."""
         level = costs.levels.get(LOOKUP, costs)
-        longest = max(1, min(MAX_CHAIN, self.policy.verify_tokens - 1))
+        longest = max(1, min(MAX_DEPTH, self.policy.verify_tokens - 1))
         reach = np.cumprod(self.acceptance.extrapolated_rates(LOOKUP, longest))  # [longest] P(path reaches d)
         tokens = 1.0 + self.acceptance.propose_rate(LOOKUP) * np.cumsum(reach)  # [longest] for lengths 1..longest
         search = level.draft_call_ms.get(batch, 0.0) + level.draft_forward_ms(batch, context, 1)
