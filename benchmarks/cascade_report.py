@@ -47,7 +47,11 @@ def start(target: Path, draft: Path | None, log_dir: Path, threads: int, sparse:
                      draft_args=["--threads", str(threads)] if threads else [],
                      draft_levels=(sparse, "lookup") if sparse != "none" else ("lookup",))
     stack = Stack(spec).start()
-    stack.wait_ready(1200)
+    try:
+        stack.wait_ready(1200)
+    except BaseException:
+        stack.stop()  # its services that did start
+        raise
     return stack
 
 
@@ -66,18 +70,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="the sparse level: 'sparse' (chosen from the target's layers), sparse=DIR (a checkpoint) or "
                         "'none' (no sparse level, no target-only stack)")
     p.add_argument("--sets", default="humaneval,edit")
+    p.add_argument("--no-target-only", action="store_true",
+                   help="with a sparse level, no second stack without the draft model (on an 80 GB GPU the 1B "
+                        "shape's two verifiers, ~35 GB each, and the draft services do not fit together)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the stacks stop in `finally`
     a.out.mkdir(parents=True, exist_ok=True)
     sets = {"humaneval": [q.rstrip() for q in load_prompts()], "edit": edit_prompts(64)}
     sets = {name: sets[name] for name in a.sets.split(",")}
-    stacks = {"pair": start(a.target, a.draft, a.out / "logs-pair", a.draft_threads, a.sparse)}
+    stacks = {}
     levels = [("pair", policy) for policy in a.policies.split(",") if a.sparse != "none" or policy != "sparse"]
-    if a.sparse != "none":
-        stacks["target-only"] = start(a.target, None, a.out / "logs-target", a.draft_threads, a.sparse)
-        levels.append(("target-only", "cascade"))
     rows = []
-    try:
+    try:  # a stack that fails to start must not leave the other running
+        stacks["pair"] = start(a.target, a.draft, a.out / "logs-pair", a.draft_threads, a.sparse)
+        if a.sparse != "none" and not a.no_target_only:
+            stacks["target-only"] = start(a.target, None, a.out / "logs-target", a.draft_threads, a.sparse)
+            levels.append(("target-only", "cascade"))
         for r in range(a.rounds):
             order = levels if r % 2 == 0 else levels[::-1]
             for name, prompts in sets.items():

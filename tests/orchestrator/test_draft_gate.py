@@ -116,6 +116,10 @@ def test_one_off_spikes_do_not_turn_drafting_off():
     assert gate.winner_drafts(1) and sum(choices) / len(choices) > 0.85
 
 
+def tokens_per_ms(choices: list[str], outcomes: dict[str, tuple[float, float]]) -> float:
+    return sum(outcomes[arm][0] for arm in choices) / sum(outcomes[arm][1] for arm in choices)
+
+
 def run_arms(gate: DraftGate, steps: int, outcomes: dict[str, tuple[float, float]], batch: int = 1) -> list[str]:
     """Drive a gate of named arms with fixed step outcomes per arm; returns its choices."""
     choices = []
@@ -199,3 +203,25 @@ def test_what_starting_to_draft_costs_is_charged_to_the_probes_of_drafting():
     uncharged, charged = wasted_share(False), wasted_share(True)
     assert charged[0] < 0.10 and charged[1] >= 2, charged  # drafting is still probed now and then
     assert uncharged[0] > 2 * charged[0], (uncharged, charged)
+
+
+def test_an_arm_that_cannot_win_even_committing_its_most_is_not_probed_until_the_winner_slows():
+    """The CPU's edit set (reports/cascade/): in copying mode the sparse level's step took 117 ms for at most 9 tokens
+    (0.077 tokens/ms) against lookup alone's 6.6 tokens in 24 ms (0.27); its probes took 6 % of the cascade's time."""
+    outcomes = {"lookup": (6.6, 24.0), "sparse": (5.5, 117.0), PLAIN: (1.0, 14.0)}
+    bounded = DraftGate(arms=("lookup", "sparse", PLAIN), ceilings={"sparse": 9.0})
+    unbounded = DraftGate(arms=("lookup", "sparse", PLAIN))
+    for gate in (bounded, unbounded):
+        gate.expect(1, "sparse", 3.0, 110.0)
+        gate.expect(1, PLAIN, 1.0, 14.0)
+    unbounded_choices = run_arms(unbounded, 600, outcomes)
+    assert unbounded_choices.count("sparse") >= 1 + JUDGE_AFTER  # measured, then probed
+    choices = run_arms(bounded, 600, outcomes)
+    assert choices.count("sparse") == 0
+    # Plain decoding is probed no more often for it: the probes' time shrinks by the sparse level's share.
+    assert choices.count(PLAIN) <= unbounded_choices.count(PLAIN) + 1
+    assert tokens_per_ms(choices, outcomes) > 1.02 * tokens_per_ms(unbounded_choices, outcomes)
+    # Lookup stops hitting (1.2 tokens in 24 ms: 0.05 tokens/ms): at most 9 in 117 ms may now win, and it does.
+    slowed = {"lookup": (1.2, 24.0), "sparse": (8.0, 117.0), PLAIN: (1.0, 17.0)}  # 0.05, 0.068, 0.059 tokens/ms
+    choices = run_arms(bounded, 400, slowed)
+    assert bounded.winner(1) == "sparse" and choices[-100:].count("sparse") > 80
