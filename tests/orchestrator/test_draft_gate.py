@@ -225,3 +225,27 @@ def test_an_arm_that_cannot_win_even_committing_its_most_is_not_probed_until_the
     slowed = {"lookup": (1.2, 24.0), "sparse": (8.0, 117.0), PLAIN: (1.0, 17.0)}  # 0.05, 0.068, 0.059 tokens/ms
     choices = run_arms(bounded, 400, slowed)
     assert bounded.winner(1) == "sparse" and choices[-100:].count("sparse") > 80
+
+
+def test_a_loser_probed_soon_is_never_probed_later_than_its_period_says():
+    """The CPU's edit set (reports/cascade/): lookup alone, judged on four missed chains, few steps that vary and
+    within reach of the small draft, was to be probed "soon", after SOON steps of the winner; but that rule capped
+    how due it was, and plain decoding, whose cheap probes fall due every few steps, won every turn: lookup alone
+    went unprobed for ~180 steps."""
+    outcomes = {"small": (5.1, 30.0), "lookup": (1.6, 14.8), PLAIN: (1.0, 8.5)}  # 0.17, 0.108, 0.118 tokens/ms
+    gate = DraftGate(arms=("small", "lookup", PLAIN))
+    for i in range(1 + JUDGE_AFTER):  # its first step, then judged on four missed chains
+        gate.record(1, "lookup", 1.0 if i % 2 else 2.2, 14.8)
+    for arm in ["small"] * 20 + [PLAIN] * 3:
+        gate.record(1, arm, *outcomes[arm])
+    choices = []
+    for i in range(400):
+        arm = gate.choose(1)
+        choices.append(arm)
+        tokens, millis = outcomes[arm]
+        if arm == "lookup":
+            tokens = 1.0 if i % 2 else 2.2  # its chains miss at the first or the second token
+        gate.record(1, arm, tokens, millis)
+    # Its regret period (draft_gate.py choose: ~32 x 2 losers x 4 steps x 14.8 ms x how far behind) is ~60 steps
+    # of ~28 ms here; capped, it was probed after 95 steps, then every ~140.
+    assert "lookup" in choices[:60] and choices.count("lookup") >= 5 * BURST
