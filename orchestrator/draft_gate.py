@@ -205,15 +205,18 @@ class DraftGate:
             steps = self.burst_steps(batch, arm, winner)
             switch = self.switch_ms.get((batch, arm), 0.0)
             may_give = e.rate + MARGIN * min(e.error(self.idle(batch, arm)), e.rate)  # at most twice its rate
-            if (e.samples < WELL and e.deviation() > SPREAD * e.tokens and REACH * may_give >= best.rate
-                    and switch <= steps * e.millis):
-                # Few of its steps, which vary, within reach and cheap to start: measured soon, at once where it
-                # may be ahead.
-                return math.inf if may_give >= best.rate else streak / SOON
             behind = 1 - may_give / max(best.rate, 1e-9)
             # A probe costs its steps' lag behind the winner and what starting it costs (`charge_switch`).
             period = self.explore_every * shares * (steps * e.millis * max(behind, CLOSE) + switch)
-            return (now - self.ran_at.get((batch, arm), 0.0)) / period
+            regret_due = (now - self.ran_at.get((batch, arm), 0.0)) / period
+            if (e.samples < WELL and e.deviation() > SPREAD * e.tokens and REACH * may_give >= best.rate
+                    and switch <= steps * e.millis):
+                # Few of its steps, which vary, within reach and cheap to start: measured soon, at once where it
+                # may be ahead. Sooner, never later, than its period says: capped at streak / SOON, lookup alone
+                # misjudged on four missed chains lost every turn to plain decoding's short period (the CPU's
+                # edit set: probed every ~100 steps).
+                return math.inf if may_give >= best.rate else max(streak / SOON, regret_due)
+            return regret_due
 
         loser = max(losers, key=due)
         if streak < (SOON if due(loser) < math.inf else self.first_plain_after) or due(loser) < 1:
