@@ -18,7 +18,9 @@ steps committed 2.26 tokens until its online calibration had warmed up, then ~5.
   estimate, one of an arm run lately is blended in (its burst counting at least as much as what came before);
 - a probe is a burst of steps in a row, as many as make their mean vary by about SPREAD (lookup: BURST, plain: one;
   a far loser: one): fresh, yet not one step's noise. The winner changes only between bursts, and, where both
-  estimates are worth WELL / 2 steps or more, only by more than MARGIN standard errors;
+  estimates are worth WELL / 2 steps or more, only by more than MARGIN standard errors. The incumbent is kept per set
+  of arms: a cascade's steps where lookup finds nothing have no lookup-alone arm, and their winner must not hold
+  lookup alone off where it runs (on the CPU's edit set the small draft ran 109 writing steps to lookup alone's 16);
 - a loser is probed when its probes' cost so far (their time times how far behind it may be: its rate plus MARGIN
   standard errors, which grow as its estimate fades) would be 1/explore_every of the time since its last one,
   shared by the losers: a close loser is probed often, a far or slow one rarely, and each within explore_every *
@@ -119,7 +121,8 @@ class DraftGate:
                                 # decoding is first measured at a batch size)
     measured: dict[int, dict[str, Efficiency]] = field(default_factory=dict)  # per batch bucket, per arm
     expected: dict[int, dict[str, Efficiency]] = field(default_factory=dict)  # priced, until the arm is judged
-    leader: dict[int, str] = field(default_factory=dict)  # per bucket: the winner after its latest step
+    leader: dict[tuple[int, tuple[str, ...]], str] = field(default_factory=dict)  # per bucket and set of arms: the
+                                                                                  # winner after its latest step
     burst: dict[int, list] = field(default_factory=dict)  # per bucket: [the loser probed, its steps left]
     streak: dict[int, int] = field(default_factory=dict)  # steps of the winner since a loser was last tried
     warmed: set[tuple[int, str]] = field(default_factory=set)  # (bucket, arm) whose first step was seen
@@ -153,7 +156,7 @@ class DraftGate:
         rated = {arm: e for arm in arms if (e := self.estimate(batch, arm)) is not None}
         if arms[0] not in rated:
             return arms[0]  # learn what the first arm gives first (`cast`: drafting, which has no price)
-        last = self.leader.get(batch)
+        last = self.leader.get((batch, tuple(arms)))
         if last in rated and batch in self.burst:
             return last
         best = max(rated, key=lambda arm: rated[arm].rate)  # the first of equals
@@ -278,9 +281,9 @@ class DraftGate:
         else:
             measured[arm].fade(max(idle - 1, 0))
             measured[arm].add(tokens_per_sequence, step_ms)
-        self.leader[batch] = self.winner(batch, arms)
+        leader = self.leader[batch, tuple(arms)] = self.winner(batch, arms)
         # Steps of the winner in a row since a loser was last tried.
-        self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == self.leader[batch] else 0
+        self.streak[batch] = self.streak.get(batch, 0) + 1 if arm == leader else 0
 
     def charge_switch(self, batch: int, arm: str, step_ms: float) -> None:
         """A one-off step that started a run of `arm` and that the gate does not judge it on: `cast`'s draft catching

@@ -225,3 +225,22 @@ def test_an_arm_that_cannot_win_even_committing_its_most_is_not_probed_until_the
     slowed = {"lookup": (1.2, 24.0), "sparse": (8.0, 117.0), PLAIN: (1.0, 17.0)}  # 0.05, 0.068, 0.059 tokens/ms
     choices = run_arms(bounded, 400, slowed)
     assert bounded.winner(1) == "sparse" and choices[-100:].count("sparse") > 80
+
+
+def test_the_winner_of_steps_without_an_arm_does_not_hold_off_that_arm_where_it_runs():
+    """A cascade's writing steps (reports/cascade/, CPU edit set): where lookup finds nothing, lookup alone is no arm
+    and the small draft wins against plain decoding; where it finds a chain, lookup alone led. One incumbent for
+    both let the small draft's wins in the first hold lookup alone off in the second (its lead within the margin
+    of its noisy 1-or-9-token steps): writing, the small draft ran 109 steps to lookup alone's 16 (0.17 against
+    0.48 tokens/ms)."""
+    found, nothing = ("small", "lookup", PLAIN), ("small", PLAIN)
+    gate = DraftGate(arms=found)
+    for i in range(20):
+        gate.record(1, "lookup", 9.0 if i % 2 else 1.0, 14.8, found)  # 5 tokens, 0.34 tokens/ms
+    for _ in range(20):
+        gate.record(1, "small", 4.6, 15.3, found)  # 0.30 tokens/ms: behind, within the margin
+    gate.record(1, PLAIN, 1.0, 8.5, found)
+    assert gate.winner(1, found) == "lookup"
+    gate.record(1, "small", 4.6, 15.3, nothing)  # nothing found: the small draft wins there
+    assert gate.winner(1, nothing) == "small"
+    assert gate.winner(1, found) == "lookup"  # still, where lookup alone runs
