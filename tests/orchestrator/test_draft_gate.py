@@ -244,3 +244,27 @@ def test_the_winner_of_steps_without_an_arm_does_not_hold_off_that_arm_where_it_
     gate.record(1, "small", 4.6, 15.3, nothing)  # nothing found: the small draft wins there
     assert gate.winner(1, nothing) == "small"
     assert gate.winner(1, found) == "lookup"  # still, where lookup alone runs
+
+
+def test_a_loser_probed_soon_is_never_probed_later_than_its_period_says():
+    """The CPU's edit set (reports/cascade/): lookup alone, judged on four missed chains, few steps that vary and
+    within reach of the small draft, was to be probed "soon", after SOON steps of the winner; but that rule capped
+    how due it was, and plain decoding, whose cheap probes fall due every few steps, won every turn: lookup alone
+    went unprobed for ~180 steps."""
+    outcomes = {"small": (5.1, 30.0), "lookup": (1.6, 14.8), PLAIN: (1.0, 8.5)}  # 0.17, 0.108, 0.118 tokens/ms
+    gate = DraftGate(arms=("small", "lookup", PLAIN))
+    for i in range(1 + JUDGE_AFTER):  # its first step, then judged on four missed chains
+        gate.record(1, "lookup", 1.0 if i % 2 else 2.2, 14.8)
+    for arm in ["small"] * 20 + [PLAIN] * 3:
+        gate.record(1, arm, *outcomes[arm])
+    choices = []
+    for i in range(400):
+        arm = gate.choose(1)
+        choices.append(arm)
+        tokens, millis = outcomes[arm]
+        if arm == "lookup":
+            tokens = 1.0 if i % 2 else 2.2  # its chains miss at the first or the second token
+        gate.record(1, arm, tokens, millis)
+    # Its regret period (draft_gate.py choose: ~32 x 2 losers x 4 steps x 14.8 ms x how far behind) is ~60 steps
+    # of ~28 ms here; capped, it was probed after 95 steps, then every ~140.
+    assert "lookup" in choices[:60] and choices.count("lookup") >= 5 * BURST
