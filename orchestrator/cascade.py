@@ -63,6 +63,7 @@ COPYING_SAMPLE = 8     # ... of at most this many of the batch's sequences (each
 PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
+COPYING_STEP, WRITING_STEP, NOTHING_STEP = "copying", "writing", "writing, nothing found"  # the gates' kinds
 MAX_DEPTH = 64          # the deepest acceptance learned; lookup alone's longest chain (the draft service's too)
 
 
@@ -142,13 +143,18 @@ class CascadePlanner(Planner):
         # A model level's step commits at most its tree's depth and the target's token (lookup riding along drafts
         # no deeper): where even that is behind the winner, the gate does not probe it (draft_gate.py cannot_win).
         ceilings = {level: 1.0 + policy.max_depth for level in policy.levels if level != LOOKUP}
-        self.gates = {copying: DraftGate(arms=arm_names(policy.levels, copying), ceilings=dict(ceilings))
-                      for copying in (False, True)}
+        # The gate per kind of step: copying; writing where lookup found a chain; writing where it found nothing. The
+        # last two judge the model levels apart: with lookup's chain riding along a model level commits more, and
+        # one estimate for both let the nothing-found steps' winner hold lookup alone off where it had a chain.
+        self.gates = {kind: DraftGate(arms=arm_names(policy.levels, kind == COPYING_STEP, kind != NOTHING_STEP),
+                                      ceilings=dict(ceilings))
+                      for kind in (COPYING_STEP, WRITING_STEP, NOTHING_STEP)}
         self.copying = False
+        self.kind = WRITING_STEP
         self.acceptance = self.acceptances[False]
         self.levels: dict[str, Planner] = {}  # per model level: its CAST state
         if self.gate is not None:
-            self.gate = self.gates[False]
+            self.gate = self.gates[WRITING_STEP]
         self.arm: str | None = None           # this step's arm (the gate's choice)
         self.plan: list[str] = []             # this step's levels, in the Expand's order
         self.chosen: str | None = None        # this step's model level
@@ -162,9 +168,10 @@ class CascadePlanner(Planner):
     def drafts(self, costs: CostModel, batch: int, context: int, histories: Sequence[Sequence[int]] = ()) -> bool:
         runs = match_runs(histories) if LOOKUP in self.policy.levels else []  # without lookup, one mode
         self.copying = copying(runs)
+        self.kind = COPYING_STEP if self.copying else WRITING_STEP if finds(runs) else NOTHING_STEP
         self.acceptance = self.acceptances[self.copying]
         if self.gate is not None:
-            self.gate = self.gates[self.copying]
+            self.gate = self.gates[self.kind]
         served = self.served(costs)
         if not served:
             self.arms = (PLAIN,)
@@ -172,7 +179,9 @@ class CascadePlanner(Planner):
         if self.gate is None:
             return True  # a fixed cascade: every level, every step
         self.arms = arm_names(served, self.copying, finds=finds(runs))
-        self.gate.borrow(self.gates[not self.copying], batch)  # what the other mode judged (draft_gate.py borrow)
+        for kind, gate in self.gates.items():  # what the other kinds of step judged (draft_gate.py borrow)
+            if kind != self.kind:
+                self.gate.borrow(gate, batch)
         for arm in self.arms:
             price = self.step_price(arm, costs, batch, context)
             if price is not None:
@@ -186,7 +195,7 @@ class CascadePlanner(Planner):
         return "copying" if self.copying else "writing"
 
     def gate_name(self) -> str:
-        return f"{self.policy.name}, {self.mode()}"
+        return f"{self.policy.name}, {self.kind}"
 
     def step_arm(self, drafted: bool) -> str:
         if not drafted:

@@ -207,7 +207,7 @@ def test_copying_and_writing_steps_learn_their_own_arm():
 
     planner = CascadePlanner(POLICIES["cascade"])
     millis, arms = write(planner)
-    assert planner.gates[True] is not planner.gates[False]
+    assert planner.gates["copying"] is not planner.gates["writing"]
     assert arms[True].count("lookup") / len(arms[True]) > 0.85
     assert arms[False].count("small") / len(arms[False]) > 0.85
     best_single = min(write(None, arm)[0] for arm in outcomes[True])  # the small draft: 294 ms per 80 tokens
@@ -219,10 +219,10 @@ def test_a_policy_without_lookup_learns_in_one_mode():
     planner = CascadePlanner(POLICIES["sparse"])
     costs = costs_with_levels(small_ms=0.1, sparse_ms=0.5)
     planner.drafts(costs, 1, 100, [COPYING])
-    assert planner.copying is False and planner.gate is planner.gates[False]
+    assert planner.copying is False and planner.gate is planner.gates["writing"]
     cascade = CascadePlanner(POLICIES["cascade"])
     cascade.drafts(costs, 1, 100, [COPYING])
-    assert cascade.copying is True and cascade.gate is cascade.gates[True]
+    assert cascade.copying is True and cascade.gate is cascade.gates["copying"]
 
 
 def drive_modes(costs: CostModel, modes: list[bool], outcomes: dict[bool, dict[str, tuple[float, float]]]
