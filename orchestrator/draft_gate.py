@@ -230,8 +230,7 @@ class DraftGate:
     def cannot_win(self, batch: int, arm: str, winner: str) -> bool:
         """Whether the arm's steps, committing the most they can (`ceilings`) in the time they take (measured, else
         priced), would still be behind the winner's measured rate."""
-        ceiling = self.ceilings.get(arm)
-        mine = self.measured.get(batch, {}).get(arm) or self.expected.get(batch, {}).get(arm)
+        ceiling, mine = self.ceilings.get(arm), self.latest(batch, arm)
         if ceiling is None or mine is None:
             return False
         return ceiling / max(mine.millis, 1e-6) < self.measured[batch][winner].rate
@@ -317,9 +316,13 @@ class DraftGate:
             self.last_run[batch, arm] = self.steps.get(batch, 0)
             self.ran_at[batch, arm] = self.clock.get(batch, 0.0)
 
+    def latest(self, batch: int, arm: str) -> Efficiency | None:
+        """The arm's latest estimate, judged or not: measured, else priced (None: neither)."""
+        return self.measured.get(batch, {}).get(arm) or self.expected.get(batch, {}).get(arm)
+
     def current(self, batch: int, arm: str) -> Efficiency:
-        """The arm's latest estimate, judged or not (a step's time is capped at SPIKE times its)."""
-        return self.measured.get(batch, {}).get(arm) or self.expected.get(batch, {}).get(arm) or Efficiency(1.0, 1e9)
+        """`latest`, else one token in 1e9 ms (no estimate yet); a step's time is capped at SPIKE times its."""
+        return self.latest(batch, arm) or Efficiency(1.0, 1e9)
 
     # --- `cast`'s two arms ----------------------------------------------------------------------------------
 
