@@ -64,6 +64,7 @@ PRIOR_RATE = 0.5        # a level's acceptance per depth before it is measured
 PRIOR_WEIGHT = 4.0      # ... worth this many observations
 WEIGHT = 0.05           # moving-average weight of one observation once past the prior
 MAX_DEPTH = 64          # the deepest acceptance learned; lookup alone's longest chain (the draft service's too)
+LOOKUP_PRICED_AFTER = 16  # lookup chains offered in a mode before lookup alone's tokens come from their acceptance
 
 
 @dataclass
@@ -177,6 +178,10 @@ class CascadePlanner(Planner):
             price = self.step_price(arm, costs, batch, context)
             if price is not None:
                 self.gate.expect(batch, arm, *price)
+        if LOOKUP in self.arms and self.acceptance.offered[LOOKUP][1] >= LOOKUP_PRICED_AFTER:
+            tokens, millis = self.lookup_alone_price(costs, batch, context, found_share(runs))
+            self.gate.expect(batch, LOOKUP, tokens, millis)
+            self.gate.reprice(batch, LOOKUP, tokens)
         self.arm = self.gate.choose(batch, self.arms)
         if self.arm == PLAIN:
             self.prepared.clear()
@@ -267,14 +272,31 @@ class CascadePlanner(Planner):
         most tokens per ms, from lookup's acceptance per depth (this mode's, extrapolated past the deepest measured)
         against the verifier's cost of 1 + length tokens. Copying, chains are mostly accepted whole and grow past
         the policy's depth (at CPU prices, to ~20 at a 0.9 rate a token); writing, they shrink."""
+        tokens, millis = self.lookup_prices(costs, batch, context, self.acceptance.propose_rate(LOOKUP))
+        return int(np.argmax(tokens / millis)) + 1
+
+    def lookup_alone_price(self, costs: CostModel, batch: int, context: int, share: float) -> tuple[float, float]:
+        """What a lookup-alone step commits per sequence, `share` of the batch's sequences having found a chain,
+        and what it costs, at its chain's length (`lookup_length`). The gate judges lookup alone on these tokens
+        and its own steps' time (draft_gate.py reprice): its acceptance per depth is learned from every step
+        that verifies a chain of it, riding along a model level too, where its own steps are few and commit 1 or 9
+        tokens as the chain misses or hits (the CPU's edit set, writing: 16 lookup-alone steps against 109 of the
+        small draft, which commits 0.17 tokens a ms where lookup alone commits 0.30 on what it finds)."""
+        length = self.lookup_length(costs, batch, context)
+        tokens, millis = self.lookup_prices(costs, batch, context, share)
+        return float(tokens[length - 1]), float(millis[length - 1])
+
+    def lookup_prices(self, costs: CostModel, batch: int, context: int,
+                      share: float) -> tuple[np.ndarray, np.ndarray]:
+        """[longest] tokens committed per sequence and [longest] ms of a lookup-alone step, for chains of 1..longest
+        tokens proposed to `share` of the batch's sequences."""
         level = costs.levels.get(LOOKUP, costs)
         longest = max(1, min(MAX_DEPTH, self.policy.verify_tokens - 1))
         reach = np.cumprod(self.acceptance.extrapolated_rates(LOOKUP, longest))  # [longest] P(path reaches d)
-        tokens = 1.0 + self.acceptance.propose_rate(LOOKUP) * np.cumsum(reach)  # [longest] for lengths 1..longest
+        tokens = 1.0 + share * np.cumsum(reach)  # [longest]
         search = level.draft_call_ms.get(batch, 0.0) + level.draft_forward_ms(batch, context, 1)
         verify = level.verify.costs_for_counts(batch, context, longest + 1)[1:]  # [longest] 2..longest+1 tokens
-        millis = verify + level.verify_overhead_ms.get(batch, 0.0) + search
-        return int(np.argmax(tokens / millis)) + 1
+        return tokens, verify + level.verify_overhead_ms.get(batch, 0.0) + search
 
     def prepare_budget(self, costs: CostModel, batch: int, context: int) -> None:
         """Nothing to prepare: the next step's level is chosen when it starts."""
@@ -356,6 +378,11 @@ def match_runs(histories: Sequence[Sequence[int]]) -> list[int]:
 def copying(runs: list[int]) -> bool:
     """Whether at least half of the sequences are copying text that lookup finds."""
     return bool(runs) and 2 * sum(run >= COPYING for run in runs) >= len(runs)
+
+
+def found_share(runs: list[int]) -> float:
+    """The share of the sequences for which lookup finds a match (unknown histories count as found)."""
+    return sum(run > 0 for run in runs) / len(runs) if runs else 1.0
 
 
 def finds(runs: list[int]) -> bool:

@@ -169,6 +169,14 @@ class DraftGate:
         `millis` (the cost tables' price): the gate can judge the others from their first measured steps."""
         self.expected.setdefault(bucket(batch), {})[arm] = Efficiency(tokens, millis)
 
+    def reprice(self, batch: int, arm: str, tokens: float) -> None:
+        """Where the policy knows what a step of `arm` commits better than the arm's own steps do, its estimate
+        takes `tokens`; its steps still judge its time and how much it varies (lookup alone: orchestrator/cascade.py
+        lookup_alone_price)."""
+        measured = self.measured.get(bucket(batch), {}).get(arm)
+        if measured is not None:
+            measured.tokens = tokens
+
     def describe(self, batch: int, arms: Sequence[str] | None = None) -> str:
         batch, parts = bucket(batch), []
         for arm in arms or self.arms:
