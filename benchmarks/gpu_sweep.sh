@@ -74,6 +74,8 @@ for shape in $SHAPES; do
         kill -0 $STACK 2>/dev/null || break
         sleep 1
     done
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true
+    grep -h "GPU memory\|captured" "$dir"/stack.log "$dir"/*.log 2>/dev/null | sort -u || true
     if ! grep -q '^ready' "$dir/stack.log"; then
         echo "the $shape stack did not come up:"; tail -n 30 "$dir/stack.log"
         failed=1; kill $STACK 2>/dev/null || true; wait $STACK 2>/dev/null || true; STACK=; continue

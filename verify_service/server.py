@@ -75,7 +75,13 @@ async def start(config: VerifyConfig) -> RunningServer:
                      (torch.cuda.memory_reserved(verifier.target.device) - reserved) / 2**30)
         # After the warm-up, so that first-run costs stay out of the table; through the verifier, so that the table
         # prices its forward (and the graphs the profile captures stay for serving).
-        return verifier, startup_cost_table(config, verifier)
+        table = startup_cost_table(config, verifier)
+        if verifier.target.device.type == "cuda":
+            device = verifier.target.device
+            log.info("GPU memory: %.2f GiB allocated, %.2f GiB reserved, %.2f GiB at the peak of start-up",
+                     torch.cuda.memory_allocated(device) / 2**30, torch.cuda.memory_reserved(device) / 2**30,
+                     torch.cuda.max_memory_allocated(device) / 2**30)
+        return verifier, table
 
     try:
         verifier, cost_table = await asyncio.get_running_loop().run_in_executor(executor, load)
