@@ -16,8 +16,11 @@
 #   SHAPES           "8b 1b" (default)                POLICIES  "ar,grid,cast" (default: the issue's grid)
 #   CONCURRENCY      1,8,32                           ROUNDS    1
 #   REQUESTS         1,8,32 (per concurrency)         TOKENS    48 new tokens a request
-#   CELL_SECONDS     0.5: no request of a cell starts after this
-#   CUTOFF           1.2: a cell's requests still streaming then are cancelled (their tokens count, checked
+#   CONFIRM          3: the screen's best 3 shapes per concurrency, its best 3 single shapes and cast are measured
+#                    again (CONFIRM_ROUNDS 2 rounds of CONFIRM_REQUESTS 4,16,32 requests) and judged on that
+#                    (benchmarks/sweep.py); 0: judged on the screen
+#   CELL_SECONDS     2: no request of a cell starts after this
+#   CUTOFF           3: a cell's requests still streaming then are cancelled (their tokens count, checked
 #                    against ar's prefix); with 41 policies x 3 concurrencies this bounds a target's sweep
 #   WIDE_DIR         /tmp/wide-SHAPE: where the widened target is written (an existing one is reused)
 #   PORT             50151: the first stack's orchestrator port
@@ -98,9 +101,10 @@ for shape in $SHAPES; do
         # A failed sweep (say, one target out of memory) must not lose the other sweeps' results.
         if ! $CAST sweep --addr 127.0.0.1:$port --policies "${POLICIES:-ar,grid,cast}" \
                 --concurrency "${CONCURRENCY:-1,8,32}" --requests "${REQUESTS:-1,8,32}" --rounds "${ROUNDS:-1}" \
-                --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-0.5}" \
-                --cutoff "${CUTOFF:-1.2}" --warmup-tokens "${WARMUP_TOKENS:-16}" --prompts "$prompts" \
-                --rstrip-prompts --out "$dir/$set" \
+                --max-new-tokens "${TOKENS:-48}" --seconds "${CELL_SECONDS:-2}" \
+                --cutoff "${CUTOFF:-3}" --warmup-tokens "${WARMUP_TOKENS:-16}" --prompts "$prompts" \
+                --confirm "${CONFIRM:-3}" --confirm-rounds "${CONFIRM_ROUNDS:-2}" \
+                --confirm-requests "${CONFIRM_REQUESTS:-4,16,32}" --rstrip-prompts --out "$dir/$set" \
                 --title "cast sweep: $shape-shaped target, $set prompts, on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), draft $CAST_DRAFT_PROVIDER" \
                 > "$dir/$set/sweep_stdout.md" 2> "$dir/$set/sweep.log"; then
             echo "the $shape sweep on $set failed:"; tail -n 30 "$dir/$set/sweep.log"; failed=1

@@ -5,6 +5,12 @@ Every cell (a policy at a concurrency) sends the same prompts, greedy, so every 
 in rounds; each round visits every cell once, in an order rotated from round to round, so that a machine whose load
 drifts (a shared one) slows all cells alike; a cell's tokens/s is its median over the rounds.
 
+Two stages, as a user tunes: the screen measures every cell; the confirmation (`--confirm K`) measures again, in
+rounds of their own, the K best fixed shapes of each concurrency, the K best single shapes across concurrencies and
+CAST, and the verdict comes from the confirmation alone. The screen's best of ~40 noisy cells is inflated by its own
+noise (a winner's curse: on the GPU a cell at concurrency 1 is one 48-token request of ~0.15 s), which no policy
+measured once can reach; re-measured, the chosen shapes are judged on numbers that did not choose them.
+
 Reported per concurrency: the oracle (the best fixed shape there; `ar`, the depth-0 shape, counts as one), the best
 single shape across concurrencies (the highest geometric mean of its ratio to the oracle), and CAST's ratio to both;
 as a CSV of every round (`rounds.csv`), a CSV of the medians (`sweep.csv`), a markdown summary (`sweep.md`) and a
@@ -36,6 +42,7 @@ from orchestrator.policies import POLICIES, resolve_policy
 ISSUE_CHAINS = tuple(f"chain:{d}" for d in range(2, 9))
 MISS_RATIO = 0.97  # issue 21: CAST reaches this share of the oracle's tokens/s in every cell
 ISSUE_TREES = tuple(f"tree:{k}x{d}/{n}" for k in (2, 4, 8) for d in (3, 5, 7) for n in (8, 16, 32, 64))
+CONFIRM = 3  # the shapes per concurrency (and single shapes) the confirmation measures again by default
 
 
 def expand_policies(spec: str) -> tuple[list[str], dict[str, str]]:
@@ -111,12 +118,29 @@ class Summary:
 
 
 def summarize(cells: dict[tuple[str, int], Cell], concurrency: list[int], cast: str = "cast") -> Summary:
+    """The oracle of each concurrency among the fixed shapes measured there; the best single shape among those
+    measured at every concurrency."""
     rates = {key: cell.tokens_per_s for key, cell in cells.items()}
     fixed = sorted({p for p, _ in cells if is_fixed(p)})
-    oracle = {c: max(fixed, key=lambda p: rates[p, c]) for c in concurrency}
+    oracle = {c: max((p for p in fixed if (p, c) in rates), key=lambda p: rates[p, c]) for c in concurrency}
     partial = Summary(concurrency, oracle, "", cast, rates)
-    best_single = max(fixed, key=partial.geomean)
+    everywhere = [p for p in fixed if all((p, c) in rates for c in concurrency)]
+    best_single = max(everywhere, key=partial.geomean)
     return Summary(concurrency, oracle, best_single, cast, rates)
+
+
+def confirm_plan(screen: dict[tuple[str, int], Cell], concurrency: list[int], k: int,
+                 cast: str = "cast") -> dict[int, list[str]]:
+    """What the confirmation measures at each concurrency: the screen's k best fixed shapes there, its k best
+    single shapes (measured at every concurrency), then the adaptive policy."""
+    s = summarize(screen, concurrency, cast)
+    fixed = sorted({p for p, _ in screen if is_fixed(p)})
+    singles = sorted((p for p in fixed if all((p, c) in screen for c in concurrency)), key=s.geomean, reverse=True)
+    plan = {}
+    for c in concurrency:
+        best = sorted((p for p in fixed if (p, c) in screen), key=lambda p: s.tokens_per_s[p, c], reverse=True)
+        plan[c] = list(dict.fromkeys(best[:k] + singles[:k] + ([cast] if (cast, c) in screen else [])))
+    return plan
 
 
 def level_order(policies: list[str], round_index: int) -> list[str]:
@@ -148,21 +172,22 @@ def differs(tokens: list[int], reference: list[int]) -> bool:
     return tokens[:n] != reference[:n]
 
 
-def run_sweep(a, policies: list[str], prompts: list[str], concurrency: list[int], requests: dict[int, int],
-              log=print) -> dict[tuple[str, int], Cell]:
-    cells = {(p, c): Cell(p, c) for p in policies for c in concurrency}
+def run_sweep(a, plan: dict[int, list[str]], prompts: list[str], requests: dict[int, int], rounds: int,
+              stage: str = "", log=print) -> dict[tuple[str, int], Cell]:
+    """`rounds` visits of every cell of the plan (per concurrency, its policies)."""
+    cells = {(p, c): Cell(p, c) for c, policies in plan.items() for p in policies}
     started = time.perf_counter()
-    for round_index in range(a.rounds):
+    for round_index in range(rounds):
         results: dict[tuple[str, int], list[RequestResult]] = {}
         levels: dict[tuple[str, int], LevelResult] = {}
-        for c in concurrency:
+        for c, policies in plan.items():
             for policy in level_order(policies, round_index):
                 if a.warmup_tokens > 0:  # one wave of short requests: first-use costs (graph captures) stay out
                     asyncio.run(run_level(a.addr, prompts, policy, c, a.warmup_tokens, c, a.seconds))
                 level, rs = asyncio.run(run_level(a.addr, prompts, policy, c, a.max_new_tokens, requests[c], a.seconds,
                                                   a.cutoff or None))
                 results[policy, c], levels[policy, c] = rs, level
-                log(f"round {round_index + 1}/{a.rounds} c={c:<3} {policy:>12} {level.tokens_per_s:8.1f} tok/s "
+                log(f"{stage}round {round_index + 1}/{rounds} c={c:<3} {policy:>12} {level.tokens_per_s:8.1f} tok/s "
                     f"{level.mean_accepted_length:5.2f} tok/step, {level.verified_nodes_per_step:5.1f} of "
                     f"{level.expanded_nodes_per_step:6.1f} nodes verified, step p50 {level.step_ms_p50:6.1f} ms "
                     f"(draft {level.draft_model_ms_p50:.1f}, verify {level.verify_model_ms_p50:.1f}), "
@@ -176,13 +201,22 @@ def run_sweep(a, policies: list[str], prompts: list[str], concurrency: list[int]
 # ---- outputs ---------------------------------------------------------------------------------------------------
 
 
-def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
-    rows = [dict(round=i + 1, **asdict(r)) for cell in cells.values() for i, r in enumerate(cell.rounds)]
+def write_csvs(stages: dict[str, dict[tuple[str, int], Cell]], out: Path) -> None:
+    """rounds.csv: every round of every stage; per stage, its cells' medians: sweep.csv for the last stage (the
+    verdict's), screen.csv for the screen where a confirmation followed it."""
+    rows = [dict(stage=stage, round=i + 1, **asdict(r))
+            for stage, cells in stages.items() for cell in cells.values() for i, r in enumerate(cell.rounds)]
     with (out / "rounds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with (out / "sweep.csv").open("w", newline="") as f:
+    names = list(stages)
+    for stage, cells in stages.items():
+        write_medians(cells, out / ("sweep.csv" if stage == names[-1] else f"{stage}.csv"))
+
+
+def write_medians(cells: dict[tuple[str, int], Cell], path: Path) -> None:
+    with path.open("w", newline="") as f:
         fields = ["policy", "concurrency", "tokens_per_s", "rounds", "requests", "cut_requests", "differ_from_ar",
                   "tokens_per_step", "verified_nodes_per_step", "expanded_nodes_per_step", "verified_depth_per_step",
                   "step_ms_p50", "draft_model_ms_p50", "verify_model_ms_p50", "overhead_ms_p50", "verified_nodes_p50",
@@ -202,9 +236,14 @@ def write_csvs(cells: dict[tuple[str, int], Cell], out: Path) -> None:
                              f"{t.draft_over_predicted_p50:.2f}", f"{t.verify_over_predicted_p50:.2f}"])
 
 
-def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str], title: str) -> str:
+def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str], title: str,
+             screen: dict[tuple[str, int], Cell] | None = None) -> str:
+    """The summary and the trees from `cells` (the confirmation's, where there was one); every cell from `screen`."""
     cs = s.concurrency
     lines = [f"# {title}", ""]
+    if screen is not None:
+        lines += ["Verdict from the confirmation: the screen's best shapes and CAST measured again in rounds of their "
+                  "own (the module docstring of benchmarks/sweep.py).", ""]
     lines += ["| concurrency | " + " | ".join(str(c) for c in cs) + " | geomean |",
               "| --- | " + " | ".join("---" for _ in cs) + " | --- |"]
     lines.append("| oracle (best fixed shape) | " + " | ".join(f"{s.oracle[c]} {s.tokens_per_s[s.oracle[c], c]:.1f}"
@@ -218,19 +257,22 @@ def markdown(cells: dict[tuple[str, int], Cell], s: Summary, same: dict[str, str
                      + f" | {s.geomean(s.cast):.3f} |")
         lines.append(f"| {s.cast} / best single | " + " | ".join(f"{s.ratio(s.cast, c, s.best_single):.3f}" for c in cs)
                      + f" | **{s.geomean(s.cast, s.best_single):.3f}** |")
-    differ = sum(cell.differ_from_ar for cell in cells.values())
-    checked = sum(cell.requests for cell in cells.values())
-    cut = sum(r.cut_requests for cell in cells.values() for r in cell.rounds)
+    measured = list(cells.values()) + list((screen or {}).values())
+    differ = sum(cell.differ_from_ar for cell in measured)
+    checked = sum(cell.requests for cell in measured)
+    cut = sum(r.cut_requests for cell in measured for r in cell.rounds)
     lines += ["", f"Outputs that differ from `ar`'s (greedy, same prompt): {differ} of {checked} requests "
               f"({cut} of them cut at the cell's cutoff, compared on their prefix).", ""]
-    lines += ["## Every cell: tokens/s (median over rounds), tokens per step, nodes verified per step", "",
+    every = screen or cells
+    lines += [f"## Every cell{' of the screen' if screen else ''}: tokens/s (median over rounds), tokens per step, "
+              "nodes verified per step", "",
               "| policy | " + " | ".join(f"c={c}" for c in cs) + " |", "| --- | " + " | ".join("---" for _ in cs) + " |"]
-    for policy in dict.fromkeys(p for p, _ in cells):
+    for policy in dict.fromkeys(p for p, _ in every):
         row = []
         for c in cs:
-            cell, t = cells[policy, c], cells[policy, c].typical
+            cell, t = every[policy, c], every[policy, c].typical
             rate = f"{cell.tokens_per_s:.1f}"
-            if s.oracle[c] == policy:
+            if s.oracle[c] == policy and screen is None:
                 rate = f"**{rate}**"
             row.append(f"{rate} ({t.mean_accepted_length:.2f}, {t.verified_nodes_per_step:.1f})")
         lines.append(f"| {policy} | " + " | ".join(row) + " |")
@@ -332,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=0,
                    help="before each cell, one wave of requests this long, untimed (0: none)")
     p.add_argument("--cast-policy", default="cast", help="the adaptive policy judged against the oracle")
+    p.add_argument("--confirm", type=int, default=CONFIRM,
+                   help="measure again the screen's best K fixed shapes per concurrency, its best K single shapes "
+                        "and the adaptive policy, and judge on that (0: judge on the screen)")
+    p.add_argument("--confirm-rounds", type=int, default=0, help="the confirmation's rounds (0: as --rounds)")
+    p.add_argument("--confirm-requests", default="",
+                   help="the confirmation's requests per cell, as --requests (empty: as --requests)")
     p.add_argument("--out", type=Path, default=Path("sweep-out"))
     p.add_argument("--title", default="cast sweep")
     a = p.parse_args(argv)
@@ -347,17 +395,30 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{len(prompts)} prompts, fewer than the {max(requests.values())} requests of a cell")
     print(f"{len(policies)} policies x {len(concurrency)} concurrencies x {a.rounds} rounds; requests per cell "
           f"{requests}", file=sys.stderr)
-    cells = run_sweep(a, policies, prompts, concurrency, requests, log=lambda m: print(m, file=sys.stderr, flush=True))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    cells = run_sweep(a, {c: policies for c in concurrency}, prompts, requests, a.rounds, log=log)
+    stages = {"screen": cells}
     a.out.mkdir(parents=True, exist_ok=True)
-    write_csvs(cells, a.out)
     if not any(is_fixed(p) for p in policies):
+        write_csvs(stages, a.out)
         print(f"no fixed shape measured: no oracle; {a.out / 'sweep.csv'}")
         return 0
+    screen = None
+    if a.confirm > 0:
+        plan = confirm_plan(cells, concurrency, a.confirm, a.cast_policy)
+        print(f"confirmation: {plan}", file=sys.stderr)
+        more = parse_requests(a.confirm_requests, concurrency) if a.confirm_requests else requests
+        if len(prompts) < max(more.values()):
+            raise SystemExit(f"{len(prompts)} prompts, fewer than the {max(more.values())} requests of a cell")
+        screen, cells = cells, run_sweep(a, plan, prompts, more, a.confirm_rounds or a.rounds, "confirm ", log)
+        stages["confirm"] = cells
+    write_csvs(stages, a.out)
     summary = summarize(cells, concurrency, a.cast_policy)
-    text = markdown(cells, summary, same, a.title)
+    text = markdown(cells, summary, same, a.title, screen)
     (a.out / "sweep.md").write_text(text)
     try:
-        plot(cells, summary, a.out / "sweep.png", a.title)
+        seen = screen or cells  # the plot: every cell of the screen, against the screen's own oracle
+        plot(seen, summarize(seen, concurrency, a.cast_policy), a.out / "sweep.png", a.title)
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     print(text)
