@@ -119,6 +119,21 @@ def test_a_dearer_draft_makes_cast_verify_more_of_what_it_drafted():
     assert dear > cheap
 
 
+def test_the_next_drafts_are_bounded_by_the_cut_their_step_would_choose_unpaid_not_by_one_a_dear_draft_inflated():
+    """A dear Expand makes the cut verify more of it (above); grown from that cut, the next drafts returned and grew
+    more nodes, which made the next Expand dearer still (CPU, batch 8: 66 nodes expanded and 16 verified, 107 ms for
+    3.8 tokens; reports/cast-vs-fixed/ round 13)."""
+    fine = dict(GRID, token_counts=tuple(range(1, 17)))
+    costs = CostModel(verify=CostTable.linear(1.0, 5.0, **fine), draft=CostTable.linear(0.05, 1.0, **fine))
+    trees = [chain([0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05])]
+    cheap, dear = Planner(POLICIES["cast"]), Planner(POLICIES["cast"])
+    verified_cheap = len(cheap.select(trees, costs, 1, 100, draft_ms=0.0)[0])
+    verified_dear = len(dear.select(trees, costs, 1, 100, draft_ms=10.0)[0])
+    assert verified_dear > verified_cheap  # the step verifies more of the dear draft it paid for ...
+    # ... but the next drafts may return no more than after the cheap one
+    assert dear.price_budget(costs, 1, 100).max_returned_nodes == cheap.price_budget(costs, 1, 100).max_returned_nodes
+
+
 def random_tree(rng: np.random.Generator, n: int, low: float) -> TokenTree:
     """n nodes, each under a random earlier one, a value its parent's times a factor in [low, 1) (as a draft's)."""
     parents, depths, values = [-1], [0], [1.0]
