@@ -131,8 +131,9 @@ class Planner:
 
     def returned_nodes(self, batch: int) -> int:
         """CAST: how many nodes per tree the draft returns, and so grows (it expands no node that could not be
-        among them): the most that reranking verified in the last R steps at this batch size, with room to grow
-        (x1.5 + 2), within the policy's verify_tokens. Before any step at this batch size: verify_tokens."""
+        among them): the most that reranking would have verified in the last R steps at this batch size with their
+        Expands not yet paid (`select`), with room to grow (x1.5 + 2), within the policy's verify_tokens. Before any
+        step at this batch size: verify_tokens."""
         recent = self.verified_counts.get(batch)
         if not recent:
             return self.policy.verify_tokens
