@@ -18,7 +18,8 @@ LEVELS = ("lookup", "small", "sparse")
 def runs(out: Path) -> list[tuple[str, Path]]:
     """(code, runs.csv) of each run, in order: N-who/runs.csv, or N-who.csv as the reports keep them."""
     found = sorted(out.glob("*-*/runs.csv")) or sorted(out.glob("*-*.csv"))
-    return [(path.parent.name if path.name == "runs.csv" else path.stem).split("-", 1)[1:] + [path] for path in found]
+    named = [(path.parent.name if path.name == "runs.csv" else path.stem, path) for path in found]
+    return [(name.split("-", 1)[1], path) for name, path in named]
 
 
 def ratios(out: Path) -> dict[tuple[str, str, str], list[float]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import math
 import statistics
 import sys
@@ -121,12 +122,20 @@ def summarize(cells: dict[tuple[str, int], Cell], concurrency: list[int], cast: 
     """The oracle of each concurrency among the fixed shapes measured there; the best single shape among those
     measured at every concurrency."""
     rates = {key: cell.tokens_per_s for key, cell in cells.items()}
-    fixed = sorted({p for p, _ in cells if is_fixed(p)})
+    fixed = fixed_shapes(cells)
     oracle = {c: max((p for p in fixed if (p, c) in rates), key=lambda p: rates[p, c]) for c in concurrency}
     partial = Summary(concurrency, oracle, "", cast, rates)
-    everywhere = [p for p in fixed if all((p, c) in rates for c in concurrency)]
-    best_single = max(everywhere, key=partial.geomean)
+    best_single = max(measured_everywhere(cells, concurrency), key=partial.geomean)
     return Summary(concurrency, oracle, best_single, cast, rates)
+
+
+def fixed_shapes(cells: dict[tuple[str, int], Cell]) -> list[str]:
+    return sorted({p for p, _ in cells if is_fixed(p)})
+
+
+def measured_everywhere(cells: dict[tuple[str, int], Cell], concurrency: list[int]) -> list[str]:
+    """The fixed shapes measured at every concurrency: the candidates for the best single shape."""
+    return [p for p in fixed_shapes(cells) if all((p, c) in cells for c in concurrency)]
 
 
 def confirm_plan(screen: dict[tuple[str, int], Cell], concurrency: list[int], k: int,
@@ -134,11 +143,11 @@ def confirm_plan(screen: dict[tuple[str, int], Cell], concurrency: list[int], k:
     """What the confirmation measures at each concurrency: the screen's k best fixed shapes there, its k best
     single shapes (measured at every concurrency), then the adaptive policy."""
     s = summarize(screen, concurrency, cast)
-    fixed = sorted({p for p, _ in screen if is_fixed(p)})
-    singles = sorted((p for p in fixed if all((p, c) in screen for c in concurrency)), key=s.geomean, reverse=True)
+    singles = sorted(measured_everywhere(screen, concurrency), key=s.geomean, reverse=True)
     plan = {}
     for c in concurrency:
-        best = sorted((p for p in fixed if (p, c) in screen), key=lambda p: s.tokens_per_s[p, c], reverse=True)
+        best = sorted((p for p in fixed_shapes(screen) if (p, c) in screen), key=lambda p: s.tokens_per_s[p, c],
+                      reverse=True)
         plan[c] = list(dict.fromkeys(best[:k] + singles[:k] + ([cast] if (cast, c) in screen else [])))
     return plan
 
@@ -210,9 +219,9 @@ def write_csvs(stages: dict[str, dict[tuple[str, int], Cell]], out: Path) -> Non
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    names = list(stages)
+    last = list(stages)[-1]
     for stage, cells in stages.items():
-        write_medians(cells, out / ("sweep.csv" if stage == names[-1] else f"{stage}.csv"))
+        write_medians(cells, out / ("sweep.csv" if stage == last else f"{stage}.csv"))
 
 
 def write_medians(cells: dict[tuple[str, int], Cell], path: Path) -> None:
@@ -388,14 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     policies, same = expand_policies(a.policies)
     concurrency = [int(c) for c in a.concurrency.split(",")]
     requests = parse_requests(a.requests, concurrency)
+    confirm_requests = parse_requests(a.confirm_requests, concurrency) if a.confirm_requests else requests
     prompts = load_prompts(a.prompts)[a.first_prompt:]
     if a.rstrip_prompts:
         prompts = [q.rstrip() for q in prompts]
-    if len(prompts) < max(requests.values()):
-        raise SystemExit(f"{len(prompts)} prompts, fewer than the {max(requests.values())} requests of a cell")
+    most = max(*requests.values(), *confirm_requests.values())
+    if len(prompts) < most:
+        raise SystemExit(f"{len(prompts)} prompts, fewer than the {most} requests of a cell")
     print(f"{len(policies)} policies x {len(concurrency)} concurrencies x {a.rounds} rounds; requests per cell "
           f"{requests}", file=sys.stderr)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log = functools.partial(print, file=sys.stderr, flush=True)
     cells = run_sweep(a, {c: policies for c in concurrency}, prompts, requests, a.rounds, log=log)
     stages = {"screen": cells}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -407,10 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.confirm > 0:
         plan = confirm_plan(cells, concurrency, a.confirm, a.cast_policy)
         print(f"confirmation: {plan}", file=sys.stderr)
-        more = parse_requests(a.confirm_requests, concurrency) if a.confirm_requests else requests
-        if len(prompts) < max(more.values()):
-            raise SystemExit(f"{len(prompts)} prompts, fewer than the {max(more.values())} requests of a cell")
-        screen, cells = cells, run_sweep(a, plan, prompts, more, a.confirm_rounds or a.rounds, "confirm ", log)
+        screen, cells = cells, run_sweep(a, plan, prompts, confirm_requests, a.confirm_rounds or a.rounds,
+                                         "confirm ", log)
         stages["confirm"] = cells
     write_csvs(stages, a.out)
     summary = summarize(cells, concurrency, a.cast_policy)
